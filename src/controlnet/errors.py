@@ -1,0 +1,9 @@
+"""Errors meant for users. The CLI prints these as one line and exits non-zero; anything else is a bug."""
+
+
+class ControlNetError(ValueError):
+    """Bad input from a user: names the argument, the value received and what was expected."""
+
+
+class CheckpointError(ControlNetError):
+    """A weights file that cannot be read, is unsafe, truncated, or holds an unexpected architecture."""
