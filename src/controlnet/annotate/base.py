@@ -1,0 +1,77 @@
+"""The annotator interface: a callable `(H, W, 3) uint8 -> (H, W, C) uint8` with the reference resizing.
+
+Every annotator is a dataclass whose fields are its options (validated in `__post_init__`). Calling it
+runs the reference pipeline: HWC3 -> short side to `detect_resolution` (multiples of 64) -> `detect`
+-> resize back to the input's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import cv2
+import numpy as np
+
+from controlnet.annotate.image import hwc3, resize_for_detection
+
+DEFAULT_DETECT_RESOLUTION = 512  # the reference gradio apps' default detect resolution
+
+
+@dataclass
+class Annotator:
+    """Base class: subclasses implement `detect` on an (h, w, 3) uint8 image at the detect resolution."""
+
+    detect_resolution: int | None = DEFAULT_DETECT_RESOLUTION
+    """Short side the image is resized to before detection (rounded to multiples of 64); None: keep the size."""
+
+    name: ClassVar[str] = ""
+    # How the map is resized back to the input size (the reference uses linear for edge maps).
+    output_interpolation: ClassVar[int] = cv2.INTER_LINEAR
+
+    def __post_init__(self) -> None:
+        if self.detect_resolution is not None and (
+            isinstance(self.detect_resolution, bool)
+            or not isinstance(self.detect_resolution, int)
+            or self.detect_resolution < 64
+        ):
+            raise ValueError(
+                f"detect_resolution: got {self.detect_resolution!r}; expected an integer >= 64 or None"
+            )
+
+    def detect(self, image: np.ndarray) -> np.ndarray:
+        """(h, w, 3) uint8 RGB -> (h, w) or (h, w, C) uint8 map at the same size."""
+        raise NotImplementedError
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Input conventions: HWC3 (grayscale repeated, alpha composited on white, 16-bit scaled down)."""
+        return hwc3(image)
+
+    def detect_map(self, image: np.ndarray) -> np.ndarray:
+        """The map at the detect resolution: (h, w, C) uint8 with h, w multiples of 64 (reference layout)."""
+        image = self.prepare(image)  # (H, W, 3)
+        if self.detect_resolution is not None:
+            image = resize_for_detection(image, self.detect_resolution)  # (h, w, 3)
+        detected = self.detect(image)
+        return hwc3(detected) if detected.ndim == 2 or detected.shape[2] == 1 else detected
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, C_in) image -> (H, W, C) uint8 map at the input's size."""
+        height, width = np.asarray(image).shape[:2]
+        detected = self.detect_map(image)  # (h, w, C)
+        if detected.shape[:2] == (height, width):
+            return detected
+        resized = cv2.resize(detected, (width, height), interpolation=self.output_interpolation)
+        return resized[:, :, None] if resized.ndim == 2 else resized
+
+
+def check_range(name: str, value: float, low: float, high: float | None = None) -> None:
+    """Raise a ValueError naming the option when `value` is outside [low, high]."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < low
+        or (high is not None and value > high)
+    ):
+        expected = f"a number in [{low}, {high}]" if high is not None else f"a number >= {low}"
+        raise ValueError(f"{name}: got {value!r}; expected {expected}")
