@@ -14,6 +14,7 @@ from importlib import import_module
 
 # One entry per command module; order is the order of `controlnet --help`.
 COMMAND_MODULES: list[str] = [
+    "controlnet.io.commands",
 ]
 
 EXIT_USER_ERROR = 2
@@ -41,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+    ) as err:
         print(f"controlnet {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -1,0 +1,291 @@
+"""`load_unet`, `load_controlnet`, `save_controlnet`: one state-dict layout, two file formats (DESIGN decision 3).
+
+Our ControlNet's parameter names are diffusers' `ControlNetModel` names, so diffusers files load as they are.
+Original `cldm` files are renamed by the bijective rules of `original_keys.py`; locked UNets in original
+(LDM) single files go through diffusers' `convert_ldm_unet_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+from controlnet.errors import CheckpointError
+from controlnet.io import original_keys
+from controlnet.io.formats import (
+    CONFIG_NAME,
+    DIFFUSERS_WEIGHT_NAMES,
+    ORIGINAL_UNET_PREFIX,
+    cast_state,
+    detect_format,
+    unet_config_for,
+)
+from controlnet.io.safe_load import WEIGHT_SUFFIXES, atomic_path, read_state_dict, write_state_dict
+from controlnet.model.controlnet import ControlNet
+from controlnet.model.hint_encoder import SD_LATENT_DOWNSCALE
+
+logger = logging.getLogger(__name__)
+
+# Extra key in our diffusers-format config.json: stride of the hint encoder (diffusers always assumes 8).
+HINT_DOWNSCALE_KEY = "hint_downscale_factor"
+
+
+def _read_config(config: dict | str | os.PathLike | None) -> dict | None:
+    if config is None or isinstance(config, dict):
+        return config
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"UNet config not found: {path} (expected a diffusers config.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"UNet config {path} is not valid JSON: {err}") from None
+
+
+def build_unet(config: dict, device: str | torch.device = "cpu") -> UNet2DConditionModel:
+    """A randomly initialised `UNet2DConditionModel` from a config dict (unknown `_*` keys ignored)."""
+    try:
+        with torch.device(device):
+            return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"invalid UNet config: {err}") from None
+
+
+def _diffusers_folder(path: Path, subfolder: str) -> Path | None:
+    for folder in (path, path / subfolder):
+        if (folder / CONFIG_NAME).is_file() and any((folder / n).is_file() for n in DIFFUSERS_WEIGHT_NAMES):
+            return folder
+    return None
+
+
+def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(
+                f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model "
+                f"{tuple(own[k].shape)})"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{what} does not match the expected architecture: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=True)
+
+
+def load_unet(
+    path: str | os.PathLike, config: dict | str | os.PathLike | None = None, dtype: torch.dtype | None = None
+) -> UNet2DConditionModel:
+    """Load a locked base UNet from a diffusers folder (model dir or its `unet/`) or one original checkpoint file.
+
+    `config` (dict or json path, a diffusers `UNet2DConditionModel` config) is needed when a single file's family
+    cannot be recognised (SD1.x, SD2.x and SDXL are recognised from the cross-attention width).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"UNet not found: {path}")
+    config = _read_config(config)
+    if path.is_dir():
+        folder = _diffusers_folder(path, "unet")
+        if folder is None:
+            raise CheckpointError(
+                f"{path}: not a diffusers model folder (expected config.json + diffusion_pytorch_model.safetensors "
+                "in it or in its unet/ subfolder)"
+            )
+        unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+        return unet.eval().requires_grad_(False)
+    state = read_state_dict(path)
+    fmt = detect_format(state)
+    if fmt in ("original-sd", "original-combined"):
+        config = unet_config_for(
+            {k: v for k, v in state.items() if k.startswith(ORIGINAL_UNET_PREFIX)}, config, path.name
+        )
+        try:
+            state = convert_ldm_unet_checkpoint(state, config)
+        except (KeyError, IndexError, ValueError) as err:
+            raise CheckpointError(f"{path}: UNet weights do not fit the given config ({err!r})") from None
+    elif fmt == "diffusers-unet":
+        config = unet_config_for(state, config, path.name)
+    else:
+        raise CheckpointError(f"{path}: holds a {fmt} checkpoint, not a UNet (`model.diffusion_model.*` keys)")
+    with torch.device("meta"):
+        unet = build_unet(config, device="meta")
+    unet = unet.to_empty(device="cpu")
+    _load_strict(unet, state, f"UNet in {path.name}")
+    if dtype is not None:
+        unet = unet.to(dtype)
+    return unet.eval().requires_grad_(False)
+
+
+def controlnet_state_from_original(state: dict, layers_per_block: int) -> dict:
+    """Original `cldm` ControlNet weights (any prefix variant) -> our (diffusers) names. Exact, no copies."""
+    control = original_keys.strip_control_prefix(state)
+    num_hint_blocks = sum(1 for k in control if k.startswith("input_hint_block.") and k.endswith(".weight")) - 2
+    try:
+        return {original_keys.from_original(k, layers_per_block, num_hint_blocks): v for k, v in control.items()}
+    except KeyError as err:
+        raise CheckpointError(f"not an original-format ControlNet: {err.args[0]}") from None
+
+
+def controlnet_state_to_original(state: dict, layers_per_block: int, prefix: str = "control_model.") -> dict:
+    """Our (diffusers) ControlNet names -> original `cldm` names, in the original module order."""
+    num_hint_blocks = sum(
+        1 for k in state if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight")
+    )
+    renamed = {
+        prefix + original_keys.to_original(k, layers_per_block, num_hint_blocks): v for k, v in state.items()
+    }
+    return dict(sorted(renamed.items(), key=lambda kv: _original_order(kv[0][len(prefix) :])))
+
+
+def _original_order(key: str) -> tuple:
+    # cldm.ControlNet registers: time_embed, [label_emb], input_blocks, zero_convs, input_hint_block, middle_block,
+    # middle_block_out. Within a group, numeric parts sort numerically and names keep registration order.
+    group_order = [
+        "time_embed",
+        "label_emb",
+        "input_blocks",
+        "zero_convs",
+        "input_hint_block",
+        "middle_block",
+        "middle_block_out",
+    ]
+    head = key.split(".", 1)[0]
+    return (group_order.index(head) if head in group_order else len(group_order),)
+
+
+def _hint_args_from_state(state: dict, downscale_factor: int) -> dict:
+    conv_in = state["controlnet_cond_embedding.conv_in.weight"]  # (16, C_cond, 3, 3)
+    blocks = sorted(
+        (int(k.split(".")[2]), v)
+        for k, v in state.items()
+        if k.startswith("controlnet_cond_embedding.blocks.") and k.endswith(".weight")
+    )
+    channels = [int(conv_in.shape[0])] + [int(v.shape[0]) for i, v in blocks if i % 2 == 1]
+    return {
+        "cond_channels": int(conv_in.shape[1]),
+        "hint_block_channels": tuple(channels),
+        "hint_downscale_factor": downscale_factor,
+    }
+
+
+def load_controlnet(
+    path: str | os.PathLike,
+    unet: UNet2DConditionModel | None = None,
+    config: dict | str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+) -> ControlNet:
+    """Load a ControlNet in original (`.pth/.safetensors`, any prefix, combined v1.0) or diffusers format.
+
+    The network is built as a copy of `unet`'s encoder (its weights then overwritten by the file); without
+    `unet`, from `config` or the shipped config of the family recognised in the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ControlNet not found: {path}")
+    downscale = SD_LATENT_DOWNSCALE
+    folder_config = None
+    if path.is_dir():
+        folder = _diffusers_folder(path, "controlnet")
+        if folder is None:
+            raise CheckpointError(
+                f"{path}: not a diffusers ControlNet folder (expected config.json + "
+                "diffusion_pytorch_model.safetensors)"
+            )
+        folder_config = json.loads((folder / CONFIG_NAME).read_text())
+        downscale = int(folder_config.get(HINT_DOWNSCALE_KEY, SD_LATENT_DOWNSCALE))
+        weights = next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file())
+        state = read_state_dict(weights)
+    else:
+        state = read_state_dict(path)
+    fmt = detect_format(state)
+    if fmt not in ("original-controlnet", "original-combined", "diffusers-controlnet"):
+        raise CheckpointError(f"{path}: holds a {fmt} checkpoint, not a ControlNet")
+
+    unet_config = dict(unet.config) if unet is not None else _read_config(config)
+    if unet_config is None and folder_config is not None:
+        unet_config = unet_config_from_controlnet_config(folder_config)
+    if fmt != "diffusers-controlnet":
+        control = original_keys.strip_control_prefix(state)
+        unet_config = unet_config_for(control, unet_config, path.name)
+        state = controlnet_state_from_original(state, unet_config["layers_per_block"])
+    else:
+        unet_config = unet_config_for(state, unet_config, path.name)
+
+    if unet is None:
+        unet = build_unet(unet_config, device="meta")
+    try:
+        net = ControlNet.from_unet(unet, **_hint_args_from_state(state, downscale))
+    except KeyError as err:
+        raise CheckpointError(f"{path}: ControlNet weights lack {err.args[0]}") from None
+    if net.device.type == "meta":
+        net = net.to_empty(device="cpu")
+    _load_strict(net, state, f"ControlNet in {path.name}")
+    if dtype is not None:
+        net = net.to(dtype)
+    return net
+
+
+def unet_config_from_controlnet_config(config: dict) -> dict:
+    """The locked UNet's config implied by a diffusers ControlNet config (decoder mirrors the encoder)."""
+    mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    unet_config = {k: v for k, v in config.items() if not k.startswith("_")}
+    for key in (
+        "conditioning_channels",
+        "conditioning_embedding_out_channels",
+        "controlnet_conditioning_channel_order",
+        "global_pool_conditions",
+        HINT_DOWNSCALE_KEY,
+    ):
+        unet_config.pop(key, None)
+    try:
+        unet_config["up_block_types"] = [mirror[t] for t in reversed(config["down_block_types"])]
+    except KeyError as err:
+        raise CheckpointError(f"ControlNet config has an unsupported down block type {err.args[0]!r}") from None
+    unet_config["out_channels"] = config.get("in_channels", 4)
+    return unet_config
+
+
+def save_controlnet(
+    cnet: ControlNet,
+    path: str | os.PathLike,
+    format: str = "diffusers",
+    dtype: torch.dtype | None = None,
+    prefix: str = original_keys.ORIGINAL_CONTROL_PREFIX,
+) -> Path:
+    """Write `cnet` as a diffusers folder (config.json + safetensors) or one original-format file.
+
+    format="original": `path` is a `.safetensors` (or `.pth`) file with `prefix` + cldm keys (`control_model.` as
+    in the official files; "" for the unprefixed variant). Writes are atomic: nothing half-written on failure.
+    """
+    path = Path(path)
+    state = cast_state({k: v.detach() for k, v in cnet.state_dict().items()}, dtype)
+    if format == "original":
+        state = controlnet_state_to_original(state, cnet.unet_config["layers_per_block"], prefix)
+        write_state_dict(state, path, metadata={"format": "original-controlnet"})
+    elif format == "diffusers":
+        if path.suffix.lower() in WEIGHT_SUFFIXES:
+            raise ValueError(f"format='diffusers' writes a folder; got a file name {path.name}")
+        config = {"_class_name": "ControlNetModel", **cnet.diffusers_config()}
+        if cnet.hint_config.downscale_factor != SD_LATENT_DOWNSCALE:
+            config[HINT_DOWNSCALE_KEY] = cnet.hint_config.downscale_factor
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            write_state_dict(state, tmp / DIFFUSERS_WEIGHT_NAMES[0], metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    else:
+        raise ValueError(f"format={format!r}; expected 'diffusers' or 'original'")
+    logger.info("saved ControlNet (%s) to %s", format, path)
+    return path

@@ -1,0 +1,128 @@
+"""What a weights file holds: which format, which model, which base family; read from key names and shapes.
+
+Formats users have on disk:
+- `original-controlnet`: `control_*.pth/.safetensors` with `input_hint_block.*`, `zero_convs.*` keys, with or
+  without the `control_model.` prefix;
+- `original-combined`: v1.0 files with `control_model.*` plus the whole SD model (`model.diffusion_model.*`,
+  `first_stage_model.*`, `cond_stage_model.*`);
+- `original-sd`: an LDM/SD checkpoint (`model.diffusion_model.*`), e.g. a base or community model;
+- `diffusers-controlnet`: `controlnet_cond_embedding.*`, `controlnet_down_blocks.*` keys;
+- `diffusers-unet`: `down_blocks.*` + `up_blocks.*` keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+import torch
+
+from controlnet.errors import CheckpointError
+
+ORIGINAL_UNET_PREFIX = "model.diffusion_model."
+DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+CONFIG_NAME = "config.json"
+
+# Cross-attention context width -> base family (SD1.x: CLIP ViT-L/14, SD2.x: OpenCLIP ViT-H/14, SDXL: both).
+FAMILY_BY_CONTEXT_DIM = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+
+
+@dataclass
+class Inspection:
+    format: str
+    family: str | None  # "sd15" | "sd21" | "sdxl" | None (unknown, e.g. a tiny or custom model)
+    num_parameters: int
+    dtypes: list[str]
+    num_control_outputs: int | None  # ControlNets only
+    context_dim: int | None
+
+    def describe(self) -> dict:
+        return {
+            "format": self.format,
+            "base family": FAMILY_NAMES.get(self.family, "unknown (pass a UNet config)"),
+            "parameters": f"{self.num_parameters:,}",
+            "dtype": ", ".join(self.dtypes),
+            "control outputs": self.num_control_outputs if self.num_control_outputs is not None else "-",
+        }
+
+
+def detect_format(state: dict) -> str:
+    keys = list(state)
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    contains = lambda part: any(part in k for k in keys)  # noqa: E731
+    if has("control_model.") and has(ORIGINAL_UNET_PREFIX):
+        return "original-combined"
+    if contains("input_hint_block.") or contains("zero_convs."):
+        return "original-controlnet"
+    if has(ORIGINAL_UNET_PREFIX):
+        return "original-sd"
+    if has("controlnet_cond_embedding.") or has("controlnet_down_blocks."):
+        return "diffusers-controlnet"
+    if has("down_blocks.") and has("up_blocks."):
+        return "diffusers-unet"
+    raise CheckpointError(
+        "the file holds no known model: expected ControlNet weights (original `control_model.*`/`input_hint_block.*`"
+        " or diffusers `controlnet_*` keys) or a UNet (`model.diffusion_model.*` or diffusers `down_blocks.*`)"
+    )
+
+
+def context_dim(state: dict) -> int | None:
+    """Width of the text context the model cross-attends to (from any attn2.to_k weight)."""
+    for key, value in state.items():
+        if key.endswith("attn2.to_k.weight"):
+            return int(value.shape[1])
+    return None
+
+
+def inspect_state_dict(state: dict) -> Inspection:
+    fmt = detect_format(state)
+    if fmt == "original-combined":
+        counted = {k: v for k, v in state.items() if k.startswith("control_model.")}
+    else:
+        counted = state
+    dim = context_dim(counted)
+    family = FAMILY_BY_CONTEXT_DIM.get(dim)
+    outputs = None
+    if fmt in ("original-controlnet", "original-combined"):
+        outputs = sum(
+            1 for k in counted if k.endswith(".weight") and ("zero_convs." in k or "middle_block_out." in k)
+        )
+    elif fmt == "diffusers-controlnet":
+        outputs = sum(1 for k in counted if k.endswith(".weight") and k.startswith("controlnet_down_blocks.")) + 1
+    return Inspection(
+        format=fmt,
+        family=family,
+        num_parameters=sum(v.numel() for v in counted.values()),
+        dtypes=sorted({str(v.dtype).removeprefix("torch.") for v in counted.values()}),
+        num_control_outputs=outputs,
+        context_dim=dim,
+    )
+
+
+def builtin_unet_config(family: str) -> dict:
+    """The diffusers `UNet2DConditionModel` config of a base family, shipped so that single files load offline."""
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"unknown base family {family!r}; expected one of {sorted(FAMILY_NAMES)}")
+    text = resources.files("controlnet.io").joinpath(f"configs/{family}_unet.json").read_text()
+    return json.loads(text)
+
+
+def unet_config_for(state: dict, config: dict | None, what: str) -> dict:
+    """The UNet config to build for `state`: the user's, else the shipped one of the detected family."""
+    if config is not None:
+        return dict(config)
+    family = FAMILY_BY_CONTEXT_DIM.get(context_dim(state))
+    if family is None:
+        raise CheckpointError(
+            f"cannot tell the architecture of {what} from its weights (cross-attention width "
+            f"{context_dim(state)} matches no SD family); pass a diffusers UNet config (config= or --config)"
+        )
+    return builtin_unet_config(family)
+
+
+def cast_state(state: dict, dtype: torch.dtype | None) -> dict:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

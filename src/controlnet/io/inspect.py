@@ -1,0 +1,31 @@
+"""Inspect a weights file or diffusers folder without building a model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from controlnet.io.formats import DIFFUSERS_WEIGHT_NAMES, Inspection, inspect_state_dict
+from controlnet.io.safe_load import read_state_dict
+
+DIFFUSERS_SUBFOLDERS = ("", "controlnet", "unet")
+
+
+def weights_file(path: str | os.PathLike) -> Path:
+    """The weights file of `path`: itself, or the diffusers weights inside a model folder."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"not found: {path}")
+    if path.is_file():
+        return path
+    for sub in DIFFUSERS_SUBFOLDERS:
+        for name in DIFFUSERS_WEIGHT_NAMES:
+            if (path / sub / name).is_file():
+                return path / sub / name
+    raise FileNotFoundError(
+        f"{path}: folder holds no diffusion_pytorch_model.safetensors (nor in controlnet/, unet/)"
+    )
+
+
+def inspect_path(path: str | os.PathLike) -> Inspection:
+    return inspect_state_dict(read_state_dict(weights_file(path)))

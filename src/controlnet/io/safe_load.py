@@ -1,0 +1,141 @@
+"""Reading and writing weight files safely (DESIGN decision 4: nothing is downloaded, nothing is unpickled).
+
+`.safetensors` is preferred. `.pth/.ckpt/.bin/.pt` are read only through `torch.load(weights_only=True)`, which
+refuses any pickle that would construct arbitrary Python objects (and so run code). `.xz`-compressed files
+(as the reference fixtures ship) are decompressed in memory. Every failure becomes one `CheckpointError` line
+naming the file and what was expected. Writes go to a temporary path beside the target and are renamed into
+place, so a failed write never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import lzma
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load_bytes
+from safetensors.torch import load_file as safetensors_load_file
+from safetensors.torch import save_file as safetensors_save_file
+
+from controlnet.errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt", ".bin")
+WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+# Lightning / original-repo checkpoints wrap the weights in a dict under one of these keys.
+WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".xz"):
+        name = name[: -len(".xz")]
+    return Path(name).suffix
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a flat `{name: tensor}` dict (on CPU) from a single weights file, refusing anything unsafe."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    suffix = _suffix(path)
+    if suffix not in WEIGHT_SUFFIXES:
+        raise CheckpointError(
+            f"{path.name}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}"
+        )
+    data = None
+    if path.name.lower().endswith(".xz"):
+        try:
+            data = lzma.decompress(path.read_bytes())
+        except lzma.LZMAError as err:
+            raise CheckpointError(f"{path}: not a valid .xz file ({err})") from None
+    state = _read_safetensors(path, data) if suffix in SAFETENSORS_SUFFIXES else _read_pickle(path, data)
+    return _unwrap(path, state)
+
+
+def _read_safetensors(path: Path, data: bytes | None) -> dict:
+    try:
+        return safetensors_load_bytes(data) if data is not None else safetensors_load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {_first_line(err)}"
+        ) from None
+
+
+def _read_pickle(path: Path, data: bytes | None) -> dict:
+    source = io.BytesIO(data) if data is not None else str(path)
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            raise CheckpointError(
+                f"{path}: refused to unpickle: the file holds Python objects beyond tensors, and loading them "
+                "could run code; convert it to .safetensors with a trusted tool, or use a plain state-dict file"
+            ) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(err)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}"
+        ) from None
+
+
+def _unwrap(path: Path, state) -> dict[str, torch.Tensor]:
+    for _ in range(2):  # e.g. {"state_dict": {...}} from Lightning
+        if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+            inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+            if inner is None:
+                break
+            state = inner
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path}: holds no tensors; expected a state dict of weights")
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors; expected a state dict of weights")
+    return tensors
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def write_state_dict(
+    state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
+    """Write weights atomically: `.safetensors` (preferred) or `.pth` (a plain tensor dict, still safe to load)."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in SAFETENSORS_SUFFIXES + (".pth", ".pt", ".ckpt"):
+        raise CheckpointError(f"cannot write {path.name}: expected a .safetensors or .pth file name")
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        if suffix in SAFETENSORS_SUFFIXES:
+            safetensors_save_file(contiguous, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        else:
+            torch.save(contiguous, tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (file or folder); rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
