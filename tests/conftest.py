@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tiny import SHARED_DIR, TINY_UNET_CONFIGS
 
 

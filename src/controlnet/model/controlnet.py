@@ -126,7 +126,8 @@ class ControlNet(nn.Module):
         """Copy `unet`'s encoder (weights included) and add a fresh hint encoder and zero convolutions.
 
         `unet` is any diffusers `UNet2DConditionModel`; it is left untouched (the copy is deep). New layers are
-        created on the UNet's device and dtype, so a UNet on the meta device gives a meta ControlNet.
+        created on the UNet's device and dtype, so a UNet on the meta device gives a meta ControlNet. Every
+        parameter of the result requires grad, whatever the UNet's flags were.
         """
         config = dict(unet.config)
         addition = config.get("addition_embed_type")
@@ -156,7 +157,8 @@ class ControlNet(nn.Module):
         param = next(unet.parameters())
         with torch.device(param.device):
             net = cls(config, hint, parts)
-        return net.to(dtype=param.dtype)
+        # The copy is the trainable part even when the locked UNet was frozen before copying.
+        return net.to(dtype=param.dtype).requires_grad_(True)
 
     @property
     def num_control_outputs(self) -> int:
