@@ -1,0 +1,484 @@
+"""Pretraining recipe for the built-in base model (`controlnet world pretrain-base`), resumable at any moment.
+
+Two stages on world images + captions, with no condition (the base model the paper's ControlNet locks):
+1. VAE: an `AutoencoderKL` learns 64 px <-> 16x16x4 latents (L1 reconstruction + a small KL term), then its
+   latent std sets `scaling_factor` so the UNet sees unit-variance latents, as SD does.
+2. UNet + text encoder: the epsilon-prediction loss of latent diffusion, `|| eps - eps_theta(z_t, t, c_t) ||^2`
+   (paper Eq. 1 without c_f), min-SNR-gamma weighted (Hang et al. 2023), with `uncond_prob` of the captions
+   replaced by "" so classifier-free guidance works; AdamW with warm-up + cosine decay; an EMA of the weights
+   is what gets exported.
+
+Data is generated on the fly and is a pure function of (seed, step), so resuming needs no data state. A
+checkpoint (models, EMA, optimizers, step, RNG) is written every `checkpoint_minutes` to a temporary file and
+renamed over `last.pt` (never a half-written checkpoint), outside the repository by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from controlnet.world.base import BaseModelConfig, save_builtin_base, scheduler_config, unet_kwargs, vae_kwargs
+from controlnet.world.fill import SHAPES, fill_sample
+from controlnet.world.text import COMMON_WORDS, build_text_encoder, build_tokenizer, tokenize
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = Path.home() / ".cache" / "controlnet" / "pretrain-base"
+CHECKPOINT_NAME = "last.pt"
+METRICS_NAME = "metrics.jsonl"
+RUN_CONFIG_NAME = "run_config.json"
+LOG_EVERY = 50  # steps between metrics.jsonl lines
+SCALING_BATCHES = 8  # batches whose latent std sets the VAE scaling_factor
+STAGE_IDS = {"vae": 0, "unet": 1, "scaling": 2}  # separate data streams per stage
+SCENE_SEED_STRIDE = 1_000_000
+VAE_KL_WEIGHT = 1e-6  # KL(q(z|x) || N(0, I)) weight per latent element: keeps latents bounded, barely regularised
+
+
+@dataclass
+class PretrainConfig:
+    """`controlnet world pretrain-base`: train the built-in base model from scratch on world data."""
+
+    out: str = str(DEFAULT_RUN_DIR)
+    """run folder: checkpoints, metrics.jsonl, run_config.json, tokenizer (keep it outside the repository)"""
+    steps: int = 60_000
+    """UNet + text-encoder optimisation steps (the cosine schedule spans them)"""
+    vae_steps: int = 3_000
+    """VAE optimisation steps before the UNet stage (0 for a pixel-space model)"""
+    batch_size: int = 32
+    """images per step"""
+    vae_crop: int = 32
+    """the VAE trains on random crops of this side (it is fully convolutional; 4x cheaper than 64 px); 0 = whole"""
+    lr: float = 5e-4
+    """peak AdamW learning rate of the UNet and text encoder"""
+    vae_lr: float = 1e-3
+    """AdamW learning rate of the VAE (constant after warm-up)"""
+    warmup_steps: int = 500
+    """linear warm-up steps of both stages"""
+    min_lr_fraction: float = 0.05
+    """the cosine decay ends at lr * min_lr_fraction"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    ema_decay: float = 0.9995
+    """EMA decay of the exported weights (warmed up as min(decay, (1 + step) / (10 + step)))"""
+    uncond_prob: float = 0.1
+    """fraction of captions replaced by "" (classifier-free guidance needs an unconditional model)"""
+    min_snr_gamma: float = 5.0
+    """min-SNR loss weighting gamma; 0 disables it"""
+    scene_fraction: float = 0.25
+    """fraction of each batch drawn from world scenes (captioned, no condition) instead of the fill task"""
+    scene_pool: int = 8_000
+    """distinct scenes rendered once at the start (a scene costs ~11 ms to render, a fill sample ~0.3 ms)"""
+    grad_clip: float = 1.0
+    """max gradient norm"""
+    seed: int = 0
+    """seed of data, initial weights and noise"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default); the shipped run used 1"""
+    checkpoint_minutes: float = 5.0
+    """minutes between checkpoints"""
+    model: BaseModelConfig = field(default_factory=BaseModelConfig)
+    """architecture"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = BaseModelConfig(**self.model)
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+        for name in ("vae_steps", "warmup_steps", "threads", "scene_pool", "vae_crop"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
+        for name in ("uncond_prob", "scene_fraction", "min_lr_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a fraction in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay}: expected 0 <= decay < 1")
+        if self.lr <= 0 or self.vae_lr <= 0 or self.checkpoint_minutes <= 0:
+            raise ValueError("lr, vae_lr and checkpoint_minutes must be positive")
+        if self.model.pixel_space and self.vae_steps:
+            raise ValueError(f"vae_steps={self.vae_steps}: a pixel-space model (vae_channels=()) has no VAE")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def world_vocabulary() -> list[str]:
+    """Every word the world's captions use (fill task and scenes) plus common function words."""
+    from controlnet.world.scene import WORLD_VOCABULARY
+
+    return sorted({*WORLD_VOCABULARY, *COMMON_WORDS})
+
+
+@dataclass
+class ScenePool:
+    """Pre-rendered world scenes: images (N, H, W, 3) uint8 and their captions."""
+
+    images: np.ndarray
+    captions: list[str]
+
+
+def render_scene_pool(count: int, size: int, seed: int) -> ScenePool:
+    """Scenes of seeds seed * 10**6 + i, rendered image only (no condition maps)."""
+    from controlnet.world.render import render_image
+    from controlnet.world.scene import caption, sample_scene
+
+    scenes = [sample_scene(seed * SCENE_SEED_STRIDE + i, size) for i in range(count)]
+    images = (
+        np.stack([render_image(scene) for scene in scenes]) if scenes else np.zeros((0, size, size, 3), np.uint8)
+    )
+    return ScenePool(images, [caption(scene) for scene in scenes])
+
+
+def load_scene_pool(config: PretrainConfig, run_dir: Path) -> ScenePool:
+    """The run's scene pool, rendered once and cached in the run folder (deterministic, so a cache is optional)."""
+    size = config.model.image_size
+    cache = run_dir / f"scene_pool_{config.seed}_{config.scene_pool}_{size}.npz"
+    if cache.is_file():
+        with np.load(cache) as data:
+            return ScenePool(data["images"], [str(c) for c in data["captions"]])
+    pool = render_scene_pool(config.scene_pool, size, config.seed)
+    temporary = cache.with_suffix(f".tmp-{os.getpid()}.npz")
+    np.savez(temporary, images=pool.images, captions=np.array(pool.captions))
+    os.replace(temporary, cache)
+    return pool
+
+
+def training_batch(
+    config: PretrainConfig, step: int, stage: str, scenes: ScenePool | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """Images (B, 3, H, W) in [-1, 1] and captions of one step: a pure function of (seed, stage, step, scenes)."""
+    rng = np.random.default_rng([config.seed, STAGE_IDS[stage], step])
+    size = config.model.image_size
+    use_scenes = scenes is not None and len(scenes.captions) > 0
+    images, prompts = [], []
+    for _ in range(config.batch_size):
+        sample_seed = int(rng.integers(2**62))
+        if use_scenes and rng.random() < config.scene_fraction:
+            index = sample_seed % len(scenes.captions)
+            image, prompt = scenes.images[index], scenes.captions[index]
+        else:
+            item = fill_sample(sample_seed, size=size, shape=SHAPES[int(rng.integers(len(SHAPES)))])
+            image, prompt = item.image, item.prompt
+        images.append(image)
+        prompts.append("" if rng.random() < config.uncond_prob else prompt)
+    array = np.stack(images).astype(np.float32) / 127.5 - 1.0  # (B, H, W, 3)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), prompts  # (B, 3, H, W)
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, total: int, warmup: int, min_fraction: float, cosine: bool = True) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_fraction` at `total` (or flat)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_fraction + (1.0 - min_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_p.lerp_(p, 1.0 - decay)
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs; `stage` is "vae", "unet" or "done"."""
+
+    config: PretrainConfig
+    tokenizer: object
+    vae: torch.nn.Module | None
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    ema_unet: torch.nn.Module
+    ema_text_encoder: torch.nn.Module
+    vae_optimizer: torch.optim.Optimizer | None
+    optimizer: torch.optim.Optimizer
+    stage: str = "vae"
+    step: int = 0
+    wall_seconds: float = 0.0
+
+
+def build_state(config: PretrainConfig, tokenizer) -> RunState:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(config.seed)
+    vae = None if config.model.pixel_space else AutoencoderKL(**vae_kwargs(config.model))
+    torch.manual_seed(config.seed + 1)
+    unet = UNet2DConditionModel(**unet_kwargs(config.model))
+    torch.manual_seed(config.seed + 2)
+    text_encoder = build_text_encoder(config.model.text, tokenizer)
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    vae_optimizer = None if vae is None else torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
+    stage = "vae" if (vae is not None and config.vae_steps > 0) else "unet"
+    return RunState(
+        config,
+        tokenizer,
+        vae,
+        unet,
+        text_encoder,
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(text_encoder).requires_grad_(False),
+        vae_optimizer,
+        optimizer,
+        stage=stage,
+    )
+
+
+def _modules(state: RunState) -> dict[str, object]:
+    named = {
+        "unet": state.unet,
+        "text_encoder": state.text_encoder,
+        "ema_unet": state.ema_unet,
+        "ema_text_encoder": state.ema_text_encoder,
+        "optimizer": state.optimizer,
+    }
+    if state.vae is not None:
+        named["vae"] = state.vae
+        named["vae_optimizer"] = state.vae_optimizer
+    return named
+
+
+def save_checkpoint(state: RunState, run_dir: Path) -> Path:
+    """Write last.pt atomically (temporary file in the same folder, then rename)."""
+    payload = {name: obj.state_dict() for name, obj in _modules(state).items()}
+    payload.update(
+        stage=state.stage,
+        step=state.step,
+        wall_seconds=state.wall_seconds,
+        torch_rng=torch.get_rng_state(),
+        scaling_factor=float(state.vae.config.scaling_factor) if state.vae is not None else 1.0,
+        config=asdict(state.config),
+    )
+    final = run_dir / CHECKPOINT_NAME
+    temporary = run_dir / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
+    torch.save(payload, temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, final)
+    return final
+
+
+def load_checkpoint(state: RunState, run_dir: Path) -> None:
+    payload = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=True)
+    for name, obj in _modules(state).items():
+        obj.load_state_dict(payload[name])
+    state.stage, state.step, state.wall_seconds = payload["stage"], payload["step"], payload["wall_seconds"]
+    torch.set_rng_state(payload["torch_rng"])
+    if state.vae is not None:
+        state.vae.register_to_config(scaling_factor=payload["scaling_factor"])
+
+
+def open_run(config: PretrainConfig, resume: bool) -> RunState:
+    """Create the run folder (tokenizer, run_config.json) or, with `resume`, restore it from last.pt."""
+    run_dir = Path(config.out).expanduser()
+    has_checkpoint = (run_dir / CHECKPOINT_NAME).is_file()
+    if has_checkpoint and not resume:
+        raise ValueError(
+            f"out={run_dir}: holds a run already; pass --resume to continue it or pick another folder"
+        )
+    if resume and has_checkpoint:
+        saved = json.loads((run_dir / RUN_CONFIG_NAME).read_text())
+        if saved["model"] != json.loads(json.dumps(asdict(config.model))):
+            raise ValueError(f"out={run_dir}: its model architecture differs from the requested one")
+        from controlnet.world.text import load_tokenizer
+
+        tokenizer = load_tokenizer(run_dir / "tokenizer")
+        state = build_state(config, tokenizer)
+        load_checkpoint(state, run_dir)
+        logger.info("resumed %s at stage %s step %d", run_dir, state.stage, state.step)
+        return state
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(world_vocabulary(), config.model.text.max_length)
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    (run_dir / RUN_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    return build_state(config, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def random_crop(images: torch.Tensor, side: int) -> torch.Tensor:
+    """One random side x side crop (same window for the batch) of images (B, C, H, W), from torch's RNG."""
+    height, width = images.shape[-2:]
+    if side <= 0 or side >= min(height, width):
+        return images
+    top = int(torch.randint(0, height - side + 1, ()))
+    left = int(torch.randint(0, width - side + 1, ()))
+    return images[..., top : top + side, left : left + side]
+
+
+def _vae_step(state: RunState, images: torch.Tensor) -> dict[str, float]:
+    config = state.config
+    images = random_crop(images, config.vae_crop)  # (B, 3, crop, crop)
+    for group in state.vae_optimizer.param_groups:
+        group["lr"] = config.vae_lr * lr_factor(
+            state.step, config.vae_steps, config.warmup_steps, 0.0, cosine=False
+        )
+    posterior = state.vae.encode(images).latent_dist
+    reconstruction = state.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+    l1 = (reconstruction - images).abs().mean()
+    kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
+    loss = l1 + VAE_KL_WEIGHT * kl
+    state.vae_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(state.vae.parameters(), config.grad_clip)
+    state.vae_optimizer.step()
+    return {"vae_l1": l1.item(), "vae_kl": kl.item()}
+
+
+@torch.no_grad()
+def set_vae_scaling(state: RunState, scenes: ScenePool | None) -> float:
+    """scaling_factor = 1 / std of the VAE's latent means over a few batches (SD's 0.18215 is the same idea)."""
+    latents = []
+    for index in range(SCALING_BATCHES):
+        images, _ = training_batch(state.config, index, "scaling", scenes)
+        latents.append(state.vae.encode(images).latent_dist.mode())
+    factor = float(1.0 / torch.cat(latents).std())
+    state.vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+def _unet_step(state: RunState, images: torch.Tensor, prompts: list[str], noise_scheduler) -> dict[str, float]:
+    config = state.config
+    factor = lr_factor(state.step, config.steps, config.warmup_steps, config.min_lr_fraction)
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.lr * factor
+    with torch.no_grad():
+        if state.vae is None:
+            latents = images
+        else:
+            latents = state.vae.encode(images).latent_dist.mode() * state.vae.config.scaling_factor  # (B, C, h, w)
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    context = state.text_encoder(input_ids=tokenize(state.tokenizer, prompts)).last_hidden_state  # (B, L, D)
+    prediction = state.unet(noisy, timesteps, encoder_hidden_states=context).sample  # (B, C, h, w)
+    per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if config.min_snr_gamma > 0:
+        alpha_bar = noise_scheduler.alphas_cumprod[timesteps]
+        snr = alpha_bar / (1 - alpha_bar)
+        weight = torch.clamp(snr, max=config.min_snr_gamma) / snr  # epsilon-prediction form of min-SNR
+        loss = (weight * per_sample).mean()
+    else:
+        loss = per_sample.mean()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [*state.unet.parameters(), *state.text_encoder.parameters()]
+    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    state.optimizer.step()
+    decay = min(config.ema_decay, (1 + state.step) / (10 + state.step))
+    ema_update(state.ema_unet, state.unet, decay)
+    ema_update(state.ema_text_encoder, state.text_encoder, decay)
+    return {"loss": per_sample.mean().item(), "lr": config.lr * factor}
+
+
+def pretrain(
+    config: PretrainConfig,
+    resume: bool = False,
+    on_step: Callable[[str, int, int, dict[str, float]], None] | None = None,
+    stop_after: int | None = None,
+) -> RunState:
+    """Run (or resume) the recipe to the end; `on_step(stage, step, total, metrics)` reports progress.
+
+    `stop_after` ends this call (with a checkpoint) after that many optimisation steps, as a kill would.
+    """
+    from diffusers import DDPMScheduler
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    state = open_run(config, resume)
+    run_dir = Path(config.out).expanduser()
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config())
+    scenes = load_scene_pool(config, run_dir) if config.scene_fraction > 0 else None
+    last_save = time.monotonic()
+    segment_start = time.monotonic()
+    wall_at_segment = state.wall_seconds
+    if state.stage == "done" and state.step < config.steps:
+        state.stage = "unet"  # a finished run resumed with more steps continues
+    steps_this_call = 0
+    metrics_file = open(run_dir / METRICS_NAME, "a")  # noqa: SIM115 (kept open for the whole run)
+    try:
+        while state.stage != "done" and (stop_after is None or steps_this_call < stop_after):
+            total = config.vae_steps if state.stage == "vae" else config.steps
+            if state.step >= total:
+                if state.stage == "vae":
+                    factor = set_vae_scaling(state, scenes)
+                    logger.info("VAE done; scaling_factor %.4f", factor)
+                    state.stage, state.step = "unet", 0
+                else:
+                    state.stage = "done"
+                continue
+            images, prompts = training_batch(config, state.step, state.stage, scenes)
+            if state.stage == "vae":
+                state.vae.train()
+                metrics = _vae_step(state, images)
+            else:
+                if state.vae is not None:
+                    state.vae.eval().requires_grad_(False)
+                metrics = _unet_step(state, images, prompts, noise_scheduler)
+            state.step += 1
+            steps_this_call += 1
+            state.wall_seconds = wall_at_segment + time.monotonic() - segment_start
+            if state.step % LOG_EVERY == 0:
+                record = {
+                    "stage": state.stage,
+                    "step": state.step,
+                    "wall_s": round(state.wall_seconds, 1),
+                    **metrics,
+                }
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if on_step is not None:
+                on_step(state.stage, state.step, total, metrics)
+            if time.monotonic() - last_save > config.checkpoint_minutes * 60:
+                save_checkpoint(state, run_dir)
+                last_save = time.monotonic()
+        save_checkpoint(state, run_dir)
+    finally:
+        metrics_file.close()
+    return state
+
+
+def export_builtin(run_dir: str | Path, dest: str | Path) -> dict:
+    """Write the EMA weights of the run's last checkpoint as a loadable base-model folder; returns run facts."""
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / CHECKPOINT_NAME).is_file():
+        raise FileNotFoundError(f"run folder {run_dir}: no {CHECKPOINT_NAME}")
+    config = PretrainConfig(**json.loads((run_dir / RUN_CONFIG_NAME).read_text()))
+    config.out = str(run_dir)
+    from controlnet.world.text import load_tokenizer
+
+    state = build_state(config, load_tokenizer(run_dir / "tokenizer"))
+    load_checkpoint(state, run_dir)
+    parts = {
+        "unet": state.ema_unet,
+        "vae": state.vae,
+        "text_encoder": state.ema_text_encoder,
+        "tokenizer": state.tokenizer,
+    }
+    save_builtin_base(parts, config.model, dest)
+    return {
+        "stage": state.stage,
+        "unet_step": state.step if state.stage != "vae" else 0,
+        "wall_seconds": state.wall_seconds,
+    }

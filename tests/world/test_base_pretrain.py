@@ -1,0 +1,99 @@
+"""The pretraining recipe: a resumed run ends with exactly the weights of an uninterrupted one; checkpoints are atomic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from controlnet.world.base import BaseModelConfig, load_builtin_base, sample
+from controlnet.world.pretrain import (
+    CHECKPOINT_NAME,
+    PretrainConfig,
+    export_builtin,
+    lr_factor,
+    pretrain,
+    training_batch,
+)
+from controlnet.world.text import TextEncoderConfig
+
+TINY_MODEL = dict(
+    image_size=32,
+    vae_channels=(8, 8),
+    unet_channels=(8, 16),
+    unet_attention_levels=(1,),
+    head_dim=8,
+    norm_groups=4,
+    text=TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16, max_length=24),
+)
+
+
+def tiny_config(out, steps: int, **overrides) -> PretrainConfig:
+    fields = dict(
+        out=str(out),
+        steps=steps,
+        vae_steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        scene_fraction=0.5,
+        scene_pool=4,
+        model=BaseModelConfig(**TINY_MODEL),
+    )
+    fields.update(overrides)
+    return PretrainConfig(**fields)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight = pretrain(tiny_config(tmp_path / "straight", steps=4))
+    pretrain(tiny_config(tmp_path / "split", steps=4), stop_after=1)  # killed inside the VAE stage
+    pretrain(tiny_config(tmp_path / "split", steps=4), resume=True, stop_after=3)  # ... and in the UNet stage
+    resumed = pretrain(tiny_config(tmp_path / "split", steps=4), resume=True)
+    assert straight.step == resumed.step == 4 and resumed.stage == "done"
+    for name in ("unet", "ema_unet", "text_encoder", "vae"):
+        a, b = getattr(straight, name).state_dict(), getattr(resumed, name).state_dict()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}.{key}")
+    lines = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert all("stage" in line for line in lines)
+
+
+def test_existing_run_needs_resume(tmp_path):
+    pretrain(tiny_config(tmp_path, steps=1))
+    with pytest.raises(ValueError, match="--resume"):
+        pretrain(tiny_config(tmp_path, steps=1))
+
+
+def test_no_temporary_files_left_and_export_loads(tmp_path):
+    pretrain(tiny_config(tmp_path / "run", steps=2))
+    assert sorted(p.name for p in (tmp_path / "run").glob(f"*{CHECKPOINT_NAME}*")) == [CHECKPOINT_NAME]
+    facts = export_builtin(tmp_path / "run", tmp_path / "model")
+    assert facts["stage"] == "done" and facts["unet_step"] == 2
+    base = load_builtin_base(tmp_path / "model")
+    images = sample(base, ["red ball on a blue background", ""], steps=2, seed=0)
+    assert len(images) == 2 and images[0].shape == (32, 32, 3) and images[0].dtype.name == "uint8"
+
+
+def test_training_batch_is_a_function_of_step():
+    config = tiny_config("/nonexistent", steps=1, scene_fraction=0.0, uncond_prob=0.5)
+    a_images, a_prompts = training_batch(config, 7, "unet")
+    b_images, b_prompts = training_batch(config, 7, "unet")
+    c_images, _ = training_batch(config, 8, "unet")
+    assert a_prompts == b_prompts and torch.equal(a_images, b_images)
+    assert not torch.equal(a_images, c_images)
+    assert a_images.shape == (4, 3, 32, 32) and a_images.min() >= -1 and a_images.max() <= 1
+    assert "" in [p for step in range(10) for p in training_batch(config, step, "unet")[1]]
+
+
+def test_lr_schedule_warms_up_and_decays():
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 100, 10, 0.1) == pytest.approx(0.55)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="uncond_prob"):
+        PretrainConfig(uncond_prob=1.5)
+    with pytest.raises(ValueError, match="vae_steps"):
+        PretrainConfig(vae_steps=5, model=BaseModelConfig(vae_channels=()))
