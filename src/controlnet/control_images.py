@@ -1,0 +1,136 @@
+"""Condition images, init images and masks: reading, the web UI's three resize modes, tensors for the models.
+
+A condition image c_i (paper Sec. 3.3: edges, depth, pose, segmentation, ...) enters the ControlNet as
+(B, 3, H, W) floats in [0, 1] at the generated image's size. Users bring maps of any size; the resize modes are
+the ones web-UI users know:
+- "just_resize": stretch to the target size (aspect ratio not kept);
+- "crop_and_resize": scale to cover the target, then centre-crop the overflow (nothing is distorted);
+- "resize_and_pad": scale to fit inside the target, then pad the rest with black (nothing is cut).
+Resampling is Lanczos, as diffusers' image processor does, so "just_resize" matches diffusers' pipelines.
+
+Inpainting (ControlNet v1.1 inpaint model): the condition is the image in [0, 1] with masked pixels set to -1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_pad")
+_RESIZE_ALIASES = {
+    "just resize": "just_resize",
+    "resize": "just_resize",
+    "crop and resize": "crop_and_resize",
+    "crop": "crop_and_resize",
+    "inner_fit": "crop_and_resize",
+    "resize and fill": "resize_and_pad",
+    "resize_and_fill": "resize_and_pad",
+    "resize and pad": "resize_and_pad",
+    "pad": "resize_and_pad",
+    "outer_fit": "resize_and_pad",
+}
+RESIZE_DISPLAY_NAMES = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize", "resize_and_pad": "Resize and Fill"}
+# v1.1 inpaint ControlNet: masked pixels of its condition image carry this value (the rest is in [0, 1]).
+INPAINT_MASKED_VALUE = -1.0
+# Mask pixels above this (in [0, 1]) are repainted.
+MASK_THRESHOLD = 0.5
+RESAMPLE = Image.LANCZOS
+
+ImageLike = "Image.Image | np.ndarray | torch.Tensor | str | os.PathLike"
+
+
+def resize_mode(name: str) -> str:
+    """Canonical resize-mode name; raises ValueError naming the choices."""
+    key = name.strip().lower()
+    key = _RESIZE_ALIASES.get(key, key).replace("-", "_").replace(" ", "_")
+    if key not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {name!r}; expected one of {', '.join(RESIZE_MODES)}")
+    return key
+
+
+def to_pil(image, what: str = "image") -> Image.Image:
+    """PIL image from a path, a PIL image, an (H, W[, C]) uint8 array or a (C, H, W) / (1, C, H, W) tensor in [0, 1]."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().float().cpu()
+        if tensor.ndim == 4 and tensor.shape[0] == 1:
+            tensor = tensor[0]
+        if tensor.ndim != 3:
+            raise ValueError(f"{what}: expected a (C, H, W) tensor in [0, 1], got shape {tuple(image.shape)}")
+        image = (tensor.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"{what}: expected a uint8 array (H, W) or (H, W, C), got dtype {image.dtype}")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        return Image.fromarray(image)
+    raise ValueError(f"{what}: expected a path, PIL image, uint8 array or tensor, got {type(image).__name__}")
+
+
+def resize_image(image: Image.Image, width: int, height: int, mode: str = "just_resize") -> Image.Image:
+    """Resize `image` to (width, height) by one of RESIZE_MODES (see the module docstring)."""
+    mode = resize_mode(mode)
+    if image.size == (width, height):
+        return image
+    src_w, src_h = image.size
+    if mode == "just_resize":
+        return image.resize((width, height), resample=RESAMPLE)
+    if mode == "crop_and_resize":
+        scale = max(width / src_w, height / src_h)  # cover the target
+        new_w, new_h = max(width, round(src_w * scale)), max(height, round(src_h * scale))
+        scaled = image.resize((new_w, new_h), resample=RESAMPLE)
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+        return scaled.crop((left, top, left + width, top + height))
+    scale = min(width / src_w, height / src_h)  # fit inside the target
+    new_w, new_h = min(width, max(1, round(src_w * scale))), min(height, max(1, round(src_h * scale)))
+    scaled = image.resize((new_w, new_h), resample=RESAMPLE)
+    canvas = Image.new(scaled.mode, (width, height))  # black
+    canvas.paste(scaled, ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas
+
+
+def pil_to_unit_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W) float32 in [0, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def condition_tensor(image, width: int, height: int, mode: str = "just_resize") -> torch.Tensor:
+    """A condition image of any kind -> (1, 3, height, width) float32 in [0, 1]."""
+    return pil_to_unit_tensor(resize_image(to_pil(image, "condition image").convert("RGB"), width, height, mode))
+
+
+def init_image_tensor(image, width: int, height: int, mode: str = "just_resize") -> torch.Tensor:
+    """An img2img / inpainting source image -> (1, 3, height, width) float32 in [-1, 1]."""
+    unit = pil_to_unit_tensor(resize_image(to_pil(image, "init image").convert("RGB"), width, height, mode))
+    return unit * 2.0 - 1.0
+
+
+def mask_tensor(mask, width: int, height: int, mode: str = "just_resize") -> torch.Tensor:
+    """An inpainting mask (white = repaint) -> (1, 1, height, width) float32 of 0s and 1s."""
+    gray = resize_image(to_pil(mask, "mask").convert("L"), width, height, mode)
+    array = np.asarray(gray, dtype=np.float32) / 255.0
+    return torch.from_numpy((array > MASK_THRESHOLD).astype(np.float32))[None, None]
+
+
+def inpaint_condition(image_unit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Condition of the v1.1 inpaint ControlNet: image (B, 3, H, W) in [0, 1], masked pixels set to -1."""
+    return torch.where(mask > MASK_THRESHOLD, torch.full_like(image_unit, INPAINT_MASKED_VALUE), image_unit)
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images (rounded to the nearest 8-bit value, as diffusers does)."""
+    array = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]

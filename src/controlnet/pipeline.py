@@ -1,0 +1,560 @@
+"""End-to-end controlled generation: prompt + condition images -> images (paper Sec. 3.4, Fig. 1).
+
+`ControlNetPipeline(...)(prompt, control=[...])` runs a numbered script of steps:
+
+1. check inputs (one clear ValueError per problem)        5. latents: per-image seeded noise (img2img: noised image)
+2. encode the prompt (and the negative prompt for CFG)   6. denoising loop: ControlNets (inside their windows)
+3. prepare control images; embed each once (c_f = E(c))     -> residuals summed -> UNet -> CFG -> sampler step
+4. timesteps (sampler by name; img2img strength)         7. decode (VAE, or identity for a pixel-space base)
+
+It works on any SD-family base (SD1.x, SD2.x, SDXL, the built-in tiny model, with or without a VAE) and any
+number of ControlNets (paper Sec. 3.4 / Fig. 7: residuals are added). Speed without changing results: the hint
+embedding is computed once per generation (it does not depend on t), CFG branches run as one batch, modes that
+control the conditional branch only run the nets on that half, and a net outside its start/end window is not
+evaluated at all (diffusers runs it with scale 0). Loading from folders/files lives in `base_loading.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from controlnet import control_images as ci
+from controlnet.guidance import GUESS_MODE_FORMS, apply_cfg, block_profile, check_window, in_window
+from controlnet.guidance import control_mode as lookup_mode
+from controlnet.guidance import pad_unconditional as pad_uncond
+from controlnet.model.compose import unet_residual_kwargs
+from controlnet.model.controlnet import ControlNet, ControlNetOutput
+from controlnet.prompt_encoding import PromptEmbeddings, encode_dual, encode_single
+from controlnet.schedulers import canonical_sampler_name, make_scheduler, sampler_display_name
+
+logger = logging.getLogger(__name__)
+
+# Marks a control entry whose condition is built from `image` + `mask` (ControlNet v1.1 inpaint model).
+INPAINT = "inpaint"
+DEFAULT_STRENGTH_IMG2IMG = 0.75
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclass
+class GenerationResult:
+    """Images plus everything needed to reproduce them."""
+
+    images: list  # PIL images, or [] for output_type="latent"
+    array: np.ndarray | torch.Tensor  # (N, H, W, 3) float in [0, 1]; latents (N, C, h, w) for output_type="latent"
+    seeds: list[int]  # one per image: image k was drawn from torch.Generator().manual_seed(seeds[k])
+    settings: dict = field(default_factory=dict)
+    control_images: list = field(default_factory=list)  # the resized conditions, one PIL image per net
+
+
+@dataclass
+class _Net:
+    """One ControlNet during a generation (internal)."""
+
+    net: ControlNet
+    hint: torch.Tensor  # (B or 2B, C_0, h, w): E(c) computed once
+    scales: list[float]  # per output: strength x mode profile x block scales
+    start: float
+    end: float
+    conditional_only: bool
+
+
+def _per_net(value, n: int, name: str) -> list:
+    """A scalar (same for every net) or a list with one entry per net."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: got {len(value)} values for {n} ControlNets; expected one per net")
+        return list(value)
+    return [value] * n
+
+
+def output_heights(net: ControlNet, latent_height: int) -> list[int]:
+    """Height of each ControlNet output for a latent of `latent_height` (shallowest skip first, middle last)."""
+    heights, h = [latent_height], latent_height
+    for block in net.down_blocks:
+        heights += [h] * len(block.resnets)
+        for _ in block.downsamplers or []:
+            h = (h + 1) // 2  # stride-2 conv with padding 1
+            heights.append(h)
+    return heights + [h]
+
+
+class ControlNetPipeline:
+    """Text-to-image (and img2img / inpainting) with any number of ControlNets on an SD-family base.
+
+    Components are diffusers/transformers modules: `unet` (UNet2DConditionModel), `vae` (AutoencoderKL, or None
+    for a pixel-space base whose images are in [-1, 1]), `text_encoder` + `tokenizer` (CLIP), `scheduler`, and for
+    SDXL `text_encoder_2` (with projection) + `tokenizer_2`. `controlnets` are our `ControlNet`s.
+    """
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        controlnets: Sequence[ControlNet] = (),
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.controlnets = list(controlnets)
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.base_name = "custom"
+        self._offload_device: torch.device | None = None
+
+    @classmethod
+    def from_pretrained(cls, base: str, controlnets: Sequence = (), **kwargs) -> ControlNetPipeline:
+        """`base`: "builtin", a diffusers model folder, or one SD1.x/SD2.x/SDXL checkpoint file (offline).
+
+        `controlnets`: ControlNet objects or paths (original or diffusers format). See `base_loading.load_base`.
+        """
+        from controlnet.base_loading import load_pipeline
+
+        return load_pipeline(cls, base, controlnets, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------
+    # properties and placement
+    @property
+    def is_sdxl(self) -> bool:
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD's VAE, 1 in pixel space)."""
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self._offload_device or self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def _modules(self) -> list[torch.nn.Module]:
+        mods = [self.unet, self.vae, self.text_encoder, self.text_encoder_2, *self.controlnets]
+        return [m for m in mods if m is not None]
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> ControlNetPipeline:
+        """Move every model (bf16/fp16: `dtype=torch.bfloat16`; the VAE stays in float32 for fp16 decoding)."""
+        for module in self._modules():
+            module.to(device)
+            if dtype is not None:
+                keep_fp32 = module is self.vae and dtype == torch.float16
+                module.to(torch.float32 if keep_fp32 else dtype)
+        return self
+
+    def enable_model_cpu_offload(self, device="cuda") -> ControlNetPipeline:
+        """Keep models on the CPU and move each to `device` only while it runs (for GPUs with little memory)."""
+        self._offload_device = torch.device(device)
+        for module in self._modules():
+            module.to("cpu")
+        return self
+
+    def optimize(self, channels_last: bool = False, compile: bool = False) -> ControlNetPipeline:
+        """GPU speed options that leave results unchanged up to float rounding: channels_last, torch.compile."""
+        for module in [self.unet, *self.controlnets]:
+            if channels_last:
+                module.to(memory_format=torch.channels_last)
+        if compile:
+            self.unet = torch.compile(self.unet)
+            self.controlnets = [torch.compile(n) for n in self.controlnets]
+        return self
+
+    @contextlib.contextmanager
+    def _placed(self, *modules):
+        """With CPU offload: move `modules` to the execution device for the block, then back to the CPU."""
+        if self._offload_device is None:
+            yield
+            return
+        for m in modules:
+            if m is not None:
+                m.to(self._offload_device)
+        try:
+            yield
+        finally:
+            for m in modules:
+                if m is not None:
+                    m.to("cpu")
+            if self._offload_device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ----------------------------------------------------------------------------------------------------
+    # generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        control: Sequence = (),
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        guidance_scale: float = 7.5,
+        steps: int = 20,
+        seed: int = 0,
+        batch_size: int = 1,
+        width: int | None = None,
+        height: int | None = None,
+        resize_mode: str = "just_resize",
+        control_scale: float | Sequence[float] = 1.0,
+        block_scales: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
+        control_start: float | Sequence[float] = 0.0,
+        control_end: float | Sequence[float] = 1.0,
+        control_mode: str | Sequence[str] = "balanced",
+        guess_mode_form: str = "reference",
+        image=None,
+        mask=None,
+        strength: float | None = None,
+        scheduler: str | None = None,
+        eta: float = 0.0,
+        clip_skip: int = 0,
+        output_type: str = "pil",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> GenerationResult:
+        """Generate `batch_size` images per prompt.
+
+        control: one condition image per ControlNet (path, PIL, uint8 array or tensor in [0, 1]; or a list with one
+        per prompt; or "inpaint" to build the v1.1 inpaint condition from `image` + `mask`). Per-net settings
+        (control_scale, block_scales, control_start/end, control_mode) take a value or a list with one per net.
+        image: img2img source (with `strength`, the fraction of the schedule re-run); with `mask` (white =
+        repaint), inpainting. scheduler: a sampler name ("ddim", "euler", "euler_a", "dpmpp_2m",
+        "dpmpp_2m_karras", "unipc"), default the base's. Image k uses seed `seed + k`.
+        """
+        # 1. check inputs ---------------------------------------------------------------------------------
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
+        negatives = None if negative_prompt is None else _per_prompt(negative_prompt, len(prompts))
+        n_nets = len(self.controlnets)
+        control = list(control)
+        if len(control) != n_nets:
+            raise ValueError(
+                f"control: got {len(control)} condition images for {n_nets} ControlNets; expected one per net"
+            )
+        if steps < 1:
+            raise ValueError(f"steps={steps}: expected an integer >= 1")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected an integer >= 1")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale}: expected >= 0 (1 turns classifier-free guidance off)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
+        if guess_mode_form not in GUESS_MODE_FORMS:
+            raise ValueError(f"guess_mode_form={guess_mode_form!r}; expected one of {GUESS_MODE_FORMS}")
+        sampler = canonical_sampler_name(scheduler) if scheduler is not None else None
+        resize = ci.resize_mode(resize_mode)
+        scales = [float(s) for s in _per_net(control_scale, n_nets, "control_scale")]
+        starts = [float(s) for s in _per_net(control_start, n_nets, "control_start")]
+        ends = [float(e) for e in _per_net(control_end, n_nets, "control_end")]
+        modes = [lookup_mode(m) for m in _per_net(control_mode, n_nets, "control_mode")]
+        per_block = self._block_scales(block_scales, n_nets)
+        for k, (scale, start, end) in enumerate(zip(scales, starts, ends, strict=True)):
+            if scale < 0:
+                raise ValueError(f"control_scale[{k}]={scale}: expected >= 0 (0 switches the net off)")
+            check_window(start, end, f"control window of ControlNet {k}")
+        if mask is not None and image is None:
+            raise ValueError("mask given without image: inpainting needs the image to repaint")
+        if INPAINT in [c for c in control if isinstance(c, str)] and mask is None:
+            raise ValueError('control "inpaint" needs `image` and `mask` (the masked pixels become -1)')
+        if strength is None:
+            strength = DEFAULT_STRENGTH_IMG2IMG if (image is not None and mask is None) else 1.0
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength}: expected 0 < strength <= 1 (fraction of the schedule re-run)")
+        width, height = self._size(width, height, control, image)
+        factor = self.vae_scale_factor
+        for net in self.controlnets:
+            if net.hint_config.downscale_factor != factor:
+                raise ValueError(
+                    f"a ControlNet embeds conditions by {net.hint_config.downscale_factor}x but this base's latents "
+                    f"are {factor}x smaller than images: the net was made for another base"
+                )
+        device, dtype = self.device, self.dtype
+        num_images = len(prompts) * batch_size
+        seeds = [seed + k for k in range(num_images)]
+        cfg = guidance_scale > 1.0
+
+        # 2. encode the prompt: context (2N, L, D) ordered [unconditional, conditional] when CFG is on -------
+        with self._placed(self.text_encoder, self.text_encoder_2):
+            cond_emb, uncond_emb = self._encode(prompts, negatives, cfg, clip_skip)
+        context = _repeat(cond_emb.context, batch_size).to(device, dtype)  # (N, L, D)
+        added, added_cond = None, None
+        if self.is_sdxl:
+            # SDXL micro-conditioning: original size, crop top-left, target size (Podell et al. 2023, Sec. 2.2)
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
+            pooled = _repeat(cond_emb.pooled, batch_size).to(device, dtype)
+            added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(num_images, 1)}
+            added = added_cond
+        if cfg:
+            uncond_context = _repeat(uncond_emb.context, batch_size).to(device, dtype)
+            context = torch.cat([uncond_context, context])  # (2N, L, D)
+            if self.is_sdxl:
+                pooled_u = _repeat(uncond_emb.pooled, batch_size).to(device, dtype)
+                added = {
+                    "text_embeds": torch.cat([pooled_u, added_cond["text_embeds"]]),
+                    "time_ids": time_ids.repeat(2 * num_images, 1),
+                }
+
+        # 3. control images: resize, stack (N, 3, H, W), embed once per net --------------------------------
+        init_unit = mask_px = None
+        if image is not None:
+            init_unit = (ci.init_image_tensor(image, width, height, resize) + 1) / 2  # (1, 3, H, W) in [0, 1]
+            if mask is not None:
+                mask_px = ci.mask_tensor(mask, width, height, resize)  # (1, 1, H, W)
+        conds, control_pils = [], []
+        for k, entry in enumerate(control):
+            if isinstance(entry, str) and entry == INPAINT:
+                cond = ci.inpaint_condition(init_unit, mask_px)  # (1, 3, H, W), masked pixels -1
+                control_pils.append(ci.tensor_to_pil(cond.clamp(min=0))[0])
+            else:
+                entries = _per_prompt_images(entry, len(prompts), k)
+                cond = torch.cat([ci.condition_tensor(e, width, height, resize) for e in entries])  # (P, 3, H, W)
+                control_pils.append(ci.tensor_to_pil(cond[:1])[0])
+            conds.append(cond)
+        latent_h, latent_w = height // factor, width // factor
+        nets: list[_Net] = []
+        with self._placed(*self.controlnets):
+            for k, (net, cond) in enumerate(zip(self.controlnets, conds, strict=True)):
+                profile = block_profile(modes[k], output_heights(net, latent_h), guess_mode_form)
+                blocks = per_block[k] or [1.0] * net.num_control_outputs
+                if len(blocks) != net.num_control_outputs:
+                    raise ValueError(
+                        f"block_scales[{k}] has {len(blocks)} values; ControlNet {k} has {net.num_control_outputs} "
+                        "outputs (skips + the middle block)"
+                    )
+                out_scales = [scales[k] * p * b for p, b in zip(profile, blocks, strict=True)]
+                if not any(out_scales):
+                    continue  # strength 0: the net is never evaluated, the output is the base model's
+                hint = net.embed_condition(cond.to(device))  # (1 or P, C_0, h, w), once per generation
+                hint = hint.repeat_interleave(batch_size, 0) if hint.shape[0] > 1 else hint.expand(num_images, -1, -1, -1)
+                both = cfg and not modes[k].conditional_only
+                nets.append(
+                    _Net(net, torch.cat([hint, hint]) if both else hint, out_scales, starts[k], ends[k], not both)
+                )
+
+        # 4. timesteps: a fresh sampler (the pipeline's own is never mutated); img2img skips the first steps -------
+        sched = make_scheduler(sampler, self.scheduler.config) if sampler else type(self.scheduler).from_config(
+            self.scheduler.config
+        )
+        sched.set_timesteps(steps, device=device)
+        timesteps = sched.timesteps
+        if image is not None and strength < 1.0:
+            skip = steps - min(int(steps * strength), steps)
+            if skip >= steps:
+                raise ValueError(f"strength={strength} with steps={steps} leaves no denoising step; raise either")
+            timesteps = timesteps[skip * sched.order :]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(skip * sched.order)
+
+        # 5. latents: per-image seeded noise (reproducible on any device), or the noised init image ---------
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        channels = self.unet.config.in_channels
+        noise = torch.cat([torch.randn((1, channels, latent_h, latent_w), generator=g) for g in generators])
+        noise = noise.to(device, dtype)  # (N, C, h, w)
+        init_latents = latent_mask = None
+        if init_unit is not None:
+            with self._placed(self.vae):
+                init_latents = self._encode_image(init_unit * 2 - 1).expand(num_images, -1, -1, -1)  # (N, C, h, w)
+        if init_latents is None or strength >= 1.0:
+            latents = noise * sched.init_noise_sigma
+        else:
+            latents = sched.add_noise(init_latents, noise, timesteps[:1].repeat(num_images))
+        if mask_px is not None:
+            latent_mask = torch.nn.functional.interpolate(mask_px, size=(latent_h, latent_w)).to(device, dtype)
+        step_kwargs = self._step_kwargs(sched, generators, eta)
+
+        # 6. denoising loop ----------------------------------------------------------------------------------
+        n_steps = len(timesteps)
+        with self._placed(self.unet, *[n.net for n in nets]):
+            for i, t in enumerate(timesteps):
+                model_in = sched.scale_model_input(torch.cat([latents, latents]) if cfg else latents, t)
+                residuals = None
+                for item in nets:
+                    if not in_window(i, n_steps, item.start, item.end):
+                        continue  # outside its window the net is not run (diffusers runs it with scale 0)
+                    half = item.conditional_only and cfg
+                    out = item.net(
+                        model_in[num_images:] if half else model_in,
+                        t,
+                        context[num_images:] if half else context,
+                        hint=item.hint,
+                        conditioning_scale=item.scales,
+                        added_cond_kwargs=added_cond if half else added,
+                    )
+                    if half:
+                        out = ControlNetOutput([pad_uncond(d) for d in out.down], pad_uncond(out.mid))
+                    residuals = out if residuals is None else _add(residuals, out)
+                eps = self.unet(
+                    model_in, t, encoder_hidden_states=context, added_cond_kwargs=added, **unet_residual_kwargs(residuals)
+                ).sample  # (2N or N, C, h, w)
+                if cfg:
+                    eps = apply_cfg(eps, guidance_scale)
+                latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
+                if latent_mask is not None:  # inpainting: keep the known region on the schedule's noise level
+                    known = init_latents
+                    if i < n_steps - 1:
+                        known = sched.add_noise(init_latents, noise, timesteps[i + 1 : i + 2].repeat(num_images))
+                    latents = latent_mask * latents + (1 - latent_mask) * known
+                if progress is not None:
+                    progress(i + 1, n_steps)
+
+        # 7. decode ----------------------------------------------------------------------------------------
+        settings = self._settings(locals())
+        if output_type == "latent":
+            return GenerationResult([], latents, seeds, settings, control_pils)
+        with self._placed(self.vae):
+            pixels = self._decode(latents)  # (N, 3, H, W) in [-1, 1]
+        unit = (pixels.float() / 2 + 0.5).clamp(0, 1)
+        array = unit.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+        images = ci.tensor_to_pil(unit) if output_type == "pil" else []
+        return GenerationResult(images, array, seeds, settings, control_pils)
+
+    # ----------------------------------------------------------------------------------------------------
+    # helpers of the steps above
+    def _block_scales(self, block_scales, n_nets: int) -> list:
+        if block_scales is None:
+            return [None] * n_nets
+        if len(block_scales) and all(isinstance(b, (int, float)) for b in block_scales):
+            return [list(block_scales)] * n_nets  # one list shared by every net
+        return _per_net(list(block_scales), n_nets, "block_scales")
+
+    def _size(self, width, height, control, image) -> tuple[int, int]:
+        """Width/height: given, else the first condition's (or init image's) size, else the base's default."""
+        if width is None or height is None:
+            first = next((c for c in control if not isinstance(c, str) or c != INPAINT), None)
+            source = first if first is not None else image
+            if isinstance(source, (list, tuple)):
+                source = source[0]
+            if source is not None:
+                w, h = ci.to_pil(source, "condition image").size
+            else:
+                w = h = self.unet.config.sample_size * self.vae_scale_factor
+            width, height = width or w, height or h
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if width % multiple or height % multiple or width < multiple or height < multiple:
+            raise ValueError(
+                f"width x height = {width} x {height}: both must be positive multiples of {multiple} (the VAE "
+                f"factor {self.vae_scale_factor} x the UNet's {multiple // self.vae_scale_factor}x downsampling)"
+            )
+        return width, height
+
+    def _encode(self, prompts, negatives, cfg: bool, clip_skip: int) -> tuple[PromptEmbeddings, PromptEmbeddings]:
+        if self.is_sdxl:
+            pairs = [(t, e) for t, e in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))]
+            pairs = [(t, e) for t, e in pairs if e is not None]
+            cond = encode_dual(*zip(*pairs, strict=True), prompts)
+            if not cfg:
+                return cond, None
+            if negatives is None and self.force_zeros_for_empty_prompt:
+                zeros = PromptEmbeddings(torch.zeros_like(cond.context), torch.zeros_like(cond.pooled))
+                return cond, zeros
+            return cond, encode_dual(*zip(*pairs, strict=True), negatives or [""] * len(prompts))
+        cond = encode_single(self.tokenizer, self.text_encoder, prompts, clip_skip)
+        uncond = encode_single(self.tokenizer, self.text_encoder, negatives or [""] * len(prompts), clip_skip) if cfg else None
+        return cond, uncond
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> scaled latents (1, C, h, w): the VAE posterior's mean (deterministic)."""
+        pixels = pixels.to(self.device)
+        if self.vae is None:
+            return pixels.to(self.dtype)
+        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
+        mean, std = self._latent_stats(latents)
+        return ((latents - mean) * self.vae.config.scaling_factor / std).to(self.dtype)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents
+        mean, std = self._latent_stats(latents)
+        latents = latents * std / self.vae.config.scaling_factor + mean
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
+
+    def _latent_stats(self, latents: torch.Tensor):
+        cfg = self.vae.config
+        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(cfg.latents_mean).view(shape).to(latents.device, latents.dtype)
+            return mean, torch.tensor(cfg.latents_std).view(shape).to(latents.device, latents.dtype)
+        return 0.0, 1.0
+
+    @staticmethod
+    def _step_kwargs(sched, generators, eta: float) -> dict:
+        params = inspect.signature(sched.step).parameters
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generators if len(generators) > 1 else generators[0]
+        return kwargs
+
+    def _settings(self, v: dict) -> dict:
+        """The settings a result was made with (PNG metadata and JSON sidecars are written from this)."""
+        return {
+            "base": self.base_name,
+            "prompt": v["prompts"] if len(v["prompts"]) > 1 else v["prompts"][0],
+            "negative_prompt": v["negative_prompt"] or "",
+            "steps": v["steps"],
+            "sampler": sampler_display_name(v["sched"]),
+            "guidance_scale": v["guidance_scale"],
+            "seed": v["seed"],
+            "batch_size": v["batch_size"],
+            "width": v["width"],
+            "height": v["height"],
+            "clip_skip": v["clip_skip"],
+            "eta": v["eta"],
+            "strength": v["strength"] if v["image"] is not None else None,
+            "inpainting": v["mask"] is not None,
+            "controlnets": [
+                {
+                    "scale": v["scales"][k],
+                    "start": v["starts"][k],
+                    "end": v["ends"][k],
+                    "mode": v["modes"][k].name,
+                    "mode_label": v["modes"][k].display_name,
+                    "guess_mode_form": v["guess_mode_form"],
+                    "block_scales": v["per_block"][k],
+                    "resize_mode": v["resize"],
+                    "resize_label": ci.RESIZE_DISPLAY_NAMES[v["resize"]],
+                    "inpaint_condition": isinstance(v["control"][k], str) and v["control"][k] == INPAINT,
+                }
+                for k in range(v["n_nets"])
+            ],
+        }
+
+
+def _per_prompt(value, n: int) -> list[str]:
+    values = [value] * n if isinstance(value, str) else list(value)
+    if len(values) != n:
+        raise ValueError(f"negative_prompt: got {len(values)} for {n} prompts; expected one or one per prompt")
+    return values
+
+
+def _per_prompt_images(entry, n_prompts: int, k: int) -> list:
+    if isinstance(entry, (list, tuple)):
+        if len(entry) not in (1, n_prompts):
+            raise ValueError(
+                f"control[{k}]: got {len(entry)} condition images for {n_prompts} prompts; expected 1 or one per prompt"
+            )
+        return list(entry)
+    return [entry]
+
+
+def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
+    """(P, ...) -> (P * times, ...), each prompt's rows kept together (prompt-major, as image k = p * times + j)."""
+    return x.repeat_interleave(times, dim=0)
+
+
+def _add(a: ControlNetOutput, b: ControlNetOutput) -> ControlNetOutput:
+    """Paper Sec. 3.4: several ControlNets compose by adding their residuals."""
+    return ControlNetOutput([x + y for x, y in zip(a.down, b.down, strict=True)], a.mid + b.mid)
