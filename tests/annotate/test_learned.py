@@ -1,0 +1,157 @@
+"""Learned annotators: architecture and weight-format loading with random weights, local files only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from controlnet.annotate import get_annotator
+from controlnet.annotate.weights import ANNOTATORS_DIR_ENV
+from controlnet.errors import CheckpointError
+
+# ControlNetHED.pth layout of the released file: (key, shape), written from ControlNetHED_Apache2.
+HED_CONVS = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512), (512, 512),
+             (512, 512), (512, 512), (512, 512), (512, 512)]  # fmt: skip
+HED_BLOCK_SIZES = [2, 2, 3, 3, 3]
+
+
+def hed_state(generator: torch.Generator, zero: bool = False) -> dict[str, torch.Tensor]:
+    state = {"norm": torch.zeros(1, 3, 1, 1)}
+    conv = iter(HED_CONVS)
+    for block, size in enumerate(HED_BLOCK_SIZES, start=1):
+        for index in range(size):
+            c_in, c_out = next(conv)
+            weight = torch.randn(c_out, c_in, 3, 3, generator=generator) * (2.0 / (9 * c_in)) ** 0.5
+            state[f"block{block}.convs.{index}.weight"] = torch.zeros_like(weight) if zero else weight
+            state[f"block{block}.convs.{index}.bias"] = torch.zeros(c_out)
+        state[f"block{block}.projection.weight"] = (
+            torch.zeros(1, c_out, 1, 1) if zero else torch.randn(1, c_out, 1, 1, generator=generator) * 0.01
+        )
+        state[f"block{block}.projection.bias"] = torch.full((1,), float(block))
+    return state
+
+
+@pytest.fixture(autouse=True)
+def no_annotator_dir(monkeypatch):
+    monkeypatch.delenv(ANNOTATORS_DIR_ENV, raising=False)
+
+
+@pytest.mark.parametrize("name", ["hed", "pidinet", "openpose", "depth", "seg"])
+def test_missing_weights_name_the_expected_file(name, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        get_annotator(name)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        get_annotator(name, weights=str(tmp_path))
+
+
+def test_hed_loads_the_released_layout_and_fuses_side_outputs(tmp_path):
+    # All convs zero: every side output equals its projection bias 1..5, so the map is
+    # sigmoid(mean(1, 2, 3, 4, 5)) = sigmoid(3) = 0.9526 -> 242 everywhere.
+    torch.save(hed_state(torch.Generator().manual_seed(0), zero=True), tmp_path / "ControlNetHED.pth")
+    hed = get_annotator("hed", weights=str(tmp_path), detect_resolution=64)
+    out = hed(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    assert out.shape == (80, 100, 3)
+    assert (out == 242).all()
+
+
+def test_hed_random_weights_from_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(hed_state(torch.Generator().manual_seed(0)), str(tmp_path / "hed.safetensors"))
+    out = get_annotator("hed", weights=str(tmp_path / "hed.safetensors"), detect_resolution=64)(
+        np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    )
+    assert out.dtype == np.uint8 and out.shape == (64, 64, 3) and len(np.unique(out)) > 10
+
+
+def test_hed_rejects_wrong_layout_and_pickled_code(tmp_path):
+    state = hed_state(torch.Generator().manual_seed(0), zero=True)
+    del state["block5.projection.bias"]
+    torch.save(state, tmp_path / "ControlNetHED.pth")
+    with pytest.raises(CheckpointError, match="missing"):
+        get_annotator("hed", weights=str(tmp_path))
+    torch.save({"weights": {"a": object()}}, tmp_path / "evil.pth")  # needs unpickling of arbitrary objects
+    with pytest.raises(CheckpointError, match="weights_only"):
+        get_annotator("hed", weights=str(tmp_path / "evil.pth"))
+
+
+# ---- transformers depth / segmentation from a local folder (tiny random models built here) ----
+
+
+@pytest.fixture(scope="module")
+def tiny_dpt(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("dpt")
+    torch.manual_seed(0)
+    config = transformers.DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
+        patch_size=8, neck_hidden_sizes=[16, 16, 16, 16], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3],
+        reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1,
+    )  # fmt: skip
+    transformers.DPTForDepthEstimation(config).save_pretrained(folder)
+    transformers.DPTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_segformer(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folders = {}
+    for num_labels in (150, 19):
+        folder = tmp_path_factory.mktemp(f"segformer{num_labels}")
+        torch.manual_seed(0)
+        config = transformers.SegformerConfig(
+            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+            decoder_hidden_size=16, num_labels=num_labels,
+        )  # fmt: skip
+        transformers.SegformerForSemanticSegmentation(config).save_pretrained(folder)
+        transformers.SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+        folders[num_labels] = folder
+    return folders
+
+
+def test_depth_is_the_min_max_normalised_model_output(tiny_dpt):
+    import transformers
+    from torch.nn import functional as F
+
+    image = np.random.default_rng(1).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    depth = get_annotator("depth", weights=str(tiny_dpt), detect_resolution=128)(image)
+    assert depth.shape == (128, 128, 3) and depth.dtype == np.uint8
+    assert depth.min() == 0 and depth.max() == 255
+    # Independent computation with transformers' own API.
+    model = transformers.DPTForDepthEstimation.from_pretrained(tiny_dpt).eval()
+    processor = transformers.DPTImageProcessorPil.from_pretrained(tiny_dpt)
+    with torch.no_grad():
+        predicted = model(**processor(images=image, return_tensors="pt")).predicted_depth
+    predicted = F.interpolate(predicted[:, None], size=(128, 128), mode="bicubic", align_corners=False)[
+        0, 0
+    ].numpy()
+    expected = ((predicted - predicted.min()) / (predicted.max() - predicted.min()) * 255).astype(np.uint8)
+    assert np.abs(depth[:, :, 0].astype(int) - expected).max() <= 1
+
+
+def test_segmentation_paints_ade20k_palette_colours(tiny_segformer):
+    from .reference import load_aux_module
+
+    palette = {tuple(c) for c in load_aux_module("util.py").ade_palette()}  # the reference palette
+    image = np.random.default_rng(2).integers(0, 255, (96, 160, 3), dtype=np.uint8)
+    seg = get_annotator("seg", weights=str(tiny_segformer[150]), detect_resolution=64)(image)
+    assert seg.shape == (96, 160, 3)
+    colours = {tuple(c) for c in seg.reshape(-1, 3)}
+    assert colours <= palette and len(colours) >= 2
+
+
+def test_segmentation_rejects_models_without_the_ade20k_classes(tiny_segformer):
+    with pytest.raises(ValueError, match="150"):
+        get_annotator("seg", weights=str(tiny_segformer[19]))
+
+
+def test_ade20k_palette_equals_the_reference():
+    from controlnet.annotate.ade20k import ADE20K_PALETTE, colorize
+
+    from .reference import load_aux_module
+
+    reference = load_aux_module("util.py").ade_palette()
+    assert [list(c) for c in ADE20K_PALETTE] == reference
+    assert colorize(np.array([[0, 2]])).tolist() == [[[120, 120, 120], [6, 230, 230]]]  # wall, sky
