@@ -155,3 +155,73 @@ def test_ade20k_palette_equals_the_reference():
     reference = load_aux_module("util.py").ade_palette()
     assert [list(c) for c in ADE20K_PALETTE] == reference
     assert colorize(np.array([[0, 2]])).tolist() == [[[120, 120, 120], [6, 230, 230]]]  # wall, sky
+
+
+# ---- PiDiNet: pixel-difference convolutions, released layout, parity with the reference network ----
+
+
+def impulse_response(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    from controlnet.annotate.pidinet_net import PixelDifferenceConv
+
+    conv = PixelDifferenceConv(kind, 1, 1)
+    conv.weight.data = weight.reshape(1, 1, 3, 3).float()
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, 4, 4] = 1.0
+    return conv(x)[0, 0]
+
+
+def test_pixel_difference_convolutions_by_hand():
+    ones = torch.ones(9)
+    # cd: sum_i w_i (x_i - x_centre); with w = 1 an impulse gives -8 at the centre and 1 at the 8 neighbours.
+    cd = impulse_response("cd", ones)
+    assert cd[4, 4] == -8 and cd[3, 3] == 1 and cd[5, 4] == 1 and cd[2, 2] == 0
+    # rd with w = 0..8: taps w[1:] = 1..8 on the 5x5 outer ring, -(1..8) on the inner ring, 0 at the centre.
+    # Cross-correlation puts kernel tap (i, j) at output offset (2 - i, 2 - j) from the impulse.
+    rd = impulse_response("rd", torch.arange(9.0))
+    assert rd[4, 4] == 0
+    assert rd[2, 2] == 8 and rd[6, 6] == 1  # kernel (4, 4) = outer tap 8; kernel (0, 0) = outer tap 1
+    assert rd[3, 3] == -8 and rd[5, 5] == -1  # kernel (3, 3) = inner tap -8; kernel (1, 1) = inner tap -1
+    # Every difference kernel ignores constant regions; the vanilla conv does not.
+    flat = torch.ones(1, 1, 9, 9)
+    for kind in ("cd", "ad", "rd"):
+        from controlnet.annotate.pidinet_net import PixelDifferenceConv
+
+        conv = PixelDifferenceConv(kind, 1, 1)
+        assert conv(flat)[0, 0, 3:6, 3:6].abs().max() < 1e-6
+    assert impulse_response("cv", ones).sum() == 9
+
+
+def random_pidinet_state(seed: int) -> dict[str, torch.Tensor]:
+    from controlnet.annotate.pidinet_net import PiDiNet
+
+    torch.manual_seed(seed)
+    return PiDiNet().state_dict()
+
+
+def test_pidinet_matches_the_reference_network_and_file_layout(tmp_path):
+    from .reference import load_aux_module
+
+    reference_model = load_aux_module("pidi/model.py")
+    reference = reference_model.pidinet().eval()
+    state = {key: torch.randn(value.shape) * 0.1 for key, value in reference.state_dict().items()}
+    reference.load_state_dict(state)
+    # The released file: {"state_dict": {"module.<key>": tensor}}.
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "table5_pidinet.pth")
+    annotator = get_annotator("pidinet", weights=str(tmp_path), detect_resolution=64)
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(annotator.network(x), reference(x)[-1], rtol=1e-4, atol=1e-5)
+    out = annotator(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    assert out.shape == (64, 96, 3) and out.dtype == np.uint8
+
+
+def test_pidinet_fused_output_is_the_classifier_sigmoid(tmp_path):
+    state = {key: torch.zeros_like(value) for key, value in random_pidinet_state(0).items()}
+    state["classifier.bias"] = torch.tensor([2.0])  # every branch 0 -> sigmoid(2) = 0.8808 -> 224
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "table5_pidinet.safetensors"))
+    out = get_annotator("pidinet", weights=str(tmp_path), detect_resolution=64)(np.zeros((64, 64, 3), np.uint8))
+    assert (out == 224).all()
+    filtered = get_annotator("pidinet", weights=str(tmp_path), detect_resolution=64, apply_filter=True)
+    assert (filtered(np.zeros((64, 64, 3), np.uint8)) == 255).all()
