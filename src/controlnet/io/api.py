@@ -150,20 +150,32 @@ def controlnet_state_to_original(state: dict, layers_per_block: int, prefix: str
     return dict(sorted(renamed.items(), key=lambda kv: _original_order(kv[0][len(prefix) :])))
 
 
+# cldm.ControlNet registers its modules in this order; diffusers registers attentions before resnets and orders
+# transformer-block internals differently, so written files are sorted back into the original order.
+_ORIGINAL_GROUPS = (
+    "time_embed",
+    "label_emb",
+    "input_blocks",
+    "zero_convs",
+    "input_hint_block",
+    "middle_block",
+    "middle_block_out",
+)
+_TRANSFORMER_BLOCK_ORDER = ("attn1", "ff", "attn2", "norm1", "norm2", "norm3")
+
+
 def _original_order(key: str) -> tuple:
-    # cldm.ControlNet registers: time_embed, [label_emb], input_blocks, zero_convs, input_hint_block, middle_block,
-    # middle_block_out. Within a group, numeric parts sort numerically and names keep registration order.
-    group_order = [
-        "time_embed",
-        "label_emb",
-        "input_blocks",
-        "zero_convs",
-        "input_hint_block",
-        "middle_block",
-        "middle_block_out",
-    ]
-    head = key.split(".", 1)[0]
-    return (group_order.index(head) if head in group_order else len(group_order),)
+    parts = key.split(".")
+    group = _ORIGINAL_GROUPS.index(parts[0]) if parts[0] in _ORIGINAL_GROUPS else len(_ORIGINAL_GROUPS)
+    numbers = tuple(int(p) for p in parts[1:3] if p.isdigit())
+    inner: tuple = ()
+    if "transformer_blocks" in parts:
+        i = parts.index("transformer_blocks")
+        sub = parts[i + 2]
+        inner = (int(parts[i + 1]), _TRANSFORMER_BLOCK_ORDER.index(sub) if sub in _TRANSFORMER_BLOCK_ORDER else 9)
+    elif "proj_out" in parts:
+        inner = (99,)  # SpatialTransformer: norm, proj_in, transformer_blocks, proj_out
+    return (group, numbers, inner)
 
 
 def _hint_args_from_state(state: dict, downscale_factor: int) -> dict:

@@ -32,6 +32,8 @@ PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt", ".bin")
 WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 # Lightning / original-repo checkpoints wrap the weights in a dict under one of these keys.
 WRAPPER_KEYS = ("state_dict", "model", "module")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive
+PICKLE_PROTOCOL_OPCODE = b"\x80"  # legacy torch.save: a pickle stream starting with PROTO
 
 
 def _suffix(path: Path) -> str:
@@ -73,6 +75,9 @@ def _read_safetensors(path: Path, data: bytes | None) -> dict:
 
 
 def _read_pickle(path: Path, data: bytes | None) -> dict:
+    head = data[:4] if data is not None else path.open("rb").read(4)
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTOCOL_OPCODE)):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (expected a zip archive or a pickle stream)")
     source = io.BytesIO(data) if data is not None else str(path)
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
