@@ -16,6 +16,7 @@ from importlib import import_module
 COMMAND_MODULES: list[str] = [
     "controlnet.io.commands",
     "controlnet.annotate.commands",
+    "controlnet.world.commands",
 ]
 
 EXIT_USER_ERROR = 2

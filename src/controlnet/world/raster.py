@@ -11,7 +11,19 @@ Depth model: each object is small next to its distance, so its relief is added t
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+
+@functools.lru_cache(maxsize=16)
+def sample_grid(size: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xs, ys), each (n, n) with n = size * scale: sample centres in output pixels, shared and read-only."""
+    coords = (np.arange(size * scale, dtype=np.float32) + 0.5) / scale
+    xs, ys = np.meshgrid(coords, coords)
+    xs.flags.writeable = False
+    ys.flags.writeable = False
+    return xs, ys
 
 
 class Buffers:
@@ -21,8 +33,7 @@ class Buffers:
         self.size, self.scale = size, scale
         self.focal = float(focal if focal is not None else size)  # px; image side = focal: ~53 degrees
         n = size * scale
-        coords = (np.arange(n, dtype=np.float32) + 0.5) / scale  # sample centres in output px
-        self.xs, self.ys = np.meshgrid(coords, coords)  # (n, n) each
+        self.xs, self.ys = sample_grid(size, scale)  # (n, n) each, sample centres in output px (read-only)
         self.depth = np.full((n, n), np.inf, np.float32)  # (n, n) world units, larger = farther
         self.normal = np.zeros((n, n, 3), np.float32)  # (n, n, 3) unit vectors
         self.ids = np.full((n, n), -1, np.int16)  # (n, n) object id, -1 = nothing

@@ -4,13 +4,14 @@ geometry the condition maps are drawn from (straight segments, keypoints).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from controlnet.world.fill import COLOURS
 from controlnet.world.pose import HEAD_RADIUS, TORSO_RADIUS, body_segments, skeleton
-from controlnet.world.raster import Buffers, draw_capsule, draw_convex_face, draw_sphere
+from controlnet.world.raster import Buffers, draw_capsule, draw_convex_face, draw_sphere, sample_grid
 from controlnet.world.scene import (
     FAR_DEPTH,
     VANISHING_ROW,
@@ -106,16 +107,28 @@ def _draw_person(buf: Buffers, obj: SceneObject, obj_id: int) -> np.ndarray:
     return keypoints
 
 
+@functools.lru_cache(maxsize=16)
+def _backdrop(size: int, scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Wall and floor: depth (n, n), normal (n, n, 3), ids (n, n) and brightness (n, n) (cached, read-only)."""
+    _, ys = sample_grid(size, scale)
+    wall = ys < WALL_LINE * size
+    depth = np.where(wall, FAR_DEPTH, floor_depth(ys, size)).astype(np.float32)
+    floor_normal = np.array(FLOOR_NORMAL, np.float32) / np.linalg.norm(FLOOR_NORMAL)
+    normal = np.where(wall[..., None], FACING_CAMERA, floor_normal).astype(np.float32)
+    ids = np.where(wall, WALL_ID, FLOOR_ID).astype(np.int16)
+    brightness = np.where(wall, 1.0, FLOOR_DIM).astype(np.float32)
+    for array in (depth, normal, ids, brightness):
+        array.flags.writeable = False
+    return depth, normal, ids, brightness
+
+
 def draw_scene(scene: Scene, scale: int = 1) -> tuple[Buffers, Geometry]:
     """Rasterize the scene at `scale` samples per pixel side; return the buffers and the scene's geometry."""
     size = scene.size
     buf = Buffers(size, scale)
-    background = np.array(COLOURS[scene.background], np.float32)
-    wall = buf.ys < WALL_LINE * size
-    buf.depth[:] = np.where(wall, FAR_DEPTH, floor_depth(buf.ys, size))
-    buf.normal[:] = np.where(wall[..., None], FACING_CAMERA, np.array(FLOOR_NORMAL) / np.linalg.norm(FLOOR_NORMAL))
-    buf.ids[:] = np.where(wall, WALL_ID, FLOOR_ID)
-    buf.albedo[:] = np.where(wall[..., None], background, FLOOR_DIM * background)
+    depth, normal, ids, brightness = _backdrop(size, scale)
+    buf.depth[:], buf.normal[:], buf.ids[:] = depth, normal, ids
+    np.multiply(brightness[..., None], np.array(COLOURS[scene.background], np.float32), out=buf.albedo)
     wall_line = WALL_LINE * size
     segments: list = [((WALL_ID, FLOOR_ID), np.array([0.0, wall_line]), np.array([size - 1.0, wall_line]))]
     people, depths = [], []
@@ -133,6 +146,16 @@ def draw_scene(scene: Scene, scale: int = 1) -> tuple[Buffers, Geometry]:
             people.append(_draw_person(buf, obj, obj_id))
     keypoints = np.stack(people).astype(np.float32) if people else np.zeros((0, 18, 2), np.float32)
     return buf, Geometry(segments, keypoints, np.array(depths, np.float32))
+
+
+def scene_keypoints(scene: Scene) -> np.ndarray:
+    """(P, 18, 2) OpenPose keypoints of the scene's people, without rasterizing anything."""
+    people = [
+        skeleton((obj.x, obj.ground), person_height(obj, scene.size), obj.pose)
+        for obj in scene.objects
+        if obj.kind == "person"
+    ]
+    return np.stack(people).astype(np.float32) if people else np.zeros((0, 18, 2), np.float32)
 
 
 def shade(buf: Buffers) -> np.ndarray:

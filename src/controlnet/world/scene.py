@@ -58,6 +58,8 @@ class Scene:
 
 def floor_depth(row: float | np.ndarray, size: int) -> float | np.ndarray:
     """Depth of the floor at image row `row` (px): a plane seen in perspective, FAR_DEPTH at the wall line."""
+    if isinstance(row, (int, float)):
+        return FAR_DEPTH * (WALL_LINE - VANISHING_ROW) / max(row / size - VANISHING_ROW, 1e-3)
     u = np.asarray(row, np.float32) / size
     return FAR_DEPTH * (WALL_LINE - VANISHING_ROW) / np.maximum(u - VANISHING_ROW, 1e-3)
 
