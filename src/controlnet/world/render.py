@@ -94,7 +94,8 @@ def _draw_pyramid(buf: Buffers, obj: SceneObject, obj_id: int, segments: list) -
         segments.append(((obj_id,), a, b))
 
 
-def _draw_person(buf: Buffers, obj: SceneObject, obj_id: int) -> np.ndarray:
+def _draw_person(buf: Buffers, obj: SceneObject, obj_id: int, segments: list) -> np.ndarray:
+    """Capsule limbs and torso, a sphere head; each body part's two straight sides join `segments`."""
     height = person_height(obj, buf.size)
     z = float(floor_depth(obj.ground, buf.size))
     keypoints = skeleton((obj.x, obj.ground), height, obj.pose)
@@ -103,6 +104,11 @@ def _draw_person(buf: Buffers, obj: SceneObject, obj_id: int) -> np.ndarray:
         is_torso = radius == TORSO_RADIUS
         z_ref = z if is_torso else z - torso_world  # limbs in front of the torso
         draw_capsule(buf, p0, p1, radius * height, z_ref, obj_id, COLOURS[obj.colour])
+        axis = p1 - p0
+        length = float(np.hypot(*axis))
+        if length > 2 * radius * height:  # a limb longer than it is thick has two straight sides
+            offset = np.array([-axis[1], axis[0]], np.float32) / length * radius * height
+            segments += [((obj_id,), p0 + side * offset, p1 + side * offset) for side in (-1.0, 1.0)]
     draw_sphere(buf, tuple(keypoints[0]), HEAD_RADIUS * height, z - torso_world, obj_id, SKIN)
     return keypoints
 
@@ -143,7 +149,7 @@ def draw_scene(scene: Scene, scale: int = 1) -> tuple[Buffers, Geometry]:
         elif obj.kind == "pyramid":
             _draw_pyramid(buf, obj, obj_id, segments)
         else:
-            people.append(_draw_person(buf, obj, obj_id))
+            people.append(_draw_person(buf, obj, obj_id, segments))
     keypoints = np.stack(people).astype(np.float32) if people else np.zeros((0, 18, 2), np.float32)
     return buf, Geometry(segments, keypoints, np.array(depths, np.float32))
 

@@ -1,0 +1,100 @@
+"""Small detectors and scores shared by the fidelity metrics (numpy + OpenCV only)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+ROW_BIN = 32  # colour quantisation (per channel) when finding each row's background colour
+FOREGROUND_DISTANCE = 40.0  # RGB distance from the row's background colour that makes a pixel foreground
+KMEANS_ATTEMPTS = 3
+KMEANS_SEED = 0
+
+
+def check_image(image: np.ndarray, name: str) -> np.ndarray:
+    """Validate an (H, W, 3) uint8 image argument; return it."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        got = (
+            f"{image.dtype} array of shape {image.shape}"
+            if isinstance(image, np.ndarray)
+            else type(image).__name__
+        )
+        raise ValueError(f"{name}: got {got}; expected an (H, W, 3) uint8 RGB image")
+    return image
+
+
+def check_pair(generated: np.ndarray, condition: np.ndarray) -> None:
+    check_image(generated, "generated")
+    check_image(condition, "condition")
+    if generated.shape != condition.shape:
+        raise ValueError(
+            f"generated: shape {generated.shape} differs from the condition's {condition.shape}; "
+            "expected images of the same size"
+        )
+
+
+def tolerance_px(size: int, at_64: float = 1.0) -> float:
+    """A distance tolerance that is `at_64` px at 64 px and scales with the image side."""
+    return at_64 * max(1.0, size / 64.0)
+
+
+def _distance_to(mask: np.ndarray) -> np.ndarray:
+    """(H, W) float32 Euclidean distance of every pixel to the nearest True pixel of `mask` (inf if none)."""
+    if not mask.any():
+        return np.full(mask.shape, np.inf, np.float32)
+    return cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
+def tolerant_f1(detected: np.ndarray, target: np.ndarray, tolerance: float) -> float:
+    """F1 of two binary maps (H, W) where a pixel counts as matched within `tolerance` px of the other map.
+
+    precision: detected pixels near a target pixel; recall: target pixels near a detected pixel (the
+    boundary-F measure of contour detection benchmarks, with a distance tolerance).
+    Both empty: 1.0; one empty: 0.0.
+    """
+    if not detected.any() and not target.any():
+        return 1.0
+    if not detected.any() or not target.any():
+        return 0.0
+    precision = float(np.mean(_distance_to(target)[detected] <= tolerance))
+    recall = float(np.mean(_distance_to(detected)[target] <= tolerance))
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean maps; 1.0 when both are empty."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def row_background(image: np.ndarray) -> np.ndarray:
+    """(H, 3) float32: each row's dominant colour (mean of its most populated coarse colour bin).
+
+    In the world the background is a wall and a floor of one colour per row, and objects take a minority of
+    the pixels of any row or are not flat (shading), so the dominant bin is the background.
+    """
+    height, width = image.shape[:2]
+    bins = (image // ROW_BIN).astype(np.int32)
+    codes = (bins[..., 0] * 64 + bins[..., 1] * 8 + bins[..., 2]).reshape(height, width)  # (H, W) bin id
+    out = np.empty((height, 3), np.float32)
+    for row in range(height):
+        counts = np.bincount(codes[row], minlength=512)
+        out[row] = image[row][codes[row] == counts.argmax()].mean(axis=0)
+    return out
+
+
+def foreground_mask(image: np.ndarray, distance: float = FOREGROUND_DISTANCE) -> np.ndarray:
+    """(H, W) bool: pixels whose colour is farther than `distance` from their row's background colour."""
+    background = row_background(image)[:, None, :]  # (H, 1, 3)
+    return np.linalg.norm(image.astype(np.float32) - background, axis=-1) > distance
+
+
+def kmeans_labels(features: np.ndarray, k: int) -> np.ndarray:
+    """(N,) int cluster labels of (N, D) float features, deterministic (fixed OpenCV seed, k-means++)."""
+    k = max(1, min(k, len(features)))
+    cv2.setRNGSeed(KMEANS_SEED)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 30, 0.1)
+    _, labels, _ = cv2.kmeans(
+        features.astype(np.float32), k, None, criteria, KMEANS_ATTEMPTS, cv2.KMEANS_PP_CENTERS
+    )
+    return labels.ravel()
