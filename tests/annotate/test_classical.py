@@ -276,3 +276,15 @@ def test_bad_options_name_the_option():
         get_annotator("scribble", sigma=3)
     with pytest.raises(ValueError, match="unknown name"):
         get_annotator("magic")
+
+
+def test_normals_from_16_bit_depth_keep_its_precision():
+    cols = np.tile(np.arange(128, dtype=np.float64), (128, 1))
+    depth16 = np.round(cols * 257 * 0.4 + 257 * 20).astype(np.uint16)  # a ramp of 0.4 grey levels per pixel
+    normal_map = annotate(depth16, "normal", detect_resolution=None, background_threshold=0.0)
+    interior = normal_map[4:-4, 4:-4].reshape(-1, 3)
+    # Sobel of 0.4 / px = 3.2; |(3.2, 0, 2 pi)| = sqrt(10.24 + 39.478) = 7.0511, so the normal is
+    # (0.4538, 0, 0.8911) -> x 127.5 + 127.5 = (185.36, 127.5, 241.11) -> (185, 127, 241).
+    assert {tuple(int(v) for v in p) for p in interior} == {(185, 127, 241)}  # one normal: no 8-bit staircase
+    quantised = annotate(np.round(depth16 / 257).astype(np.uint8), "normal", detect_resolution=None)
+    assert len({tuple(p) for p in quantised[4:-4, 4:-4].reshape(-1, 3)}) > 1  # 8-bit steps: several normals

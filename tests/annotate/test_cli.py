@@ -86,3 +86,8 @@ def test_missing_input_and_existing_output(photos, tmp_path, capsys):
     assert main(["annotate", "invert", str(photos / "coffee.png"), "-o", str(out)]) == 2
     assert "--overwrite" in one_line_error(capsys)
     assert main(["annotate", "invert", str(photos / "coffee.png"), "-o", str(out), "--overwrite"]) == 0
+
+
+def test_save_keypoints_needs_a_keypoint_detector(photos, tmp_path, capsys):
+    assert main(["annotate", "canny", str(photos), "-o", str(tmp_path / "out"), "--save-keypoints"]) == 2
+    assert "--save-keypoints" in one_line_error(capsys)

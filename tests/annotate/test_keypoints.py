@@ -130,3 +130,13 @@ def test_bad_keypoint_files_raise_clear_errors(tmp_path):
         get_annotator("openpose_json")(tmp_path / "broken.json")
     with pytest.raises(FileNotFoundError):
         get_annotator("openpose_json")(tmp_path / "missing.json")
+
+
+def test_openpose_json_round_trip_renders_the_same_map():
+    from controlnet.annotate.keypoints import parse_openpose, render_pose, to_openpose
+
+    document = {"canvas_width": 200, "canvas_height": 200, "people": [{"pose_keypoints_2d": body18(SKELETON)}]}
+    people = parse_openpose(document)
+    again = to_openpose(people, 200, 200)
+    assert again["canvas_width"] == 200 and len(again["people"]) == 1
+    np.testing.assert_array_equal(render_pose(parse_openpose(again), 200, 200), rendered(document))

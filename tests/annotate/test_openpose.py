@@ -122,3 +122,24 @@ def test_released_key_names_map_onto_the_network():
     assert short_state["Mconv7_stage6_L2.weight"].shape == (19, 128, 1, 1)
     renamed = from_released_keys(network, short_state)
     assert set(renamed) == set(network.state_dict())
+
+
+def test_keypoints_json_is_in_input_pixels(monkeypatch):
+    from controlnet.annotate.keypoints import Person
+    from controlnet.annotate.openpose import OpenPose
+
+    pose = OpenPose.__new__(OpenPose)  # no weights: the network step is replaced below
+    pose.detect_resolution, pose.device, pose.weights = 64, "cpu", None
+    seen = []
+
+    def fake_people(small):
+        seen.append(small.shape)
+        body = np.zeros((18, 3))
+        body[1] = (32, 16, 0.9)  # neck at detect resolution
+        return [Person(body)]
+
+    monkeypatch.setattr(pose, "people", fake_people)
+    document = pose.keypoints(np.zeros((128, 256, 3), np.uint8))  # detect size 64 x 128: scale 2
+    assert seen == [(64, 128, 3)]
+    assert document["canvas_width"] == 256 and document["canvas_height"] == 128
+    assert document["people"][0]["pose_keypoints_2d"][3:6] == [64.0, 32.0, 0.9]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 from controlnet.annotate.image import IMAGE_SUFFIXES, read_image, write_image
@@ -37,6 +38,9 @@ def register(subparsers) -> None:
     parser.add_argument("--detect-resolution", type=int, help="short side used for detection (default 512)")
     parser.add_argument("--weights", type=Path, help="local weights file or folder (learned annotators)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--save-keypoints", action="store_true", help="openpose: also write NAME.json (OpenPose format) per image"
+    )
     parser.add_argument("--list-options", action="store_true", help="print NAME's options and exit")
     parser.set_defaults(func=run)
 
@@ -107,6 +111,13 @@ def output_paths(files: list[Path], folder: Path, overwrite: bool) -> list[Path]
     return outputs
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (a temporary file renamed into place)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def print_options(name: str) -> None:
     cls = annotator_class(name)
     print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
@@ -130,9 +141,13 @@ def run(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--output: {args.output} exists and is not a folder")
     outputs = output_paths(files, args.output, args.overwrite)
     annotator = get_annotator(args.name, **options)
+    if args.save_keypoints and not hasattr(annotator, "keypoints"):
+        raise ValueError(f"--save-keypoints: annotator {args.name} does not detect keypoints (use openpose)")
     args.output.mkdir(parents=True, exist_ok=True)
     for file, output in tqdm(list(zip(files, outputs, strict=True)), desc=f"annotate {args.name}", unit="image"):
-        condition = annotator(file if keypoints else read_image(file))
-        write_image(output, condition)
+        source = file if keypoints else read_image(file)
+        write_image(output, annotator(source))
+        if args.save_keypoints:
+            write_text(output.with_suffix(".json"), json.dumps(annotator.keypoints(source)))
     print(f"wrote {len(outputs)} map(s) to {args.output}")
     return 0

@@ -21,7 +21,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def to_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Scale a uint8 / uint16 / bool array to uint8; anything else is a clear error."""
+    """Scale a uint8 / uint16 / bool array (or a PIL image) to uint8; anything else is a clear error."""
+    if not isinstance(image, np.ndarray) and hasattr(image, "__array_interface__"):  # PIL images
+        image = np.asarray(image)
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{name}: expected a numpy array, got {type(image).__name__}")
     if image.dtype == np.uint8:

@@ -168,6 +168,28 @@ def render_pose(
     return canvas
 
 
+def to_openpose(people: list[Person], height: int, width: int) -> dict:
+    """People in pixels -> an OpenPose-format JSON object (the inverse of `parse_openpose`), for editing."""
+
+    def flat(array: np.ndarray | None) -> list[float]:
+        return [] if array is None else [round(float(v), 3) for v in array.reshape(-1)]
+
+    return {
+        "version": 1.3,
+        "canvas_width": width,
+        "canvas_height": height,
+        "people": [
+            {
+                "pose_keypoints_2d": flat(person.body),
+                "hand_left_keypoints_2d": flat(person.left_hand),
+                "hand_right_keypoints_2d": flat(person.right_hand),
+                "face_keypoints_2d": flat(person.face),
+            }
+            for person in people
+        ],
+    }
+
+
 def read_keypoints(path: str | Path) -> dict:
     """Read an OpenPose keypoints JSON file, with one clear error when it is missing or not JSON."""
     path = Path(path)

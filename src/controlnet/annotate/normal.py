@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.image import UINT16_TO_UINT8, hwc3
 
 DEFAULT_FLATNESS = 2.0 * np.pi  # reference `a=np.pi * 2.0`: the z component before normalisation
 DEFAULT_BACKGROUND_THRESHOLD = 0.1  # reference `bg_th=0.1` on the min-max normalised depth
@@ -67,6 +68,14 @@ class NormalFromDepth(Annotator):
         check_range("background_threshold", self.background_threshold, 0, 1)
         if self.channel_order not in CHANNEL_ORDERS:
             raise ValueError(f"channel_order: got {self.channel_order!r}; expected one of {CHANNEL_ORDERS}")
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """16-bit depth keeps its precision (as float32 in 0..255 units); other inputs follow HWC3."""
+        if isinstance(image, np.ndarray) and image.dtype == np.uint16 and image.ndim in (2, 3):
+            depth = image.astype(np.float32) / np.float32(UINT16_TO_UINT8)
+            depth = depth if depth.ndim == 2 else depth[:, :, :3].mean(axis=2)  # (H, W)
+            return np.repeat(depth[:, :, None], 3, axis=2)  # (H, W, 3) float32
+        return hwc3(image)
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         depth = image.astype(np.float32).mean(axis=2)  # (h, w): grey depth image, channels equal

@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 
 from controlnet.annotate.base import Annotator
-from controlnet.annotate.keypoints import NUM_BODY_POINTS, Person, render_pose
+from controlnet.annotate.image import resize_for_detection
+from controlnet.annotate.keypoints import NUM_BODY_POINTS, Person, render_pose, to_openpose
 from controlnet.annotate.weights import load_into, load_state_dict, resolve_weights
 
 BODY_WEIGHTS_FILE = "body_pose_model.pth"
@@ -226,3 +227,11 @@ class OpenPose(Annotator):
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         return render_pose(self.people(image), image.shape[0], image.shape[1])
+
+    def keypoints(self, image: np.ndarray) -> dict:
+        """(H, W, C) image -> OpenPose-format JSON of the detected people, in the input's pixel coordinates."""
+        rgb = self.prepare(image)  # (H, W, 3)
+        small = rgb if self.detect_resolution is None else resize_for_detection(rgb, self.detect_resolution)
+        scale = np.array([rgb.shape[1] / small.shape[1], rgb.shape[0] / small.shape[0], 1.0])
+        people = [Person(person.body * scale) for person in self.people(small)]
+        return to_openpose(people, rgb.shape[0], rgb.shape[1])
