@@ -26,20 +26,18 @@ import numpy as np
 import torch
 
 from controlnet import control_images as ci
-from controlnet.guidance import GUESS_MODE_FORMS, apply_cfg, block_profile, check_window, in_window
-from controlnet.guidance import control_mode as lookup_mode
+from controlnet.generation_options import GenerationOptions
+from controlnet.guidance import apply_cfg, block_profile, in_window
 from controlnet.guidance import pad_unconditional as pad_uncond
 from controlnet.model.compose import unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
 from controlnet.prompt_encoding import PromptEmbeddings, encode_dual, encode_single
-from controlnet.schedulers import canonical_sampler_name, make_scheduler, sampler_display_name
+from controlnet.schedulers import make_scheduler, sampler_display_name
 
 logger = logging.getLogger(__name__)
 
 # Marks a control entry whose condition is built from `image` + `mask` (ControlNet v1.1 inpaint model).
 INPAINT = "inpaint"
-DEFAULT_STRENGTH_IMG2IMG = 0.75
-OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 @dataclass
@@ -63,15 +61,6 @@ class _Net:
     start: float
     end: float
     conditional_only: bool
-
-
-def _per_net(value, n: int, name: str) -> list:
-    """A scalar (same for every net) or a list with one entry per net."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name}: got {len(value)} values for {n} ControlNets; expected one per net")
-        return list(value)
-    return [value] * n
 
 
 def output_heights(net: ControlNet, latent_height: int) -> list[int]:
@@ -199,80 +188,33 @@ class ControlNetPipeline:
         self,
         prompt: str | Sequence[str],
         control: Sequence = (),
-        *,
-        negative_prompt: str | Sequence[str] | None = None,
-        guidance_scale: float = 7.5,
-        steps: int = 20,
-        seed: int = 0,
-        batch_size: int = 1,
-        width: int | None = None,
-        height: int | None = None,
-        resize_mode: str = "just_resize",
-        control_scale: float | Sequence[float] = 1.0,
-        block_scales: Sequence[float] | Sequence[Sequence[float] | None] | None = None,
-        control_start: float | Sequence[float] = 0.0,
-        control_end: float | Sequence[float] = 1.0,
-        control_mode: str | Sequence[str] = "balanced",
-        guess_mode_form: str = "reference",
-        image=None,
-        mask=None,
-        strength: float | None = None,
-        scheduler: str | None = None,
-        eta: float = 0.0,
-        clip_skip: int = 0,
-        output_type: str = "pil",
+        options: GenerationOptions | None = None,
         progress: Callable[[int, int], None] | None = None,
+        **kwargs,
     ) -> GenerationResult:
-        """Generate `batch_size` images per prompt.
+        """Generate `batch_size` images per prompt; settings are `GenerationOptions` fields (or `options=`).
 
         control: one condition image per ControlNet (path, PIL, uint8 array or tensor in [0, 1]; or a list with one
         per prompt; or "inpaint" to build the v1.1 inpaint condition from `image` + `mask`). Per-net settings
         (control_scale, block_scales, control_start/end, control_mode) take a value or a list with one per net.
-        image: img2img source (with `strength`, the fraction of the schedule re-run); with `mask` (white =
-        repaint), inpainting. scheduler: a sampler name ("ddim", "euler", "euler_a", "dpmpp_2m",
-        "dpmpp_2m_karras", "unipc"), default the base's. Image k uses seed `seed + k`.
+        `progress(step, total)` is called after every sampler step.
         """
         # 1. check inputs ---------------------------------------------------------------------------------
+        opt = options if options is not None else GenerationOptions(**kwargs)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
-        negatives = None if negative_prompt is None else _per_prompt(negative_prompt, len(prompts))
-        n_nets = len(self.controlnets)
+        negatives = None if opt.negative_prompt is None else _per_prompt(opt.negative_prompt, len(prompts))
         control = list(control)
-        if len(control) != n_nets:
+        if len(control) != len(self.controlnets):
             raise ValueError(
-                f"control: got {len(control)} condition images for {n_nets} ControlNets; expected one per net"
+                f"control: got {len(control)} condition images for {len(self.controlnets)} ControlNets; expected "
+                "one per net"
             )
-        if steps < 1:
-            raise ValueError(f"steps={steps}: expected an integer >= 1")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: expected an integer >= 1")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale}: expected >= 0 (1 turns classifier-free guidance off)")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r}; expected one of {OUTPUT_TYPES}")
-        if guess_mode_form not in GUESS_MODE_FORMS:
-            raise ValueError(f"guess_mode_form={guess_mode_form!r}; expected one of {GUESS_MODE_FORMS}")
-        sampler = canonical_sampler_name(scheduler) if scheduler is not None else None
-        resize = ci.resize_mode(resize_mode)
-        scales = [float(s) for s in _per_net(control_scale, n_nets, "control_scale")]
-        starts = [float(s) for s in _per_net(control_start, n_nets, "control_start")]
-        ends = [float(e) for e in _per_net(control_end, n_nets, "control_end")]
-        modes = [lookup_mode(m) for m in _per_net(control_mode, n_nets, "control_mode")]
-        per_block = self._block_scales(block_scales, n_nets)
-        for k, (scale, start, end) in enumerate(zip(scales, starts, ends, strict=True)):
-            if scale < 0:
-                raise ValueError(f"control_scale[{k}]={scale}: expected >= 0 (0 switches the net off)")
-            check_window(start, end, f"control window of ControlNet {k}")
-        if mask is not None and image is None:
-            raise ValueError("mask given without image: inpainting needs the image to repaint")
-        if INPAINT in [c for c in control if isinstance(c, str)] and mask is None:
+        per_net = opt.per_net(len(self.controlnets))
+        if any(isinstance(c, str) and c == INPAINT for c in control) and opt.mask is None:
             raise ValueError('control "inpaint" needs `image` and `mask` (the masked pixels become -1)')
-        if strength is None:
-            strength = DEFAULT_STRENGTH_IMG2IMG if (image is not None and mask is None) else 1.0
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength={strength}: expected 0 < strength <= 1 (fraction of the schedule re-run)")
-        width, height = self._size(width, height, control, image)
+        width, height = self._size(opt.width, opt.height, control, opt.image)
         factor = self.vae_scale_factor
         for net in self.controlnets:
             if net.hint_config.downscale_factor != factor:
@@ -281,13 +223,13 @@ class ControlNetPipeline:
                     f"are {factor}x smaller than images: the net was made for another base"
                 )
         device, dtype = self.device, self.dtype
+        batch_size, cfg, image, mask = opt.batch_size, opt.cfg, opt.image, opt.mask
         num_images = len(prompts) * batch_size
-        seeds = [seed + k for k in range(num_images)]
-        cfg = guidance_scale > 1.0
+        seeds = [opt.seed + k for k in range(num_images)]
 
         # 2. encode the prompt: context (2N, L, D) ordered [unconditional, conditional] when CFG is on -------
         with self._placed(self.text_encoder, self.text_encoder_2):
-            cond_emb, uncond_emb = self._encode(prompts, negatives, cfg, clip_skip)
+            cond_emb, uncond_emb = self._encode(prompts, negatives, cfg, opt.clip_skip)
         context = _repeat(cond_emb.context, batch_size).to(device, dtype)  # (N, L, D)
         added, added_cond = None, None
         if self.is_sdxl:
@@ -309,9 +251,11 @@ class ControlNetPipeline:
         # 3. control images: resize, stack (N, 3, H, W), embed once per net --------------------------------
         init_unit = mask_px = None
         if image is not None:
-            init_unit = (ci.init_image_tensor(image, width, height, resize) + 1) / 2  # (1, 3, H, W) in [0, 1]
+            init_unit = (
+                ci.init_image_tensor(image, width, height, opt.resize_mode) + 1
+            ) / 2  # (1, 3, H, W) in [0, 1]
             if mask is not None:
-                mask_px = ci.mask_tensor(mask, width, height, resize)  # (1, 1, H, W)
+                mask_px = ci.mask_tensor(mask, width, height, opt.resize_mode)  # (1, 1, H, W)
         conds, control_pils = [], []
         for k, entry in enumerate(control):
             if isinstance(entry, str) and entry == INPAINT:
@@ -319,34 +263,44 @@ class ControlNetPipeline:
                 control_pils.append(ci.tensor_to_pil(cond.clamp(min=0))[0])
             else:
                 entries = _per_prompt_images(entry, len(prompts), k)
-                cond = torch.cat([ci.condition_tensor(e, width, height, resize) for e in entries])  # (P, 3, H, W)
+                cond = torch.cat(
+                    [ci.condition_tensor(e, width, height, opt.resize_mode) for e in entries]
+                )  # (P, 3, H, W)
                 control_pils.append(ci.tensor_to_pil(cond[:1])[0])
             conds.append(cond)
         latent_h, latent_w = height // factor, width // factor
         nets: list[_Net] = []
         with self._placed(*self.controlnets):
-            for k, (net, cond) in enumerate(zip(self.controlnets, conds, strict=True)):
-                profile = block_profile(modes[k], output_heights(net, latent_h), guess_mode_form)
-                blocks = per_block[k] or [1.0] * net.num_control_outputs
+            for k, (net, cond, o) in enumerate(zip(self.controlnets, conds, per_net, strict=True)):
+                profile = block_profile(o.mode, output_heights(net, latent_h), opt.guess_mode_form)
+                blocks = o.block_scales or [1.0] * net.num_control_outputs
                 if len(blocks) != net.num_control_outputs:
                     raise ValueError(
                         f"block_scales[{k}] has {len(blocks)} values; ControlNet {k} has {net.num_control_outputs} "
                         "outputs (skips + the middle block)"
                     )
-                out_scales = [scales[k] * p * b for p, b in zip(profile, blocks, strict=True)]
+                out_scales = [o.scale * p * b for p, b in zip(profile, blocks, strict=True)]
                 if not any(out_scales):
                     continue  # strength 0: the net is never evaluated, the output is the base model's
                 hint = net.embed_condition(cond.to(device))  # (1 or P, C_0, h, w), once per generation
-                hint = hint.repeat_interleave(batch_size, 0) if hint.shape[0] > 1 else hint.expand(num_images, -1, -1, -1)
-                both = cfg and not modes[k].conditional_only
+                hint = (
+                    hint.repeat_interleave(batch_size, 0)
+                    if hint.shape[0] > 1
+                    else hint.expand(num_images, -1, -1, -1)
+                )
+                both = cfg and not o.mode.conditional_only
                 nets.append(
-                    _Net(net, torch.cat([hint, hint]) if both else hint, out_scales, starts[k], ends[k], not both)
+                    _Net(net, torch.cat([hint, hint]) if both else hint, out_scales, o.start, o.end, not both)
                 )
 
         # 4. timesteps: a fresh sampler (the pipeline's own is never mutated); img2img skips the first steps -------
-        sched = make_scheduler(sampler, self.scheduler.config) if sampler else type(self.scheduler).from_config(
-            self.scheduler.config
+        base_config = self.scheduler.config
+        sched = (
+            make_scheduler(opt.scheduler, base_config)
+            if opt.scheduler
+            else type(self.scheduler).from_config(base_config)
         )
+        steps, strength = opt.steps, opt.strength
         sched.set_timesteps(steps, device=device)
         timesteps = sched.timesteps
         if image is not None and strength < 1.0:
@@ -372,7 +326,7 @@ class ControlNetPipeline:
             latents = sched.add_noise(init_latents, noise, timesteps[:1].repeat(num_images))
         if mask_px is not None:
             latent_mask = torch.nn.functional.interpolate(mask_px, size=(latent_h, latent_w)).to(device, dtype)
-        step_kwargs = self._step_kwargs(sched, generators, eta)
+        step_kwargs = self._step_kwargs(sched, generators, opt.eta)
 
         # 6. denoising loop ----------------------------------------------------------------------------------
         n_steps = len(timesteps)
@@ -396,10 +350,14 @@ class ControlNetPipeline:
                         out = ControlNetOutput([pad_uncond(d) for d in out.down], pad_uncond(out.mid))
                     residuals = out if residuals is None else _add(residuals, out)
                 eps = self.unet(
-                    model_in, t, encoder_hidden_states=context, added_cond_kwargs=added, **unet_residual_kwargs(residuals)
+                    model_in,
+                    t,
+                    encoder_hidden_states=context,
+                    added_cond_kwargs=added,
+                    **unet_residual_kwargs(residuals),
                 ).sample  # (2N or N, C, h, w)
                 if cfg:
-                    eps = apply_cfg(eps, guidance_scale)
+                    eps = apply_cfg(eps, opt.guidance_scale)
                 latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
                 if latent_mask is not None:  # inpainting: keep the known region on the schedule's noise level
                     known = init_latents
@@ -410,25 +368,20 @@ class ControlNetPipeline:
                     progress(i + 1, n_steps)
 
         # 7. decode ----------------------------------------------------------------------------------------
-        settings = self._settings(locals())
-        if output_type == "latent":
+        settings = {"base": self.base_name, "prompt": prompts[0] if len(prompts) == 1 else prompts}
+        settings.update(opt.describe(len(self.controlnets)), width=width, height=height, seeds=seeds)
+        settings.update(sampler=sampler_display_name(sched), inpaint_condition=[c == INPAINT for c in control])
+        if opt.output_type == "latent":
             return GenerationResult([], latents, seeds, settings, control_pils)
         with self._placed(self.vae):
             pixels = self._decode(latents)  # (N, 3, H, W) in [-1, 1]
         unit = (pixels.float() / 2 + 0.5).clamp(0, 1)
         array = unit.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
-        images = ci.tensor_to_pil(unit) if output_type == "pil" else []
+        images = ci.tensor_to_pil(unit) if opt.output_type == "pil" else []
         return GenerationResult(images, array, seeds, settings, control_pils)
 
     # ----------------------------------------------------------------------------------------------------
     # helpers of the steps above
-    def _block_scales(self, block_scales, n_nets: int) -> list:
-        if block_scales is None:
-            return [None] * n_nets
-        if len(block_scales) and all(isinstance(b, (int, float)) for b in block_scales):
-            return [list(block_scales)] * n_nets  # one list shared by every net
-        return _per_net(list(block_scales), n_nets, "block_scales")
-
     def _size(self, width, height, control, image) -> tuple[int, int]:
         """Width/height: given, else the first condition's (or init image's) size, else the base's default."""
         if width is None or height is None:
@@ -451,7 +404,9 @@ class ControlNetPipeline:
 
     def _encode(self, prompts, negatives, cfg: bool, clip_skip: int) -> tuple[PromptEmbeddings, PromptEmbeddings]:
         if self.is_sdxl:
-            pairs = [(t, e) for t, e in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))]
+            pairs = [
+                (t, e) for t, e in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))
+            ]
             pairs = [(t, e) for t, e in pairs if e is not None]
             cond = encode_dual(*zip(*pairs, strict=True), prompts)
             if not cfg:
@@ -461,7 +416,11 @@ class ControlNetPipeline:
                 return cond, zeros
             return cond, encode_dual(*zip(*pairs, strict=True), negatives or [""] * len(prompts))
         cond = encode_single(self.tokenizer, self.text_encoder, prompts, clip_skip)
-        uncond = encode_single(self.tokenizer, self.text_encoder, negatives or [""] * len(prompts), clip_skip) if cfg else None
+        uncond = (
+            encode_single(self.tokenizer, self.text_encoder, negatives or [""] * len(prompts), clip_skip)
+            if cfg
+            else None
+        )
         return cond, uncond
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -497,40 +456,6 @@ class ControlNetPipeline:
         if "generator" in params:
             kwargs["generator"] = generators if len(generators) > 1 else generators[0]
         return kwargs
-
-    def _settings(self, v: dict) -> dict:
-        """The settings a result was made with (PNG metadata and JSON sidecars are written from this)."""
-        return {
-            "base": self.base_name,
-            "prompt": v["prompts"] if len(v["prompts"]) > 1 else v["prompts"][0],
-            "negative_prompt": v["negative_prompt"] or "",
-            "steps": v["steps"],
-            "sampler": sampler_display_name(v["sched"]),
-            "guidance_scale": v["guidance_scale"],
-            "seed": v["seed"],
-            "batch_size": v["batch_size"],
-            "width": v["width"],
-            "height": v["height"],
-            "clip_skip": v["clip_skip"],
-            "eta": v["eta"],
-            "strength": v["strength"] if v["image"] is not None else None,
-            "inpainting": v["mask"] is not None,
-            "controlnets": [
-                {
-                    "scale": v["scales"][k],
-                    "start": v["starts"][k],
-                    "end": v["ends"][k],
-                    "mode": v["modes"][k].name,
-                    "mode_label": v["modes"][k].display_name,
-                    "guess_mode_form": v["guess_mode_form"],
-                    "block_scales": v["per_block"][k],
-                    "resize_mode": v["resize"],
-                    "resize_label": ci.RESIZE_DISPLAY_NAMES[v["resize"]],
-                    "inpaint_condition": isinstance(v["control"][k], str) and v["control"][k] == INPAINT,
-                }
-                for k in range(v["n_nets"])
-            ],
-        }
 
 
 def _per_prompt(value, n: int) -> list[str]:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets test modules import pipeline_tiny
 
@@ -42,3 +43,56 @@ def sd_pipe(sd_parts):
     """Our pipeline on the tiny SD1.x base with two ControlNets."""
     p = sd_parts
     return ControlNetPipeline(p["unet"], p["vae"], p["text_encoder"], p["tokenizer"], p["scheduler"], p["nets"])
+
+
+@pytest.fixture(scope="session")
+def sdxl_parts(tmp_path_factory) -> dict:
+    """Components of a tiny SDXL-style base: two CLIP encoders (the second with a projection), text_time UNet."""
+    tokenizer = make_tokenizer(tmp_path_factory.mktemp("tok1"))
+    tokenizer_2 = make_tokenizer(tmp_path_factory.mktemp("tok2"))
+    unet = make_unet("sdxl", seed=5)
+    cfg = TINY_UNET_CONFIGS["sdxl"]
+    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+    return {
+        "unet": unet,
+        "vae": make_vae(seed=6),
+        "text_encoder": make_text_encoder(tokenizer, 16, seed=7),
+        "text_encoder_2": make_text_encoder(
+            tokenizer_2, cfg["cross_attention_dim"] - 16, seed=8, projection=pooled
+        ),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": make_scheduler(),
+        "nets": [make_controlnet(unet, seed=13)],
+    }
+
+
+@pytest.fixture(scope="session")
+def pixel_parts(tmp_path_factory) -> dict:
+    """A pixel-space base (no VAE: the UNet denoises RGB in [-1, 1]) with a 1x hint encoder; 16 px images."""
+    from diffusers import UNet2DConditionModel
+
+    from controlnet.model.controlnet import ControlNet
+
+    from tiny import randomize
+
+    tokenizer = make_tokenizer(tmp_path_factory.mktemp("tokp"))
+    config = dict(TINY_UNET_CONFIGS["sd15"], sample_size=16, in_channels=3, out_channels=3)
+    torch.manual_seed(9)
+    unet = randomize(UNet2DConditionModel(**config), seed=109).eval()
+    torch.manual_seed(10)
+    net = randomize(ControlNet.from_unet(unet, hint_downscale_factor=1), seed=110).eval()
+    return {
+        "unet": unet,
+        "vae": None,
+        "text_encoder": make_text_encoder(tokenizer, TINY_UNET_CONFIGS["sd15"]["cross_attention_dim"], seed=4),
+        "tokenizer": tokenizer,
+        "scheduler": make_scheduler(),
+        "nets": [net],
+    }
+
+
+@pytest.fixture
+def pixel_pipe(pixel_parts):
+    p = pixel_parts
+    return ControlNetPipeline(p["unet"], None, p["text_encoder"], p["tokenizer"], p["scheduler"], p["nets"])

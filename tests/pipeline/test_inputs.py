@@ -1,0 +1,55 @@
+"""Bad input gives one clear error line (issue 4 acceptance): each check has a test."""
+
+from __future__ import annotations
+
+import pytest
+from pipeline_tiny import condition_image
+
+from controlnet.pipeline import ControlNetPipeline
+
+PROMPT = "a cat"
+
+
+def conds(n=2):
+    return [condition_image(1), condition_image(2)][:n]
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"control": conds(1)}, r"got 1 condition images for 2 ControlNets"),
+        ({"control_start": 0.5, "control_end": 0.5}, r"start=0.5, end=0.5; expected 0 <= start < end <= 1"),
+        ({"control_start": [0.0, 0.8], "control_end": [1.0, 0.2]}, r"ControlNet 1.*start=0.8, end=0.2"),
+        ({"control_scale": [1.0, -0.5]}, r"control_scale\[1\]=-0.5: expected >= 0"),
+        ({"image": condition_image(3), "strength": -0.1}, r"strength=-0.1: expected 0 < strength <= 1"),
+        ({"width": 72, "height": 64}, r"72 x 64: both must be positive multiples of 16"),
+        ({"scheduler": "dpm++ 9m"}, r"unknown scheduler 'dpm\+\+ 9m'; expected one of: ddim"),
+        ({"control_mode": "loud"}, r"unknown control mode 'loud'"),
+        ({"resize_mode": "squash"}, r"unknown resize mode 'squash'"),
+        ({"block_scales": [1.0, 2.0]}, r"block_scales\[0\] has 2 values; ControlNet 0 has 7 outputs"),
+        ({"control_scale": [1.0]}, r"control_scale: got 1 values for 2 ControlNets"),
+        ({"steps": 0}, r"steps=0"),
+        ({"mask": condition_image(4)}, r"mask given without image"),
+        ({"control": ["inpaint", condition_image(2)]}, r'control "inpaint" needs `image` and `mask`'),
+        ({"guess_mode_form": "other"}, r"guess_mode_form='other'"),
+    ],
+)
+def test_bad_input_is_one_clear_value_error(sd_pipe, kwargs, pattern):
+    kwargs = {"control": conds(), "steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=pattern) as err:
+        sd_pipe(PROMPT, kwargs.pop("control"), **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_files_raise_file_not_found(sd_pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="condition image not found: .*nope.png"):
+        sd_pipe(PROMPT, [tmp_path / "nope.png", condition_image(2)], steps=1)
+    with pytest.raises(FileNotFoundError, match="base model not found"):
+        ControlNetPipeline.from_pretrained(tmp_path / "no_model")
+    with pytest.raises(FileNotFoundError, match="not a diffusers model folder"):
+        ControlNetPipeline.from_pretrained(tmp_path)
+
+
+def test_condition_size_must_match_when_not_given(sd_pipe):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sd_pipe(PROMPT, [condition_image(1, size=40), condition_image(2, size=40)], steps=1)
