@@ -7,7 +7,7 @@ from diffusers import ControlNetModel
 from controlnet import ControlNet
 from controlnet.model.controlnet import NUM_CONTROL_OUTPUTS_SD15
 
-from tiny import make_tiny_unet, randomize, tiny_inputs
+from tiny import controlled_unet_output, make_tiny_unet, randomize, tiny_inputs
 
 EXPECTED_OUTPUTS = {"sd15": 1 + 3 + 2 + 1, "sd21": 1 + 3 + 2 + 1, "sdxl": 1 + 3 + 3 + 2 + 1}
 
@@ -74,20 +74,11 @@ def test_fresh_controlnet_leaves_unet_output_bitwise_unchanged(family):
     unet = make_tiny_unet(family).eval()
     net = ControlNet.from_unet(unet)
     inputs = tiny_inputs(family)
-    extra = {"added_cond_kwargs": inputs["added_cond_kwargs"]} if "added_cond_kwargs" in inputs else {}
-    plain = unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], **extra).sample
+    plain = controlled_unet_output(unet, inputs)
     for cond in (inputs["cond"], torch.ones_like(inputs["cond"]), torch.rand_like(inputs["cond"]) * 100):
         out = net(**{**inputs, "cond": cond})
         assert all(torch.count_nonzero(d) == 0 for d in out.down) and torch.count_nonzero(out.mid) == 0
-        controlled = unet(
-            inputs["sample"],
-            inputs["timestep"],
-            inputs["encoder_hidden_states"],
-            down_block_additional_residuals=tuple(out.down),
-            mid_block_additional_residual=out.mid,
-            **extra,
-        ).sample
-        assert torch.equal(controlled, plain)
+        assert torch.equal(controlled_unet_output(unet, inputs, out), plain)
 
 
 def test_gradients_reach_zero_convs_then_the_copy():
@@ -100,15 +91,7 @@ def test_gradients_reach_zero_convs_then_the_copy():
 
     def step():
         optimizer.zero_grad()
-        out = net(**inputs)
-        eps = unet(
-            inputs["sample"],
-            inputs["timestep"],
-            inputs["encoder_hidden_states"],
-            down_block_additional_residuals=tuple(out.down),
-            mid_block_additional_residual=out.mid,
-        ).sample
-        eps.square().mean().backward()
+        controlled_unet_output(unet, inputs, net(**inputs)).square().mean().backward()
 
     step()
     zero_conv_grads = [m.weight.grad for m in net.controlnet_down_blocks] + [net.controlnet_mid_block.weight.grad]
