@@ -91,3 +91,13 @@ def test_missing_input_and_existing_output(photos, tmp_path, capsys):
 def test_save_keypoints_needs_a_keypoint_detector(photos, tmp_path, capsys):
     assert main(["annotate", "canny", str(photos), "-o", str(tmp_path / "out"), "--save-keypoints"]) == 2
     assert "--save-keypoints" in one_line_error(capsys)
+
+
+def test_missing_weights_is_one_line_and_nothing_written(photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CONTROLNET_ANNOTATORS", raising=False)
+    out = tmp_path / "out"
+    assert main(["annotate", "hed", str(photos), "-o", str(out)]) == 2
+    assert "ControlNetHED.pth" in one_line_error(capsys)
+    assert main(["annotate", "depth", str(photos), "-o", str(out), "--weights", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in one_line_error(capsys)
+    assert not out.exists()

@@ -225,3 +225,15 @@ def test_pidinet_fused_output_is_the_classifier_sigmoid(tmp_path):
     assert (out == 224).all()
     filtered = get_annotator("pidinet", weights=str(tmp_path), detect_resolution=64, apply_filter=True)
     assert (filtered(np.zeros((64, 64, 3), np.uint8)) == 255).all()
+
+
+def test_corrupt_weight_files_are_checkpoint_errors(tmp_path):
+    (tmp_path / "ControlNetHED.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="ControlNetHED.pth"):
+        get_annotator("hed", weights=str(tmp_path))
+    (tmp_path / "hed.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        get_annotator("hed", weights=str(tmp_path / "hed.safetensors"))
+    (tmp_path / "hed.onnx").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="unsupported file type"):
+        get_annotator("hed", weights=str(tmp_path / "hed.onnx"))

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
         "annotate",
         help="make condition maps (canny, lines, scribble, pose, depth, ...) from images",
         description="Make ControlNet condition maps from images (or, for openpose_json, from OpenPose keypoint "
-        "JSON files). Each INPUT is a file or a folder of files; maps are written to DIR as NAME.png. "
+        "JSON files). Each INPUT is a file or a folder of files; maps are written to DIR as <input name>.png. "
         "Annotators: " + ", ".join(list_annotators()) + ".",
     )
     parser.add_argument("name", metavar="NAME", choices=list_annotators(), help="annotator name")
