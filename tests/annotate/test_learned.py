@@ -237,3 +237,61 @@ def test_corrupt_weight_files_are_checkpoint_errors(tmp_path):
     (tmp_path / "hed.onnx").write_bytes(b"")
     with pytest.raises(CheckpointError, match="unsupported file type"):
         get_annotator("hed", weights=str(tmp_path / "hed.onnx"))
+
+
+# ---- end-to-end parity with controlnet_aux's detectors (same random weights, real photographs) ----
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_hed_detector_equals_controlnet_aux(tmp_path, safe):
+    import skimage.data
+
+    from .reference import load_aux_module
+
+    load_aux_module("util.py")
+    reference_module = load_aux_module("hed/__init__.py")
+    state = hed_state(torch.Generator().manual_seed(1))
+    state["norm"] = torch.tensor([120.0, 110.0, 100.0]).reshape(1, 3, 1, 1)
+    network = reference_module.ControlNetHED_Apache2().float().eval()
+    network.load_state_dict(state)
+    torch.save(state, tmp_path / "ControlNetHED.pth")
+    image = skimage.data.chelsea()
+    expected = reference_module.HEDdetector(network)(
+        image, detect_resolution=128, image_resolution=128, safe=safe, output_type="np"
+    )
+    ours = get_annotator("hed", weights=str(tmp_path), detect_resolution=128, safe=safe).detect_map(image)
+    assert ours.shape == expected.shape
+    # Same operations up to float rounding (e.g. a pixel-difference conv folded into one kernel): a few
+    # pixels sit on a rounding boundary of the uint8 cast.
+    assert np.abs(ours.astype(int) - expected).max() <= 1
+    assert (ours != expected).mean() < 0.001
+    assert len(np.unique(ours)) > (2 if safe else 20)
+
+
+@pytest.mark.parametrize(("safe", "apply_filter"), [(False, False), (True, False), (False, True)])
+def test_pidinet_detector_equals_controlnet_aux(tmp_path, safe, apply_filter):
+    import skimage.data
+
+    from .reference import load_aux_module
+
+    load_aux_module("util.py")
+    reference_module = load_aux_module("pidi/__init__.py")
+    network = load_aux_module("pidi/model.py").pidinet().eval()
+    torch.manual_seed(3)
+    state = {key: torch.randn(value.shape) * 0.2 for key, value in network.state_dict().items()}
+    network.load_state_dict(state)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "table5_pidinet.pth")
+    image = skimage.data.astronaut()
+    expected = reference_module.PidiNetDetector(network)(
+        image, detect_resolution=128, image_resolution=128, safe=safe, apply_filter=apply_filter, output_type="np"
+    )
+    annotator = get_annotator(
+        "pidinet", weights=str(tmp_path), detect_resolution=128, safe=safe, apply_filter=apply_filter
+    )
+    ours = annotator.detect_map(image)
+    assert ours.shape == expected.shape
+    # Same operations up to float rounding (e.g. a pixel-difference conv folded into one kernel): a few
+    # pixels sit on a rounding boundary of the uint8 cast.
+    assert np.abs(ours.astype(int) - expected).max() <= 1
+    assert (ours != expected).mean() < 0.001
+    assert len(np.unique(ours)) >= 2

@@ -143,3 +143,46 @@ def test_keypoints_json_is_in_input_pixels(monkeypatch):
     assert seen == [(64, 128, 3)]
     assert document["canvas_width"] == 256 and document["canvas_height"] == 128
     assert document["people"][0]["pose_keypoints_2d"][3:6] == [64.0, 32.0, 0.9]
+
+
+class FakeBodyNetwork(torch.nn.Module):
+    """Returns synthetic PAFs / heatmaps on the stride-8 grid of whatever it is fed (one person)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # the reference reads the device from a parameter
+
+    def forward(self, x):
+        grid_h, grid_w = x.shape[2] // 8, x.shape[3] // 8
+        person = {part: (x0 * 0.2 + 6, y0 * 0.2 + 4) for part, (x0, y0) in PERSON.items()}
+        heatmaps, pafs = synthetic_maps([person], grid_h, grid_w)
+        as_tensor = lambda maps: torch.from_numpy(maps).permute(2, 0, 1)[None].float()  # noqa: E731
+        return as_tensor(pafs), as_tensor(heatmaps)
+
+
+def test_openpose_pipeline_equals_the_reference_body_estimator():
+    import skimage.data
+
+    from controlnet.annotate.openpose import OpenPose
+
+    from .reference import load_aux_module
+
+    load_aux_module("util.py")
+    load_aux_module("open_pose/util.py")  # also loads open_pose/body.py
+    import sys
+
+    body_module = sys.modules["controlnet_aux.open_pose.body"]
+    reference = body_module.Body.__new__(body_module.Body)
+    reference.model = FakeBodyNetwork()
+    image = skimage.data.astronaut()  # 512 x 512 RGB
+    candidate, subset = reference(np.ascontiguousarray(image[:, :, ::-1]))  # the reference takes BGR
+    assert len(subset) == 1
+    expected = {part: tuple(candidate[int(index), :2]) for part, index in enumerate(subset[0][:18]) if index >= 0}
+    assert len(expected) >= 10  # a real skeleton came through, not an empty match
+
+    pose = OpenPose.__new__(OpenPose)
+    pose.detect_resolution, pose.device, pose.weights, pose.network = 512, "cpu", None, FakeBodyNetwork()
+    people = pose.people(image)
+    assert len(people) == 1
+    found = {part: tuple(people[0].body[part, :2]) for part in range(18) if people[0].body[part, 2] > 0}
+    assert found == expected
