@@ -33,7 +33,9 @@ def load_pipeline(
     else:
         path = Path(base)
         if not path.exists():
-            raise FileNotFoundError(f"base model not found: {path} (expected 'builtin' or a diffusers model folder)")
+            raise FileNotFoundError(
+                f"base model not found: {path} (expected 'builtin' or a diffusers model folder)"
+            )
         if path.is_dir():
             pipe = _diffusers_folder(cls, path)
         else:

@@ -33,7 +33,11 @@ _RESIZE_ALIASES = {
     "pad": "resize_and_pad",
     "outer_fit": "resize_and_pad",
 }
-RESIZE_DISPLAY_NAMES = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize", "resize_and_pad": "Resize and Fill"}
+RESIZE_DISPLAY_NAMES = {
+    "just_resize": "Just Resize",
+    "crop_and_resize": "Crop and Resize",
+    "resize_and_pad": "Resize and Fill",
+}
 # v1.1 inpaint ControlNet: masked pixels of its condition image carry this value (the rest is in [0, 1]).
 INPAINT_MASKED_VALUE = -1.0
 # Mask pixels above this (in [0, 1]) are repainted.

@@ -46,7 +46,9 @@ CONTROL_MODES: dict[str, ControlMode] = {
     "balanced": ControlMode("balanced", "Balanced", False, "flat"),
     "prompt": ControlMode("prompt", "My prompt is more important", False, "soft"),
     "controlnet": ControlMode("controlnet", "ControlNet is more important", True, "soft"),
-    "cfg_resolution": ControlMode("cfg_resolution", "CFG resolution weighting (paper Sec. 3.4)", True, "resolution"),
+    "cfg_resolution": ControlMode(
+        "cfg_resolution", "CFG resolution weighting (paper Sec. 3.4)", True, "resolution"
+    ),
 }
 _MODE_ALIASES = {
     "my prompt is more important": "prompt",

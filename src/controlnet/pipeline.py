@@ -141,9 +141,9 @@ class ControlNetPipeline:
         """Move every model (bf16/fp16: `dtype=torch.bfloat16`; the VAE stays in float32 for fp16 decoding)."""
         for module in self._modules():
             module.to(device)
-            if dtype is not None:
-                keep_fp32 = module is self.vae and dtype == torch.float16
-                module.to(torch.float32 if keep_fp32 else dtype)
+            target = torch.float32 if (module is self.vae and dtype == torch.float16) else dtype
+            if target is not None and next(module.parameters()).dtype != target:
+                module.to(target)
         return self
 
     def enable_model_cpu_offload(self, device="cuda") -> ControlNetPipeline:

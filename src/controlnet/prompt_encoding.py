@@ -59,5 +59,7 @@ def encode_dual(tokenizers: Sequence, text_encoders: Sequence, prompts: Sequence
             pooled = out[0]
         contexts.append(out.hidden_states[-2])  # (B, L, D_k)
     if pooled is None:
-        raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as text_encoder_2")
+        raise ValueError(
+            "SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as text_encoder_2"
+        )
     return PromptEmbeddings(torch.cat(contexts, dim=-1), pooled)

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # lets test modules import pipel
 
 from pipeline_tiny import (  # noqa: E402
     TINY_UNET_CONFIGS,
+    condition_image,
     make_controlnet,
     make_scheduler,
     make_text_encoder,
@@ -20,6 +21,7 @@ from pipeline_tiny import (  # noqa: E402
     make_vae,
 )
 
+from controlnet.io.api import save_controlnet  # noqa: E402
 from controlnet.pipeline import ControlNetPipeline  # noqa: E402
 
 
@@ -96,3 +98,27 @@ def pixel_parts(tmp_path_factory) -> dict:
 def pixel_pipe(pixel_parts):
     p = pixel_parts
     return ControlNetPipeline(p["unet"], None, p["text_encoder"], p["tokenizer"], p["scheduler"], p["nets"])
+
+
+@pytest.fixture(scope="session")
+def saved(sd_parts, tmp_path_factory):
+    """The tiny SD base as a diffusers folder, net 0 as a diffusers folder, net 1 as an original file, 2 images."""
+    from diffusers import StableDiffusionPipeline
+
+    p = sd_parts
+    root = tmp_path_factory.mktemp("saved")
+    StableDiffusionPipeline(
+        vae=p["vae"],
+        text_encoder=p["text_encoder"],
+        tokenizer=p["tokenizer"],
+        unet=p["unet"],
+        scheduler=p["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(root / "base")
+    save_controlnet(p["nets"][0], root / "cn_diffusers", format="diffusers")
+    save_controlnet(p["nets"][1], root / "cn_original.safetensors", format="original")
+    condition_image(1).save(root / "cond1.png")
+    condition_image(2).save(root / "cond2.png")
+    return root

@@ -6,29 +6,7 @@ import numpy as np
 import pytest
 from pipeline_tiny import condition_image
 
-from controlnet.io.api import save_controlnet
 from controlnet.pipeline import ControlNetPipeline
-
-
-@pytest.fixture(scope="module")
-def saved(sd_parts, tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-
-    p = sd_parts
-    root = tmp_path_factory.mktemp("saved")
-    StableDiffusionPipeline(
-        vae=p["vae"],
-        text_encoder=p["text_encoder"],
-        tokenizer=p["tokenizer"],
-        unet=p["unet"],
-        scheduler=p["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(root / "base")
-    save_controlnet(p["nets"][0], root / "cn_diffusers", format="diffusers")
-    save_controlnet(p["nets"][1], root / "cn_original.safetensors", format="original")
-    return root
 
 
 def test_folder_and_controlnet_files_match_components(sd_pipe, saved):

@@ -1,0 +1,151 @@
+"""Batch generation from a JSONL manifest: one output per line, resumable, sharded across processes.
+
+Manifest format, one JSON object per line (blank lines and lines starting with # are skipped):
+
+    {"prompt": "a red circle", "cond": "edges/0001.png"}
+    {"id": "cat-2", "prompt": "a cat", "cond": ["pose.png", "depth.png"], "seed": 7, "control_scale": [1, 0.5]}
+
+`cond` holds one condition image per ControlNet (paths relative to the manifest's folder); any other key is a
+`GenerationOptions` field overriding the command line for that line. A line's outputs are named by its `id`
+(default: `line-<number>`); its seed defaults to the command line's seed + the line number, so results do not
+depend on how lines are split across processes.
+
+Resuming: a line is done when its sidecar `<id>.json` exists (written last and atomically), so a crashed run
+restarted with the same arguments does only the missing lines. Sharding: process r of w takes lines r, r + w, ...
+(under `accelerate launch` r and w come from accelerate's process state).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from controlnet.generation_options import GenerationOptions
+from controlnet.generation_outputs import is_done, save_generation
+
+logger = logging.getLogger(__name__)
+
+_OPTION_FIELDS = {f.name for f in fields(GenerationOptions)} - {"output_type"}
+_LINE_KEYS = {"id", "prompt", "cond", "annotator"}
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass
+class ManifestLine:
+    """One job of a manifest."""
+
+    number: int
+    """0-based line number among the jobs (comments and blank lines not counted)."""
+    stem: str
+    """Output name: `<stem>.png`, `<stem>.json`, `<stem>-grid.png`."""
+    prompt: str
+    conditions: list[Path]
+    annotators: list[str | None] | None
+    overrides: dict
+
+
+def read_manifest(path: str | os.PathLike, n_nets: int) -> list[ManifestLine]:
+    """Parse and check a JSONL manifest; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    jobs, stems = [], set()
+    for line_no, raw in enumerate(path.read_text().splitlines(), start=1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"{path.name} line {line_no}"
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f'{where}: expected an object with a "prompt" string')
+        unknown = sorted(set(record) - _LINE_KEYS - _OPTION_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; expected prompt, cond, id, annotator or "
+                "generation options"
+            )
+        cond = record.get("cond", [])
+        cond = [cond] if isinstance(cond, str) else list(cond)
+        if len(cond) != n_nets:
+            raise ValueError(
+                f"{where}: {len(cond)} condition images for {n_nets} ControlNets; expected one per net"
+            )
+        stem = str(record.get("id", f"line-{len(jobs):06d}"))
+        if not _SAFE_ID.match(stem) or stem in stems:
+            raise ValueError(f"{where}: id {stem!r} must be unique and use only letters, digits, '.', '_', '-'")
+        stems.add(stem)
+        annot = record.get("annotator")
+        annot = [annot] * n_nets if isinstance(annot, str) or annot is None else list(annot)
+        overrides = {k: v for k, v in record.items() if k in _OPTION_FIELDS}
+        for key in ("image", "mask"):
+            if isinstance(overrides.get(key), str):
+                overrides[key] = str(path.parent / overrides[key])
+        jobs.append(
+            ManifestLine(len(jobs), stem, record["prompt"], [path.parent / c for c in cond], annot, overrides)
+        )
+    return jobs
+
+
+def shard(jobs: list[ManifestLine], rank: int, world: int) -> list[ManifestLine]:
+    """Lines rank, rank + world, rank + 2 * world, ... (disjoint across ranks, together all lines)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} world={world}: expected 0 <= rank < world")
+    return jobs[rank::world]
+
+
+def load_condition(path: Path, annotator: str | None):
+    """A condition image from disk, optionally turned into a condition map by a named annotator."""
+    if not path.is_file():
+        raise FileNotFoundError(f"condition image not found: {path}")
+    if not annotator:
+        return str(path)
+    from controlnet.annotate.registry import get_annotator
+
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"))
+    return Image.fromarray(get_annotator(annotator)(array))
+
+
+def run_manifest(
+    pipe,
+    jobs: list[ManifestLine],
+    out_dir: str | os.PathLike,
+    options: dict,
+    default_annotators: list[str | None] | None = None,
+    controlnet_names: list[str] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    on_line: Callable[[ManifestLine, bool], None] | None = None,
+    grid: bool = True,
+) -> tuple[int, int]:
+    """Generate every job not done yet; returns (generated, skipped). `options`: GenerationOptions fields."""
+    generated = skipped = 0
+    base_seed = int(options.get("seed", 0))
+    for job in jobs:
+        if is_done(out_dir, job.stem):
+            skipped += 1
+            if on_line:
+                on_line(job, False)
+            continue
+        annotators = job.annotators if any(job.annotators or []) else default_annotators
+        annotators = annotators or [None] * len(job.conditions)
+        conds = [load_condition(p, a) for p, a in zip(job.conditions, annotators, strict=True)]
+        kwargs = {**options, "seed": base_seed + job.number, **job.overrides, "output_type": "pil"}
+        result = pipe(job.prompt, conds, progress=on_step, **kwargs)
+        for unit, name in zip(result.settings["controlnets"], annotators, strict=True):
+            unit["module"] = name
+        save_generation(result, out_dir, job.stem, controlnet_names, grid=grid, extra={"line": job.number})
+        generated += 1
+        if on_line:
+            on_line(job, True)
+    return generated, skipped

@@ -1,0 +1,299 @@
+"""CLI: `controlnet generate` (one prompt, or a JSONL manifest of many). Thin: parse, build options, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from controlnet.schedulers import SAMPLERS
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+DESCRIPTION = """\
+Generate images from a text prompt plus one condition image per ControlNet (paper: "Adding Conditional Control
+to Text-to-Image Diffusion Models", Zhang, Rao & Agrawala, ICCV 2023). Several ControlNets add their residuals
+(paper Sec. 3.4); each has its own strength, start/end window and control mode.
+
+Outputs (in --out): <name>.png (or <name>-<k>.png for several images) with the settings embedded as PNG text
+("parameters" in the web UI's format, "controlnet" as JSON), <name>.json (a sidecar with every setting, written
+last: its presence means done) and <name>-grid.png (condition images | outputs).
+
+Control modes (--control-mode, per net):
+  balanced        the residuals go to both classifier-free-guidance branches
+  prompt          "My prompt is more important": output i of 13 scaled by 0.825 ** (12 - i) (0.825 ** 12 ~ 0.1)
+  controlnet      "ControlNet is more important" (guess mode): the same scales on the conditional branch only;
+                  works with an empty prompt
+  cfg_resolution  the paper's CFG resolution weighting (Sec. 3.4): conditional branch only, w_i = 64 / h_i
+
+Batch: --manifest FILE.jsonl runs one job per line ({"prompt": ..., "cond": [...]} plus optional "id", "seed",
+"negative_prompt", "control_scale", ... any option below by its Python name), skips lines whose sidecar exists
+(resume after a crash by re-running the same command) and splits lines across processes started with
+`accelerate launch` (process r of w takes lines r, r + w, ...)."""
+
+EPILOG = """\
+examples:
+  controlnet generate "a red circle on a blue background" --controlnet cn/ --cond edges.png
+  controlnet generate "a house" --base ./sd15 --controlnet canny/ --cond photo.jpg --annotator canny \\
+      --steps 20 --scheduler "DPM++ 2M Karras" --seed 1 --batch-size 4 --control-end 0.6
+  controlnet generate "" --controlnet pose/ --cond pose.png --control-mode controlnet --cfg 4
+  controlnet generate "a cat" --controlnet inpaint/ --cond inpaint --image photo.png --mask mask.png
+  accelerate launch --num_processes 2 -m controlnet.cli generate --manifest jobs.jsonl --controlnet cn/ --out out/
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate images from a prompt and condition images (or a JSONL manifest of jobs)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompt", nargs="?", help="what to draw (omit with --manifest)")
+    g = p.add_argument_group("models")
+    g.add_argument("--base", default="builtin", help="'builtin' (default) or a diffusers model folder")
+    g.add_argument(
+        "--controlnet", action="append", default=[], metavar="PATH",
+        help="a ControlNet (original or diffusers format); repeat for several, in the order of --cond",
+    )  # fmt: skip
+    g = p.add_argument_group("conditions")
+    g.add_argument(
+        "--cond", action="append", default=[], metavar="IMAGE",
+        help="condition image for the matching --controlnet; 'inpaint' builds the v1.1 inpaint condition from "
+        "--image and --mask (masked pixels -1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--annotator", action="append", default=[], metavar="NAME",
+        help="turn the matching --cond photo into a condition map first (e.g. canny; 'none' to skip); one for "
+        "all or one per --cond",
+    )  # fmt: skip
+    g.add_argument(
+        "--resize-mode", default="just_resize",
+        help="how images meet the output size: just_resize | crop_and_resize | resize_and_pad (default: %(default)s)",
+    )  # fmt: skip
+    g = p.add_argument_group("prompt and sampling")
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    g.add_argument(
+        "--cfg", type=float, default=7.5, help="classifier-free guidance scale; 1 = off (default: %(default)s)"
+    )
+    g.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+    g.add_argument(
+        "--scheduler", default=None,
+        help=f"sampler: {', '.join(f'{k} ({s.display_name})' for k, s in SAMPLERS.items())}; default: the base's",
+    )  # fmt: skip
+    g.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default: %(default)s)")
+    g.add_argument("--width", type=int, default=None, help="output width (default: the first condition's)")
+    g.add_argument("--height", type=int, default=None, help="output height (default: the first condition's)")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
+    g.add_argument(
+        "--clip-skip", type=int, default=0, help="use the text encoder's hidden states N layers earlier"
+    )
+    g = p.add_argument_group("control (one value for all nets, or repeat once per net)")
+    g.add_argument(
+        "--scale", action="append", type=float, metavar="W", help="control strength (default 1; 0 = off)"
+    )
+    g.add_argument(
+        "--block-scales", action="append", metavar="S,S,...",
+        help="per-output scales, comma-separated (13 for SD1.5, 10 for SDXL)",
+    )  # fmt: skip
+    g.add_argument("--control-start", action="append", type=float, metavar="F", help="window start in [0, 1)")
+    g.add_argument("--control-end", action="append", type=float, metavar="F", help="window end in (0, 1]")
+    g.add_argument(
+        "--control-mode", action="append", metavar="MODE", help="balanced | prompt | controlnet | cfg_resolution"
+    )
+    g.add_argument(
+        "--guess-mode-form", default="reference", choices=["reference", "diffusers"],
+        help="soft scales of prompt/controlnet modes: 0.825 ** (12 - i) (reference) or logspace (diffusers)",
+    )  # fmt: skip
+    g = p.add_argument_group("img2img and inpainting")
+    g.add_argument("--image", default=None, help="source image for img2img / inpainting")
+    g.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
+    g.add_argument("--strength", type=float, default=None, help="fraction of the schedule re-run (default 0.75)")
+    g = p.add_argument_group("output and batch")
+    g.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: %(default)s)")
+    g.add_argument("--name", default=None, help="output name stem (default: controlnet-<seed>)")
+    g.add_argument("--no-grid", action="store_true", help="do not write the condition | outputs grid")
+    g.add_argument("--manifest", type=Path, default=None, help="JSONL file of jobs (see above)")
+    g = p.add_argument_group("device and speed")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet and ControlNets (GPU)")
+    g.add_argument(
+        "--cpu-offload", action="store_true", help="keep models on the CPU, move each to the GPU to run"
+    )
+    p.set_defaults(func=run_generate)
+
+
+def _per_net(values, name: str, n: int, convert=lambda v: v):
+    """None -> None (default); one value -> shared; one per net -> list; else a ValueError."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return convert(values[0])
+    if len(values) != n:
+        raise ValueError(f"--{name}: given {len(values)} times for {n} ControlNets; give it once or once per net")
+    return [convert(v) for v in values]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--block-scales {text!r}: expected comma-separated numbers") from None
+
+
+def options_from_args(args, n_nets: int) -> dict:
+    """GenerationOptions fields from the parsed command line (only the ones given)."""
+    options = {
+        "negative_prompt": args.negative_prompt,
+        "guidance_scale": args.cfg,
+        "steps": args.steps,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "width": args.width,
+        "height": args.height,
+        "resize_mode": args.resize_mode,
+        "guess_mode_form": args.guess_mode_form,
+        "image": args.image,
+        "mask": args.mask,
+        "strength": args.strength,
+        "scheduler": args.scheduler,
+        "eta": args.eta,
+        "clip_skip": args.clip_skip,
+    }
+    per_net = {
+        "control_scale": _per_net(args.scale, "scale", n_nets),
+        "control_start": _per_net(args.control_start, "control-start", n_nets),
+        "control_end": _per_net(args.control_end, "control-end", n_nets),
+        "control_mode": _per_net(args.control_mode, "control-mode", n_nets),
+        "block_scales": _per_net(args.block_scales, "block-scales", n_nets, _floats),
+    }
+    options.update({k: v for k, v in per_net.items() if v is not None})
+    for key in ("image", "mask"):
+        if options[key] is not None and not Path(options[key]).is_file():
+            raise FileNotFoundError(f"--{key} not found: {options[key]}")
+    from controlnet.generation_options import GenerationOptions
+
+    GenerationOptions(**options).per_net(n_nets)  # check everything before loading any model
+    return options
+
+
+def _annotators(args, n_nets: int) -> list[str | None]:
+    names = _per_net(args.annotator, "annotator", n_nets) or [None] * n_nets
+    names = [names] * n_nets if isinstance(names, str) else names
+    names = [None if (n is None or n.lower() == "none") else n for n in names]
+    if any(names):
+        from controlnet.annotate.registry import annotator_class
+
+        for name in filter(None, names):
+            annotator_class(name)  # unknown names fail now, with the list of valid ones
+    return names
+
+
+def _distributed():
+    """(rank, world, device) under `accelerate launch`, else (0, 1, None)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None, None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state.device, state
+
+
+def _load_pipeline(args, device):
+    import diffusers
+    import torch
+    import transformers
+
+    # the CLI shows its own progress; the libraries' per-file loading bars would bury error lines
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+    from controlnet.pipeline import ControlNetPipeline
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    if device is None:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for path in args.controlnet:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"ControlNet not found: {path}")
+    pipe = ControlNetPipeline.from_pretrained(args.base, controlnets=args.controlnet, dtype=dtype)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device)
+    else:
+        pipe.to(device)
+    if args.channels_last or args.compile:
+        pipe.optimize(channels_last=args.channels_last, compile=args.compile)
+    return pipe
+
+
+def run_generate(args) -> int:
+    from tqdm import tqdm
+
+    n_nets = len(args.controlnet)
+    options = options_from_args(args, n_nets)
+    annotators = _annotators(args, n_nets)
+    names = [Path(p).name for p in args.controlnet]
+    if args.manifest is not None:
+        return _run_manifest(args, options, annotators, names)
+    if args.prompt is None:
+        raise ValueError('give a prompt ("" for none) or --manifest FILE.jsonl')
+    if len(args.cond) != n_nets:
+        raise ValueError(f"--cond given {len(args.cond)} times for {n_nets} --controlnet; expected one per net")
+    from controlnet.batch_generation import load_condition
+    from controlnet.generation_outputs import save_generation
+
+    conds = [
+        c if c == "inpaint" else load_condition(Path(c), a) for c, a in zip(args.cond, annotators, strict=True)
+    ]
+    pipe = _load_pipeline(args, None)
+    bars = []
+
+    def on_step(step: int, total: int) -> None:
+        if not bars:  # created at the first step, so that an input error prints only its own line
+            bars.append(tqdm(total=total, unit="step", desc="generate", file=sys.stderr))
+        bars[0].update(1)
+
+    result = pipe(args.prompt, conds, progress=on_step, **options)
+    for bar in bars:
+        bar.close()
+    for unit, name in zip(result.settings["controlnets"], annotators, strict=True):
+        unit["module"] = name
+    stem = args.name or f"controlnet-{args.seed}"
+    record = save_generation(result, args.out, stem, names, grid=not args.no_grid)
+    for name in record["images"]:
+        print(args.out / name)
+    return 0
+
+
+def _run_manifest(args, options: dict, annotators, names) -> int:
+    from tqdm import tqdm
+
+    from controlnet.batch_generation import read_manifest, run_manifest, shard
+
+    if args.prompt:
+        raise ValueError("give either a prompt or --manifest, not both")
+    jobs = read_manifest(args.manifest, len(args.controlnet))
+    rank, world, device, state = _distributed()
+    mine = shard(jobs, rank, world)
+    pipe = _load_pipeline(args, device)
+    bar = tqdm(total=len(mine), unit="line", desc=f"manifest [{rank + 1}/{world}]", file=sys.stderr, position=rank)
+    done, skipped = run_manifest(
+        pipe,
+        mine,
+        args.out,
+        options,
+        annotators,
+        names,
+        on_line=lambda job, generated: bar.update(1),
+        grid=not args.no_grid,
+    )
+    bar.close()
+    print(f"process {rank + 1}/{world}: generated {done}, skipped {skipped} (already done) of {len(jobs)} lines")
+    if state is not None:
+        state.wait_for_everyone()
+    return 0
