@@ -13,7 +13,7 @@ from typing import ClassVar
 import cv2
 import numpy as np
 
-from controlnet.annotate.image import hwc3, resize_for_detection
+from controlnet.annotate.image import LATENT_MULTIPLE, hwc3, resize_for_detection
 
 DEFAULT_DETECT_RESOLUTION = 512  # the reference gradio apps' default detect resolution
 
@@ -33,10 +33,10 @@ class Annotator:
         if self.detect_resolution is not None and (
             isinstance(self.detect_resolution, bool)
             or not isinstance(self.detect_resolution, int)
-            or self.detect_resolution < 64
+            or self.detect_resolution < LATENT_MULTIPLE
         ):
             raise ValueError(
-                f"detect_resolution: got {self.detect_resolution!r}; expected an integer >= 64 or None"
+                f"detect_resolution: got {self.detect_resolution!r}; expected an integer >= {LATENT_MULTIPLE} or None"
             )
 
     def detect(self, image: np.ndarray) -> np.ndarray:
@@ -49,20 +49,23 @@ class Annotator:
 
     def detect_map(self, image: np.ndarray) -> np.ndarray:
         """The map at the detect resolution: (h, w, C) uint8 with h, w multiples of 64 (reference layout)."""
-        image = self.prepare(image)  # (H, W, 3)
-        if self.detect_resolution is not None:
-            image = resize_for_detection(image, self.detect_resolution)  # (h, w, 3)
-        detected = self.detect(image)
-        return hwc3(detected) if detected.ndim == 2 or detected.shape[2] == 1 else detected
+        return self._detect_prepared(self.prepare(image))
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W, C_in) image -> (H, W, C) uint8 map at the input's size."""
-        height, width = np.asarray(image).shape[:2]
-        detected = self.detect_map(image)  # (h, w, C)
+        prepared = self.prepare(image)  # (H, W, 3)
+        height, width = prepared.shape[:2]
+        detected = self._detect_prepared(prepared)  # (h, w, C)
         if detected.shape[:2] == (height, width):
             return detected
         resized = cv2.resize(detected, (width, height), interpolation=self.output_interpolation)
         return resized[:, :, None] if resized.ndim == 2 else resized
+
+    def _detect_prepared(self, image: np.ndarray) -> np.ndarray:
+        if self.detect_resolution is not None:
+            image = resize_for_detection(image, self.detect_resolution)  # (h, w, 3)
+        detected = self.detect(image)
+        return hwc3(detected) if detected.ndim == 2 or detected.shape[2] == 1 else detected
 
 
 def check_range(name: str, value: float, low: float, high: float | None = None) -> None:
