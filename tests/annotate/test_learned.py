@@ -295,3 +295,12 @@ def test_pidinet_detector_equals_controlnet_aux(tmp_path, safe, apply_filter):
     assert np.abs(ours.astype(int) - expected).max() <= 1
     assert (ours != expected).mean() < 0.001
     assert len(np.unique(ours)) >= 2
+
+
+def test_bad_device_is_a_clear_error(tmp_path):
+    torch.save(hed_state(torch.Generator().manual_seed(0), zero=True), tmp_path / "ControlNetHED.pth")
+    with pytest.raises(ValueError, match="device"):
+        get_annotator("hed", weights=str(tmp_path), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            get_annotator("hed", weights=str(tmp_path), device="cuda")

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from controlnet.annotate.base import Annotator
-from controlnet.annotate.weights import load_into, load_state_dict, resolve_weights
+from controlnet.annotate.weights import load_into, load_state_dict, resolve_weights, torch_device
 
 HED_WEIGHTS_FILE = "ControlNetHED.pth"
 SAFE_STEPS = 2  # reference `safe_step(x, step=2)`
@@ -39,14 +39,13 @@ class Hed(Annotator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        import torch
-
+        torch_device(self.device)  # fail before reading weights
         from controlnet.annotate.hed_net import HedNetwork
 
         path = resolve_weights(self.weights, HED_WEIGHTS_FILE, self.name)
         self.network = HedNetwork()
         load_into(self.network, load_state_dict(path), path, self.name)
-        self.network.to(torch.device(self.device)).eval()
+        self.network.to(torch_device(self.device)).eval()
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         import torch

@@ -23,7 +23,7 @@ import numpy as np
 from controlnet.annotate.base import Annotator
 from controlnet.annotate.image import resize_for_detection
 from controlnet.annotate.keypoints import NUM_BODY_POINTS, Person, render_pose, to_openpose
-from controlnet.annotate.weights import load_into, load_state_dict, resolve_weights
+from controlnet.annotate.weights import load_into, load_state_dict, resolve_weights, torch_device
 
 BODY_WEIGHTS_FILE = "body_pose_model.pth"
 BOX_SIZE = 368  # network input height at scale 1
@@ -211,14 +211,13 @@ class OpenPose(Annotator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        import torch
-
+        torch_device(self.device)  # fail before reading weights
         from controlnet.annotate.openpose_net import BodyPoseNetwork, from_released_keys
 
         path = resolve_weights(self.weights, BODY_WEIGHTS_FILE, self.name)
         self.network = BodyPoseNetwork()
         load_into(self.network, from_released_keys(self.network, load_state_dict(path)), path, self.name)
-        self.network.to(torch.device(self.device)).eval()
+        self.network.to(torch_device(self.device)).eval()
 
     def people(self, image: np.ndarray) -> list[Person]:
         """(h, w, 3) uint8 RGB -> detected people in pixel coordinates of `image`."""

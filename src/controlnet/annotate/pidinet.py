@@ -13,7 +13,7 @@ import numpy as np
 
 from controlnet.annotate.base import Annotator
 from controlnet.annotate.hed import safe_step
-from controlnet.annotate.weights import load_into, load_state_dict, resolve_weights
+from controlnet.annotate.weights import load_into, load_state_dict, resolve_weights, torch_device
 
 PIDINET_WEIGHTS_FILE = "table5_pidinet.pth"
 FILTER_THRESHOLD = 0.5  # reference `apply_fliter`: edge > 0.5
@@ -36,14 +36,13 @@ class PiDiNetEdges(Annotator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        import torch
-
+        torch_device(self.device)  # fail before reading weights
         from controlnet.annotate.pidinet_net import PiDiNet
 
         path = resolve_weights(self.weights, PIDINET_WEIGHTS_FILE, self.name)
         self.network = PiDiNet()
         load_into(self.network, load_state_dict(path), path, self.name)
-        self.network.to(torch.device(self.device)).eval()
+        self.network.to(torch_device(self.device)).eval()
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         import torch

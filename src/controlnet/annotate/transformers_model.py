@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from controlnet.annotate.weights import ANNOTATORS_DIR_ENV
+from controlnet.annotate.weights import ANNOTATORS_DIR_ENV, torch_device
 
 CONFIG_FILE = "config.json"
 
@@ -29,13 +29,13 @@ def resolve_folder(folder: str | Path | None, default_name: str, annotator: str)
 
 def load_model_and_processor(auto_model_name: str, folder: Path, device: str):
     """`AutoModelFor...` class name + folder -> (model in eval mode on `device`, image processor)."""
-    import torch
     import transformers
 
+    target = torch_device(device)
     model_class = getattr(transformers, auto_model_name)
     try:
         model = model_class.from_pretrained(folder, local_files_only=True)
         processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"weights: cannot load a {auto_model_name} model from {folder} ({err})") from None
-    return model.to(torch.device(device)).eval(), processor
+    return model.to(target).eval(), processor

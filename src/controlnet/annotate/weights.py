@@ -21,6 +21,21 @@ WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")  # training scripts n
 DATA_PARALLEL_PREFIX = "module."  # added by torch.nn.DataParallel when the weights were saved
 
 
+def torch_device(device: str):
+    """`device` as a torch.device, or a ValueError when it is malformed or not available here."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: got {device!r}; expected a torch device such as 'cpu' or 'cuda:0'") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: got {device!r} but CUDA is not available in this torch build; use 'cpu'")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device: got {device!r} but MPS is not available here; use 'cpu'")
+    return parsed
+
+
 def resolve_weights(weights: str | Path | None, filename: str, annotator: str) -> Path:
     """The weights file for `annotator`: `weights` itself, `weights/filename`, or $CONTROLNET_ANNOTATORS/filename."""
     if weights is None:
