@@ -186,3 +186,12 @@ def test_openpose_pipeline_equals_the_reference_body_estimator():
     assert len(people) == 1
     found = {part: tuple(people[0].body[part, :2]) for part in range(18) if people[0].body[part, 2] > 0}
     assert found == expected
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (5, 7)])
+def test_heatmap_smoothing_equals_scipy_gaussian_filter(shape):
+    ndimage = pytest.importorskip("scipy.ndimage")
+    from controlnet.annotate.openpose import gaussian_smooth
+
+    x = np.random.default_rng(0).random(shape)
+    np.testing.assert_allclose(gaussian_smooth(x, 3.0), ndimage.gaussian_filter(x, sigma=3.0), atol=1e-12)

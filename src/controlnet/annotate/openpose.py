@@ -32,6 +32,7 @@ STRIDE = 8  # output stride of the network
 PAD_VALUE = 128  # grey padding
 INPUT_DIVISOR, INPUT_OFFSET = 256.0, 0.5  # network input: BGR / 256 - 0.5
 PEAK_SIGMA = 3.0  # Gaussian smoothing of heatmaps before peak picking
+GAUSSIAN_TRUNCATE = 4.0  # the reference's scipy `gaussian_filter` cuts its kernel at 4 sigma
 PEAK_THRESHOLD = 0.1  # reference thre1
 PAF_THRESHOLD = 0.05  # reference thre2
 PAF_SAMPLES = 10  # reference mid_num
@@ -90,14 +91,20 @@ def network_maps(network, image_bgr: np.ndarray, device: str = "cpu") -> tuple[n
     return heatmaps, pafs
 
 
+def gaussian_smooth(image: np.ndarray, sigma: float) -> np.ndarray:
+    """(H, W) float64 Gaussian blur as scipy's `gaussian_filter` (radius int(4 sigma + 0.5), mirrored border)."""
+    radius = int(GAUSSIAN_TRUNCATE * sigma + 0.5)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel = taps / taps.sum()  # (2 radius + 1,)
+    return cv2.sepFilter2D(image.astype(np.float64), cv2.CV_64F, kernel, kernel, borderType=cv2.BORDER_REFLECT)
+
+
 def find_peaks(heatmaps: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """(H, W, >=18) heatmaps -> candidates (N, 3) of (x, y, score) and, per part, its candidate ids."""
-    from scipy.ndimage import gaussian_filter
-
     candidates, part_ids = [], []
     for part in range(NUM_BODY_POINTS):
         raw = heatmaps[:, :, part]
-        smooth = gaussian_filter(raw, sigma=PEAK_SIGMA)
+        smooth = gaussian_smooth(raw, PEAK_SIGMA)
         padded = np.pad(smooth, 1)  # zeros outside, as the reference's shifted copies
         is_peak = (
             (smooth >= padded[:-2, 1:-1]) & (smooth >= padded[2:, 1:-1])
