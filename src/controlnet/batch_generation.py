@@ -127,6 +127,7 @@ def run_manifest(
     on_step: Callable[[int, int], None] | None = None,
     on_line: Callable[[ManifestLine, bool], None] | None = None,
     grid: bool = True,
+    extra: dict | None = None,
 ) -> tuple[int, int]:
     """Generate every job not done yet; returns (generated, skipped). `options`: GenerationOptions fields."""
     generated = skipped = 0
@@ -144,7 +145,9 @@ def run_manifest(
         result = pipe(job.prompt, conds, progress=on_step, **kwargs)
         for unit, name in zip(result.settings["controlnets"], annotators, strict=True):
             unit["module"] = name
-        save_generation(result, out_dir, job.stem, controlnet_names, grid=grid, extra={"line": job.number})
+        save_generation(
+            result, out_dir, job.stem, controlnet_names, grid=grid, extra={"line": job.number, **(extra or {})}
+        )
         generated += 1
         if on_line:
             on_line(job, True)

@@ -39,7 +39,8 @@ examples:
       --steps 20 --scheduler "DPM++ 2M Karras" --seed 1 --batch-size 4 --control-end 0.6
   controlnet generate "" --controlnet pose/ --cond pose.png --control-mode controlnet --cfg 4
   controlnet generate "a cat" --controlnet inpaint/ --cond inpaint --image photo.png --mask mask.png
-  accelerate launch --num_processes 2 -m controlnet.cli generate --manifest jobs.jsonl --controlnet cn/ --out out/
+  accelerate launch --multi_gpu --num_processes 2 -m controlnet.cli generate --manifest jobs.jsonl \\
+      --controlnet cn/ --out out/          (2 GPUs; on a machine without CUDA: 2 CPU processes)
 """
 
 
@@ -198,10 +199,13 @@ def _distributed():
     """(rank, world, device) under `accelerate launch`, else (0, 1, None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None, None
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
-    return state.process_index, state.num_processes, state.device, state
+    # `accelerate launch --multi_gpu --num_processes N` on a machine without CUDA gives N gloo CPU processes
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    return state.process_index, state.num_processes, ("cpu" if cpu else state.device), state
 
 
 def _load_pipeline(args, device):
@@ -291,6 +295,7 @@ def _run_manifest(args, options: dict, annotators, names) -> int:
         names,
         on_line=lambda job, generated: bar.update(1),
         grid=not args.no_grid,
+        extra={"process": rank, "processes": world},
     )
     bar.close()
     print(f"process {rank + 1}/{world}: generated {done}, skipped {skipped} (already done) of {len(jobs)} lines")
