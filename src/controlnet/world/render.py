@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from controlnet.world.fill import COLOURS
@@ -167,15 +168,16 @@ def scene_keypoints(scene: Scene) -> np.ndarray:
 def shade(buf: Buffers) -> np.ndarray:
     """(n, n, 3) float RGB: Lambertian objects, normalised so a face toward the camera shows its named colour;
     the wall and floor are unlit (flat colours)."""
-    lit = AMBIENT + DIFFUSE * np.clip(buf.normal @ LIGHT, 0.0, 1.0)  # (n, n)
+    objects = buf.ids >= FIRST_OBJECT_ID  # (n, n)
     reference = AMBIENT + DIFFUSE * float(FACING_CAMERA @ LIGHT)
-    factor = np.where(buf.ids >= FIRST_OBJECT_ID, lit / reference, 1.0)
-    return np.clip(buf.albedo * factor[..., None], 0.0, 255.0)
+    factor = np.ones(buf.ids.shape, np.float32)
+    factor[objects] = (AMBIENT + DIFFUSE * np.maximum(buf.normal[objects] @ LIGHT, 0.0)) / reference
+    return np.minimum(buf.albedo * factor[..., None], 255.0)  # albedo >= 0, factor > 0
 
 
 def render_image(scene: Scene) -> np.ndarray:
     """(H, W, 3) uint8: the scene shaded and anti-aliased by SUPERSAMPLE x SUPERSAMPLE samples per pixel."""
     buf, _ = draw_scene(scene, SUPERSAMPLE)
     size = scene.size
-    rgb = shade(buf).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    rgb = cv2.resize(shade(buf), (size, size), interpolation=cv2.INTER_AREA)  # exact box average of each block
     return np.round(rgb).astype(np.uint8)
