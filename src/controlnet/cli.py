@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "controlnet.generate_commands",
     "controlnet.annotate.commands",
     "controlnet.world.commands",
+    "controlnet.train.commands",
 ]
 
 EXIT_USER_ERROR = 2

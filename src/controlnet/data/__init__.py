@@ -1,0 +1,1 @@
+"""Paired training data: dataset layouts, paired transforms, aspect buckets, latent and text caches."""

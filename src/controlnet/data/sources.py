@@ -1,0 +1,289 @@
+"""Paired training data on disk: (target image, condition image, prompt) triples in the layouts people have.
+
+- original: the reference implementation's / fill50k's layout, `prompt.json` with one
+  {"source": ..., "target": ..., "prompt": ...} object per line plus the image folders (paper Sec. 4 data);
+- imagefolder: diffusers' `train_controlnet.py` convention, `metadata.jsonl` lines with the image, the
+  conditioning image and the text (column names configurable);
+- hf: a Hugging Face `datasets` dataset saved with `save_to_disk`, or a `.parquet` file (needs `datasets`);
+- webdataset: `.tar` shards whose members share a key (`0001.jpg`, `0001.cond.png`, `0001.txt`), read with
+  the standard library's `tarfile` (no extra dependency).
+
+Every source exposes the same small interface: `len()`, `prompt(i)`, `read(i) -> (target bytes or PIL,
+condition bytes or PIL)`, `where(i)` (a path for error messages) and `content_key(i)` (bytes identifying the
+sample's content, for the latent cache).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+ORIGINAL_INDEX = "prompt.json"
+IMAGEFOLDER_INDEX = "metadata.jsonl"
+HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One sample whose images are files."""
+
+    target: Path
+    condition: Path
+    prompt: str
+
+
+class FileSource:
+    """Samples whose images are files on disk (original and imagefolder layouts)."""
+
+    def __init__(self, root: Path, records: list[FileRecord], layout: str):
+        self.root, self.records, self.layout = root, records, layout
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def prompt(self, i: int) -> str:
+        return self.records[i].prompt
+
+    def read(self, i: int) -> tuple[bytes, bytes]:
+        record = self.records[i]
+        return record.target.read_bytes(), record.condition.read_bytes()
+
+    def where(self, i: int) -> str:
+        record = self.records[i]
+        return f"{record.target} / {record.condition}"
+
+    def content_key(self, i: int) -> bytes:
+        target, condition = self.read(i)
+        return _digest(target, condition, self.prompt(i).encode())
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    entries = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+    return entries
+
+
+def _field(entry: dict, key: str, path: Path, number: int) -> str:
+    if key not in entry:
+        raise ValueError(f"{path}: line {number} has no {key!r} key (keys: {sorted(entry)})")
+    return entry[key]
+
+
+def original_source(root: Path) -> FileSource:
+    """The original layout: root/prompt.json lines {"source", "target", "prompt"} (source = condition)."""
+    index = root / ORIGINAL_INDEX
+    records = [
+        FileRecord(
+            root / _field(e, "target", index, n),
+            root / _field(e, "source", index, n),
+            _field(e, "prompt", index, n),
+        )
+        for n, e in enumerate(_read_jsonl(index), 1)
+    ]
+    return FileSource(root, records, "original")
+
+
+def imagefolder_source(root: Path, image: str, conditioning: str, caption: str) -> FileSource:
+    """diffusers' imagefolder convention: root/metadata.jsonl lines with image, conditioning image and text."""
+    index = root / IMAGEFOLDER_INDEX
+    records = []
+    for n, e in enumerate(_read_jsonl(index), 1):
+        records.append(
+            FileRecord(
+                root / _field(e, image, index, n),
+                root / _field(e, conditioning, index, n),
+                _field(e, caption, index, n),
+            )
+        )
+    return FileSource(root, records, "imagefolder")
+
+
+class TarSource:
+    """webdataset shards: members grouped by key (the name before the first dot), read with `tarfile`."""
+
+    def __init__(self, shards: list[Path], image: str, conditioning: str, caption: str):
+        self.shards = shards
+        self.layout = "webdataset"
+        self.items: list[tuple[int, str, dict[str, tarfile.TarInfo]]] = []  # (shard, key, ext -> member)
+        self._open: dict[int, tarfile.TarFile] = {}
+        self.keys = (image, conditioning, caption)
+        for number, shard in enumerate(shards):
+            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    if member.isfile():
+                        base = os.path.basename(member.name)
+                        key, _, ext = base.partition(".")
+                        prefix = os.path.dirname(member.name)
+                        groups.setdefault(f"{prefix}/{key}", {})[ext.lower()] = member
+            self.items += [(number, key, members) for key, members in groups.items()]
+        self._prompts = [None] * len(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _member(self, i: int, wanted: str) -> bytes:
+        number, key, members = self.items[i]
+        options = wanted.split("|")  # "jpg|png": the first extension present
+        candidates = [ext for ext in members for w in options if ext == w or ext.startswith(w + ".")]
+        if not candidates:
+            raise FileNotFoundError(f"{self.shards[number]}: sample {key!r} has no member '.{wanted}[.ext]'")
+        tar = self._open.get(number)
+        if tar is None:
+            tar = self._open[number] = tarfile.open(self.shards[number])  # noqa: SIM115 (kept open for reuse)
+        return tar.extractfile(members[sorted(candidates)[0]]).read()
+
+    def prompt(self, i: int) -> str:
+        if self._prompts[i] is None:
+            self._prompts[i] = self._member(i, self.keys[2]).decode("utf-8").strip()
+        return self._prompts[i]
+
+    def read(self, i: int) -> tuple[bytes, bytes]:
+        return self._member(i, self.keys[0]), self._member(i, self.keys[1])
+
+    def where(self, i: int) -> str:
+        number, key, _ = self.items[i]
+        return f"{self.shards[number]}::{key}"
+
+    def content_key(self, i: int) -> bytes:
+        target, condition = self.read(i)
+        return _digest(target, condition, self.prompt(i).encode())
+
+    def __getstate__(self):  # open tar handles do not cross process boundaries (DataLoader workers)
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state
+
+
+class HFSource:
+    """A Hugging Face `datasets` dataset (save_to_disk folder or parquet file) with image/condition/text columns."""
+
+    def __init__(self, path: Path, image: str, conditioning: str, caption: str):
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(
+                f"data.path={str(path)!r} is a Hugging Face dataset; reading it needs `pip install datasets`"
+            ) from None
+        if path.suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        else:
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        missing = [c for c in (image, conditioning, caption) if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"dataset {path}: no columns {missing} (columns: {ds.column_names})")
+        self.path, self.layout, self.keys = path, "hf", (image, conditioning, caption)
+        self.ds = ds.cast_column(image, datasets.Image(decode=False)).cast_column(
+            conditioning, datasets.Image(decode=False)
+        )
+        self._prompts = list(self.ds[caption])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def prompt(self, i: int) -> str:
+        return self._prompts[i]
+
+    def _bytes(self, value) -> bytes:
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        return Path(value["path"]).read_bytes()
+
+    def read(self, i: int) -> tuple[bytes, bytes]:
+        row = self.ds[i]
+        return self._bytes(row[self.keys[0]]), self._bytes(row[self.keys[1]])
+
+    def where(self, i: int) -> str:
+        return f"{self.path}[row {i}]"
+
+    def content_key(self, i: int) -> bytes:
+        target, condition = self.read(i)
+        return _digest(target, condition, self.prompt(i).encode())
+
+
+def detect_format(path: Path) -> str:
+    """The layout of `path` from what it holds."""
+    if path.is_file():
+        if path.suffix == ".parquet":
+            return "hf"
+        if path.suffix == ".tar":
+            return "webdataset"
+        raise ValueError(f"data.path={str(path)!r}: a file must be .parquet or .tar")
+    if not path.is_dir():
+        if glob.glob(str(path)):
+            return "webdataset"
+        raise FileNotFoundError(f"data.path={str(path)!r}: no such folder or file")
+    if (path / ORIGINAL_INDEX).is_file():
+        return "original"
+    if (path / IMAGEFOLDER_INDEX).is_file():
+        return "imagefolder"
+    if any((path / marker).is_file() for marker in HF_MARKERS):
+        return "hf"
+    if sorted(path.glob("*.tar")):
+        return "webdataset"
+    raise ValueError(
+        f"data.path={str(path)!r}: no {ORIGINAL_INDEX} (original layout), {IMAGEFOLDER_INDEX} (imagefolder), "
+        "dataset_info.json (HF save_to_disk) or .tar shards found"
+    )
+
+
+def open_source(path: str, fmt: str = "auto", image: str = "image", conditioning: str = "conditioning_image",
+                caption: str = "text"):  # fmt: skip
+    """The source for a dataset path in format `fmt` ("auto" detects it)."""
+    if not path:
+        raise ValueError("data.path is empty: expected a dataset folder or file")
+    root = Path(path)
+    fmt = detect_format(root) if fmt == "auto" else fmt
+    if fmt == "original":
+        return original_source(root)
+    if fmt == "imagefolder":
+        return imagefolder_source(root, image, conditioning, caption)
+    if fmt == "hf":
+        return HFSource(root, image, conditioning, caption)
+    if fmt == "webdataset":
+        if root.is_dir():
+            shards = sorted(root.glob("*.tar"))
+        elif root.is_file():
+            shards = [root]
+        else:
+            shards = sorted(Path(p) for p in glob.glob(str(root)))
+        if not shards:
+            raise FileNotFoundError(f"data.path={path!r}: no .tar shards")
+        # webdataset keys default to extensions: the image/condition/caption keys name extensions
+        image_key = "jpg|jpeg|png|webp" if image == "image" else image
+        cond_key = "cond" if conditioning == "conditioning_image" else conditioning
+        caption_key = "txt" if caption == "text" else caption
+        return TarSource(shards, image_key, cond_key, caption_key)
+    raise ValueError(f"data.format={fmt!r}: unknown")
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """RGB PIL image from encoded bytes (raises on corrupt data)."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")

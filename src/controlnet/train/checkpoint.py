@@ -1,0 +1,141 @@
+"""Crash-safe, self-describing training checkpoints.
+
+A checkpoint is a folder `checkpoints/step-0000100/` holding everything a resumed run needs to continue as if it
+had never stopped: the trained weights (`controlnet.safetensors`, `decoder.safetensors` when the UNet decoder is
+trained, `ema.safetensors`), the optimizer and LR-scheduler states, and `state.json` (step, data position, RNG
+states, the non-finite streak, the validation history). It is written into a hidden temporary folder, every
+file is fsync'ed, and the folder is renamed into place: a checkpoint folder either is complete or does not
+exist. Old checkpoints are pruned only after the new one is in place (diffusers' script prunes first).
+Weights are checked to be finite before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+STATE_FILE = "state.json"
+PARTIAL_PREFIX = ".partial-"
+STEP_DIGITS = 7
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Refusing to write a checkpoint whose weights hold NaN or Inf."""
+
+
+@dataclass
+class CheckpointData:
+    """What a checkpoint holds (tensors by file, plus JSON-able state)."""
+
+    weights: dict[str, dict[str, torch.Tensor]]  # file stem -> state dict ("controlnet", "decoder", "ema")
+    optimizer: dict
+    scheduler: dict
+    state: dict
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:0{STEP_DIGITS}d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints in `run_dir`, oldest first."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Delete temporary folders left by a process killed while writing a checkpoint."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith(PARTIAL_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_finite(weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    for stem, state in weights.items():
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteWeightsError(f"{stem} has non-finite values in {bad[:5]}; checkpoint not written")
+
+
+def save_checkpoint(run_dir: Path, step: int, data: CheckpointData, keep: int) -> Path:
+    """Write checkpoint `step` atomically, then prune to the newest `keep`. Returns its folder."""
+    _check_finite(data.weights)
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / checkpoint_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{final.name}-", dir=folder))
+    try:
+        for stem, state in data.weights.items():
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            save_file(tensors, str(tmp / f"{stem}.safetensors"))
+        torch.save(data.optimizer, tmp / "optimizer.pt")
+        torch.save(data.scheduler, tmp / "scheduler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(data.state, indent=1) + "\n")
+        for p in tmp.iterdir():
+            _fsync_file(p)
+        if final.exists():  # re-saving the same step (e.g. final save after a periodic one): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_file(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def load_checkpoint(folder: Path) -> CheckpointData:
+    """Read a checkpoint folder (tensors through safetensors; optimizer state with weights_only=True)."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint.resume={str(folder)!r}: not a checkpoint folder (no {STATE_FILE})")
+    weights = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+    return CheckpointData(
+        weights=weights,
+        optimizer=torch.load(folder / "optimizer.pt", weights_only=True),
+        scheduler=torch.load(folder / "scheduler.pt", weights_only=True),
+        state=json.loads((folder / STATE_FILE).read_text()),
+    )
+
+
+def find_resume(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: "auto" = the newest in run_dir (or None), "none" = None, else a path."""
+    if resume == "none" or not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
+    return path

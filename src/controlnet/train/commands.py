@@ -1,0 +1,111 @@
+"""`controlnet train CONFIG [--section.field VALUE ...]` and `controlnet demo` (thin: parse, call, print).
+
+The flags are generated from the config dataclasses (their field docstrings are the help), so a YAML/JSON file
+and the command line set the same typed fields. Under `accelerate launch` the same command trains with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+from controlnet.train.config import SECTIONS, field_docs, resolve_config
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="train a ControlNet from a config file plus flag overrides",
+        description="Train a ControlNet on paired data (paper Sec. 3.3): a locked base, a trainable copy of its "
+        "encoder, 50%% empty prompts. CONFIG is a YAML or JSON file with the sections below; any field can be "
+        "overridden as --SECTION.FIELD VALUE. The run folder (train.output_dir) gets config.json, metrics.jsonl, "
+        "checkpoints/, final/ and report.html; rerunning the same command resumes from the newest checkpoint. "
+        "Multi-GPU: `accelerate launch -m controlnet.cli train CONFIG`.",
+    )
+    train.add_argument("config", nargs="?", default=None, help="YAML or JSON config file (optional)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    for section, cls in SECTIONS.items():
+        group = train.add_argument_group(f"{section}: {cls.__doc__.splitlines()[0]}")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            group.add_argument(
+                f"--{section}.{f.name}",
+                dest=f"override:{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                metavar="VALUE",
+                help=f"{docs.get(f.name, '')} (default: {shown!r})".replace("%", "%%"),
+            )
+    train.set_defaults(func=run_train)
+
+    from controlnet.train.demo import add_demo_parser
+
+    add_demo_parser(subparsers)
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, str]:
+    return {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("override:")}
+
+
+class ProgressBar:
+    """tqdm bar with loss, samples/s and (tqdm's) ETA; fidelity when validation ran."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self.fidelity = None
+
+    def __call__(self, info) -> None:
+        if self.bar.n == 0 and info.step > 1:
+            self.bar.update(info.step - 1)  # resumed run
+        if info.fidelity is not None:
+            self.fidelity = info.fidelity
+        postfix = {"loss": f"{info.loss:.4f}", "samples/s": f"{info.samples_per_s:.1f}"}
+        if self.fidelity is not None:
+            postfix["fidelity"] = f"{self.fidelity:.3f}"
+        if info.skipped:
+            postfix["skipped"] = "non-finite"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def print_summary(summary, started: float) -> None:
+    print(
+        f"{summary.status} at step {summary.step} in {time.time() - started:.0f} s; run folder {summary.run_dir}"
+    )
+    if summary.validation:
+        last_step, last = summary.validation[-1]
+        print(
+            f"fidelity at step {last_step}: {last:.3f} (floor {summary.floor:.3f}, ceiling {summary.ceiling:.3f}); "
+            f"convergence step: {summary.convergence_step if summary.convergence_step is not None else 'not reached'}"
+        )
+    if summary.final_dir:
+        print(f"trained ControlNet: {summary.final_dir}")
+    print(f"report: {summary.run_dir / 'report.html'}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from controlnet.train.trainer import NonFiniteLossError, train
+
+    config = resolve_config(args.config, overrides_from(args))
+    started = time.time()
+    main_process = os.environ.get("RANK", "0") == "0"  # under accelerate/torchrun only rank 0 shows a bar
+    bar = ProgressBar(config.train.max_steps, enabled=main_process and not args.quiet)
+    try:
+        summary = train(config, callback=bar)
+    except NonFiniteLossError as err:
+        raise ValueError(str(err)) from None
+    finally:
+        bar.close()
+    if not main_process:
+        return 0
+    print_summary(summary, started)
+    return 130 if summary.status == "interrupted" else 0

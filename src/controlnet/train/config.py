@@ -1,0 +1,354 @@
+"""Typed training configuration: one dataclass per concern, loaded from YAML/JSON plus `--section.field` flags.
+
+Every field has a default and a docstring; the docstrings are the CLI help (`controlnet train --help`), so the
+config file, the flags and the code cannot drift apart (STYLE rule 3). Values are validated in `__post_init__`
+with errors that name the field, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_FORMATS = ("auto", "original", "imagefolder", "hf", "webdataset")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+EXPORT_FORMATS = ("diffusers", "original")
+METRICS = ("auto", "fill_iou", "edge_f1", "none")
+# Paper Sec. 3.3 / Sec. 4: "we randomly replace 50% text prompts c_t with empty strings".
+PAPER_EMPTY_PROMPT_PROB = 0.5
+# The reference training script (tutorial_train.py) uses AdamW with learning rate 1e-5.
+PAPER_LEARNING_RATE = 1e-5
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+
+
+def _check_positive(owner: object, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ValueError(f"{name}={value!r}: expected {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class DataConfig:
+    """Where the paired (target, condition, prompt) data comes from and how it is transformed."""
+
+    path: str = ""
+    """dataset: a folder (original prompt.json layout, imagefolder metadata.jsonl, HF save_to_disk), a .parquet file, or a folder/glob of .tar shards"""
+    format: str = "auto"
+    """auto | original | imagefolder | hf | webdataset"""
+    resolution: int = 512
+    """training side in pixels (with bucketing: the bucket area is resolution**2)"""
+    center_crop: bool = True
+    """crop the centre after resizing (False: a random crop, which disables the latent cache)"""
+    random_flip: bool = False
+    """flip target and condition together horizontally at random (disables the latent cache)"""
+    bucketing: bool = False
+    """aspect-ratio bucketing: group images into buckets of about resolution**2 pixels with their aspect ratio"""
+    skip_bad: bool = False
+    """skip missing or corrupt samples (reported by path) instead of refusing to start"""
+    empty_prompt_prob: float = PAPER_EMPTY_PROMPT_PROB
+    """probability of replacing a prompt by "" (paper Sec. 3.3: 50%; diffusers' script: 0)"""
+    image_column: str = "image"
+    """column (imagefolder / HF) or tar extension key (webdataset) of the target image"""
+    conditioning_column: str = "conditioning_image"
+    """column or tar key of the condition image"""
+    caption_column: str = "text"
+    """column or tar key of the prompt"""
+    cache: bool = True
+    """precompute VAE latents and text embeddings once and keep them on disk"""
+    cache_dir: str = ""
+    """where the caches live ("" = OUTPUT_DIR/cache)"""
+    num_workers: int = 0
+    """DataLoader worker processes"""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.format", self.format, DATA_FORMATS)
+        _check_positive(self, "resolution")
+        _check_positive(self, "num_workers", allow_zero=True)
+        if not 0.0 <= self.empty_prompt_prob <= 1.0:
+            raise ValueError(f"data.empty_prompt_prob={self.empty_prompt_prob}: expected a probability in [0, 1]")
+
+    @property
+    def random_augmentation(self) -> bool:
+        """True when pixels differ between epochs, so cached latents would be wrong."""
+        return self.random_flip or not self.center_crop
+
+
+@dataclass
+class ModelConfig:
+    """The locked base model and the trainable ControlNet (paper Sec. 3.2)."""
+
+    base: str = "builtin"
+    """base text-to-image model: "builtin" or a diffusers folder"""
+    controlnet: str = ""
+    """start from this ControlNet (original or diffusers format) instead of a fresh copy of the UNet encoder"""
+    cond_channels: int = 3
+    """channels of the condition image"""
+    hint_channels: tuple[int, ...] = ()
+    """hint-encoder stage widths for a fresh ControlNet (empty = the reference 16,32,96,256)"""
+    sd_locked: bool = True
+    """lock the whole base UNet (False: its decoder is trained too, with optim.decoder_lr)"""
+    only_mid_control: bool = False
+    """feed only the middle-block residual to the UNet (reference code's only_mid_control)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward (less memory, ~30% more time)"""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "cond_channels")
+        self.hint_channels = tuple(int(c) for c in self.hint_channels)
+        if any(c < 1 for c in self.hint_channels):
+            raise ValueError(f"model.hint_channels={self.hint_channels}: expected positive widths")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and step arithmetic."""
+
+    lr: float = PAPER_LEARNING_RATE
+    """AdamW learning rate of the ControlNet (reference: 1e-5)"""
+    decoder_lr: float = 0.0
+    """learning rate of the UNet decoder when model.sd_locked is False (0 = same as lr)"""
+    weight_decay: float = 1e-2
+    """AdamW weight decay"""
+    adam_beta1: float = 0.9
+    """AdamW beta1"""
+    adam_beta2: float = 0.999
+    """AdamW beta2"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon"""
+    use_8bit_adam: bool = False
+    """bitsandbytes AdamW8bit (needs bitsandbytes and a GPU)"""
+    grad_accum: int = 1
+    """micro-batches accumulated per optimizer step"""
+    max_grad_norm: float = 1.0
+    """clip the gradient norm to this (0 = no clipping)"""
+    lr_schedule: str = "constant"
+    """constant | cosine | linear (after warm-up)"""
+    warmup_steps: int = 0
+    """linear warm-up steps"""
+    ema_decay: float = 0.0
+    """exponential moving average of the trained weights (0 = off, e.g. 0.999)"""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "lr", "grad_accum", "adam_eps")
+        _check_positive(self, "decoder_lr", "weight_decay", "max_grad_norm", "warmup_steps", allow_zero=True)
+        _check_choice("optim.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay={self.ema_decay}: expected 0 (off) or a decay in (0, 1)")
+
+
+@dataclass
+class LoopConfig:
+    """The training loop: length, batch, precision, device, logging."""
+
+    output_dir: str = "runs/controlnet"
+    """run folder: config.json, metrics.jsonl, checkpoints/, final/, report.html"""
+    max_steps: int = 1000
+    """optimizer steps to train"""
+    max_minutes: float = 0.0
+    """stop (and export) after this much training time (0 = no limit)"""
+    batch_size: int = 4
+    """samples per process per micro-batch (global batch = batch_size * processes * grad_accum)"""
+    seed: int = 0
+    """seed of data order, noise, timesteps and prompt dropout"""
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 (fp16 needs a GPU)"""
+    cpu: bool = False
+    """train on the CPU even when a GPU exists"""
+    max_nonfinite: int = 5
+    """stop with an error after this many optimizer steps in a row with a non-finite loss or gradient"""
+    log_every: int = 10
+    """write a metrics.jsonl line every this many steps"""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "max_steps", "batch_size", "max_nonfinite", "log_every")
+        _check_positive(self, "max_minutes", allow_zero=True)
+        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+
+
+@dataclass
+class CheckpointConfig:
+    """Crash-safe checkpoints and the final export."""
+
+    every: int = 500
+    """save a resumable checkpoint every this many steps (0 = only at the end and on SIGINT/SIGTERM)"""
+    keep: int = 3
+    """keep the last this many checkpoints (older ones are pruned only after the new one is complete)"""
+    resume: str = "auto"
+    """auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder"""
+    export_formats: tuple[str, ...] = EXPORT_FORMATS
+    """final export formats of the trained ControlNet: diffusers and/or original"""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "every", allow_zero=True)
+        _check_positive(self, "keep")
+        self.export_formats = tuple(self.export_formats)
+        for fmt in self.export_formats:
+            _check_choice("checkpoint.export_formats", fmt, EXPORT_FORMATS)
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out generation, fidelity and the sudden-convergence step (paper Sec. 4, Fig. 4)."""
+
+    every: int = 0
+    """validate every this many steps (0 = off)"""
+    num_samples: int = 8
+    """held-out samples (the last ones of the dataset, never trained on)"""
+    steps: int = 20
+    """sampler steps per validation image"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance scale at validation (1 = off)"""
+    metric: str = "auto"
+    """auto (fill_iou for fill datasets, else edge_f1) | fill_iou | edge_f1 | none"""
+    threshold: float = 0.8
+    """fidelity above which the model counts as following the condition (convergence)"""
+    early_stop: bool = False
+    """stop once fidelity stayed above the threshold for `patience` validations"""
+    patience: int = 3
+    """validations in a row above the threshold before an early stop"""
+    grid_samples: int = 8
+    """validation images kept per step in the report's sample grid"""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "every", allow_zero=True)
+        _check_positive(self, "num_samples", "steps", "patience", "grid_samples")
+        _check_choice("validation.metric", self.metric, METRICS)
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run; sections mirror the config file's top-level keys."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                setattr(self, f.name, build_section(SECTIONS[f.name], value, f.name))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": LoopConfig,
+    "checkpoint": CheckpointConfig,
+    "validation": ValidationConfig,
+}
+
+
+def build_section(cls: type, values: dict, section: str):
+    """`cls(**values)` with unknown keys refused by name."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"config section {section!r}: unknown keys {unknown}; expected some of {sorted(names)}")
+    return cls(**values)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the CLI help), read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def parse_value(text: str, annotation) -> object:
+    """A flag's string as the field's type: bool, int, float, str or a tuple of str (comma separated)."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if annotation is int:
+        return int(text)
+    if annotation is float:
+        return float(text)
+    if origin is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return text
+
+
+def section_types(cls: type) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def load_config_file(path: str | Path) -> dict:
+    """The nested dict of a YAML or JSON config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        values = json.loads(text)
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"config file {path}: expected a .yaml, .yml or .json file")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"config file {path}: unknown sections {unknown}; expected some of {list(SECTIONS)}")
+    return values
+
+
+def resolve_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> TrainConfig:
+    """Defaults <- config file <- overrides ("section.field" -> string value from the command line)."""
+    values: dict[str, dict] = {name: {} for name in SECTIONS}
+    if path:
+        for section, entries in load_config_file(path).items():
+            values[section].update(entries or {})
+    for key, text in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ValueError(f"override {key!r}: expected SECTION.FIELD with SECTION one of {list(SECTIONS)}")
+        types = section_types(SECTIONS[section])
+        if name not in types:
+            raise ValueError(f"override {key!r}: section {section!r} has no field {name!r}")
+        try:
+            values[section][name] = parse_value(text, types[name])
+        except ValueError as err:
+            raise ValueError(f"override --{key}={text!r}: {err}") from None
+    return TrainConfig(**{section: build_section(SECTIONS[section], v, section) for section, v in values.items()})
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A TrainConfig from `to_dict()` output (e.g. a run folder's config.json)."""
+    return TrainConfig(**{s: build_section(SECTIONS[s], values.get(s, {}), s) for s in SECTIONS})

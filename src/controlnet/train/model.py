@@ -1,0 +1,55 @@
+"""The trained model: a ControlNet steering a locked UNet, as one module (so DDP wraps one thing).
+
+Paper Sec. 3.2: the UNet is locked; the trainable copy of its encoder feeds residuals through zero convolutions
+into the UNet's skip connections and middle block. Because the locked parameters have requires_grad=False and
+the noisy latent does not require grad, autograd builds no graph through the locked encoder and middle block at
+all: the backward pass runs through the locked decoder (activation gradients only, no weight gradients) into the
+zero convolutions and the copy. With `sd_locked=False` (reference `sd_locked`) the decoder's weights are trained
+too (paper Sec. 4: "for larger datasets... unlock the decoder").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from controlnet.model.controlnet import ControlNet
+
+# The reference code's sd_locked=False trains `output_blocks` and `out` of the LDM UNet: diffusers' names.
+DECODER_MODULES = ("up_blocks", "conv_norm_out", "conv_out")
+
+
+def decoder_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the UNet's decoder (up blocks and output head)."""
+    params = []
+    for name in DECODER_MODULES:
+        module = getattr(unet, name, None)
+        if module is not None:
+            params += list(module.parameters())
+    return params
+
+
+def decoder_state(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The decoder's entries of the UNet state dict (what sd_locked=False changes)."""
+    return {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in DECODER_MODULES}
+
+
+class ControlledUNet(nn.Module):
+    """eps_theta(z_t, t, c_t, c_f): ControlNet residuals into the locked UNet (paper Eq. 2 / Fig. 3b)."""
+
+    def __init__(self, controlnet: ControlNet, unet: nn.Module, only_mid_control: bool = False):
+        super().__init__()
+        self.controlnet, self.unet, self.only_mid_control = controlnet, unet, only_mid_control
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                cond: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """noisy: (B, C, h, w); timesteps: (B,); context: (B, L, D); cond: (B, C_cond, H, W) in [0, 1]."""
+        out = self.controlnet(noisy, timesteps, context, cond=cond)
+        down = [torch.zeros_like(d) for d in out.down] if self.only_mid_control else out.down
+        return self.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=tuple(down),
+            mid_block_additional_residual=out.mid,
+        ).sample  # (B, C, h, w)
