@@ -304,3 +304,25 @@ def test_bad_device_is_a_clear_error(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             get_annotator("hed", weights=str(tmp_path), device="cuda")
+
+
+def test_depth_anything_folder_loads_through_the_same_annotator(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    backbone = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=56,
+        patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False,
+    )  # fmt: skip
+    config = transformers.DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=32, patch_size=14, neck_hidden_sizes=[16, 16, 16, 16],
+        fusion_hidden_size=16, head_hidden_size=16,
+    )  # fmt: skip
+    transformers.DepthAnythingForDepthEstimation(config).save_pretrained(tmp_path)
+    transformers.DPTImageProcessorPil(
+        size={"height": 56, "width": 56}, ensure_multiple_of=14, keep_aspect_ratio=False
+    ).save_pretrained(tmp_path)
+    annotator = get_annotator("depth", weights=str(tmp_path), detect_resolution=64)
+    assert type(annotator.model).__name__ == "DepthAnythingForDepthEstimation"
+    depth = annotator(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    assert depth.shape == (64, 96, 3) and depth.min() == 0 and depth.max() == 255
+    assert (depth[:, :, 0] == depth[:, :, 2]).all()  # grey
