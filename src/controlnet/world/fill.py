@@ -55,8 +55,10 @@ def _rasterize(shape: str, centre: np.ndarray, radius: float, size: int) -> np.n
     big = size * SUPERSAMPLE
     canvas = np.zeros((big, big), np.uint8)
     scale = SUPERSAMPLE * (1 << SUBPIXEL_BITS)
-    # pixel centres sit at (i + 0.5); in the big canvas a point p maps to p * SUPERSAMPLE - 0.5
-    to_big = lambda p: np.round((np.asarray(p) * SUPERSAMPLE - 0.5) * (1 << SUBPIXEL_BITS)).astype(np.int32)  # noqa: E731
+
+    def to_big(p) -> np.ndarray:  # pixel centres sit at (i + 0.5): p maps to p * SUPERSAMPLE - 0.5, fixed point
+        return np.round((np.asarray(p) * SUPERSAMPLE - 0.5) * (1 << SUBPIXEL_BITS)).astype(np.int32)
+
     polygon = _shape_polygon(shape, centre, radius)
     if polygon is None:
         cv2.circle(

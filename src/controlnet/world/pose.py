@@ -33,6 +33,8 @@ UPPER_ARM, FOREARM = 0.16, 0.15
 THIGH, SHIN = 0.23, 0.22
 LIMB_RADIUS = 0.035  # limb thickness for the rendered body
 TORSO_RADIUS = 0.075
+# Ranges (degrees) of random poses: arms from nearly down to raised, elbows and knees bent either way.
+ARM_RANGE, ELBOW_RANGE, LEG_RANGE, KNEE_RANGE = (5.0, 160.0), (-60.0, 60.0), (0.0, 30.0), (-15.0, 15.0)
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,9 @@ class PoseAngles:
 
     @staticmethod
     def random(rng: np.random.Generator) -> PoseAngles:
-        arm = lambda: float(rng.uniform(5.0, 160.0))  # noqa: E731
-        bend = lambda: float(rng.uniform(-60.0, 60.0))  # noqa: E731
-        leg = lambda: float(rng.uniform(0.0, 30.0))  # noqa: E731
-        knee = lambda: float(rng.uniform(-15.0, 15.0))  # noqa: E731
-        return PoseAngles(arm(), bend(), arm(), bend(), leg(), knee(), leg(), knee())
+        """Uniform angles in the ranges below, drawn in field order."""
+        ranges = (ARM_RANGE, ELBOW_RANGE, ARM_RANGE, ELBOW_RANGE, LEG_RANGE, KNEE_RANGE, LEG_RANGE, KNEE_RANGE)
+        return PoseAngles(*(float(rng.uniform(lo, hi)) for lo, hi in ranges))
 
 
 def _down(angle_deg: float, outward: float) -> np.ndarray:
