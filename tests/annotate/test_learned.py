@@ -323,6 +323,6 @@ def test_depth_anything_folder_loads_through_the_same_annotator(tmp_path):
     ).save_pretrained(tmp_path)
     annotator = get_annotator("depth", weights=str(tmp_path), detect_resolution=64)
     assert type(annotator.model).__name__ == "DepthAnythingForDepthEstimation"
-    depth = annotator(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
-    assert depth.shape == (64, 96, 3) and depth.min() == 0 and depth.max() == 255
+    depth = annotator(np.random.default_rng(0).integers(0, 255, (64, 128, 3), dtype=np.uint8))  # = detect size
+    assert depth.shape == (64, 128, 3) and depth.min() == 0 and depth.max() == 255
     assert (depth[:, :, 0] == depth[:, :, 2]).all()  # grey
