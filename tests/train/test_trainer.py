@@ -21,6 +21,7 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_locked_unet_gets_no_weight_grads_and_its_encoder_no_backward():
     base = make_tiny_base()
     net = ControlNet.from_unet(base.unet, hint_downscale_factor=1, hint_block_channels=(8, 16))

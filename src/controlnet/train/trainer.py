@@ -163,6 +163,17 @@ class Trainer:
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
             ckpt.remove_partial(self.run_dir)
         self.acc.wait_for_everyone()
+        # data: scan everything before training; the last samples are held out for validation
+        self.source = open_source(c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column,
+                                  c.data.caption_column)  # fmt: skip
+        found = scan(self.source, c.data.skip_bad)
+        n_val = c.validation.num_samples if c.validation.every and c.validation.metric != "none" else 0
+        if n_val >= len(found.indices):
+            raise ValueError(
+                f"validation.num_samples={n_val} leaves no training data ({len(found.indices)} usable)"
+            )
+        cut = len(found.indices) - n_val
+        self.train_indices, self.val_indices = found.indices[:cut], found.indices[cut:]
         base = self._base or load_base(c.model.base)
         self.base = base
         self.device = self.acc.device
@@ -182,17 +193,6 @@ class Trainer:
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
 
-        # data: scan everything before training; the last samples are held out for validation
-        self.source = open_source(c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column,
-                                  c.data.caption_column)  # fmt: skip
-        found = scan(self.source, c.data.skip_bad)
-        n_val = c.validation.num_samples if c.validation.every and c.validation.metric != "none" else 0
-        if n_val >= len(found.indices):
-            raise ValueError(
-                f"validation.num_samples={n_val} leaves no training data ({len(found.indices)} usable)"
-            )
-        cut = len(found.indices) - n_val
-        self.train_indices, self.val_indices = found.indices[:cut], found.indices[cut:]
         multiple = BUCKET_MULTIPLE if base.vae is not None else 8
         buckets = assign_buckets(found.sizes[:cut], c.data.resolution, c.data.bucketing, multiple)
         self.plan = BatchPlan(buckets, c.train.batch_size * self.world, c.train.seed)

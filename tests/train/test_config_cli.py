@@ -1,0 +1,71 @@
+"""One typed config behind the file, the flags and the help; the `controlnet train` command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_tiny import TINY_SIZE
+
+from controlnet import cli
+from controlnet.train.config import DataConfig, OptimConfig, TrainConfig, field_docs, resolve_config
+
+
+def test_file_then_flags_then_validation(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 0.0001\n  grad_accum: 2\ndata:\n  path: somewhere\n")
+    config = resolve_config(
+        path, {"optim.lr": "3e-4", "data.random_flip": "true", "checkpoint.export_formats": "original"}
+    )
+    assert isinstance(config, TrainConfig)
+    assert config.optim.lr == 3e-4 and config.optim.grad_accum == 2 and config.data.random_flip is True
+    assert config.checkpoint.export_formats == ("original",)
+    assert config.data.random_augmentation  # random flip bypasses the latent cache
+    defaults = TrainConfig()
+    assert defaults.data.empty_prompt_prob == 0.5 and defaults.optim.lr == 1e-5  # paper Sec. 3.3 / reference
+    with pytest.raises(ValueError, match="empty_prompt_prob=1.5"):
+        resolve_config(None, {"data.empty_prompt_prob": "1.5"})
+    with pytest.raises(ValueError, match="no field 'lrr'"):
+        resolve_config(None, {"optim.lrr": "1"})
+    with pytest.raises(ValueError, match="unknown sections"):
+        (tmp_path / "bad.json").write_text(json.dumps({"optimiser": {}}))
+        resolve_config(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="mixed_precision='fp8'"):
+        resolve_config(None, {"train.mixed_precision": "fp8"})
+
+
+def test_every_field_has_a_docstring_for_the_help():
+    for cls in (DataConfig, OptimConfig):
+        docs = field_docs(cls)
+        assert set(docs) == set(cls.__dataclass_fields__)
+    assert "50%" in field_docs(DataConfig)["empty_prompt_prob"]
+
+
+def test_train_command_writes_a_complete_run_folder(fill_data, base_dir, tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": {"base": str(base_dir), "hint_channels": [8, 16]},
+                                  "data": {"path": str(fill_data), "resolution": TINY_SIZE}}))  # fmt: skip
+    run = tmp_path / "run"
+    argv = ["train", str(config), "--train.output_dir", str(run), "--train.max_steps", "2", "--train.batch_size",
+            "2", "--optim.lr", "1e-3", "--validation.every", "2", "--validation.num_samples", "2",
+            "--validation.steps", "2", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "finished at step 2" in out and "floor" in out and "ceiling" in out
+    for name in ("config.json", "metrics.jsonl", "report.html", "final/controlnet/config.json",
+                 "final/controlnet.safetensors", "checkpoints/step-0000002/state.json", "samples/reference.png"):  # fmt: skip
+        assert (run / name).exists(), name
+    assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 2
+    # a user error is one line and exit status 2
+    assert (
+        cli.main(["train", "--data.path", str(tmp_path / "missing"), "--train.output_dir", str(tmp_path / "x")])
+        == 2
+    )
+    assert "no such folder or file" in capsys.readouterr().err
+
+
+def test_train_help_lists_fields_with_their_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--optim.lr" in out and "--data.empty_prompt_prob" in out and "AdamW learning rate" in out
