@@ -101,3 +101,9 @@ def test_missing_weights_is_one_line_and_nothing_written(photos, tmp_path, capsy
     assert main(["annotate", "depth", str(photos), "-o", str(out), "--weights", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in one_line_error(capsys)
     assert not out.exists()
+
+
+def test_output_never_replaces_an_input(photos, capsys):
+    assert main(["annotate", "invert", str(photos), "-o", str(photos), "--overwrite"]) == 2
+    assert "also an input" in one_line_error(capsys)
+    assert read_image(photos / "coffee.png").tolist() == skimage.data.coffee().tolist()

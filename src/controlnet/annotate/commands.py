@@ -106,6 +106,8 @@ def output_paths(files: list[Path], folder: Path, overwrite: bool) -> list[Path]
         if output in seen:
             raise ValueError(f"INPUT: {seen[output]} and {file} would both be written to {output}")
         seen[output] = file
+        if output.exists() and output.resolve() in {f.resolve() for f in files}:
+            raise ValueError(f"--output: {output} is also an input; choose another output folder")
         if output.exists() and not overwrite:
             raise ValueError(f"--output: {output} exists; pass --overwrite to replace it")
     return outputs
