@@ -1,5 +1,6 @@
 """Each metric: ground truth near its maximum, shuffled pairs near the floor, a 4 px shift measurably lower."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -48,6 +49,24 @@ def test_scene_metric_ceiling_floor_and_shift(fn, task, ceiling, shuffled_max, s
     assert shuffled <= shuffled_max and shuffled < gt - 0.2, (gt, shuffled)
     assert shifted <= gt - shift_drop, (gt, shifted)
     assert 0.0 <= shuffled <= 1.0 and 0.0 <= gt <= 1.0
+
+
+def degrade(image, rng, sigma=12.0):
+    """What a small generator's output looks like: slightly blurred, with pixel noise."""
+    blurred = cv2.GaussianBlur(image, (3, 3), 0.8).astype(np.float32)
+    return np.clip(blurred + rng.normal(0.0, sigma, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("fn", "task"), [c[:2] for c in CASES], ids=[c[1] for c in CASES])
+def test_scene_metrics_tolerate_blur_and_noise(fn, task):
+    rng = np.random.default_rng(0)
+    samples = [scene_sample(i, 64, require_person=task == "pose") for i in range(N)]
+    clean = np.mean([fn(s.image, s.conditions[task]) for s in samples])
+    noisy = np.mean([fn(degrade(s.image, rng), s.conditions[task]) for s in samples])
+    shuffled = np.mean(
+        [fn(degrade(samples[(i + 1) % N].image, rng), s.conditions[task]) for i, s in enumerate(samples)]
+    )
+    assert noisy > clean - 0.15 and noisy > shuffled + 0.2, (clean, noisy, shuffled)
 
 
 def test_fill_placement_metric():

@@ -57,7 +57,7 @@ def seg_objects(condition: np.ndarray) -> np.ndarray:
 
 def map_objects(condition: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels of a depth or normal map that differ from their row's background."""
-    return foreground_mask(condition, MAP_FOREGROUND_DISTANCE)
+    return foreground_mask(condition, MAP_FOREGROUND_DISTANCE, smooth=False)
 
 
 def depth_silhouette_iou(generated: np.ndarray, condition: np.ndarray) -> float:
