@@ -6,9 +6,9 @@
   colour i; limbs are blended at 0.6 over the canvas).
 - Normals: RGB = 255 * (1 + (-nx, ny, nz)) / 2 in camera coordinates (x right, y up, z toward the
   viewer): red = facing left, green = facing up, blue = facing the camera, so a surface facing the camera
-  is (128, 128, 255). This is the look of ControlNet 1.1 `normalbae` maps (ScanNet protocol); we could not
-  check the sign of the red axis against the released annotator without its weights, and inside the world
-  only self-consistency matters (see `NORMAL_RGB_SIGNS`).
+  is (128, 128, 255). That is the frame ControlNet 1.1's `normalbae` maps are read in by third-party code
+  ("x-left, y-up, z-forward"); we did not check it against the annotator's weights (none can be
+  downloaded here), and inside the world only self-consistency matters (see `NORMAL_RGB_SIGNS`).
 """
 
 from __future__ import annotations
