@@ -288,3 +288,11 @@ def test_normals_from_16_bit_depth_keep_its_precision():
     assert {tuple(int(v) for v in p) for p in interior} == {(185, 127, 241)}  # one normal: no 8-bit staircase
     quantised = annotate(np.round(depth16 / 257).astype(np.uint8), "normal", detect_resolution=None)
     assert len({tuple(p) for p in quantised[4:-4, 4:-4].reshape(-1, 3)}) > 1  # 8-bit steps: several normals
+
+
+def test_annotate_reuses_one_annotator_per_name_and_options():
+    from controlnet.annotate import cached_annotator
+
+    assert cached_annotator("canny", low_threshold=50) is cached_annotator("canny", low_threshold=50)
+    assert cached_annotator("canny", low_threshold=50) is not cached_annotator("canny", low_threshold=60)
+    assert cached_annotator("softedge", sigmas=[1.0, 2.0]).sigmas == (1.0, 2.0)  # unhashable: built fresh

@@ -17,6 +17,6 @@ Local weights only (`weights=` or $CONTROLNET_ANNOTATORS; nothing is downloaded)
 (transformers model folders).
 """
 
-from controlnet.annotate.registry import annotate, get_annotator, list_annotators
+from controlnet.annotate.registry import annotate, cached_annotator, get_annotator, list_annotators
 
-__all__ = ["annotate", "get_annotator", "list_annotators"]
+__all__ = ["annotate", "cached_annotator", "get_annotator", "list_annotators"]

@@ -7,6 +7,7 @@ Modules are imported on first use so that listing names stays cheap (no torch im
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 from importlib import import_module
 from typing import Any
 
@@ -63,6 +64,25 @@ def get_annotator(name: str, **options: Any):
     return cls(**options)
 
 
+MAX_CACHED_ANNOTATORS = 8  # learned annotators hold networks; keep a few, not all
+
+
+@lru_cache(maxsize=MAX_CACHED_ANNOTATORS)
+def _cached(name: str, options: tuple[tuple[str, Any], ...]):
+    return get_annotator(name, **dict(options))
+
+
+def cached_annotator(name: str, **options: Any):
+    """`get_annotator`, built once per (name, options) and reused: learned weights are read only once."""
+    try:
+        return _cached(name, tuple(sorted(options.items())))
+    except TypeError:  # an unhashable option value (a list...): build a fresh one
+        return get_annotator(name, **options)
+
+
 def annotate(image: np.ndarray, name: str, **options: Any) -> np.ndarray:
-    """One call for the pipeline: (H, W, C) image -> (H, W, 3) uint8 condition map from annotator `name`."""
-    return get_annotator(name, **options)(image)
+    """One call for the pipeline: (H, W, C) image -> (H, W, 3) uint8 condition map from annotator `name`.
+
+    The annotator is cached per (name, options), so calling this per image reads weights once.
+    """
+    return cached_annotator(name, **options)(image)
