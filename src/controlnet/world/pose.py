@@ -108,7 +108,12 @@ def openpose_width(size: int) -> int:
 
 
 def draw_openpose(people: list[np.ndarray], size: int) -> np.ndarray:
-    """(size, size, 3) uint8 OpenPose map of people (each (18, 2) keypoints px): joints, then blended limbs."""
+    """(size, size, 3) uint8 OpenPose map of people (each (18, 2) keypoints px): joints, then blended limbs.
+
+    The order and the 0.6 blend are the paper's reference code (ControlNet 1.0); 1.1's `draw_bodypose`
+    (controlnet.annotate.keypoints.draw_body) fills limbs at 0.6 brightness, then joints. They differ only
+    where limbs overlap. Widths scale with the image (4 px at 512 px), so 64 px maps keep thin sticks.
+    """
     canvas = np.zeros((size, size, 3), np.uint8)
     width = openpose_width(size)
     for keypoints in people:
