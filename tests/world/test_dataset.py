@@ -57,6 +57,7 @@ def test_every_task_makes_a_sample():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--task", "hed", "--n", "3"], "task='hed'"),
         (["--task", "fill", "--n", "0"], "n=0"),
         (["--task", "fill", "--n", "3", "--size", "8"], "size=8"),
         (["--task", "seg", "--n", "3", "--size", "16"], "size=16"),
