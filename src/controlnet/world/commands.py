@@ -63,11 +63,13 @@ def run_make(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from controlnet.world.dataset import write_dataset
+    from controlnet.world.dataset import check_arguments, default_workers, write_dataset
 
+    workers = default_workers() if args.workers is None else args.workers
+    check_arguments(args.task, args.n, args.size, workers)  # before the progress bar: errors stay one line
     start = time.perf_counter()
     with tqdm(total=max(args.n, 0), unit="sample", desc=f"world {args.task}", leave=False) as bar:
-        out = write_dataset(args.task, args.n, args.size, args.out, seed=args.seed, workers=args.workers,
+        out = write_dataset(args.task, args.n, args.size, args.out, seed=args.seed, workers=workers,
                             progress=bar.update)  # fmt: skip
     print(f"wrote {args.n} {args.task} samples ({args.size} px) to {out} in {time.perf_counter() - start:.1f} s")
     return 0
