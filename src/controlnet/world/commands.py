@@ -63,10 +63,11 @@ def run_make(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from controlnet.world.dataset import check_arguments, default_workers, write_dataset
+    from controlnet.world.dataset import check_arguments, check_out, default_workers, write_dataset
 
     workers = default_workers() if args.workers is None else args.workers
     check_arguments(args.task, args.n, args.size, workers)  # before the progress bar: errors stay one line
+    check_out(args.out)
     start = time.perf_counter()
     with tqdm(total=max(args.n, 0), unit="sample", desc=f"world {args.task}", leave=False) as bar:
         out = write_dataset(args.task, args.n, args.size, args.out, seed=args.seed, workers=workers,

@@ -78,6 +78,16 @@ def check_arguments(task: str, n: int, size: int, workers: int) -> None:
         raise ValueError(f"workers={workers!r}: expected a positive number of processes")
 
 
+def check_out(out: str | Path) -> Path:
+    """The dataset folder to create: must not exist, its parent must."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"out={str(out)!r}: already exists; expected a path for a new dataset folder")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"out={str(out)!r}: the parent folder {str(out.parent)!r} does not exist")
+    return out
+
+
 def _write_chunk(job: tuple[str, int, int, int, int, str]) -> list[str]:
     """Render and write samples [start, stop) into `root`; return their prompts in order."""
     task, seed, size, start, stop, root = job
@@ -113,11 +123,7 @@ def write_dataset(
     """
     workers = default_workers() if workers is None else workers
     check_arguments(task, n, size, workers)
-    out = Path(out)
-    if out.exists():
-        raise ValueError(f"out={str(out)!r}: already exists; expected a path for a new dataset folder")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"out={str(out)!r}: the parent folder {str(out.parent)!r} does not exist")
+    out = check_out(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         (tmp / "source").mkdir()
