@@ -10,8 +10,10 @@ import torch
 from controlnet.world.base import BaseModelConfig, load_builtin_base, sample
 from controlnet.world.pretrain import (
     CHECKPOINT_NAME,
+    LatentPool,
     PretrainConfig,
     export_builtin,
+    latent_batch,
     lr_factor,
     pretrain,
     training_batch,
@@ -38,6 +40,7 @@ def tiny_config(out, steps: int, **overrides) -> PretrainConfig:
         warmup_steps=1,
         scene_fraction=0.5,
         scene_pool=4,
+        fill_pool=16,
         model=BaseModelConfig(**TINY_MODEL),
     )
     fields.update(overrides)
@@ -76,13 +79,26 @@ def test_no_temporary_files_left_and_export_loads(tmp_path):
 
 def test_training_batch_is_a_function_of_step():
     config = tiny_config("/nonexistent", steps=1, scene_fraction=0.0, uncond_prob=0.5)
-    a_images, a_prompts = training_batch(config, 7, "unet")
-    b_images, b_prompts = training_batch(config, 7, "unet")
-    c_images, _ = training_batch(config, 8, "unet")
+    a_images, a_prompts = training_batch(config, 7, "vae")
+    b_images, b_prompts = training_batch(config, 7, "vae")
+    c_images, _ = training_batch(config, 8, "vae")
     assert a_prompts == b_prompts and torch.equal(a_images, b_images)
     assert not torch.equal(a_images, c_images)
     assert a_images.shape == (4, 3, 32, 32) and a_images.min() >= -1 and a_images.max() <= 1
-    assert "" in [p for step in range(10) for p in training_batch(config, step, "unet")[1]]
+    assert "" in [p for step in range(10) for p in training_batch(config, step, "vae")[1]]
+
+
+def test_latent_batch_draws_fill_and_scene_rows_and_drops_prompts():
+    pool = LatentPool(torch.arange(10.0).view(10, 1, 1, 1), [f"fill {i}" for i in range(6)] + ["scene"] * 4, 6)
+    config = tiny_config("/nonexistent", steps=1, scene_fraction=0.5, uncond_prob=0.25, batch_size=400)
+    latents, prompts = latent_batch(config, 3, pool)
+    again, _ = latent_batch(config, 3, pool)
+    assert torch.equal(latents, again) and latents.shape == (400, 1, 1, 1)
+    scene_share = float((latents.view(-1) >= 6).float().mean())
+    assert 0.4 < scene_share < 0.6
+    assert 0.15 < prompts.count("") / 400 < 0.35
+    for value, prompt in zip(latents.view(-1).tolist(), prompts, strict=True):
+        assert prompt in ("", pool.prompts[int(value)])
 
 
 def test_lr_schedule_warms_up_and_decays():

@@ -6,9 +6,44 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import sys
+import textwrap
 from dataclasses import fields
 
 from controlnet.world.pretrain import PretrainConfig
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings under each field of a config dataclass (they are the CLI help, STYLE.md rule 3)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = following.value.value.strip()
+    return docs
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--field-name` option per int/float/str field of `cls`, default and help from the dataclass."""
+    docs = field_docs(cls)
+    defaults = cls()
+    for item in fields(cls):
+        default = getattr(defaults, item.name)
+        if type(default) not in (int, float, str):
+            continue
+        help_text = f"{docs.get(item.name, '')} (default: {default})".replace("%", "%%")
+        parser.add_argument(
+            f"--{item.name.replace('_', '-')}", type=type(default), default=default, help=help_text
+        )
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -19,29 +54,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Train the built-in base model (VAE, then UNet + text encoder) on world images and captions. "
         "Checkpoints go to OUT/last.pt every few minutes (atomic); --resume continues from there.",
     )
-    pretrain.add_argument("--out", default=defaults.out, help="run folder (default: %(default)s)")
-    pretrain.add_argument("--steps", type=int, default=defaults.steps, help="UNet steps (default: %(default)s)")
-    pretrain.add_argument(
-        "--vae-steps", type=int, default=defaults.vae_steps, help="VAE steps (default: %(default)s)"
-    )
-    pretrain.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
-    pretrain.add_argument("--lr", type=float, default=defaults.lr, help="peak UNet lr (default: %(default)s)")
-    pretrain.add_argument(
-        "--scene-fraction",
-        type=float,
-        default=defaults.scene_fraction,
-        help="fraction of world scenes in each batch, the rest is the fill task (default: %(default)s)",
-    )
-    pretrain.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
-    pretrain.add_argument(
-        "--threads",
-        type=int,
-        default=defaults.threads,
-        help="torch CPU threads, 0 = torch default (default: %(default)s)",
-    )
-    pretrain.add_argument(
-        "--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes, help="default: %(default)s"
-    )
+    add_config_arguments(pretrain, PretrainConfig)
     pretrain.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     pretrain.set_defaults(func=run_pretrain)
 
@@ -122,3 +135,15 @@ def run_quality(args: argparse.Namespace) -> int:
     print(f"steps {args.steps}, guidance {guidance}, seed {args.seed}")
     print(report.table())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m controlnet.world.base_cli COMMAND ...`: the same commands outside `controlnet world`."""
+    parser = argparse.ArgumentParser(prog="python -m controlnet.world.base_cli")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,6 +41,9 @@ METRICS_NAME = "metrics.jsonl"
 RUN_CONFIG_NAME = "run_config.json"
 LOG_EVERY = 50  # steps between metrics.jsonl lines
 SCALING_BATCHES = 8  # batches whose latent std sets the VAE scaling_factor
+LATENT_POOL_NAME = "latent_pool.pt"
+POOL_ENCODE_BATCH = 256
+FILL_POOL_SEED_BASE = 10_000_000  # fill-pool seeds: (seed + 1) * base + i, apart from the quality tests' seeds
 STAGE_IDS = {"vae": 0, "unet": 1, "scaling": 2}  # separate data streams per stage
 SCENE_SEED_STRIDE = 1_000_000
 VAE_KL_WEIGHT = 1e-6  # KL(q(z|x) || N(0, I)) weight per latent element: keeps latents bounded, barely regularised
@@ -52,9 +55,9 @@ class PretrainConfig:
 
     out: str = str(DEFAULT_RUN_DIR)
     """run folder: checkpoints, metrics.jsonl, run_config.json, tokenizer (keep it outside the repository)"""
-    steps: int = 60_000
+    steps: int = 12_000
     """UNet + text-encoder optimisation steps (the cosine schedule spans them)"""
-    vae_steps: int = 3_000
+    vae_steps: int = 1_500
     """VAE optimisation steps before the UNet stage (0 for a pixel-space model)"""
     batch_size: int = 32
     """images per step"""
@@ -74,12 +77,14 @@ class PretrainConfig:
     """EMA decay of the exported weights (warmed up as min(decay, (1 + step) / (10 + step)))"""
     uncond_prob: float = 0.1
     """fraction of captions replaced by "" (classifier-free guidance needs an unconditional model)"""
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 0.0
     """min-SNR loss weighting gamma; 0 disables it"""
     scene_fraction: float = 0.25
     """fraction of each batch drawn from world scenes (captioned, no condition) instead of the fill task"""
-    scene_pool: int = 8_000
+    scene_pool: int = 4_000
     """distinct scenes rendered once at the start (a scene costs ~11 ms to render, a fill sample ~0.3 ms)"""
+    fill_pool: int = 20_000
+    """distinct fill samples whose VAE latents are encoded once for the UNet stage (encoding each step doubled it)"""
     grad_clip: float = 1.0
     """max gradient norm"""
     seed: int = 0
@@ -94,7 +99,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = BaseModelConfig(**self.model)
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "fill_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
         for name in ("vae_steps", "warmup_steps", "threads", "scene_pool", "vae_crop"):
@@ -175,6 +180,67 @@ def training_batch(
         prompts.append("" if rng.random() < config.uncond_prob else prompt)
     array = np.stack(images).astype(np.float32) / 127.5 - 1.0  # (B, H, W, 3)
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous(), prompts  # (B, 3, H, W)
+
+
+@dataclass
+class LatentPool:
+    """The UNet stage's data: unscaled VAE latent means (N, C, h, w) (pixels in pixel space) and captions.
+
+    Rows [0, n_fill) are fill samples, the rest scenes.
+    """
+
+    latents: torch.Tensor
+    prompts: list[str]
+    n_fill: int
+
+
+@torch.no_grad()
+def encode_pool(vae: torch.nn.Module | None, images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, C, h, w) float32 VAE latent means (or [-1, 1] pixels without a VAE)."""
+    chunks = []
+    for start in range(0, len(images), POOL_ENCODE_BATCH):
+        x = torch.from_numpy(images[start : start + POOL_ENCODE_BATCH]).float().permute(0, 3, 1, 2) / 127.5 - 1.0
+        chunks.append(x if vae is None else vae.encode(x).latent_dist.mode())
+    return torch.cat(chunks)
+
+
+def load_latent_pool(state: RunState, scenes: ScenePool | None, run_dir: Path) -> LatentPool:
+    """Fill samples of seeds FILL_POOL_SEED + i (shapes in turn) and the scene pool, encoded once and cached."""
+    config = state.config
+    cache = run_dir / LATENT_POOL_NAME
+    if cache.is_file():
+        data = torch.load(cache, map_location="cpu", weights_only=True)
+        return LatentPool(data["latents"], list(data["prompts"]), int(data["n_fill"]))
+    size = config.model.image_size
+    seeds = [(config.seed + 1) * FILL_POOL_SEED_BASE + i for i in range(config.fill_pool)]
+    fills = [fill_sample(s, size=size, shape=SHAPES[i % len(SHAPES)]) for i, s in enumerate(seeds)]
+    images = np.stack([f.image for f in fills])  # (N, H, W, 3)
+    prompts = [f.prompt for f in fills]
+    if scenes is not None and len(scenes.captions):
+        images = np.concatenate([images, scenes.images])
+        prompts += scenes.captions
+    if state.vae is not None:
+        state.vae.eval()
+    pool = LatentPool(encode_pool(state.vae, images), prompts, len(fills))
+    temporary = run_dir / f".{LATENT_POOL_NAME}.tmp-{os.getpid()}"
+    torch.save({"latents": pool.latents, "prompts": pool.prompts, "n_fill": pool.n_fill}, temporary)
+    os.replace(temporary, cache)
+    return pool
+
+
+def latent_batch(config: PretrainConfig, step: int, pool: LatentPool) -> tuple[torch.Tensor, list[str]]:
+    """Unscaled latents (B, C, h, w) and captions of one UNet step: a pure function of (seed, step, pool)."""
+    rng = np.random.default_rng([config.seed, STAGE_IDS["unet"], step])
+    n_scenes = len(pool.prompts) - pool.n_fill
+    rows, prompts = [], []
+    for _ in range(config.batch_size):
+        if n_scenes and rng.random() < config.scene_fraction:
+            row = pool.n_fill + int(rng.integers(n_scenes))
+        else:
+            row = int(rng.integers(pool.n_fill))
+        rows.append(row)
+        prompts.append("" if rng.random() < config.uncond_prob else pool.prompts[row])
+    return pool.latents[rows], prompts
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -358,16 +424,13 @@ def set_vae_scaling(state: RunState, scenes: ScenePool | None) -> float:
     return factor
 
 
-def _unet_step(state: RunState, images: torch.Tensor, prompts: list[str], noise_scheduler) -> dict[str, float]:
+def _unet_step(state: RunState, latents: torch.Tensor, prompts: list[str], noise_scheduler) -> dict[str, float]:
     config = state.config
     factor = lr_factor(state.step, config.steps, config.warmup_steps, config.min_lr_fraction)
     for group in state.optimizer.param_groups:
         group["lr"] = config.lr * factor
-    with torch.no_grad():
-        if state.vae is None:
-            latents = images
-        else:
-            latents = state.vae.encode(images).latent_dist.mode() * state.vae.config.scaling_factor  # (B, C, h, w)
+    if state.vae is not None:
+        latents = latents * state.vae.config.scaling_factor  # (B, C, h, w), unit variance
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -416,6 +479,7 @@ def pretrain(
     if state.stage == "done" and state.step < config.steps:
         state.stage = "unet"  # a finished run resumed with more steps continues
     steps_this_call = 0
+    pool: LatentPool | None = None
     metrics_file = open(run_dir / METRICS_NAME, "a")  # noqa: SIM115 (kept open for the whole run)
     try:
         while state.stage != "done" and (stop_after is None or steps_this_call < stop_after):
@@ -428,14 +492,17 @@ def pretrain(
                 else:
                     state.stage = "done"
                 continue
-            images, prompts = training_batch(config, state.step, state.stage, scenes)
             if state.stage == "vae":
+                images, _ = training_batch(config, state.step, state.stage, scenes)
                 state.vae.train()
                 metrics = _vae_step(state, images)
             else:
                 if state.vae is not None:
                     state.vae.eval().requires_grad_(False)
-                metrics = _unet_step(state, images, prompts, noise_scheduler)
+                if pool is None:
+                    pool = load_latent_pool(state, scenes, run_dir)
+                latents, prompts = latent_batch(config, state.step, pool)
+                metrics = _unet_step(state, latents, prompts, noise_scheduler)
             state.step += 1
             steps_this_call += 1
             state.wall_seconds = wall_at_segment + time.monotonic() - segment_start
