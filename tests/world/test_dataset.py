@@ -103,3 +103,8 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         dataset.write_dataset("fill", 5, 32, tmp_path / "out", workers=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_world_without_a_subcommand_prints_its_help(capsys):
+    assert main(["world"]) == 2
+    assert "make" in capsys.readouterr().out
