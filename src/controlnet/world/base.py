@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from controlnet.world.text import TextEncoderConfig, encode_prompts
+from controlnet.world.base_config import BaseModelConfig
+from controlnet.world.text import encode_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -33,67 +34,6 @@ BETA_START = 1e-4
 BETA_END = 0.02
 DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_SAMPLE_STEPS = 20
-
-
-@dataclass
-class BaseModelConfig:
-    """Architecture of the built-in base model (every field is saved in base_config.json)."""
-
-    image_size: int = 64
-    """side of the generated RGB images in pixels"""
-    latent_channels: int = 4
-    """channels of the VAE latent"""
-    vae_channels: tuple[int, ...] = (16, 32, 64)
-    """AutoencoderKL block widths; len - 1 halvings (3 blocks: 64 px -> 16x16 latent); () = pixel space"""
-    unet_channels: tuple[int, ...] = (32, 64, 64)
-    """UNet block widths, one per resolution"""
-    unet_attention_levels: tuple[int, ...] = (1, 2)
-    """which UNet resolutions (0 = full latent size) have cross-attention to the prompt"""
-    layers_per_block: int = 1
-    """ResNet layers per UNet down block (up blocks get one more, as diffusers does)"""
-    head_dim: int = 32
-    """channels per attention head"""
-    norm_groups: int = 8
-    """GroupNorm groups in UNet and VAE"""
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    """the tiny CLIP text encoder"""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.text, dict):
-            self.text = TextEncoderConfig(**self.text)
-        self.vae_channels = tuple(self.vae_channels)
-        self.unet_channels = tuple(self.unet_channels)
-        self.unet_attention_levels = tuple(self.unet_attention_levels)
-        if self.image_size % self.vae_scale != 0:
-            raise ValueError(f"image_size={self.image_size} must be divisible by the VAE factor {self.vae_scale}")
-        if any(level < 0 or level >= len(self.unet_channels) for level in self.unet_attention_levels):
-            raise ValueError(
-                f"unet_attention_levels={self.unet_attention_levels}: expected levels in 0..{len(self.unet_channels) - 1}"
-            )
-        for name in ("vae_channels", "unet_channels"):
-            if any(c % self.norm_groups for c in getattr(self, name)):
-                raise ValueError(
-                    f"{name}={getattr(self, name)}: every width must divide by norm_groups={self.norm_groups}"
-                )
-
-    @property
-    def pixel_space(self) -> bool:
-        """True when there is no VAE and the UNet denoises RGB pixels directly."""
-        return len(self.vae_channels) == 0
-
-    @property
-    def vae_scale(self) -> int:
-        """Pixels per latent cell along one side."""
-        return 1 if self.pixel_space else 2 ** (len(self.vae_channels) - 1)
-
-    @property
-    def unet_channels_in(self) -> int:
-        """Channels the UNet denoises: RGB in pixel space, else the VAE latent's."""
-        return 3 if self.pixel_space else self.latent_channels
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // self.vae_scale
 
 
 def unet_kwargs(config: BaseModelConfig) -> dict:

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from dataclasses import fields
 
-from controlnet.world.pretrain import PretrainConfig
+from controlnet.world.base_config import PretrainConfig
 
 
 def field_docs(cls: type) -> dict[str, str]:

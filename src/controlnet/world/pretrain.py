@@ -22,20 +22,20 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from controlnet.world.base import BaseModelConfig, save_builtin_base, scheduler_config, unet_kwargs, vae_kwargs
+from controlnet.world.base import save_builtin_base, scheduler_config, unet_kwargs, vae_kwargs
+from controlnet.world.base_config import PretrainConfig
 from controlnet.world.fill import SHAPES, fill_sample
 from controlnet.world.text import COMMON_WORDS, build_text_encoder, build_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RUN_DIR = Path.home() / ".cache" / "controlnet" / "pretrain-base"
 CHECKPOINT_NAME = "last.pt"
 METRICS_NAME = "metrics.jsonl"
 RUN_CONFIG_NAME = "run_config.json"
@@ -47,73 +47,6 @@ FILL_POOL_SEED_BASE = 10_000_000  # fill-pool seeds: (seed + 1) * base + i, apar
 STAGE_IDS = {"vae": 0, "unet": 1, "scaling": 2}  # separate data streams per stage
 SCENE_SEED_STRIDE = 1_000_000
 VAE_KL_WEIGHT = 1e-6  # KL(q(z|x) || N(0, I)) weight per latent element: keeps latents bounded, barely regularised
-
-
-@dataclass
-class PretrainConfig:
-    """`controlnet world pretrain-base`: train the built-in base model from scratch on world data."""
-
-    out: str = str(DEFAULT_RUN_DIR)
-    """run folder: checkpoints, metrics.jsonl, run_config.json, tokenizer (keep it outside the repository)"""
-    steps: int = 12_000
-    """UNet + text-encoder optimisation steps (the cosine schedule spans them)"""
-    vae_steps: int = 1_500
-    """VAE optimisation steps before the UNet stage (0 for a pixel-space model)"""
-    batch_size: int = 32
-    """images per step"""
-    vae_crop: int = 32
-    """the VAE trains on random crops of this side (it is fully convolutional; 4x cheaper than 64 px); 0 = whole"""
-    lr: float = 5e-4
-    """peak AdamW learning rate of the UNet and text encoder"""
-    vae_lr: float = 1e-3
-    """AdamW learning rate of the VAE (constant after warm-up)"""
-    warmup_steps: int = 500
-    """linear warm-up steps of both stages"""
-    min_lr_fraction: float = 0.05
-    """the cosine decay ends at lr * min_lr_fraction"""
-    weight_decay: float = 0.01
-    """AdamW weight decay"""
-    ema_decay: float = 0.9995
-    """EMA decay of the exported weights (warmed up as min(decay, (1 + step) / (10 + step)))"""
-    uncond_prob: float = 0.1
-    """fraction of captions replaced by "" (classifier-free guidance needs an unconditional model)"""
-    min_snr_gamma: float = 0.0
-    """min-SNR loss weighting gamma; 0 disables it"""
-    scene_fraction: float = 0.25
-    """fraction of each batch drawn from world scenes (captioned, no condition) instead of the fill task"""
-    scene_pool: int = 4_000
-    """distinct scenes rendered once at the start (a scene costs ~11 ms to render, a fill sample ~0.3 ms)"""
-    fill_pool: int = 20_000
-    """distinct fill samples whose VAE latents are encoded once for the UNet stage (encoding each step doubled it)"""
-    grad_clip: float = 1.0
-    """max gradient norm"""
-    seed: int = 0
-    """seed of data, initial weights and noise"""
-    threads: int = 0
-    """torch CPU threads (0 = torch's default); the shipped run used 1"""
-    checkpoint_minutes: float = 5.0
-    """minutes between checkpoints"""
-    model: BaseModelConfig = field(default_factory=BaseModelConfig)
-    """architecture"""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = BaseModelConfig(**self.model)
-        for name in ("steps", "batch_size", "fill_pool"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
-        for name in ("vae_steps", "warmup_steps", "threads", "scene_pool", "vae_crop"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected >= 0")
-        for name in ("uncond_prob", "scene_fraction", "min_lr_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a fraction in [0, 1]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay={self.ema_decay}: expected 0 <= decay < 1")
-        if self.lr <= 0 or self.vae_lr <= 0 or self.checkpoint_minutes <= 0:
-            raise ValueError("lr, vae_lr and checkpoint_minutes must be positive")
-        if self.model.pixel_space and self.vae_steps:
-            raise ValueError(f"vae_steps={self.vae_steps}: a pixel-space model (vae_channels=()) has no VAE")
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -10,10 +10,11 @@ Its last hidden states (B, L, D) are the UNet's cross-attention context, as in S
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from controlnet.world.base_config import TextEncoderConfig
 
 # Special tokens. Ids are fixed by their order: pad 0, unk 1, bos 2, eos 3, then the words in sorted order.
 PAD_TOKEN = "<pad>"
@@ -28,31 +29,6 @@ COMMON_WORDS: tuple[str, ...] = (
     "above", "below", "under", "over", "next", "beside", "background", "foreground", "small", "large", "big",
     "tiny", "two", "three", "four", "five", "one", "is", "are", "scene", "image", "photo", "picture",
 )  # fmt: skip
-
-
-@dataclass
-class TextEncoderConfig:
-    """Shape of the tiny CLIP text encoder; `vocab_size` comes from the tokenizer."""
-
-    hidden_size: int = 64
-    """width of token embeddings and of the UNet's cross-attention context"""
-    num_layers: int = 2
-    """transformer layers"""
-    num_heads: int = 2
-    """attention heads per layer"""
-    intermediate_size: int = 128
-    """MLP hidden width"""
-    max_length: int = 24
-    """tokens per prompt after padding (bos + words + eos); longer prompts are truncated"""
-
-    def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        if self.max_length < 3:
-            raise ValueError(f"max_length={self.max_length}: expected >= 3 (bos, a word, eos)")
 
 
 def caption_words(texts: Iterable[str]) -> list[str]:
