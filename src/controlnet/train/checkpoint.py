@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,14 @@ def _check_finite(weights: dict[str, dict[str, torch.Tensor]]) -> None:
             raise NonFiniteWeightsError(f"{stem} has non-finite values in {bad[:5]}; checkpoint not written")
 
 
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint without ever leaving a half-deleted folder under a checkpoint name: rename it to a
+    temporary name first (atomic), then delete (a kill during the deletion leaves only a `.partial-` folder)."""
+    doomed = checkpoint.with_name(f"{PARTIAL_PREFIX}delete-{checkpoint.name}-{os.getpid()}-{time.time_ns()}")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, data: CheckpointData, keep: int) -> Path:
     """Write checkpoint `step` atomically, then prune to the newest `keep`. Returns its folder."""
     _check_finite(data.weights)
@@ -102,14 +111,14 @@ def save_checkpoint(run_dir: Path, step: int, data: CheckpointData, keep: int) -
         for p in tmp.iterdir():
             _fsync_file(p)
         if final.exists():  # re-saving the same step (e.g. final save after a periodic one): replace it
-            shutil.rmtree(final)
+            _remove(final)
         os.rename(tmp, final)
         _fsync_file(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     logger.info("saved checkpoint %s", final)
     return final
 

@@ -155,7 +155,10 @@ class Trainer:
         from accelerate import Accelerator
 
         c = self.config
-        self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=c.train.cpu)
+        # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
+        # Accelerator is told cpu=True (otherwise every process believes it is alone)
+        cpu = c.train.cpu or not torch.cuda.is_available()
+        self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.run_dir = Path(c.train.output_dir)
         if self.acc.is_main_process:
@@ -250,6 +253,7 @@ class Trainer:
             net = load_controlnet(c.model.controlnet, unet=base.unet.float())
         else:
             kwargs = {"hint_block_channels": c.model.hint_channels} if c.model.hint_channels else {}
+            torch.manual_seed(c.train.seed)  # the new hint encoder's init: the same in every process and run
             net = ControlNet.from_unet(base.unet.float(), cond_channels=c.model.cond_channels,
                                        hint_downscale_factor=self.vae_factor, **kwargs)  # fmt: skip
         net = net.float().to(self.device).requires_grad_(True).train()
@@ -549,6 +553,11 @@ class Trainer:
                                        "metric": self.metric, "elapsed_s": time.time() - started})  # fmt: skip
                 _save_grid(samples_dir / f"step-{step:07d}.png", [images], c.validation.grid_samples)
             history = _broadcast_history(self.acc, history)
+        digests = self._rank_digests()
+        if self.acc.is_main_process and self.world > 1:
+            _append(metrics_path, {"step": step, "event": "ranks", "weight_sha256": digests})
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"processes hold different weights after step {step}: {digests}")
         summary = RunSummary(self.run_dir, status, step, validation=history)
         if floor_ceiling:
             summary.floor, summary.ceiling = floor_ceiling["floor"], floor_ceiling["ceiling"]
@@ -561,6 +570,19 @@ class Trainer:
             write_report(self.run_dir, c, summary)
         self.acc.wait_for_everyone()
         return summary
+
+    def _rank_digests(self) -> list[str]:
+        """sha256 of the trained weights on every process (DDP keeps them identical; this checks it)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.trainable:
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        if self.world == 1:
+            return [h.hexdigest()]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([h.hexdigest()]))
 
     # ------------------------------------------------------------------------------------------------------
     # 6. export

@@ -1,0 +1,59 @@
+"""`accelerate launch` with 2 real CPU processes (gloo) trains like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import final_weights
+from train_tiny import TINY_SIZE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(fill_data, base_dir, out, batch_size: int) -> list[str]:
+    return ["train", "--model.base", str(base_dir), "--model.hint_channels", "8,16", "--data.path", str(fill_data),
+            "--data.resolution", str(TINY_SIZE), "--train.output_dir", str(out), "--train.max_steps", "3",
+            "--train.batch_size", str(batch_size), "--train.log_every", "1", "--optim.lr", "1e-3",
+            "--checkpoint.every", "0", "--quiet"]  # fmt: skip
+
+
+def _losses(run) -> list[float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if "loss" in x]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(fill_data, base_dir, tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "-m", "controlnet.cli", *_args(fill_data, base_dir, tmp_path / "one", 4)],
+                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "controlnet.cli",
+           *_args(fill_data, base_dir, tmp_path / "two", 2)]  # fmt: skip
+    start = time.time()
+    multi = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    print(f"2-process run: {time.time() - start:.1f} s")
+    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ranks = [x for x in lines if x.get("event") == "ranks"]
+    assert len(ranks) == 1 and len(ranks[0]["weight_sha256"]) == 2
+    assert len(set(ranks[0]["weight_sha256"])) == 1  # both processes hold identical weights
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-6)
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5)
