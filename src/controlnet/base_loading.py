@@ -26,8 +26,13 @@ def load_pipeline(
     controlnets: Sequence = (),
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    **single_file_options,
 ):
-    """`cls(...)` from `base` ("builtin" or a diffusers folder) plus ControlNets (objects or paths)."""
+    """`cls(...)` from `base` ("builtin", a diffusers folder or one original SD checkpoint file) plus ControlNets.
+
+    ControlNets are objects or paths. `single_file_options` go to `single_file.load_single_file` (tokenizer=,
+    tokenizer_2=, family=, configs=, prediction_type=).
+    """
     if str(base) == BUILTIN:
         pipe = _builtin(cls, device, dtype)
     else:
@@ -39,10 +44,9 @@ def load_pipeline(
         if path.is_dir():
             pipe = _diffusers_folder(cls, path)
         else:
-            raise ValueError(
-                f"base model {path}: single checkpoint files are not supported yet; convert it to a diffusers "
-                "folder (e.g. with diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained)"
-            )
+            from controlnet.single_file import load_single_file
+
+            pipe = load_single_file(cls, path, **single_file_options)
         pipe.base_name = str(path)
     pipe.controlnets = [_controlnet(c, pipe.unet) for c in controlnets]
     for module in pipe._modules():

@@ -45,7 +45,8 @@ def encode_single(tokenizer, text_encoder, prompts: Sequence[str], clip_skip: in
         return PromptEmbeddings(text_encoder(ids, attention_mask=mask)[0])  # (B, L, D)
     out = text_encoder(ids, attention_mask=mask, output_hidden_states=True)
     hidden = out.hidden_states[-(clip_skip + 1)]
-    return PromptEmbeddings(text_encoder.text_model.final_layer_norm(hidden))
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 and 5 layouts
+    return PromptEmbeddings(final_norm(hidden))
 
 
 @torch.no_grad()

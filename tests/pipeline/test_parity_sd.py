@@ -91,3 +91,8 @@ def test_control_window(sd_parts, start, end):
         {"control_guidance_start": [start, 0.0], "control_guidance_end": [end, 1.0]},
     )
     assert_close(a, b)
+
+
+def test_clip_skip(sd_parts):
+    a, b = run_both(sd_parts, 1, {"clip_skip": 1}, {"clip_skip": 1})
+    assert_close(a, b)
