@@ -8,9 +8,10 @@ from controlnet.evaluate.common import tolerant_f1
 from controlnet.evaluate.edges import canny_f1, lines_f1, scribble_f1
 from controlnet.evaluate.fill import fill_colour_accuracy, fill_colour_error, fill_iou, region_from_outline
 from controlnet.evaluate.pose import pose_overlap
-from controlnet.evaluate.regions import depth_silhouette_iou, normal_silhouette_iou, seg_miou
+from controlnet.evaluate.regions import depth_layer_miou, depth_silhouette_iou, normal_silhouette_iou, seg_miou
 from controlnet.world.fill import COLOURS, fill_sample
-from controlnet.world.scene_sample import scene_sample
+from controlnet.world.scene import Scene, SceneObject
+from controlnet.world.scene_sample import render_scene, scene_sample
 
 N = 12
 
@@ -37,12 +38,15 @@ CASES = [
     (scribble_f1, "scribble", 0.8, 0.5, 0.1),
     (seg_miou, "seg", 0.75, 0.6, 0.15),
     (depth_silhouette_iou, "depth", 0.75, 0.3, 0.25),
+    (depth_layer_miou, "depth", 0.6, 0.45, 0.15),
     (normal_silhouette_iou, "normal", 0.75, 0.3, 0.25),
     (pose_overlap, "pose", 0.85, 0.5, 0.15),
 ]
 
 
-@pytest.mark.parametrize(("fn", "task", "ceiling", "shuffled_max", "shift_drop"), CASES, ids=[c[1] for c in CASES])
+@pytest.mark.parametrize(
+    ("fn", "task", "ceiling", "shuffled_max", "shift_drop"), CASES, ids=[c[0].__name__ for c in CASES]
+)
 def test_scene_metric_ceiling_floor_and_shift(fn, task, ceiling, shuffled_max, shift_drop):
     gt, shuffled, shifted = scores(fn, task, lambda i: scene_sample(i, 64, require_person=task == "pose"))
     assert gt >= ceiling, gt
@@ -57,7 +61,7 @@ def degrade(image, rng, sigma=12.0):
     return np.clip(blurred + rng.normal(0.0, sigma, image.shape), 0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize(("fn", "task"), [c[:2] for c in CASES], ids=[c[1] for c in CASES])
+@pytest.mark.parametrize(("fn", "task"), [c[:2] for c in CASES], ids=[c[0].__name__ for c in CASES])
 def test_scene_metrics_tolerate_blur_and_noise(fn, task):
     rng = np.random.default_rng(0)
     samples = [scene_sample(i, 64, require_person=task == "pose") for i in range(N)]
@@ -67,6 +71,21 @@ def test_scene_metrics_tolerate_blur_and_noise(fn, task):
         [fn(degrade(samples[(i + 1) % N].image, rng), s.conditions[task]) for i, s in enumerate(samples)]
     )
     assert noisy > clean - 0.15 and noisy > shuffled + 0.2, (clean, noisy, shuffled)
+
+
+@pytest.mark.parametrize(("near_kind", "far_kind"), [("ball", "box"), ("pyramid", "box"), ("box", "pyramid")])
+def test_depth_layers_notice_the_wrong_object_in_front(near_kind, far_kind):
+    """Paint the far object over the near one: silhouettes are unchanged, the layers are not."""
+    near = SceneObject(near_kind, "red", "big", 30.0, 60.0)
+    far = SceneObject(far_kind, "blue", "big", 38.0, 46.0)
+    right = render_scene(Scene(64, "white", (near, far)))
+    far_alone = render_scene(Scene(64, "white", (far,)))
+    wrong = right.image.copy()
+    far_mask = far_alone.truth["ids"] == 2
+    wrong[far_mask] = far_alone.image[far_mask]
+    depth = right.conditions["depth"]
+    assert abs(depth_silhouette_iou(wrong, depth) - depth_silhouette_iou(right.image, depth)) < 0.01
+    assert depth_layer_miou(wrong, depth) < depth_layer_miou(right.image, depth) - 0.05
 
 
 def test_fill_placement_metric():

@@ -23,11 +23,12 @@ def test_evaluate_images_orders_floor_model_ceiling():
     model = [np.roll(s.image, 2, axis=1) for s in samples]  # nearly right
     floor = [samples[(i + 3) % 8].image for i in range(8)]  # other scenes: the prompt alone
     report = evaluate_images("depth", model, conditions, truth, floor)
-    (row,) = report.rows
-    assert row.floor < row.model < row.ceiling
+    assert [row.metric for row in report.rows] == ["silhouette IoU", "layer mIoU"]
+    for row in report.rows:
+        assert row.floor < row.model < row.ceiling
+        assert 0 < row.gap_closed < 1
     table = report.table()
-    assert "silhouette IoU" in table and "depth" in table and f"{row.ceiling:.3f}" in table
-    assert 0 < row.gap_closed < 1
+    assert "silhouette IoU" in table and "depth" in table and f"{report.rows[0].ceiling:.3f}" in table
 
 
 def test_fill_report_needs_prompts_and_has_three_rows():

@@ -5,8 +5,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-ROW_BIN = 32  # colour quantisation (per channel) when finding each row's background colour
-FOREGROUND_DISTANCE = 40.0  # RGB distance from the row's background colour that makes a pixel foreground
+from controlnet.world.scene import WALL_LINE
+
+ROW_BIN = 32  # colour quantisation (per channel) when finding the wall's and floor's dominant colours
+FOREGROUND_DISTANCE = 40.0  # RGB distance from the background colour that makes a pixel foreground
+WALL_SLACK_FRACTION = 1 / 32  # rows this close (/ image side) to the wall line may take either colour
 MEDIAN_KERNEL = 3
 KMEANS_ATTEMPTS = 3
 KMEANS_SEED = 0
@@ -68,20 +71,32 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def row_background(image: np.ndarray) -> np.ndarray:
-    """(H, 3) float32: each row's dominant colour (mean of its most populated coarse colour bin).
+def dominant_colour(pixels: np.ndarray) -> np.ndarray:
+    """(3,) float32: the mean of the most populated coarse colour bin of (N, 3) uint8 pixels."""
+    bins = (pixels // ROW_BIN).astype(np.int32)
+    codes = bins[:, 0] * 64 + bins[:, 1] * 8 + bins[:, 2]  # (N,) bin id
+    return pixels[codes == np.bincount(codes, minlength=512).argmax()].mean(axis=0).astype(np.float32)
 
-    In the world the background is a wall and a floor of one colour per row, and objects take a minority of
-    the pixels of any row or are not flat (shading), so the dominant bin is the background.
-    """
-    height, width = image.shape[:2]
-    bins = (image // ROW_BIN).astype(np.int32)
-    codes = (bins[..., 0] * 64 + bins[..., 1] * 8 + bins[..., 2]).reshape(height, width)  # (H, W) bin id
-    out = np.empty((height, 3), np.float32)
-    for row in range(height):
-        counts = np.bincount(codes[row], minlength=512)
-        out[row] = image[row][codes[row] == counts.argmax()].mean(axis=0)
-    return out
+
+def background_distance(image: np.ndarray) -> np.ndarray:
+    """(H, W) float32: RGB distance of each pixel from the world's background, a wall above the wall line
+    and a floor below it, each of one colour (its band's dominant colour: objects cover a minority of
+    either band). Within WALL_SLACK_FRACTION of the line any blend of the two counts, so an anti-aliased
+    line, or a generator that draws it a pixel off, is not foreground."""
+    height = image.shape[0]
+    line = int(round(WALL_LINE * height))
+    slack = max(1, int(round(WALL_SLACK_FRACTION * height)))
+    pixels = image.astype(np.float32)
+    wall_colour = dominant_colour(image[:line].reshape(-1, 3))
+    floor_colour = dominant_colour(image[line:].reshape(-1, 3))
+    wall = np.linalg.norm(pixels - wall_colour, axis=-1)  # (H, W)
+    floor = np.linalg.norm(pixels - floor_colour, axis=-1)
+    # near the line: any blend of the two colours (an anti-aliased or slightly moved line) is background
+    step = floor_colour - wall_colour
+    t = np.clip((pixels - wall_colour) @ step / max(float(step @ step), 1e-6), 0.0, 1.0)  # (H, W)
+    blend = np.linalg.norm(pixels - (wall_colour + t[..., None] * step), axis=-1)
+    rows = np.arange(height)[:, None]
+    return np.where(np.abs(rows - line) <= slack, blend, np.where(rows < line, wall, floor))
 
 
 def denoise(image: np.ndarray) -> np.ndarray:
@@ -90,12 +105,11 @@ def denoise(image: np.ndarray) -> np.ndarray:
 
 
 def foreground_mask(image: np.ndarray, distance: float = FOREGROUND_DISTANCE, smooth: bool = True) -> np.ndarray:
-    """(H, W) bool: pixels whose colour is farther than `distance` from their row's background colour
-    (after `denoise` when `smooth`)."""
+    """(H, W) bool: pixels farther than `distance` from the wall or floor colour (`background_distance`),
+    after `denoise` when `smooth`. Works on world images and on normal maps (constant wall/floor normals)."""
     if smooth:
         image = denoise(image)
-    background = row_background(image)[:, None, :]  # (H, 1, 3)
-    return np.linalg.norm(image.astype(np.float32) - background, axis=-1) > distance
+    return background_distance(image) > distance
 
 
 def kmeans_labels(features: np.ndarray, k: int) -> np.ndarray:

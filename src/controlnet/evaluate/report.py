@@ -16,7 +16,7 @@ import numpy as np
 from controlnet.evaluate.edges import canny_f1, lines_f1, scribble_f1
 from controlnet.evaluate.fill import fill_colour_accuracy, fill_colour_error, fill_iou
 from controlnet.evaluate.pose import pose_overlap
-from controlnet.evaluate.regions import depth_silhouette_iou, normal_silhouette_iou, seg_miou
+from controlnet.evaluate.regions import depth_layer_miou, depth_silhouette_iou, normal_silhouette_iou, seg_miou
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ TASK_METRICS: dict[str, tuple[Metric, ...]] = {
     "scribble": (Metric("scribble F1", scribble_f1),),
     "pose": (Metric("stick-figure F1", pose_overlap),),
     "seg": (Metric("cluster mIoU", seg_miou),),
-    "depth": (Metric("silhouette IoU", depth_silhouette_iou),),
+    "depth": (Metric("silhouette IoU", depth_silhouette_iou), Metric("layer mIoU", depth_layer_miou)),
     "normal": (Metric("silhouette IoU", normal_silhouette_iou),),
 }
 
