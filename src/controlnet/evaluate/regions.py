@@ -3,11 +3,13 @@
 seg: the paper's re-segmentation IoU, with colour clustering as the segmenter: the generated image is
      clustered by colour and position, each cluster takes the condition class it mostly covers, and the
      mean IoU over the condition's classes is reported.
-depth (also): layers, the depth map's object regions cut at occlusion boundaries, scored like seg, so a
-     generator that puts the far object in front loses; silhouettes alone would not notice.
 depth, normal: object silhouettes. The world's background is a wall and a floor of one colour (and one
      normal) each, and objects stand in front of them (nearer in the depth map), so objects are found in
-     the generated image and in the map without a model; the silhouettes are compared (IoU).
+     the generated image and in the map without a model; the silhouettes are compared (IoU). A normal
+     map cannot tell a face parallel to the wall from the wall, so such faces above the floor line are
+     missed (ceiling < 1).
+depth, also: layers, the depth map's object regions cut at occlusion boundaries and scored like seg, so a
+     generator that paints the far object in front loses, which silhouettes alone would not notice.
 """
 
 from __future__ import annotations
@@ -16,14 +18,12 @@ import cv2
 import numpy as np
 
 from controlnet.evaluate.common import check_pair, foreground_mask, iou, kmeans_labels
-from controlnet.world.palette import ADE20K_CLASSES
 
 SPATIAL_WEIGHT = 0.5  # position's weight against colour in the clustering (pixel units scaled to 0-255)
 EXTRA_CLUSTERS = 2  # clusters beyond the condition's segment count (shading splits surfaces)
 MAX_CLUSTERS = 10
 MAP_FOREGROUND_DISTANCE = 12.0  # normal maps are noise-free: a small deviation is an object
 DEPTH_OBJECT_LEVELS = 2  # grey levels nearer than the row's background that make a depth-map pixel an object
-BACKGROUND_CLASSES = ("wall", "floor")
 DEPTH_JUMP = 12  # grey levels between neighbouring pixels of a depth map that mark an occlusion boundary
 MIN_LAYER_PIXELS = 6  # smaller object regions are ignored
 LAYER_MERGE_LEVELS = 10  # object regions whose median depth-map levels are this close form one layer
@@ -91,14 +91,6 @@ def depth_layer_miou(generated: np.ndarray, condition: np.ndarray) -> float:
     check_pair(generated, condition)
     labels, count = depth_layers(condition)
     return cluster_miou(generated, labels, count)
-
-
-def seg_objects(condition: np.ndarray) -> np.ndarray:
-    """(H, W) bool: pixels of a seg map whose class is not wall or floor."""
-    background = np.zeros(condition.shape[:2], bool)
-    for name in BACKGROUND_CLASSES:
-        background |= np.all(condition == ADE20K_CLASSES[name][1], axis=-1)
-    return ~background
 
 
 def depth_objects(condition: np.ndarray) -> np.ndarray:
