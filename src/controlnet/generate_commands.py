@@ -54,7 +54,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("prompt", nargs="?", help="what to draw (omit with --manifest)")
     g = p.add_argument_group("models")
-    g.add_argument("--base", default="builtin", help="'builtin' (default) or a diffusers model folder")
+    g.add_argument(
+        "--base", default="builtin",
+        help="'builtin' (default), a diffusers model folder, or one SD1.x/SD2.x/SDXL checkpoint file",
+    )  # fmt: skip
+    g.add_argument(
+        "--tokenizer", default=None, metavar="DIR",
+        help="for a checkpoint file (which holds no tokenizer): a folder with CLIP's vocab.json + merges.txt, e.g. "
+        "the tokenizer/ folder of any diffusers SD model",
+    )  # fmt: skip
+    g.add_argument(
+        "--tokenizer-2", default=None, metavar="DIR", help="SDXL's second tokenizer (default: --tokenizer)"
+    )
+    g.add_argument(
+        "--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+        help="for a checkpoint file: what the UNet predicts (default: epsilon; SD2.x: v_prediction, the 768 px models)",
+    )  # fmt: skip
     g.add_argument(
         "--controlnet", action="append", default=[], metavar="PATH",
         help="a ControlNet (original or diffusers format); repeat for several, in the order of --cond",
@@ -225,7 +240,11 @@ def _load_pipeline(args, device):
     for path in args.controlnet:
         if not Path(path).exists():
             raise FileNotFoundError(f"ControlNet not found: {path}")
-    pipe = ControlNetPipeline.from_pretrained(args.base, controlnets=args.controlnet, dtype=dtype)
+    file_options = {}
+    if Path(args.base).is_file():
+        file_options = {"tokenizer": args.tokenizer, "tokenizer_2": args.tokenizer_2}
+        file_options["prediction_type"] = args.prediction_type
+    pipe = ControlNetPipeline.from_pretrained(args.base, controlnets=args.controlnet, dtype=dtype, **file_options)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
     else:

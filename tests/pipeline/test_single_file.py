@@ -151,3 +151,11 @@ def test_shipped_configs_build_each_family_on_meta(family, width):
         family
     ]  # CLIP-L; OpenCLIP-H (23 layers); both
     assert abs(n_params - expected) / expected < 0.01, n_params
+
+
+def test_cli_single_file_error_is_one_line(checkpoint, tmp_path, capsys):
+    from controlnet.cli import main
+
+    rc = main(["generate", "a cat", "--base", str(checkpoint["path"]), "--out", str(tmp_path), "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot tell the base family" in err[0]
