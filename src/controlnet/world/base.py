@@ -33,6 +33,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 1e-4
 BETA_END = 0.02
 DEFAULT_GUIDANCE_SCALE = 4.0
+SHIPPED_WEIGHTS_DTYPE = torch.float16  # storage only: loaded weights are cast to the dtype the caller asks for
 DEFAULT_SAMPLE_STEPS = 20
 
 
@@ -139,14 +140,20 @@ class BuiltinBase:
         return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-def save_builtin_base(parts: dict, config: BaseModelConfig, folder: str | Path) -> None:
-    """Write unet/, vae/, text_encoder/, tokenizer/, scheduler/ and base_config.json into `folder`."""
+def save_builtin_base(
+    parts: dict, config: BaseModelConfig, folder: str | Path, weights_dtype: torch.dtype = SHIPPED_WEIGHTS_DTYPE
+) -> None:
+    """Write unet/, vae/, text_encoder/, tokenizer/, scheduler/ and base_config.json into `folder`.
+
+    Weights are stored as `weights_dtype` (float16 halves the package; loading casts back to the asked dtype).
+    """
+    import copy
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    parts["unet"].save_pretrained(folder / "unet", safe_serialization=True)
-    if parts.get("vae") is not None:
-        parts["vae"].save_pretrained(folder / "vae", safe_serialization=True)
-    parts["text_encoder"].save_pretrained(folder / "text_encoder", safe_serialization=True)
+    for name in ("unet", "vae", "text_encoder"):
+        if parts.get(name) is not None:
+            copy.deepcopy(parts[name]).to(weights_dtype).save_pretrained(folder / name, safe_serialization=True)
     parts["tokenizer"].save_pretrained(folder / "tokenizer")
     from diffusers import DPMSolverMultistepScheduler
 
