@@ -33,3 +33,46 @@ def test_builtin_base_loads_when_shipped():
     pipe = ControlNetPipeline.from_pretrained("builtin")
     out = pipe("a red circle", [], steps=2, output_type="np").array
     assert out.shape[1] == pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+@pytest.fixture(scope="module")
+def builtin_folder(tmp_path_factory):
+    """A random built-in base saved in the world's own layout (the shipped weights may not exist yet)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from controlnet.world import base as world_base
+    from controlnet.world.base_config import BaseModelConfig
+    from controlnet.world.text import build_text_encoder, build_tokenizer
+
+    config = BaseModelConfig()
+    tokenizer = build_tokenizer(["red", "blue", "circle", "square", "background"], config.text.max_length)
+    torch.manual_seed(0)
+    parts = {
+        "unet": UNet2DConditionModel(**world_base.unet_kwargs(config)),
+        "vae": AutoencoderKL(**world_base.vae_kwargs(config)),
+        "text_encoder": build_text_encoder(config.text, tokenizer),
+        "tokenizer": tokenizer,
+    }
+    folder = tmp_path_factory.mktemp("builtin")
+    world_base.save_builtin_base(parts, config, folder)
+    return folder
+
+
+def test_builtin_matches_the_worlds_own_sampler(builtin_folder, monkeypatch):
+    """from_pretrained("builtin") (latent factor 4, word-level tokenizer) = world.base.sample, and takes a ControlNet."""
+    from controlnet.model.controlnet import ControlNet
+    from controlnet.world import base as world_base
+
+    monkeypatch.setattr(world_base, "BUILTIN_DIR", builtin_folder)
+    pipe = ControlNetPipeline.from_pretrained("builtin")
+    assert pipe.base_name == "builtin" and pipe.vae_scale_factor == 4
+    ours = pipe("red circle with blue background", [], steps=3, seed=2, guidance_scale=4.0).images[0]
+    theirs = world_base.sample(
+        world_base.load_builtin_base(builtin_folder), ["red circle with blue background"], 3, 2
+    )
+    assert np.abs(np.asarray(ours, dtype=int) - theirs[0].astype(int)).max() <= 1
+    net = ControlNet.from_unet(pipe.unet, hint_downscale_factor=4)
+    pipe.controlnets = [net]
+    out = pipe("red circle", [condition_image(1)], steps=2, output_type="np").array
+    assert out.shape == (1, 64, 64, 3)
