@@ -216,11 +216,16 @@ class ControlNetPipeline:
             raise ValueError('control "inpaint" needs `image` and `mask` (the masked pixels become -1)')
         width, height = self._size(opt.width, opt.height, control, opt.image)
         factor = self.vae_scale_factor
-        for net in self.controlnets:
+        for k, (net, o) in enumerate(zip(self.controlnets, per_net, strict=True)):
             if net.hint_config.downscale_factor != factor:
                 raise ValueError(
-                    f"a ControlNet embeds conditions by {net.hint_config.downscale_factor}x but this base's latents "
+                    f"ControlNet {k} embeds conditions by {net.hint_config.downscale_factor}x but this base's latents "
                     f"are {factor}x smaller than images: the net was made for another base"
+                )
+            if o.block_scales is not None and len(o.block_scales) != net.num_control_outputs:
+                raise ValueError(
+                    f"block_scales[{k}] has {len(o.block_scales)} values; ControlNet {k} has "
+                    f"{net.num_control_outputs} outputs (skips + the middle block)"
                 )
         device, dtype = self.device, self.dtype
         batch_size, cfg, image, mask = opt.batch_size, opt.cfg, opt.image, opt.mask
@@ -251,9 +256,8 @@ class ControlNetPipeline:
         # 3. control images: resize, stack (N, 3, H, W), embed once per net --------------------------------
         init_unit = mask_px = None
         if image is not None:
-            init_unit = (
-                ci.init_image_tensor(image, width, height, opt.resize_mode) + 1
-            ) / 2  # (1, 3, H, W) in [0, 1]
+            init_pixels = ci.init_image_tensor(image, width, height, opt.resize_mode)  # (1, 3, H, W) in [-1, 1]
+            init_unit = (init_pixels + 1) / 2
             if mask is not None:
                 mask_px = ci.mask_tensor(mask, width, height, opt.resize_mode)  # (1, 1, H, W)
         conds, control_pils = [], []
@@ -263,22 +267,16 @@ class ControlNetPipeline:
                 control_pils.append(ci.tensor_to_pil(cond.clamp(min=0))[0])
             else:
                 entries = _per_prompt_images(entry, len(prompts), k)
-                cond = torch.cat(
-                    [ci.condition_tensor(e, width, height, opt.resize_mode) for e in entries]
-                )  # (P, 3, H, W)
+                tensors = [ci.condition_tensor(e, width, height, opt.resize_mode) for e in entries]
+                cond = torch.cat(tensors)  # (1 or P, 3, H, W) in [0, 1]
                 control_pils.append(ci.tensor_to_pil(cond[:1])[0])
             conds.append(cond)
         latent_h, latent_w = height // factor, width // factor
         nets: list[_Net] = []
         with self._placed(*self.controlnets):
-            for k, (net, cond, o) in enumerate(zip(self.controlnets, conds, per_net, strict=True)):
+            for net, cond, o in zip(self.controlnets, conds, per_net, strict=True):
                 profile = block_profile(o.mode, output_heights(net, latent_h), opt.guess_mode_form)
                 blocks = o.block_scales or [1.0] * net.num_control_outputs
-                if len(blocks) != net.num_control_outputs:
-                    raise ValueError(
-                        f"block_scales[{k}] has {len(blocks)} values; ControlNet {k} has {net.num_control_outputs} "
-                        "outputs (skips + the middle block)"
-                    )
                 out_scales = [o.scale * p * b for p, b in zip(profile, blocks, strict=True)]
                 if not any(out_scales):
                     continue  # strength 0: the net is never evaluated, the output is the base model's
@@ -319,7 +317,7 @@ class ControlNetPipeline:
         init_latents = latent_mask = None
         if init_unit is not None:
             with self._placed(self.vae):
-                init_latents = self._encode_image(init_unit * 2 - 1).expand(num_images, -1, -1, -1)  # (N, C, h, w)
+                init_latents = self._encode_image(init_pixels).expand(num_images, -1, -1, -1)  # (N, C, h, w)
         if init_latents is None or strength >= 1.0:
             latents = noise * sched.init_noise_sigma
         else:

@@ -32,6 +32,10 @@ def conds(n=2):
         ({"mask": condition_image(4)}, r"mask given without image"),
         ({"control": ["inpaint", condition_image(2)]}, r'control "inpaint" needs `image` and `mask`'),
         ({"guess_mode_form": "other"}, r"guess_mode_form='other'"),
+        (
+            {"image": condition_image(3), "strength": 0.2, "steps": 2},
+            r"strength=0.2 with steps=2 leaves no denoising",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_value_error(sd_pipe, kwargs, pattern):
