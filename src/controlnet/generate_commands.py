@@ -298,8 +298,10 @@ def _run_manifest(args, options: dict, annotators, names) -> int:
 
     from controlnet.batch_generation import read_manifest, run_manifest, shard
 
-    if args.prompt:
-        raise ValueError("give either a prompt or --manifest, not both")
+    if args.prompt is not None or args.cond:
+        raise ValueError(
+            "with --manifest, prompts and condition images come from the manifest: drop the prompt/--cond"
+        )
     jobs = read_manifest(args.manifest, len(args.controlnet))
     rank, world, device, state = _distributed()
     mine = shard(jobs, rank, world)

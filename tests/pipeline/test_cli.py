@@ -139,3 +139,9 @@ def test_manifest_errors_name_the_line(saved, tmp_path, capsys):
     bad.write_text('{"prompt": "ok", "cond": "x.png", "colour": 3}\n')
     assert main(base_args(saved, tmp_path, "--manifest", str(bad))) == 2
     assert "line 1: unknown key(s) colour" in capsys.readouterr().err
+
+
+def test_manifest_excludes_prompt_and_cond(saved, tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "jobs.jsonl", saved)
+    assert main(base_args(saved, tmp_path, "a cat", "--manifest", str(manifest))) == 2
+    assert "drop the prompt/--cond" in capsys.readouterr().err
