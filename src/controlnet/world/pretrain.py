@@ -305,6 +305,13 @@ def open_run(config: PretrainConfig, resume: bool) -> RunState:
         state = build_state(config, tokenizer)
         load_checkpoint(state, run_dir)
         logger.info("resumed %s at stage %s step %d", run_dir, state.stage, state.step)
+        current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
+        if current != saved:  # e.g. more --steps: record what the run now follows, and what it followed before
+            changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+            logger.warning("resumed with changed settings %s", changed)
+            with open(run_dir / "config_changes.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": state.step, "stage": state.stage, "changed": changed}) + "\n")
+            (run_dir / RUN_CONFIG_NAME).write_text(json.dumps(current, indent=2) + "\n")
         return state
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(world_vocabulary(), config.model.text.max_length)
