@@ -54,7 +54,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, str]:
 class ProgressBar:
     """tqdm bar with loss, samples/s and (tqdm's) ETA; fidelity when validation ran."""
 
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int | None, enabled: bool = True):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)

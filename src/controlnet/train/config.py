@@ -157,7 +157,7 @@ class LoopConfig:
     max_steps: int = 1000
     """optimizer steps to train"""
     max_minutes: float = 0.0
-    """stop (and export) after this much training time (0 = no limit)"""
+    """stop (and export) after this much wall-clock time, set-up and validation included (0 = no limit)"""
     batch_size: int = 4
     """samples per process per micro-batch (global batch = batch_size * processes * grad_accum)"""
     seed: int = 0
@@ -166,6 +166,8 @@ class LoopConfig:
     """no | bf16 | fp16 (fp16 needs a GPU)"""
     cpu: bool = False
     """train on the CPU even when a GPU exists"""
+    threads: int = 0
+    """torch intra-op CPU threads (0 = torch's default; 1 is much faster for tiny models on a busy machine)"""
     max_nonfinite: int = 5
     """stop with an error after this many optimizer steps in a row with a non-finite loss or gradient"""
     log_every: int = 10
@@ -173,7 +175,7 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         _check_positive(self, "max_steps", "batch_size", "max_nonfinite", "log_every")
-        _check_positive(self, "max_minutes", allow_zero=True)
+        _check_positive(self, "max_minutes", "threads", allow_zero=True)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
 
 

@@ -92,8 +92,15 @@ class RunSummary:
 
 
 def load_base(spec: str) -> BaseParts:
-    """The base model named by `spec` ("builtin" or a diffusers folder), loaded offline."""
+    """The base model named by `spec` ("builtin", a built-in-style folder or a diffusers folder), offline."""
     from controlnet.pipeline import ControlNetPipeline
+    from controlnet.world.base import BASE_CONFIG_NAME
+
+    if spec != "builtin" and (Path(spec) / BASE_CONFIG_NAME).is_file():  # saved by world.base.save_builtin_base
+        from controlnet.world.base import load_builtin_base
+
+        b = load_builtin_base(spec)
+        return BaseParts(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler)
 
     pipe = ControlNetPipeline.from_pretrained(spec)
     return BaseParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
@@ -157,6 +164,8 @@ class Trainer:
         c = self.config
         # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
         # Accelerator is told cpu=True (otherwise every process believes it is alone)
+        if c.train.threads:
+            torch.set_num_threads(c.train.threads)
         cpu = c.train.cpu or not torch.cuda.is_available()
         self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -460,6 +469,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # the run
     def run(self) -> RunSummary:
+        run_started = time.time()
         self._setup()
         self._build_model()
         c = self.config
@@ -484,7 +494,7 @@ class Trainer:
                 _save_grid(samples_dir / "reference.png", [self.val[1], self.val[2], floor_images],
                            c.validation.grid_samples)  # fmt: skip
         status, global_batch = "finished", c.train.batch_size * self.world * c.optim.grad_accum
-        started = time.time() - (state["elapsed_s"] if state else 0.0)
+        started = run_started - (state["elapsed_s"] if state else 0.0)  # max_minutes counts set-up too
         window_t, window_steps = time.time(), 0
         step = start
         with _Stop() as stop:

@@ -55,21 +55,22 @@ def should_stop_early(history: Sequence[tuple[int, float]], threshold: float, pa
 
 def generate(pipeline, prompts: Sequence[str], conditions: Sequence[np.ndarray], steps: int,
              guidance_scale: float, seed: int, control_scale: float = 1.0) -> list[np.ndarray]:  # fmt: skip
-    """(H, W, 3) uint8 images for prompts + conditions with the pipeline's ControlNet, image k from seed + k."""
-    images = []
-    for k, (prompt, cond) in enumerate(zip(prompts, conditions, strict=True)):
-        control = [cond] if pipeline.controlnets else []
-        result = pipeline(
-            prompt,
-            control,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed + k,
-            control_scale=control_scale,
-            output_type="np",
-        )
-        images.append((result.array[0] * 255).round().astype(np.uint8))
-    return images
+    """(H, W, 3) uint8 images for prompts + conditions with the pipeline's ControlNet, image k from seed + k.
+
+    One batched pipeline call (the pipeline draws image k's noise from its own generator seeded seed + k, so the
+    images do not depend on the batch they were generated in).
+    """
+    control = [list(conditions)] if pipeline.controlnets else []
+    result = pipeline(
+        list(prompts),
+        control,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        control_scale=control_scale,
+        output_type="np",
+    )
+    return [(image * 255).round().astype(np.uint8) for image in result.array]
 
 
 def grid(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:

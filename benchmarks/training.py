@@ -1,0 +1,287 @@
+"""Training-step cost, one process, same config and batch (issue 6 acceptance):
+
+(a) our step (VAE latents and text embeddings from the on-disk cache) vs diffusers' `train_controlnet.py` logic
+    (VAE encoder + text encoder at every step), in samples/s; target >= 1.4x;
+(b) our ControlNet step vs fine-tuning the base UNet alone (same cached inputs): peak memory (target <= 0.9x)
+    and time per step (target <= 1.0x). The paper (Sec. 3.2) reports 1.23x memory and 1.34x time for ControlNet
+    over plain fine-tuning; here the locked UNet builds no weight gradients and its encoder runs no backward.
+
+    python benchmarks/training.py [--size tiny|sd15|all] [--steps 3] [--threads 2]
+
+Sizes: "tiny" = the built-in base architecture (64 px, 16x16x4 latents) with random weights, batch 8, float32,
+the demo's hint encoder (16, 32, 64);
+"sd15" = SD1.5-sized UNet (859.5M) + SD VAE + CLIP-L-sized text encoder, random weights, 256 px, batch 1, pure
+bfloat16 weights and autocast for every variant (float32 Adam for a full UNet needs ~14 GB, more than this
+machine has free). Every variant runs in a fresh process; peak memory is the process's resident set sampled
+every 5 ms during the timed steps (weights of every loaded model included, as a user sees it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+VARIANTS = ("ours", "diffusers", "unet")
+SIZES = {
+    # the demo's configuration: built-in base architecture, its narrower hint encoder
+    "tiny": dict(resolution=64, batch=8, dtype="float32", hint="16,32,64"),
+    "sd15": dict(resolution=256, batch=1, dtype="bfloat16", hint=""),
+}
+WARMUP_STEPS = 1
+SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+              up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+              sample_size=512, scaling_factor=0.18215)  # fmt: skip
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768)  # fmt: skip
+PAGE = 4096
+
+
+class PeakRSS:
+    """Samples /proc/self/statm in a thread: the peak resident set while active (bytes)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def __enter__(self):
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def build_base(size: str):
+    """Random-weight base components for `size` (BaseParts)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from controlnet.train.trainer import BaseParts
+    from controlnet.world.fill import FILL_VOCABULARY
+    from controlnet.world.text import TextEncoderConfig, build_text_encoder, build_tokenizer
+
+    torch.manual_seed(0)
+    if size == "tiny":
+        from controlnet.world.base import BaseModelConfig, unet_kwargs, vae_kwargs
+
+        cfg = BaseModelConfig()
+        tokenizer = build_tokenizer(FILL_VOCABULARY, cfg.text.max_length)
+        unet = UNet2DConditionModel(**unet_kwargs(cfg))
+        vae = AutoencoderKL(**vae_kwargs(cfg))
+        text_encoder = build_text_encoder(TextEncoderConfig(), tokenizer)
+    else:
+        config = json.loads((Path(__file__).parents[1] / "src/controlnet/io/configs/sd15_unet.json").read_text())
+        unet = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        vae = AutoencoderKL(**SD_VAE)
+        tokenizer = build_tokenizer(FILL_VOCABULARY, 77)
+        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **CLIP_L))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012)  # fmt: skip
+    for m in (unet, vae, text_encoder):
+        m.eval().requires_grad_(False)
+    return BaseParts(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
+    """One `step(s)` function per variant, all on the same trainer set-up (data, caches, networks)."""
+    import torch
+    import torch.nn.functional as F
+
+    steps = {}
+    unet = base.unet
+    if "ours" in variants:
+
+        def ours(s: int) -> None:
+            unet.requires_grad_(False)  # locked (the "unet" variant may share this process)
+            trainer._optimizer_step(s)
+
+        steps["ours"] = ours
+    if "diffusers" in variants:
+        # the same ControlNet (ours: diffusers' ControlNetModel hard-codes an 8x hint encoder, the tiny base is 4x)
+        net = trainer.controlnet
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=1e-2)
+        pixels = {
+            p: trainer.pixels.load(p, 0) for p in range(len(trainer.pixels))
+        }  # decoded once (a DataLoader's job)
+        ids = base.tokenizer([trainer.source.prompt(i) for i in trainer.train_indices], padding="max_length",
+                             max_length=base.tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids  # fmt: skip
+
+        def diffusers_logic(s: int) -> None:  # train_controlnet.py's loop body: VAE and text encoder every step
+            unet.requires_grad_(False)
+            _, positions = trainer.plan.batch(s)
+            images = torch.stack([pixels[p][0] for p in positions]).to(dtype)
+            cond = torch.stack([pixels[p][1] for p in positions]).float().div(255).to(dtype)
+            with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
+                latents = base.vae.encode(images).latent_dist.sample() * base.vae.config.scaling_factor
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, 1000, (latents.shape[0],))
+                noisy = trainer.noise_scheduler.add_noise(latents, noise, t)
+                context = base.text_encoder(ids[positions], return_dict=False)[0]
+                out = net(noisy, t, context, cond=cond)
+                pred = unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=out.down,
+                            mid_block_additional_residual=out.mid).sample  # fmt: skip
+                loss = F.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps["diffusers"] = diffusers_logic
+    if "unet" in variants:  # fine-tune the base UNet alone on the same cached inputs
+        unet_optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
+
+        def unet_alone(s: int) -> None:
+            unet.requires_grad_(True)
+            noisy, t, context, _, target = trainer._micro_inputs(s)
+            with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
+                pred = unet(noisy.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
+                loss = F.mse_loss(pred.float(), target.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            unet_optimizer.step()
+            unet_optimizer.zero_grad(set_to_none=True)
+            unet.requires_grad_(False)
+
+        steps["unet"] = unet_alone
+    return steps
+
+
+def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
+    import diffusers  # noqa: F401  (imported before the baseline memory reading)
+    import torch
+    import transformers  # noqa: F401
+
+    from controlnet.train.config import resolve_config
+    from controlnet.train.trainer import Trainer
+    from controlnet.world.dataset import write_dataset
+
+    rss_start = PeakRSS.now()
+    spec = SIZES[size]
+    dtype = getattr(torch, spec["dtype"])
+    pure_bf16 = dtype == torch.bfloat16
+    batch, total = spec["batch"], WARMUP_STEPS + steps
+    data = workdir / f"data-{size}"
+    if not data.exists():
+        write_dataset("fill", batch * total, spec["resolution"], data, workers=1)
+    base = build_base(size)
+    config = resolve_config(None, {
+        "data.path": str(data), "data.resolution": str(spec["resolution"]), "data.cache_dir": str(workdir / "cache"),
+        "train.output_dir": str(workdir / f"run-{size}-{'-'.join(variants)}"), "train.batch_size": str(batch),
+        "train.max_steps": str(total), "train.mixed_precision": "bf16" if pure_bf16 else "no",
+        "data.empty_prompt_prob": "0.5", "optim.max_grad_norm": "1.0", "checkpoint.every": "0",
+        "model.hint_channels": spec["hint"],
+    })  # fmt: skip
+    # every variant uses the trainer's set-up: same data, same cached latents/text, same per-step random draws
+    trainer = Trainer(config, base)
+    t0 = time.perf_counter()
+    trainer._setup()
+    setup_s = time.perf_counter() - t0
+    trainer._build_model()
+    if pure_bf16:  # Parameters keep their identity, so the optimizer holds the cast ones
+        trainer.controlnet.to(dtype)
+        base.unet.to(dtype)
+    for m in (base.vae, base.text_encoder):
+        m.to(dtype)
+    if "ours" not in variants and "diffusers" not in variants:
+        del trainer.controlnet, trainer.model, trainer.optimizer
+    step_fns = make_steps(variants, trainer, base, dtype, pure_bf16)
+    for name in variants:
+        for s in range(WARMUP_STEPS):
+            step_fns[name](s)
+    times = {name: [] for name in variants}
+    rss_before = PeakRSS.now()
+    with PeakRSS() as peak:
+        for s in range(WARMUP_STEPS, total):  # interleaved: load changes on a shared machine hit every variant
+            for name in variants:
+                t0 = time.perf_counter()
+                step_fns[name](s)
+                times[name].append(time.perf_counter() - t0)
+    result = {"size": size, "batch": batch, "dtype": spec["dtype"], "cache_setup_s": setup_s,
+              "peak_rss_gb": peak.peak / 2**30, "rss_before_steps_gb": rss_before / 2**30,
+              "train_memory_gb": (peak.peak - rss_start) / 2**30}  # fmt: skip
+    for name, values in times.items():
+        median = sorted(values)[len(values) // 2]
+        result[name] = {"step_s": median, "samples_per_s": batch / median, "all_step_s": values}
+    return result
+
+
+def run_child(variants: list[str], size: str, args, workdir: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", ",".join(variants), "--size", size, "--steps", str(args.steps),
+           "--threads", str(args.threads), "--workdir", workdir]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=[*SIZES, "all"], default="tiny")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(child(args.child.split(","), args.size, args.steps, Path(args.workdir))))
+        return 0
+    sizes = list(SIZES) if args.size == "all" else [args.size]
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as workdir:
+        for size in sizes:
+            # time: variants interleaved step by step in one process (the UNet variant only where memory allows)
+            timed = ["ours", "diffusers", "unet"] if size == "tiny" else ["ours", "diffusers"]
+            speed = run_child(timed, size, args, workdir)
+            # memory (and, at SD size, the UNet-alone time): one variant per fresh process
+            alone = {v: run_child([v], size, args, workdir) for v in ("ours", "unet")}
+            ours, diff = speed["ours"], speed["diffusers"]
+            unet_t = speed["unet"]["step_s"] if "unet" in speed else alone["unet"]["unet"]["step_s"]
+            ours_t = ours["step_s"] if "unet" in speed else alone["ours"]["ours"]["step_s"]
+            mem_o, mem_u = alone["ours"]["train_memory_gb"], alone["unet"]["train_memory_gb"]
+            print(
+                f"\n{size} ({speed['dtype']}, batch {speed['batch']}, {args.threads} threads, median of "
+                f"{args.steps} steps):"
+            )
+            print(
+                f"  (a) samples/s: ours {ours['samples_per_s']:.3f} vs diffusers' logic {diff['samples_per_s']:.3f}"
+                f" -> {ours['samples_per_s'] / diff['samples_per_s']:.2f}x (target >= 1.4x)"
+            )
+            print(
+                f"  (b) ControlNet step vs UNet fine-tune: time {ours_t:.3f} s vs {unet_t:.3f} s -> "
+                f"{ours_t / unet_t:.2f}x (target <= 1.0x)" + ("" if "unet" in speed else " (separate processes)")
+            )
+            print(
+                f"      memory above the imported libraries (models + optimizer + activations): {mem_o:.3f} vs "
+                f"{mem_u:.3f} GB -> {mem_o / mem_u:.2f}x (target <= 0.9x); whole-process peak "
+                f"{alone['ours']['peak_rss_gb']:.2f} vs {alone['unet']['peak_rss_gb']:.2f} GB"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
