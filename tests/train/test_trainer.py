@@ -148,3 +148,31 @@ def test_cached_and_uncached_training_agree_in_pixel_space(fill_data, tmp_path):
     a, b = final_weights(tmp_path / "cached"), final_weights(tmp_path / "plain")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_bucketed_training_on_non_square_imagefolder_data(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(root / "metadata.jsonl", "w") as f:
+        for k, (w, h) in enumerate([(32, 16)] * 4 + [(16, 16)] * 4 + [(16, 32)] * 4):
+            for kind in ("t", "c"):
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    root / "img" / f"{k}{kind}.png"
+                )
+            f.write(
+                json.dumps({"image": f"img/{k}t.png", "conditioning_image": f"img/{k}c.png", "text": "red circle"})
+                + "\n"
+            )
+    trainer = Trainer(
+        tiny_config(root, tmp_path / "run", data__bucketing=True, train__max_steps=6), make_tiny_base()
+    )
+    summary = trainer.run()
+    assert summary.status == "finished"
+    shapes = {(b.width, b.height) for b in trainer.plan.buckets}
+    assert len(shapes) == 3 and all(w * h <= 16 * 16 * 1.01 for w, h in shapes)
+    sizes = {trainer.latents.get(p)[0].shape[1:] for p in range(len(trainer.train_indices))}
+    assert len(sizes) == 3  # latents cached per bucket size, never squashed to one shape

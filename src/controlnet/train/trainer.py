@@ -304,7 +304,8 @@ class Trainer:
             except ImportError:
                 raise ValueError("optim.use_8bit_adam needs `pip install bitsandbytes`") from None
             return bnb.optim.AdamW8bit(params, **kwargs)
-        return torch.optim.AdamW(params, **kwargs)
+        # the fused kernel (CPU and CUDA) does the whole update in one pass: ~2x faster than the per-op loop
+        return torch.optim.AdamW(params, fused=True, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # 4. checkpoints
