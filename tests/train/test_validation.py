@@ -51,3 +51,12 @@ def test_validation_logs_floor_ceiling_and_fidelity_and_early_stops(fill_data, t
 def test_svg_chart_places_points_inside_the_frame():
     svg = svg_chart("t", {"a": ([(0, 0.0), (10, 1.0)], "#000")}, (0.0, 1.0))
     assert 'points="40.0,200.0 600.0,40.0"' in svg
+
+
+def test_scene_tasks_use_the_world_metric_of_their_task():
+    from controlnet.world.scene_sample import scene_sample
+
+    sample = scene_sample(3, 64, conditions=("canny",))
+    truth = val.score("task:canny", [sample.image], [sample.conditions["canny"]])[0]
+    blank = val.score("task:canny", [np.zeros_like(sample.image)], [sample.conditions["canny"]])[0]
+    assert truth > 0.8 and blank < 0.2

@@ -213,7 +213,7 @@ class ValidationConfig:
     guidance_scale: float = 1.0
     """classifier-free guidance scale at validation (1 = off)"""
     metric: str = "auto"
-    """auto (fill_iou for fill datasets, else edge_f1) | fill_iou | edge_f1 | none"""
+    """auto (a world dataset's task metric, else edge_f1) | fill_iou | edge_f1 | task:NAME (a world task's metric) | none"""
     threshold: float = 0.8
     """fidelity above which the model counts as following the condition (convergence)"""
     early_stop: bool = False
@@ -226,7 +226,8 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "every", allow_zero=True)
         _check_positive(self, "num_samples", "steps", "patience", "grid_samples")
-        _check_choice("validation.metric", self.metric, METRICS)
+        if not self.metric.startswith("task:"):
+            _check_choice("validation.metric", self.metric, METRICS)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from controlnet.train.config import resolve_config
 
-DEMO_TASKS = ("fill",)  # tasks with a fidelity metric that needs no annotator
+# world tasks: fill (the default, the fill50k tutorial's) and every scene condition, each with its world metric
+DEMO_TASKS = ("fill", "canny", "lines", "scribble", "pose", "seg", "depth", "normal")
 # A narrower hint encoder than the reference (16, 32, 96, 256): on the tiny base the reference one costs more than
 # the whole UNet forward (measured 0.117 s vs 0.060 s at batch 8, 1 thread); 16, 32, 64 costs 0.014 s.
 DEMO_HINT_CHANNELS = "16,32,64"
@@ -52,8 +53,10 @@ class DemoConfig:
     """held-out outlines scored at every validation"""
     sampler_steps: int = 10
     """sampler steps per validation image"""
+    guidance_scale: float = 4.0
+    """classifier-free guidance at validation (the built-in base's default sampling scale)"""
     threshold: float = 0.8
-    """fidelity (filled-shape IoU) that counts as converged"""
+    """fidelity (fill: filled-shape IoU; scenes: the task's world metric) that counts as converged"""
     early_stop: bool = True
     """stop once fidelity stayed above the threshold for 2 validations"""
     seed: int = 0
@@ -91,7 +94,8 @@ def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: P
         "validation.every": str(demo.validate_every),
         "validation.num_samples": str(demo.validation_samples),
         "validation.steps": str(demo.sampler_steps),
-        "validation.metric": "fill_iou",
+        "validation.guidance_scale": str(demo.guidance_scale),
+        "validation.metric": "auto",
         "validation.threshold": str(demo.threshold),
         "validation.early_stop": str(demo.early_stop),
         "validation.patience": "2",

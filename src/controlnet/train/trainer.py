@@ -337,6 +337,9 @@ class Trainer:
         self.optimizer.load_state_dict(data.optimizer)
         self.scheduler.load_state_dict(data.scheduler)
         state = data.state
+        if state.get("world_size", self.world) != self.world:
+            logger.warning("checkpoint %s was written by %d processes, resuming with %d: the global batch and data "
+                           "order change from here on", folder, state["world_size"], self.world)  # fmt: skip
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         np.random.set_state(tuple(state["numpy_rng"][:1]) + (np.array(state["numpy_rng"][1], np.uint32),)
                             + tuple(state["numpy_rng"][2:]))  # fmt: skip
@@ -440,8 +443,9 @@ class Trainer:
         if metric != "auto":
             return metric
         world = Path(self.config.data.path) / "world.json"
-        if world.is_file() and json.loads(world.read_text()).get("task") == "fill":
-            return "fill_iou"
+        if world.is_file():
+            task = json.loads(world.read_text()).get("task")
+            return "fill_iou" if task == "fill" else f"task:{task}"
         return "edge_f1"
 
     @torch.no_grad()

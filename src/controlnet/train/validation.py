@@ -18,7 +18,19 @@ import numpy as np
 
 
 def _metric(name: str):
-    """The world's fidelity metric `name` (controlnet.evaluate), imported on use."""
+    """The world's fidelity metric `name` (controlnet.evaluate), imported on use.
+
+    "task:NAME" is the first metric of world task NAME (e.g. task:canny -> edge F1, task:pose -> stick-figure F1).
+    """
+    if name.startswith("task:"):
+        from controlnet.evaluate.report import TASK_METRICS
+
+        task = name.split(":", 1)[1]
+        if task not in TASK_METRICS:
+            raise ValueError(
+                f"validation.metric={name!r}: no world task {task!r} (tasks: {', '.join(TASK_METRICS)})"
+            )
+        return TASK_METRICS[task][0].fn
     if name == "fill_iou":
         from controlnet.evaluate.fill import fill_iou
 
