@@ -117,7 +117,7 @@ def write_manifest(path, saved, n=3):
 def test_manifest_one_output_per_line_and_resume(saved, tmp_path, capsys):
     manifest = write_manifest(tmp_path / "jobs.jsonl", saved)
     out = tmp_path / "out"
-    args = base_args(saved, out, "--manifest", str(manifest), "--seed", "100", "--no-grid")
+    args = base_args(saved, out, "--manifest", str(manifest), "--seed", "100", "--no-grid", "--cfg", "1")
     assert main(args) == 0
     assert "generated 3, skipped 0" in capsys.readouterr().out
     pngs = sorted(p.name for p in out.glob("*.png"))

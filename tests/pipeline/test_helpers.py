@@ -97,3 +97,20 @@ def test_samplers_run_in_the_pipeline(pixel_pipe):
     }
     assert all(np.isfinite(o).all() for o in outs.values())
     assert np.abs(outs["ddim"] - outs["euler_a"]).max() > 1e-3
+
+
+def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(sd_parts):
+    """clip_skip=k: hidden states k layers before the last, then CLIP's final layer norm (as the web UI and diffusers).
+
+    (diffusers 0.42.1's own clip_skip path fails with transformers 5's CLIPTextModel, so this is not a parity test.)
+    """
+    from controlnet.prompt_encoding import encode_single
+
+    tok, enc = sd_parts["tokenizer"], sd_parts["text_encoder"]
+    ids = tok(["a red cat"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = enc(ids, output_hidden_states=True)
+        expected = enc.final_layer_norm(out.hidden_states[-2])
+    assert torch.equal(encode_single(tok, enc, ["a red cat"]).context, out.last_hidden_state)
+    assert torch.allclose(encode_single(tok, enc, ["a red cat"], clip_skip=1).context, expected)
+    assert not torch.allclose(expected, out.last_hidden_state)

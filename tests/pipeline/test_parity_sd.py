@@ -93,11 +93,6 @@ def test_control_window(sd_parts, start, end):
     assert_close(a, b)
 
 
-def test_clip_skip(sd_parts):
-    a, b = run_both(sd_parts, 1, {"clip_skip": 1}, {"clip_skip": 1})
-    assert_close(a, b)
-
-
 def test_euler_ancestral_with_per_image_generators(sd_parts):
     """A stochastic sampler: per-step noise comes from the per-image generators, as in diffusers."""
     from diffusers import EulerAncestralDiscreteScheduler
