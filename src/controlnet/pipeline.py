@@ -106,7 +106,8 @@ class ControlNetPipeline:
     def from_pretrained(cls, base: str, controlnets: Sequence = (), **kwargs) -> ControlNetPipeline:
         """`base`: "builtin", a diffusers model folder, or one SD1.x/SD2.x/SDXL checkpoint file (offline).
 
-        `controlnets`: ControlNet objects or paths (original or diffusers format). See `base_loading.load_base`.
+        `controlnets`: ControlNet objects or paths (original or diffusers format). Keyword options: see
+        `base_loading.load_pipeline` and `single_file.load_single_file`.
         """
         from controlnet.base_loading import load_pipeline
 
