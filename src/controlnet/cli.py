@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "controlnet.annotate.commands",
     "controlnet.world.commands",
     "controlnet.train.commands",
+    "controlnet.evaluate.commands",
 ]
 
 EXIT_USER_ERROR = 2

@@ -1,0 +1,40 @@
+"""`controlnet evaluate` end to end on the shipped built-in base: a real subprocess, real files."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from controlnet import ControlNet, save_controlnet
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "controlnet.cli", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_fresh_controlnet_scores_like_the_floor(tmp_path):
+    """A fresh ControlNet's zero convolutions leave the base unchanged (paper Eq. 3): model == floor exactly."""
+    from controlnet.world.base import load_builtin_base
+
+    base = load_builtin_base()
+    net = ControlNet.from_unet(base.unet, hint_downscale_factor=base.image_size // base.unet.config.sample_size)
+    save_controlnet(net, tmp_path / "fresh", format="diffusers")
+    result = _run("evaluate", tmp_path / "fresh", "--n", 4, "--steps", 4, "--json", tmp_path / "report.json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["task"] == "fill" and report["n"] == 4
+    rows = {r["metric"]: r for r in report["rows"]}
+    assert rows["disk IoU"]["model"] == rows["disk IoU"]["floor"]
+    assert rows["disk IoU"]["ceiling"] > 0.95  # ground truth through the same metric
+    assert "disk IoU" in result.stdout and "ceiling" in result.stdout
+    assert torch.count_nonzero(net.controlnet_mid_block.weight) == 0
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    result = _run("evaluate", tmp_path / "missing")
+    assert result.returncode == 2 and "ControlNet not found" in result.stderr and result.stderr.count("\n") == 1
+    result = _run("evaluate", tmp_path / "missing", "--n", 0)
+    assert result.returncode == 2 and "--n must be >= 1" in result.stderr
