@@ -49,6 +49,8 @@ class DemoConfig:
     """samples per step"""
     lr: float = 3e-3
     """AdamW learning rate (measured on a 2000-step base snapshot: 3e-3 led 1e-3 by 0.02-0.05 IoU at 200-350 steps)"""
+    ema_decay: float = 0.0
+    """exponential moving average of the ControlNet weights, validated and exported (0 = off)"""
     validate_every: int = 50
     """steps between validations"""
     validation_samples: int = 16
@@ -84,6 +86,7 @@ def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: P
         "model.hint_channels": DEMO_HINT_CHANNELS,
         "optim.lr": str(demo.lr),
         "optim.max_grad_norm": "1.0",
+        "optim.ema_decay": str(demo.ema_decay),
         "train.output_dir": str(run_dir),
         "train.max_steps": "100000",
         "train.max_minutes": str(demo.minutes),
