@@ -128,6 +128,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--image", default=None, help="source image for img2img / inpainting")
     g.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
     g.add_argument("--strength", type=float, default=None, help="fraction of the schedule re-run (default 0.75)")
+    g.add_argument(
+        "--inpaint-paste", action="store_true",
+        help="paste the source pixels back outside the mask after decoding (the VAE round trip alters them)",
+    )  # fmt: skip
     g = p.add_argument_group("output and batch")
     g.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: %(default)s)")
     g.add_argument("--name", default=None, help="output name stem (default: controlnet-<seed>)")
@@ -180,6 +184,7 @@ def options_from_args(args, n_nets: int) -> dict:
         "scheduler": args.scheduler,
         "eta": args.eta,
         "clip_skip": args.clip_skip,
+        "inpaint_paste": args.inpaint_paste,
     }
     per_net = {
         "control_scale": _per_net(args.scale, "scale", n_nets),

@@ -65,6 +65,9 @@ class GenerationOptions:
     """img2img / inpainting source image (path, PIL, uint8 array)."""
     mask: Any = None
     """Inpainting mask, white = repaint (needs `image`)."""
+    inpaint_paste: bool = False
+    """Inpainting: paste the source image's pixels back outside the mask after decoding (the VAE round trip
+    otherwise alters them slightly); off by default, as diffusers."""
     strength: float | None = None
     """img2img: fraction of the schedule re-run from the noised image, in (0, 1]; default 0.75 (inpainting 1)."""
     scheduler: str | None = None
@@ -92,6 +95,8 @@ class GenerationOptions:
         if self.scheduler is not None:
             self.scheduler = canonical_sampler_name(self.scheduler)
         self.resize_mode = resize_mode(self.resize_mode)
+        if self.inpaint_paste and self.mask is None:
+            raise ValueError("inpaint_paste needs a mask (and an image) to paste around")
         if self.mask is not None and self.image is None:
             raise ValueError("mask given without image: inpainting needs the image to repaint")
         if self.strength is None:

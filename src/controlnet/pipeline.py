@@ -374,7 +374,10 @@ class ControlNetPipeline:
             return GenerationResult([], latents, seeds, settings, control_pils)
         with self._placed(self.vae):
             pixels = self._decode(latents)  # (N, 3, H, W) in [-1, 1]
-        unit = (pixels.float() / 2 + 0.5).clamp(0, 1)
+        unit = (pixels.float() / 2 + 0.5).clamp(0, 1)  # (N, 3, H, W)
+        if opt.inpaint_paste:  # keep the source pixels exactly where nothing was to be repainted
+            keep = mask_px.to(unit.device)
+            unit = keep * unit + (1 - keep) * init_unit.to(unit.device)
         array = unit.permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
         images = ci.tensor_to_pil(unit) if opt.output_type == "pil" else []
         return GenerationResult(images, array, seeds, settings, control_pils)

@@ -72,3 +72,19 @@ def test_inpaint_condition_marks_masked_pixels():
     assert torch.all(cond[0, :, 1, 2] == -1.0)
     cond[0, :, 1, 2] = image[0, :, 1, 2]
     assert torch.equal(cond, image)
+
+
+def test_inpaint_paste_restores_the_source_outside_the_mask(sd_pipe):
+    """Latent base: the VAE round trip alters unmasked pixels; inpaint_paste puts the source back exactly."""
+    init = condition_image(7)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    kw = dict(image=init, mask=Image.fromarray(mask), steps=2, output_type="np")
+    conds = [condition_image(1), condition_image(2)]
+    plain = sd_pipe("a cat", conds, **kw).array[0]
+    pasted = sd_pipe("a cat", conds, inpaint_paste=True, **kw).array[0]
+    target = np.asarray(init, dtype=np.float32) / 255
+    keep = mask == 0
+    assert np.abs(pasted[keep] - target[keep]).max() <= 1e-6
+    assert np.abs(plain[keep] - target[keep]).mean() > 0.01
+    assert np.abs(pasted[~keep] - plain[~keep]).max() <= 1e-6
