@@ -49,8 +49,9 @@ class DemoConfig:
     """samples per step"""
     lr: float = 3e-3
     """AdamW learning rate (measured on a 2000-step base snapshot: 3e-3 led 1e-3 by 0.02-0.05 IoU at 200-350 steps)"""
-    ema_decay: float = 0.0
-    """exponential moving average of the ControlNet weights, validated and exported (0 = off)"""
+    ema_decay: float = 0.99
+    """exponential moving average of the ControlNet weights, validated and exported (0 = off; measured on the
+    interim base: final IoU 0.630 with 0.99 vs 0.568 without, same 9 minutes)"""
     validate_every: int = 50
     """steps between validations"""
     validation_samples: int = 16
