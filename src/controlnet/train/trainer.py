@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,6 +36,17 @@ from controlnet.data.transforms import BUCKET_MULTIPLE, condition_to_unit
 from controlnet.train import checkpoint as ckpt
 from controlnet.train import validation as val
 from controlnet.train.config import TrainConfig
+from controlnet.train.loop import (
+    StopOnSignal,
+    any_process,
+    append_jsonl,
+    broadcast_history,
+    lr_lambda,
+    numpy_state,
+    save_grid,
+    step_generator,
+    truncate_metrics,
+)
 from controlnet.train.model import ControlledUNet, decoder_parameters, decoder_state
 
 logger = logging.getLogger(__name__)
@@ -104,48 +113,6 @@ def load_base(spec: str) -> BaseParts:
 
     pipe = ControlNetPipeline.from_pretrained(spec)
     return BaseParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
-
-
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The generator of every random draw of one micro-step: a function of (seed, micro_step) only."""
-    state = np.random.SeedSequence([seed, micro_step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return factor
-
-
-class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and exits after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        logger.warning("signal %d: saving a checkpoint and stopping after this step", signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -490,19 +457,19 @@ class Trainer:
         samples_dir = self.run_dir / "samples"
         metrics_path = self.run_dir / METRICS_FILE
         if self.acc.is_main_process:
-            _truncate_metrics(metrics_path, start)
+            truncate_metrics(metrics_path, start)
             if do_val and floor_ceiling is None:
                 floor, floor_images = self._validate(0, with_control=False)
                 ceiling = float(np.mean(val.score(self.metric, self.val[2], self.val[1])))
                 floor_ceiling = {"floor": floor, "ceiling": ceiling, "metric": self.metric}
-                _append(metrics_path, {"step": start, "event": "floor_ceiling", **floor_ceiling})
-                _save_grid(samples_dir / "reference.png", [self.val[1], self.val[2], floor_images],
+                append_jsonl(metrics_path, {"step": start, "event": "floor_ceiling", **floor_ceiling})
+                save_grid(samples_dir / "reference.png", [self.val[1], self.val[2], floor_images],
                            c.validation.grid_samples)  # fmt: skip
         status, global_batch = "finished", c.train.batch_size * self.world * c.optim.grad_accum
         started = run_started - (state["elapsed_s"] if state else 0.0)  # max_minutes counts set-up too
         window_t, window_steps = time.time(), 0
         step = start
-        with _Stop() as stop:
+        with StopOnSignal() as stop:
             while step < c.train.max_steps:
                 loss, skipped = self._optimizer_step(step)
                 step += 1
@@ -519,21 +486,21 @@ class Trainer:
                     if self.acc.is_main_process:
                         fidelity, images = self._validate(step)
                         history.append((step, fidelity))
-                        _append(metrics_path, {"step": step, "event": "validation", "fidelity": fidelity,
+                        append_jsonl(metrics_path, {"step": step, "event": "validation", "fidelity": fidelity,
                                                "metric": self.metric, "elapsed_s": time.time() - started})  # fmt: skip
-                        _save_grid(samples_dir / f"step-{step:07d}.png", [images], c.validation.grid_samples)
-                    history = _broadcast_history(self.acc, history)
+                        save_grid(samples_dir / f"step-{step:07d}.png", [images], c.validation.grid_samples)
+                    history = broadcast_history(self.acc, history)
                 elapsed = time.time() - window_t
                 rate = window_steps * global_batch / elapsed if elapsed > 0 else 0.0
                 lr = self.scheduler.get_last_lr()[0]
                 if self.acc.is_main_process and (
                     step % c.train.log_every == 0 or skipped or step == c.train.max_steps
                 ):
-                    _append(metrics_path, {"step": step, "loss": loss, "lr": lr, "samples_per_s": rate,
+                    append_jsonl(metrics_path, {"step": step, "loss": loss, "lr": lr, "samples_per_s": rate,
                                            "skipped": skipped, "elapsed_s": time.time() - started})  # fmt: skip
                 if self.callback:
                     self.callback(StepInfo(step, c.train.max_steps, loss, rate, lr, skipped, fidelity))
-                stop_now = _any_process(self.acc, stop.requested)
+                stop_now = any_process(self.acc, stop.requested)
                 if c.validation.early_stop and val.should_stop_early(history, c.validation.threshold,
                                                                      c.validation.patience):  # fmt: skip
                     status = "early_stop"
@@ -548,7 +515,7 @@ class Trainer:
                     "floor_ceiling": floor_ceiling,
                     "elapsed_s": time.time() - started,
                     "torch_rng": torch.get_rng_state().tolist(),
-                    "numpy_rng": _numpy_state(),
+                    "numpy_rng": numpy_state(),
                     "world_size": self.world,
                 }
                 periodic = c.checkpoint.every and step % c.checkpoint.every == 0
@@ -564,13 +531,13 @@ class Trainer:
             if self.acc.is_main_process:
                 fidelity, images = self._validate(step)
                 history.append((step, fidelity))
-                _append(metrics_path, {"step": step, "event": "validation", "fidelity": fidelity,
+                append_jsonl(metrics_path, {"step": step, "event": "validation", "fidelity": fidelity,
                                        "metric": self.metric, "elapsed_s": time.time() - started})  # fmt: skip
-                _save_grid(samples_dir / f"step-{step:07d}.png", [images], c.validation.grid_samples)
-            history = _broadcast_history(self.acc, history)
+                save_grid(samples_dir / f"step-{step:07d}.png", [images], c.validation.grid_samples)
+            history = broadcast_history(self.acc, history)
         digests = self._rank_digests()
         if self.acc.is_main_process and self.world > 1:
-            _append(metrics_path, {"step": step, "event": "ranks", "weight_sha256": digests})
+            append_jsonl(metrics_path, {"step": step, "event": "ranks", "weight_sha256": digests})
             if len(set(digests)) != 1:
                 raise RuntimeError(f"processes hold different weights after step {step}: {digests}")
         summary = RunSummary(self.run_dir, status, step, validation=history)
@@ -620,51 +587,6 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in decoder_state(self.base.unet).items()},
                       str(final / "unet_decoder.safetensors"))  # fmt: skip
         return final
-
-
-def _numpy_state() -> list:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _any_process(acc, flag: bool) -> bool:
-    if acc.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
-    return bool(acc.reduce(t, reduction="sum").item() > 0)
-
-
-def _broadcast_history(acc, history: list) -> list:
-    if acc.num_processes == 1:
-        return history
-    from accelerate.utils import broadcast_object_list
-
-    box = [history]
-    broadcast_object_list(box, from_process=0)
-    return [tuple(h) for h in box[0]]
-
-
-def _append(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after `step` (a resumed run logs them again)."""
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    if step == 0:
-        lines = []
-    path.write_text("".join(ln + "\n" for ln in lines))
-
-
-def _save_grid(path: Path, rows: list, limit: int) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(val.grid([list(r)[:limit] for r in rows])).save(path)
 
 
 def train(config: TrainConfig, base: BaseParts | None = None,
