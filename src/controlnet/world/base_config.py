@@ -122,7 +122,7 @@ class PretrainConfig:
     """the cosine decay ends at lr * min_lr_fraction"""
     weight_decay: float = 0.01
     """AdamW weight decay"""
-    ema_decay: float = 0.9995
+    ema_decay: float = 0.999
     """EMA decay of the exported weights (warmed up as min(decay, (1 + step) / (10 + step)))"""
     uncond_prob: float = 0.1
     """fraction of captions replaced by "" (classifier-free guidance needs an unconditional model)"""
