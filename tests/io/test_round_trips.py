@@ -83,6 +83,20 @@ def test_pixel_space_controlnet_keeps_its_hint_stride(tmp_path):
     assert [c.stride[0] for c in back.controlnet_cond_embedding.blocks] == [1] * 6
 
 
+def test_pixel_space_controlnet_keeps_its_hint_stride_in_original_format(tmp_path):
+    net = ControlNet.from_unet(make_tiny_unet("sd15"), hint_downscale_factor=4)
+    save_controlnet(net, tmp_path / "latent4.safetensors", format="original")
+    back = load_controlnet(tmp_path / "latent4.safetensors", unet=make_tiny_unet("sd15"))
+    assert back.hint_config.downscale_factor == 4
+    forced = load_controlnet(
+        tmp_path / "latent4.safetensors", unet=make_tiny_unet("sd15"), hint_downscale_factor=8
+    )
+    assert forced.hint_config.downscale_factor == 8
+    with pytest.raises(ValueError, match="only a .safetensors file can record"):
+        save_controlnet(net, tmp_path / "latent4.pth", format="original")
+    assert not (tmp_path / "latent4.pth").exists()
+
+
 def test_save_refuses_bad_format_and_file_name_for_folder(tmp_path):
     net = _random_net("sd15")
     with pytest.raises(ValueError, match="expected 'diffusers' or 'original'"):

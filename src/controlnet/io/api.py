@@ -26,7 +26,7 @@ from controlnet.io.formats import (
     detect_format,
     unet_config_for,
 )
-from controlnet.io.safe_load import WEIGHT_SUFFIXES, atomic_path, read_state_dict, write_state_dict
+from controlnet.io.safe_load import WEIGHT_SUFFIXES, atomic_path, read_metadata, read_state_dict, write_state_dict
 from controlnet.model.controlnet import ControlNet
 from controlnet.model.hint_encoder import SD_LATENT_DOWNSCALE
 
@@ -198,11 +198,14 @@ def load_controlnet(
     unet: UNet2DConditionModel | None = None,
     config: dict | str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
+    hint_downscale_factor: int | None = None,
 ) -> ControlNet:
     """Load a ControlNet in original (`.pth/.safetensors`, any prefix, combined v1.0) or diffusers format.
 
     The network is built as a copy of `unet`'s encoder (its weights then overwritten by the file); without
-    `unet`, from `config` or the shipped config of the family recognised in the file.
+    `unet`, from `config` or the shipped config of the family recognised in the file. The hint encoder's stride
+    is not in the weights: it comes from `hint_downscale_factor`, else our config.json / safetensors metadata,
+    else 8 (every released SD ControlNet).
     """
     path = Path(path)
     if not path.exists():
@@ -222,6 +225,9 @@ def load_controlnet(
         state = read_state_dict(weights)
     else:
         state = read_state_dict(path)
+        downscale = int(read_metadata(path).get(HINT_DOWNSCALE_KEY, SD_LATENT_DOWNSCALE))
+    if hint_downscale_factor is not None:
+        downscale = hint_downscale_factor
     fmt = detect_format(state)
     if fmt not in ("original-controlnet", "original-combined", "diffusers-controlnet"):
         raise CheckpointError(f"{path}: holds a {fmt} checkpoint, not a ControlNet")
@@ -286,7 +292,15 @@ def save_controlnet(
     state = cast_state({k: v.detach() for k, v in cnet.state_dict().items()}, dtype)
     if format == "original":
         state = controlnet_state_to_original(state, cnet.unet_config["layers_per_block"], prefix)
-        write_state_dict(state, path, metadata={"format": "original-controlnet"})
+        metadata = {"format": "original-controlnet"}
+        if cnet.hint_config.downscale_factor != SD_LATENT_DOWNSCALE:
+            if path.suffix.lower() != ".safetensors":
+                raise ValueError(
+                    f"this ControlNet's hint encoder downsamples {cnet.hint_config.downscale_factor}x (not 8x); only a "
+                    f".safetensors file can record that in the original format, got {path.name}"
+                )
+            metadata[HINT_DOWNSCALE_KEY] = str(cnet.hint_config.downscale_factor)
+        write_state_dict(state, path, metadata=metadata)
     elif format == "diffusers":
         if path.suffix.lower() in WEIGHT_SUFFIXES:
             raise ValueError(f"format='diffusers' writes a folder; got a file name {path.name}")

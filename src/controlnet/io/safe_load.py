@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load_bytes
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save_file as safetensors_save_file
@@ -34,6 +34,18 @@ WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 WRAPPER_KEYS = ("state_dict", "model", "module")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive
 PICKLE_PROTOCOL_OPCODE = b"\x80"  # legacy torch.save: a pickle stream starting with PROTO
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a plain `.safetensors` file ({} for other files or when there is none)."""
+    path = Path(path)
+    if _suffix(path) not in SAFETENSORS_SUFFIXES or path.name.lower().endswith(".xz"):
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}  # read_state_dict reports unreadable files
 
 
 def _suffix(path: Path) -> str:
