@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a ControlNet from a config file plus flag overrides",
         description="Train a ControlNet on paired data (paper Sec. 3.3): a locked base, a trainable copy of its "
-        "encoder, 50%% empty prompts. CONFIG is a YAML or JSON file with the sections below; any field can be "
+        "encoder, 50% empty prompts. CONFIG is a YAML or JSON file with the sections below; any field can be "
         "overridden as --SECTION.FIELD VALUE. The run folder (train.output_dir) gets config.json, metrics.jsonl, "
         "checkpoints/, final/ and report.html; rerunning the same command resumes from the newest checkpoint. "
         "Multi-GPU: `accelerate launch -m controlnet.cli train CONFIG`.",
