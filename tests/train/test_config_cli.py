@@ -8,7 +8,8 @@ import pytest
 from train_tiny import TINY_SIZE
 
 from controlnet import cli
-from controlnet.train.config import DataConfig, OptimConfig, TrainConfig, field_docs, resolve_config
+from controlnet.config_docs import field_docs
+from controlnet.train.config import DataConfig, OptimConfig, TrainConfig, resolve_config
 
 
 def test_file_then_flags_then_validation(tmp_path):

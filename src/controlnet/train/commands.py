@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-from controlnet.train.config import SECTIONS, field_docs, resolve_config
+from controlnet.config_docs import field_docs
+from controlnet.train.config import SECTIONS, resolve_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,11 +7,8 @@ with errors that name the field, the value and what was expected.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
-import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,23 +265,6 @@ def build_section(cls: type, values: dict, section: str):
     if unknown:
         raise ValueError(f"config section {section!r}: unknown keys {unknown}; expected some of {sorted(names)}")
     return cls(**values)
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the CLI help), read from its source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = nxt.value.value.strip()
-    return docs
 
 
 def parse_value(text: str, annotation) -> object:

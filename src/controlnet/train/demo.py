@@ -167,7 +167,7 @@ def reproduce(run_dir: Path) -> tuple[float, float]:
 def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     from dataclasses import fields
 
-    from controlnet.train.config import field_docs
+    from controlnet.config_docs import field_docs
 
     parser = subparsers.add_parser(
         "demo",

@@ -6,30 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import sys
-import textwrap
 from dataclasses import fields
 
+from controlnet.config_docs import field_docs
 from controlnet.world.base_config import PretrainConfig
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings under each field of a config dataclass (they are the CLI help, STYLE.md rule 3)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = following.value.value.strip()
-    return docs
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
