@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-import diffusers
-
 
 @dataclass(frozen=True)
 class SamplerSpec:
@@ -57,6 +55,8 @@ def canonical_sampler_name(name: str) -> str:
 def make_scheduler(name: str, base_config: dict):
     """A fresh scheduler of sampler `name` that keeps `base_config`'s noise schedule."""
     spec = SAMPLERS[canonical_sampler_name(name)]
+    import diffusers  # imported on use: the CLI lists sampler names without loading diffusers
+
     cls = getattr(diffusers, spec.class_name)
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     config.update(spec.overrides)
