@@ -438,6 +438,17 @@ class Trainer:
         scores = val.score(self.metric, images, conds)
         return float(np.mean(scores)), images
 
+    def _record_validation(self, step, history, metrics_path, samples_dir, started) -> float | None:
+        """Validate on the main process: append to `history`, log to metrics.jsonl, save the sample grid."""
+        if not self.acc.is_main_process:
+            return None
+        fidelity, images = self._validate(step)
+        history.append((step, fidelity))
+        append_jsonl(metrics_path, {"step": step, "event": "validation", "fidelity": fidelity,
+                                    "metric": self.metric, "elapsed_s": time.time() - started})  # fmt: skip
+        save_grid(samples_dir / f"step-{step:07d}.png", [images], self.config.validation.grid_samples)
+        return fidelity
+
     # ------------------------------------------------------------------------------------------------------
     # the run
     def run(self) -> RunSummary:
@@ -483,12 +494,7 @@ class Trainer:
                     )
                 fidelity = None
                 if do_val and step % c.validation.every == 0:
-                    if self.acc.is_main_process:
-                        fidelity, images = self._validate(step)
-                        history.append((step, fidelity))
-                        append_jsonl(metrics_path, {"step": step, "event": "validation", "fidelity": fidelity,
-                                               "metric": self.metric, "elapsed_s": time.time() - started})  # fmt: skip
-                        save_grid(samples_dir / f"step-{step:07d}.png", [images], c.validation.grid_samples)
+                    fidelity = self._record_validation(step, history, metrics_path, samples_dir, started)
                     history = broadcast_history(self.acc, history)
                 elapsed = time.time() - window_t
                 rate = window_steps * global_batch / elapsed if elapsed > 0 else 0.0
@@ -528,12 +534,7 @@ class Trainer:
                     break
         if do_val and status != "interrupted" and (not history or history[-1][0] != step):
             # the exported weights get a score of their own: the report's final number is theirs
-            if self.acc.is_main_process:
-                fidelity, images = self._validate(step)
-                history.append((step, fidelity))
-                append_jsonl(metrics_path, {"step": step, "event": "validation", "fidelity": fidelity,
-                                       "metric": self.metric, "elapsed_s": time.time() - started})  # fmt: skip
-                save_grid(samples_dir / f"step-{step:07d}.png", [images], c.validation.grid_samples)
+            self._record_validation(step, history, metrics_path, samples_dir, started)
             history = broadcast_history(self.acc, history)
         digests = self._rank_digests()
         if self.acc.is_main_process and self.world > 1:
