@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # lets test modules import pipel
 from pipeline_tiny import (  # noqa: E402
     TINY_UNET_CONFIGS,
     condition_image,
+    diffusers_sd_pipeline,
     make_controlnet,
     make_scheduler,
     make_text_encoder,
@@ -103,20 +104,9 @@ def pixel_pipe(pixel_parts):
 @pytest.fixture(scope="session")
 def saved(sd_parts, tmp_path_factory):
     """The tiny SD base as a diffusers folder, net 0 as a diffusers folder, net 1 as an original file, 2 images."""
-    from diffusers import StableDiffusionPipeline
-
     p = sd_parts
     root = tmp_path_factory.mktemp("saved")
-    StableDiffusionPipeline(
-        vae=p["vae"],
-        text_encoder=p["text_encoder"],
-        tokenizer=p["tokenizer"],
-        unet=p["unet"],
-        scheduler=p["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(root / "base")
+    diffusers_sd_pipeline(p).save_pretrained(root / "base")
     save_controlnet(p["nets"][0], root / "cn_diffusers", format="diffusers")
     save_controlnet(p["nets"][1], root / "cn_original.safetensors", format="original")
     condition_image(1).save(root / "cond1.png")

@@ -124,3 +124,22 @@ def to_diffusers_controlnet(net: ControlNet):
     model = ControlNetModel(**net.diffusers_config())
     model.load_state_dict(net.state_dict())
     return model.eval()
+
+
+def diffusers_sd_pipeline(parts: dict, pipeline_class=None, **components):
+    """diffusers' SD pipeline (`pipeline_class`, default StableDiffusionPipeline) over the tiny `parts`."""
+    if pipeline_class is None:
+        from diffusers import StableDiffusionPipeline as pipeline_class
+    pipe = pipeline_class(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **components,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

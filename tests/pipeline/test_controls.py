@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pipeline_tiny import condition_image
+from pipeline_tiny import condition_image, diffusers_sd_pipeline
 
 from controlnet.guidance import cfg_resolution_weights, guess_mode_scales
 from controlnet.pipeline import output_heights
@@ -38,25 +38,13 @@ def counting(*modules):
 
 
 def test_scale_zero_equals_base_model_and_nets_never_run(sd_parts, sd_pipe):
-    from diffusers import StableDiffusionPipeline
-
     calls = counting(*sd_pipe.controlnets)
     ours = gen(sd_pipe, control_scale=0.0, seed=5, steps=2)
     assert [len(c.batches) for c in calls] == [0, 0]
     for c in calls:
         c.remove()
     p = sd_parts
-    base = StableDiffusionPipeline(
-        vae=p["vae"],
-        text_encoder=p["text_encoder"],
-        tokenizer=p["tokenizer"],
-        unet=p["unet"],
-        scheduler=p["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    base.set_progress_bar_config(disable=True)
+    base = diffusers_sd_pipeline(p)
     theirs = base(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(5), output_type="np")
     assert np.abs(ours - theirs.images).max() <= 1e-5
     assert np.abs(ours - gen(sd_pipe, seed=5, steps=2)).max() > 1e-2  # the nets do change the image at scale 1

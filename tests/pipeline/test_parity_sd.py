@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pipeline_tiny import condition_image, to_diffusers_controlnet
+from pipeline_tiny import condition_image, diffusers_sd_pipeline, to_diffusers_controlnet
 
 PROMPT = "a red cat on the blue circle"
 TOL = 1e-4
@@ -17,19 +17,7 @@ def diffusers_pipe(parts, nets):
 
     dnets = [to_diffusers_controlnet(n) for n in nets]
     controlnet = dnets[0] if len(dnets) == 1 else MultiControlNetModel(dnets)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        unet=parts["unet"],
-        controlnet=controlnet,
-        scheduler=parts["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_sd_pipeline(parts, StableDiffusionControlNetPipeline, controlnet=controlnet)
 
 
 def run_both(sd_parts, n_nets, ours: dict, theirs: dict, seed=7, batch=1):
