@@ -19,12 +19,15 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 ORIGINAL_INDEX = "prompt.json"
 IMAGEFOLDER_INDEX = "metadata.jsonl"
@@ -179,29 +182,49 @@ class TarSource:
 
 
 class HFSource:
-    """A Hugging Face `datasets` dataset (save_to_disk folder or parquet file) with image/condition/text columns."""
+    """A Hugging Face `datasets` dataset (save_to_disk folder or parquet file) with image/condition/text columns.
+
+    Image columns may be `datasets.Image` features or plain path / bytes columns; they are read undecoded
+    (`Image(decode=False)`), so a corrupt image is reported by `scan` instead of failing inside `datasets`.
+    Images stored as relative paths are looked up next to the dataset first, then from the working directory.
+    A parquet file is converted once into the `datasets` cache (HF_DATASETS_CACHE) and memory-mapped from there.
+    """
 
     def __init__(self, path: Path, image: str, conditioning: str, caption: str):
         try:
             import datasets
         except ImportError:
             raise ValueError(
-                f"data.path={str(path)!r} is a Hugging Face dataset; reading it needs `pip install datasets`"
+                f"data.path={str(path)!r} is a Hugging Face dataset; reading it needs `pip install datasets` "
+                "(or `pip install 'controlnet[hf]'`)"
             ) from None
         if path.suffix == ".parquet":
             ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            self.base = path.parent
         else:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        missing = [c for c in (image, conditioning, caption) if c not in ds.column_names]
+                split = "train" if "train" in ds else next(iter(ds))
+                logger.info("%s: using split %r of %s", path, split, sorted(ds))
+                ds = ds[split]
+            self.base = path
+        columns = {"data.image_column": image, "data.conditioning_column": conditioning,
+                   "data.caption_column": caption}  # fmt: skip
+        missing = [f"{arg}={name!r}" for arg, name in columns.items() if name not in ds.column_names]
         if missing:
-            raise ValueError(f"dataset {path}: no columns {missing} (columns: {ds.column_names})")
+            raise ValueError(f"dataset {path}: no column for {', '.join(missing)} (columns: {ds.column_names})")
         self.path, self.layout, self.keys = path, "hf", (image, conditioning, caption)
-        self.ds = ds.cast_column(image, datasets.Image(decode=False)).cast_column(
-            conditioning, datasets.Image(decode=False)
-        )
-        self._prompts = list(self.ds[caption])
+        ds = ds.select_columns(list(dict.fromkeys(self.keys)))  # other columns are never read
+        for name in (image, conditioning):
+            try:
+                ds = ds.cast_column(name, datasets.Image(decode=False))
+            except (TypeError, ValueError, NotImplementedError) as err:  # pyarrow's cast errors subclass these
+                raise ValueError(
+                    f"dataset {path}: column {name!r} is {ds.features[name]}, expected images "
+                    f"(datasets.Image, file paths or encoded bytes): {err}"
+                ) from None
+        self.ds = ds
+        self._prompts = list(ds[caption])
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -210,9 +233,23 @@ class HFSource:
         return self._prompts[i]
 
     def _bytes(self, value) -> bytes:
-        if value.get("bytes") is not None:
-            return value["bytes"]
-        return Path(value["path"]).read_bytes()
+        """Encoded image bytes from an undecoded image cell ({"bytes", "path"}, or bare bytes / path)."""
+        if isinstance(value, dict):
+            data, name = value.get("bytes"), value.get("path")
+        else:
+            data, name = (value, None) if isinstance(value, bytes) else (None, value)
+        if data is not None:
+            return bytes(data)
+        if not name:
+            raise ValueError("image cell holds neither bytes nor a path")
+        file = Path(name)
+        if not file.is_absolute():
+            beside = self.base / file
+            if beside.is_file() or not file.is_file():
+                file = beside
+        if not file.is_file():
+            raise FileNotFoundError(f"image file {str(file)!r} not found")
+        return file.read_bytes()
 
     def read(self, i: int) -> tuple[bytes, bytes]:
         row = self.ds[i]
