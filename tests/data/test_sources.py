@@ -153,8 +153,11 @@ def test_hf_save_to_disk_and_parquet_give_the_written_rows_in_order(hf, original
     reversed_ds = ds.select(range(len(ds) - 1, -1, -1))
     hf.DatasetDict({"test": reversed_ds, "train": ds}).save_to_disk(str(tmp_path / "dict"))
     ds.to_parquet(str(tmp_path / "data.parquet"))  # images kept as (absolute) paths
-    paths = [tmp_path / "disk", tmp_path / "dict", tmp_path / "data.parquet"]
-    assert [detect_format(p) for p in paths] == ["hf", "hf", "hf"]
+    (tmp_path / "shards" / "data").mkdir(parents=True)  # the Hub's layout: data/train-0000N-of-0000M.parquet
+    for k, rows in enumerate((range(0, 4), range(4, 6))):
+        ds.select(rows).to_parquet(str(tmp_path / "shards" / "data" / f"train-{k:05d}-of-00002.parquet"))
+    paths = [tmp_path / "disk", tmp_path / "dict", tmp_path / "data.parquet", tmp_path / "shards"]
+    assert [detect_format(p) for p in paths] == ["hf", "hf", "hf", "hf"]
     written = _pil_triples(original)
     assert len(written) == 6 and len({prompt for _, _, prompt in written}) > 1
     for path in paths:

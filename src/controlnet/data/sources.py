@@ -4,7 +4,8 @@
   {"source": ..., "target": ..., "prompt": ...} object per line plus the image folders (paper Sec. 4 data);
 - imagefolder: diffusers' `train_controlnet.py` convention, `metadata.jsonl` lines with the image, the
   conditioning image and the text (column names configurable);
-- hf: a Hugging Face `datasets` dataset saved with `save_to_disk`, or a `.parquet` file (needs `datasets`);
+- hf: a Hugging Face `datasets` dataset saved with `save_to_disk`, a `.parquet` file or a folder of parquet
+  shards (needs `datasets`);
 - webdataset: `.tar` shards whose members share a key (`0001.jpg`, `0001.cond.png`, `0001.txt`), read with
   the standard library's `tarfile` (no extra dependency).
 
@@ -182,7 +183,7 @@ class TarSource:
 
 
 class HFSource:
-    """A Hugging Face `datasets` dataset (save_to_disk folder or parquet file) with image/condition/text columns.
+    """A Hugging Face `datasets` dataset (save_to_disk folder, parquet file or shards) with image/condition/text columns.
 
     Image columns may be `datasets.Image` features or plain path / bytes columns; they are read undecoded
     (`Image(decode=False)`), so a corrupt image is reported by `scan` instead of failing inside `datasets`.
@@ -198,9 +199,10 @@ class HFSource:
                 f"data.path={str(path)!r} is a Hugging Face dataset; reading it needs `pip install datasets` "
                 "(or `pip install 'controlnet[hf]'`)"
             ) from None
-        if path.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-            self.base = path.parent
+        shards = parquet_shards(path)
+        if shards:  # one file or a folder of shards, read in name order as one table
+            ds = datasets.load_dataset("parquet", data_files=[str(f) for f in shards], split="train")
+            self.base = path if path.is_dir() else path.parent
         else:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
@@ -263,6 +265,15 @@ class HFSource:
         return _digest(target, condition, self.prompt(i).encode())
 
 
+def parquet_shards(path: Path) -> list[Path]:
+    """The .parquet files of `path`: the file itself, or a folder's shards (also the Hub's `data/` layout)."""
+    if path.is_file():
+        return [path] if path.suffix == ".parquet" else []
+    if path.is_dir():
+        return sorted(path.glob("*.parquet")) or sorted(path.glob("data/*.parquet"))
+    return []
+
+
 def detect_format(path: Path) -> str:
     """The layout of `path` from what it holds."""
     if path.is_file():
@@ -279,13 +290,13 @@ def detect_format(path: Path) -> str:
         return "original"
     if (path / IMAGEFOLDER_INDEX).is_file():
         return "imagefolder"
-    if any((path / marker).is_file() for marker in HF_MARKERS):
+    if any((path / marker).is_file() for marker in HF_MARKERS) or parquet_shards(path):
         return "hf"
     if sorted(path.glob("*.tar")):
         return "webdataset"
     raise ValueError(
         f"data.path={str(path)!r}: no {ORIGINAL_INDEX} (original layout), {IMAGEFOLDER_INDEX} (imagefolder), "
-        "dataset_info.json (HF save_to_disk) or .tar shards found"
+        "dataset_info.json (HF save_to_disk), .parquet or .tar shards found"
     )
 
 
