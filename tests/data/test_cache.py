@@ -34,8 +34,8 @@ def test_latent_cache_holds_the_vae_posterior_and_invalidates_itself(tmp_path):
     trainer = _setup(data, tmp_path / "a", cache, base)
     first = _cache_folders(cache)
     assert len(first) == 1
-    mean, std, cond = trainer.latents.get(0)
-    pixels, cond_ref = trainer.pixels.load(0, 0)
+    mean, std, cond = trainer.data.latents.get(0)
+    pixels, cond_ref = trainer.data.pixels.load(0, 0)
     dist = base.vae.encode(pixels[None]).latent_dist
     torch.testing.assert_close(mean, dist.mean[0])
     torch.testing.assert_close(std, dist.std[0])
@@ -57,4 +57,4 @@ def test_random_augmentation_bypasses_the_latent_cache(tmp_path):
     data = make_fill_dataset(tmp_path / "data", n=6)
     trainer = Trainer(tiny_config(data, tmp_path / "run", data__random_flip=True), make_tiny_base())
     trainer._setup()
-    assert trainer.latents is None and trainer.text is not None
+    assert trainer.data.latents is None and trainer.data.text is not None

@@ -116,10 +116,10 @@ def test_half_of_the_prompts_are_empty_by_default(fill_data, tmp_path):
     trainer = Trainer(tiny_config(fill_data, tmp_path / "run", train__batch_size=4), make_tiny_base())
     trainer._setup()
     trainer._build_model()
-    empty = trainer.text[trainer.empty_id]
+    empty = trainer.data.text[trainer.data.empty_id]
     dropped = total = 0
     for micro in range(100):
-        context = trainer._micro_inputs(micro)[2]  # (B, L, D)
+        context = trainer.data.micro_batch(micro).context  # (B, L, D)
         dropped += sum(torch.equal(c, empty) for c in context)
         total += len(context)
     assert 0.4 < dropped / total < 0.6
@@ -172,7 +172,7 @@ def test_bucketed_training_on_non_square_imagefolder_data(tmp_path):
     )
     summary = trainer.run()
     assert summary.status == "finished"
-    shapes = {(b.width, b.height) for b in trainer.plan.buckets}
+    shapes = {(b.width, b.height) for b in trainer.data.plan.buckets}
     assert len(shapes) == 3 and all(w * h <= 16 * 16 * 1.01 for w, h in shapes)
-    sizes = {trainer.latents.get(p)[0].shape[1:] for p in range(len(trainer.train_indices))}
+    sizes = {trainer.data.latents.get(p)[0].shape[1:] for p in range(len(trainer.data.train_indices))}
     assert len(sizes) == 3  # latents cached per bucket size, never squashed to one shape

@@ -47,6 +47,11 @@ def test_validation_logs_floor_ceiling_and_fidelity_and_early_stops(fill_data, t
     assert report.count("<svg") == 2 and "sudden convergence at step <b>2</b>" in report
     assert (tmp_path / "run" / "samples" / "step-0000004.png").is_file()
 
+    # running a run that stopped early again trains no further: it only exports and reports again
+    again = train(config, make_tiny_base())
+    assert again.status == "early_stop" and again.step == 4 and again.validation == summary.validation
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == [json.dumps(e) for e in events]
+
 
 def test_svg_chart_places_points_inside_the_frame():
     svg = svg_chart("t", {"a": ([(0, 0.0), (10, 1.0)], "#000")}, (0.0, 1.0))

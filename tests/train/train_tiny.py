@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from controlnet.train.trainer import BaseParts
+from controlnet.train.batches import BaseParts
 from controlnet.world.fill import FILL_VOCABULARY
 
 TINY_SIZE = 16  # px: the smallest fill-task image

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA_FORMATS = ("auto", "original", "imagefolder", "hf", "webdataset")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")  # accelerate's names
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EXPORT_FORMATS = ("diffusers", "original")
@@ -100,6 +101,8 @@ class ModelConfig:
     """feed only the middle-block residual to the UNet (reference code's only_mid_control)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward (less memory, ~30% more time)"""
+    channels_last: bool = True
+    """keep conv weights and activations NHWC (oneDNN on CPU and tensor cores on GPU prefer it; see benchmarks)"""
 
     def __post_init__(self) -> None:
         _check_positive(self, "cond_channels")
@@ -169,11 +172,18 @@ class LoopConfig:
     """stop with an error after this many optimizer steps in a row with a non-finite loss or gradient"""
     log_every: int = 10
     """write a metrics.jsonl line every this many steps"""
+    log_with: tuple[str, ...] = ()
+    """also log to these accelerate trackers, e.g. tensorboard (event files in the run folder's logs/) or wandb"""
 
     def __post_init__(self) -> None:
         _check_positive(self, "max_steps", "batch_size", "max_nonfinite", "log_every")
         _check_positive(self, "max_minutes", "threads", allow_zero=True)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if isinstance(self.log_with, str):  # a config file may give one name or "a,b"
+            self.log_with = tuple(t.strip() for t in self.log_with.split(",") if t.strip())
+        self.log_with = tuple(str(t) for t in self.log_with)
+        for tracker in self.log_with:
+            _check_choice("train.log_with", tracker, TRACKERS)
 
 
 @dataclass

@@ -110,7 +110,8 @@ def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: P
 
 def run_demo(demo: DemoConfig, callback=None, log=print):
     """Make data, train, report. Returns the trainer's RunSummary."""
-    from controlnet.train.trainer import load_base, train
+    from controlnet.train.batches import load_base
+    from controlnet.train.trainer import train
     from controlnet.world.base import BASE_CONFIG_NAME, BUILTIN_DIR, BaseModelConfig
     from controlnet.world.dataset import write_dataset
 
@@ -153,7 +154,7 @@ def reproduce(run_dir: Path) -> tuple[float, float]:
     prompts = [source.prompt(i) for i in held_out]
     conds = [np.asarray(decode_image(source.read(i)[1]).resize((size, size))) for i in held_out]
     from controlnet.io.api import load_controlnet
-    from controlnet.train.trainer import load_base
+    from controlnet.train.batches import load_base
 
     b = load_base(config.model.base)
     net = load_controlnet(run_dir / "final" / "controlnet", unet=b.unet)

@@ -9,10 +9,8 @@
 5. loop: micro-batches -> noise -> loss -> backward; non-finite check; clip; step; log; validate; checkpoint
 6. export (diffusers + original formats) and report
 
-Every random draw of step s (noise, timesteps, prompt dropout, VAE posterior sample) comes from a generator
-seeded by (seed, micro-step) and is drawn for the whole global micro-batch, each process taking its slice: so a
-resumed run repeats an uninterrupted one bit for bit on the CPU, and N processes match one process with the
-same global batch.
+The step's inputs (data, caches, the per-micro-step random draws that make resume and multi-process runs exact)
+come from `batches.TrainingBatches`; validation scoring from `validation`; checkpoint files from `checkpoint`.
 """
 
 from __future__ import annotations
@@ -22,19 +20,16 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from controlnet.data.cache import build_latent_cache, build_text_cache, module_fingerprint, tokenizer_fingerprint
-from controlnet.data.dataset import BatchPlan, PixelPairs, assign_buckets, scan
-from controlnet.data.sources import decode_image, open_source
-from controlnet.data.transforms import BUCKET_MULTIPLE, condition_to_unit
 from controlnet.train import checkpoint as ckpt
 from controlnet.train import validation as val
+from controlnet.train.batches import BaseParts, TrainingBatches, load_base
 from controlnet.train.config import TrainConfig
 from controlnet.train.loop import (
     StopOnSignal,
@@ -44,7 +39,6 @@ from controlnet.train.loop import (
     lr_lambda,
     numpy_state,
     save_grid,
-    step_generator,
     truncate_metrics,
 )
 from controlnet.train.model import ControlledUNet, decoder_parameters, decoder_state
@@ -53,24 +47,13 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"
+LOGS_DIR = "logs"  # accelerate trackers (train.log_with) write here, e.g. TensorBoard event files
 FINAL_DIR = "final"
-EMPTY_PROMPT = ""
-TEXT_ENCODE_BATCH = 64
 
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient."""
-
-
-@dataclass
-class BaseParts:
-    """The locked base text-to-image model: diffusers/transformers modules (vae None in pixel space)."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module | None
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object
 
 
 @dataclass
@@ -100,21 +83,6 @@ class RunSummary:
     ceiling: float | None = None
 
 
-def load_base(spec: str) -> BaseParts:
-    """The base model named by `spec` ("builtin", a built-in-style folder or a diffusers folder), offline."""
-    from controlnet.pipeline import ControlNetPipeline
-    from controlnet.world.base import BASE_CONFIG_NAME
-
-    if spec != "builtin" and (Path(spec) / BASE_CONFIG_NAME).is_file():  # saved by world.base.save_builtin_base
-        from controlnet.world.base import load_builtin_base
-
-        b = load_builtin_base(spec)
-        return BaseParts(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler)
-
-    pipe = ControlNetPipeline.from_pretrained(spec)
-    return BaseParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
-
-
 class Trainer:
     """One training run. `Trainer(config, base).run()`; `base` defaults to loading `config.model.base`."""
 
@@ -134,25 +102,15 @@ class Trainer:
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
         cpu = c.train.cpu or not torch.cuda.is_available()
-        self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu)
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.run_dir = Path(c.train.output_dir)
+        self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu, log_with=list(c.train.log_with) or None,
+                               project_dir=str(self.run_dir / LOGS_DIR))  # fmt: skip
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
             ckpt.remove_partial(self.run_dir)
         self.acc.wait_for_everyone()
-        # data: scan everything before training; the last samples are held out for validation
-        self.source = open_source(c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column,
-                                  c.data.caption_column)  # fmt: skip
-        found = scan(self.source, c.data.skip_bad)
-        n_val = c.validation.num_samples if c.validation.every and c.validation.metric != "none" else 0
-        if n_val >= len(found.indices):
-            raise ValueError(
-                f"validation.num_samples={n_val} leaves no training data ({len(found.indices)} usable)"
-            )
-        cut = len(found.indices) - n_val
-        self.train_indices, self.val_indices = found.indices[:cut], found.indices[cut:]
         base = self._base or load_base(c.model.base)
         self.base = base
         self.device = self.acc.device
@@ -166,56 +124,9 @@ class Trainer:
             raise ValueError(
                 "model.base is SDXL-style (addition_embed_type set): training supports SD1.x/2.x bases"
             )
-        self.vae_factor = 1 if base.vae is None else 2 ** (len(base.vae.config.block_out_channels) - 1)
-        from diffusers import DDPMScheduler
-
-        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
-        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
-
-        multiple = BUCKET_MULTIPLE if base.vae is not None else 8
-        buckets = assign_buckets(found.sizes[:cut], c.data.resolution, c.data.bucketing, multiple)
-        self.plan = BatchPlan(buckets, c.train.batch_size * self.world, c.train.seed)
-        self.pixels = PixelPairs(self.source, self.train_indices, buckets, c.data.center_crop, c.data.random_flip,
-                                 c.train.seed)  # fmt: skip
-        prompts = [self.source.prompt(i) for i in self.train_indices]
-        self.unique_prompts = sorted(set(prompts) | {EMPTY_PROMPT})
-        index = {p: k for k, p in enumerate(self.unique_prompts)}
-        self.prompt_ids = torch.tensor([index[p] for p in prompts])  # (N_train,)
-        self.empty_id = index[EMPTY_PROMPT]
         cache_dir = Path(c.data.cache_dir) if c.data.cache_dir else self.run_dir / "cache"
-        self.latents = self.text = None
-        if c.data.cache:
-            if self.acc.is_main_process:
-                self._build_caches(cache_dir, found.digests[:cut], buckets)
-            self.acc.wait_for_everyone()
-            self._build_caches(cache_dir, found.digests[:cut], buckets)  # now a cache hit on every process
-
-    def _build_caches(self, cache_dir: Path, digests, buckets) -> None:
-        c, base = self.config, self.base
-        text_fp = module_fingerprint(base.text_encoder, extra=tokenizer_fingerprint(base.tokenizer))
-        self.text = build_text_cache(cache_dir, self.unique_prompts, text_fp, self._encode_text)["context"]
-        if c.data.random_augmentation:
-            logger.info("random crop/flip is on: VAE latents are computed every step (no latent cache)")
-            return
-        vae_fp = module_fingerprint(base.vae, extra=f"vae|{self.weight_dtype}")
-        desc = json.dumps([c.data.resolution, c.data.bucketing, c.data.center_crop, sorted({(b.width, b.height)
-                           for b in buckets})])  # fmt: skip
-        self.latents = build_latent_cache(cache_dir, digests, desc, vae_fp, lambda p: self.pixels.load(p, 0),
-                                          self._encode_pixels)  # fmt: skip
-
-    @torch.no_grad()
-    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
-        from controlnet.world.text import encode_prompts
-
-        return encode_prompts(self.base.tokenizer, self.base.text_encoder, prompts).float()  # (B, L, D)
-
-    @torch.no_grad()
-    def _encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """VAE posterior (mean, std) of images (B, 3, H, W) in [-1, 1]; pixel space: (pixels, None)."""
-        if self.base.vae is None:
-            return pixels, None
-        dist = self.base.vae.encode(pixels.to(self.device, self.base.vae.dtype)).latent_dist
-        return dist.mean.float(), dist.std.float()
+        # data: every file scanned before training; the last samples are held out for validation
+        self.data = TrainingBatches(c, base, self.acc, cache_dir, self.weight_dtype)
 
     # ------------------------------------------------------------------------------------------------------
     # 3. the trainable model
@@ -231,7 +142,7 @@ class Trainer:
             kwargs = {"hint_block_channels": c.model.hint_channels} if c.model.hint_channels else {}
             torch.manual_seed(c.train.seed)  # the new hint encoder's init: the same in every process and run
             net = ControlNet.from_unet(base.unet.float(), cond_channels=c.model.cond_channels,
-                                       hint_downscale_factor=self.vae_factor, **kwargs)  # fmt: skip
+                                       hint_downscale_factor=self.data.vae_factor, **kwargs)  # fmt: skip
         net = net.float().to(self.device).requires_grad_(True).train()
         self.controlnet = net
         params = [{"params": list(net.parameters()), "lr": c.optim.lr}]
@@ -247,6 +158,11 @@ class Trainer:
         if base.vae is not None:
             base.vae.to(self.weight_dtype)
         base.text_encoder.to(self.weight_dtype)
+        if c.model.channels_last:
+            # NHWC: oneDNN's convolutions (forward and backward) are ~2x faster for the hint encoder's narrow,
+            # full-resolution convs on CPU, and tensor cores want it on GPU. Values are unchanged, only strides.
+            net.to(memory_format=torch.channels_last)
+            base.unet.to(memory_format=torch.channels_last)
         if c.model.gradient_checkpointing:
             net.enable_gradient_checkpointing()
             base.unet.enable_gradient_checkpointing()
@@ -315,57 +231,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     # 5. one optimizer step
-    def _micro_inputs(self, micro_step: int) -> tuple[torch.Tensor, ...]:
-        """(noisy, timesteps, context, cond, target) of this process's slice of one global micro-batch."""
-        c = self.config
-        epoch, positions = self.plan.batch(micro_step)
-        g = step_generator(c.train.seed, micro_step)
-        lo, hi = self.rank * c.train.batch_size, (self.rank + 1) * c.train.batch_size
-        mine = positions[lo:hi]
-        if self.latents is not None:
-            got = [self.latents.get(p) for p in mine]
-            mean = torch.stack([m for m, _, _ in got]).to(self.device)  # (b, C, h, w)
-            std = None if got[0][1] is None else torch.stack([s for _, s, _ in got]).to(self.device)
-            cond = torch.stack([k for _, _, k in got])  # (b, C_cond, H, W) uint8
-        else:
-            loaded = [self.pixels.load(p, epoch) for p in mine]
-            cond = torch.stack([k for _, k in loaded])
-            mean, std = self._encode_pixels(torch.stack([t for t, _ in loaded]))
-            mean = mean.to(self.device)
-        n = len(positions)
-        shape = (n, *mean.shape[1:])
-        # draws for the whole global micro-batch, in a fixed order; this process keeps rows lo:hi
-        posterior_eps = torch.randn(shape, generator=g)[lo:hi].to(self.device)
-        noise = torch.randn(shape, generator=g)[lo:hi].to(self.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=g)[lo:hi]
-        drop = (torch.rand(n, generator=g) < c.data.empty_prompt_prob)[lo:hi]
-        latents = mean if std is None else mean + std * posterior_eps
-        if self.base.vae is not None:
-            latents = latents * self.base.vae.config.scaling_factor
-        ids = torch.where(drop, torch.tensor(self.empty_id), self.prompt_ids[torch.tensor(mine)])
-        if self.text is not None:
-            context = self.text[ids].to(self.device)  # (b, L, D)
-        else:
-            context = self._encode_text([self.unique_prompts[i] for i in ids.tolist()]).to(self.device)
-        timesteps = timesteps.to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        return noisy, timesteps, context, condition_to_unit(cond).to(self.device), target
-
     def _optimizer_step(self, step: int) -> tuple[float, bool]:
         """Run grad_accum micro-batches and one update. Returns (mean loss over all processes, skipped)."""
         c = self.config
         accum = c.optim.grad_accum
         total = torch.zeros((), device=self.device)
         for k in range(accum):
-            noisy, t, context, cond, target = self._micro_inputs(step * accum + k)
+            batch = self.data.micro_batch(step * accum + k)
+            noisy, cond = batch.noisy, batch.cond
+            if c.model.channels_last:
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
+                cond = cond.contiguous(memory_format=torch.channels_last)
             sync = k == accum - 1
             with self.acc.no_sync(self.model) if not sync else contextlib.nullcontext(), self.acc.autocast():
-                pred = self.model(noisy, t, context.to(self.weight_dtype), cond)
-                loss = F.mse_loss(pred.float(), target.float(), reduction="mean")  # paper Eq. 5
+                pred = self.model(noisy, batch.timesteps, batch.context.to(self.weight_dtype), cond)
+                loss = F.mse_loss(pred.float(), batch.target.float(), reduction="mean")  # paper Eq. 5
                 self.acc.backward(loss / accum)
             total += loss.detach() / accum
         mean_loss = self.acc.reduce(total, reduction="mean")
@@ -395,26 +275,6 @@ class Trainer:
         nets = [self.controlnet] if with_control else []
         return ControlNetPipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler, controlnets=nets)
 
-    def _val_data(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-        size = self.config.data.resolution
-        prompts, conds, targets = [], [], []
-        for i in self.val_indices:
-            target_bytes, cond_bytes = self.source.read(i)
-            conds.append(np.asarray(decode_image(cond_bytes).resize((size, size))))
-            targets.append(np.asarray(decode_image(target_bytes).resize((size, size))))
-            prompts.append(self.source.prompt(i))
-        return prompts, conds, targets
-
-    def _metric(self) -> str:
-        metric = self.config.validation.metric
-        if metric != "auto":
-            return metric
-        world = Path(self.config.data.path) / "world.json"
-        if world.is_file():
-            task = json.loads(world.read_text()).get("task")
-            return "fill_iou" if task == "fill" else f"task:{task}"
-        return "edge_f1"
-
     @torch.no_grad()
     def _validate(self, step: int, with_control: bool = True, images_only: bool = False) -> tuple[float, list]:
         v = self.config.validation
@@ -438,16 +298,47 @@ class Trainer:
         scores = val.score(self.metric, images, conds)
         return float(np.mean(scores)), images
 
-    def _record_validation(self, step, history, metrics_path, samples_dir, started) -> float | None:
-        """Validate on the main process: append to `history`, log to metrics.jsonl, save the sample grid."""
+    def _record_validation(self, step: int, history: list) -> float | None:
+        """Validate on the main process: append to `history`, log the score, save the sample grid."""
         if not self.acc.is_main_process:
             return None
         fidelity, images = self._validate(step)
         history.append((step, fidelity))
-        append_jsonl(metrics_path, {"step": step, "event": "validation", "fidelity": fidelity,
-                                    "metric": self.metric, "elapsed_s": time.time() - started})  # fmt: skip
-        save_grid(samples_dir / f"step-{step:07d}.png", [images], self.config.validation.grid_samples)
+        self._log({"step": step, "event": "validation", "fidelity": fidelity, "metric": self.metric})
+        save_grid(
+            self.run_dir / SAMPLES_DIR / f"step-{step:07d}.png", [images], self.config.validation.grid_samples
+        )
         return fidelity
+
+    def _floor_and_ceiling(self, step: int) -> dict:
+        """Fidelity of the base alone (floor) and of the held-out targets themselves (ceiling), main process."""
+        floor, floor_images = self._validate(0, with_control=False)
+        ceiling = float(np.mean(val.score(self.metric, self.val[2], self.val[1])))
+        values = {"floor": floor, "ceiling": ceiling, "metric": self.metric}
+        self._log({"step": step, "event": "floor_ceiling", **values})
+        save_grid(self.run_dir / SAMPLES_DIR / "reference.png", [self.val[1], self.val[2], floor_images],
+                  self.config.validation.grid_samples)  # fmt: skip
+        return values
+
+    # ------------------------------------------------------------------------------------------------------
+    # logging: metrics.jsonl (always) and the accelerate trackers of train.log_with (TensorBoard, ...)
+    def _start_logging(self, start: int) -> None:
+        if self.acc.is_main_process:
+            truncate_metrics(self.run_dir / METRICS_FILE, start)
+        if self.config.train.log_with:
+            flat = {f"{section}.{k}": v if isinstance(v, int | float | str | bool) else str(v)
+                    for section, fields in self.config.to_dict().items() for k, v in fields.items()}  # fmt: skip
+            self.acc.init_trackers(self.run_dir.name or "controlnet", config=flat)
+
+    def _log(self, record: dict) -> None:
+        """Main process: one metrics.jsonl line (with elapsed_s); numbers also go to the trackers."""
+        record = {**record, "elapsed_s": time.time() - self.started}
+        append_jsonl(self.run_dir / METRICS_FILE, record)
+        if self.config.train.log_with:
+            prefix = "validation/" if record.get("event") else "train/"
+            numbers = {prefix + k: v for k, v in record.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"}  # fmt: skip
+            self.acc.log(numbers, step=record["step"])
 
     # ------------------------------------------------------------------------------------------------------
     # the run
@@ -456,32 +347,28 @@ class Trainer:
         self._setup()
         self._build_model()
         c = self.config
-        state = self._resume()
-        start = state["step"] if state else 0
-        history = [tuple(h) for h in state["validation"]] if state else []
-        streak = state["nonfinite_streak"] if state else 0
-        floor_ceiling = state.get("floor_ceiling") if state else None
-        self.metric = self._metric()
+        state = self._resume() or {}
+        start, step = state.get("step", 0), state.get("step", 0)
+        history = [tuple(h) for h in state.get("validation", [])]
+        streak = state.get("nonfinite_streak", 0)
+        floor_ceiling = state.get("floor_ceiling")
+        # a run that stopped early stays stopped: running it again only exports and reports
+        status = "early_stop" if state.get("status") == "early_stop" else "finished"
+        self.started = run_started - state.get("elapsed_s", 0.0)  # max_minutes counts set-up too
+        self.metric = val.metric_for(c)
         do_val = c.validation.every > 0 and c.validation.metric != "none"
         if do_val:
-            self.val = self._val_data()
-        samples_dir = self.run_dir / "samples"
-        metrics_path = self.run_dir / METRICS_FILE
-        if self.acc.is_main_process:
-            truncate_metrics(metrics_path, start)
-            if do_val and floor_ceiling is None:
-                floor, floor_images = self._validate(0, with_control=False)
-                ceiling = float(np.mean(val.score(self.metric, self.val[2], self.val[1])))
-                floor_ceiling = {"floor": floor, "ceiling": ceiling, "metric": self.metric}
-                append_jsonl(metrics_path, {"step": start, "event": "floor_ceiling", **floor_ceiling})
-                save_grid(samples_dir / "reference.png", [self.val[1], self.val[2], floor_images],
-                           c.validation.grid_samples)  # fmt: skip
-        status, global_batch = "finished", c.train.batch_size * self.world * c.optim.grad_accum
-        started = run_started - (state["elapsed_s"] if state else 0.0)  # max_minutes counts set-up too
+            self.val = self.data.held_out()
+        self._start_logging(start)
+        if self.acc.is_main_process and do_val and floor_ceiling is None:
+            floor_ceiling = self._floor_and_ceiling(start)
+        global_batch = c.train.batch_size * self.world * c.optim.grad_accum
         window_t, window_steps = time.time(), 0
-        step = start
         with StopOnSignal() as stop:
-            while step < c.train.max_steps:
+            while step < c.train.max_steps and status == "finished":
+                if self._out_of_time():  # also when a run that hit its limit is started again
+                    status = "time_limit"
+                    break
                 loss, skipped = self._optimizer_step(step)
                 step += 1
                 window_steps += 1
@@ -494,7 +381,7 @@ class Trainer:
                     )
                 fidelity = None
                 if do_val and step % c.validation.every == 0:
-                    fidelity = self._record_validation(step, history, metrics_path, samples_dir, started)
+                    fidelity = self._record_validation(step, history)
                     history = broadcast_history(self.acc, history)
                 elapsed = time.time() - window_t
                 rate = window_steps * global_batch / elapsed if elapsed > 0 else 0.0
@@ -502,24 +389,23 @@ class Trainer:
                 if self.acc.is_main_process and (
                     step % c.train.log_every == 0 or skipped or step == c.train.max_steps
                 ):
-                    append_jsonl(metrics_path, {"step": step, "loss": loss, "lr": lr, "samples_per_s": rate,
-                                           "skipped": skipped, "elapsed_s": time.time() - started})  # fmt: skip
+                    self._log({"step": step, "loss": loss, "lr": lr, "samples_per_s": rate, "skipped": skipped})
                 if self.callback:
                     self.callback(StepInfo(step, c.train.max_steps, loss, rate, lr, skipped, fidelity))
                 stop_now = any_process(self.acc, stop.requested)
                 if c.validation.early_stop and val.should_stop_early(history, c.validation.threshold,
                                                                      c.validation.patience):  # fmt: skip
                     status = "early_stop"
-                timed_out = c.train.max_minutes and (time.time() - started) / 60 >= c.train.max_minutes
-                if timed_out and status == "finished":
+                if status == "finished" and self._out_of_time():
                     status = "time_limit"
                 state_now = {
                     "step": step,
                     "micro_step": step * c.optim.grad_accum,
+                    "status": status,
                     "nonfinite_streak": streak,
                     "validation": history,
                     "floor_ceiling": floor_ceiling,
-                    "elapsed_s": time.time() - started,
+                    "elapsed_s": time.time() - self.started,
                     "torch_rng": torch.get_rng_state().tolist(),
                     "numpy_rng": numpy_state(),
                     "world_size": self.world,
@@ -530,15 +416,25 @@ class Trainer:
                     self._save(state_now)
                 if stop_now:
                     status = "interrupted"
-                if status != "finished":
-                    break
+        return self._finish(status, step, history, floor_ceiling, do_val)
+
+    def _out_of_time(self) -> bool:
+        """train.max_minutes is used up (on any process: all of them stop together)."""
+        minutes = self.config.train.max_minutes
+        return bool(minutes) and any_process(self.acc, (time.time() - self.started) / 60 >= minutes)
+
+    def _finish(
+        self, status: str, step: int, history: list, floor_ceiling: dict | None, do_val: bool
+    ) -> RunSummary:
+        """Final validation, rank check, export, report."""
+        c = self.config
         if do_val and status != "interrupted" and (not history or history[-1][0] != step):
             # the exported weights get a score of their own: the report's final number is theirs
-            self._record_validation(step, history, metrics_path, samples_dir, started)
+            self._record_validation(step, history)
             history = broadcast_history(self.acc, history)
         digests = self._rank_digests()
         if self.acc.is_main_process and self.world > 1:
-            append_jsonl(metrics_path, {"step": step, "event": "ranks", "weight_sha256": digests})
+            self._log({"step": step, "event": "ranks", "weight_sha256": digests})
             if len(set(digests)) != 1:
                 raise RuntimeError(f"processes hold different weights after step {step}: {digests}")
         summary = RunSummary(self.run_dir, status, step, validation=history)
@@ -551,6 +447,8 @@ class Trainer:
             from controlnet.train.report import write_report
 
             write_report(self.run_dir, c, summary)
+        if c.train.log_with:
+            self.acc.end_training()
         self.acc.wait_for_everyone()
         return summary
 
@@ -596,4 +494,4 @@ def train(config: TrainConfig, base: BaseParts | None = None,
     return Trainer(config, base, callback).run()
 
 
-__all__ = ["BaseParts", "NonFiniteLossError", "RunSummary", "StepInfo", "Trainer", "asdict", "train"]
+__all__ = ["BaseParts", "NonFiniteLossError", "RunSummary", "StepInfo", "Trainer", "load_base", "train"]

@@ -12,7 +12,9 @@ the output vs the region the condition's outline encloses: placement apart from 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +42,18 @@ def _metric(name: str):
 
         return canny_f1
     raise ValueError(f"validation.metric={name!r}: expected fill_iou or edge_f1")
+
+
+def metric_for(config) -> str:
+    """The metric of `config.validation.metric`; "auto": the world task's (read from world.json), else edge F1."""
+    metric = config.validation.metric
+    if metric != "auto":
+        return metric
+    world = Path(config.data.path) / "world.json"
+    if world.is_file():
+        task = json.loads(world.read_text()).get("task")
+        return "fill_iou" if task == "fill" else f"task:{task}"
+    return "edge_f1"
 
 
 def score(metric: str, images: Sequence[np.ndarray], conditions: Sequence[np.ndarray]) -> list[float]:

@@ -1,0 +1,190 @@
+"""The inputs of one training step (paper Eq. 5), from a dataset on disk.
+
+    z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps,   loss = || eps - eps_theta(z_t, t, c_t, c_f) ||^2
+
+`TrainingBatches` scans the dataset once (bad files reported by path before training), holds out the last samples
+for validation, assigns aspect-ratio buckets, caches VAE posteriors and text embeddings on disk (keyed by content
+and model hash), and for micro-step s returns this process's slice of the global micro-batch: (z_t, t, c_t, c_f,
+target).
+
+Every random draw of micro-step s (VAE posterior sample, noise, timesteps, prompt dropout) comes from a generator
+seeded by (seed, s) and is drawn for the whole global micro-batch, each process taking its rows: so a resumed run
+repeats an uninterrupted one bit for bit on the CPU, and N processes match one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from controlnet.data.cache import build_latent_cache, build_text_cache, module_fingerprint, tokenizer_fingerprint
+from controlnet.data.dataset import BatchPlan, PixelPairs, assign_buckets, scan
+from controlnet.data.sources import decode_image, open_source
+from controlnet.data.transforms import BUCKET_MULTIPLE, condition_to_unit
+from controlnet.train.config import TrainConfig
+from controlnet.train.loop import step_generator
+
+logger = logging.getLogger(__name__)
+
+EMPTY_PROMPT = ""  # paper Sec. 3.3: 50% of training prompts are replaced by the empty string
+
+
+@dataclass
+class BaseParts:
+    """The locked base text-to-image model: diffusers/transformers modules (vae None in pixel space)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+
+
+def load_base(spec: str) -> BaseParts:
+    """The base model named by `spec` ("builtin", a built-in-style folder or a diffusers folder), offline."""
+    from controlnet.pipeline import ControlNetPipeline
+    from controlnet.world.base import BASE_CONFIG_NAME
+
+    if spec != "builtin" and (Path(spec) / BASE_CONFIG_NAME).is_file():  # saved by world.base.save_builtin_base
+        from controlnet.world.base import load_builtin_base
+
+        b = load_builtin_base(spec)
+        return BaseParts(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler)
+
+    pipe = ControlNetPipeline.from_pretrained(spec)
+    return BaseParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+
+@dataclass
+class MicroBatch:
+    """One process's slice of one global micro-batch."""
+
+    noisy: torch.Tensor  # z_t (b, C, h, w)
+    timesteps: torch.Tensor  # t (b,)
+    context: torch.Tensor  # c_t, text embeddings (b, L, D) float32
+    cond: torch.Tensor  # c_i, condition image (b, C_cond, H, W) in [0, 1]
+    target: torch.Tensor  # eps (or v for v-prediction bases) (b, C, h, w)
+
+
+class TrainingBatches:
+    """Dataset -> (z_t, t, c_t, c_i, target) per micro-step; see the module docstring. `acc` is an Accelerator."""
+
+    def __init__(self, config: TrainConfig, base: BaseParts, acc, cache_dir: Path, weight_dtype: torch.dtype):
+        c = config
+        self.config, self.base, self.acc = config, base, acc
+        self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
+        self.source = open_source(c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column,
+                                  c.data.caption_column)  # fmt: skip
+        found = scan(self.source, c.data.skip_bad)  # every file decoded once: bad ones named before training
+        n_val = c.validation.num_samples if c.validation.every and c.validation.metric != "none" else 0
+        if n_val >= len(found.indices):
+            raise ValueError(
+                f"validation.num_samples={n_val} leaves no training data ({len(found.indices)} usable)"
+            )
+        cut = len(found.indices) - n_val
+        self.train_indices, self.val_indices = found.indices[:cut], found.indices[cut:]
+        self.vae_factor = 1 if base.vae is None else 2 ** (len(base.vae.config.block_out_channels) - 1)
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+        multiple = BUCKET_MULTIPLE if base.vae is not None else 8
+        buckets = assign_buckets(found.sizes[:cut], c.data.resolution, c.data.bucketing, multiple)
+        self.plan = BatchPlan(buckets, c.train.batch_size * self.world, c.train.seed)
+        self.pixels = PixelPairs(self.source, self.train_indices, buckets, c.data.center_crop, c.data.random_flip,
+                                 c.train.seed)  # fmt: skip
+        prompts = [self.source.prompt(i) for i in self.train_indices]
+        self.unique_prompts = sorted(set(prompts) | {EMPTY_PROMPT})
+        index = {p: k for k, p in enumerate(self.unique_prompts)}
+        self.prompt_ids = torch.tensor([index[p] for p in prompts])  # (N_train,)
+        self.empty_id = index[EMPTY_PROMPT]
+        self.weight_dtype = weight_dtype
+        self.latents = self.text = None
+        if c.data.cache:
+            if acc.is_main_process:
+                self._build_caches(cache_dir, found.digests[:cut], buckets)
+            acc.wait_for_everyone()
+            self._build_caches(cache_dir, found.digests[:cut], buckets)  # now a cache hit on every process
+
+    def _build_caches(self, cache_dir: Path, digests, buckets) -> None:
+        c, base = self.config, self.base
+        text_fp = module_fingerprint(base.text_encoder, extra=tokenizer_fingerprint(base.tokenizer))
+        self.text = build_text_cache(cache_dir, self.unique_prompts, text_fp, self.encode_text)["context"]
+        if c.data.random_augmentation:
+            logger.info("random crop/flip is on: VAE latents are computed every step (no latent cache)")
+            return
+        vae_fp = module_fingerprint(base.vae, extra=f"vae|{self.weight_dtype}")
+        desc = json.dumps([c.data.resolution, c.data.bucketing, c.data.center_crop, sorted({(b.width, b.height)
+                           for b in buckets})])  # fmt: skip
+        self.latents = build_latent_cache(cache_dir, digests, desc, vae_fp, lambda p: self.pixels.load(p, 0),
+                                          self.encode_pixels)  # fmt: skip
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings c_t (B, L, D) float32 of `prompts`."""
+        from controlnet.world.text import encode_prompts
+
+        return encode_prompts(self.base.tokenizer, self.base.text_encoder, prompts).float()
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """VAE posterior (mean, std) of images (B, 3, H, W) in [-1, 1]; pixel space: (pixels, None)."""
+        if self.base.vae is None:
+            return pixels, None
+        dist = self.base.vae.encode(pixels.to(self.device, self.base.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    def micro_batch(self, micro_step: int) -> MicroBatch:
+        """This process's slice of global micro-batch `micro_step` (a pure function of seed and micro_step)."""
+        c = self.config
+        epoch, positions = self.plan.batch(micro_step)
+        g = step_generator(c.train.seed, micro_step)
+        lo, hi = self.rank * c.train.batch_size, (self.rank + 1) * c.train.batch_size
+        mine = positions[lo:hi]
+        if self.latents is not None:
+            got = [self.latents.get(p) for p in mine]
+            mean = torch.stack([m for m, _, _ in got]).to(self.device)  # (b, C, h, w)
+            std = None if got[0][1] is None else torch.stack([s for _, s, _ in got]).to(self.device)
+            cond = torch.stack([k for _, _, k in got])  # (b, C_cond, H, W) uint8
+        else:
+            loaded = [self.pixels.load(p, epoch) for p in mine]
+            cond = torch.stack([k for _, k in loaded])
+            mean, std = self.encode_pixels(torch.stack([t for t, _ in loaded]))
+            mean = mean.to(self.device)
+        n = len(positions)
+        shape = (n, *mean.shape[1:])
+        # draws for the whole global micro-batch, in a fixed order; this process keeps rows lo:hi
+        posterior_eps = torch.randn(shape, generator=g)[lo:hi].to(self.device)
+        noise = torch.randn(shape, generator=g)[lo:hi].to(self.device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=g)[lo:hi]
+        drop = (torch.rand(n, generator=g) < c.data.empty_prompt_prob)[lo:hi]
+        latents = mean if std is None else mean + std * posterior_eps
+        if self.base.vae is not None:
+            latents = latents * self.base.vae.config.scaling_factor
+        ids = torch.where(drop, torch.tensor(self.empty_id), self.prompt_ids[torch.tensor(mine)])
+        if self.text is not None:
+            context = self.text[ids].to(self.device)  # (b, L, D)
+        else:
+            context = self.encode_text([self.unique_prompts[i] for i in ids.tolist()]).to(self.device)
+        timesteps = timesteps.to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return MicroBatch(noisy, timesteps, context, condition_to_unit(cond).to(self.device), target)
+
+    def held_out(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+        """(prompts, conditions, targets) of the validation samples, conditions/targets (S, S, 3) uint8."""
+        size = self.config.data.resolution
+        prompts, conds, targets = [], [], []
+        for i in self.val_indices:
+            target_bytes, cond_bytes = self.source.read(i)
+            conds.append(np.asarray(decode_image(cond_bytes).resize((size, size))))
+            targets.append(np.asarray(decode_image(target_bytes).resize((size, size))))
+            prompts.append(self.source.prompt(i))
+        return prompts, conds, targets
