@@ -14,13 +14,17 @@ the demo's hint encoder (16, 32, 64);
 bfloat16 weights and autocast for every variant (float32 Adam for a full UNet needs ~14 GB, more than this
 machine has free). Speed: variants interleaved step by step in one process, median CPU seconds of the process per
 step (robust on a shared machine, where wall time mostly measures the other users; wall times are printed too).
-Memory: one variant per fresh process, resident set sampled every 5 ms during the timed steps, minus the resident
-set after importing the libraries (so: models + optimizer state + activations).
+Memory: one variant per fresh process; the peak resident set (sampled every 5 ms) from building the trainable parts
+through the last step, minus the resident set once the base is loaded and the data cached: so what training adds
+to the loaded base (trainable copies, gradients, optimizer state, activations).
+Both our trainer and the UNet fine-tune use channels_last and fused AdamW (the trainer's defaults); diffusers'
+logic runs on its own NCHW copies with torch's default AdamW, as `train_controlnet.py` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -78,7 +82,7 @@ def build_base(size: str):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from controlnet.train.trainer import BaseParts
+    from controlnet.train.batches import BaseParts
     from controlnet.world.fill import FILL_VOCABULARY
     from controlnet.world.text import TextEncoderConfig, build_text_encoder, build_tokenizer
 
@@ -110,7 +114,7 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
     import torch.nn.functional as F
 
     steps = {}
-    unet = base.unet
+    unet, data, channels_last = base.unet, trainer.data, trainer.config.model.channels_last
     if "ours" in variants:
 
         def ours(s: int) -> None:
@@ -119,29 +123,28 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
 
         steps["ours"] = ours
     if "diffusers" in variants:
-        # the same ControlNet (ours: diffusers' ControlNetModel hard-codes an 8x hint encoder, the tiny base is 4x)
-        net = trainer.controlnet
+        # the same ControlNet (ours: diffusers' ControlNetModel hard-codes an 8x hint encoder, the tiny base is 4x),
+        # but as train_controlnet.py runs it: its own NCHW copies (no channels_last), torch's default AdamW
+        net = copy.deepcopy(trainer.controlnet).to(memory_format=torch.contiguous_format)
+        d_unet = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=1e-2)
-        pixels = {
-            p: trainer.pixels.load(p, 0) for p in range(len(trainer.pixels))
-        }  # decoded once (a DataLoader's job)
-        ids = base.tokenizer([trainer.source.prompt(i) for i in trainer.train_indices], padding="max_length",
+        pixels = {p: data.pixels.load(p, 0) for p in range(len(data.pixels))}  # decoded once (a DataLoader's job)
+        ids = base.tokenizer([data.source.prompt(i) for i in data.train_indices], padding="max_length",
                              max_length=base.tokenizer.model_max_length, truncation=True,
                              return_tensors="pt").input_ids  # fmt: skip
 
         def diffusers_logic(s: int) -> None:  # train_controlnet.py's loop body: VAE and text encoder every step
-            unet.requires_grad_(False)
-            _, positions = trainer.plan.batch(s)
+            _, positions = data.plan.batch(s)
             images = torch.stack([pixels[p][0] for p in positions]).to(dtype)
             cond = torch.stack([pixels[p][1] for p in positions]).float().div(255).to(dtype)
             with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
                 latents = base.vae.encode(images).latent_dist.sample() * base.vae.config.scaling_factor
                 noise = torch.randn_like(latents)
                 t = torch.randint(0, 1000, (latents.shape[0],))
-                noisy = trainer.noise_scheduler.add_noise(latents, noise, t)
+                noisy = data.noise_scheduler.add_noise(latents, noise, t)
                 context = base.text_encoder(ids[positions], return_dict=False)[0]
                 out = net(noisy, t, context, cond=cond)
-                pred = unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=out.down,
+                pred = d_unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=out.down,
                             mid_block_additional_residual=out.mid).sample  # fmt: skip
                 loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
@@ -150,15 +153,16 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
         steps["diffusers"] = diffusers_logic
-    if "unet" in variants:  # fine-tune the base UNet alone on the same cached inputs
-        unet_optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2)
+    if "unet" in variants:  # fine-tune the base UNet alone: same cached inputs, memory format and (fused) AdamW
+        unet_optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, weight_decay=1e-2, fused=True)
 
         def unet_alone(s: int) -> None:
             unet.requires_grad_(True)
-            noisy, t, context, _, target = trainer._micro_inputs(s)
+            b = data.micro_batch(s)
+            noisy = b.noisy.contiguous(memory_format=torch.channels_last) if channels_last else b.noisy
             with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
-                pred = unet(noisy.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample
-                loss = F.mse_loss(pred.float(), target.float())
+                pred = unet(noisy.to(dtype), b.timesteps, encoder_hidden_states=b.context.to(dtype)).sample
+                loss = F.mse_loss(pred.float(), b.target.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
             unet_optimizer.step()
@@ -170,15 +174,13 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
 
 
 def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
-    import diffusers  # noqa: F401  (imported before the baseline memory reading)
     import torch
-    import transformers  # noqa: F401
+    from torch.utils.flop_counter import FlopCounterMode
 
     from controlnet.train.config import resolve_config
     from controlnet.train.trainer import Trainer
     from controlnet.world.dataset import write_dataset
 
-    rss_start = PeakRSS.now()
     spec = SIZES[size]
     dtype = getattr(torch, spec["dtype"])
     pure_bf16 = dtype == torch.bfloat16
@@ -199,22 +201,28 @@ def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
     t0 = time.perf_counter()
     trainer._setup()
     setup_s = time.perf_counter() - t0
-    trainer._build_model()
-    if pure_bf16:  # Parameters keep their identity, so the optimizer holds the cast ones
-        trainer.controlnet.to(dtype)
-        base.unet.to(dtype)
     for m in (base.vae, base.text_encoder):
         m.to(dtype)
-    if "ours" not in variants and "diffusers" not in variants:
-        del trainer.controlnet, trainer.model, trainer.optimizer
-    step_fns = make_steps(variants, trainer, base, dtype, pure_bf16)
-    for name in variants:
-        for s in range(WARMUP_STEPS):
-            step_fns[name](s)
-    times = {name: [] for name in variants}
-    cpu_times = {name: [] for name in variants}
-    rss_before = PeakRSS.now()
+    # memory: what training adds to the loaded base (trainable weights, gradients, optimizer state, activations)
+    rss_setup = PeakRSS.now()
     with PeakRSS() as peak:
+        if "ours" in variants or "diffusers" in variants:
+            trainer._build_model()
+            if pure_bf16:  # Parameters keep their identity, so the optimizer holds the cast ones
+                trainer.controlnet.to(dtype)
+        elif config.model.channels_last:  # the UNet alone, in the layout the trainer would give it
+            base.unet.to(memory_format=torch.channels_last)
+        base.unet.to(dtype)
+        step_fns = make_steps(variants, trainer, base, dtype, pure_bf16)
+        flops = {}
+        for name in variants:  # the warm-up step also counts the step's FLOPs (matmuls, convs, attention)
+            with FlopCounterMode(display=False) as counter:
+                step_fns[name](0)
+            flops[name] = counter.get_total_flops()
+            for s in range(1, WARMUP_STEPS):
+                step_fns[name](s)
+        times = {name: [] for name in variants}
+        cpu_times = {name: [] for name in variants}
         for s in range(WARMUP_STEPS, total):  # interleaved: load changes on a shared machine hit every variant
             for name in variants:
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -222,14 +230,14 @@ def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
                 times[name].append(time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
     result = {"size": size, "batch": batch, "dtype": spec["dtype"], "cache_setup_s": setup_s,
-              "peak_rss_gb": peak.peak / 2**30, "rss_before_steps_gb": rss_before / 2**30,
-              "train_memory_gb": (peak.peak - rss_start) / 2**30}  # fmt: skip
+              "peak_rss_gb": peak.peak / 2**30, "rss_after_setup_gb": rss_setup / 2**30,
+              "train_memory_gb": (peak.peak - rss_setup) / 2**30}  # fmt: skip
     for name, values in times.items():
         median = sorted(values)[len(values) // 2]
         cpu = sorted(cpu_times[name])[len(values) // 2]
         # CPU seconds of this process: on a shared machine, waiting for a core does not count
         result[name] = {"step_s": median, "cpu_s": cpu, "samples_per_s": batch / median,
-                        "samples_per_cpu_s": batch / cpu, "all_step_s": values, "all_cpu_s": cpu_times[name]}  # fmt: skip
+                        "samples_per_cpu_s": batch / cpu, "gflop": flops[name] / 1e9, "all_step_s": values, "all_cpu_s": cpu_times[name]}  # fmt: skip
     return result
 
 
@@ -279,15 +287,19 @@ def main() -> int:
                 f"  (a) samples per CPU-s: ours {ours['samples_per_cpu_s']:.4f} vs diffusers' logic "
                 f"{diff['samples_per_cpu_s']:.4f} -> {diff['cpu_s'] / ours['cpu_s']:.2f}x (target >= 1.4x) "
                 f"[wall {ours['step_s']:.3f} vs {diff['step_s']:.3f} s/step -> {diff['step_s'] / ours['step_s']:.2f}x]"
+                f"\n      GFLOP per step (torch's counter: convs, matmuls): ours {ours['gflop']:.2f} vs diffusers' logic "
+                f"{diff['gflop']:.2f} -> FLOP bound {diff['gflop'] / ours['gflop']:.2f}x"
             )
             print(
                 f"  (b) ControlNet step vs UNet fine-tune: {ours_r['cpu_s']:.3f} vs {unet_r['cpu_s']:.3f} CPU-s -> "
                 f"{ours_r['cpu_s'] / unet_r['cpu_s']:.2f}x (target <= 1.0x) [wall {ours_r['step_s']:.3f} vs "
                 f"{unet_r['step_s']:.3f} s -> {ours_r['step_s'] / unet_r['step_s']:.2f}x]"
                 + ("" if both else " (separate processes)")
+                + f"\n      GFLOP per step: ours {ours_r['gflop']:.2f} vs UNet fine-tune {unet_r['gflop']:.2f} -> "
+                f"{ours_r['gflop'] / unet_r['gflop']:.2f}x"
             )
             print(
-                f"      memory above the imported libraries (models + optimizer + activations): {mem_o:.3f} vs "
+                f"      memory added to the loaded base (trainable weights + grads + optimizer + activations): {mem_o:.3f} vs "
                 f"{mem_u:.3f} GB -> {mem_o / mem_u:.2f}x (target <= 0.9x); whole-process peak "
                 f"{alone['ours']['peak_rss_gb']:.2f} vs {alone['unet']['peak_rss_gb']:.2f} GB"
             )
