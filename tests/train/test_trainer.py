@@ -176,3 +176,20 @@ def test_bucketed_training_on_non_square_imagefolder_data(tmp_path):
     assert len(shapes) == 3 and all(w * h <= 16 * 16 * 1.01 for w, h in shapes)
     sizes = {trainer.data.latents.get(p)[0].shape[1:] for p in range(len(trainer.data.train_indices))}
     assert len(sizes) == 3  # latents cached per bucket size, never squashed to one shape
+
+
+def test_channels_last_changes_the_layout_not_the_training(fill_data, tmp_path):
+    runs = {}
+    for layout in ("true", "false"):
+        config = tiny_config(fill_data, tmp_path / layout, train__max_steps=3, model__channels_last=layout)
+        trainer = Trainer(config, make_tiny_base())
+        trainer.run()
+        weight = trainer.controlnet.controlnet_cond_embedding.conv_in.weight  # (O, I, 3, 3)
+        assert weight.is_contiguous(memory_format=torch.channels_last) == (layout == "true")
+        runs[layout] = final_weights(tmp_path / layout)
+    assert runs["true"].keys() == runs["false"].keys()
+    moved = runs["true"]["controlnet_mid_block.weight"]
+    assert moved.abs().sum() > 0
+    for name, weight in runs["true"].items():  # same values up to float rounding (other conv kernels)
+        torch.testing.assert_close(weight, runs["false"][name], rtol=1e-4, atol=1e-5, msg=name)
+        assert weight.is_contiguous()  # saved files hold plain row-major tensors
