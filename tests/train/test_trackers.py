@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -45,6 +46,11 @@ def test_tensorboard_receives_the_losses_and_fidelities_of_metrics_jsonl(fill_da
     assert "train/lr" in scalars and "validation/floor" in scalars and "validation/ceiling" in scalars
 
 
-def test_an_unknown_tracker_is_refused_by_name(fill_data, tmp_path):
+def test_an_unknown_or_missing_tracker_is_refused_by_name_before_training(fill_data, tmp_path):
     with pytest.raises(ValueError, match="train.log_with='tensorbord': expected one of tensorboard"):
         tiny_config(fill_data, tmp_path / "run", train__log_with="tensorbord")
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here: no missing tracker to try")
+    with pytest.raises(ValueError, match="train.log_with='mlflow' needs the 'mlflow' package"):
+        train(tiny_config(fill_data, tmp_path / "run", train__log_with="mlflow"), make_tiny_base())
+    assert not (tmp_path / "run").exists()  # refused before anything was written

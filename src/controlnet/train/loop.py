@@ -106,3 +106,13 @@ def save_grid(path: Path, rows: list, limit: int) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid([list(r)[:limit] for r in rows])).save(path)
+
+
+def check_trackers(names: tuple[str, ...]) -> None:
+    """Every tracker of train.log_with is importable (accelerate alone would only warn and log nothing)."""
+    import importlib.util
+
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            extra = " (or `pip install -e '.[tensorboard]'`)" if name == "tensorboard" else ""
+            raise ValueError(f"train.log_with={name!r} needs the {name!r} package: `pip install {name}`{extra}")

@@ -36,6 +36,7 @@ from controlnet.train.loop import (
     any_process,
     append_jsonl,
     broadcast_history,
+    check_trackers,
     lr_lambda,
     numpy_state,
     save_grid,
@@ -103,6 +104,7 @@ class Trainer:
             torch.set_num_threads(c.train.threads)
         cpu = c.train.cpu or not torch.cuda.is_available()
         self.run_dir = Path(c.train.output_dir)
+        check_trackers(c.train.log_with)
         self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu, log_with=list(c.train.log_with) or None,
                                project_dir=str(self.run_dir / LOGS_DIR))  # fmt: skip
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
