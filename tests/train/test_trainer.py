@@ -116,7 +116,7 @@ def test_half_of_the_prompts_are_empty_by_default(fill_data, tmp_path):
     trainer = Trainer(tiny_config(fill_data, tmp_path / "run", train__batch_size=4), make_tiny_base())
     trainer._setup()
     trainer._build_model()
-    empty = trainer.data.text[trainer.data.empty_id]
+    empty = trainer.data.text["context"][trainer.data.empty_id]
     dropped = total = 0
     for micro in range(100):
         context = trainer.data.micro_batch(micro).context  # (B, L, D)
@@ -193,3 +193,26 @@ def test_channels_last_changes_the_layout_not_the_training(fill_data, tmp_path):
     for name, weight in runs["true"].items():  # same values up to float rounding (other conv kernels)
         torch.testing.assert_close(weight, runs["false"][name], rtol=1e-4, atol=1e-5, msg=name)
         assert weight.is_contiguous()  # saved files hold plain row-major tensors
+
+
+def test_sdxl_style_base_trains_through_its_micro_conditioning(fill_data, tmp_path):
+    from train_tiny import make_tiny_sdxl_base
+
+    base = make_tiny_sdxl_base()
+    config = tiny_config(fill_data, tmp_path / "run", train__max_steps=3, validation__every=3,
+                         validation__num_samples=2, validation__steps=2)  # fmt: skip
+    trainer = Trainer(config, base)
+    summary = trainer.run()
+    assert summary.status == "finished" and summary.step == 3
+    assert [s for s, _ in summary.validation] == [3] and 0 <= summary.validation[0][1] <= 1  # SDXL pipeline ran
+    batch = trainer.data.micro_batch(0)
+    assert batch.context.shape == (2, 8, 32)  # both encoders' penultimate states, concatenated
+    assert batch.added_cond["text_embeds"].shape == (2, 16)
+    assert batch.added_cond["time_ids"].tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2
+    assert set(trainer.data.text) == {"context", "pooled"}  # both cached
+    weights = final_weights(tmp_path / "run")
+    # the copy of the added (pooled text + size) embedding was trained: it left the UNet's values
+    name = "add_embedding.linear_1.weight"
+    assert not torch.equal(weights[name], make_tiny_sdxl_base().unet.state_dict()[name])
+    loaded = load_controlnet(tmp_path / "run" / "final" / "controlnet", unet=make_tiny_sdxl_base().unet)
+    assert _equal(loaded.state_dict(), weights)

@@ -82,3 +82,32 @@ def make_fill_dataset(folder: Path, n: int = 24, size: int = TINY_SIZE, seed: in
     from controlnet.world.dataset import write_dataset
 
     return write_dataset("fill", n, size, folder, seed=seed, workers=1)
+
+
+def make_tiny_sdxl_base(seed: int = 0) -> BaseParts:
+    """A tiny pixel-space SDXL-style base: text_time micro-conditioning, two text encoders (the second pooled)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from controlnet.world.text import build_tokenizer
+
+    tokenizers = [build_tokenizer(FILL_VOCABULARY, max_length=8) for _ in range(2)]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_SIZE, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[16, 32], cross_attention_dim=32, attention_head_dim=[2, 4], use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
+    )  # fmt: skip
+    encoders = []
+    for k, cls in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
+        torch.manual_seed(seed + 1 + k)
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizers[k]), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=8, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            projection_dim=16,
+        )  # fmt: skip
+        encoders.append(cls(config).eval().requires_grad_(False))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    unet.eval().requires_grad_(False)
+    return BaseParts(unet, None, encoders[0], tokenizers[0], scheduler, encoders[1], tokenizers[1])

@@ -150,16 +150,20 @@ def build_text_cache(
     cache_dir: Path,
     prompts: Sequence[str],
     model_fp: str,
-    encode: Callable[[list[str]], torch.Tensor],
+    encode: Callable[[list[str]], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
-    """{"context": (P, L, D) float32} for `prompts` (unique, "" included by the caller), cached on disk."""
+    """{"context": (P, L, D) float32, ...} for `prompts` (unique, "" included by the caller), cached on disk.
+
+    `encode` returns a dict of (B, ...) tensors ("context"; SDXL adds "pooled"); every entry is cached.
+    """
     key = _key("text", model_fp, json.dumps(list(prompts)))
     folder = Path(cache_dir) / f"text-{key}"
     if not folder.is_dir():
 
         def write(tmp: Path) -> None:
-            chunks = [encode(list(prompts[k : k + 64])).detach().float().cpu() for k in range(0, len(prompts), 64)]
-            save_file({"context": torch.cat(chunks).contiguous()}, str(tmp / "text.safetensors"))
+            chunks = [encode(list(prompts[k : k + 64])) for k in range(0, len(prompts), 64)]
+            tensors = {name: torch.cat([c[name].detach().float().cpu() for c in chunks]) for name in chunks[0]}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "text.safetensors"))
 
         _write_atomically(folder, write)
     from safetensors.torch import load_file

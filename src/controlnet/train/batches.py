@@ -43,6 +43,16 @@ class BaseParts:
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: the second encoder (with projection: pooled embedding)
+    tokenizer_2: object | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL-style UNet: micro-conditioning (pooled text + size/crop ids) through a text_time embedding."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    def text_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
 
 def load_base(spec: str) -> BaseParts:
@@ -57,7 +67,8 @@ def load_base(spec: str) -> BaseParts:
         return BaseParts(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler)
 
     pipe = ControlNetPipeline.from_pretrained(spec)
-    return BaseParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    return BaseParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.text_encoder_2,
+                     pipe.tokenizer_2)  # fmt: skip
 
 
 @dataclass
@@ -69,6 +80,8 @@ class MicroBatch:
     context: torch.Tensor  # c_t, text embeddings (b, L, D) float32
     cond: torch.Tensor  # c_i, condition image (b, C_cond, H, W) in [0, 1]
     target: torch.Tensor  # eps (or v for v-prediction bases) (b, C, h, w)
+    # SDXL: {"text_embeds": pooled (b, D_pooled), "time_ids": (b, 6) original size, crop top-left, target size}
+    added_cond: dict[str, torch.Tensor] | None = None
 
 
 class TrainingBatches:
@@ -112,8 +125,12 @@ class TrainingBatches:
 
     def _build_caches(self, cache_dir: Path, digests, buckets) -> None:
         c, base = self.config, self.base
-        text_fp = module_fingerprint(base.text_encoder, extra=tokenizer_fingerprint(base.tokenizer))
-        self.text = build_text_cache(cache_dir, self.unique_prompts, text_fp, self.encode_text)["context"]
+        text_fp = "|".join(
+            module_fingerprint(m, extra=tokenizer_fingerprint(t))
+            for m, t in ((base.text_encoder, base.tokenizer), (base.text_encoder_2, base.tokenizer_2))
+            if m is not None
+        )
+        self.text = build_text_cache(cache_dir, self.unique_prompts, text_fp, self.encode_text)
         if c.data.random_augmentation:
             logger.info("random crop/flip is on: VAE latents are computed every step (no latent cache)")
             return
@@ -124,11 +141,22 @@ class TrainingBatches:
                                           self.encode_pixels)  # fmt: skip
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings c_t (B, L, D) float32 of `prompts`."""
+    def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """{"context": c_t (B, L, D)} float32 of `prompts`, plus SDXL's "pooled" (B, D_pooled)."""
+        b = self.base
+        if b.is_sdxl:  # as the pipeline encodes them: penultimate states of both encoders, pooled from the second
+            from controlnet.prompt_encoding import encode_dual
+
+            pairs = [
+                (t, e)
+                for t, e in ((b.tokenizer, b.text_encoder), (b.tokenizer_2, b.text_encoder_2))
+                if e is not None
+            ]
+            emb = encode_dual(*zip(*pairs, strict=True), prompts)
+            return {"context": emb.context.float(), "pooled": emb.pooled.float()}
         from controlnet.world.text import encode_prompts
 
-        return encode_prompts(self.base.tokenizer, self.base.text_encoder, prompts).float()
+        return {"context": encode_prompts(b.tokenizer, b.text_encoder, prompts).float()}
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,16 +195,26 @@ class TrainingBatches:
             latents = latents * self.base.vae.config.scaling_factor
         ids = torch.where(drop, torch.tensor(self.empty_id), self.prompt_ids[torch.tensor(mine)])
         if self.text is not None:
-            context = self.text[ids].to(self.device)  # (b, L, D)
+            text = {k: v[ids].to(self.device) for k, v in self.text.items()}  # context (b, L, D)
         else:
-            context = self.encode_text([self.unique_prompts[i] for i in ids.tolist()]).to(self.device)
+            encoded = self.encode_text([self.unique_prompts[i] for i in ids.tolist()])
+            text = {k: v.to(self.device) for k, v in encoded.items()}
+        added = None
+        if self.base.is_sdxl:
+            # micro-conditioning as diffusers' train_controlnet_sdxl.py: the training size as original and target
+            # size, no crop offset (the pipeline generates with the same (H, W, 0, 0, H, W))
+            h, w = cond.shape[-2:]
+            time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32, device=self.device)
+            added = {"text_embeds": text["pooled"], "time_ids": time_ids.expand(len(mine), 6)}
         timesteps = timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return MicroBatch(noisy, timesteps, context, condition_to_unit(cond).to(self.device), target)
+        return MicroBatch(
+            noisy, timesteps, text["context"], condition_to_unit(cond).to(self.device), target, added
+        )
 
     def held_out(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         """(prompts, conditions, targets) of the validation samples, conditions/targets (S, S, 3) uint8."""

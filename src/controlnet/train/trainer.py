@@ -119,12 +119,13 @@ class Trainer:
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             c.train.mixed_precision, torch.float32
         )
-        for module in (base.unet, base.vae, base.text_encoder):
+        for module in (base.unet, base.vae, *base.text_modules()):
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        if base.unet.config.get("addition_embed_type") is not None:
+        kind = base.unet.config.get("addition_embed_type")
+        if kind not in (None, "text_time"):
             raise ValueError(
-                "model.base is SDXL-style (addition_embed_type set): training supports SD1.x/2.x bases"
+                f"model.base: UNet addition_embed_type={kind!r}; training supports SD1.x/2.x and SDXL"
             )
         cache_dir = Path(c.data.cache_dir) if c.data.cache_dir else self.run_dir / "cache"
         # data: every file scanned before training; the last samples are held out for validation
@@ -159,7 +160,8 @@ class Trainer:
             base.unet.to(self.weight_dtype)
         if base.vae is not None:
             base.vae.to(self.weight_dtype)
-        base.text_encoder.to(self.weight_dtype)
+        for module in base.text_modules():
+            module.to(self.weight_dtype)
         if c.model.channels_last:
             # NHWC: oneDNN's convolutions (forward and backward) are ~2x faster for the hint encoder's narrow,
             # full-resolution convs on CPU, and tensor cores want it on GPU. Values are unchanged, only strides.
@@ -246,7 +248,8 @@ class Trainer:
                 cond = cond.contiguous(memory_format=torch.channels_last)
             sync = k == accum - 1
             with self.acc.no_sync(self.model) if not sync else contextlib.nullcontext(), self.acc.autocast():
-                pred = self.model(noisy, batch.timesteps, batch.context.to(self.weight_dtype), cond)
+                added = batch.added_cond and {k: v.to(self.weight_dtype) for k, v in batch.added_cond.items()}
+                pred = self.model(noisy, batch.timesteps, batch.context.to(self.weight_dtype), cond, added)
                 loss = F.mse_loss(pred.float(), batch.target.float(), reduction="mean")  # paper Eq. 5
                 self.acc.backward(loss / accum)
             total += loss.detach() / accum
@@ -275,7 +278,8 @@ class Trainer:
 
         b = self.base
         nets = [self.controlnet] if with_control else []
-        return ControlNetPipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler, controlnets=nets)
+        return ControlNetPipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler, controlnets=nets,
+                                  text_encoder_2=b.text_encoder_2, tokenizer_2=b.tokenizer_2)  # fmt: skip
 
     @torch.no_grad()
     def _validate(self, step: int, with_control: bool = True, images_only: bool = False) -> tuple[float, list]:
