@@ -45,6 +45,8 @@ def test_demo_trains_reports_and_its_controlnet_reproduces_the_final_fidelity(bu
     recorded, again = reproduce(run)  # re-loaded from disk through the pipeline
     assert recorded == pytest.approx(again, abs=1e-6)
     assert summary.validation[-1] == (summary.step, recorded)
+    again = run_demo(demo, log=lambda *a: None)  # its time is used up: it trains no further, only reports
+    assert again.status == "time_limit" and again.step == summary.step
 
 
 def test_demo_without_a_shipped_base_is_a_clear_error(tmp_path, capsys):

@@ -358,8 +358,10 @@ class Trainer:
         history = [tuple(h) for h in state.get("validation", [])]
         streak = state.get("nonfinite_streak", 0)
         floor_ceiling = state.get("floor_ceiling")
-        # a run that stopped early stays stopped: running it again only exports and reports
-        status = "early_stop" if state.get("status") == "early_stop" else "finished"
+        status = "finished"
+        # a run that stopped early, or used up its time, stays stopped: running it again only exports and reports
+        if state.get("status") == "early_stop":
+            status = "early_stop"
         self.started = run_started - state.get("elapsed_s", 0.0)  # max_minutes counts set-up too
         self.metric = val.metric_for(c)
         do_val = c.validation.every > 0 and c.validation.metric != "none"
@@ -371,10 +373,9 @@ class Trainer:
         global_batch = c.train.batch_size * self.world * c.optim.grad_accum
         window_t, window_steps = time.time(), 0
         with StopOnSignal() as stop:
+            if state.get("status") == "time_limit" and self._out_of_time():
+                status = "time_limit"
             while step < c.train.max_steps and status == "finished":
-                if self._out_of_time():  # also when a run that hit its limit is started again
-                    status = "time_limit"
-                    break
                 loss, skipped = self._optimizer_step(step)
                 step += 1
                 window_steps += 1
