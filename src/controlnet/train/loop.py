@@ -116,3 +116,17 @@ def check_trackers(names: tuple[str, ...]) -> None:
         if importlib.util.find_spec(name) is None:
             extra = " (or `pip install -e '.[tensorboard]'`)" if name == "tensorboard" else ""
             raise ValueError(f"train.log_with={name!r} needs the {name!r} package: `pip install {name}`{extra}")
+
+
+def rank_digests(acc, params) -> list[str]:
+    """sha256 of `params` on every process (DDP keeps them identical; the trainer checks it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    if acc.num_processes == 1:
+        return [h.hexdigest()]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([h.hexdigest()]))

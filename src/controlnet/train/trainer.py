@@ -39,6 +39,7 @@ from controlnet.train.loop import (
     check_trackers,
     lr_lambda,
     numpy_state,
+    rank_digests,
     save_grid,
     truncate_metrics,
 )
@@ -108,6 +109,14 @@ class Trainer:
         self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu, log_with=list(c.train.log_with) or None,
                                project_dir=str(self.run_dir / LOGS_DIR))  # fmt: skip
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if self.acc.distributed_type.name in (
+            "FSDP",
+            "DEEPSPEED",
+        ):  # sharded weights: our checkpoints need full ones
+            raise ValueError(
+                f"accelerate launch with {self.acc.distributed_type.name}: training supports DDP "
+                "(`accelerate launch --multi_gpu`), whose checkpoints and exports hold every weight"
+            )
         if self.acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
@@ -439,7 +448,7 @@ class Trainer:
             # the exported weights get a score of their own: the report's final number is theirs
             self._record_validation(step, history)
             history = broadcast_history(self.acc, history)
-        digests = self._rank_digests()
+        digests = rank_digests(self.acc, self.trainable)
         if self.acc.is_main_process and self.world > 1:
             self._log({"step": step, "event": "ranks", "weight_sha256": digests})
             if len(set(digests)) != 1:
@@ -458,19 +467,6 @@ class Trainer:
             self.acc.end_training()
         self.acc.wait_for_everyone()
         return summary
-
-    def _rank_digests(self) -> list[str]:
-        """sha256 of the trained weights on every process (DDP keeps them identical; this checks it)."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for p in self.trainable:
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-        if self.world == 1:
-            return [h.hexdigest()]
-        from accelerate.utils import gather_object
-
-        return list(gather_object([h.hexdigest()]))
 
     # ------------------------------------------------------------------------------------------------------
     # 6. export
