@@ -1,7 +1,9 @@
 """Training-step cost, one process, same config and batch (issue 6 acceptance):
 
 (a) our step (VAE latents and text embeddings from the on-disk cache) vs diffusers' `train_controlnet.py` logic
-    (VAE encoder + text encoder at every step), in samples/s; target >= 1.4x;
+    (VAE encoder + text encoder at every step), in samples/s; target >= 1.4x. Split into the cache's share
+    (diffusers' logic reading our cache) and the rest (fused AdamW, channels_last); torch's FLOP counts beside it
+    give the most a cache can save;
 (b) our ControlNet step vs fine-tuning the base UNet alone (same cached inputs): peak memory (target <= 0.9x)
     and time per step (target <= 1.0x). The paper (Sec. 3.2) reports 1.23x memory and 1.34x time for ControlNet
     over plain fine-tuning; here the locked UNet builds no weight gradients and its encoder runs no backward.
