@@ -106,13 +106,12 @@ class Trainer:
         cpu = c.train.cpu or not torch.cuda.is_available()
         self.run_dir = Path(c.train.output_dir)
         check_trackers(c.train.log_with)
-        self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu, log_with=list(c.train.log_with) or None,
+        trackers = list(c.train.log_with) or None
+        self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu, log_with=trackers,
                                project_dir=str(self.run_dir / LOGS_DIR))  # fmt: skip
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        if self.acc.distributed_type.name in (
-            "FSDP",
-            "DEEPSPEED",
-        ):  # sharded weights: our checkpoints need full ones
+        # sharded weights (FSDP, DeepSpeed ZeRO): our checkpoints and exports are written from full ones
+        if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
             raise ValueError(
                 f"accelerate launch with {self.acc.distributed_type.name}: training supports DDP "
                 "(`accelerate launch --multi_gpu`), whose checkpoints and exports hold every weight"
