@@ -14,13 +14,18 @@ from controlnet.train.config import DataConfig, OptimConfig, TrainConfig, resolv
 
 def test_file_then_flags_then_validation(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("optim:\n  lr: 0.0001\n  grad_accum: 2\ndata:\n  path: somewhere\n")
+    path.write_text("optim:\n  lr: 0.0001\n  grad_accum: 2\ndata:\n  path: somewhere\n"
+                    "train:\n  log_with: tensorboard\n")  # fmt: skip
     config = resolve_config(
         path, {"optim.lr": "3e-4", "data.random_flip": "true", "checkpoint.export_formats": "original"}
     )
     assert isinstance(config, TrainConfig)
     assert config.optim.lr == 3e-4 and config.optim.grad_accum == 2 and config.data.random_flip is True
     assert config.checkpoint.export_formats == ("original",)
+    assert config.train.log_with == ("tensorboard",)  # one name in a file, not its letters
+    from_file = tmp_path / "formats.yaml"
+    from_file.write_text("checkpoint:\n  export_formats: diffusers,original\n")
+    assert resolve_config(from_file).checkpoint.export_formats == ("diffusers", "original")
     assert config.data.random_augmentation  # random flip bypasses the latent cache
     defaults = TrainConfig()
     assert defaults.data.empty_prompt_prob == 0.5 and defaults.optim.lr == 1e-5  # paper Sec. 3.3 / reference

@@ -30,6 +30,16 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
 
 
+def _choice_tuple(name: str, value, choices: tuple[str, ...]) -> tuple[str, ...]:
+    """A tuple-of-choices field: a list, or one string from a config file ("a" or "a,b"), each value checked."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    value = tuple(str(v) for v in value)
+    for v in value:
+        _check_choice(name, v, choices)
+    return value
+
+
 def _check_positive(owner: object, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(owner, name)
@@ -179,11 +189,7 @@ class LoopConfig:
         _check_positive(self, "max_steps", "batch_size", "max_nonfinite", "log_every")
         _check_positive(self, "max_minutes", "threads", allow_zero=True)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        if isinstance(self.log_with, str):  # a config file may give one name or "a,b"
-            self.log_with = tuple(t.strip() for t in self.log_with.split(",") if t.strip())
-        self.log_with = tuple(str(t) for t in self.log_with)
-        for tracker in self.log_with:
-            _check_choice("train.log_with", tracker, TRACKERS)
+        self.log_with = _choice_tuple("train.log_with", self.log_with, TRACKERS)
 
 
 @dataclass
@@ -202,9 +208,7 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "every", allow_zero=True)
         _check_positive(self, "keep")
-        self.export_formats = tuple(self.export_formats)
-        for fmt in self.export_formats:
-            _check_choice("checkpoint.export_formats", fmt, EXPORT_FORMATS)
+        self.export_formats = _choice_tuple("checkpoint.export_formats", self.export_formats, EXPORT_FORMATS)
 
 
 @dataclass
