@@ -135,6 +135,17 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
                              max_length=base.tokenizer.model_max_length, truncation=True,
                              return_tensors="pt").input_ids  # fmt: skip
 
+        def update(noisy, t, context, cond, target) -> None:  # train_controlnet.py's forward, backward, step
+            with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
+                out = net(noisy, t, context, cond=cond)
+                pred = d_unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=out.down,
+                              mid_block_additional_residual=out.mid).sample  # fmt: skip
+                loss = F.mse_loss(pred.float(), target.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
         def diffusers_logic(s: int) -> None:  # train_controlnet.py's loop body: VAE and text encoder every step
             _, positions = data.plan.batch(s)
             images = torch.stack([pixels[p][0] for p in positions]).to(dtype)
@@ -145,26 +156,11 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
                 t = torch.randint(0, 1000, (latents.shape[0],))
                 noisy = data.noise_scheduler.add_noise(latents, noise, t)
                 context = base.text_encoder(ids[positions], return_dict=False)[0]
-                out = net(noisy, t, context, cond=cond)
-                pred = d_unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=out.down,
-                            mid_block_additional_residual=out.mid).sample  # fmt: skip
-                loss = F.mse_loss(pred.float(), noise.float())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            update(noisy, t, context, cond, noise)
 
         def cache_only(s: int) -> None:  # the same, but latents and text from our cache: the cache's share of (a)
             b = data.micro_batch(s)
-            with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
-                out = net(b.noisy.to(dtype), b.timesteps, b.context.to(dtype), cond=b.cond.to(dtype))
-                pred = d_unet(b.noisy.to(dtype), b.timesteps, encoder_hidden_states=b.context.to(dtype),
-                              down_block_additional_residuals=out.down, mid_block_additional_residual=out.mid).sample  # fmt: skip
-                loss = F.mse_loss(pred.float(), b.target.float())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            update(b.noisy.to(dtype), b.timesteps, b.context.to(dtype), b.cond.to(dtype), b.target)
 
         steps["diffusers"] = diffusers_logic
         steps["cache_only"] = cache_only
