@@ -16,9 +16,10 @@ the demo's hint encoder (16, 32, 64);
 bfloat16 weights and autocast for every variant (float32 Adam for a full UNet needs ~14 GB, more than this
 machine has free). Speed: variants interleaved step by step in one process, median CPU seconds of the process per
 step (robust on a shared machine, where wall time mostly measures the other users; wall times are printed too).
-Memory: one variant per fresh process; the peak resident set (sampled every 5 ms) from building the trainable parts
-through the last step, minus the resident set once the base is loaded and the data cached: so what training adds
-to the loaded base (trainable copies, gradients, optimizer state, activations).
+Memory: one variant per fresh process; the peak resident set (the kernel's high-water mark) from building the
+trainable parts through the last step, minus the resident set once the base is loaded and the data cached: so what
+training adds to the loaded base (trainable copies, gradients, optimizer state, activations). Itemised beside it:
+the activations autograd saves for backward (counted tensor by tensor) and the trainable state.
 Both our trainer and the UNet fine-tune use channels_last and fused AdamW (the trainer's defaults); diffusers'
 logic runs on its own NCHW copies with torch's default AdamW, as `train_controlnet.py` does.
 """
@@ -28,10 +29,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -51,31 +52,27 @@ PAGE = 4096
 
 
 class PeakRSS:
-    """Samples /proc/self/statm in a thread: the peak resident set while active (bytes)."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
+    """The exact peak resident set (bytes) while active: the kernel's high-water mark (VmHWM), reset on entry
+    through /proc/self/clear_refs (Linux >= 4.0), so no short peak between samples is missed."""
 
     @staticmethod
     def now() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * PAGE
 
+    @staticmethod
+    def high_water() -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
     def __enter__(self):
-        self.peak = self.now()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS to the current RSS
+        self.peak = self.high_water()
         return self
 
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            time.sleep(0.005)
-
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
+        self.peak = self.high_water()
 
 
 def build_base(size: str):
@@ -108,6 +105,54 @@ def build_base(size: str):
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
     return BaseParts(unet, vae, text_encoder, tokenizer, scheduler)
+
+
+def saved_for_backward_mb(forward, params) -> float:
+    """MB of activations autograd keeps for backward during `forward()` (parameters excluded): the activation
+    memory of one micro-batch, exactly, without allocator or sampling noise."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(kept.values()) / 2**20
+
+
+def activation_split(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
+    """(b)'s memory, itemised: activations saved for backward and the trainable state (copies, gradients, AdamW
+    moments) in MB, for our step and the UNet fine-tune, on micro-batch 0."""
+    import torch
+
+    from controlnet.train.model import ControlledUNet
+
+    b = trainer.data.micro_batch(0)
+    noisy, cond, context = b.noisy.to(dtype), b.cond.to(dtype), b.context.to(dtype)
+    unet, out = base.unet, {}
+    size = {p.dtype: p.element_size() for p in unet.parameters()}.popitem()[1]
+    n_unet = sum(p.numel() for p in unet.parameters())
+    with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
+        if "ours" in variants:
+            net = trainer.controlnet
+            model, params = ControlledUNet(net, unet), [*net.parameters(), *unet.parameters()]
+            out["ours"] = saved_for_backward_mb(lambda: model(noisy, b.timesteps, context, cond), params)
+            out["ours_hint"] = saved_for_backward_mb(lambda: net.controlnet_cond_embedding(cond), params)
+            # the trainable copy, its gradient and AdamW's two moments
+            out["ours_state"] = 4 * sum(p.numel() for p in net.parameters()) * size / 2**20
+        if "unet" in variants:
+            unet.requires_grad_(True)
+            fine_tune = lambda: unet(noisy, b.timesteps, encoder_hidden_states=context)  # noqa: E731
+            out["unet"] = saved_for_backward_mb(fine_tune, list(unet.parameters()))
+            unet.requires_grad_(False)
+            out["unet_state"] = 3 * n_unet * size / 2**20  # gradient and AdamW's two moments (weights are loaded)
+    return out
 
 
 def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
@@ -240,7 +285,8 @@ def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
                 step_fns[name](s)
                 times[name].append(time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
-    result = {"size": size, "batch": batch, "dtype": spec["dtype"], "cache_setup_s": setup_s,
+    split = activation_split(variants, trainer, base, dtype, pure_bf16)
+    result = {"size": size, "batch": batch, "dtype": spec["dtype"], "cache_setup_s": setup_s, "memory_split_mb": split,
               "peak_rss_gb": peak.peak / 2**30, "rss_after_setup_gb": rss_setup / 2**30,
               "train_memory_gb": (peak.peak - rss_setup) / 2**30}  # fmt: skip
     for name, values in times.items():
@@ -316,6 +362,12 @@ def main() -> int:
                 f"      memory added to the loaded base (trainable weights + grads + optimizer + activations): {mem_o:.3f} vs "
                 f"{mem_u:.3f} GB -> {mem_o / mem_u:.2f}x (target <= 0.9x); whole-process peak "
                 f"{alone['ours']['peak_rss_gb']:.2f} vs {alone['unet']['peak_rss_gb']:.2f} GB"
+            )
+            so, su = alone["ours"]["memory_split_mb"], alone["unet"]["memory_split_mb"]
+            print(
+                f"      itemised (MB): activations saved for backward: ours {so['ours']:.1f} (the full-resolution "
+                f"hint encoder's share {so['ours_hint']:.1f}) vs UNet fine-tune {su['unet']:.1f}; trainable state "
+                f"(copy, gradient, AdamW moments): ours {so['ours_state']:.1f} vs UNet fine-tune {su['unet_state']:.1f}"
             )
     return 0
 
