@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from controlnet.allocator import reuse_freed_memory
 from controlnet.train import checkpoint as ckpt
 from controlnet.train import validation as val
 from controlnet.train.batches import BaseParts, TrainingBatches, load_base
@@ -104,6 +105,8 @@ class Trainer:
         if c.train.threads:
             torch.set_num_threads(c.train.threads)
         cpu = c.train.cpu or not torch.cuda.is_available()
+        if cpu and c.train.reuse_freed_memory:
+            reuse_freed_memory()
         self.run_dir = Path(c.train.output_dir)
         check_trackers(c.train.log_with)
         trackers = list(c.train.log_with) or None

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from controlnet.allocator import reuse_freed_memory
 from controlnet.world.base import save_builtin_base, scheduler_config, unet_kwargs, vae_kwargs
 from controlnet.world.base_config import PretrainConfig
 from controlnet.world.fill import SHAPES, fill_sample
@@ -409,6 +410,7 @@ def pretrain(
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    reuse_freed_memory()  # a CPU recipe: hours of steps that would fault their activations back in each time
     state = open_run(config, resume)
     run_dir = Path(config.out).expanduser()
     noise_scheduler = DDPMScheduler.from_config(scheduler_config())
