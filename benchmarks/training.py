@@ -2,8 +2,8 @@
 
 (a) our step (VAE latents and text embeddings from the on-disk cache) vs diffusers' `train_controlnet.py` logic
     (VAE encoder + text encoder at every step), in samples/s; target >= 1.4x. Split into the cache's share
-    (diffusers' logic reading our cache) and the rest (fused AdamW, channels_last); torch's FLOP counts beside it
-    give the most a cache can save;
+    (diffusers' logic reading our cache), the rest (fused AdamW, channels_last) and the allocator's; torch's FLOP counts
+    beside it give the most a cache can save;
 (b) our ControlNet step vs fine-tuning the base UNet alone (same cached inputs): peak memory (target <= 0.9x)
     and time per step (target <= 1.0x). The paper (Sec. 3.2) reports 1.23x memory and 1.34x time for ControlNet
     over plain fine-tuning; here the locked UNet builds no weight gradients and its encoder runs no backward.
@@ -14,12 +14,15 @@ Sizes: "tiny" = the built-in base architecture (64 px, 16x16x4 latents) with ran
 the demo's hint encoder (16, 32, 64);
 "sd15" = SD1.5-sized UNet (859.5M) + SD VAE + CLIP-L-sized text encoder, random weights, 256 px, batch 1, pure
 bfloat16 weights and autocast for every variant (float32 Adam for a full UNet needs ~14 GB, more than this
-machine has free). Speed: variants interleaved step by step in one process, median CPU seconds of the process per
-step (robust on a shared machine, where wall time mostly measures the other users; wall times are printed too).
-Memory: one variant per fresh process; the peak resident set (the kernel's high-water mark) from building the
-trainable parts through the last step, minus the resident set once the base is loaded and the data cached: so what
-training adds to the loaded base (trainable copies, gradients, optimizer state, activations). Itemised beside it:
-the activations autograd saves for backward (counted tensor by tensor) and the trainable state.
+machine has free). Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
+ran in the process), median CPU seconds of the process per step (robust on a shared machine, where wall time mostly
+measures the other users; wall times are printed too). Diffusers' logic runs with glibc's default allocator, as its
+script does; ours reuses freed memory, as `controlnet train` does on a CPU (controlnet/allocator.py): both other
+pairings are printed too. Memory: in the processes with glibc's defaults (a reusing heap keeps the set-up's
+freed blocks resident, and training fills them unseen); the peak resident set (the kernel's high-water mark) from
+building the trainable parts through the last step, minus the resident set once the base is loaded and the data
+cached: so what training adds to the loaded base (trainable copies, gradients, optimizer state, activations).
+Itemised beside it: the activations autograd saves for backward (counted tensor by tensor) and the trainable state.
 Both our trainer and the UNet fine-tune use channels_last and fused AdamW (the trainer's defaults); diffusers'
 logic runs on its own NCHW copies with torch's default AdamW, as `train_controlnet.py` does.
 """
@@ -169,7 +172,7 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
             trainer._optimizer_step(s)
 
         steps["ours"] = ours
-    if "diffusers" in variants:
+    if {"diffusers", "cache_only"} & set(variants):
         # the same ControlNet (ours: diffusers' ControlNetModel hard-codes an 8x hint encoder, the tiny base is 4x),
         # but as train_controlnet.py runs it: its own NCHW copies (no channels_last), torch's default AdamW
         net = copy.deepcopy(trainer.controlnet).to(memory_format=torch.contiguous_format)
@@ -189,7 +192,7 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # the script's default (--set_grads_to_none unset)
 
         def diffusers_logic(s: int) -> None:  # train_controlnet.py's loop body: VAE and text encoder every step
             _, positions = data.plan.batch(s)
@@ -226,10 +229,10 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
             unet.requires_grad_(False)
 
         steps["unet"] = unet_alone
-    return steps
+    return {name: steps[name] for name in variants}
 
 
-def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
+def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -250,7 +253,7 @@ def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
         "train.output_dir": str(workdir / f"run-{size}-{'-'.join(variants)}"), "train.batch_size": str(batch),
         "train.max_steps": str(total), "train.mixed_precision": "bf16" if pure_bf16 else "no",
         "data.empty_prompt_prob": "0.5", "optim.max_grad_norm": "1.0", "checkpoint.every": "0",
-        "model.hint_channels": spec["hint"],
+        "model.hint_channels": spec["hint"], "train.reuse_freed_memory": str(allocator == "reuse"),
     })  # fmt: skip
     # every variant uses the trainer's set-up: same data, same cached latents/text, same per-step random draws
     trainer = Trainer(config, base)
@@ -262,7 +265,7 @@ def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
     # memory: what training adds to the loaded base (trainable weights, gradients, optimizer state, activations)
     rss_setup = PeakRSS.now()
     with PeakRSS() as peak:
-        if "ours" in variants or "diffusers" in variants:
+        if {"ours", "diffusers", "cache_only"} & set(variants):
             trainer._build_model()
             if pure_bf16:  # Parameters keep their identity, so the optimizer holds the cast ones
                 trainer.controlnet.to(dtype)
@@ -286,7 +289,8 @@ def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
                 times[name].append(time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
     split = activation_split(variants, trainer, base, dtype, pure_bf16)
-    result = {"size": size, "batch": batch, "dtype": spec["dtype"], "cache_setup_s": setup_s, "memory_split_mb": split,
+    result = {"size": size, "batch": batch, "dtype": spec["dtype"], "allocator": allocator, "cache_setup_s": setup_s,
+              "memory_split_mb": split,
               "peak_rss_gb": peak.peak / 2**30, "rss_after_setup_gb": rss_setup / 2**30,
               "train_memory_gb": (peak.peak - rss_setup) / 2**30}  # fmt: skip
     for name, values in times.items():
@@ -298,9 +302,9 @@ def child(variants: list[str], size: str, steps: int, workdir: Path) -> dict:
     return result
 
 
-def run_child(variants: list[str], size: str, args, workdir: str) -> dict:
+def run_child(variants: list[str], size: str, args, workdir: str, allocator: str = "reuse") -> dict:
     cmd = [sys.executable, __file__, "--child", ",".join(variants), "--size", size, "--steps", str(args.steps),
-           "--threads", str(args.threads), "--workdir", workdir]  # fmt: skip
+           "--threads", str(args.threads), "--workdir", workdir, "--allocator", allocator]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -316,54 +320,67 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=["default", "reuse"], default="reuse", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(child(args.child.split(","), args.size, args.steps, Path(args.workdir))))
+        print(json.dumps(child(args.child.split(","), args.size, args.steps, Path(args.workdir), args.allocator)))
         return 0
     sizes = list(SIZES) if args.size == "all" else [args.size]
     with tempfile.TemporaryDirectory(prefix="train-bench-") as workdir:
         for size in sizes:
-            # time: variants interleaved step by step in one process (the UNet variant only where memory allows)
-            timed = ["ours", "diffusers", "cache_only"] + (["unet"] if size == "tiny" else [])
-            speed = run_child(timed, size, args, workdir)
-            # memory (and, at SD size, the UNet-alone time): one variant per fresh process
-            alone = {v: run_child([v], size, args, workdir) for v in ("ours", "unet")}
-            ours, diff, cache = speed["ours"], speed["diffusers"], speed["cache_only"]
-            both = "unet" in speed
-            unet_r = speed["unet"] if both else alone["unet"]["unet"]
-            ours_r = ours if both else alone["ours"]["ours"]
-            mem_o, mem_u = alone["ours"]["train_memory_gb"], alone["unet"]["train_memory_gb"]
-            print(
-                f"\n{size} ({speed['dtype']}, batch {speed['batch']}, {args.threads} threads, median of "
-                f"{args.steps} steps; CPU seconds of the process, wall seconds in brackets):"
+            # every variant in a fresh process of its own: the allocator's state depends on what else ran in the
+            # process, so each one runs as it would alone. Diffusers' logic with glibc's default allocator (as
+            # train_controlnet.py runs) and ours reusing freed memory (as `controlnet train` runs on a CPU,
+            # controlnet/allocator.py); the other runs split the difference.
+            runs = {(v, a): run_child([v], size, args, workdir, a)
+                    for v, a in [("ours", "reuse"), ("unet", "reuse"), ("diffusers", "default"), ("cache_only", "default"),
+                                 ("ours", "default"), ("unet", "default"), ("diffusers", "reuse")]}  # fmt: skip
+            cpu = {key: run[key[0]]["cpu_s"] for key, run in runs.items()}
+            ours, diff = runs["ours", "reuse"]["ours"], runs["diffusers", "default"]["diffusers"]
+            ours_r, unet_r = ours, runs["unet", "reuse"]["unet"]
+            # memory with glibc's defaults: a reusing heap keeps the set-up's freed blocks (VAE activations of the
+            # caching) resident, and training then fills them without growing the resident set
+            mem_o, mem_u = runs["ours", "default"]["train_memory_gb"], runs["unet", "default"]["train_memory_gb"]
+            split_o, split_u = (
+                runs["ours", "default"]["memory_split_mb"],
+                runs["unet", "default"]["memory_split_mb"],
             )
             print(
-                f"  (a) samples per CPU-s: ours {ours['samples_per_cpu_s']:.4f} vs diffusers' logic "
-                f"{diff['samples_per_cpu_s']:.4f} -> {diff['cpu_s'] / ours['cpu_s']:.2f}x (target >= 1.4x) "
-                f"[wall {ours['step_s']:.3f} vs {diff['step_s']:.3f} s/step -> {diff['step_s'] / ours['step_s']:.2f}x]"
+                f"\n{size} ({runs['ours', 'reuse']['dtype']}, batch "
+                f"{runs['ours', 'reuse']['batch']}, {args.threads} threads, median of {args.steps} steps, one process "
+                "per variant; CPU seconds of the process, wall seconds in brackets):"
+            )
+            print(
+                f"  (a) samples per CPU-s: ours {ours['samples_per_cpu_s']:.4f} (as `controlnet train` runs) vs "
+                f"diffusers' logic {diff['samples_per_cpu_s']:.4f} (as train_controlnet.py runs) -> "
+                f"{diff['cpu_s'] / ours['cpu_s']:.2f}x (target >= 1.4x) [wall {ours['step_s']:.3f} vs "
+                f"{diff['step_s']:.3f} s/step -> {diff['step_s'] / ours['step_s']:.2f}x]"
                 f"\n      GFLOP per step (torch's counter: convs, matmuls): ours {ours['gflop']:.2f} vs diffusers' logic "
                 f"{diff['gflop']:.2f} -> FLOP bound {diff['gflop'] / ours['gflop']:.2f}x"
-                f"\n      of which the cache alone (diffusers' logic reading our cached latents and text): "
-                f"{diff['cpu_s'] / cache['cpu_s']:.2f}x; then fused AdamW + channels_last: "
-                f"{cache['cpu_s'] / ours['cpu_s']:.2f}x"
+                f"\n      glibc's default allocator for both: {cpu['diffusers', 'default'] / cpu['ours', 'default']:.2f}x, "
+                f"of which the cache alone (diffusers' logic reading our cached latents and text) "
+                f"{cpu['diffusers', 'default'] / cpu['cache_only', 'default']:.2f}x and then fused AdamW + channels_last "
+                f"{cpu['cache_only', 'default'] / cpu['ours', 'default']:.2f}x"
+                f"\n      freed memory reused for both: {cpu['diffusers', 'reuse'] / cpu['ours', 'reuse']:.2f}x; reuse alone "
+                f"speeds our step up {cpu['ours', 'default'] / cpu['ours', 'reuse']:.2f}x and diffusers' logic "
+                f"{cpu['diffusers', 'default'] / cpu['diffusers', 'reuse']:.2f}x"
             )
             print(
                 f"  (b) ControlNet step vs UNet fine-tune: {ours_r['cpu_s']:.3f} vs {unet_r['cpu_s']:.3f} CPU-s -> "
                 f"{ours_r['cpu_s'] / unet_r['cpu_s']:.2f}x (target <= 1.0x) [wall {ours_r['step_s']:.3f} vs "
                 f"{unet_r['step_s']:.3f} s -> {ours_r['step_s'] / unet_r['step_s']:.2f}x]"
-                + ("" if both else " (separate processes)")
                 + f"\n      GFLOP per step: ours {ours_r['gflop']:.2f} vs UNet fine-tune {unet_r['gflop']:.2f} -> "
                 f"{ours_r['gflop'] / unet_r['gflop']:.2f}x"
             )
             print(
                 f"      memory added to the loaded base (trainable weights + grads + optimizer + activations): {mem_o:.3f} vs "
                 f"{mem_u:.3f} GB -> {mem_o / mem_u:.2f}x (target <= 0.9x); whole-process peak "
-                f"{alone['ours']['peak_rss_gb']:.2f} vs {alone['unet']['peak_rss_gb']:.2f} GB"
+                f"{runs['ours', 'default']['peak_rss_gb']:.2f} vs {runs['unet', 'default']['peak_rss_gb']:.2f} GB"
             )
-            so, su = alone["ours"]["memory_split_mb"], alone["unet"]["memory_split_mb"]
+            so, su = split_o, split_u
             print(
                 f"      itemised (MB): activations saved for backward: ours {so['ours']:.1f} (the full-resolution "
                 f"hint encoder's share {so['ours_hint']:.1f}) vs UNet fine-tune {su['unet']:.1f}; trainable state "
