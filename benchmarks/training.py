@@ -139,7 +139,7 @@ def activation_split(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
     b = trainer.data.micro_batch(0)
     noisy, cond, context = b.noisy.to(dtype), b.cond.to(dtype), b.context.to(dtype)
     unet, out = base.unet, {}
-    size = {p.dtype: p.element_size() for p in unet.parameters()}.popitem()[1]
+    size = next(unet.parameters()).element_size()  # bytes per weight (and per gradient and moment)
     n_unet = sum(p.numel() for p in unet.parameters())
     with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
         if "ours" in variants:
@@ -334,20 +334,17 @@ def main() -> int:
             # every variant in a fresh process of its own: the allocator's state depends on what else ran in the
             # process, so each one runs as it would alone. Diffusers' logic with glibc's default allocator (as
             # train_controlnet.py runs) and ours reusing freed memory (as `controlnet train` runs on a CPU,
-            # controlnet/allocator.py); the other runs split the difference.
+            # controlnet/allocator.py); the other two pairings separate the allocator's share from the rest.
             runs = {(v, a): run_child([v], size, args, workdir, a)
                     for v, a in [("ours", "reuse"), ("unet", "reuse"), ("diffusers", "default"), ("cache_only", "default"),
                                  ("ours", "default"), ("unet", "default"), ("diffusers", "reuse")]}  # fmt: skip
             cpu = {key: run[key[0]]["cpu_s"] for key, run in runs.items()}
             ours, diff = runs["ours", "reuse"]["ours"], runs["diffusers", "default"]["diffusers"]
-            ours_r, unet_r = ours, runs["unet", "reuse"]["unet"]
+            unet_r = runs["unet", "reuse"]["unet"]
             # memory with glibc's defaults: a reusing heap keeps the set-up's freed blocks (VAE activations of the
             # caching) resident, and training then fills them without growing the resident set
             mem_o, mem_u = runs["ours", "default"]["train_memory_gb"], runs["unet", "default"]["train_memory_gb"]
-            split_o, split_u = (
-                runs["ours", "default"]["memory_split_mb"],
-                runs["unet", "default"]["memory_split_mb"],
-            )
+            so, su = runs["ours", "default"]["memory_split_mb"], runs["unet", "default"]["memory_split_mb"]
             print(
                 f"\n{size} ({runs['ours', 'reuse']['dtype']}, batch "
                 f"{runs['ours', 'reuse']['batch']}, {args.threads} threads, median of {args.steps} steps, one process "
@@ -369,18 +366,17 @@ def main() -> int:
                 f"{cpu['diffusers', 'default'] / cpu['diffusers', 'reuse']:.2f}x"
             )
             print(
-                f"  (b) ControlNet step vs UNet fine-tune: {ours_r['cpu_s']:.3f} vs {unet_r['cpu_s']:.3f} CPU-s -> "
-                f"{ours_r['cpu_s'] / unet_r['cpu_s']:.2f}x (target <= 1.0x) [wall {ours_r['step_s']:.3f} vs "
-                f"{unet_r['step_s']:.3f} s -> {ours_r['step_s'] / unet_r['step_s']:.2f}x]"
-                + f"\n      GFLOP per step: ours {ours_r['gflop']:.2f} vs UNet fine-tune {unet_r['gflop']:.2f} -> "
-                f"{ours_r['gflop'] / unet_r['gflop']:.2f}x"
+                f"  (b) ControlNet step vs UNet fine-tune: {ours['cpu_s']:.3f} vs {unet_r['cpu_s']:.3f} CPU-s -> "
+                f"{ours['cpu_s'] / unet_r['cpu_s']:.2f}x (target <= 1.0x) [wall {ours['step_s']:.3f} vs "
+                f"{unet_r['step_s']:.3f} s -> {ours['step_s'] / unet_r['step_s']:.2f}x]"
+                + f"\n      GFLOP per step: ours {ours['gflop']:.2f} vs UNet fine-tune {unet_r['gflop']:.2f} -> "
+                f"{ours['gflop'] / unet_r['gflop']:.2f}x"
             )
             print(
                 f"      memory added to the loaded base (trainable weights + grads + optimizer + activations): {mem_o:.3f} vs "
                 f"{mem_u:.3f} GB -> {mem_o / mem_u:.2f}x (target <= 0.9x); whole-process peak "
                 f"{runs['ours', 'default']['peak_rss_gb']:.2f} vs {runs['unet', 'default']['peak_rss_gb']:.2f} GB"
             )
-            so, su = split_o, split_u
             print(
                 f"      itemised (MB): activations saved for backward: ours {so['ours']:.1f} (the full-resolution "
                 f"hint encoder's share {so['ours_hint']:.1f}) vs UNet fine-tune {su['unet']:.1f}; trainable state "
