@@ -32,6 +32,7 @@ from controlnet.train import checkpoint as ckpt
 from controlnet.train import validation as val
 from controlnet.train.batches import BaseParts, TrainingBatches, load_base
 from controlnet.train.config import TrainConfig
+from controlnet.train.locked_conv import lock_convolutions
 from controlnet.train.loop import (
     StopOnSignal,
     any_process,
@@ -173,6 +174,8 @@ class Trainer:
             base.vae.to(self.weight_dtype)
         for module in base.text_modules():
             module.to(self.weight_dtype)
+        # the locked convolutions keep no input for backward (their weights get no gradient; locked_conv.py)
+        lock_convolutions(base.unet)
         if c.model.channels_last:
             # NHWC: oneDNN's convolutions (forward and backward) are ~2x faster for the hint encoder's narrow,
             # full-resolution convs on CPU, and tensor cores want it on GPU. Values are unchanged, only strides.
