@@ -6,22 +6,27 @@
     beside it give the most a cache can save;
 (b) our ControlNet step vs fine-tuning the base UNet alone (same cached inputs): peak memory (target <= 0.9x)
     and time per step (target <= 1.0x). The paper (Sec. 3.2) reports 1.23x memory and 1.34x time for ControlNet
-    over plain fine-tuning; here the locked UNet builds no weight gradients and its encoder runs no backward.
+    over plain fine-tuning; here the locked UNet builds no weight gradients, its encoder runs no backward and its
+    convolutions keep no inputs (train/locked_conv.py).
 
-    python benchmarks/training.py [--size tiny|sd15|all] [--steps 3] [--threads 2]
+    python benchmarks/training.py [--size tiny|sd15|all] [--steps N] [--threads 2]
 
 Sizes: "tiny" = the built-in base architecture (64 px, 16x16x4 latents) with random weights, batch 8, float32,
-the demo's hint encoder (16, 32, 64);
+the demo's hint encoder (DEMO_HINT_CHANNELS);
 "sd15" = SD1.5-sized UNet (859.5M) + SD VAE + CLIP-L-sized text encoder, random weights, 256 px, batch 1, pure
 bfloat16 weights and autocast for every variant (float32 Adam for a full UNet needs ~14 GB, more than this
 machine has free). Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
 ran in the process), median CPU seconds of the process per step (robust on a shared machine, where wall time mostly
 measures the other users; wall times are printed too). Diffusers' logic runs with glibc's default allocator, as its
 script does; ours reuses freed memory, as `controlnet train` does on a CPU (controlnet/allocator.py): both other
-pairings are printed too. Memory: in the processes with glibc's defaults (a reusing heap keeps the set-up's
-freed blocks resident, and training fills them unseen); the peak resident set (the kernel's high-water mark) from
-building the trainable parts through the last step, minus the resident set once the base is loaded and the data
-cached: so what training adds to the loaded base (trainable copies, gradients, optimizer state, activations).
+pairings are printed too. Memory, what training adds to the loaded, locked base (trainable copy, gradients,
+optimizer state, activations): the target is read on the peak of bytes held by torch tensors (the CPU analogue
+of torch.cuda.max_memory_allocated, what GPU memory comparisons are about), from the profiler's allocation records
+over the first two steps in a process of its own, plus the trainable copy. Printed beside it: the process's
+resident set in the processes with glibc's defaults (a reusing heap keeps the set-up's freed blocks resident, and
+training fills them unseen), its peak (the kernel's high-water mark) from building the trainable parts through
+the last step minus the resident set once the base is loaded and the data cached; it adds the C allocator's cache
+and fragmentation and oneDNN's generated kernels, which weigh at the tiny size.
 Itemised beside it: the activations autograd saves for backward (counted tensor by tensor) and the trainable state.
 Both our trainer and the UNet fine-tune use channels_last and fused AdamW (the trainer's defaults); diffusers'
 logic runs on its own NCHW copies with torch's default AdamW, as `train_controlnet.py` does.
@@ -39,11 +44,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from controlnet.train.demo import DEMO_HINT_CHANNELS
+
 VARIANTS = ("ours", "diffusers", "cache_only", "unet")
 SIZES = {
     # the demo's configuration: built-in base architecture, its narrower hint encoder
-    "tiny": dict(resolution=64, batch=8, dtype="float32", hint="16,32,64"),
-    "sd15": dict(resolution=256, batch=1, dtype="bfloat16", hint=""),
+    # (a 50 ms step: 40 timed steps keep a process's median within a few percent)
+    "tiny": dict(resolution=64, batch=8, dtype="float32", hint=DEMO_HINT_CHANNELS, steps=40),
+    "sd15": dict(resolution=256, batch=1, dtype="bfloat16", hint="", steps=5),
 }
 WARMUP_STEPS = 1
 SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
@@ -76,6 +84,31 @@ class PeakRSS:
 
     def __exit__(self, *exc):
         self.peak = self.high_water()
+
+
+class PeakTensorMemory:
+    """The peak of bytes held by torch tensors on the CPU while active, above the level on entry: the CPU analogue of
+    `torch.cuda.max_memory_allocated()`, the figure GPU memory comparisons (and out-of-memory errors) are about. Read
+    from the profiler's allocation records ("Total Allocated" after every allocation and free), so it counts exactly
+    what torch's allocator hands out: no allocator cache, fragmentation or library code, unlike the resident set."""
+
+    def __init__(self, trace_path: Path):
+        self.trace_path = trace_path
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.profiler.__exit__(*exc)
+        self.profiler.export_chrome_trace(str(self.trace_path))
+        events = json.loads(self.trace_path.read_text())["traceEvents"]
+        self.trace_path.unlink()
+        records = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events if e.get("name") == "[memory]")
+        self.peak = max(total for _, total in records) - records[0][1] if records else 0
 
 
 def build_base(size: str):
@@ -177,6 +210,9 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
         # but as train_controlnet.py runs it: its own NCHW copies (no channels_last), torch's default AdamW
         net = copy.deepcopy(trainer.controlnet).to(memory_format=torch.contiguous_format)
         d_unet = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)
+        for m in d_unet.modules():  # torch's convolutions, as in the script (ours keep no input when locked)
+            if isinstance(m, torch.nn.Conv2d):
+                m.__class__ = torch.nn.Conv2d
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=1e-2)
         pixels = {p: data.pixels.load(p, 0) for p in range(len(data.pixels))}  # decoded once (a DataLoader's job)
         ids = base.tokenizer([data.source.prompt(i) for i in data.train_indices], padding="max_length",
@@ -232,7 +268,7 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
     return {name: steps[name] for name in variants}
 
 
-def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: str) -> dict:
+def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: str, mode: str = "time") -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -262,9 +298,8 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
     setup_s = time.perf_counter() - t0
     for m in (base.vae, base.text_encoder):
         m.to(dtype)
-    # memory: what training adds to the loaded base (trainable weights, gradients, optimizer state, activations)
-    rss_setup = PeakRSS.now()
-    with PeakRSS() as peak:
+
+    def build_steps() -> dict:
         if {"ours", "diffusers", "cache_only"} & set(variants):
             trainer._build_model()
             if pure_bf16:  # Parameters keep their identity, so the optimizer holds the cast ones
@@ -272,7 +307,23 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
         elif config.model.channels_last:  # the UNet alone, in the layout the trainer would give it
             base.unet.to(memory_format=torch.channels_last)
         base.unet.to(dtype)
-        step_fns = make_steps(variants, trainer, base, dtype, pure_bf16)
+        return make_steps(variants, trainer, base, dtype, pure_bf16)
+
+    if mode == "tensors":  # tensor memory only: the profiler's bookkeeping would distort this process's timings
+        step_fns = build_steps()
+        with PeakTensorMemory(workdir / f"trace-{size}-{'-'.join(variants)}.json") as tensors:
+            for s in range(2):  # the first step creates the optimizer state, the second runs with all of it
+                for name in variants:
+                    step_fns[name](s)
+        # plus the trainable copy built before (the UNet fine-tune trains the loaded weights themselves)
+        copy_bytes = (
+            sum(p.numel() * p.element_size() for p in trainer.controlnet.parameters()) if "ours" in variants else 0
+        )
+        return {"size": size, "tensor_peak_gb": (tensors.peak + copy_bytes) / 2**30}
+    # memory: what training adds to the loaded base (trainable weights, gradients, optimizer state, activations)
+    rss_setup = PeakRSS.now()
+    with PeakRSS() as peak:
+        step_fns = build_steps()
         flops = {}
         for name in variants:  # the warm-up step also counts the step's FLOPs (matmuls, convs, attention)
             with FlopCounterMode(display=False) as counter:
@@ -302,9 +353,12 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
     return result
 
 
-def run_child(variants: list[str], size: str, args, workdir: str, allocator: str = "reuse") -> dict:
-    cmd = [sys.executable, __file__, "--child", ",".join(variants), "--size", size, "--steps", str(args.steps),
-           "--threads", str(args.threads), "--workdir", workdir, "--allocator", allocator]  # fmt: skip
+def run_child(
+    variants: list[str], size: str, args, workdir: str, allocator: str = "reuse", mode: str = "time"
+) -> dict:
+    steps = args.steps or SIZES[size]["steps"]
+    cmd = [sys.executable, __file__, "--child", ",".join(variants), "--size", size, "--steps", str(steps),
+           "--threads", str(args.threads), "--workdir", workdir, "--allocator", allocator, "--mode", mode]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -316,17 +370,24 @@ def run_child(variants: list[str], size: str, args, workdir: str, allocator: str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=[*SIZES, "all"], default="tiny")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
+    parser.add_argument(
+        "--steps", type=int, help="timed steps per variant after 1 warm-up step (default: 40 tiny, 5 sd15)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=["default", "reuse"], default="reuse", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["time", "tensors"], default="time", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(child(args.child.split(","), args.size, args.steps, Path(args.workdir), args.allocator)))
+        print(
+            json.dumps(
+                child(args.child.split(","), args.size, args.steps, Path(args.workdir), args.allocator, args.mode)
+            )
+        )
         return 0
     sizes = list(SIZES) if args.size == "all" else [args.size]
     with tempfile.TemporaryDirectory(prefix="train-bench-") as workdir:
@@ -338,6 +399,8 @@ def main() -> int:
             runs = {(v, a): run_child([v], size, args, workdir, a)
                     for v, a in [("ours", "reuse"), ("unet", "reuse"), ("diffusers", "default"), ("cache_only", "default"),
                                  ("ours", "default"), ("unet", "default"), ("diffusers", "reuse")]}  # fmt: skip
+            tensors = {v: run_child([v], size, args, workdir, "default", mode="tensors")["tensor_peak_gb"]
+                       for v in ("ours", "unet")}  # fmt: skip
             cpu = {key: run[key[0]]["cpu_s"] for key, run in runs.items()}
             ours, diff = runs["ours", "reuse"]["ours"], runs["diffusers", "default"]["diffusers"]
             unet_r = runs["unet", "reuse"]["unet"]
@@ -347,7 +410,7 @@ def main() -> int:
             so, su = runs["ours", "default"]["memory_split_mb"], runs["unet", "default"]["memory_split_mb"]
             print(
                 f"\n{size} ({runs['ours', 'reuse']['dtype']}, batch "
-                f"{runs['ours', 'reuse']['batch']}, {args.threads} threads, median of {args.steps} steps, one process "
+                f"{runs['ours', 'reuse']['batch']}, {args.threads} threads, median of {args.steps or SIZES[size]['steps']} steps, one process "
                 "per variant; CPU seconds of the process, wall seconds in brackets):"
             )
             print(
@@ -373,8 +436,11 @@ def main() -> int:
                 f"{ours['gflop'] / unet_r['gflop']:.2f}x"
             )
             print(
-                f"      memory added to the loaded base (trainable weights + grads + optimizer + activations): {mem_o:.3f} vs "
-                f"{mem_u:.3f} GB -> {mem_o / mem_u:.2f}x (target <= 0.9x); whole-process peak "
+                f"      memory training adds to the loaded base (trainable copy, gradients, optimizer state, activations), "
+                f"peak of torch's tensors (the CPU analogue of torch.cuda.max_memory_allocated): {tensors['ours']:.3f} vs "
+                f"{tensors['unet']:.3f} GB -> {tensors['ours'] / tensors['unet']:.2f}x (target <= 0.9x)"
+                f"\n      the same as the process's resident set (adds the C allocator's cache and fragmentation, oneDNN's "
+                f"kernels): {mem_o:.3f} vs {mem_u:.3f} GB -> {mem_o / mem_u:.2f}x; whole-process peak "
                 f"{runs['ours', 'default']['peak_rss_gb']:.2f} vs {runs['unet', 'default']['peak_rss_gb']:.2f} GB"
             )
             print(
