@@ -79,18 +79,21 @@ class LatentCache:
 
     def __init__(self, folder: Path, count: int):
         self.folder, self.count = folder, count
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, tuple[object, frozenset[str]]] = {}
 
-    def _shard(self, position: int):
+    def _shard(self, position: int) -> tuple[object, frozenset[str]]:
+        """The open shard holding `position` and its key names (listed once: safe_open.keys() builds a fresh list
+        of every key at each call, ~0.15 ms for a 1000-sample shard)."""
         shard = position // SHARD_SIZE
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.folder / f"shard-{shard:05d}.safetensors"), "pt")
+            handle = safe_open(str(self.folder / f"shard-{shard:05d}.safetensors"), "pt")
+            self._handles[shard] = handle, frozenset(handle.keys())
         return self._handles[shard]
 
     def get(self, position: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(mean (C, h, w), std (C, h, w) or None for pixel space, condition (C, H, W) uint8)."""
-        shard = self._shard(position)
-        std = shard.get_tensor(f"std.{position}") if f"std.{position}" in shard.keys() else None  # noqa: SIM118 (safe_open has no __contains__)
+        shard, keys = self._shard(position)
+        std = shard.get_tensor(f"std.{position}") if f"std.{position}" in keys else None
         return shard.get_tensor(f"mean.{position}"), std, shard.get_tensor(f"cond.{position}")
 
     def __getstate__(self):  # file handles do not cross process boundaries
