@@ -93,3 +93,23 @@ def test_lock_convolutions_keeps_parameters_and_state_dict():
     after = unet.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_locked_convolutions_under_gradient_checkpointing():
+    """model.gradient_checkpointing: the blocks' forward runs again in backward; the locked convolutions' gradients
+    must still equal plain convolutions without checkpointing."""
+    inputs = tiny_inputs("sd15")
+    _, grads_ref, _, _ = step(controlled("sd15", lock=False), inputs)
+    model = controlled("sd15", lock=True)
+    model.unet.enable_gradient_checkpointing()
+    model.controlnet.enable_gradient_checkpointing()
+    model.train()
+    recomputed = []
+    resnet = model.unet.up_blocks[0].resnets[0]
+    hook = resnet.register_forward_pre_hook(lambda *_: recomputed.append(True))  # (a recomputation stops early)
+    _, grads, _, _ = step(model, inputs)
+    hook.remove()
+    assert len(recomputed) == 2  # a decoder resnet ran in forward and again in backward
+    assert len(grads) == len(grads_ref)
+    for g, r in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-7)
