@@ -9,13 +9,14 @@
     over plain fine-tuning; here the locked UNet builds no weight gradients, its encoder runs no backward and its
     convolutions keep no inputs (train/locked_conv.py).
 
-    python benchmarks/training.py [--size tiny|sd15|all] [--steps N] [--threads 2]
+    python benchmarks/training.py [--size tiny|sd15|all] [--steps N] [--threads N]
 
 Sizes: "tiny" = the built-in base architecture (64 px, 16x16x4 latents) with random weights, batch 8, float32,
-the demo's hint encoder (DEMO_HINT_CHANNELS);
+the demo's hint encoder (DEMO_HINT_CHANNELS), 1 thread as the demo trains (a second thread bought 0.050 vs 0.055 s
+of wall time per step and doubled the CPU seconds: its ops are too small to split, the other thread mostly waits);
 "sd15" = SD1.5-sized UNet (859.5M) + SD VAE + CLIP-L-sized text encoder, random weights, 256 px, batch 1, pure
 bfloat16 weights and autocast for every variant (float32 Adam for a full UNet needs ~14 GB, more than this
-machine has free). Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
+machine has free), 2 threads. Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
 ran in the process), median CPU seconds of the process per step (robust on a shared machine, where wall time mostly
 measures the other users; wall times are printed too). Diffusers' logic runs with glibc's default allocator, as its
 script does; ours reuses freed memory, as `controlnet train` does on a CPU (controlnet/allocator.py): both other
@@ -50,8 +51,10 @@ VARIANTS = ("ours", "diffusers", "cache_only", "unet")
 SIZES = {
     # the demo's configuration: built-in base architecture, its narrower hint encoder
     # (a 50 ms step: 40 timed steps keep a process's median within a few percent; see `processes` below)
-    "tiny": dict(resolution=64, batch=8, dtype="float32", hint=DEMO_HINT_CHANNELS, steps=40, processes=3),
-    "sd15": dict(resolution=256, batch=1, dtype="bfloat16", hint="", steps=5, processes=1),
+    "tiny": dict(
+        resolution=64, batch=8, dtype="float32", hint=DEMO_HINT_CHANNELS, steps=40, processes=3, threads=1
+    ),
+    "sd15": dict(resolution=256, batch=1, dtype="bfloat16", hint="", steps=5, processes=1, threads=2),
 }
 WARMUP_STEPS = 1
 SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
@@ -358,7 +361,7 @@ def run_child(
 ) -> dict:
     steps = args.steps or SIZES[size]["steps"]
     cmd = [sys.executable, __file__, "--child", ",".join(variants), "--size", size, "--steps", str(steps),
-           "--threads", str(args.threads), "--workdir", workdir, "--allocator", allocator, "--mode", mode]  # fmt: skip
+           "--threads", str(args.threads or SIZES[size]["threads"]), "--workdir", workdir, "--allocator", allocator, "--mode", mode]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -373,7 +376,9 @@ def main() -> int:
     parser.add_argument(
         "--steps", type=int, help="timed steps per variant after 1 warm-up step (default: 40 tiny, 5 sd15)"
     )
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: 1 tiny, as the demo trains; 2 sd15)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=["default", "reuse"], default="reuse", help=argparse.SUPPRESS)
@@ -422,7 +427,7 @@ def main() -> int:
             so, su = runs["ours", "default"]["memory_split_mb"], runs["unet", "default"]["memory_split_mb"]
             n_proc = SIZES[size]["processes"]
             print(
-                f"\n{size} ({runs['ours', 'reuse']['dtype']}, batch {runs['ours', 'reuse']['batch']}, {args.threads} "
+                f"\n{size} ({runs['ours', 'reuse']['dtype']}, batch {runs['ours', 'reuse']['batch']}, {args.threads or SIZES[size]['threads']} "
                 f"threads, median of {args.steps or SIZES[size]['steps']} steps in a process of its own per variant"
                 + (f", the median of {n_proc} such processes" if n_proc > 1 else "")
                 + "; CPU seconds of the process, wall seconds in brackets):"
