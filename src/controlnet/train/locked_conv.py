@@ -4,9 +4,10 @@ Paper Sec. 3.2: the locked UNet's decoder is back-propagated through (the contro
 connections) but its weights get no gradient. The input gradient of a convolution, dL/dx = conv_transpose(dL/dy, W),
 needs only the weight; the input x is needed only for the weight gradient dL/dW. torch's autograd keeps x for every
 convolution anyway (one backward formula serves all three gradients), so each locked decoder convolution holds its
-input until backward: at SD1.5 size about a tenth of the step's activations. `LockedConv2d` keeps the weight alone
-and passes the input's shape, not its values, to the same oneDNN/cuDNN backward kernel. Its output and its gradients
-are bitwise those of `nn.Conv2d`.
+input until backward: 9% of the activations of an SD1.5-sized step at 256 px (219.8 -> 199.7 MB,
+benchmarks/training.py). `LockedConv2d` keeps the weight alone and hands torch's convolution backward the input's
+shape instead of its values, as torch.nn.grad.conv2d_input does. Its output and gradients equal `nn.Conv2d`'s
+(bitwise in tests/train/test_locked_conv.py, on CPU).
 """
 
 from __future__ import annotations
