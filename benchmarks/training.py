@@ -92,8 +92,9 @@ class PeakRSS:
 class PeakTensorMemory:
     """The peak of bytes held by torch tensors on the CPU while active, above the level on entry: the CPU analogue of
     `torch.cuda.max_memory_allocated()`, the figure GPU memory comparisons (and out-of-memory errors) are about. Read
-    from the profiler's allocation records ("Total Allocated" after every allocation and free), so it counts exactly
-    what torch's allocator hands out: no allocator cache, fragmentation or library code, unlike the resident set."""
+    from the profiler's allocation records ("Total Allocated" after every allocation and free, counted from 0 on
+    entry), so it counts exactly what torch's allocator hands out: no allocator cache, fragmentation or library code,
+    unlike the resident set. Blocks allocated before entry are not counted, nor is their release."""
 
     def __init__(self, trace_path: Path):
         self.trace_path = trace_path
@@ -110,8 +111,7 @@ class PeakTensorMemory:
         self.profiler.export_chrome_trace(str(self.trace_path))
         events = json.loads(self.trace_path.read_text())["traceEvents"]
         self.trace_path.unlink()
-        records = sorted((e["ts"], e["args"]["Total Allocated"]) for e in events if e.get("name") == "[memory]")
-        self.peak = max(total for _, total in records) - records[0][1] if records else 0
+        self.peak = max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
 
 
 def build_base(size: str):
@@ -356,12 +356,10 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
     return result
 
 
-def run_child(
-    variants: list[str], size: str, args, workdir: str, allocator: str = "reuse", mode: str = "time"
-) -> dict:
-    steps = args.steps or SIZES[size]["steps"]
+def run_child(variants: list[str], size: str, steps: int, threads: int, workdir: str, allocator: str = "reuse",
+              mode: str = "time") -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--child", ",".join(variants), "--size", size, "--steps", str(steps),
-           "--threads", str(args.threads or SIZES[size]["threads"]), "--workdir", workdir, "--allocator", allocator, "--mode", mode]  # fmt: skip
+           "--threads", str(threads), "--workdir", workdir, "--allocator", allocator, "--mode", mode]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -397,26 +395,28 @@ def main() -> int:
     sizes = list(SIZES) if args.size == "all" else [args.size]
     with tempfile.TemporaryDirectory(prefix="train-bench-") as workdir:
         for size in sizes:
+            spec = SIZES[size]
+            steps, threads = args.steps or spec["steps"], args.threads or spec["threads"]
+            n_proc = spec["processes"]
             # every variant in a fresh process of its own: the allocator's state depends on what else ran in the
             # process, so each one runs as it would alone. Diffusers' logic with glibc's default allocator (as
             # train_controlnet.py runs) and ours reusing freed memory (as `controlnet train` runs on a CPU,
             # controlnet/allocator.py); the other two pairings separate the allocator's share from the rest.
-            # Fresh processes of the same variant differ by up to ~15% at the tiny size (memory placement, kernel
-            # choice), more than steps within one: each runs in `processes` of its own, and the median one counts.
+            # Fresh processes of the same variant differ more than steps within one (tiny: 30% apart at 2 threads,
+            # 2-5% at 1 thread, with the machine's load drifting): each runs in `processes` of its own, round-robin
+            # so a slow spell hits every variant, and the median one counts.
             pairs = [("ours", "reuse"), ("unet", "reuse"), ("diffusers", "default"), ("cache_only", "default"),
                      ("ours", "default"), ("unet", "default"), ("diffusers", "reuse")]  # fmt: skip
             runs = {}
-            for _ in range(
-                SIZES[size]["processes"]
-            ):  # round-robin: a slow spell on the machine hits every variant
+            for _ in range(n_proc):
                 for v, a in pairs:
-                    runs.setdefault((v, a), []).append(run_child([v], size, args, workdir, a))
+                    runs.setdefault((v, a), []).append(run_child([v], size, steps, threads, workdir, a))
             spread = {key: [r[key[0]]["cpu_s"] for r in trials] for key, trials in runs.items()}
             runs = {
                 key: sorted(trials, key=lambda r: r[key[0]]["cpu_s"])[len(trials) // 2]
                 for key, trials in runs.items()
             }
-            tensors = {v: run_child([v], size, args, workdir, "default", mode="tensors")["tensor_peak_gb"]
+            tensors = {v: run_child([v], size, steps, threads, workdir, "default", mode="tensors")["tensor_peak_gb"]
                        for v in ("ours", "unet")}  # fmt: skip
             cpu = {key: run[key[0]]["cpu_s"] for key, run in runs.items()}
             ours, diff = runs["ours", "reuse"]["ours"], runs["diffusers", "default"]["diffusers"]
@@ -425,10 +425,9 @@ def main() -> int:
             # caching) resident, and training then fills them without growing the resident set
             mem_o, mem_u = runs["ours", "default"]["train_memory_gb"], runs["unet", "default"]["train_memory_gb"]
             so, su = runs["ours", "default"]["memory_split_mb"], runs["unet", "default"]["memory_split_mb"]
-            n_proc = SIZES[size]["processes"]
             print(
-                f"\n{size} ({runs['ours', 'reuse']['dtype']}, batch {runs['ours', 'reuse']['batch']}, {args.threads or SIZES[size]['threads']} "
-                f"threads, median of {args.steps or SIZES[size]['steps']} steps in a process of its own per variant"
+                f"\n{size} ({spec['dtype']}, batch {spec['batch']}, {threads} threads, median of {steps} steps in a "
+                "process of its own per variant"
                 + (f", the median of {n_proc} such processes" if n_proc > 1 else "")
                 + "; CPU seconds of the process, wall seconds in brackets):"
             )
