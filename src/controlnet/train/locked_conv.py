@@ -41,13 +41,12 @@ class _InputGradOnlyConv2d(torch.autograd.Function):
 
 class LockedConv2d(nn.Conv2d):
     """`nn.Conv2d` whose forward drops the saved input when only the input needs a gradient; otherwise (trainable
-    weights, no graph, non-zero padding modes) it is `nn.Conv2d` unchanged."""
+    weights, no graph, padding other than zeros given as numbers) it is `nn.Conv2d` unchanged."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         locked = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
-        if not (locked and x.requires_grad and torch.is_grad_enabled()) or self.padding_mode != "zeros":
-            return super().forward(x)
-        if isinstance(self.padding, str):  # "same"/"valid": let nn.Conv2d resolve them
+        numeric_zero_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)  # not "same"
+        if not (locked and x.requires_grad and torch.is_grad_enabled() and numeric_zero_padding):
             return super().forward(x)
         return _InputGradOnlyConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                           self.groups)  # fmt: skip
