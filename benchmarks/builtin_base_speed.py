@@ -21,7 +21,7 @@ import json, sys, time
 start = time.perf_counter()
 import torch
 torch.set_num_threads({threads})
-from controlnet.world.base import load_builtin_base, sample
+from controlnet.builtin.base import load_builtin_base, sample
 import diffusers, transformers  # noqa: F401 (import cost counted apart from reading the files)
 imported = time.perf_counter() - start
 base = load_builtin_base({model!r})

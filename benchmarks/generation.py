@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "pipeline"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "generate"))
 
 PROMPT = "a red cat on the blue circle"
 PARITY_TOL = 1e-4
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     from diffusers import StableDiffusionControlNetPipeline
     from pipeline_tiny import condition_image
 
-    from controlnet.pipeline import ControlNetPipeline
+    from controlnet.generate.pipeline import ControlNetPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         parts, scheduler, net, dnet = build(args.model, Path(tmp))

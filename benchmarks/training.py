@@ -120,13 +120,13 @@ def build_base(size: str):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from controlnet.builtin.text import TextEncoderConfig, build_text_encoder, build_tokenizer
     from controlnet.train.batches import BaseParts
     from controlnet.world.fill import FILL_VOCABULARY
-    from controlnet.world.text import TextEncoderConfig, build_text_encoder, build_tokenizer
 
     torch.manual_seed(0)
     if size == "tiny":
-        from controlnet.world.base import BaseModelConfig, unet_kwargs, vae_kwargs
+        from controlnet.builtin.base import BaseModelConfig, unet_kwargs, vae_kwargs
 
         cfg = BaseModelConfig()
         tokenizer = build_tokenizer(FILL_VOCABULARY, cfg.text.max_length)

@@ -15,6 +15,9 @@ _PUBLIC = {
     "load_unet": "controlnet.io.api",
     "load_controlnet": "controlnet.io.api",
     "save_controlnet": "controlnet.io.api",
+    "ControlNetPipeline": "controlnet.generate.pipeline",
+    "GenerationOptions": "controlnet.generate.options",
+    "GenerationResult": "controlnet.generate.pipeline",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -15,7 +15,7 @@ from importlib import import_module
 # One entry per command module; order is the order of `controlnet --help`.
 COMMAND_MODULES: list[str] = [
     "controlnet.io.commands",
-    "controlnet.generate_commands",
+    "controlnet.generate.commands",
     "controlnet.annotate.commands",
     "controlnet.world.commands",
     "controlnet.train.commands",

@@ -17,7 +17,7 @@ def _run(*args):
 
 def test_fresh_controlnet_scores_like_the_floor(tmp_path):
     """A fresh ControlNet's zero convolutions leave the base unchanged (paper Eq. 3): model == floor exactly."""
-    from controlnet.world.base import load_builtin_base
+    from controlnet.builtin.base import load_builtin_base
 
     base = load_builtin_base()
     net = ControlNet.from_unet(base.unet, hint_downscale_factor=base.image_size // base.unet.config.sample_size)

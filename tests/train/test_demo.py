@@ -16,9 +16,9 @@ def builtin_style_base(tmp_path_factory):
     """A random base in the built-in model's folder layout (latent, 16 px images, 8 px latents)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from controlnet.world.base import BaseModelConfig, save_builtin_base, unet_kwargs, vae_kwargs
+    from controlnet.builtin.base import BaseModelConfig, save_builtin_base, unet_kwargs, vae_kwargs
+    from controlnet.builtin.text import TextEncoderConfig, build_text_encoder, build_tokenizer
     from controlnet.world.fill import FILL_VOCABULARY
-    from controlnet.world.text import TextEncoderConfig, build_text_encoder, build_tokenizer
 
     text = TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=8)
     config = BaseModelConfig(image_size=16, vae_channels=(8, 16), unet_channels=(8, 16), unet_attention_levels=(1,),

@@ -29,7 +29,7 @@ def make_tiny_base(seed: int = 0, latent: bool = False) -> BaseParts:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from controlnet.world.text import build_tokenizer
+    from controlnet.builtin.text import build_tokenizer
 
     tokenizer = build_tokenizer(FILL_VOCABULARY, max_length=8)
     torch.manual_seed(seed)
@@ -89,7 +89,7 @@ def make_tiny_sdxl_base(seed: int = 0) -> BaseParts:
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from controlnet.world.text import build_tokenizer
+    from controlnet.builtin.text import build_tokenizer
 
     tokenizers = [build_tokenizer(FILL_VOCABULARY, max_length=8) for _ in range(2)]
     torch.manual_seed(seed)

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from controlnet.evaluate.heldout import evaluate_generator, heldout_set
-    from controlnet.pipeline import ControlNetPipeline
+    from controlnet.generate.pipeline import ControlNetPipeline
     from controlnet.train.validation import generate
 
     if args.n < 1:

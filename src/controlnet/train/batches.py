@@ -57,11 +57,11 @@ class BaseParts:
 
 def load_base(spec: str) -> BaseParts:
     """The base model named by `spec` ("builtin", a built-in-style folder or a diffusers folder), offline."""
-    from controlnet.pipeline import ControlNetPipeline
-    from controlnet.world.base import BASE_CONFIG_NAME
+    from controlnet.builtin.base import BASE_CONFIG_NAME
+    from controlnet.generate.pipeline import ControlNetPipeline
 
     if spec != "builtin" and (Path(spec) / BASE_CONFIG_NAME).is_file():  # saved by world.base.save_builtin_base
-        from controlnet.world.base import load_builtin_base
+        from controlnet.builtin.base import load_builtin_base
 
         b = load_builtin_base(spec)
         return BaseParts(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler)
@@ -145,7 +145,7 @@ class TrainingBatches:
         """{"context": c_t (B, L, D)} float32 of `prompts`, plus SDXL's "pooled" (B, D_pooled)."""
         b = self.base
         if b.is_sdxl:  # as the pipeline encodes them: penultimate states of both encoders, pooled from the second
-            from controlnet.prompt_encoding import encode_dual
+            from controlnet.generate.prompts import encode_dual
 
             pairs = [
                 (t, e)
@@ -154,7 +154,7 @@ class TrainingBatches:
             ]
             emb = encode_dual(*zip(*pairs, strict=True), prompts)
             return {"context": emb.context.float(), "pooled": emb.pooled.float()}
-        from controlnet.world.text import encode_prompts
+        from controlnet.builtin.text import encode_prompts
 
         return {"context": encode_prompts(b.tokenizer, b.text_encoder, prompts).float()}
 

@@ -115,9 +115,9 @@ def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: P
 
 def run_demo(demo: DemoConfig, callback=None, log=print):
     """Make data, train, report. Returns the trainer's RunSummary."""
+    from controlnet.builtin.base import BASE_CONFIG_NAME, BUILTIN_DIR, BaseModelConfig
     from controlnet.train.batches import load_base
     from controlnet.train.trainer import train
-    from controlnet.world.base import BASE_CONFIG_NAME, BUILTIN_DIR, BaseModelConfig
     from controlnet.world.dataset import write_dataset
 
     folder = BUILTIN_DIR if demo.base == "builtin" else Path(demo.base)
@@ -144,7 +144,7 @@ def reproduce(run_dir: Path) -> tuple[float, float]:
 
     from controlnet.data.dataset import scan
     from controlnet.data.sources import decode_image, open_source
-    from controlnet.pipeline import ControlNetPipeline
+    from controlnet.generate.pipeline import ControlNetPipeline
     from controlnet.train import validation as val
     from controlnet.train.config import config_from_dict
 

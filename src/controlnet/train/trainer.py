@@ -288,7 +288,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # validation
     def _pipeline(self, with_control: bool):
-        from controlnet.pipeline import ControlNetPipeline
+        from controlnet.generate.pipeline import ControlNetPipeline
 
         b = self.base
         nets = [self.controlnet] if with_control else []

@@ -16,7 +16,7 @@ from importlib import import_module
 # "module:function" entries, each adding parsers to the `world` command's subparsers, in --help order.
 WORLD_SUBCOMMANDS: list[str] = [
     "controlnet.world.commands:add_make_parser",
-    "controlnet.world.base_cli:add_parsers",
+    "controlnet.builtin.commands:add_parsers",
 ]
 
 

@@ -3,9 +3,9 @@
 It is a latent diffusion model in Stable Diffusion's layout (paper Sec. 3.1, "ControlNet for Text-to-Image
 Diffusion"), shrunk until it trains on a CPU: a diffusers `AutoencoderKL` (64 px RGB <-> 16x16x4 latents), a
 diffusers `UNet2DConditionModel` that denoises the latents with cross-attention to a tiny CLIP text encoder
-(`world/text.py`), and a diffusers scheduler. The folder layout is diffusers' (unet/, vae/, text_encoder/,
+(`builtin/text.py`), and a diffusers scheduler. The folder layout is diffusers' (unet/, vae/, text_encoder/,
 tokenizer/, scheduler/), so the pieces load with the usual `from_pretrained` calls too. The shipped weights are
-trained by `controlnet world pretrain-base` (world/pretrain.py); see builtin/MODEL_CARD.md.
+trained by `controlnet world pretrain-base` (builtin/pretrain.py); see weights/MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from controlnet.world.base_config import BaseModelConfig
-from controlnet.world.text import encode_prompts
+from controlnet.builtin.config import BaseModelConfig
+from controlnet.builtin.text import encode_prompts
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_DIR = Path(__file__).parent / "weights"
 BASE_CONFIG_NAME = "base_config.json"  # the BaseModelConfig the folder was built from
 NUM_TRAIN_TIMESTEPS = 1000
 # DDPM's linear schedule (Ho et al. 2020). Its last step keeps sqrt(alpha_bar_T) ~ 0.006 of the signal, so a
@@ -168,7 +168,7 @@ def load_builtin_base(
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from controlnet.world.text import load_tokenizer
+    from controlnet.builtin.text import load_tokenizer
 
     folder = Path(path) if path is not None else BUILTIN_DIR
     config_file = folder / BASE_CONFIG_NAME

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from controlnet.generation_options import GenerationOptions
-from controlnet.generation_outputs import is_done, save_generation
+from controlnet.generate.options import GenerationOptions
+from controlnet.generate.outputs import is_done, save_generation
 
 logger = logging.getLogger(__name__)
 

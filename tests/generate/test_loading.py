@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pipeline_tiny import condition_image
 
-from controlnet.pipeline import ControlNetPipeline
+from controlnet.generate.pipeline import ControlNetPipeline
 
 
 def test_folder_and_controlnet_files_match_components(sd_pipe, saved):
@@ -26,9 +26,9 @@ def test_missing_controlnet_file(saved):
 
 
 def test_builtin_base_loads_when_shipped():
-    from controlnet.world import base as world_base
+    from controlnet.builtin import base as builtin_base
 
-    if not (world_base.BUILTIN_DIR / world_base.BASE_CONFIG_NAME).is_file():
+    if not (builtin_base.BUILTIN_DIR / builtin_base.BASE_CONFIG_NAME).is_file():
         pytest.skip("the built-in base model's weights are not shipped yet")
     pipe = ControlNetPipeline.from_pretrained("builtin")
     out = pipe("a red circle", [], steps=2, output_type="np").array
@@ -41,35 +41,35 @@ def builtin_folder(tmp_path_factory):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from controlnet.world import base as world_base
-    from controlnet.world.base_config import BaseModelConfig
-    from controlnet.world.text import build_text_encoder, build_tokenizer
+    from controlnet.builtin import base as builtin_base
+    from controlnet.builtin.config import BaseModelConfig
+    from controlnet.builtin.text import build_text_encoder, build_tokenizer
 
     config = BaseModelConfig()
     tokenizer = build_tokenizer(["red", "blue", "circle", "square", "background"], config.text.max_length)
     torch.manual_seed(0)
     parts = {
-        "unet": UNet2DConditionModel(**world_base.unet_kwargs(config)),
-        "vae": AutoencoderKL(**world_base.vae_kwargs(config)),
+        "unet": UNet2DConditionModel(**builtin_base.unet_kwargs(config)),
+        "vae": AutoencoderKL(**builtin_base.vae_kwargs(config)),
         "text_encoder": build_text_encoder(config.text, tokenizer),
         "tokenizer": tokenizer,
     }
     folder = tmp_path_factory.mktemp("builtin")
-    world_base.save_builtin_base(parts, config, folder)
+    builtin_base.save_builtin_base(parts, config, folder)
     return folder
 
 
 def test_builtin_matches_the_worlds_own_sampler(builtin_folder, monkeypatch):
     """from_pretrained("builtin") (latent factor 4, word-level tokenizer) = world.base.sample, and takes a ControlNet."""
+    from controlnet.builtin import base as builtin_base
     from controlnet.model.controlnet import ControlNet
-    from controlnet.world import base as world_base
 
-    monkeypatch.setattr(world_base, "BUILTIN_DIR", builtin_folder)
+    monkeypatch.setattr(builtin_base, "BUILTIN_DIR", builtin_folder)
     pipe = ControlNetPipeline.from_pretrained("builtin")
     assert pipe.base_name == "builtin" and pipe.vae_scale_factor == 4
     ours = pipe("red circle with blue background", [], steps=2, seed=2, guidance_scale=4.0).images[0]
-    theirs = world_base.sample(
-        world_base.load_builtin_base(builtin_folder), ["red circle with blue background"], 3, 2
+    theirs = builtin_base.sample(
+        builtin_base.load_builtin_base(builtin_folder), ["red circle with blue background"], 3, 2
     )
     # same model, sampler, seed and CFG; the world's sampler batches [cond, uncond] (we batch [uncond, cond]) and
     # rounds differently, so allow a few 8-bit levels where float differences meet a chaotic random model

@@ -22,8 +22,8 @@ from pipeline_tiny import (  # noqa: E402
     make_vae,
 )
 
+from controlnet.generate.pipeline import ControlNetPipeline  # noqa: E402
 from controlnet.io.api import save_controlnet  # noqa: E402
-from controlnet.pipeline import ControlNetPipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

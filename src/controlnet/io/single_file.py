@@ -2,7 +2,7 @@
 
 A single `.safetensors` / `.ckpt` (what most users download) holds the UNet (`model.diffusion_model.*`), the VAE
 (`first_stage_model.*`) and the text encoder(s) (`cond_stage_model.*` or SDXL's `conditioner.embedders.*`) but no
-configs and no tokenizer. The architecture configs ship with this package (`pipeline_configs/<family>.json`, the
+configs and no tokenizer. The architecture configs ship with this package (`io/configs/<family>_pipeline.json`, the
 UNet's in `io/configs/`); the family is recognised from the cross-attention width (768 / 1024 / 2048). Weights are
 renamed by diffusers' converters and loaded strictly. The tokenizer (CLIP's BPE vocab.json + merges.txt) is not in
 the file and is not downloaded: pass the `tokenizer/` folder of any diffusers SD model (all SD families share the
@@ -19,7 +19,7 @@ import torch
 
 from controlnet.errors import CheckpointError
 
-CONFIG_DIR = Path(__file__).parent / "pipeline_configs"
+CONFIG_DIR = Path(__file__).parent / "configs"
 FAMILIES = ("sd15", "sd21", "sdxl")
 UNET_PREFIX = "model.diffusion_model."
 
@@ -30,7 +30,7 @@ def family_config(family: str) -> dict:
 
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}; expected one of {', '.join(FAMILIES)}")
-    config = json.loads((CONFIG_DIR / f"{family}.json").read_text())
+    config = json.loads((CONFIG_DIR / f"{family}_pipeline.json").read_text())
     config["unet"] = {k: v for k, v in builtin_unet_config(family).items() if not k.startswith("_")}
     return config
 

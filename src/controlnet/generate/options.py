@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from controlnet.control_images import RESIZE_DISPLAY_NAMES, resize_mode
-from controlnet.guidance import GUESS_MODE_FORMS, ControlMode, check_window, control_mode
-from controlnet.schedulers import canonical_sampler_name
+from controlnet.generate.control_images import RESIZE_DISPLAY_NAMES, resize_mode
+from controlnet.generate.guidance import GUESS_MODE_FORMS, ControlMode, check_window, control_mode
+from controlnet.generate.samplers import canonical_sampler_name
 
 DEFAULT_STRENGTH_IMG2IMG = 0.75
 OUTPUT_TYPES = ("pil", "np", "latent")

@@ -44,7 +44,7 @@ def load_pipeline(
         if path.is_dir():
             pipe = _diffusers_folder(cls, path)
         else:
-            from controlnet.single_file import load_single_file
+            from controlnet.io.single_file import load_single_file
 
             pipe = load_single_file(cls, path, **single_file_options)
         pipe.base_name = str(path)
@@ -56,7 +56,7 @@ def load_pipeline(
 
 def _builtin(cls, device, dtype):
     try:
-        from controlnet.world.base import load_builtin_base
+        from controlnet.builtin.base import load_builtin_base
     except ImportError as err:
         raise ValueError(f"the built-in base model is not available in this version ({err})") from None
     base = load_builtin_base(device=device, dtype=dtype or torch.float32)

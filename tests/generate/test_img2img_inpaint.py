@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from pipeline_tiny import condition_image
 
-from controlnet.control_images import INPAINT_MASKED_VALUE, inpaint_condition
+from controlnet.generate.control_images import INPAINT_MASKED_VALUE, inpaint_condition
 
 PROMPT = "a red circle"
 SIZE = 16

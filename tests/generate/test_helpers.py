@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from pipeline_tiny import condition_image
 
-from controlnet.control_images import condition_tensor, resize_image
-from controlnet.guidance import apply_cfg, in_window
-from controlnet.schedulers import SAMPLERS, canonical_sampler_name, make_scheduler, sampler_display_name
+from controlnet.generate.control_images import condition_tensor, resize_image
+from controlnet.generate.guidance import apply_cfg, in_window
+from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name, make_scheduler, sampler_display_name
 
 
 def halves(width=128, height=64) -> Image.Image:
@@ -104,7 +104,7 @@ def test_clip_skip_takes_an_earlier_layer_through_the_final_norm(sd_parts):
 
     (diffusers 0.42.1's own clip_skip path fails with transformers 5's CLIPTextModel, so this is not a parity test.)
     """
-    from controlnet.prompt_encoding import encode_single
+    from controlnet.generate.prompts import encode_single
 
     tok, enc = sd_parts["tokenizer"], sd_parts["text_encoder"]
     ids = tok(["a red cat"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from controlnet.allocator import reuse_freed_memory
-from controlnet.world.base import save_builtin_base, scheduler_config, unet_kwargs, vae_kwargs
-from controlnet.world.base_config import PretrainConfig
+from controlnet.builtin.base import save_builtin_base, scheduler_config, unet_kwargs, vae_kwargs
+from controlnet.builtin.config import PretrainConfig
+from controlnet.builtin.text import COMMON_WORDS, build_text_encoder, build_tokenizer, tokenize
 from controlnet.world.fill import SHAPES, fill_sample
-from controlnet.world.text import COMMON_WORDS, build_text_encoder, build_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def open_run(config: PretrainConfig, resume: bool) -> RunState:
         saved = json.loads((run_dir / RUN_CONFIG_NAME).read_text())
         if saved["model"] != json.loads(json.dumps(asdict(config.model))):
             raise ValueError(f"out={run_dir}: its model architecture differs from the requested one")
-        from controlnet.world.text import load_tokenizer
+        from controlnet.builtin.text import load_tokenizer
 
         tokenizer = load_tokenizer(run_dir / "tokenizer")
         state = build_state(config, tokenizer)
@@ -475,7 +475,7 @@ def export_builtin(run_dir: str | Path, dest: str | Path) -> dict:
         raise FileNotFoundError(f"run folder {run_dir}: no {CHECKPOINT_NAME}")
     config = PretrainConfig(**json.loads((run_dir / RUN_CONFIG_NAME).read_text()))
     config.out = str(run_dir)
-    from controlnet.world.text import load_tokenizer
+    from controlnet.builtin.text import load_tokenizer
 
     state = build_state(config, load_tokenizer(run_dir / "tokenizer"))
     load_checkpoint(state, run_dir)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from controlnet.world.base_config import TextEncoderConfig
+from controlnet.builtin.config import TextEncoderConfig
 
 # Special tokens. Ids are fixed by their order: pad 0, unk 1, bos 2, eos 3, then the words in sorted order.
 PAD_TOKEN = "<pad>"

@@ -1,4 +1,4 @@
-"""`controlnet world pretrain-base | export-base | base-quality`: thin commands over world/pretrain.py and quality.py.
+"""`controlnet world pretrain-base | export-base | base-quality`: thin commands over builtin/pretrain.py and quality.py.
 
 `add_parsers(world_subparsers)` is called by the `controlnet world` command group.
 """
@@ -9,8 +9,8 @@ import argparse
 import sys
 from dataclasses import fields
 
+from controlnet.builtin.config import PretrainConfig
 from controlnet.config_docs import field_docs
-from controlnet.world.base_config import PretrainConfig
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -64,7 +64,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def run_pretrain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from controlnet.world.pretrain import pretrain
+    from controlnet.builtin.pretrain import pretrain
 
     names = {f.name for f in fields(PretrainConfig)}
     config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in names})
@@ -88,7 +88,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from controlnet.world.pretrain import export_builtin
+    from controlnet.builtin.pretrain import export_builtin
 
     facts = export_builtin(args.run, args.out)
     print(f"export-base: wrote {args.out} from {args.run} ({facts})")
@@ -98,8 +98,8 @@ def run_export(args: argparse.Namespace) -> int:
 def run_quality(args: argparse.Namespace) -> int:
     import torch
 
-    from controlnet.world.base import DEFAULT_GUIDANCE_SCALE, load_builtin_base, sample
-    from controlnet.world.quality import measure_quality
+    from controlnet.builtin.base import DEFAULT_GUIDANCE_SCALE, load_builtin_base, sample
+    from controlnet.builtin.quality import measure_quality
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,8 +119,8 @@ def run_quality(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m controlnet.world.base_cli COMMAND ...`: the same commands outside `controlnet world`."""
-    parser = argparse.ArgumentParser(prog="python -m controlnet.world.base_cli")
+    """`python -m controlnet.builtin.commands COMMAND ...`: the same commands outside `controlnet world`."""
+    parser = argparse.ArgumentParser(prog="python -m controlnet.builtin.commands")
     add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlnet.batch_generation import ManifestLine, shard
+from controlnet.generate.manifest import ManifestLine, shard
 
 N_LINES = 5
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from pipeline_tiny import condition_image, to_diffusers_controlnet
 
-from controlnet.pipeline import ControlNetPipeline
+from controlnet.generate.pipeline import ControlNetPipeline
 
 PROMPT = "a blue dog on the red circle"
 

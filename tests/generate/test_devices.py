@@ -9,7 +9,7 @@ import pytest
 import torch
 from pipeline_tiny import condition_image
 
-from controlnet.pipeline import ControlNetPipeline
+from controlnet.generate.pipeline import ControlNetPipeline
 
 
 def fresh(parts) -> ControlNetPipeline:

@@ -18,8 +18,8 @@ from pipeline_tiny import MAX_TOKENS, condition_image, make_text_encoder, make_v
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from controlnet.pipeline import ControlNetPipeline
-from controlnet.single_file import detect_family, family_config
+from controlnet.generate.pipeline import ControlNetPipeline
+from controlnet.io.single_file import detect_family, family_config
 
 from tiny import SHARED_DIR
 

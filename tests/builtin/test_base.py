@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from controlnet.world.base import BUILTIN_DIR, BuiltinBase, load_builtin_base, sample
+from controlnet.builtin.base import BUILTIN_DIR, BuiltinBase, load_builtin_base, sample
 from controlnet.world.fill import fill_sample
 from controlnet.world.scene import caption, sample_scene
 

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from controlnet.schedulers import SAMPLERS
+from controlnet.generate.samplers import SAMPLERS
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -197,7 +197,7 @@ def options_from_args(args, n_nets: int) -> dict:
     for key in ("image", "mask"):
         if options[key] is not None and not Path(options[key]).is_file():
             raise FileNotFoundError(f"--{key} not found: {options[key]}")
-    from controlnet.generation_options import GenerationOptions
+    from controlnet.generate.options import GenerationOptions
 
     GenerationOptions(**options).per_net(n_nets)  # check everything before loading any model
     return options
@@ -237,7 +237,7 @@ def _load_pipeline(args, device):
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
 
-    from controlnet.pipeline import ControlNetPipeline
+    from controlnet.generate.pipeline import ControlNetPipeline
 
     dtype = getattr(torch, DTYPES[args.dtype])
     if device is None:
@@ -272,8 +272,8 @@ def run_generate(args) -> int:
         raise ValueError('give a prompt ("" for none) or --manifest FILE.jsonl')
     if len(args.cond) != n_nets:
         raise ValueError(f"--cond given {len(args.cond)} times for {n_nets} --controlnet; expected one per net")
-    from controlnet.batch_generation import load_condition
-    from controlnet.generation_outputs import save_generation
+    from controlnet.generate.manifest import load_condition
+    from controlnet.generate.outputs import save_generation
 
     conds = [
         c if c == "inpaint" else load_condition(Path(c), a) for c, a in zip(args.cond, annotators, strict=True)
@@ -301,7 +301,7 @@ def run_generate(args) -> int:
 def _run_manifest(args, options: dict, annotators, names) -> int:
     from tqdm import tqdm
 
-    from controlnet.batch_generation import read_manifest, run_manifest, shard
+    from controlnet.generate.manifest import read_manifest, run_manifest, shard
 
     if args.prompt is not None or args.cond:
         raise ValueError(

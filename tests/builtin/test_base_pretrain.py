@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from controlnet.world.base import BaseModelConfig, load_builtin_base, sample
-from controlnet.world.pretrain import (
+from controlnet.builtin.base import BaseModelConfig, load_builtin_base, sample
+from controlnet.builtin.pretrain import (
     CHECKPOINT_NAME,
     LatentPool,
     PretrainConfig,
@@ -18,7 +18,7 @@ from controlnet.world.pretrain import (
     pretrain,
     training_batch,
 )
-from controlnet.world.text import TextEncoderConfig
+from controlnet.builtin.text import TextEncoderConfig
 
 TINY_MODEL = dict(
     image_size=32,

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from pipeline_tiny import condition_image, diffusers_sd_pipeline
 
-from controlnet.guidance import cfg_resolution_weights, guess_mode_scales
-from controlnet.pipeline import output_heights
+from controlnet.generate.guidance import cfg_resolution_weights, guess_mode_scales
+from controlnet.generate.pipeline import output_heights
 
 PROMPT = "the red circle"
 

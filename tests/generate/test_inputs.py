@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pipeline_tiny import condition_image
 
-from controlnet.pipeline import ControlNetPipeline
+from controlnet.generate.pipeline import ControlNetPipeline
 
 PROMPT = "a cat"
 

@@ -21,7 +21,7 @@ def diffusers_pipe(parts, nets):
 
 
 def run_both(sd_parts, n_nets, ours: dict, theirs: dict, seed=7, batch=1):
-    from controlnet.pipeline import ControlNetPipeline
+    from controlnet.generate.pipeline import ControlNetPipeline
 
     p = sd_parts
     nets = p["nets"][:n_nets]

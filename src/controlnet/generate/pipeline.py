@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from controlnet import control_images as ci
-from controlnet.generation_options import GenerationOptions
-from controlnet.guidance import apply_cfg, block_profile, in_window
-from controlnet.guidance import pad_unconditional as pad_uncond
+from controlnet.generate import control_images as ci
+from controlnet.generate.guidance import apply_cfg, block_profile, in_window
+from controlnet.generate.guidance import pad_unconditional as pad_uncond
+from controlnet.generate.options import GenerationOptions
+from controlnet.generate.prompts import PromptEmbeddings, encode_dual, encode_single
+from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.model.compose import unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
-from controlnet.prompt_encoding import PromptEmbeddings, encode_dual, encode_single
-from controlnet.schedulers import make_scheduler, sampler_display_name
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class ControlNetPipeline:
         `controlnets`: ControlNet objects or paths (original or diffusers format). Keyword options: see
         `base_loading.load_pipeline` and `single_file.load_single_file`.
         """
-        from controlnet.base_loading import load_pipeline
+        from controlnet.generate.base import load_pipeline
 
         return load_pipeline(cls, base, controlnets, **kwargs)
 
