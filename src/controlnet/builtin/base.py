@@ -21,6 +21,7 @@ import torch
 
 from controlnet.builtin.config import BaseModelConfig
 from controlnet.builtin.text import encode_prompts
+from controlnet.generate.guidance import apply_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,9 @@ def sample(
 ) -> list[np.ndarray]:
     """Text-to-image with classifier-free guidance (Ho & Salimans 2022), as the paper's Sec. 3.4 inference.
 
-    Returns one (H, W, 3) uint8 image per prompt. `guidance_scale` 1 turns guidance off.
+    Returns one (H, W, 3) uint8 image per prompt. `guidance_scale` 1 turns guidance off. Not the pipeline itself
+    because pretraining's quality checks sample from models in training (no ControlNets, one noise draw for the
+    whole batch, so that the model card's numbers stay reproducible); it shares the pipeline's CFG step.
     """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts: expected a non-empty list of strings")
@@ -214,8 +217,9 @@ def sample(
     scheduler.set_timesteps(steps, device=device)
     batch = len(prompts)
     guided = guidance_scale != 1.0
-    # 1. text context: conditional prompts, then "" for the unconditional half
-    context = base.encode_prompts(list(prompts) + ([""] * batch if guided else []))  # (2B or B, L, D)
+    # 1. text context ordered [unconditional, conditional] as the pipeline's CFG step expects. Grad-free here, but
+    # the encoder is the one pretraining trains, so it is encoded by builtin.text (with autograd), not generate.prompts
+    context = base.encode_prompts(([""] * batch if guided else []) + list(prompts))  # (2B or B, L, D)
     # 2. initial noise from a seeded generator
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (batch, base.config.unet_channels_in, base.config.latent_size, base.config.latent_size)
@@ -228,8 +232,7 @@ def sample(
         model_in = scheduler.scale_model_input(model_in, t)
         eps = unet(model_in, t, encoder_hidden_states=context.to(dtype)).sample  # (2B or B, C, h, w)
         if guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            eps = apply_cfg(eps, guidance_scale)  # the pipeline's CFG step (generate/guidance.py)
         latents = scheduler.step(eps, t, latents).prev_sample
     # 4. decode
     return latents_to_uint8(base.decode_latents(latents))

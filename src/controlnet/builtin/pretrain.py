@@ -181,6 +181,7 @@ def latent_batch(config: PretrainConfig, step: int, pool: LatentPool) -> tuple[t
 
 
 def lr_factor(step: int, total: int, warmup: int, min_fraction: float, cosine: bool = True) -> float:
+    # twin of train/loop.py lr_lambda: this one decays to a floor (min_fraction) and is recomputed on resume
     """Linear warm-up over `warmup` steps, then cosine decay to `min_fraction` at `total` (or flat)."""
     if step < warmup:
         return (step + 1) / warmup
@@ -192,6 +193,7 @@ def lr_factor(step: int, total: int, warmup: int, min_fraction: float, cosine: b
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    # twin of the trainer's EMA (train/trainer.py): here a whole module (UNet + text encoder), there a flat list
     for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
         ema_p.lerp_(p, 1.0 - decay)
 
@@ -260,6 +262,8 @@ def _modules(state: RunState) -> dict[str, object]:
 
 def save_checkpoint(state: RunState, run_dir: Path) -> Path:
     """Write last.pt atomically (temporary file in the same folder, then rename)."""
+    # twin of train/checkpoint.py: one file (a torch.save of tensors, read back weights_only) instead of an
+    # accelerate state folder, because this recipe runs in one process and keeps a single checkpoint
     payload = {name: obj.state_dict() for name, obj in _modules(state).items()}
     payload.update(
         stage=state.stage,
