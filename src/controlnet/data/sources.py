@@ -331,7 +331,7 @@ def open_source(path: str, fmt: str = "auto", image: str = "image", conditioning
     raise ValueError(f"data.format={fmt!r}: unknown")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """RGB PIL image from encoded bytes. Raises ImageError (a ValueError) before decoding an image too large to be
-    real (over MAX_IMAGE_PIXELS), and on truncated or corrupt data; `scan` reports it by path."""
-    return open_image(data, "image").convert("RGB")
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """RGB PIL image from encoded bytes. Raises ImageError (a ValueError) naming `what` before decoding an image
+    too large to be real (over MAX_IMAGE_PIXELS), and on truncated or corrupt data; `scan` reports it by path."""
+    return open_image(data, what).convert("RGB")
