@@ -7,3 +7,8 @@ class ControlNetError(ValueError):
 
 class CheckpointError(ControlNetError):
     """A weights file that cannot be read, is unsafe, truncated, or holds an unexpected architecture."""
+
+
+class ImageError(ControlNetError):
+    """An image that cannot be read safely: too large to be real (a decompression bomb), truncated, corrupt, or not
+    an image at all. Raised before any pixel is decoded where the header already tells."""

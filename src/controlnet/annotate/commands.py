@@ -13,6 +13,7 @@ from pathlib import Path
 
 from controlnet.annotate.image import IMAGE_SUFFIXES, read_image, write_image
 from controlnet.annotate.registry import annotator_class, annotator_options, get_annotator, list_annotators
+from controlnet.io.images import image_size
 
 KEYPOINT_SUFFIXES = (".json",)
 NONE_WORDS = ("none", "null")
@@ -142,14 +143,23 @@ def run(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.output.is_dir():
         raise NotADirectoryError(f"--output: {args.output} exists and is not a folder")
     outputs = output_paths(files, args.output, args.overwrite)
+    if not keypoints:
+        for file in files:  # headers only: a non-image or one too large to be real stops us before any work
+            image_size(file, "input image")
     annotator = get_annotator(args.name, **options)
     if args.save_keypoints and not hasattr(annotator, "keypoints"):
         raise ValueError(f"--save-keypoints: annotator {args.name} does not detect keypoints (use openpose)")
-    args.output.mkdir(parents=True, exist_ok=True)
-    for file, output in tqdm(list(zip(files, outputs, strict=True)), desc=f"annotate {args.name}", unit="image"):
-        source = file if keypoints else read_image(file)
-        write_image(output, annotator(source))
+    bar = None
+    for file, output in zip(files, outputs, strict=True):
+        source = file if keypoints else read_image(file)  # a truncated file fails here, before anything is written
+        detected = annotator(source)
+        if bar is None:  # after the first map, so that an error on the first input prints only its own line
+            args.output.mkdir(parents=True, exist_ok=True)
+            bar = tqdm(total=len(files), desc=f"annotate {args.name}", unit="image")
+        write_image(output, detected)
         if args.save_keypoints:
             write_text(output.with_suffix(".json"), json.dumps(annotator.keypoints(source)))
+        bar.update(1)
+    bar.close()
     print(f"wrote {len(outputs)} map(s) to {args.output}")
     return 0

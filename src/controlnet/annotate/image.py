@@ -14,6 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from controlnet.io.images import open_image
+
 LATENT_MULTIPLE = 64  # the reference rounds both sides to multiples of 64 (8 latent pixels x 8 VAE factor)
 UINT16_TO_UINT8 = 257.0  # 65535 / 255: maps 16-bit full scale exactly onto 8-bit full scale
 WHITE = 255  # the reference HWC3 composites transparent pixels on white
@@ -84,19 +86,29 @@ def resize_for_detection(image: np.ndarray, resolution: int) -> np.ndarray:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB(A), keeping 16-bit depth and alpha: (H, W), (H, W, 3) or (H, W, 4)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input image not found: {path}")
-    data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise ValueError(f"input: cannot read {path} as an image (not a format OpenCV can decode, or corrupt)")
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGBA)
-    return image
+    """Read an image file as RGB(A), keeping alpha and 16-bit grayscale: (H, W), (H, W, 2|3|4) uint8/uint16/bool.
+
+    Decoded by `controlnet.io.images.open_image`, which refuses images too large to be real (before decoding),
+    truncated and corrupt files with one line naming the file. 16-bit colour is read as 8-bit (PIL has no 16-bit
+    RGB mode: the high byte, at most 1 level from `to_uint8`'s rounding).
+    """
+    return pil_to_array(open_image(path, "input image"))
+
+
+def pil_to_array(image) -> np.ndarray:
+    """A decoded PIL image as the array `hwc3` takes: L/LA/RGB/RGBA/1 as they are, 16-bit grayscale as uint16,
+    palettes as RGB (RGBA when they carry transparency), other colour spaces (CMYK, YCbCr, ...) as RGB."""
+    if image.mode in ("L", "LA", "RGB", "RGBA", "1"):
+        return np.asarray(image)
+    if image.mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)  # (H, W), native byte order
+    if image.mode == "I":  # 32-bit integer: 16-bit grayscale from some TIFF/PNG writers
+        array = np.asarray(image)
+        return array.astype(np.uint16) if array.min() >= 0 and array.max() <= 65535 else array
+    if image.mode == "F":
+        return np.asarray(image)  # float32: `to_uint8` refuses it with the dtype named
+    alpha = "A" in image.mode or "a" in image.mode or "transparency" in image.info
+    return np.asarray(image.convert("RGBA" if alpha else "RGB"))
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:

@@ -40,7 +40,7 @@ def scan(source, skip_bad: bool = False) -> ScanResult:
     for i in range(len(source)):
         try:
             target_bytes, cond_bytes = source.read(i)
-            target, cond = decode_image(target_bytes), decode_image(cond_bytes)
+            target, cond = decode_image(target_bytes, "target"), decode_image(cond_bytes, "condition")
             if target.size != cond.size:
                 raise ValueError(f"target is {target.size} but condition is {cond.size}")
             prompt = source.prompt(i)

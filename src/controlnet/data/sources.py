@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from controlnet.io.images import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -330,8 +331,7 @@ def open_source(path: str, fmt: str = "auto", image: str = "image", conditioning
     raise ValueError(f"data.format={fmt!r}: unknown")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """RGB PIL image from encoded bytes (raises on corrupt data)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
+def decode_image(data: bytes, what: str = "image") -> Image.Image:
+    """RGB PIL image from encoded bytes. Raises ImageError (a ValueError) naming `what` before decoding an image
+    too large to be real (over MAX_IMAGE_PIXELS), and on truncated or corrupt data; `scan` reports it by path."""
+    return open_image(data, what).convert("RGB")

@@ -194,9 +194,12 @@ def options_from_args(args, n_nets: int) -> dict:
         "block_scales": _per_net(args.block_scales, "block-scales", n_nets, _floats),
     }
     options.update({k: v for k, v in per_net.items() if v is not None})
+    from controlnet.io.images import open_image
+
+    # decoded once, here: a missing, truncated or too-large image or mask stops us before any model loads
     for key in ("image", "mask"):
-        if options[key] is not None and not Path(options[key]).is_file():
-            raise FileNotFoundError(f"--{key} not found: {options[key]}")
+        if options[key] is not None:
+            options[key] = open_image(options[key], f"--{key}")
     from controlnet.generate.options import GenerationOptions
 
     GenerationOptions(**options).per_net(n_nets)  # check everything before loading any model

@@ -14,11 +14,12 @@ Inpainting (ControlNet v1.1 inpaint model): the condition is the image in [0, 1]
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from controlnet.io.images import check_pixels, open_image
 
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_pad")
 _RESIZE_ALIASES = {
@@ -57,15 +58,13 @@ def resize_mode(name: str) -> str:
 
 
 def to_pil(image, what: str = "image") -> Image.Image:
-    """PIL image from a path, a PIL image, an (H, W[, C]) uint8 array or a (C, H, W) / (1, C, H, W) tensor in [0, 1]."""
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
+    """PIL image from a path, encoded bytes, a PIL image, an (H, W[, C]) uint8 array or a (C, H, W) / (1, C, H, W)
+    tensor in [0, 1]. Files and bytes are read by `open_image`, which refuses images over MAX_IMAGE_PIXELS before
+    decoding and truncated or corrupt files; a PIL image over that size (opened lazily by a caller) is refused too."""
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        return open_image(image, what)
     if isinstance(image, Image.Image):
+        check_pixels(*image.size, what)
         return image
     if isinstance(image, torch.Tensor):
         tensor = image.detach().float().cpu()

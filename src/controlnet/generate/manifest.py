@@ -30,6 +30,7 @@ from PIL import Image
 
 from controlnet.generate.options import GenerationOptions
 from controlnet.generate.outputs import is_done, save_generation
+from controlnet.io.images import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +105,15 @@ def shard(jobs: list[ManifestLine], rank: int, world: int) -> list[ManifestLine]
     return jobs[rank::world]
 
 
-def load_condition(path: Path, annotator: str | None):
-    """A condition image from disk, optionally turned into a condition map by a named annotator."""
-    if not path.is_file():
-        raise FileNotFoundError(f"condition image not found: {path}")
+def load_condition(path: Path, annotator: str | None) -> Image.Image:
+    """A condition image from disk (decoded once, here, so that one too large to be real, truncated or corrupt
+    is refused before any model loads), optionally turned into a condition map by a named annotator."""
+    image = open_image(path, "condition image")
     if not annotator:
-        return str(path)
+        return image
     from controlnet.annotate.registry import get_annotator
 
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"))
-    return Image.fromarray(get_annotator(annotator)(array))
+    return Image.fromarray(get_annotator(annotator)(np.asarray(image.convert("RGB"))))
 
 
 def run_manifest(
