@@ -8,6 +8,7 @@ locked UNet, with no extra weighting or interpolation. On top of that, every net
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ def guess_mode_scales(num_outputs: int, form: str = "reference") -> list[float]:
     if form == "reference":
         return [GUESS_MODE_BASE_REFERENCE ** (num_outputs - 1 - i) for i in range(num_outputs)]
     if form == "diffusers":
-        return torch.logspace(-1, 0, num_outputs).tolist()
+        return torch.logspace(math.log10(GUESS_MODE_FLOOR_DIFFUSERS), 0, num_outputs).tolist()
     raise ValueError(f"guess-mode form {form!r}; expected 'reference' or 'diffusers'")
 
 
