@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from controlnet.evaluate.report import TASK_METRICS, Report, Row, evaluate_images, format_table, score_images
+from controlnet.evaluate.report import (
+    TASK_METRICS,
+    Report,
+    Row,
+    evaluate_images,
+    format_table,
+    score_by_name,
+    score_images,
+)
 from controlnet.world.dataset import TASKS
 from controlnet.world.fill import fill_sample
 from controlnet.world.scene_sample import scene_sample
@@ -52,3 +60,26 @@ def test_score_images_validates():
     with pytest.raises(ValueError, match="conditions"):
         evaluate_images("canny", [], [], [], [])
     assert isinstance(Report("canny", 0, ()).table(), str)
+
+
+def test_fill_fidelity_is_high_for_ground_truth_and_low_for_a_blank_image():
+    samples = [fill_sample(seed, 32) for seed in range(6)]
+    truth = score_by_name("fill_iou", [s.image for s in samples], [s.conditions["fill"] for s in samples])
+    blank = score_by_name(
+        "fill_iou", [np.full_like(s.image, 90) for s in samples], [s.conditions["fill"] for s in samples]
+    )
+    assert min(truth) > 0.9 and max(blank) < 0.5
+
+
+def test_scene_tasks_use_the_world_metric_of_their_task():
+    sample = scene_sample(3, 64, conditions=("canny",))
+    truth = score_by_name("task:canny", [sample.image], [sample.conditions["canny"]])[0]
+    blank = score_by_name("task:canny", [np.zeros_like(sample.image)], [sample.conditions["canny"]])[0]
+    assert truth > 0.8 and blank < 0.2
+
+
+def test_metric_names_are_checked():
+    with pytest.raises(ValueError, match=r"metric='task:nope': no world task 'nope'"):
+        score_by_name("task:nope", [], [])
+    with pytest.raises(ValueError, match=r"metric='psnr': expected fill_iou, edge_f1 or task:NAME"):
+        score_by_name("psnr", [], [])

@@ -9,7 +9,7 @@ from train_tiny import TINY_SIZE
 
 from controlnet import cli
 from controlnet.config_docs import field_docs
-from controlnet.train.config import DataConfig, OptimConfig, TrainConfig, resolve_config
+from controlnet.train.config import DataConfig, OptimConfig, TrainConfig, config_from_dict, resolve_config
 
 
 def test_file_then_flags_then_validation(tmp_path):
@@ -62,6 +62,13 @@ def test_train_command_writes_a_complete_run_folder(fill_data, base_dir, tmp_pat
                  "final/controlnet.safetensors", "checkpoints/step-0000002/state.json", "samples/reference.png"):  # fmt: skip
         assert (run / name).exists(), name
     assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 2
+    # a run folder saved before data.num_workers was retired resumes from its own config.json
+    saved = json.loads((run / "config.json").read_text())
+    saved["data"]["num_workers"] = 0
+    (run / "config.json").write_text(json.dumps(saved))
+    assert cli.main(["train", str(run / "config.json"), "--train.max_steps", "3", "--quiet"]) == 0
+    assert "finished at step 3" in capsys.readouterr().out
+    assert "num_workers" not in json.loads((run / "config.json").read_text())["data"]
     # a user error is one line and exit status 2
     assert (
         cli.main(["train", "--data.path", str(tmp_path / "missing"), "--train.output_dir", str(tmp_path / "x")])
@@ -75,3 +82,21 @@ def test_train_help_lists_fields_with_their_docstrings(capsys):
         cli.main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--optim.lr" in out and "--data.empty_prompt_prob" in out and "AdamW learning rate" in out
+
+
+def test_a_retired_field_loads_from_saved_configs_but_is_no_flag(tmp_path, caplog, capsys):
+    saved = TrainConfig().to_dict()
+    saved["data"]["num_workers"] = 4  # written by a version that had the (never used) field
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    with caplog.at_level("WARNING", logger="controlnet.train.config"):
+        assert resolve_config(path) == TrainConfig() == config_from_dict(saved)
+    assert "ignoring the retired key 'num_workers'" in caplog.text
+    with pytest.raises(ValueError, match="no field 'num_workers'"):
+        resolve_config(None, {"data.num_workers": "2"})
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--data.num_workers", "2"])
+    assert exited.value.code == 2 and "unrecognized arguments: --data.num_workers" in capsys.readouterr().err
+    saved["data"]["num_workerz"] = 1  # anything else unknown is still refused by name
+    with pytest.raises(ValueError, match=r"unknown keys \['num_workerz'\]"):
+        config_from_dict(saved)

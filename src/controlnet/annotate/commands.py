@@ -13,6 +13,7 @@ from pathlib import Path
 
 from controlnet.annotate.image import IMAGE_SUFFIXES, read_image, write_image
 from controlnet.annotate.registry import annotator_class, annotator_options, get_annotator, list_annotators
+from controlnet.atomic import atomic_path
 from controlnet.io.images import image_size
 
 KEYPOINT_SUFFIXES = (".json",)
@@ -115,10 +116,9 @@ def output_paths(files: list[Path], folder: Path, overwrite: bool) -> list[Path]
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (a temporary file renamed into place)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
+    """Write a text file atomically (controlnet.atomic)."""
+    with atomic_path(path) as partial:
+        partial.write_text(text)
 
 
 def print_options(name: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from controlnet.atomic import atomic_path
 from controlnet.io.images import open_image
 
 LATENT_MULTIPLE = 64  # the reference rounds both sides to multiples of 64 (8 latent pixels x 8 VAE factor)
@@ -112,13 +113,12 @@ def pil_to_array(image) -> np.ndarray:
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
-    """Write an (H, W, 3) RGB or (H, W) uint8 map atomically (a temporary file renamed into place)."""
+    """Write an (H, W, 3) RGB or (H, W) uint8 map atomically (controlnet.atomic)."""
     path = Path(path)
     if image.ndim == 3 and image.shape[2] == 3:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     ok, encoded = cv2.imencode(path.suffix or ".png", image)
     if not ok:
         raise ValueError(f"output: cannot encode an image as {path.suffix!r}")
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(encoded.tobytes())
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        partial.write_bytes(encoded.tobytes())

@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from controlnet.allocator import reuse_freed_memory
+from controlnet.atomic import atomic_path
 from controlnet.builtin.base import save_builtin_base, scheduler_config, unet_kwargs, vae_kwargs
 from controlnet.builtin.config import PretrainConfig
 from controlnet.builtin.text import COMMON_WORDS, build_text_encoder, build_tokenizer, tokenize
@@ -88,9 +88,8 @@ def load_scene_pool(config: PretrainConfig, run_dir: Path) -> ScenePool:
         with np.load(cache) as data:
             return ScenePool(data["images"], [str(c) for c in data["captions"]])
     pool = render_scene_pool(config.scene_pool, size, config.seed)
-    temporary = cache.with_suffix(f".tmp-{os.getpid()}.npz")
-    np.savez(temporary, images=pool.images, captions=np.array(pool.captions))
-    os.replace(temporary, cache)
+    with atomic_path(cache) as temporary:
+        np.savez(temporary, images=pool.images, captions=np.array(pool.captions))
     return pool
 
 
@@ -156,9 +155,8 @@ def load_latent_pool(state: RunState, scenes: ScenePool | None, run_dir: Path) -
     if state.vae is not None:
         state.vae.eval()
     pool = LatentPool(encode_pool(state.vae, images), prompts, len(fills))
-    temporary = run_dir / f".{LATENT_POOL_NAME}.tmp-{os.getpid()}"
-    torch.save({"latents": pool.latents, "prompts": pool.prompts, "n_fill": pool.n_fill}, temporary)
-    os.replace(temporary, cache)
+    with atomic_path(cache) as temporary:
+        torch.save({"latents": pool.latents, "prompts": pool.prompts, "n_fill": pool.n_fill}, temporary)
     return pool
 
 
@@ -261,7 +259,7 @@ def _modules(state: RunState) -> dict[str, object]:
 
 
 def save_checkpoint(state: RunState, run_dir: Path) -> Path:
-    """Write last.pt atomically (temporary file in the same folder, then rename)."""
+    """Write last.pt atomically (written beside it, flushed to disk, then renamed into place)."""
     # twin of train/checkpoint.py: one file (a torch.save of tensors, read back weights_only) instead of an
     # accelerate state folder, because this recipe runs in one process and keeps a single checkpoint
     payload = {name: obj.state_dict() for name, obj in _modules(state).items()}
@@ -274,11 +272,8 @@ def save_checkpoint(state: RunState, run_dir: Path) -> Path:
         config=asdict(state.config),
     )
     final = run_dir / CHECKPOINT_NAME
-    temporary = run_dir / f".{CHECKPOINT_NAME}.tmp-{os.getpid()}"
-    torch.save(payload, temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, final)
+    with atomic_path(final, fsync=True) as temporary:
+        torch.save(payload, temporary)
     return final
 
 

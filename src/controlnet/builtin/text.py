@@ -31,17 +31,6 @@ COMMON_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def caption_words(texts: Iterable[str]) -> list[str]:
-    """The lower-cased words of `texts`, split like the tokenizer splits them (whitespace and punctuation)."""
-    from tokenizers.pre_tokenizers import Whitespace
-
-    splitter = Whitespace()
-    words: set[str] = set()
-    for text in texts:
-        words.update(piece for piece, _ in splitter.pre_tokenize_str(text.lower()))
-    return sorted(words)
-
-
 def build_tokenizer(words: Iterable[str], max_length: int):
     """A word-level `PreTrainedTokenizerFast` over `words` (+ specials), padding/truncating to `max_length`.
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from controlnet.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +57,10 @@ def _key(*parts: str | bytes) -> str:
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    # exists="keep": when another process finished the same cache first, theirs is equal (same key) and wins
+    with atomic_path(folder, exists="keep") as tmp:
+        tmp.mkdir()
         write(tmp)
-        os.rename(tmp, folder)
-    except FileExistsError:  # another process finished the same cache first: theirs is equal
-        shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not folder.is_dir():
-            raise err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 class LatentCache:

@@ -147,12 +147,3 @@ class PixelPairs(torch.utils.data.Dataset):
         position, epoch = key
         target, cond = self.load(position, epoch)
         return target, cond, position
-
-
-def collate(items) -> dict:
-    targets, conds, positions = zip(*items, strict=True)
-    return {
-        "pixels": torch.stack(targets),  # (B, 3, H, W) in [-1, 1]
-        "cond": torch.stack(conds),  # (B, C, H, W) uint8
-        "positions": torch.tensor(positions),  # (B,)
-    }

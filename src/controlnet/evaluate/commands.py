@@ -35,9 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from controlnet.evaluate.heldout import evaluate_generator, heldout_set
+    from controlnet.evaluate.heldout import evaluate_generator, generate_images, heldout_set
     from controlnet.generate.pipeline import ControlNetPipeline
-    from controlnet.train.validation import generate
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -49,13 +48,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     settings = {"steps": args.steps, "guidance_scale": args.cfg, "seed": args.seed}
 
     def controlled(prompts, conditions):
-        return generate(pipe, prompts, conditions, **settings)
+        return generate_images(pipe, prompts, conditions, **settings)
 
     floor_pipe = copy.copy(pipe)  # same base modules, no ControlNet: the floor of the paper's comparison
     floor_pipe.controlnets = []
 
     def floor(prompts):
-        return generate(floor_pipe, prompts, [], **settings)
+        return generate_images(floor_pipe, prompts, [], **settings)
 
     report = evaluate_generator(heldout, controlled, floor)
     print(report.table())

@@ -1,9 +1,10 @@
-"""Held-out evaluation sets from the built-in world, and scoring any generator on them.
+"""Held-out evaluation sets from the built-in world, generating for them with a pipeline, and scoring any
+generator on them.
 
-The `controlnet evaluate` command (pending the generation pipeline) and training-time validation both
-reduce to `evaluate_generator(heldout_set(task, n), generate, generate_floor)`: generate images for the
-held-out conditions and prompts, generate floor images from the prompts alone, and report both beside the
-ground truth (report.evaluate_images).
+The `controlnet evaluate` command reduces to `evaluate_generator(heldout_set(task, n), generate, generate_floor)`:
+generate images for the held-out conditions and prompts, generate floor images from the prompts alone, and report
+both beside the ground truth (report.evaluate_images). Training-time validation generates with the same
+`generate_images` and scores with `report.score_by_name`, so a trained net is measured the same way in both.
 """
 
 from __future__ import annotations
@@ -67,3 +68,24 @@ def evaluate_generator(
     return evaluate_images(
         heldout.task, generated, heldout.conditions, heldout.ground_truth, floor, heldout.prompts
     )
+
+
+def generate_images(pipeline, prompts: Sequence[str], conditions: Sequence[np.ndarray], steps: int,
+                    guidance_scale: float, seed: int, control_scale: float = 1.0) -> list[np.ndarray]:  # fmt: skip
+    """(H, W, 3) uint8 images for prompts + conditions with the pipeline's ControlNet, image k from seed + k.
+
+    One batched pipeline call (the pipeline draws image k's noise from its own generator seeded seed + k, so the
+    images do not depend on the batch they were generated in). A pipeline without ControlNets ignores
+    `conditions` (the floor of the paper's comparison).
+    """
+    control = [list(conditions)] if pipeline.controlnets else []
+    result = pipeline(
+        list(prompts),
+        control,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        control_scale=control_scale,
+        output_type="np",
+    )
+    return [(image * 255).round().astype(np.uint8) for image in result.array]

@@ -45,6 +45,26 @@ TASK_METRICS: dict[str, tuple[Metric, ...]] = {
 }
 
 
+def metric_by_name(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    """The fidelity metric `fn(generated, condition)` called `name`: "fill_iou", "edge_f1", or "task:NAME", the
+    first metric of world task NAME (e.g. task:canny -> edge F1, task:pose -> stick-figure F1)."""
+    if name.startswith("task:"):
+        task = name.split(":", 1)[1]
+        if task not in TASK_METRICS:
+            raise ValueError(f"metric={name!r}: no world task {task!r} (tasks: {', '.join(TASK_METRICS)})")
+        return TASK_METRICS[task][0].fn
+    named = {"fill_iou": fill_iou, "edge_f1": canny_f1}
+    if name not in named:
+        raise ValueError(f"metric={name!r}: expected fill_iou, edge_f1 or task:NAME")
+    return named[name]
+
+
+def score_by_name(name: str, images: Sequence[np.ndarray], conditions: Sequence[np.ndarray]) -> list[float]:
+    """Per-image fidelity of generated `images` (H, W, 3) uint8 against their `conditions` (H, W, 3) uint8."""
+    fn = metric_by_name(name)
+    return [fn(image, condition) for image, condition in zip(images, conditions, strict=True)]
+
+
 @dataclass(frozen=True)
 class Row:
     """One metric's mean over the evaluation set for the model, the floor and the ceiling."""

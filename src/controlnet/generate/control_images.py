@@ -45,8 +45,6 @@ INPAINT_MASKED_VALUE = -1.0
 MASK_THRESHOLD = 0.5
 RESAMPLE = Image.LANCZOS
 
-ImageLike = "Image.Image | np.ndarray | torch.Tensor | str | os.PathLike"
-
 
 def resize_mode(name: str) -> str:
     """Canonical resize-mode name; raises ValueError naming the choices."""

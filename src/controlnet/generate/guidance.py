@@ -24,10 +24,6 @@ import torch
 
 from controlnet.model.compose import guess_mode_scales
 
-# Paper Sec. 3.4: w_i = 64 / h_i, 64 being SD's latent side at 512 px (the size of the shallowest blocks). We divide
-# by the latent side of the image actually generated, which is 64 at 512 px and keeps the profile at other sizes.
-PAPER_LATENT_SIDE = 64
-
 
 @dataclass(frozen=True)
 class ControlMode:
@@ -75,7 +71,9 @@ def cfg_resolution_weights(output_heights: Sequence[int]) -> list[float]:
     output_heights: the spatial height of each ControlNet output (13 for SD1.5: 64,64,64,32,...,8,8 at 512 px).
     Note the profile: the shallowest outputs keep 1, the deepest get 8 (ratio 8, vs 10 for guess mode's 0.825**12).
     """
-    full = max(output_heights)  # = PAPER_LATENT_SIDE for SD at 512 px
+    # the paper's 64 is SD's latent side at 512 px (the shallowest blocks' size); dividing by the latent side of the
+    # image actually generated gives 64 at 512 px and keeps the profile at other sizes
+    full = max(output_heights)
     return [full / h for h in output_heights]
 
 
@@ -103,12 +101,6 @@ def check_window(start: float, end: float, what: str = "control window") -> None
     """Raise a ValueError unless 0 <= start < end <= 1."""
     if not (0.0 <= start < end <= 1.0):
         raise ValueError(f"{what}: start={start}, end={end}; expected 0 <= start < end <= 1")
-
-
-def apply_cfg(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """eps = eps_uc + s * (eps_c - eps_uc) on a (2B, ...) batch ordered [unconditional, conditional] -> (B, ...)."""
-    eps_uncond, eps_cond = eps.chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 def pad_unconditional(residual: torch.Tensor) -> torch.Tensor:

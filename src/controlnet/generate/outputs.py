@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from controlnet.atomic import atomic_path
+
 SIDECAR_SUFFIX = ".json"
 GRID_SUFFIX = "-grid.png"
 
@@ -85,9 +87,8 @@ def save_generation(
         make_grid(result.control_images, result.images).save(out / f"{stem}{GRID_SUFFIX}")
         record["grid"] = f"{stem}{GRID_SUFFIX}"
     sidecar = out / f"{stem}{SIDECAR_SUFFIX}"
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, sidecar)  # atomic: the sidecar's presence means the job is complete
+    with atomic_path(sidecar) as tmp:  # atomic: the sidecar's presence means the job is complete
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
 
 

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from controlnet.generate import control_images as ci
-from controlnet.generate.guidance import apply_cfg, block_profile, in_window
+from controlnet.generate.guidance import block_profile, in_window
 from controlnet.generate.guidance import pad_unconditional as pad_uncond
 from controlnet.generate.options import GenerationOptions
 from controlnet.generate.prompts import PromptEmbeddings, encode_dual, encode_single
 from controlnet.generate.samplers import make_scheduler, sampler_display_name
-from controlnet.model.compose import unet_residual_kwargs
+from controlnet.model.cfg import apply_cfg
+from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
 
 logger = logging.getLogger(__name__)
@@ -347,7 +348,7 @@ class ControlNetPipeline:
                     )
                     if half:
                         out = ControlNetOutput([pad_uncond(d) for d in out.down], pad_uncond(out.mid))
-                    residuals = out if residuals is None else _add(residuals, out)
+                    residuals = add_residuals(residuals, out)
                 eps = self.unet(
                     model_in,
                     t,
@@ -480,8 +481,3 @@ def _per_prompt_images(entry, n_prompts: int, k: int) -> list:
 def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
     """(P, ...) -> (P * times, ...), each prompt's rows kept together (prompt-major, as image k = p * times + j)."""
     return x.repeat_interleave(times, dim=0)
-
-
-def _add(a: ControlNetOutput, b: ControlNetOutput) -> ControlNetOutput:
-    """Paper Sec. 3.4: several ControlNets compose by adding their residuals."""
-    return ControlNetOutput([x + y for x, y in zip(a.down, b.down, strict=True)], a.mid + b.mid)

@@ -9,14 +9,10 @@ place, so a failed write never leaves a half-written file.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import lzma
 import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,6 +21,7 @@ from safetensors.torch import load as safetensors_load_bytes
 from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save_file as safetensors_save_file
 
+from controlnet.atomic import atomic_path
 from controlnet.errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -140,19 +137,3 @@ def write_state_dict(
             safetensors_save_file(contiguous, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         else:
             torch.save(contiguous, tmp)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (file or folder); rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / path.name
-    try:
-        yield target
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

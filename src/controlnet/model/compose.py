@@ -8,6 +8,7 @@ locked UNet, with no extra weighting or interpolation. On top of that, every net
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ def guess_mode_scales(num_outputs: int, form: str = "reference") -> list[float]:
     if form == "reference":
         return [GUESS_MODE_BASE_REFERENCE ** (num_outputs - 1 - i) for i in range(num_outputs)]
     if form == "diffusers":
-        return torch.logspace(-1, 0, num_outputs).tolist()
+        return torch.logspace(math.log10(GUESS_MODE_FLOOR_DIFFUSERS), 0, num_outputs).tolist()
     raise ValueError(f"guess-mode form {form!r}; expected 'reference' or 'diffusers'")
 
 
@@ -92,17 +93,27 @@ def compose(
             conditioning_scale=scales,
             added_cond_kwargs=unit.added_cond_kwargs,
         )
-        if total is None:
-            total = out
-        else:
-            total = ControlNetOutput(
-                down=[a + b for a, b in zip(total.down, out.down, strict=True)],
-                mid=total.mid + out.mid,
-            )
+        total = add_residuals(total, out)
     if total is not None and only_mid_control:
-        # Reference `only_mid_control`: skip connections get nothing, the middle block gets the control.
-        total = ControlNetOutput(down=[torch.zeros_like(d) for d in total.down], mid=total.mid)
+        total = mid_only(total)
     return total
+
+
+def add_residuals(total: ControlNetOutput | None, out: ControlNetOutput) -> ControlNetOutput:
+    """total + out, residual by residual (paper Sec. 3.4: ControlNets compose by adding their outputs, with no
+    extra weighting); `total` None is the empty sum. down: one (B, C_i, h_i, w_i) per UNet skip; mid: (B, C, h, w)."""
+    if total is None:
+        return out
+    return ControlNetOutput(
+        down=[a + b for a, b in zip(total.down, out.down, strict=True)],
+        mid=total.mid + out.mid,
+    )
+
+
+def mid_only(out: ControlNetOutput) -> ControlNetOutput:
+    """The reference code's `only_mid_control`: the skip connections get nothing (zeros of their shapes), the
+    middle block gets the control."""
+    return ControlNetOutput(down=[torch.zeros_like(d) for d in out.down], mid=out.mid)
 
 
 def unet_residual_kwargs(out: ControlNetOutput | None) -> dict:

@@ -16,13 +16,14 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from controlnet.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +72,6 @@ def remove_partial(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_finite(weights: dict[str, dict[str, torch.Tensor]]) -> None:
     for stem, state in weights.items():
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -100,23 +93,18 @@ def save_checkpoint(run_dir: Path, step: int, data: CheckpointData, keep: int) -
     folder = Path(run_dir) / CHECKPOINT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / checkpoint_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{final.name}-", dir=folder))
-    try:
+    # Written under a PARTIAL_PREFIX name (remove_partial sweeps what a killed run left), every file flushed, then
+    # renamed into place. Re-saving the same step (e.g. the final save after a periodic one) replaces the folder:
+    # the old one is first renamed aside into the partial folder (atomic), so no half-deleted checkpoint ever
+    # stands under a checkpoint name, and deleted after the new one is in place.
+    with atomic_path(final, prefix=f"{PARTIAL_PREFIX}{final.name}-", fsync=True) as tmp:
+        tmp.mkdir()
         for stem, state in data.weights.items():
             tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             save_file(tensors, str(tmp / f"{stem}.safetensors"))
         torch.save(data.optimizer, tmp / "optimizer.pt")
         torch.save(data.scheduler, tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(data.state, indent=1) + "\n")
-        for p in tmp.iterdir():
-            _fsync_file(p)
-        if final.exists():  # re-saving the same step (e.g. final save after a periodic one): replace it
-            _remove(final)
-        os.rename(tmp, final)
-        _fsync_file(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         _remove(old)
     logger.info("saved checkpoint %s", final)

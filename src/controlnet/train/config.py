@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 DATA_FORMATS = ("auto", "original", "imagefolder", "hf", "webdataset")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")  # accelerate's names
@@ -77,13 +80,10 @@ class DataConfig:
     """precompute VAE latents and text embeddings once and keep them on disk"""
     cache_dir: str = ""
     """where the caches live ("" = OUTPUT_DIR/cache)"""
-    num_workers: int = 0
-    """DataLoader worker processes"""
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, DATA_FORMATS)
         _check_positive(self, "resolution")
-        _check_positive(self, "num_workers", allow_zero=True)
         if not 0.0 <= self.empty_prompt_prob <= 1.0:
             raise ValueError(f"data.empty_prompt_prob={self.empty_prompt_prob}: expected a probability in [0, 1]")
 
@@ -276,8 +276,19 @@ SECTIONS: dict[str, type] = {
 }
 
 
+# Fields that once existed and do nothing now: a saved run config (run/config.json) that holds one still loads
+# (the key is dropped with a warning), while a new flag or an unknown key is refused.
+RETIRED_FIELDS: dict[str, dict[str, str]] = {
+    "data": {"num_workers": "samples are read in the training process; the field was never used"},
+}
+
+
 def build_section(cls: type, values: dict, section: str):
-    """`cls(**values)` with unknown keys refused by name."""
+    """`cls(**values)` with unknown keys refused by name (retired fields are dropped with a warning)."""
+    retired = RETIRED_FIELDS.get(section, {})
+    for name in sorted(set(values) & set(retired)):
+        logger.warning("config section %r: ignoring the retired key %r (%s)", section, name, retired[name])
+    values = {k: v for k, v in values.items() if k not in retired}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:

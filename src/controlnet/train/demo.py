@@ -13,7 +13,6 @@ includes set-up, validation and the final export, so the whole command stays wit
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass
@@ -168,49 +167,3 @@ def reproduce(run_dir: Path) -> tuple[float, float]:
     images = val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0)
     metric = next(r["metric"] for r in records if "metric" in r)
     return recorded, float(np.mean(val.score(metric, images, conds)))
-
-
-def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
-    from dataclasses import fields
-
-    from controlnet.config_docs import field_docs
-
-    parser = subparsers.add_parser(
-        "demo",
-        help="train a ControlNet on the built-in world in minutes (no downloads) and write a report",
-        description="Make a fill-task dataset from the built-in world, train a ControlNet on the shipped tiny base "
-        "(paper Sec. 3.3 recipe), watch it suddenly follow the outlines (Sec. 4), and write report.html with the "
-        "final fidelity next to floor (base alone) and ceiling (ground truth).",
-    )
-    docs = field_docs(DemoConfig)
-    for f in fields(DemoConfig):
-        kind = {"int": int, "float": float, "str": str}.get(f.type, str)
-        if f.type == "bool":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default,
-                                action=argparse.BooleanOptionalAction, help=docs.get(f.name, ""))  # fmt: skip
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
-                                help=f"{docs.get(f.name, '')} (default: %(default)s)".replace("%%", "%"))  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--verify", action="store_true",
-                        help="after training, reload final/controlnet through the pipeline and re-score it")  # fmt: skip
-    parser.set_defaults(func=_run_demo_command)
-
-
-def _run_demo_command(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    from controlnet.train.commands import ProgressBar, print_summary
-
-    demo = DemoConfig(**{f.name: getattr(args, f.name) for f in fields(DemoConfig)})
-    started = time.time()
-    bar = ProgressBar(None, enabled=not args.quiet)  # time-limited: the number of steps is not known in advance
-    try:
-        summary = run_demo(demo, bar)
-    finally:
-        bar.close()
-    print_summary(summary, started)
-    if args.verify and summary.final_dir:
-        recorded, again = reproduce(summary.run_dir)
-        print(f"reloaded through the pipeline: fidelity {again:.4f} (report: {recorded:.4f})")
-    return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from controlnet.model.compose import mid_only, unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet
 
 # The reference code's sd_locked=False trains `output_blocks` and `out` of the LDM UNet: diffusers' names.
@@ -46,12 +47,12 @@ class ControlledUNet(nn.Module):
         """noisy: (B, C, h, w); timesteps: (B,); context: (B, L, D); cond: (B, C_cond, H, W) in [0, 1];
         added_cond: SDXL's {"text_embeds": (B, D_pooled), "time_ids": (B, 6)}, fed to both networks."""
         out = self.controlnet(noisy, timesteps, context, cond=cond, added_cond_kwargs=added_cond)
-        down = [torch.zeros_like(d) for d in out.down] if self.only_mid_control else out.down
+        if self.only_mid_control:
+            out = mid_only(out)
         return self.unet(
             noisy,
             timesteps,
             encoder_hidden_states=context,
-            down_block_additional_residuals=tuple(down),
-            mid_block_additional_residual=out.mid,
             added_cond_kwargs=added_cond,
+            **unet_residual_kwargs(out),
         ).sample  # (B, C, h, w)

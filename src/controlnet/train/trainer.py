@@ -296,7 +296,7 @@ class Trainer:
                                   text_encoder_2=b.text_encoder_2, tokenizer_2=b.tokenizer_2)  # fmt: skip
 
     @torch.no_grad()
-    def _validate(self, step: int, with_control: bool = True, images_only: bool = False) -> tuple[float, list]:
+    def _validate(self, step: int, with_control: bool = True) -> tuple[float, list]:
         v = self.config.validation
         prompts, conds, _ = self.val
         was_training = self.controlnet.training

@@ -15,14 +15,13 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from controlnet.atomic import atomic_path
 from controlnet.world.conditions import CONDITIONS
 
 logger = logging.getLogger(__name__)
@@ -124,8 +123,9 @@ def write_dataset(
     workers = default_workers() if workers is None else workers
     check_arguments(task, n, size, workers)
     out = check_out(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    # a dataset folder is complete or absent: a killed `world make` leaves only a hidden leftover
+    with atomic_path(out, exists="error") as tmp:
+        tmp.mkdir()
         (tmp / "source").mkdir()
         (tmp / "target").mkdir()
         jobs = [(task, seed, size, start, min(start + CHUNK, n), str(tmp)) for start in range(0, n, CHUNK)]
@@ -148,10 +148,6 @@ def write_dataset(
                 f.write(json.dumps(line) + "\n")
         meta = {"task": task, "n": n, "size": size, "seed": seed, "generator": "controlnet.world"}
         (tmp / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %d %s samples at %d px to %s", n, task, size, out)
     return out
 
