@@ -83,6 +83,14 @@ def to_pil(image, what: str = "image") -> Image.Image:
     raise ValueError(f"{what}: expected a path, PIL image, uint8 array or tensor, got {type(image).__name__}")
 
 
+def image_size(image, what: str = "image") -> tuple[int, int]:
+    """(width, height) of any image `to_pil` takes; a file's header alone is read (no decoding)."""
+    if isinstance(image, (str, os.PathLike)) and Path(image).is_file():
+        with Image.open(image) as img:
+            return img.size
+    return to_pil(image, what).size
+
+
 def resize_image(image: Image.Image, width: int, height: int, mode: str = "just_resize") -> Image.Image:
     """Resize `image` to (width, height) by one of RESIZE_MODES (see the module docstring)."""
     mode = resize_mode(mode)
