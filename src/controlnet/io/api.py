@@ -199,6 +199,7 @@ def load_controlnet(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"ControlNet not found: {path}")
+    config = _read_config(config)  # a bad config.json is refused before the weights are read
     downscale = SD_LATENT_DOWNSCALE
     folder_config = None
     if path.is_dir():
