@@ -66,7 +66,7 @@ def test_annotator_turns_a_photo_into_the_condition(saved, tmp_path):
         (["--control-start", "0.6", "--control-end", "0.4"], "start=0.6, end=0.4"),
         (["--scale", "-1"], "control_scale[0]=-1.0: expected >= 0"),
         (["--strength", "-0.5", "--image", "IMG"], "strength=-0.5"),
-        (["--width", "50"], "both must be positive multiples of 16"),
+        (["--width", "50"], "width x height = 50 x auto: both must be positive multiples of 8"),
         (["--cond", "COND"], "--cond given 2 times for 1 --controlnet"),
         (["--annotator", "nope"], "unknown name 'nope'"),
     ],

@@ -22,7 +22,8 @@ def conds(n=2):
         ({"control_start": [0.0, 0.8], "control_end": [1.0, 0.2]}, r"ControlNet 1.*start=0.8, end=0.2"),
         ({"control_scale": [1.0, -0.5]}, r"control_scale\[1\]=-0.5: expected >= 0"),
         ({"image": condition_image(3), "strength": -0.1}, r"strength=-0.1: expected 0 < strength <= 1"),
-        ({"width": 72, "height": 64}, r"72 x 64: both must be positive multiples of 16"),
+        ({"width": 76, "height": 64}, r"76 x 64: both must be positive multiples of 8 \(the VAE's 8x"),
+        ({"width": 64, "height": 0}, r"64 x 0: both must be positive multiples of 8"),
         ({"scheduler": "dpm++ 9m"}, r"unknown scheduler 'dpm\+\+ 9m'; expected one of: ddim"),
         ({"control_mode": "loud"}, r"unknown control mode 'loud'"),
         ({"resize_mode": "squash"}, r"unknown resize mode 'squash'"),
@@ -54,6 +55,8 @@ def test_missing_files_raise_file_not_found(sd_pipe, tmp_path):
         ControlNetPipeline.from_pretrained(tmp_path)
 
 
-def test_condition_size_must_match_when_not_given(sd_pipe):
-    with pytest.raises(ValueError, match="multiples of 16"):
-        sd_pipe(PROMPT, [condition_image(1, size=40), condition_image(2, size=40)], steps=1)
+def test_condition_size_is_scaled_to_the_native_size_when_not_given(sd_pipe):
+    """A 40 px condition (refused before issue 13: not a multiple of 16) gives the base's native 64 x 64."""
+    result = sd_pipe(PROMPT, [condition_image(1, size=40), condition_image(2, size=40)], steps=1, output_type="np")
+    assert result.array.shape == (1, 64, 64, 3)
+    assert result.control_images[0].size == (64, 64)

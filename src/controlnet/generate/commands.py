@@ -101,8 +101,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default: %(default)s)")
-    g.add_argument("--width", type=int, default=None, help="output width (default: the first condition's)")
-    g.add_argument("--height", type=int, default=None, help="output height (default: the first condition's)")
+    g.add_argument(
+        "--width", type=int, default=None,
+        help="output width, a multiple of the VAE factor (8 for SD, 4 for the built-in base); default: the first "
+        "condition's aspect at the base's native size (its longer side 512 px for SD1.5, 1024 for SDXL), or the "
+        "other side's aspect when only --height is given",
+    )  # fmt: skip
+    g.add_argument("--height", type=int, default=None, help="output height (as --width)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
     g.add_argument(
         "--clip-skip", type=int, default=0, help="use the text encoder's hidden states N layers earlier"
@@ -245,9 +250,6 @@ def _load_pipeline(args, device):
     dtype = getattr(torch, DTYPES[args.dtype])
     if device is None:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for path in args.controlnet:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"ControlNet not found: {path}")
     file_options = {}
     if Path(args.base).is_file():
         file_options = {"tokenizer": args.tokenizer, "tokenizer_2": args.tokenizer_2}
@@ -262,35 +264,92 @@ def _load_pipeline(args, device):
     return pipe
 
 
-def run_generate(args) -> int:
-    from tqdm import tqdm
+def check_before_loading(args) -> None:
+    """Checks that need no torch and read no weights, so that a typo is refused in a second, not after the load.
 
+    The size rule needs the base's VAE factor, read from its config files (`sizes.vae_factor_on_disk`).
+    """
+    from controlnet.generate.sizes import check_size, vae_factor_on_disk
+
+    n_nets = len(args.controlnet)
+    if args.manifest is None:
+        if args.prompt is None:
+            raise ValueError('give a prompt ("" for none) or --manifest FILE.jsonl')
+        if len(args.cond) != n_nets:
+            raise ValueError(
+                f"--cond given {len(args.cond)} times for {n_nets} --controlnet; expected one per net"
+            )
+    for path in args.controlnet:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"ControlNet not found: {path}")
+    for path in args.cond:
+        if path != "inpaint" and not Path(path).is_file():
+            raise FileNotFoundError(f"condition image not found: {path}")
+    factor = vae_factor_on_disk(args.base)
+    if factor is not None:
+        check_size(args.width, args.height, factor)
+
+
+def _decoded(path, what: str):
+    """A condition/init image decoded now (before any model loads); unreadable files are one error line."""
+    from controlnet.generate.control_images import to_pil
+
+    try:
+        return to_pil(path, what)
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # PIL's UnidentifiedImageError and truncated files
+        raise ValueError(f"{what} {path}: not a readable image ({str(err).splitlines()[0]})") from None
+
+
+class StepBar:
+    """The sampler-step bar on stderr: made at the first step (so that an input error prints only its own line)
+    and closed at the last one, so that the VAE decode and the saving after it do not re-render it."""
+
+    def __init__(self, desc: str = "generate", file=None):
+        self.desc, self.file, self.bar = desc, file, None
+
+    def __call__(self, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, unit="step", desc=self.desc, file=self.file or sys.stderr)
+        self.bar.update(step - self.bar.n)
+        if step >= total:
+            self.bar.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_generate(args) -> int:
+    check_before_loading(args)
     n_nets = len(args.controlnet)
     options = options_from_args(args, n_nets)
     annotators = _annotators(args, n_nets)
     names = [Path(p).name for p in args.controlnet]
     if args.manifest is not None:
         return _run_manifest(args, options, annotators, names)
-    if args.prompt is None:
-        raise ValueError('give a prompt ("" for none) or --manifest FILE.jsonl')
-    if len(args.cond) != n_nets:
-        raise ValueError(f"--cond given {len(args.cond)} times for {n_nets} --controlnet; expected one per net")
     from controlnet.generate.manifest import load_condition
     from controlnet.generate.outputs import save_generation
 
-    conds = [
-        c if c == "inpaint" else load_condition(Path(c), a) for c, a in zip(args.cond, annotators, strict=True)
-    ]
+    conds = []
+    for path, annotator in zip(args.cond, annotators, strict=True):
+        cond = path if path == "inpaint" else load_condition(Path(path), annotator)
+        conds.append(_decoded(cond, "condition image") if isinstance(cond, str) and cond != "inpaint" else cond)
+    for key, what in (("image", "init image"), ("mask", "mask")):
+        if options[key] is not None:
+            options[key] = _decoded(options[key], what)
     pipe = _load_pipeline(args, None)
-    bars = []
-
-    def on_step(step: int, total: int) -> None:
-        if not bars:  # created at the first step, so that an input error prints only its own line
-            bars.append(tqdm(total=total, unit="step", desc="generate", file=sys.stderr))
-        bars[0].update(1)
-
-    result = pipe(args.prompt, conds, progress=on_step, **options)
-    for bar in bars:
+    size = pipe.output_size(args.width, args.height, conds, options["image"])
+    if size.note():
+        print(size.note("set --width/--height to override"), file=sys.stderr)
+    options.update(width=size.width, height=size.height)
+    bar = StepBar()
+    try:
+        result = pipe(args.prompt, conds, progress=bar, **options)
+    finally:
         bar.close()
     for unit, name in zip(result.settings["controlnets"], annotators, strict=True):
         unit["module"] = name

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from controlnet.io.images import check_pixels, open_image
+from controlnet.io.images import image_size as header_size
 
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_pad")
 _RESIZE_ALIASES = {
@@ -78,6 +79,13 @@ def to_pil(image, what: str = "image") -> Image.Image:
             image = image[:, :, 0]
         return Image.fromarray(image)
     raise ValueError(f"{what}: expected a path, PIL image, uint8 array or tensor, got {type(image).__name__}")
+
+
+def image_size(image, what: str = "image") -> tuple[int, int]:
+    """(width, height) of any image `to_pil` takes; a file's or bytes' header alone is read (no decoding)."""
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        return header_size(image, what)
+    return to_pil(image, what).size
 
 
 def resize_image(image: Image.Image, width: int, height: int, mode: str = "just_resize") -> Image.Image:

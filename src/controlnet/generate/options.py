@@ -44,9 +44,10 @@ class GenerationOptions:
     batch_size: int = 1
     """Images per prompt."""
     width: int | None = None
-    """Output width in pixels; default: the first condition image's width."""
+    """Output width in pixels, a multiple of the VAE factor; default: the first condition's aspect at the base's
+    native size (generate/sizes.py)."""
     height: int | None = None
-    """Output height in pixels; default: the first condition image's height."""
+    """Output height in pixels, a multiple of the VAE factor; default: as width."""
     resize_mode: str = "just_resize"
     """How condition/init images meet the output size: just_resize, crop_and_resize, resize_and_pad."""
     control_scale: float | Sequence[float] = 1.0

@@ -31,6 +31,7 @@ from controlnet.generate.guidance import pad_unconditional as pad_uncond
 from controlnet.generate.options import GenerationOptions
 from controlnet.generate.prompts import PromptEmbeddings, encode_dual, encode_single
 from controlnet.generate.samplers import make_scheduler, sampler_display_name
+from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.cfg import apply_cfg
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
@@ -216,7 +217,10 @@ class ControlNetPipeline:
         per_net = opt.per_net(len(self.controlnets))
         if any(isinstance(c, str) and c == INPAINT for c in control) and opt.mask is None:
             raise ValueError('control "inpaint" needs `image` and `mask` (the masked pixels become -1)')
-        width, height = self._size(opt.width, opt.height, control, opt.image)
+        size = self.output_size(opt.width, opt.height, control, opt.image)
+        if size.note():
+            logger.info(size.note())
+        width, height = size.width, size.height
         factor = self.vae_scale_factor
         for k, (net, o) in enumerate(zip(self.controlnets, per_net, strict=True)):
             if net.hint_config.downscale_factor != factor:
@@ -385,25 +389,28 @@ class ControlNetPipeline:
 
     # ----------------------------------------------------------------------------------------------------
     # helpers of the steps above
-    def _size(self, width, height, control, image) -> tuple[int, int]:
-        """Width/height: given, else the first condition's (or init image's) size, else the base's default."""
-        if width is None or height is None:
-            first = next((c for c in control if not isinstance(c, str) or c != INPAINT), None)
-            source = first if first is not None else image
-            if isinstance(source, (list, tuple)):
-                source = source[0]
-            if source is not None:
-                w, h = ci.to_pil(source, "condition image").size
-            else:
-                w = h = self.unet.config.sample_size * self.vae_scale_factor
-            width, height = width or w, height or h
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if width % multiple or height % multiple or width < multiple or height < multiple:
-            raise ValueError(
-                f"width x height = {width} x {height}: both must be positive multiples of {multiple} (the VAE "
-                f"factor {self.vae_scale_factor} x the UNet's {multiple // self.vae_scale_factor}x downsampling)"
-            )
-        return width, height
+    @property
+    def native_size(self) -> int | None:
+        """The side in pixels the base was trained at (UNet sample_size x VAE factor: 512 for SD1.5)."""
+        sample = self.unet.config.get("sample_size")
+        if isinstance(sample, (list, tuple)):
+            sample = max(sample)
+        return int(sample) * self.vae_scale_factor if sample else None
+
+    def output_size(self, width=None, height=None, control=(), image=None) -> OutputSize:
+        """The size a call with these arguments generates (see `generate/sizes.py` for the rules).
+
+        Given sizes must be positive multiples of the VAE factor; a size taken from the first condition (or the
+        init image) is scaled to the base's native resolution, aspect kept; without either, the native size.
+        """
+        first = next((c for c in control if not isinstance(c, str) or c != INPAINT), None)
+        source = first if first is not None else image
+        if isinstance(source, (list, tuple)):
+            source = source[0]
+        size = None
+        if source is not None and (width is None or height is None):
+            size = ci.image_size(source, "condition image")
+        return choose_size(width, height, size, self.native_size, self.vae_scale_factor)
 
     def _encode(self, prompts, negatives, cfg: bool, clip_skip: int) -> tuple[PromptEmbeddings, PromptEmbeddings]:
         if self.is_sdxl:

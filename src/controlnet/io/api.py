@@ -21,12 +21,20 @@ from controlnet.io import original_keys
 from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
+    FORMAT_PHRASES,
     ORIGINAL_UNET_PREFIX,
     cast_state,
     detect_format,
     unet_config_for,
 )
-from controlnet.io.safe_load import WEIGHT_SUFFIXES, atomic_path, read_metadata, read_state_dict, write_state_dict
+from controlnet.io.safe_load import (
+    WEIGHT_SUFFIXES,
+    atomic_path,
+    load_strict,
+    read_metadata,
+    read_state_dict,
+    write_state_dict,
+)
 from controlnet.model.controlnet import ControlNet
 from controlnet.model.hint_encoder import SD_LATENT_DOWNSCALE
 
@@ -64,27 +72,6 @@ def _diffusers_folder(path: Path, subfolder: str) -> Path | None:
     return None
 
 
-def _load_strict(module: torch.nn.Module, state: dict, what: str) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            k = mismatched[0]
-            parts.append(
-                f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model "
-                f"{tuple(own[k].shape)})"
-            )
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise CheckpointError(f"{what} does not match the expected architecture: {'; '.join(parts)}")
-    module.load_state_dict(state, strict=True)
-
-
 def load_unet(
     path: str | os.PathLike, config: dict | str | os.PathLike | None = None, dtype: torch.dtype | None = None
 ) -> UNet2DConditionModel:
@@ -119,11 +106,13 @@ def load_unet(
     elif fmt == "diffusers-unet":
         config = unet_config_for(state, config, path.name)
     else:
-        raise CheckpointError(f"{path}: holds a {fmt} checkpoint, not a UNet (`model.diffusion_model.*` keys)")
+        raise CheckpointError(
+            f"{path}: holds {FORMAT_PHRASES[fmt]}, not a UNet (`model.diffusion_model.*` or `down_blocks.*` keys)"
+        )
     with torch.device("meta"):
         unet = build_unet(config, device="meta")
     unet = unet.to_empty(device="cpu")
-    _load_strict(unet, state, f"UNet in {path.name}")
+    load_strict(unet, state, f"UNet in {path.name}")
     if dtype is not None:
         unet = unet.to(dtype)
     return unet.eval().requires_grad_(False)
@@ -210,6 +199,7 @@ def load_controlnet(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"ControlNet not found: {path}")
+    config = _read_config(config)  # a bad config.json is refused before the weights are read
     downscale = SD_LATENT_DOWNSCALE
     folder_config = None
     if path.is_dir():
@@ -230,7 +220,7 @@ def load_controlnet(
         downscale = hint_downscale_factor
     fmt = detect_format(state)
     if fmt not in ("original-controlnet", "original-combined", "diffusers-controlnet"):
-        raise CheckpointError(f"{path}: holds a {fmt} checkpoint, not a ControlNet")
+        raise CheckpointError(f"{path}: holds {FORMAT_PHRASES[fmt]}, not a ControlNet")
 
     unet_config = dict(unet.config) if unet is not None else _read_config(config)
     if unet_config is None and folder_config is not None:
@@ -250,7 +240,7 @@ def load_controlnet(
         raise CheckpointError(f"{path}: ControlNet weights lack {err.args[0]}") from None
     if net.device.type == "meta":
         net = net.to_empty(device="cpu")
-    _load_strict(net, state, f"ControlNet in {path.name}")
+    load_strict(net, state, f"ControlNet in {path.name}")
     if dtype is not None:
         net = net.to(dtype)
     return net

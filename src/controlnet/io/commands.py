@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from pathlib import Path
 
 DTYPES = {"keep": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -31,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--to", required=True, choices=["original", "diffusers"], help="target format")
     _add_common(p)
-    p.add_argument("--prefix", default="control_model.", help="key prefix of original files ('' for none)")
+    p.add_argument(
+        "--prefix", default=None, help="with --to original: key prefix of the written file ('' for none; default "
+        "control_model., as the official files)",
+    )  # fmt: skip
     p.set_defaults(func=run_convert)
 
     p = subparsers.add_parser(
@@ -73,17 +78,97 @@ def _dtype(name: str, fallback):
 
 
 def _source_dtype(path: Path):
-    from controlnet.io.inspect import inspect_path
-
-    dtypes = inspect_path(path).dtypes
+    """The source's one dtype (to keep it), or None when it mixes several."""
     import torch
 
-    return getattr(torch, dtypes[0]) if len(dtypes) == 1 else None
+    from controlnet.io.inspect import weights_dtypes
+
+    dtypes = weights_dtypes(path)
+    return getattr(torch, dtypes[0], None) if len(dtypes) == 1 else None
+
+
+# Names an original-format file may have (safe_load.write_state_dict writes these; .safetensors preferred).
+ORIGINAL_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+DEFAULT_PREFIX = "control_model."
 
 
 def _refuse_existing(dst: Path) -> None:
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new destination")
+
+
+def _check_arguments(args, sources: dict[str, Path]) -> None:
+    """Everything that needs no weights, checked before the first (10-50 s) read; one line per problem.
+
+    `sources`: what each input path is, as named in the error ("ControlNet", "base model", ...).
+    """
+    _refuse_existing(args.dst)
+    suffix = args.dst.suffix.lower()
+    if args.to == "diffusers" and suffix in ORIGINAL_FILE_SUFFIXES + (".bin", ".xz"):
+        raise ValueError(
+            f"{args.dst}: --to diffusers writes a folder, but the name ends in {suffix}; drop the suffix or use "
+            "--to original"
+        )
+    if args.to == "original" and suffix not in ORIGINAL_FILE_SUFFIXES:
+        raise ValueError(
+            f"{args.dst}: --to original writes one file; expected a name ending in .safetensors (or .pth), got "
+            f"{suffix or 'no suffix'}"
+        )
+    if getattr(args, "prefix", None) is not None and args.to != "original":
+        raise ValueError(f"--prefix {args.prefix!r} applies to --to original only (the key prefix of the file)")
+    if getattr(args, "cond_channels", 1) < 1:
+        raise ValueError(f"--cond-channels {args.cond_channels}: expected a positive number of channels")
+    for what, path in sources.items():
+        if not path.exists():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    if args.config is not None and not args.config.is_file():
+        raise FileNotFoundError(f"UNet config not found: {args.config} (expected a diffusers config.json)")
+
+
+class _Phases:
+    """A bar on stderr over a command's phases (reading and writing SD-sized weights takes 10-50 s).
+
+    tqdm hides it when stderr is not a terminal (disable=None), so logs keep the one error line; on a failure the
+    bar is cleared and only the error line remains.
+    """
+
+    def __init__(self, command: str, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            desc=command,
+            file=sys.stderr,
+            disable=None,
+            bar_format="{desc}: {n}/{total}{postfix} [{elapsed}]",
+        )
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        """Phase `name` starts (the previous one is done)."""
+        self.bar.set_postfix_str(name, refresh=False)
+        if self.started:
+            self.bar.update(1)  # draws the new phase beside the new count
+        else:
+            self.bar.refresh()
+        self.started = True
+
+    @contextlib.contextmanager
+    def running(self):
+        try:
+            yield self
+        except BaseException:
+            self.bar.leave = False
+            raise
+        else:
+            self.bar.set_postfix_str("done", refresh=False)
+            self.bar.update(self.bar.total - self.bar.n)
+        finally:
+            self.bar.close()
+
+
+def _phases(command: str, total: int):
+    return _Phases(command, total).running()
 
 
 def run_inspect(args) -> int:
@@ -95,24 +180,32 @@ def run_inspect(args) -> int:
 
 
 def run_convert(args) -> int:
+    _check_arguments(args, {"ControlNet": args.src})
     from controlnet.io.api import load_controlnet, save_controlnet
 
-    _refuse_existing(args.dst)
-    net = load_controlnet(args.src, config=args.config)
-    dtype = _dtype(args.dtype, _source_dtype(args.src))
-    save_controlnet(net, args.dst, format=args.to, dtype=dtype, prefix=args.prefix)
+    with _phases("convert", 2) as phase:
+        phase(f"reading {args.src.name}")
+        net = load_controlnet(args.src, config=args.config)
+        dtype = _dtype(args.dtype, _source_dtype(args.src))
+        phase(f"writing {args.to} {args.dst.name}")
+        prefix = DEFAULT_PREFIX if args.prefix is None else args.prefix
+        save_controlnet(net, args.dst, format=args.to, dtype=dtype, prefix=prefix)
     print(f"wrote {args.to} ControlNet ({net.num_control_outputs} control outputs) to {args.dst}")
     return 0
 
 
 def run_init(args) -> int:
+    _check_arguments(args, {"base model": args.base})
     from controlnet.io.api import load_unet, save_controlnet
     from controlnet.io.transfer import init_controlnet
 
-    _refuse_existing(args.dst)
-    unet = load_unet(args.base, config=args.config)
-    net = init_controlnet(unet, cond_channels=args.cond_channels)
-    save_controlnet(net, args.dst, format=args.to, dtype=_dtype(args.dtype, None))
+    with _phases("init", 3) as phase:
+        phase(f"reading the UNet of {args.base.name}")
+        unet = load_unet(args.base, config=args.config)
+        phase("copying its encoder")
+        net = init_controlnet(unet, cond_channels=args.cond_channels)
+        phase(f"writing {args.to} {args.dst.name}")
+        save_controlnet(net, args.dst, format=args.to, dtype=_dtype(args.dtype, None))
     print(
         f"wrote a new {args.to} ControlNet ({sum(p.numel() for p in net.parameters()):,} parameters) to {args.dst}"
     )
@@ -120,14 +213,23 @@ def run_init(args) -> int:
 
 
 def run_transfer(args) -> int:
+    _check_arguments(
+        args, {"ControlNet": args.control, "base model": args.base, "community model": args.community}
+    )
     from controlnet.io.api import load_controlnet, load_unet, save_controlnet
     from controlnet.io.transfer import transfer_controlnet
 
-    _refuse_existing(args.dst)
-    base = load_unet(args.base, config=args.config)
-    community = load_unet(args.community, config=args.config)
-    control = load_controlnet(args.control, unet=base)
-    moved = transfer_controlnet(control, base, community)
-    save_controlnet(moved, args.dst, format=args.to, dtype=_dtype(args.dtype, _source_dtype(args.control)))
+    with _phases("transfer", 5) as phase:
+        phase(f"reading the base UNet of {args.base.name}")
+        base = load_unet(args.base, config=args.config)
+        phase(f"reading the community UNet of {args.community.name}")
+        community = load_unet(args.community, config=args.config)
+        phase(f"reading the ControlNet {args.control.name}")
+        control = load_controlnet(args.control, unet=base)
+        phase("adding the community - base difference")
+        moved = transfer_controlnet(control, base, community)
+        dtype = _dtype(args.dtype, _source_dtype(args.control))
+        phase(f"writing {args.to} {args.dst.name}")
+        save_controlnet(moved, args.dst, format=args.to, dtype=dtype)
     print(f"wrote the transferred ControlNet to {args.dst}")
     return 0

@@ -26,6 +26,14 @@ CONFIG_NAME = "config.json"
 
 # Cross-attention context width -> base family (SD1.x: CLIP ViT-L/14, SD2.x: OpenCLIP ViT-H/14, SDXL: both).
 FAMILY_BY_CONTEXT_DIM = {768: "sd15", 1024: "sd21", 2048: "sdxl"}
+# Each format as a sentence names it (with its article: "holds an original-SD checkpoint").
+FORMAT_PHRASES = {
+    "original-controlnet": "an original-format ControlNet",
+    "original-combined": "an original v1.0 combined checkpoint (ControlNet + SD)",
+    "original-sd": "an original-SD checkpoint (model.diffusion_model.* keys)",
+    "diffusers-controlnet": "a diffusers ControlNet",
+    "diffusers-unet": "a diffusers UNet",
+}
 FAMILY_NAMES = {"sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
 

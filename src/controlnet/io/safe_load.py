@@ -4,7 +4,8 @@
 refuses any pickle that would construct arbitrary Python objects (and so run code). `.xz`-compressed files
 (as the reference fixtures ship) are decompressed in memory. Every failure becomes one `CheckpointError` line
 naming the file and what was expected. Writes go to a temporary path beside the target and are renamed into
-place, so a failed write never leaves a half-written file.
+place, so a failed write never leaves a half-written file. `load_strict` is the one way weights enter a module:
+names and shapes must match exactly (nothing silently left at its random initialisation).
 """
 
 from __future__ import annotations
@@ -137,3 +138,34 @@ def write_state_dict(
             safetensors_save_file(contiguous, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         else:
             torch.save(contiguous, tmp)
+
+
+def load_strict(
+    module: torch.nn.Module, state: dict, what: str, optional: tuple[str, ...] = ()
+) -> torch.nn.Module:
+    """Fill `module` from `state` only if the names and shapes match exactly; else one `CheckpointError` line.
+
+    `what` names the weights in the message (e.g. "UNet in v1-5.safetensors"). Model keys ending with one of
+    `optional` may be absent from `state` (e.g. CLIP's `position_ids`, a buffer the model rebuilds itself).
+    The message counts each kind of disagreement and shows one example, shapes included, so that a user can tell
+    a wrong family (shape mismatches) from a wrong file type (missing/unexpected keys). Returns `module`.
+    """
+    own = module.state_dict()
+    missing = sorted(k for k in set(own) - set(state) if not any(k.endswith(end) for end in optional))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(
+                f"{len(mismatched)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model "
+                f"{tuple(own[k].shape)})"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CheckpointError(f"{what} does not match the expected architecture: {'; '.join(parts)}")
+    module.load_state_dict(state, strict=not optional)  # every non-optional key was checked above
+    return module

@@ -50,21 +50,6 @@ def detect_family(state: dict, what: str) -> str:
     return family
 
 
-def _load_strict(module: torch.nn.Module, state: dict, what: str) -> torch.nn.Module:
-    own = module.state_dict()
-    missing = sorted(k for k in set(own) - set(state) if not k.endswith("position_ids"))
-    unexpected = sorted(set(state) - set(own))
-    bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or bad:
-        detail = (f"missing {missing[:1]}" if missing else "") + (
-            f" unexpected {unexpected[:1]}" if unexpected else ""
-        )
-        detail += f" shape mismatch {bad[:1]}" if bad else ""
-        raise CheckpointError(f"{what} does not match the {what} config: {detail.strip()}")
-    module.load_state_dict({k: v for k, v in state.items()}, strict=False)
-    return module.eval().requires_grad_(False)
-
-
 def _tokenizer(folder, pad_token: str | None, max_length: int, what: str):
     from transformers import CLIPTokenizer
 
@@ -105,7 +90,7 @@ def load_single_file(
     )
 
     from controlnet.io.api import build_unet
-    from controlnet.io.safe_load import read_state_dict
+    from controlnet.io.safe_load import load_strict, read_state_dict
 
     path = Path(path)
     state = read_state_dict(path)
@@ -123,11 +108,14 @@ def load_single_file(
 
     # UNet and VAE: diffusers' LDM converters, built on the meta device and filled
     unet = build_unet(config["unet"], device="meta").to_empty(device="cpu")
-    unet = _load_strict(unet, convert_ldm_unet_checkpoint(state, config["unet"]), "UNet")
+    unet = load_strict(unet, convert_ldm_unet_checkpoint(state, config["unet"]), f"UNet in {path.name}")
+    unet = unet.eval().requires_grad_(False)
     vae_config = {k: v for k, v in config["vae"].items() if not k.startswith("_")}
     with torch.device("meta"):
         vae = diffusers.AutoencoderKL(**vae_config)
-    vae = _load_strict(vae.to_empty(device="cpu"), convert_ldm_vae_checkpoint(state, vae_config), "VAE")
+    vae = vae.to_empty(device="cpu")
+    vae = load_strict(vae, convert_ldm_vae_checkpoint(state, vae_config), f"VAE in {path.name}")
+    vae = vae.eval().requires_grad_(False)
 
     parts = {"unet": unet, "vae": vae}
     for enc in config["text_encoders"]:
@@ -151,7 +139,8 @@ def load_single_file(
         for name, buffer in model.named_buffers():  # position_ids is a buffer, not a weight: rebuild it
             if name.endswith("position_ids"):
                 buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
-        parts[enc["name"]] = _load_strict(model, weights, enc["name"])
+        model = load_strict(model, weights, f"{enc['name']} in {path.name}", optional=("position_ids",))
+        parts[enc["name"]] = model.eval().requires_grad_(False)
         folder = tokenizer if enc["name"] == "text_encoder" else (tokenizer_2 or tokenizer)
         parts[enc["name"].replace("text_encoder", "tokenizer")] = _tokenizer(
             folder, enc["pad_token"], enc["config"]["max_position_embeddings"], path.name
