@@ -81,9 +81,9 @@ def test_files_are_checked_before_the_base_is_read(saved, garbage_base, tmp_path
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + GARBAGE)
     assert main(generate(garbage_base, tmp_path, "--controlnet", net, "--cond", str(broken))) == 2
-    assert f"condition image {broken}: not a readable image" in one_error_line(capsys)
+    assert f"condition image {broken}: cannot read its header, the file is corrupt" in one_error_line(capsys)
     assert main(generate(garbage_base, tmp_path, "--controlnet", net, "--cond", cond, "--image", str(broken))) == 2
-    assert f"init image {broken}: not a readable image" in one_error_line(capsys)
+    assert f"--image {broken}: cannot read its header, the file is corrupt" in one_error_line(capsys)
     assert main(generate(garbage_base, tmp_path, "--controlnet", net, "--cond", cond, "--steps", "0")) == 2
     assert "steps=0" in one_error_line(capsys)
 

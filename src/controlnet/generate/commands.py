@@ -291,15 +291,11 @@ def check_before_loading(args) -> None:
 
 
 def _decoded(path, what: str):
-    """A condition/init image decoded now (before any model loads); unreadable files are one error line."""
+    """A condition/init image decoded now (before any model loads); io/images turns unreadable files into one
+    ImageError line."""
     from controlnet.generate.control_images import to_pil
 
-    try:
-        return to_pil(path, what)
-    except FileNotFoundError:
-        raise
-    except OSError as err:  # PIL's UnidentifiedImageError and truncated files
-        raise ValueError(f"{what} {path}: not a readable image ({str(err).splitlines()[0]})") from None
+    return to_pil(path, what)
 
 
 class StepBar:
