@@ -21,6 +21,7 @@ from controlnet.io import original_keys
 from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
+    FORMAT_DESCRIPTIONS,
     ORIGINAL_UNET_PREFIX,
     cast_state,
     detect_format,
@@ -119,7 +120,9 @@ def load_unet(
     elif fmt == "diffusers-unet":
         config = unet_config_for(state, config, path.name)
     else:
-        raise CheckpointError(f"{path}: holds a {fmt} checkpoint, not a UNet (`model.diffusion_model.*` keys)")
+        raise CheckpointError(
+            f"{path}: holds {FORMAT_DESCRIPTIONS[fmt]}, not a UNet (`model.diffusion_model.*` keys)"
+        )
     with torch.device("meta"):
         unet = build_unet(config, device="meta")
     unet = unet.to_empty(device="cpu")
@@ -230,7 +233,7 @@ def load_controlnet(
         downscale = hint_downscale_factor
     fmt = detect_format(state)
     if fmt not in ("original-controlnet", "original-combined", "diffusers-controlnet"):
-        raise CheckpointError(f"{path}: holds a {fmt} checkpoint, not a ControlNet")
+        raise CheckpointError(f"{path}: holds {FORMAT_DESCRIPTIONS[fmt]}, not a ControlNet")
 
     unet_config = dict(unet.config) if unet is not None else _read_config(config)
     if unet_config is None and folder_config is not None:

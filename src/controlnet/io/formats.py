@@ -48,6 +48,16 @@ class Inspection:
         }
 
 
+# What each format is, in words for messages ("holds an original SD checkpoint", not "holds a original-sd").
+FORMAT_DESCRIPTIONS = {
+    "original-controlnet": "an original-format ControlNet checkpoint",
+    "original-combined": "an original v1.0 ControlNet + SD checkpoint",
+    "original-sd": "an original SD (LDM) checkpoint",
+    "diffusers-controlnet": "a diffusers-format ControlNet",
+    "diffusers-unet": "a diffusers-format UNet",
+}
+
+
 def detect_format(state: dict) -> str:
     keys = list(state)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
