@@ -24,6 +24,12 @@ from controlnet.cli import main
 from controlnet.generate.base import MIN_WORD_TOKENS, check_tokenizer, load_base
 
 
+@pytest.fixture(scope="module")
+def sd_file(request):
+    """test_single_file.py's tiny SD1.x-layout checkpoint file (path, tokenizer folder, configs, ...)."""
+    return request.getfixturevalue("checkpoint")
+
+
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "controlnet.cli", *map(str, args)], capture_output=True, text=True, timeout=600
@@ -31,17 +37,17 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def base_config(checkpoint, tmp_path_factory):  # noqa: F811
+def base_config(sd_file, tmp_path_factory):
     """--base-config FILE for the tiny file: its family and the diffusers configs of its parts."""
     path = tmp_path_factory.mktemp("cfg") / "tiny_sd15.json"
-    path.write_text(json.dumps({"family": "sd15", **checkpoint["configs"]}))
+    path.write_text(json.dumps({"family": "sd15", **sd_file["configs"]}))
     return path
 
 
 @pytest.fixture(scope="module")
-def ema_file(checkpoint, tmp_path_factory):  # noqa: F811
+def ema_file(sd_file, tmp_path_factory):
     """The tiny file plus EMA twins of every UNet weight (`model_ema.<key without dots>`), as v1-5-pruned holds."""
-    state = load_file(str(checkpoint["path"]))
+    state = load_file(str(sd_file["path"]))
     torch.manual_seed(5)
     twins = {
         "model_ema." + "".join(k.split(".")[1:]): v + 0.05 * torch.randn_like(v)
@@ -85,7 +91,10 @@ def exported(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------------
 # tokenizers
 def test_wrong_tokenizer_folders_are_refused_before_any_weights_are_read(
-    checkpoint, base_config, tmp_path, capsys  # noqa: F811
+    sd_file,
+    base_config,
+    tmp_path,
+    capsys,
 ):
     """The model root instead of its tokenizer/, or an empty folder: one line naming --tokenizer, in < 2 s.
 
@@ -97,12 +106,12 @@ def test_wrong_tokenizer_folders_are_refused_before_any_weights_are_read(
     (root / "model_index.json").write_text("{}")
     (tmp_path / "empty").mkdir()
     # a file whose weights cannot be read (truncated after its header): the tokenizer error proves nothing was read
-    data = checkpoint["path"].read_bytes()
+    data = sd_file["path"].read_bytes()
     header = 8 + int.from_bytes(data[:8], "little")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[: header + 16])
     for folder, expected in ((root, "tokenizer/ subfolder"), (tmp_path / "empty", "holds no tokenizer")):
-        for base in (checkpoint["path"], truncated):
+        for base in (sd_file["path"], truncated):
             started = time.perf_counter()
             rc = main(["generate", "a cat", "--base", str(base), "--base-config", str(base_config), "--tokenizer",
                        str(folder), "--out", str(tmp_path / "o")])  # fmt: skip
@@ -134,19 +143,19 @@ def test_a_tokenizer_that_cannot_encode_a_sentence_is_refused(tmp_path):
     assert check_tokenizer(good, "clip") is good
 
 
-def test_missing_tokenizer_names_the_flag_of_each_command(checkpoint, tmp_path, capsys):  # noqa: F811
-    rc = main(["generate", "a cat", "--base", str(checkpoint["path"]), "--out", str(tmp_path)])
+def test_missing_tokenizer_names_the_flag_of_each_command(sd_file, tmp_path, capsys):
+    rc = main(["generate", "a cat", "--base", str(sd_file["path"]), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     # the tiny file's family is not recognisable; the family error comes first and names our flag
     assert rc == 2 and len(err) == 1 and "--base-config FILE" in err[0] and "configs=" not in err[0]
-    rc = main(["generate", "a cat", "--base", str(checkpoint["path"]), "--base-config", str(tmp_path / "no.json")])
+    rc = main(["generate", "a cat", "--base", str(sd_file["path"]), "--base-config", str(tmp_path / "no.json")])
     assert rc == 2 and "--base-config" in capsys.readouterr().err
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"family": "sd15", **checkpoint["configs"]}))
-    rc = main(["generate", "a cat", "--base", str(checkpoint["path"]), "--base-config", str(cfg)])
+    cfg.write_text(json.dumps({"family": "sd15", **sd_file["configs"]}))
+    rc = main(["generate", "a cat", "--base", str(sd_file["path"]), "--base-config", str(cfg)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pass --tokenizer DIR" in err[0] and "tokenizer=" not in err[0]
-    rc = main(["train", "--model.base", str(checkpoint["path"]), "--model.base_config", str(cfg),
+    rc = main(["train", "--model.base", str(sd_file["path"]), "--model.base_config", str(cfg),
                "--train.output_dir", str(tmp_path / "run")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "pass --model.tokenizer DIR" in err[-1], err
@@ -166,10 +175,14 @@ def test_base_not_found_names_every_kind(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoint files: EMA weights, training
 def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
-    checkpoint, ema_file, base_config, tmp_path, caplog  # noqa: F811
+    sd_file,
+    ema_file,
+    base_config,
+    tmp_path,
+    caplog,
 ):
     path, twins = ema_file
-    options = dict(tokenizer=checkpoint["tokenizer"], configs=str(base_config))
+    options = dict(tokenizer=sd_file["tokenizer"], configs=str(base_config))
     with caplog.at_level(logging.INFO):
         ema = load_base(path, **options)  # default: the EMA weights, as diffusers' advice says for sampling
     raw = load_base(path, ema=False, **options)
@@ -180,9 +193,9 @@ def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
     assert torch.equal(ema.unet.state_dict()[key], twins["model_ema.diffusion_modelinput_blocks00weight"])
     assert not torch.equal(raw.unet.state_dict()[key], ema.unet.state_dict()[key])
     with pytest.raises(ValueError, match="holds no EMA UNet weights"):
-        load_base(checkpoint["path"], ema=True, **options)
+        load_base(sd_file["path"], ema=True, **options)
 
-    args = ["generate", "a red cat", "--base", path, "--tokenizer", checkpoint["tokenizer"], "--base-config",
+    args = ["generate", "a red cat", "--base", path, "--tokenizer", sd_file["tokenizer"], "--base-config",
             base_config, "--steps", "1", "--no-grid", "--width", "64", "--height", "64"]  # fmt: skip
     a = _cli(*args, "--out", tmp_path / "ema")
     b = _cli(*args, "--out", tmp_path / "raw", "--no-ema")
@@ -193,13 +206,13 @@ def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
     assert np.abs(img(tmp_path / "ema") - img(tmp_path / "raw")).max() > 0
 
 
-def test_train_starts_from_a_checkpoint_file(checkpoint, base_config, tmp_path):  # noqa: F811
+def test_train_starts_from_a_checkpoint_file(sd_file, base_config, tmp_path):
     """Acceptance: `controlnet train --model.base FILE --model.tokenizer DIR` trains and exports."""
     from controlnet.world.dataset import write_dataset
 
     data = write_dataset("fill", 6, 64, tmp_path / "data", seed=0, workers=1)
     run = tmp_path / "run"
-    result = _cli("train", "--model.base", checkpoint["path"], "--model.tokenizer", checkpoint["tokenizer"],
+    result = _cli("train", "--model.base", sd_file["path"], "--model.tokenizer", sd_file["tokenizer"],
                   "--model.base_config", base_config, "--data.path", data, "--data.resolution", 64,
                   "--train.output_dir", run, "--train.max_steps", 2, "--train.batch_size", 2,
                   "--model.hint_channels", "4,8,8,16", "--checkpoint.every", 0, "--train.log_every", 1)  # fmt: skip
@@ -208,7 +221,7 @@ def test_train_starts_from_a_checkpoint_file(checkpoint, base_config, tmp_path):
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps == [1, 2]
     assert (run / "final" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert json.loads((run / "config.json").read_text())["model"]["tokenizer"] == str(checkpoint["tokenizer"])
+    assert json.loads((run / "config.json").read_text())["model"]["tokenizer"] == str(sd_file["tokenizer"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,14 +234,16 @@ def test_generate_and_evaluate_take_an_exported_folder(exported, tmp_path):
     result = _cli("generate", "red circle with blue background", "--base", exported / "base", "--controlnet",
                   exported / "cn", "--cond", cond, "--out", out, "--name", "x")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    settings = json.loads((out / "x.json").read_text())
+    settings = json.loads((out / "x.json").read_text())["settings"]
     assert settings["guidance_scale"] == 4.0 and settings["steps"] == 20 and settings["width"] == 64
     assert "guidance 4 (the defaults of base" in result.stderr
     result = _cli("generate", "red circle", "--base", exported / "base", "--out", out, "--name", "y", "--cfg", 2,
                   "--steps", 1)  # fmt: skip
-    assert result.returncode == 0 and json.loads((out / "y.json").read_text())["guidance_scale"] == 2.0
+    assert result.returncode == 0 and json.loads((out / "y.json").read_text())["settings"]["guidance_scale"] == 2.0
     report = tmp_path / "report.json"
-    result = _cli("evaluate", exported / "cn", "--base", exported / "base", "--n", 2, "--steps", 1, "--json", report)
+    result = _cli(
+        "evaluate", exported / "cn", "--base", exported / "base", "--n", 2, "--steps", 1, "--json", report
+    )
     assert result.returncode == 0, result.stderr
     rows = {r["metric"]: r for r in json.loads(report.read_text())["rows"]}
     assert rows["disk IoU"]["model"] == rows["disk IoU"]["floor"]  # a fresh ControlNet changes nothing

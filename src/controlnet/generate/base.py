@@ -213,9 +213,11 @@ def load_tokenizer(folder: str | os.PathLike, flag: str = KEYWORDS["tokenizer"],
     if not folder.is_dir():
         raise FileNotFoundError(f"{flag} {folder}: tokenizer folder not found")
     if not tokenizer_files(folder):
-        hint = f" (a model folder? pass its tokenizer/ subfolder: {folder / 'tokenizer'})" if (
-            folder / "tokenizer"
-        ).is_dir() else ""
+        hint = (
+            f" (a model folder? pass its tokenizer/ subfolder: {folder / 'tokenizer'})"
+            if (folder / "tokenizer").is_dir()
+            else ""
+        )
         raise ValueError(
             f"{flag} {folder}: holds no tokenizer (expected vocab.json + merges.txt, or tokenizer.json){hint}"
         )
@@ -292,9 +294,9 @@ def _folder_index(kind: str, path: Path) -> dict:
     """{component: (library, class)} of a model folder: its model_index.json, or the exported layout's classes."""
     if kind == "diffusers":
         index = json.loads((path / MODEL_INDEX).read_text())
-        return {
-            n: tuple(index[n]) for n in COMPONENTS if index.get(n) and None not in tuple(index[n])[:2]
-        } | {"_force_zeros": index.get("force_zeros_for_empty_prompt", True)}
+        return {n: tuple(index[n]) for n in COMPONENTS if index.get(n) and None not in tuple(index[n])[:2]} | {
+            "_force_zeros": index.get("force_zeros_for_empty_prompt", True)
+        }
     index = {n: cls for n, cls in EXPORTED_CLASSES.items() if (path / n).is_dir()}
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     if scheduler_file.is_file():
@@ -337,8 +339,10 @@ def load_base(
     io/single_file.py). `progress(name, k, n)` is called as each component starts loading.
     """
     flags = {**KEYWORDS, **(flags or {})}
-    source = spec if isinstance(spec, BaseSource) else check_base(
-        spec, tokenizer, tokenizer_2, prediction_type, configs, family, flags
+    source = (
+        spec
+        if isinstance(spec, BaseSource)
+        else check_base(spec, tokenizer, tokenizer_2, prediction_type, configs, family, flags)
     )
     total = len(source.components)
 

@@ -175,7 +175,9 @@ def add_base_arguments(group, dtype: bool = True) -> None:
         "(default, usually better) or, with --no-ema, the raw one",
     )  # fmt: skip
     if dtype:
-        group.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)")
+        group.add_argument(
+            "--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)"
+        )
 
 
 def base_options(args) -> dict:

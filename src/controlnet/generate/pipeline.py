@@ -130,8 +130,10 @@ class ControlNetPipeline:
         from controlnet.generate.base import BaseSource, check_base, load_base
 
         known = ("tokenizer", "tokenizer_2", "prediction_type", "configs", "family", "flags")
-        source = base if isinstance(base, BaseSource) else check_base(
-            base, **{k: v for k, v in base_options.items() if k in known}
+        source = (
+            base
+            if isinstance(base, BaseSource)
+            else check_base(base, **{k: v for k, v in base_options.items() if k in known})
         )
         for entry in controlnets:
             if not isinstance(entry, ControlNet) and not Path(entry).exists():

@@ -49,8 +49,8 @@ def detect_family(state: dict, what: str, flag: str = "configs") -> str:
     if family is None:
         raise ValueError(
             f"{what}: cannot tell the base family (cross-attention width {sorted(widths) or 'unknown'}; SD1.x 768, "
-            f"SD2.x 1024, SDXL 2048); for other models pass {flag} FILE (a JSON file with \"family\" and the "
-            "diffusers configs of \"unet\", \"vae\", \"text_encoder\")"
+            f'SD2.x 1024, SDXL 2048); for other models pass {flag} FILE (a JSON file with "family" and the '
+            'diffusers configs of "unet", "vae", "text_encoder")'
         )
     return family
 
@@ -88,10 +88,14 @@ def _header(path: Path) -> dict | None:
 def _family(state: dict, path: Path, family: str | None, overrides: dict, flags: dict) -> str:
     if not any(k.startswith(UNET_PREFIX) for k in state):
         raise CheckpointError(f"{path}: no UNet weights ({UNET_PREFIX}*); not an SD single-file checkpoint")
-    return family or overrides.get("family") or detect_family(state, path.name, flags.get("base_config", "configs"))
+    return (
+        family or overrides.get("family") or detect_family(state, path.name, flags.get("base_config", "configs"))
+    )
 
 
-def check_single_file(path: Path, tokenizer, tokenizer_2, configs, flags: dict, family: str | None = None) -> list[str]:
+def check_single_file(
+    path: Path, tokenizer, tokenizer_2, configs, flags: dict, family: str | None = None
+) -> list[str]:
     """Check a checkpoint file and its options before reading its weights; returns the components to load.
 
     A .safetensors header tells the family and whether it holds a UNet; the tokenizer folder(s) are loaded and
