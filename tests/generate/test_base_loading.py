@@ -169,7 +169,7 @@ def test_base_not_found_names_every_kind(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
     rc = main(["evaluate", str(tmp_path), "--base", str(tmp_path / "folder")])
     err = capsys.readouterr().err
-    assert rc == 2 and "not a base model folder" in err and "model_index.json" in err
+    assert rc == 2 and "not a diffusers model folder" in err and "export-base" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,12 +21,12 @@ import torch
 
 from controlnet.builtin.config import BaseModelConfig
 from controlnet.builtin.text import encode_prompts
-from controlnet.generate.base import SamplingDefaults, denormalize_latents, normalize_latents
+from controlnet.generate.base import EXPORTED_CONFIG, SamplingDefaults, denormalize_latents, normalize_latents
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "weights"
-BASE_CONFIG_NAME = "base_config.json"  # the BaseModelConfig the folder was built from
+BASE_CONFIG_NAME = EXPORTED_CONFIG  # the BaseModelConfig the folder was built from; marks the layout
 NUM_TRAIN_TIMESTEPS = 1000
 # DDPM's linear schedule (Ho et al. 2020). Its last step keeps sqrt(alpha_bar_T) ~ 0.006 of the signal, so a
 # 16x16 latent's mean colour does not leak through "pure" noise (SD's scaled_linear keeps 0.068, enough at this

@@ -189,8 +189,8 @@ def base_kind(spec: str | os.PathLike, flag: str = KEYWORDS["base"]) -> tuple[st
     if (path / EXPORTED_CONFIG).is_file():
         return "exported", path
     raise FileNotFoundError(
-        f"{flag} {path}: not a base model folder (no {MODEL_INDEX} of a diffusers folder, no {EXPORTED_CONFIG} of "
-        "a `controlnet world export-base` folder)"
+        f"{flag} {path}: not a diffusers model folder (no {MODEL_INDEX}) nor one written by `controlnet world "
+        f"export-base` (no {EXPORTED_CONFIG})"
     )
 
 
