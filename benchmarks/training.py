@@ -115,13 +115,13 @@ class PeakTensorMemory:
 
 
 def build_base(size: str):
-    """Random-weight base components for `size` (BaseParts)."""
+    """Random-weight base components for `size` (BaseComponents)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from controlnet.builtin.text import TextEncoderConfig, build_text_encoder, build_tokenizer
-    from controlnet.train.batches import BaseParts
+    from controlnet.generate.base import BaseComponents
     from controlnet.world.fill import FILL_VOCABULARY
 
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def build_base(size: str):
                               beta_end=0.012)  # fmt: skip
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
-    return BaseParts(unet, vae, text_encoder, tokenizer, scheduler)
+    return BaseComponents(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 def saved_for_backward_mb(forward, params) -> float:

@@ -62,9 +62,11 @@ def builtin_folder(tmp_path_factory):
 def test_builtin_matches_the_worlds_own_sampler(builtin_folder, monkeypatch):
     """from_pretrained("builtin") (latent factor 4, word-level tokenizer) = world.base.sample, and takes a ControlNet."""
     from controlnet.builtin import base as builtin_base
+    from controlnet.generate import base as base_loader
     from controlnet.model.controlnet import ControlNet
 
     monkeypatch.setattr(builtin_base, "BUILTIN_DIR", builtin_folder)
+    monkeypatch.setattr(base_loader, "builtin_folder", lambda: builtin_folder)  # where "builtin" is looked up
     pipe = ControlNetPipeline.from_pretrained("builtin")
     assert pipe.base_name == "builtin" and pipe.vae_scale_factor == 4
     ours = pipe("red circle with blue background", [], steps=2, seed=2, guidance_scale=4.0).images[0]

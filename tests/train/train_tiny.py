@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from controlnet.train.batches import BaseParts
+from controlnet.generate.base import BaseComponents
 from controlnet.world.fill import FILL_VOCABULARY
 
 TINY_SIZE = 16  # px: the smallest fill-task image
@@ -25,7 +25,7 @@ TINY_UNET = dict(
 )
 
 
-def make_tiny_base(seed: int = 0, latent: bool = False) -> BaseParts:
+def make_tiny_base(seed: int = 0, latent: bool = False) -> BaseComponents:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -55,7 +55,7 @@ def make_tiny_base(seed: int = 0, latent: bool = False) -> BaseParts:
     for m in (unet, text_encoder, vae):
         if m is not None:
             m.eval().requires_grad_(False)
-    return BaseParts(unet, vae, text_encoder, tokenizer, scheduler)
+    return BaseComponents(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 def save_tiny_base(folder: Path, seed: int = 0) -> Path:
@@ -84,7 +84,7 @@ def make_fill_dataset(folder: Path, n: int = 24, size: int = TINY_SIZE, seed: in
     return write_dataset("fill", n, size, folder, seed=seed, workers=1)
 
 
-def make_tiny_sdxl_base(seed: int = 0) -> BaseParts:
+def make_tiny_sdxl_base(seed: int = 0) -> BaseComponents:
     """A tiny pixel-space SDXL-style base: text_time micro-conditioning, two text encoders (the second pooled)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -110,4 +110,4 @@ def make_tiny_sdxl_base(seed: int = 0) -> BaseParts:
         encoders.append(cls(config).eval().requires_grad_(False))
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     unet.eval().requires_grad_(False)
-    return BaseParts(unet, None, encoders[0], tokenizers[0], scheduler, encoders[1], tokenizers[1])
+    return BaseComponents(unet, None, encoders[0], tokenizers[0], scheduler, encoders[1], tokenizers[1])

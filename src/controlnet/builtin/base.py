@@ -21,12 +21,13 @@ import torch
 
 from controlnet.builtin.config import BaseModelConfig
 from controlnet.builtin.text import encode_prompts
-from controlnet.model.cfg import apply_cfg
+from controlnet.generate.base import EXPORTED_CONFIG, SamplingDefaults, denormalize_latents, normalize_latents
+from controlnet.generate.guidance import apply_cfg
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "weights"
-BASE_CONFIG_NAME = "base_config.json"  # the BaseModelConfig the folder was built from
+BASE_CONFIG_NAME = EXPORTED_CONFIG  # the BaseModelConfig the folder was built from; marks the layout
 NUM_TRAIN_TIMESTEPS = 1000
 # DDPM's linear schedule (Ho et al. 2020). Its last step keeps sqrt(alpha_bar_T) ~ 0.006 of the signal, so a
 # 16x16 latent's mean colour does not leak through "pure" noise (SD's scaled_linear keeps 0.068, enough at this
@@ -131,20 +132,19 @@ class BuiltinBase:
         """Scaled latents (B, C, h, w) of images (B, 3, H, W) in [-1, 1] (the VAE's mean, no sampling)."""
         if self.vae is None:
             return images
-        latents = self.vae.encode(images).latent_dist.mode()
-        return latents * self.vae.config.scaling_factor
+        return normalize_latents(self.vae, self.vae.encode(images).latent_dist.mode())
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from scaled latents (B, C, h, w)."""
         if self.vae is None:
             return latents.clamp(-1, 1)
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.clamp(-1, 1)
+        return self.vae.decode(denormalize_latents(self.vae, latents)).sample.clamp(-1, 1)
 
 
 def save_builtin_base(
     parts: dict, config: BaseModelConfig, folder: str | Path, weights_dtype: torch.dtype = SHIPPED_WEIGHTS_DTYPE
 ) -> None:
-    """Write unet/, vae/, text_encoder/, tokenizer/, scheduler/ and base_config.json into `folder`.
+    """Write unet/, vae/, text_encoder/, tokenizer/, scheduler/, sampling.json and base_config.json into `folder`.
 
     Weights are stored as `weights_dtype` (float16 halves the package; loading casts back to the asked dtype).
     """
@@ -159,32 +159,27 @@ def save_builtin_base(
     from diffusers import DPMSolverMultistepScheduler
 
     DPMSolverMultistepScheduler(**scheduler_config()).save_pretrained(folder / "scheduler")
+    # the sampling the model card measured travels with the weights (generate's defaults for this base)
+    SamplingDefaults(guidance_scale=DEFAULT_GUIDANCE_SCALE, steps=DEFAULT_SAMPLE_STEPS).write(folder)
     (folder / BASE_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
 
 
 def load_builtin_base(
     path: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> BuiltinBase:
-    """Load the shipped base model (or one saved by `save_builtin_base` at `path`), offline, in eval mode."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    """Load the shipped base model (or one saved by `save_builtin_base` at `path`), offline, in eval mode.
 
-    from controlnet.builtin.text import load_tokenizer
+    Through the one base loader (generate/base.py load_base), so this object and the pipeline's share one code path.
+    """
+    from controlnet.generate.base import builtin_folder, load_base
 
-    folder = Path(path) if path is not None else BUILTIN_DIR
+    folder = Path(path) if path is not None else builtin_folder()
     config_file = folder / BASE_CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"built-in base folder {folder}: no {BASE_CONFIG_NAME}")
     config = BaseModelConfig(**json.loads(config_file.read_text()))
-    common = dict(local_files_only=True, torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", **common)
-    vae = None if config.pixel_space else AutoencoderKL.from_pretrained(folder / "vae", **common)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=dtype)
-    tokenizer = load_tokenizer(folder / "tokenizer")
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
-    for module in (m for m in (unet, vae, text_encoder) if m is not None):
-        module.to(device).eval().requires_grad_(False)
-    return BuiltinBase(unet, text_encoder, tokenizer, scheduler, vae, config.image_size, config)
+    b = load_base("builtin" if path is None else folder, device=device, dtype=dtype)
+    return BuiltinBase(b.unet, b.text_encoder, b.tokenizer, b.scheduler, b.vae, config.image_size, config)
 
 
 def latents_to_uint8(images: torch.Tensor) -> list[np.ndarray]:

@@ -11,6 +11,8 @@ import copy
 import json
 from pathlib import Path
 
+from controlnet.generate.commands import add_base_arguments
+
 DEFAULT_HELDOUT = 50
 
 
@@ -25,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("controlnet", type=Path, help="the ControlNet to score (original or diffusers format)")
     p.add_argument("--task", default="fill", help="world task the ControlNet was trained on (default: fill)")
-    p.add_argument("--base", default="builtin", help="base model: 'builtin' (default) or a diffusers folder")
+    add_base_arguments(p.add_argument_group("base model (as `controlnet generate`)"))
     p.add_argument("--n", type=int, default=DEFAULT_HELDOUT, help=f"held-out samples (default: {DEFAULT_HELDOUT})")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default: 3.0)")
@@ -35,14 +37,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
     from controlnet.evaluate.heldout import evaluate_generator, generate_images, heldout_set
+    from controlnet.generate.commands import DTYPES, base_options, loading_bar
     from controlnet.generate.pipeline import ControlNetPipeline
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if not args.controlnet.exists():
         raise FileNotFoundError(f"ControlNet not found: {args.controlnet}")
-    pipe = ControlNetPipeline.from_pretrained(args.base, controlnets=[args.controlnet])
+    from controlnet.generate.base import check_base
+
+    source = check_base(args.base, **base_options(args))
+    pipe = ControlNetPipeline.from_pretrained(source, controlnets=[args.controlnet],
+                                              dtype=getattr(torch, DTYPES[args.dtype]), ema=args.ema,
+                                              progress=loading_bar(), **base_options(args))  # fmt: skip
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the base's native resolution
     heldout = heldout_set(args.task, args.n, size=size)
     settings = {"steps": args.steps, "guidance_scale": args.cfg, "seed": args.seed}

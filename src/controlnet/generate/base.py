@@ -1,96 +1,388 @@
-"""Build a `ControlNetPipeline` from what users have on disk: the built-in model, a diffusers folder, ControlNets.
+"""The one base loader: "builtin", a diffusers folder, an exported folder or one SD checkpoint file -> `BaseComponents`.
 
+Generation, training, the demo and evaluation all load their locked base here, so they see the same modules, the
+same tokenizer checks, the same latent space and the same sampling defaults. Four kinds of base (`base_kind`):
+- "builtin": the shipped tiny model (the `weights/` folder of `controlnet.builtin`, found as package data);
+- a diffusers model folder (`model_index.json` names each component's class);
+- an exported folder (`controlnet world export-base`: unet/, vae/, text_encoder/, tokenizer/, scheduler/ and
+  base_config.json, no model_index.json; the classes are the built-in model's, see EXPORTED_CLASSES);
+- one SD1.x/SD2.x/SDXL checkpoint file (read by `controlnet.io.single_file`; it holds no tokenizer).
+
+Arguments and files are checked first (`check_base`: cheap, no weights read), then the weights are loaded.
 Nothing is downloaded (DESIGN decision 4): every `from_pretrained` call passes `local_files_only=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from controlnet.model.controlnet import ControlNet
+from controlnet.io.tokenizers import load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
-MODEL_INDEX = "model_index.json"
-# Components a diffusers text-to-image folder may hold, in the pipeline constructor's terms.
+MODEL_INDEX = "model_index.json"  # a diffusers model folder
+EXPORTED_CONFIG = "base_config.json"  # a folder written by `controlnet world export-base` (builtin.base)
+SAMPLING_FILE = "sampling.json"  # the base's own sampling defaults (SamplingDefaults), optional
+# Components a text-to-image base may hold, in the pipeline constructor's terms.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+# Classes of an exported folder's components (builtin/base.py save_builtin_base; the scheduler's class is read from
+# its scheduler_config.json).
+EXPORTED_CLASSES = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
+}
+# How the options are called where they come from, for error messages (library keywords by default; the CLI
+# passes its flags, e.g. {"tokenizer": "--tokenizer"} or {"tokenizer": "--model.tokenizer"}).
+KEYWORDS = {
+    "base": "base",
+    "tokenizer": "tokenizer",
+    "tokenizer_2": "tokenizer_2",
+    "base_config": "configs",
+    "ema": "ema=True",
+    "no_ema": "ema=False",
+}
 
 
-def load_pipeline(
-    cls,
-    base: str | os.PathLike,
-    controlnets: Sequence = (),
+@dataclass
+class SamplingDefaults:
+    """How a base samples when the user sets nothing: travels with the base (SAMPLING_FILE in its folder)."""
+
+    guidance_scale: float = 7.5
+    """classifier-free guidance scale (7.5: diffusers' and the web UI's default for SD)"""
+    steps: int = 20
+    """sampler steps"""
+    scheduler: str | None = None
+    """sampler name (generate/samplers.py); None = the base's own scheduler"""
+
+    @classmethod
+    def read(cls, folder: Path | None) -> SamplingDefaults:
+        file = None if folder is None else folder / SAMPLING_FILE
+        if file is None or not file.is_file():
+            return cls()
+        values = json.loads(file.read_text())
+        known = {k: v for k, v in values.items() if k in {"guidance_scale", "steps", "scheduler"}}
+        return cls(**known)
+
+    def write(self, folder: Path) -> None:
+        (Path(folder) / SAMPLING_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+@dataclass
+class BaseComponents:
+    """A locked text-to-image base: diffusers/transformers modules plus what travels with them.
+
+    `vae` is None for a pixel-space base (images in [-1, 1] are the UNet's samples). SDXL adds `text_encoder_2`
+    (with projection: the pooled embedding) and `tokenizer_2`.
+    """
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
+    force_zeros_for_empty_prompt: bool = True  # SDXL: the unconditional branch is zeros when no negative prompt
+    name: str = "custom"
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL-style UNet: micro-conditioning (pooled text + size/crop ids) through a text_time embedding."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (8 for SD's VAE, 1 in pixel space)."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The side in pixels the base was trained at (UNet sample size x VAE factor)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    def text_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, *self.text_modules()) if m is not None]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# latent space: one definition for training (encode) and generation (encode for img2img, decode)
+def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (B, C, h, w) -> the UNet's latent space: (z - latents_mean) * scaling_factor / latents_std.
+
+    SD1.x/2.x/SDXL VAEs set only scaling_factor; some (e.g. SD3-style configs) also set per-channel
+    latents_mean/latents_std. `vae` None (pixel space): unchanged.
+    """
+    if vae is None:
+        return latents
+    mean, std = _latent_stats(vae, latents)
+    return (latents - mean) * vae.config.scaling_factor / std
+
+
+def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `normalize_latents`: the UNet's latents (B, C, h, w) -> what `vae.decode` takes."""
+    if vae is None:
+        return latents
+    mean, std = _latent_stats(vae, latents)
+    return latents * std / vae.config.scaling_factor + mean
+
+
+def _latent_stats(vae, latents: torch.Tensor):
+    cfg = vae.config
+    if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
+        shape = (1, -1, 1, 1)  # per channel
+        mean = torch.tensor(cfg.latents_mean).view(shape).to(latents.device, latents.dtype)
+        return mean, torch.tensor(cfg.latents_std).view(shape).to(latents.device, latents.dtype)
+    return 0.0, 1.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# what the base is, checked before any weights are read
+def builtin_folder() -> Path:
+    """The shipped built-in base's folder (package data of `controlnet.builtin`).
+
+    Found through importlib.resources rather than `from controlnet.builtin import ...`: builtin/ imports this
+    package (its sampler and loader are ours), so a static import back would make a cycle; resources also finds
+    the folder in zipped or relocated installations.
+    """
+    from importlib.resources import files
+
+    return Path(str(files("controlnet.builtin") / "weights"))
+
+
+def base_kind(spec: str | os.PathLike, flag: str = KEYWORDS["base"]) -> tuple[str, Path]:
+    """("builtin" | "diffusers" | "exported" | "file", path) of a base spec; the one place that tells them apart."""
+    if str(spec) == BUILTIN:
+        folder = builtin_folder()
+        if not (folder / EXPORTED_CONFIG).is_file():
+            raise ValueError(f"{flag} builtin: the built-in base model is not shipped in this installation")
+        return BUILTIN, folder
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"base model not found: {path} (expected 'builtin', a diffusers model folder, a folder written by "
+            "`controlnet world export-base`, or one SD checkpoint file: .safetensors/.ckpt)"
+        )
+    if path.is_file():
+        return "file", path
+    if (path / MODEL_INDEX).is_file():
+        return "diffusers", path
+    if (path / EXPORTED_CONFIG).is_file():
+        return "exported", path
+    raise FileNotFoundError(
+        f"{flag} {path}: not a diffusers model folder (no {MODEL_INDEX}) nor one written by `controlnet world "
+        f"export-base` (no {EXPORTED_CONFIG})"
+    )
+
+
+def sampling_defaults(spec: str | os.PathLike) -> SamplingDefaults:
+    """The base's sampling defaults, read without loading it (diffusers folders and files: the generic ones)."""
+    kind, path = base_kind(spec)
+    return SamplingDefaults.read(path if kind in (BUILTIN, "exported") else None)
+
+
+
+
+@dataclass
+class BaseSource:
+    """A checked base spec: what `check_base` found (no weights read yet)."""
+
+    kind: str
+    path: Path
+    name: str
+    tokenizer: str | None = None  # checked override folders
+    tokenizer_2: str | None = None
+    components: list[str] = field(default_factory=list)  # what loading will go through, for progress
+
+
+def check_base(
+    spec: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    tokenizer_2: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+    configs: dict | str | os.PathLike | None = None,
+    family: str | None = None,
+    flags: dict | None = None,
+) -> BaseSource:
+    """Check the base spec and its options (files, tokenizers, checkpoint headers), reading no weights.
+
+    Cheap (well under a second plus the tokenizer's own load) so that commands refuse bad arguments before
+    spending minutes and gigabytes on a load. `flags` names the options in messages (see KEYWORDS).
+    """
+    flags = {**KEYWORDS, **(flags or {})}
+    if prediction_type not in (None, "", "epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type={prediction_type!r}: expected epsilon or v_prediction")
+    kind, path = base_kind(spec, flags["base"])
+    tokenizer = str(tokenizer) if tokenizer else None
+    tokenizer_2 = str(tokenizer_2) if tokenizer_2 else None
+    if kind == "file":
+        from controlnet.io.single_file import check_single_file
+
+        components = check_single_file(path, tokenizer, tokenizer_2, configs, flags, family)
+    else:
+        if configs:
+            raise ValueError(f"{flags['base_config']}: only for a checkpoint file; {path} is a model folder")
+        for folder, key in ((tokenizer, "tokenizer"), (tokenizer_2, "tokenizer_2")):
+            if folder is not None:
+                load_tokenizer(folder, flags[key])
+        components = _folder_components(kind, path)
+    return BaseSource(kind, path, BUILTIN if kind == BUILTIN else str(path), tokenizer, tokenizer_2, components)
+
+
+def _folder_index(kind: str, path: Path) -> dict:
+    """{component: (library, class)} of a model folder: its model_index.json, or the exported layout's classes."""
+    if kind == "diffusers":
+        index = json.loads((path / MODEL_INDEX).read_text())
+        return {n: tuple(index[n]) for n in COMPONENTS if index.get(n) and None not in tuple(index[n])[:2]} | {
+            "_force_zeros": index.get("force_zeros_for_empty_prompt", True)
+        }
+    index = {n: cls for n, cls in EXPORTED_CLASSES.items() if (path / n).is_dir()}
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    if scheduler_file.is_file():
+        index["scheduler"] = ("diffusers", json.loads(scheduler_file.read_text())["_class_name"])
+    return index
+
+
+def _folder_components(kind: str, path: Path) -> list[str]:
+    index = _folder_index(kind, path)
+    missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if n not in index]
+    if missing:
+        raise ValueError(f"{path}: the model folder lacks {', '.join(missing)}")
+    return [n for n in COMPONENTS if n in index]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loading
+Progress = Callable[[str, int, int], None]  # (component just started, index, total)
+
+
+def load_base(
+    spec: str | os.PathLike | BaseSource,
+    tokenizer: str | os.PathLike | None = None,
+    tokenizer_2: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+    ema: bool | None = None,
+    configs: dict | str | os.PathLike | None = None,
+    family: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    **single_file_options,
-):
-    """`cls(...)` from `base` ("builtin", a diffusers folder or one original SD checkpoint file) plus ControlNets.
+    progress: Progress | None = None,
+    flags: dict | None = None,
+) -> BaseComponents:
+    """The base named by `spec`, offline, every module in eval mode with no gradients, on `device` in `dtype`.
 
-    ControlNets are objects or paths. `single_file_options` go to `single_file.load_single_file` (tokenizer=,
-    tokenizer_2=, family=, configs=, prediction_type=).
+    tokenizer / tokenizer_2: tokenizer folders (required for a checkpoint file, which holds none; for a folder
+    they replace its own). prediction_type: epsilon or v_prediction (default: the base's; for a checkpoint file
+    epsilon). ema: a checkpoint file holding EMA weights (`model_ema.*`) loads them when True or None, the
+    non-EMA ones when False. configs / family: a checkpoint file of a non-standard architecture (see
+    io/single_file.py). `progress(name, k, n)` is called as each component starts loading.
     """
-    if str(base) == BUILTIN:
-        pipe = _builtin(cls, device, dtype)
-    else:
-        path = Path(base)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"base model not found: {path} (expected 'builtin' or a diffusers model folder)"
-            )
-        if path.is_dir():
-            pipe = _diffusers_folder(cls, path)
+    flags = {**KEYWORDS, **(flags or {})}
+    source = (
+        spec
+        if isinstance(spec, BaseSource)
+        else check_base(spec, tokenizer, tokenizer_2, prediction_type, configs, family, flags)
+    )
+    total = len(source.components)
+
+    def step(name: str) -> None:
+        logger.info("loading the base's %s from %s", name, source.path)
+        if progress is not None:
+            progress(name, source.components.index(name) if name in source.components else 0, total)
+
+    with quiet_libraries():
+        if source.kind == "file":
+            from controlnet.io.single_file import read_single_file
+
+            parts = read_single_file(source.path, source.tokenizer, source.tokenizer_2, family, configs, ema,
+                                     on_component=step, flags=flags)  # fmt: skip
+            base = BaseComponents(**parts, name=source.name)
         else:
-            from controlnet.io.single_file import load_single_file
-
-            pipe = load_single_file(cls, path, **single_file_options)
-        pipe.base_name = str(path)
-    pipe.controlnets = [_controlnet(c, pipe.unet) for c in controlnets]
-    for module in pipe._modules():
+            base = _load_folder(source, dtype, step)
+            for key in ("tokenizer", "tokenizer_2"):
+                folder = getattr(source, key)
+                if folder is not None:
+                    setattr(base, key, load_tokenizer(folder, flags[key]))
+    if prediction_type:
+        scheduler = base.scheduler
+        base.scheduler = type(scheduler).from_config({**scheduler.config, "prediction_type": prediction_type})
+    for module in base.modules():
+        target = torch.float32 if (module is base.vae and dtype == torch.float16) else dtype
+        module.to(device)
+        if target is not None and next(module.parameters()).dtype != target:
+            module.to(target)
         module.eval().requires_grad_(False)
-    return pipe.to(device, dtype)
+    if progress is not None:
+        progress("done", total, total)
+    return base
 
 
-def _builtin(cls, device, dtype):
-    try:
-        from controlnet.builtin.base import load_builtin_base
-    except ImportError as err:
-        raise ValueError(f"the built-in base model is not available in this version ({err})") from None
-    base = load_builtin_base(device=device, dtype=dtype or torch.float32)
-    pipe = cls(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler)
-    pipe.base_name = BUILTIN
-    return pipe
+def _load_folder(source: BaseSource, dtype: torch.dtype | None, step: Callable[[str], None]) -> BaseComponents:
+    import importlib
 
-
-def _diffusers_folder(cls, path: Path):
-    index_file = path / MODEL_INDEX
-    if not index_file.is_file():
-        raise FileNotFoundError(f"{path}: not a diffusers model folder (no {MODEL_INDEX})")
-    index = json.loads(index_file.read_text())
+    index = _folder_index(source.kind, source.path)
+    # load in the asked dtype (fp16 VAEs decode badly: the VAE stays float32 then); shipped fp16 weights -> float32
+    load_dtype = dtype or torch.float32
     parts = {}
     for name in COMPONENTS:
-        entry = index.get(name)
-        if not entry or entry[0] is None or entry[1] is None:
+        if name not in index:
             parts[name] = None
             continue
-        library, class_name = entry
-        module = __import__(library)
-        loader = getattr(module, class_name)
-        kwargs = {"local_files_only": True}
-        parts[name] = loader.from_pretrained(str(path / name), **kwargs)
-    missing = [n for n in ("unet", "text_encoder", "tokenizer", "scheduler") if parts[n] is None]
-    if missing:
-        raise ValueError(f"{path}: the diffusers folder lacks {', '.join(missing)}")
-    force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
-    return cls(**parts, force_zeros_for_empty_prompt=force_zeros)
+        step(name)
+        library, class_name = index[name]
+        loader = getattr(importlib.import_module(library), class_name)
+        kwargs: dict = {"local_files_only": True}
+        if isinstance(loader, type) and issubclass(loader, torch.nn.Module):
+            module_dtype = torch.float32 if (name == "vae" and load_dtype == torch.float16) else load_dtype
+            kwargs["torch_dtype" if library == "diffusers" else "dtype"] = module_dtype
+        parts[name] = loader.from_pretrained(str(source.path / name), **kwargs)
+    force_zeros = bool(index.get("_force_zeros", True))
+    folder = source.path if source.kind in (BUILTIN, "exported") else None
+    return BaseComponents(**parts, force_zeros_for_empty_prompt=force_zeros, name=source.name,
+                          sampling=SamplingDefaults.read(folder))  # fmt: skip
 
 
-def _controlnet(entry, unet) -> ControlNet:
-    if isinstance(entry, ControlNet):
-        return entry
-    from controlnet.io.api import load_controlnet
+class _DropEmptyFloat32Advice(logging.Filter):
+    """diffusers' `ModelMixin.to(dtype)` warns "modules ... should be kept in float32: []" even when the list is
+    empty, i.e. when there is nothing to keep: noise on every cast, dropped."""
 
-    return load_controlnet(entry, unet=unet)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """While loading: no per-file progress bars of diffusers/transformers (ours report components; the previous
+    setting comes back afterwards), and from then on no empty float32 advice."""
+    import diffusers
+    import transformers
+
+    d_log, t_log = diffusers.utils.logging, transformers.utils.logging
+    bars = d_log.is_progress_bar_enabled(), t_log.is_progress_bar_enabled()
+    d_log.disable_progress_bar()
+    t_log.disable_progress_bar()
+    # installed once and kept: the same advice comes from every later cast (e.g. the trainer's to(weight_dtype))
+    target = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _DropEmptyFloat32Advice) for f in target.filters):
+        target.addFilter(_DropEmptyFloat32Advice())
+    try:
+        yield
+    finally:
+        if bars[0]:
+            d_log.enable_progress_bar()
+        if bars[1]:
+            t_log.enable_progress_bar()

@@ -54,22 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("prompt", nargs="?", help="what to draw (omit with --manifest)")
     g = p.add_argument_group("models")
-    g.add_argument(
-        "--base", default="builtin",
-        help="'builtin' (default), a diffusers model folder, or one SD1.x/SD2.x/SDXL checkpoint file",
-    )  # fmt: skip
-    g.add_argument(
-        "--tokenizer", default=None, metavar="DIR",
-        help="for a checkpoint file (which holds no tokenizer): a folder with CLIP's vocab.json + merges.txt, e.g. "
-        "the tokenizer/ folder of any diffusers SD model",
-    )  # fmt: skip
-    g.add_argument(
-        "--tokenizer-2", default=None, metavar="DIR", help="SDXL's second tokenizer (default: --tokenizer)"
-    )
-    g.add_argument(
-        "--prediction-type", default=None, choices=["epsilon", "v_prediction"],
-        help="for a checkpoint file: what the UNet predicts (default: epsilon; SD2.x: v_prediction, the 768 px models)",
-    )  # fmt: skip
+    add_base_arguments(g)
     g.add_argument(
         "--controlnet", action="append", default=[], metavar="PATH",
         help="a ControlNet (original or diffusers format); repeat for several, in the order of --cond",
@@ -92,9 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("prompt and sampling")
     g.add_argument("--negative-prompt", default=None, help="what to steer away from")
     g.add_argument(
-        "--cfg", type=float, default=7.5, help="classifier-free guidance scale; 1 = off (default: %(default)s)"
-    )
-    g.add_argument("--steps", type=int, default=20, help="sampler steps (default: %(default)s)")
+        "--cfg", type=float, default=None,
+        help="classifier-free guidance scale; 1 = off (default: the base's, e.g. builtin 4, SD folders and files 7.5)",
+    )  # fmt: skip
+    g.add_argument("--steps", type=int, default=None, help="sampler steps (default: the base's, 20)")
     g.add_argument(
         "--scheduler", default=None,
         help=f"sampler: {', '.join(f'{k} ({s.display_name})' for k, s in SAMPLERS.items())}; default: the base's",
@@ -144,13 +130,92 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--manifest", type=Path, default=None, help="JSONL file of jobs (see above)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet and ControlNets (GPU)")
     g.add_argument(
         "--cpu-offload", action="store_true", help="keep models on the CPU, move each to the GPU to run"
     )
     p.set_defaults(func=run_generate)
+
+
+# The base options every command that takes a base shares (generate, evaluate; train and demo spell the same
+# fields as config fields: model.base, model.tokenizer, ...); their names as the loader's messages should say them.
+BASE_FLAGS = {
+    "base": "--base",
+    "tokenizer": "--tokenizer",
+    "tokenizer_2": "--tokenizer-2",
+    "base_config": "--base-config",
+    "ema": "--ema",
+    "no_ema": "--no-ema",
+}
+
+
+def add_base_arguments(group, dtype: bool = True) -> None:
+    """--base, --tokenizer, --tokenizer-2, --prediction-type, --base-config, --ema/--no-ema (and --dtype)."""
+    group.add_argument(
+        "--base", default="builtin",
+        help="'builtin' (default), a diffusers model folder, a folder written by `controlnet world export-base`, or "
+        "one SD1.x/SD2.x/SDXL checkpoint file (.safetensors/.ckpt; needs --tokenizer)",
+    )  # fmt: skip
+    group.add_argument(
+        "--tokenizer", default=None, metavar="DIR",
+        help="tokenizer folder: required for a checkpoint file (which holds none), e.g. the tokenizer/ folder of any "
+        "diffusers SD model (CLIP's vocab.json + merges.txt); for a model folder it replaces the folder's own",
+    )  # fmt: skip
+    group.add_argument(
+        "--tokenizer-2", default=None, metavar="DIR", help="SDXL's second tokenizer folder (default: --tokenizer)"
+    )
+    group.add_argument(
+        "--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+        help="what the UNet predicts (default: the base's; a checkpoint file: epsilon; SD2.x 768 px: v_prediction)",
+    )  # fmt: skip
+    group.add_argument(
+        "--base-config", default=None, metavar="FILE",
+        help="a checkpoint file of a non-standard architecture: JSON with \"family\" (sd15, sd21, sdxl) and the "
+        "diffusers configs of \"unet\", \"vae\", \"text_encoder\"",
+    )  # fmt: skip
+    group.add_argument(
+        "--ema", default=None, action=argparse.BooleanOptionalAction,
+        help="a checkpoint file with EMA weights too (model_ema.*, e.g. v1-5-pruned): sample with the EMA UNet "
+        "(default, usually better) or, with --no-ema, the raw one",
+    )  # fmt: skip
+    if dtype:
+        group.add_argument(
+            "--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)"
+        )
+
+
+def base_options(args) -> dict:
+    """`generate.base.check_base`/`load_base` keywords from arguments added by `add_base_arguments`."""
+    return {
+        "tokenizer": args.tokenizer,
+        "tokenizer_2": args.tokenizer_2,
+        "prediction_type": args.prediction_type,
+        "configs": args.base_config,
+        "flags": BASE_FLAGS,
+    }
+
+
+def loading_bar():
+    """A `progress(name, k, n)` for `load_base`: one tqdm line on stderr over the base's components.
+
+    Only on a terminal (tqdm's disable=None), and erased when done (leave=False): a log or an error line read by a
+    program stays one line. `-v` logs each component instead.
+    """
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(name: str, done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="loading base", unit="part", file=sys.stderr, leave=False,
+                             disable=None))  # fmt: skip
+        bars[0].set_postfix_str(name, refresh=False)
+        bars[0].update(done - bars[0].n)
+        if done >= total:
+            bars[0].close()
+
+    return progress
 
 
 def _per_net(values, name: str, n: int, convert=lambda v: v):
@@ -175,8 +240,6 @@ def options_from_args(args, n_nets: int) -> dict:
     """GenerationOptions fields from the parsed command line (only the ones given)."""
     options = {
         "negative_prompt": args.negative_prompt,
-        "guidance_scale": args.cfg,
-        "steps": args.steps,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "width": args.width,
@@ -199,6 +262,8 @@ def options_from_args(args, n_nets: int) -> dict:
         "block_scales": _per_net(args.block_scales, "block-scales", n_nets, _floats),
     }
     options.update({k: v for k, v in per_net.items() if v is not None})
+    # None: the base's own default (SamplingDefaults, filled in once the base is known)
+    options.update({k: v for k, v in (("guidance_scale", args.cfg), ("steps", args.steps)) if v is not None})
     from controlnet.io.images import open_image
 
     # decoded once, here: a missing, truncated or too-large image or mask stops us before any model loads
@@ -236,25 +301,48 @@ def _distributed():
     return state.process_index, state.num_processes, ("cpu" if cpu else state.device), state
 
 
-def _load_pipeline(args, device):
-    import diffusers
-    import torch
-    import transformers
+def check_base_arguments(args):
+    """The base's arguments and files, checked before anything is loaded (`generate.base.check_base`)."""
+    from controlnet.generate.base import check_base
 
-    # the CLI shows its own progress; the libraries' per-file loading bars would bury error lines
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
+    for path in args.controlnet:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"ControlNet not found: {path}")
+    return check_base(args.base, **base_options(args))
+
+
+def sampling_line(given: dict, effective: dict, pipe) -> str:
+    """One line with the effective sampling settings and which of them are the base's defaults."""
+    from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name, sampler_display_name
+
+    name = effective.get("scheduler")
+    sampler = SAMPLERS[canonical_sampler_name(name)].display_name if name else sampler_display_name(pipe.scheduler)
+    keys = ("scheduler", "steps", "guidance_scale")
+    defaulted = [k for k in keys if given.get(k) is None]
+    source = f"the defaults of base {pipe.base_name}: {', '.join(defaulted)}" if defaulted else "as given"
+    return f"sampling: {sampler}, {effective['steps']} steps, guidance {effective['guidance_scale']:g} ({source})"
+
+
+def with_base_defaults(options: dict, pipe) -> dict:
+    """`options` with guidance, steps and sampler the user did not set taken from the base's SamplingDefaults."""
+    d = pipe.sampling
+    filled = {"guidance_scale": d.guidance_scale, "steps": d.steps, **options}
+    if filled.get("scheduler") is None and d.scheduler is not None:
+        filled["scheduler"] = d.scheduler
+    return filled
+
+
+def _load_pipeline(args, device, source=None):
+    import torch
 
     from controlnet.generate.pipeline import ControlNetPipeline
 
     dtype = getattr(torch, DTYPES[args.dtype])
     if device is None:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    file_options = {}
-    if Path(args.base).is_file():
-        file_options = {"tokenizer": args.tokenizer, "tokenizer_2": args.tokenizer_2}
-        file_options["prediction_type"] = args.prediction_type
-    pipe = ControlNetPipeline.from_pretrained(args.base, controlnets=args.controlnet, dtype=dtype, **file_options)
+    source = source or check_base_arguments(args)
+    pipe = ControlNetPipeline.from_pretrained(source, controlnets=args.controlnet, dtype=dtype, ema=args.ema,
+                                              progress=loading_bar(), **base_options(args))  # fmt: skip
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
     else:
@@ -330,23 +418,24 @@ def run_generate(args) -> int:
     from controlnet.generate.manifest import load_condition
     from controlnet.generate.outputs import save_generation
 
+    source = check_base_arguments(args)
     conds = []
     for path, annotator in zip(args.cond, annotators, strict=True):
         cond = path if path == "inpaint" else load_condition(Path(path), annotator)
         conds.append(_decoded(cond, "condition image") if isinstance(cond, str) and cond != "inpaint" else cond)
-    for key, what in (("image", "init image"), ("mask", "mask")):
-        if options[key] is not None:
-            options[key] = _decoded(options[key], what)
-    pipe = _load_pipeline(args, None)
+    pipe = _load_pipeline(args, None, source)
     size = pipe.output_size(args.width, args.height, conds, options["image"])
     if size.note():
         print(size.note("set --width/--height to override"), file=sys.stderr)
     options.update(width=size.width, height=size.height)
+    given, options = options, with_base_defaults(options, pipe)
     bar = StepBar()
     try:
         result = pipe(args.prompt, conds, progress=bar, **options)
     finally:
         bar.close()
+    # after the run, so that an input error found by the pipeline stays the only line
+    print(sampling_line(given, options, pipe), file=sys.stderr)
     for unit, name in zip(result.settings["controlnets"], annotators, strict=True):
         unit["module"] = name
     stem = args.name or f"controlnet-{args.seed}"
@@ -366,9 +455,13 @@ def _run_manifest(args, options: dict, annotators, names) -> int:
             "with --manifest, prompts and condition images come from the manifest: drop the prompt/--cond"
         )
     jobs = read_manifest(args.manifest, len(args.controlnet))
+    source = check_base_arguments(args)
     rank, world, device, state = _distributed()
     mine = shard(jobs, rank, world)
-    pipe = _load_pipeline(args, device)
+    pipe = _load_pipeline(args, device, source)
+    given, options = options, with_base_defaults(options, pipe)
+    if rank == 0:
+        print(sampling_line(given, options, pipe), file=sys.stderr)
     bar = tqdm(total=len(mine), unit="line", desc=f"manifest [{rank + 1}/{world}]", file=sys.stderr, position=rank)
     done, skipped = run_manifest(
         pipe,

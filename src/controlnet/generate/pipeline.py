@@ -11,7 +11,7 @@ It works on any SD-family base (SD1.x, SD2.x, SDXL, the built-in tiny model, wit
 number of ControlNets (paper Sec. 3.4 / Fig. 7: residuals are added). Speed without changing results: the hint
 embedding is computed once per generation (it does not depend on t), CFG branches run as one batch, modes that
 control the conditional branch only run the nets on that half, and a net outside its start/end window is not
-evaluated at all (diffusers runs it with scale 0). Loading from folders/files lives in `base_loading.py`.
+evaluated at all (diffusers runs it with scale 0). Loading a base from disk lives in `base.py` (`load_base`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from controlnet.generate import control_images as ci
-from controlnet.generate.guidance import block_profile, in_window
+from controlnet.generate.base import BaseComponents, SamplingDefaults, denormalize_latents, normalize_latents
+from controlnet.generate.guidance import apply_cfg, block_profile, in_window
 from controlnet.generate.guidance import pad_unconditional as pad_uncond
 from controlnet.generate.options import GenerationOptions
 from controlnet.generate.prompts import PromptEmbeddings, encode_dual, encode_single
 from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
-from controlnet.model.cfg import apply_cfg
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
 
@@ -102,18 +103,47 @@ class ControlNetPipeline:
         self.controlnets = list(controlnets)
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.base_name = "custom"
+        self.sampling = SamplingDefaults()  # the base's own guidance/steps/sampler (from_components sets them)
         self._offload_device: torch.device | None = None
 
     @classmethod
-    def from_pretrained(cls, base: str, controlnets: Sequence = (), **kwargs) -> ControlNetPipeline:
-        """`base`: "builtin", a diffusers model folder, or one SD1.x/SD2.x/SDXL checkpoint file (offline).
+    def from_components(cls, base: BaseComponents, controlnets: Sequence[ControlNet] = ()) -> ControlNetPipeline:
+        """The pipeline of a loaded base (`generate.base.load_base`) and ControlNet objects; modules are shared."""
+        pipe = cls(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, controlnets,
+                   base.text_encoder_2, base.tokenizer_2, base.force_zeros_for_empty_prompt)  # fmt: skip
+        pipe.base_name, pipe.sampling = base.name, base.sampling
+        return pipe
 
-        `controlnets`: ControlNet objects or paths (original or diffusers format). Keyword options: see
-        `base_loading.load_pipeline` and `single_file.load_single_file`.
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str,
+        controlnets: Sequence = (),
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        **base_options,
+    ) -> ControlNetPipeline:
+        """`base`: "builtin", a diffusers model folder, an exported folder or one SD checkpoint file (offline).
+
+        `controlnets`: ControlNet objects or paths (original or diffusers format). `base_options` go to
+        `generate.base.load_base` (tokenizer=, tokenizer_2=, prediction_type=, ema=, configs=, family=, progress=).
         """
-        from controlnet.generate.base import load_pipeline
+        from controlnet.generate.base import BaseSource, check_base, load_base
 
-        return load_pipeline(cls, base, controlnets, **kwargs)
+        known = ("tokenizer", "tokenizer_2", "prediction_type", "configs", "family", "flags")
+        source = (
+            base
+            if isinstance(base, BaseSource)
+            else check_base(base, **{k: v for k, v in base_options.items() if k in known})
+        )
+        for entry in controlnets:
+            if not isinstance(entry, ControlNet) and not Path(entry).exists():
+                raise FileNotFoundError(f"ControlNet not found: {entry}")
+        components = load_base(source, device=device, dtype=dtype, **base_options)
+        pipe = cls.from_components(components, [_load_controlnet(c, components.unet) for c in controlnets])
+        for module in pipe._modules():
+            module.eval().requires_grad_(False)
+        return pipe.to(device, dtype)
 
     # ----------------------------------------------------------------------------------------------------
     # properties and placement
@@ -434,28 +464,17 @@ class ControlNetPipeline:
         return cond, uncond
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(1, 3, H, W) in [-1, 1] -> scaled latents (1, C, h, w): the VAE posterior's mean (deterministic)."""
+        """(1, 3, H, W) in [-1, 1] -> the UNet's latents (1, C, h, w): the VAE posterior's mean (deterministic)."""
         pixels = pixels.to(self.device)
         if self.vae is None:
             return pixels.to(self.dtype)
         latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode()
-        mean, std = self._latent_stats(latents)
-        return ((latents - mean) * self.vae.config.scaling_factor / std).to(self.dtype)
+        return normalize_latents(self.vae, latents).to(self.dtype)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return latents
-        mean, std = self._latent_stats(latents)
-        latents = latents * std / self.vae.config.scaling_factor + mean
-        return self.vae.decode(latents.to(self.vae.dtype)).sample
-
-    def _latent_stats(self, latents: torch.Tensor):
-        cfg = self.vae.config
-        if cfg.get("latents_mean") is not None and cfg.get("latents_std") is not None:
-            shape = (1, -1, 1, 1)
-            mean = torch.tensor(cfg.latents_mean).view(shape).to(latents.device, latents.dtype)
-            return mean, torch.tensor(cfg.latents_std).view(shape).to(latents.device, latents.dtype)
-        return 0.0, 1.0
+        return self.vae.decode(denormalize_latents(self.vae, latents).to(self.vae.dtype)).sample
 
     @staticmethod
     def _step_kwargs(sched, generators, eta: float) -> dict:
@@ -488,3 +507,11 @@ def _per_prompt_images(entry, n_prompts: int, k: int) -> list:
 def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
     """(P, ...) -> (P * times, ...), each prompt's rows kept together (prompt-major, as image k = p * times + j)."""
     return x.repeat_interleave(times, dim=0)
+
+
+def _load_controlnet(entry, unet) -> ControlNet:
+    if isinstance(entry, ControlNet):
+        return entry
+    from controlnet.io.api import load_controlnet
+
+    return load_controlnet(entry, unet=unet)

@@ -56,6 +56,7 @@ class Inspection:
         }
 
 
+
 def detect_format(state: dict) -> str:
     keys = list(state)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731

@@ -12,12 +12,15 @@ CLIP BPE vocabulary; SD2.x and SDXL's second encoder pad with "!").
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from controlnet.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 FAMILIES = ("sd15", "sd21", "sdxl")
@@ -35,7 +38,8 @@ def family_config(family: str) -> dict:
     return config
 
 
-def detect_family(state: dict, what: str) -> str:
+def detect_family(state: dict, what: str, flag: str = "configs") -> str:
+    """sd15 / sd21 / sdxl from the UNet's cross-attention width (`state` may hold meta tensors: shapes only)."""
     from controlnet.io.formats import FAMILY_BY_CONTEXT_DIM
 
     widths = {
@@ -45,40 +49,130 @@ def detect_family(state: dict, what: str) -> str:
     if family is None:
         raise ValueError(
             f"{what}: cannot tell the base family (cross-attention width {sorted(widths) or 'unknown'}; SD1.x 768, "
-            "SD2.x 1024, SDXL 2048); pass family= and configs= for other models"
+            f'SD2.x 1024, SDXL 2048); for other models pass {flag} FILE (a JSON file with "family" and the '
+            'diffusers configs of "unet", "vae", "text_encoder")'
         )
     return family
 
 
-def _tokenizer(folder, pad_token: str | None, max_length: int, what: str):
+def read_configs(configs: dict | str | os.PathLike | None, flag: str = "configs") -> dict:
+    """Per-component config overrides: a dict, or a JSON file of one ({"family": ..., "unet": {...}, ...})."""
+    if configs is None or isinstance(configs, dict):
+        return dict(configs or {})
+    path = Path(configs)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: config file not found")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} {path}: not valid JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{flag} {path}: expected a JSON object of component configs")
+    return values
+
+
+def _header(path: Path) -> dict | None:
+    """{key: meta tensor of its shape} of a .safetensors file, reading only its header; None for other formats."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except Exception as err:  # noqa: BLE001 - any unreadable header: read_state_dict reports it in its own words
+        logger.debug("%s: header not readable (%s)", path, err)
+        return None
+
+
+def _family(state: dict, path: Path, family: str | None, overrides: dict, flags: dict) -> str:
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        raise CheckpointError(f"{path}: no UNet weights ({UNET_PREFIX}*); not an SD single-file checkpoint")
+    return (
+        family or overrides.get("family") or detect_family(state, path.name, flags.get("base_config", "configs"))
+    )
+
+
+def check_single_file(
+    path: Path, tokenizer, tokenizer_2, configs, flags: dict, family: str | None = None
+) -> list[str]:
+    """Check a checkpoint file and its options before reading its weights; returns the components to load.
+
+    A .safetensors header tells the family and whether it holds a UNet; the tokenizer folder(s) are loaded and
+    checked (io/tokenizers.py).
+    """
+    from controlnet.io.tokenizers import load_tokenizer
+
+    overrides = read_configs(configs, flags.get("base_config", "configs"))
+    header = _header(path)
+    if header is not None:
+        family = _family(header, path, family, overrides, flags)
+    family = family or overrides.get("family")
+    if tokenizer is None:
+        raise ValueError(
+            f"{path.name}: checkpoint files hold no tokenizer and nothing is downloaded; pass "
+            f"{flags.get('tokenizer', 'tokenizer')} DIR (a folder with vocab.json + merges.txt or tokenizer.json, "
+            "e.g. the tokenizer/ folder of any diffusers SD model)"
+        )
+    load_tokenizer(tokenizer, flags.get("tokenizer", "tokenizer"))
+    encoders = ["text_encoder"]
+    if family == "sdxl":
+        encoders.append("text_encoder_2")
+        if tokenizer_2 is not None:
+            load_tokenizer(tokenizer_2, flags.get("tokenizer_2", "tokenizer_2"))
+    return ["checkpoint", "unet", "vae", *encoders, "scheduler"]
+
+
+def _tokenizer(folder, pad_token: str | None, max_length: int):
     from transformers import CLIPTokenizer
 
-    if folder is None:
-        raise ValueError(
-            f"{what}: single checkpoint files hold no tokenizer and nothing is downloaded; pass tokenizer=<folder with "
-            "vocab.json + merges.txt or tokenizer.json>, e.g. the tokenizer/ folder of any diffusers SD model"
-        )
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     extra = {"pad_token": pad_token} if pad_token else {}
     extra["model_max_length"] = max_length  # prompts are padded to the encoder's positions (77 for CLIP)
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)  # every SD family: CLIP BPE
 
 
-def load_single_file(
-    cls,
+def select_unet_weights(state: dict, ema: bool | None, what: str, flags: dict) -> dict:
+    """`state` with the UNet weights chosen: EMA (`model_ema.*`) when `ema` is True or None and the file has them.
+
+    Original training checkpoints (e.g. v1-5-pruned) hold both: `model.diffusion_model.<key>` (the raw weights,
+    the ones to continue fine-tuning) and `model_ema.diffusion_model<key without dots>` (the EMA weights, usually
+    better for sampling). The EMA keys are dropped either way, so diffusers' converter sees one UNet (and gives
+    no advice about command-line flags that are not ours).
+    """
+    unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]
+    twins = {k: "model_ema." + "".join(k.split(".")[1:]) for k in unet_keys}
+    has_ema = bool(unet_keys) and all(t in state for t in twins.values())
+    if ema and not has_ema:
+        raise ValueError(f"{flags.get('ema', 'ema=True')}: {what} holds no EMA UNet weights (model_ema.*)")
+    use_ema = has_ema and ema is not False
+    if has_ema and ema is None:
+        logger.warning("%s holds EMA and non-EMA UNet weights: using the EMA ones (%s for the others)", what,
+                       flags.get("no_ema", "ema=False"))  # fmt: skip
+    chosen = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+    if use_ema:
+        chosen.update({k: state[t] for k, t in twins.items()})
+    logger.info("%s: %s UNet weights", what, "EMA" if use_ema else "non-EMA")
+    return chosen
+
+
+def read_single_file(
     path: str | os.PathLike,
     tokenizer=None,
     tokenizer_2=None,
     family: str | None = None,
-    configs: dict | None = None,
-    prediction_type: str | None = None,
-):
-    """`cls(...)` (a ControlNetPipeline) from one original checkpoint file.
+    configs: dict | str | os.PathLike | None = None,
+    ema: bool | None = None,
+    on_component=None,
+    flags: dict | None = None,
+) -> dict:
+    """The components of one original checkpoint file: {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    (+ "text_encoder_2", "tokenizer_2" for SDXL), in float32 on the CPU, ready for `BaseComponents(**parts)`.
 
     tokenizer / tokenizer_2: folders (see the module docstring; tokenizer_2 defaults to tokenizer). family: sd15,
-    sd21 or sdxl (default: recognised). configs: per-component overrides {"unet": {...}, "vae": {...},
-    "text_encoder": {...}} (for custom or tiny models). prediction_type: epsilon or v_prediction.
+    sd21 or sdxl (default: recognised, or configs' "family"). configs: per-component overrides {"unet": {...},
+    "vae": {...}, "text_encoder": {...}} or a JSON file of them (custom or tiny models). ema: see
+    `select_unet_weights`. `on_component(name)` is called as each part starts. The scheduler's prediction type is
+    the family's (set another on the loaded bundle).
     """
     import diffusers
     import transformers
@@ -92,24 +186,33 @@ def load_single_file(
     from controlnet.io.api import build_unet
     from controlnet.io.safe_load import load_strict, read_state_dict
 
+    flags = flags or {}
+    step = on_component or (lambda name: None)
     path = Path(path)
+    overrides = read_configs(configs, flags.get("base_config", "configs"))
+    if tokenizer is None:
+        check_single_file(path, tokenizer, tokenizer_2, configs, flags, family)  # the missing-tokenizer message
+    step("checkpoint")
     state = read_state_dict(path)
-    if not any(k.startswith(UNET_PREFIX) for k in state):
-        raise CheckpointError(f"{path}: no UNet weights ({UNET_PREFIX}*); not an SD single-file checkpoint")
-    family = family or detect_family(state, path.name)
+    family = _family(state, path, family, overrides, flags)
     config = family_config(family)
-    for name, override in (configs or {}).items():
+    for name, override in overrides.items():
+        if name == "family":
+            continue
         if name.startswith("text_encoder"):
             for enc in config["text_encoders"]:
                 if enc["name"] == name:
                     enc["config"] = dict(override)
         else:
             config[name] = dict(override)
+    state = select_unet_weights(state, ema, path.name, flags)
 
     # UNet and VAE: diffusers' LDM converters, built on the meta device and filled
+    step("unet")
     unet = build_unet(config["unet"], device="meta").to_empty(device="cpu")
     unet = load_strict(unet, convert_ldm_unet_checkpoint(state, config["unet"]), f"UNet in {path.name}")
     unet = unet.eval().requires_grad_(False)
+    step("vae")
     vae_config = {k: v for k, v in config["vae"].items() if not k.startswith("_")}
     with torch.device("meta"):
         vae = diffusers.AutoencoderKL(**vae_config)
@@ -119,6 +222,7 @@ def load_single_file(
 
     parts = {"unet": unet, "vae": vae}
     for enc in config["text_encoders"]:
+        step(enc["name"])
         model_cls = getattr(transformers, enc["class"])
         with torch.device("meta"):
             model = model_cls(transformers.CLIPTextConfig(**enc["config"]))
@@ -143,13 +247,10 @@ def load_single_file(
         parts[enc["name"]] = model.eval().requires_grad_(False)
         folder = tokenizer if enc["name"] == "text_encoder" else (tokenizer_2 or tokenizer)
         parts[enc["name"].replace("text_encoder", "tokenizer")] = _tokenizer(
-            folder, enc["pad_token"], enc["config"]["max_position_embeddings"], path.name
+            folder, enc["pad_token"], enc["config"]["max_position_embeddings"]
         )
 
+    step("scheduler")
     sched_config = dict(config["scheduler"])
-    if prediction_type is not None:
-        sched_config["prediction_type"] = prediction_type
     parts["scheduler"] = getattr(diffusers, sched_config.pop("_class_name")).from_config(sched_config)
-    pipe = cls(**parts)
-    pipe.base_name = str(path)
-    return pipe
+    return parts

@@ -26,49 +26,14 @@ from controlnet.data.cache import build_latent_cache, build_text_cache, module_f
 from controlnet.data.dataset import BatchPlan, PixelPairs, assign_buckets, scan
 from controlnet.data.sources import decode_image, open_source
 from controlnet.data.transforms import BUCKET_MULTIPLE, condition_to_unit
+from controlnet.generate.base import BaseComponents, normalize_latents
+from controlnet.generate.prompts import encode_dual, encode_single
 from controlnet.train.config import TrainConfig
 from controlnet.train.loop import step_generator
 
 logger = logging.getLogger(__name__)
 
 EMPTY_PROMPT = ""  # paper Sec. 3.3: 50% of training prompts are replaced by the empty string
-
-
-@dataclass
-class BaseParts:
-    """The locked base text-to-image model: diffusers/transformers modules (vae None in pixel space)."""
-
-    unet: torch.nn.Module
-    vae: torch.nn.Module | None
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object
-    text_encoder_2: torch.nn.Module | None = None  # SDXL: the second encoder (with projection: pooled embedding)
-    tokenizer_2: object | None = None
-
-    @property
-    def is_sdxl(self) -> bool:
-        """SDXL-style UNet: micro-conditioning (pooled text + size/crop ids) through a text_time embedding."""
-        return self.unet.config.get("addition_embed_type") == "text_time"
-
-    def text_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
-
-
-def load_base(spec: str) -> BaseParts:
-    """The base model named by `spec` ("builtin", a built-in-style folder or a diffusers folder), offline."""
-    from controlnet.builtin.base import BASE_CONFIG_NAME
-    from controlnet.generate.pipeline import ControlNetPipeline
-
-    if spec != "builtin" and (Path(spec) / BASE_CONFIG_NAME).is_file():  # saved by world.base.save_builtin_base
-        from controlnet.builtin.base import load_builtin_base
-
-        b = load_builtin_base(spec)
-        return BaseParts(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler)
-
-    pipe = ControlNetPipeline.from_pretrained(spec)
-    return BaseParts(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.text_encoder_2,
-                     pipe.tokenizer_2)  # fmt: skip
 
 
 @dataclass
@@ -87,7 +52,7 @@ class MicroBatch:
 class TrainingBatches:
     """Dataset -> (z_t, t, c_t, c_i, target) per micro-step; see the module docstring. `acc` is an Accelerator."""
 
-    def __init__(self, config: TrainConfig, base: BaseParts, acc, cache_dir: Path, weight_dtype: torch.dtype):
+    def __init__(self, config: TrainConfig, base: BaseComponents, acc, cache_dir: Path, weight_dtype: torch.dtype):
         c = config
         self.config, self.base, self.acc = config, base, acc
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
@@ -101,7 +66,7 @@ class TrainingBatches:
             )
         cut = len(found.indices) - n_val
         self.train_indices, self.val_indices = found.indices[:cut], found.indices[cut:]
-        self.vae_factor = 1 if base.vae is None else 2 ** (len(base.vae.config.block_out_channels) - 1)
+        self.vae_factor = base.vae_scale_factor
         from diffusers import DDPMScheduler
 
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
@@ -144,9 +109,9 @@ class TrainingBatches:
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """{"context": c_t (B, L, D)} float32 of `prompts`, plus SDXL's "pooled" (B, D_pooled)."""
         b = self.base
-        if b.is_sdxl:  # as the pipeline encodes them: penultimate states of both encoders, pooled from the second
-            from controlnet.generate.prompts import encode_dual
-
+        # as the pipeline encodes them (generate/prompts.py): SDXL's penultimate states of both encoders, pooled
+        # from the second; otherwise the last hidden states of the one encoder
+        if b.is_sdxl:
             pairs = [
                 (t, e)
                 for t, e in ((b.tokenizer, b.text_encoder), (b.tokenizer_2, b.text_encoder_2))
@@ -154,9 +119,7 @@ class TrainingBatches:
             ]
             emb = encode_dual(*zip(*pairs, strict=True), prompts)
             return {"context": emb.context.float(), "pooled": emb.pooled.float()}
-        from controlnet.builtin.text import encode_prompts
-
-        return {"context": encode_prompts(b.tokenizer, b.text_encoder, prompts).float()}
+        return {"context": encode_single(b.tokenizer, b.text_encoder, prompts).context.float()}
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -191,8 +154,8 @@ class TrainingBatches:
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=g)[lo:hi]
         drop = (torch.rand(n, generator=g) < c.data.empty_prompt_prob)[lo:hi]
         latents = mean if std is None else mean + std * posterior_eps
-        if self.base.vae is not None:
-            latents = latents * self.base.vae.config.scaling_factor
+        # the UNet's latent space exactly as the pipeline decodes it (scaling_factor, latents_mean/std)
+        latents = normalize_latents(self.base.vae, latents)
         ids = torch.where(drop, torch.tensor(self.empty_id), self.prompt_ids[torch.tensor(mine)])
         if self.text is not None:
             text = {k: v[ids].to(self.device) for k, v in self.text.items()}  # context (b, L, D)

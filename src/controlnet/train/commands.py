@@ -51,15 +51,40 @@ def overrides_from(args: argparse.Namespace) -> dict[str, str]:
 
 
 class ProgressBar:
-    """tqdm bar with loss, samples/s and (tqdm's) ETA; fidelity when validation ran."""
+    """tqdm bar with loss, samples/s and (tqdm's) ETA; fidelity when validation ran.
+
+    The step bar opens at the first step (not during loading: a 0/N bar would sit there while the base loads);
+    `loading` shows the base's components as they load, `message` prints one line above the bars.
+    """
 
     def __init__(self, total: int | None, enabled: bool = True):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="step", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self.total, self.enabled = total, enabled
+        self.bar = self.load_bar = None
         self.fidelity = None
 
+    def loading(self, name: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.load_bar is None:
+            # on a terminal only (disable=None), erased when done: as generate's (generate/commands.py loading_bar)
+            self.load_bar = tqdm(total=total, desc="loading base", unit="part", disable=None if self.enabled else True,
+                                 file=sys.stderr, dynamic_ncols=True, leave=False)  # fmt: skip
+        self.load_bar.set_postfix_str(name, refresh=False)
+        self.load_bar.update(done - self.load_bar.n)
+        if done >= total:
+            self.load_bar.close()
+
+    def message(self, line: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+
     def __call__(self, info) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", disable=not self.enabled, file=sys.stderr,
+                            dynamic_ncols=True)  # fmt: skip
         if self.bar.n == 0 and info.step > 1:
             self.bar.update(info.step - 1)  # resumed run
         if info.fidelity is not None:
@@ -73,7 +98,9 @@ class ProgressBar:
         self.bar.update(1)
 
     def close(self) -> None:
-        self.bar.close()
+        for bar in (self.load_bar, self.bar):
+            if bar is not None:
+                bar.close()
 
 
 def print_summary(summary, started: float) -> None:
@@ -99,7 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under accelerate/torchrun only rank 0 shows a bar
     bar = ProgressBar(config.train.max_steps, enabled=main_process and not args.quiet)
     try:
-        summary = train(config, callback=bar)
+        summary = train(config, callback=bar, on_load=bar.loading, on_message=bar.message)
     except NonFiniteLossError as err:
         raise ValueError(str(err)) from None
     finally:
@@ -138,7 +165,7 @@ def _run_demo_command(args: argparse.Namespace) -> int:
     started = time.time()
     bar = ProgressBar(None, enabled=not args.quiet)  # time-limited: the number of steps is not known in advance
     try:
-        summary = run_demo(demo, bar)
+        summary = run_demo(demo, bar, on_load=bar.loading)
     finally:
         bar.close()
     print_summary(summary, started)

@@ -22,6 +22,16 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EXPORT_FORMATS = ("diffusers", "original")
 METRICS = ("auto", "fill_iou", "edge_f1", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# How the base options are spelled on `controlnet train`'s command line, for the loader's error messages.
+BASE_FLAGS = {
+    "base": "--model.base",
+    "tokenizer": "--model.tokenizer",
+    "tokenizer_2": "--model.tokenizer_2",
+    "base_config": "--model.base_config",
+    "ema": "--model.ema true",
+    "no_ema": "--model.ema false",
+}
 # Paper Sec. 3.3 / Sec. 4: "we randomly replace 50% text prompts c_t with empty strings".
 PAPER_EMPTY_PROMPT_PROB = 0.5
 # The reference training script (tutorial_train.py) uses AdamW with learning rate 1e-5.
@@ -98,7 +108,17 @@ class ModelConfig:
     """The locked base model and the trainable ControlNet (paper Sec. 3.2)."""
 
     base: str = "builtin"
-    """base text-to-image model: "builtin" or a diffusers folder"""
+    """base text-to-image model: "builtin", a diffusers model folder, a folder written by `controlnet world export-base`, or one SD1.x/SD2.x/SDXL checkpoint file (.safetensors/.ckpt; needs model.tokenizer)"""
+    tokenizer: str = ""
+    """tokenizer folder (CLIP's vocab.json + merges.txt, e.g. a diffusers SD model's tokenizer/): required for a checkpoint file, which holds none; for a folder it replaces the folder's own"""
+    tokenizer_2: str = ""
+    """SDXL's second tokenizer folder ("" = model.tokenizer)"""
+    prediction_type: str = ""
+    """what the base UNet predicts: epsilon | v_prediction ("" = the base's own; a checkpoint file: epsilon)"""
+    ema: bool = False
+    """a checkpoint file holding EMA weights too (model_ema.*, e.g. v1-5-pruned): train on those instead of the non-EMA ones (the weights fine-tuning continues from)"""
+    base_config: str = ""
+    """a checkpoint file of a non-standard architecture: JSON file with "family" (sd15, sd21, sdxl) and the diffusers configs of unet, vae and text_encoder"""
     controlnet: str = ""
     """start from this ControlNet (original or diffusers format) instead of a fresh copy of the UNet encoder"""
     cond_channels: int = 3
@@ -117,6 +137,8 @@ class ModelConfig:
     """keep conv weights and activations NHWC (oneDNN on CPU and tensor cores on GPU prefer it; see benchmarks)"""
 
     def __post_init__(self) -> None:
+        if self.prediction_type:
+            _check_choice("model.prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_positive(self, "cond_channels")
         self.hint_channels = tuple(int(c) for c in self.hint_channels)
         if any(c < 1 for c in self.hint_channels):
@@ -364,3 +386,14 @@ def resolve_config(path: str | Path | None = None, overrides: dict[str, str] | N
 def config_from_dict(values: dict) -> TrainConfig:
     """A TrainConfig from `to_dict()` output (e.g. a run folder's config.json)."""
     return TrainConfig(**{s: build_section(SECTIONS[s], values.get(s, {}), s) for s in SECTIONS})
+
+
+def base_options(model: ModelConfig) -> dict:
+    """`generate.base.check_base` / `load_base` keyword arguments of the model section (CLI spellings in messages)."""
+    return {
+        "tokenizer": model.tokenizer or None,
+        "tokenizer_2": model.tokenizer_2 or None,
+        "prediction_type": model.prediction_type or None,
+        "configs": model.base_config or None,
+        "flags": BASE_FLAGS,
+    }

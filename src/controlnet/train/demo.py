@@ -30,6 +30,7 @@ DEMO_TASKS = ("fill", "canny", "lines", "scribble", "pose", "seg", "depth", "nor
 # IoU 0.869 after 145 s; 4, 8, 16 converged at step 550 and stopped at 600 with IoU 0.860 after 128 s. On --task seg
 # (4 minutes): 0.752 vs 0.744 (floor 0.539, ceiling 0.835), within the validations' +-0.01 fluctuation.
 DEMO_HINT_CHANNELS = "4,8,16"
+DEMO_FLAGS = {"base": "--base", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer-2"}  # for error messages
 
 
 @dataclass
@@ -39,7 +40,13 @@ class DemoConfig:
     out: str = "controlnet-demo"
     """folder for the dataset, the run and the report (reused: an existing run resumes)"""
     base: str = "builtin"
-    """base model: the shipped built-in one, or a folder written by `controlnet world export-base`"""
+    """base model: "builtin" (the shipped one), a folder written by `controlnet world export-base`, a diffusers folder or an SD checkpoint file (with --tokenizer)"""
+    tokenizer: str = ""
+    """tokenizer folder (required for a checkpoint file; for a folder it replaces the folder's own)"""
+    tokenizer_2: str = ""
+    """SDXL's second tokenizer folder (default: --tokenizer)"""
+    prediction_type: str = ""
+    """what the base UNet predicts: epsilon | v_prediction (default: the base's own)"""
     task: str = "fill"
     """world task to learn"""
     samples: int = 3000
@@ -88,6 +95,9 @@ def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: P
         "data.resolution": str(image_size),
         "data.cache_dir": str(Path(demo.out) / "cache"),
         "model.base": demo.base,
+        "model.tokenizer": demo.tokenizer,
+        "model.tokenizer_2": demo.tokenizer_2,
+        "model.prediction_type": demo.prediction_type,
         "model.hint_channels": DEMO_HINT_CHANNELS,
         "optim.lr": str(demo.lr),
         "optim.max_grad_norm": "1.0",
@@ -112,18 +122,20 @@ def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: P
     }
 
 
-def run_demo(demo: DemoConfig, callback=None, log=print):
+def run_demo(demo: DemoConfig, callback=None, log=print, on_load=None):
     """Make data, train, report. Returns the trainer's RunSummary."""
-    from controlnet.builtin.base import BASE_CONFIG_NAME, BUILTIN_DIR, BaseModelConfig
-    from controlnet.train.batches import load_base
+    from controlnet.generate.base import check_base, load_base
+    from controlnet.train.config import ModelConfig, base_options
     from controlnet.train.trainer import train
     from controlnet.world.dataset import write_dataset
 
-    folder = BUILTIN_DIR if demo.base == "builtin" else Path(demo.base)
-    if not (folder / BASE_CONFIG_NAME).is_file():
-        where = "is not shipped in this installation" if demo.base == "builtin" else "is not a built-in-style base"
-        raise FileNotFoundError(f"the base model {folder} {where} (no {BASE_CONFIG_NAME})")
-    image_size = BaseModelConfig(**json.loads((folder / BASE_CONFIG_NAME).read_text())).image_size
+    # the base's options as the training config holds them (one loader, one set of checks), named as demo flags
+    model = ModelConfig(base=demo.base, tokenizer=demo.tokenizer, tokenizer_2=demo.tokenizer_2,
+                        prediction_type=demo.prediction_type)  # fmt: skip
+    options = {**base_options(model), "flags": DEMO_FLAGS}
+    source = check_base(demo.base, **options)
+    base = load_base(source, progress=on_load, **options)
+    image_size = base.native_size
     out = Path(demo.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / f"data-{demo.task}-{demo.samples}-{image_size}px-seed{demo.seed}"
@@ -134,7 +146,7 @@ def run_demo(demo: DemoConfig, callback=None, log=print):
             f"wrote {demo.samples} {demo.task} samples at {image_size} px to {data_dir} in {time.time() - started:.0f} s"
         )
     config = resolve_config(None, demo_overrides(demo, image_size, data_dir, out / "run"))
-    return train(config, load_base(demo.base), callback)
+    return train(config, base, callback, on_message=log)
 
 
 def reproduce(run_dir: Path) -> tuple[float, float]:
@@ -157,12 +169,13 @@ def reproduce(run_dir: Path) -> tuple[float, float]:
     size = config.data.resolution
     prompts = [source.prompt(i) for i in held_out]
     conds = [np.asarray(decode_image(source.read(i)[1]).resize((size, size))) for i in held_out]
+    from controlnet.generate.base import load_base
     from controlnet.io.api import load_controlnet
-    from controlnet.train.batches import load_base
+    from controlnet.train.config import base_options
 
-    b = load_base(config.model.base)
+    b = load_base(config.model.base, ema=config.model.ema, **base_options(config.model))
     net = load_controlnet(run_dir / "final" / "controlnet", unet=b.unet)
-    pipe = ControlNetPipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler, controlnets=[net])
+    pipe = ControlNetPipeline.from_components(b, [net])
     v = config.validation
     images = val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0)
     metric = next(r["metric"] for r in records if "metric" in r)

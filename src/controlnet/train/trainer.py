@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from controlnet.allocator import reuse_freed_memory
+from controlnet.generate.base import BaseComponents, Progress, check_base, load_base
 from controlnet.train import checkpoint as ckpt
 from controlnet.train import validation as val
-from controlnet.train.batches import BaseParts, TrainingBatches, load_base
-from controlnet.train.config import TrainConfig
+from controlnet.train.batches import TrainingBatches
+from controlnet.train.config import TrainConfig, base_options
 from controlnet.train.locked_conv import lock_convolutions
 from controlnet.train.loop import (
     StopOnSignal,
@@ -88,12 +89,17 @@ class RunSummary:
 
 
 class Trainer:
-    """One training run. `Trainer(config, base).run()`; `base` defaults to loading `config.model.base`."""
+    """One training run. `Trainer(config, base).run()`; `base` defaults to loading `config.model.base`.
 
-    def __init__(self, config: TrainConfig, base: BaseParts | None = None,
-                 callback: Callable[[StepInfo], None] | None = None):  # fmt: skip
+    `on_load(component, k, n)` reports the base's loading; `on_message(line)` gets one-line news (a resume).
+    """
+
+    def __init__(self, config: TrainConfig, base: BaseComponents | None = None,
+                 callback: Callable[[StepInfo], None] | None = None, on_load: Progress | None = None,
+                 on_message: Callable[[str], None] | None = None):  # fmt: skip
         self.config, self.callback = config, callback
         self._base = base
+        self.on_load, self.on_message = on_load, on_message or (lambda line: None)
 
     # ------------------------------------------------------------------------------------------------------
     # 1-2. set-up, base, data, caches
@@ -101,6 +107,9 @@ class Trainer:
         from accelerate import Accelerator
 
         c = self.config
+        # the base's arguments and files first (tokenizer folders, checkpoint header): nothing is written or loaded
+        # before they are known to be right
+        source = None if self._base is not None else check_base(c.model.base, **base_options(c.model))
         # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
         # Accelerator is told cpu=True (otherwise every process believes it is alone)
         if c.train.threads:
@@ -125,7 +134,7 @@ class Trainer:
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
             ckpt.remove_partial(self.run_dir)
         self.acc.wait_for_everyone()
-        base = self._base or load_base(c.model.base)
+        base = self._base or load_base(source, ema=c.model.ema, progress=self.on_load, **base_options(c.model))
         self.base = base
         self.device = self.acc.device
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -245,6 +254,8 @@ class Trainer:
         np.random.set_state(tuple(state["numpy_rng"][:1]) + (np.array(state["numpy_rng"][1], np.uint32),)
                             + tuple(state["numpy_rng"][2:]))  # fmt: skip
         logger.info("resumed from %s at step %d", folder, state["step"])
+        if self.acc.is_main_process:
+            self.on_message(f"resuming from checkpoint step {state['step']} ({folder})")
         return state
 
     # ------------------------------------------------------------------------------------------------------
@@ -290,10 +301,7 @@ class Trainer:
     def _pipeline(self, with_control: bool):
         from controlnet.generate.pipeline import ControlNetPipeline
 
-        b = self.base
-        nets = [self.controlnet] if with_control else []
-        return ControlNetPipeline(b.unet, b.vae, b.text_encoder, b.tokenizer, b.scheduler, controlnets=nets,
-                                  text_encoder_2=b.text_encoder_2, tokenizer_2=b.tokenizer_2)  # fmt: skip
+        return ControlNetPipeline.from_components(self.base, [self.controlnet] if with_control else [])
 
     @torch.no_grad()
     def _validate(self, step: int, with_control: bool = True) -> tuple[float, list]:
@@ -496,10 +504,11 @@ class Trainer:
         return final
 
 
-def train(config: TrainConfig, base: BaseParts | None = None,
-          callback: Callable[[StepInfo], None] | None = None) -> RunSummary:  # fmt: skip
-    """Train a ControlNet as `config` says; see the module docstring for the steps."""
-    return Trainer(config, base, callback).run()
+def train(config: TrainConfig, base: BaseComponents | None = None,
+          callback: Callable[[StepInfo], None] | None = None, on_load: Progress | None = None,
+          on_message: Callable[[str], None] | None = None) -> RunSummary:  # fmt: skip
+    """Train a ControlNet as `config` says; see the module docstring for the steps and `Trainer` for the hooks."""
+    return Trainer(config, base, callback, on_load, on_message).run()
 
 
-__all__ = ["BaseParts", "NonFiniteLossError", "RunSummary", "StepInfo", "Trainer", "load_base", "train"]
+__all__ = ["NonFiniteLossError", "RunSummary", "StepInfo", "Trainer", "train"]
