@@ -227,7 +227,7 @@ def sample(
         model_in = scheduler.scale_model_input(model_in, t)
         eps = unet(model_in, t, encoder_hidden_states=context.to(dtype)).sample  # (2B or B, C, h, w)
         if guided:
-            eps = apply_cfg(eps, guidance_scale)  # the pipeline's CFG step (model/cfg.py)
+            eps = apply_cfg(eps, guidance_scale)  # the pipeline's CFG step (generate/guidance.py)
         latents = scheduler.step(eps, t, latents).prev_sample
     # 4. decode
     return latents_to_uint8(base.decode_latents(latents))

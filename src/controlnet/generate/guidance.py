@@ -103,6 +103,12 @@ def check_window(start: float, end: float, what: str = "control window") -> None
         raise ValueError(f"{what}: start={start}, end={end}; expected 0 <= start < end <= 1")
 
 
+def apply_cfg(eps: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """eps = eps_uc + s * (eps_c - eps_uc) on a (2B, ...) batch ordered [unconditional, conditional] -> (B, ...)."""
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
 def pad_unconditional(residual: torch.Tensor) -> torch.Tensor:
     """(B, ...) residual of the conditional branch -> (2B, ...) with zeros for the unconditional branch."""
     return torch.cat([torch.zeros_like(residual), residual])
