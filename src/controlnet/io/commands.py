@@ -140,6 +140,7 @@ class _Phases:
             desc=command,
             file=sys.stderr,
             disable=None,
+            mininterval=0,  # a handful of phases: draw each one (the default 0.1 s would skip quick ones)
             bar_format="{desc}: {n}/{total}{postfix} [{elapsed}]",
         )
         self.started = False
