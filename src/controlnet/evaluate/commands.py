@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ControlNet's score beside the floor (the base model alone on the same prompts) and the ceiling (the "
         "ground-truth images through the same metric), as in the paper's Table 2.",
     )
-    p.add_argument("controlnet", type=Path, help="the ControlNet to score (original or diffusers format)")
+    p.add_argument("controlnet", type=Path, help="the ControlNet to score (original or diffusers format, or builtin:NAME)")
     p.add_argument("--task", default="fill", help="world task the ControlNet was trained on (default: fill)")
     add_base_arguments(p.add_argument_group("base model (as `controlnet generate`)"))
     p.add_argument("--n", type=int, default=DEFAULT_HELDOUT, help=f"held-out samples (default: {DEFAULT_HELDOUT})")
@@ -45,12 +45,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    if not args.controlnet.exists():
-        raise FileNotFoundError(f"ControlNet not found: {args.controlnet}")
-    from controlnet.generate.base import check_base
+    from controlnet.generate.base import check_base, controlnet_path
+
+    controlnet = controlnet_path(args.controlnet)  # "builtin:NAME" or a path
 
     source = check_base(args.base, **base_options(args))
-    pipe = ControlNetPipeline.from_pretrained(source, controlnets=[args.controlnet],
+    pipe = ControlNetPipeline.from_pretrained(source, controlnets=[controlnet],
                                               dtype=getattr(torch, DTYPES[args.dtype]), ema=args.ema,
                                               progress=loading_bar(), **base_options(args))  # fmt: skip
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the base's native resolution

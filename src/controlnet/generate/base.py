@@ -164,6 +164,33 @@ def builtin_folder() -> Path:
     return Path(str(files("controlnet.builtin") / "weights"))
 
 
+BUILTIN_CONTROLNET = "builtin:"  # names a shipped ControlNet on any command line: builtin:canny, builtin:fill, ...
+
+
+def builtin_controlnets() -> dict[str, Path]:
+    """{name: folder} of the shipped ControlNets (diffusers folders under the built-in weights' controlnets/)."""
+    folder = builtin_folder() / "controlnets"
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
+
+
+def controlnet_path(spec: str | os.PathLike) -> Path:
+    """The file or folder of a ControlNet given as "builtin:NAME" or a path, checked to exist (no weights read)."""
+    text = str(spec)
+    if text.startswith(BUILTIN_CONTROLNET):
+        shipped = builtin_controlnets()
+        name = text[len(BUILTIN_CONTROLNET) :]
+        if name not in shipped:
+            known = ", ".join(BUILTIN_CONTROLNET + n for n in shipped) or "none in this installation"
+            raise ValueError(f"unknown built-in ControlNet {text!r}; expected one of: {known}")
+        return shipped[name]
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"ControlNet not found: {spec} (expected a file, a diffusers folder or builtin:NAME)")
+    return path
+
+
 def base_kind(spec: str | os.PathLike, flag: str = KEYWORDS["base"]) -> tuple[str, Path]:
     """("builtin" | "diffusers" | "exported" | "file", path) of a base spec; the one place that tells them apart."""
     if str(spec) == BUILTIN:

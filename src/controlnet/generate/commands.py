@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_base_arguments(g)
     g.add_argument(
         "--controlnet", action="append", default=[], metavar="PATH",
-        help="a ControlNet (original or diffusers format); repeat for several, in the order of --cond",
+        help="a ControlNet (original or diffusers format, or a shipped one: builtin:fill, builtin:canny, "
+        "builtin:seg, builtin:pose); repeat for several, in the order of --cond",
     )  # fmt: skip
     g = p.add_argument_group("conditions")
     g.add_argument(
@@ -303,11 +304,10 @@ def _distributed():
 
 def check_base_arguments(args):
     """The base's arguments and files, checked before anything is loaded (`generate.base.check_base`)."""
-    from controlnet.generate.base import check_base
+    from controlnet.generate.base import check_base, controlnet_path
 
     for path in args.controlnet:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"ControlNet not found: {path}")
+        controlnet_path(path)
     return check_base(args.base, **base_options(args))
 
 
@@ -367,9 +367,10 @@ def check_before_loading(args) -> None:
             raise ValueError(
                 f"--cond given {len(args.cond)} times for {n_nets} --controlnet; expected one per net"
             )
+    from controlnet.generate.base import controlnet_path
+
     for path in args.controlnet:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"ControlNet not found: {path}")
+        controlnet_path(path)  # "builtin:NAME" or an existing file/folder
     for path in args.cond:
         if path != "inpaint" and not Path(path).is_file():
             raise FileNotFoundError(f"condition image not found: {path}")

@@ -21,7 +21,6 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,7 +127,7 @@ class ControlNetPipeline:
         `controlnets`: ControlNet objects or paths (original or diffusers format). `base_options` go to
         `generate.base.load_base` (tokenizer=, tokenizer_2=, prediction_type=, ema=, configs=, family=, progress=).
         """
-        from controlnet.generate.base import BaseSource, check_base, load_base
+        from controlnet.generate.base import BaseSource, check_base, controlnet_path, load_base
 
         known = ("tokenizer", "tokenizer_2", "prediction_type", "configs", "family", "flags")
         source = (
@@ -136,9 +135,7 @@ class ControlNetPipeline:
             if isinstance(base, BaseSource)
             else check_base(base, **{k: v for k, v in base_options.items() if k in known})
         )
-        for entry in controlnets:
-            if not isinstance(entry, ControlNet) and not Path(entry).exists():
-                raise FileNotFoundError(f"ControlNet not found: {entry}")
+        controlnets = [c if isinstance(c, ControlNet) else controlnet_path(c) for c in controlnets]
         components = load_base(source, device=device, dtype=dtype, **base_options)
         pipe = cls.from_components(components, [_load_controlnet(c, components.unet) for c in controlnets])
         for module in pipe._modules():

@@ -120,7 +120,8 @@ class ModelConfig:
     base_config: str = ""
     """a checkpoint file of a non-standard architecture: JSON file with "family" (sd15, sd21, sdxl) and the diffusers configs of unet, vae and text_encoder"""
     controlnet: str = ""
-    """start from this ControlNet (original or diffusers format) instead of a fresh copy of the UNet encoder"""
+    """start from this ControlNet (original or diffusers format, or builtin:NAME) instead of a fresh copy of the UNet
+    encoder"""
     cond_channels: int = 3
     """channels of the condition image"""
     hint_channels: tuple[int, ...] = ()

@@ -159,9 +159,10 @@ class Trainer:
         from controlnet.model.controlnet import ControlNet
 
         if c.model.controlnet:
+            from controlnet.generate.base import controlnet_path
             from controlnet.io.api import load_controlnet
 
-            net = load_controlnet(c.model.controlnet, unet=base.unet.float())
+            net = load_controlnet(controlnet_path(c.model.controlnet), unet=base.unet.float())
         else:
             kwargs = {"hint_block_channels": c.model.hint_channels} if c.model.hint_channels else {}
             torch.manual_seed(c.train.seed)  # the new hint encoder's init: the same in every process and run
