@@ -271,3 +271,18 @@ def test_progress_reports_each_component(exported):
     load_base(exported / "base", progress=lambda name, k, n: seen.append((name, k, n)))
     assert seen == [("unet", 0, 5), ("vae", 1, 5), ("text_encoder", 2, 5), ("tokenizer", 3, 5),
                     ("scheduler", 4, 5), ("done", 5, 5)]  # fmt: skip
+
+
+def test_a_corrupt_component_is_one_line_naming_it(tmp_path, capsys):
+    """A folder whose UNet weights are garbage: one error line naming the component, exit 2, nothing written."""
+    import shutil
+
+    from controlnet.generate.base import builtin_folder
+
+    folder = tmp_path / "base"
+    shutil.copytree(builtin_folder(), folder, ignore=shutil.ignore_patterns("controlnets"))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 1000)
+    assert main(["generate", "a red circle", "--base", str(folder), "--steps", "2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot load the unet" in err and str(folder / "unet") in err
+    assert not (tmp_path / "o").exists()

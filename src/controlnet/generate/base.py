@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from controlnet.errors import CheckpointError
 from controlnet.io.tokenizers import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -376,7 +377,11 @@ def _load_folder(source: BaseSource, dtype: torch.dtype | None, step: Callable[[
         if isinstance(loader, type) and issubclass(loader, torch.nn.Module):
             module_dtype = torch.float32 if (name == "vae" and load_dtype == torch.float16) else load_dtype
             kwargs["torch_dtype" if library == "diffusers" else "dtype"] = module_dtype
-        parts[name] = loader.from_pretrained(str(source.path / name), **kwargs)
+        try:
+            parts[name] = loader.from_pretrained(str(source.path / name), **kwargs)
+        except (OSError, ValueError, RuntimeError) as err:  # the libraries' words for corrupt or missing files
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{source.path / name}: cannot load the {name} ({first})") from None
     force_zeros = bool(index.get("_force_zeros", True))
     folder = source.path if source.kind in (BUILTIN, "exported") else None
     return BaseComponents(**parts, force_zeros_for_empty_prompt=force_zeros, name=source.name,
