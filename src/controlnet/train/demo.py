@@ -53,9 +53,12 @@ class DemoConfig:
     """dataset size (the last `validation_samples` are held out)"""
     minutes: float = 9.0
     """wall-clock budget of the training run (set-up, caches, validation included; the dataset comes first)"""
-    threads: int = 1
-    """torch CPU threads (0 = torch's default). 1 by default: on a shared 2-core machine (load ~4) one demo step
-    took 0.26 CPU-s with 1 thread and 2.1-4.2 CPU-s with 2 (threads spin waiting for a busy core)"""
+    threads: int = 2
+    """torch CPU threads (0 = torch's default, 2 on 2 cores). 2 by default, for an otherwise idle 2-core machine:
+    seeds 0/1/2 stopped at steps 850/950/850 with 2 threads and 600/1000/850 with 1 (the seed moves the step more
+    than the thread count), and the least-loaded steps took 0.16 s with 2 vs 0.25 s with 1 (AMD EPYC, no AVX-512).
+    On a busy machine pass 1: at load ~7 a 2-thread step took 1.9 s (threads spin waiting for a busy core), a
+    1-thread one 0.3 s"""
     batch_size: int = 32
     """samples per step"""
     lr: float = 3e-3
