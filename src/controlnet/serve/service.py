@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlnet.generate.jobs import GenerationJob, annotate_image, check_job, run_job
-from controlnet.serve.models import ModelRegistry
+from controlnet.serve.models import ModelRegistry, UnknownModel
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,40 @@ class QueueFull(Exception):
     def __init__(self, retry_after_s: int):
         self.retry_after_s = retry_after_s
         super().__init__(f"the job queue is full; retry after {retry_after_s} s")
+
+
+class FieldError(ValueError):
+    """A job value that cannot be served; `field` names it as the request spelled it (e.g. units[1].model)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+# Annotator options a client may not set: a weights path would be a client-supplied file path, a device is the
+# server's choice.
+SERVER_ONLY_ANNOTATOR_OPTIONS = ("weights", "device")
+
+
+def served_annotators() -> list[str]:
+    """Annotators this server offers: the ones that need no weights file (no pretrained weights are shipped)."""
+    from controlnet.annotate.registry import annotator_options, list_annotators
+
+    return [n for n in list_annotators() if "weights" not in annotator_options(n)]
+
+
+def check_annotator(name, options: dict, field: str) -> None:
+    """Refuse an annotator this server does not offer, or options it does not have (FieldError naming them)."""
+    from controlnet.annotate.registry import annotator_options
+
+    offered = served_annotators()
+    if name not in offered:
+        raise FieldError(field, f"unknown annotator {name!r}; expected one of {', '.join(offered)}")
+    valid = [k for k in annotator_options(name) if k not in SERVER_ONLY_ANNOTATOR_OPTIONS]
+    for key in options:
+        if key not in valid:
+            raise FieldError(f"{field}_options.{key}" if field.endswith("annotator") else f"options.{key}",
+                             f"{name} has no option {key!r}; expected some of {', '.join(valid) or '(none)'}")
 
 
 class ServiceClosed(RuntimeError):
@@ -164,24 +198,26 @@ class Service:
     def check(self, spec) -> None:
         """Refuse a job that cannot run (ValueError / UnknownModel naming the field) before it is queued."""
         if isinstance(spec, AnnotationJob):
-            from controlnet.annotate.registry import annotator_class, annotator_options
-
-            annotator_class(spec.annotator)
-            unknown = sorted(set(spec.options) - set(annotator_options(spec.annotator)))
-            if unknown:
-                raise ValueError(f"options: unknown option(s) {', '.join(unknown)} for annotator {spec.annotator}")
+            check_annotator(spec.annotator, spec.options, "annotator")
             return
         if not isinstance(spec, GenerationJob):
             raise TypeError(f"expected a GenerationJob or AnnotationJob, got {type(spec).__name__}")
         if len(spec.units) > self.max_units:
-            raise ValueError(f"units: {len(spec.units)} units; this server takes at most {self.max_units}")
-        spec.base = self.registry.base(spec.base or self.current_base).name
-        for unit in spec.units:
-            unit.model = self.registry.controlnet(unit.model).name
+            raise FieldError("units", f"{len(spec.units)} units; this server takes at most {self.max_units} "
+                             "(--max-units); none is dropped silently")  # fmt: skip
+        try:
+            spec.base = self.registry.base(spec.base or self.current_base).name
+        except UnknownModel as err:
+            err.field = "base"
+            raise
+        for k, unit in enumerate(spec.units):
+            try:
+                unit.model = self.registry.controlnet(unit.model).name
+            except UnknownModel as err:
+                err.field = f"units[{k}].model"
+                raise
             if unit.annotator:
-                from controlnet.annotate.registry import annotator_class
-
-                annotator_class(unit.annotator)
+                check_annotator(unit.annotator, unit.annotator_options, f"units[{k}].annotator")
         check_job(spec)
 
     def submit(self, spec) -> Job:
@@ -245,6 +281,11 @@ class Service:
 
     def close(self, cancel_running: bool = True, timeout: float | None = 30.0) -> None:
         """Take no new jobs, cancel the queued ones, cancel (or let finish) the running one, stop the worker."""
+        self.stop_accepting(cancel_running)
+        self._worker.join(timeout)
+
+    def stop_accepting(self, cancel_running: bool = True) -> None:
+        """The first half of `close`, without waiting (safe from a signal handler's thread)."""
         with self._lock:
             self._closed = True
             for job in list(self._queue):
@@ -254,7 +295,6 @@ class Service:
             if cancel_running and self._running is not None:
                 self._running._cancel.set()
             self._lock.notify_all()
-        self._worker.join(timeout)
 
     # ---------------------------------------------------------------------------------------------------
     # the worker
