@@ -34,11 +34,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from live_server import TINY_CONTROLNET, make_models_folder, start_server
     from PIL import Image
 
     from controlnet.generate.jobs import ControlUnit, GenerationJob, run_job
     from controlnet.io.api import load_controlnet
-    from live_server import TINY_CONTROLNET, make_models_folder, start_server
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp())

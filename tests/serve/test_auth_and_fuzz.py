@@ -8,7 +8,6 @@ import sys
 
 import httpx
 import pytest
-
 from live_server import start_server
 
 schemathesis = pytest.importorskip("schemathesis")
