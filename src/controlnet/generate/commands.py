@@ -325,11 +325,9 @@ def sampling_line(given: dict, effective: dict, pipe) -> str:
 
 def with_base_defaults(options: dict, pipe) -> dict:
     """`options` with guidance, steps and sampler the user did not set taken from the base's SamplingDefaults."""
-    d = pipe.sampling
-    filled = {"guidance_scale": d.guidance_scale, "steps": d.steps, **options}
-    if filled.get("scheduler") is None and d.scheduler is not None:
-        filled["scheduler"] = d.scheduler
-    return filled
+    from controlnet.generate.jobs import with_base_defaults as fill
+
+    return fill(options, pipe.sampling)
 
 
 def _load_pipeline(args, device, source=None):
@@ -408,6 +406,28 @@ class StepBar:
             self.bar.close()
 
 
+def job_from_args(args, options: dict, conds: list, annotators: list):
+    """The `GenerationJob` of a single-prompt command line (generate/jobs.py): the server builds the same one."""
+    from controlnet.generate.jobs import ControlUnit, GenerationJob
+    from controlnet.generate.options import GenerationOptions
+
+    nets = GenerationOptions(**options).per_net(len(args.controlnet))
+    units = [
+        ControlUnit(model=str(path), image=cond, annotator=name, scale=o.scale, start=o.start, end=o.end,
+                    mode=o.mode.name, resize_mode=options["resize_mode"], block_scales=o.block_scales)
+        for path, cond, name, o in zip(args.controlnet, conds, annotators, nets, strict=True)
+    ]  # fmt: skip
+    return GenerationJob(
+        prompt=args.prompt, negative_prompt=options["negative_prompt"], base=str(args.base), units=units,
+        seed=options["seed"], steps=options.get("steps"), guidance_scale=options.get("guidance_scale"),
+        scheduler=options["scheduler"], width=options["width"], height=options["height"],
+        batch_size=options["batch_size"], init_image=options["image"], mask=options["mask"],
+        strength=options["strength"], eta=options["eta"], clip_skip=options["clip_skip"],
+        guess_mode_form=options["guess_mode_form"], resize_mode=options["resize_mode"],
+        inpaint_paste=options["inpaint_paste"],
+    )  # fmt: skip
+
+
 def run_generate(args) -> int:
     check_before_loading(args)
     n_nets = len(args.controlnet)
@@ -416,29 +436,26 @@ def run_generate(args) -> int:
     names = [Path(p).name for p in args.controlnet]
     if args.manifest is not None:
         return _run_manifest(args, options, annotators, names)
-    from controlnet.generate.manifest import load_condition
     from controlnet.generate.outputs import save_generation
 
     source = check_base_arguments(args)
-    conds = []
-    for path, annotator in zip(args.cond, annotators, strict=True):
-        cond = path if path == "inpaint" else load_condition(Path(path), annotator)
-        conds.append(_decoded(cond, "condition image") if isinstance(cond, str) and cond != "inpaint" else cond)
+    # decoded now, before any model loads; annotated (if asked) by run_job, as every front door does
+    conds = [path if path == "inpaint" else _decoded(path, "condition image") for path in args.cond]
+    job = job_from_args(args, options, conds, annotators)
     pipe = _load_pipeline(args, None, source)
     size = pipe.output_size(args.width, args.height, conds, options["image"])
     if size.note():
         print(size.note("set --width/--height to override"), file=sys.stderr)
-    options.update(width=size.width, height=size.height)
-    given, options = options, with_base_defaults(options, pipe)
+    given = options
     bar = StepBar()
     try:
-        result = pipe(args.prompt, conds, progress=bar, **options)
+        from controlnet.generate.jobs import run_job
+
+        result = run_job(pipe, job, progress=bar)
     finally:
         bar.close()
     # after the run, so that an input error found by the pipeline stays the only line
-    print(sampling_line(given, options, pipe), file=sys.stderr)
-    for unit, name in zip(result.settings["controlnets"], annotators, strict=True):
-        unit["module"] = name
+    print(sampling_line(given, with_base_defaults(options, pipe), pipe), file=sys.stderr)
     stem = args.name or f"controlnet-{args.seed}"
     record = save_generation(result, args.out, stem, names, grid=not args.no_grid)
     for name in record["images"]:

@@ -1,0 +1,286 @@
+"""The models a server may use: the built-in base and ControlNets plus what a scan of `--models` folders found.
+
+Names never become paths (issue 14, item 6): a client picks a model by a name this registry made, and only files
+the scan found can ever be chosen. `../x`, absolute paths and anything else are just unknown names. Symlinks
+whose target lies outside every models folder are not listed.
+
+What a file holds is recognised by the same logic as `controlnet inspect` (io/formats.py `detect_format` on key
+names; for .safetensors only the header is read, so a scan of many GB costs milliseconds per file):
+- bases: diffusers model folders (model_index.json), exported folders (base_config.json), and original SD
+  checkpoint files (`model.diffusion_model.*` keys);
+- ControlNets: diffusers ControlNet folders (config.json + diffusion_pytorch_model.safetensors) and original
+  or diffusers ControlNet files (.safetensors, .pth, .ckpt; pickles through the safe loader only).
+
+Hashes are the web UI's: `sha256` over the whole file and the old short hash `hash8` (first 8 hex digits of the
+sha256 of the 64 KiB at offset 1 MiB: what `control_v11p_sd15_canny [d14c016b]` carries), computed on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlnet.generate.base import BUILTIN, EXPORTED_CONFIG, MODEL_INDEX, builtin_folder
+from controlnet.io.formats import (
+    CONFIG_NAME,
+    DIFFUSERS_WEIGHT_NAMES,
+    FAMILY_BY_CONTEXT_DIM,
+    detect_format,
+)
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_CONTROLNET_PREFIX = "builtin:"
+BUILTIN_CONTROLNETS_FOLDER = "controlnets"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
+CONTROLNET_FORMATS = ("original-controlnet", "original-combined", "diffusers-controlnet")
+BASE_FORMATS = ("original-sd",)
+MAX_SCAN_DEPTH = 4  # models/ControlNet/sd15/x.safetensors; deeper trees are not model folders
+# A1111's old short hash (modules/sd_models.py model_hash): sha256 of 64 KiB read at offset 1 MiB.
+OLD_HASH_OFFSET, OLD_HASH_LENGTH = 0x100000, 0x10000
+# Condition names guessed from a ControlNet's name (control_v11p_sd15_canny, t2iadapter_depth, ...), longest first.
+CONDITIONS = (
+    "lineart_anime", "softedge", "scribble", "lineart", "openpose", "inpaint", "shuffle", "normal", "canny",
+    "depth", "mlsd", "tile", "pose", "fill", "seg", "hed", "ip2p",
+)  # fmt: skip
+_HASH_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]\s*$")
+
+
+class UnknownModel(ValueError):
+    """A model name the registry does not know (never a path: names are not looked up on disk)."""
+
+    def __init__(self, name: str, kind: str = "model", choices: list[str] | None = None):
+        self.name, self.kind = name, kind
+        hint = f"; expected one of {', '.join(choices)}" if choices else ""
+        super().__init__(f"unknown {kind} {name!r}{hint}")
+
+
+@dataclass
+class ModelEntry:
+    """One model a client may choose. `path` stays on the server: responses never carry it."""
+
+    name: str
+    kind: str  # "base" | "controlnet"
+    family: str | None
+    condition: str | None
+    path: Path = field(repr=False)
+    _sha256: str | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def weights(self) -> Path:
+        """The file the hashes are computed over (a folder's weights file)."""
+        return weights_of(self.path)
+
+    @property
+    def sha256(self) -> str:
+        with self._lock:
+            if self._sha256 is None:
+                digest = hashlib.sha256()
+                with open(self.weights, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        digest.update(block)
+                self._sha256 = digest.hexdigest()
+            return self._sha256
+
+    @property
+    def hash8(self) -> str:
+        with open(self.weights, "rb") as fh:
+            fh.seek(OLD_HASH_OFFSET)
+            return hashlib.sha256(fh.read(OLD_HASH_LENGTH)).hexdigest()[:8]
+
+    @property
+    def stem(self) -> str:
+        return self.name.rsplit("/", 1)[-1].removeprefix(BUILTIN_CONTROLNET_PREFIX)
+
+    @property
+    def title(self) -> str:
+        """The web UI's `name [hash8]`."""
+        return f"{self.name} [{self.hash8}]"
+
+    def describe(self) -> dict:
+        """What clients see (no path)."""
+        return {"name": self.name, "kind": self.kind, "family": self.family, "condition": self.condition,
+                "sha256": self.sha256, "hash8": self.hash8}  # fmt: skip
+
+
+def weights_of(path: Path) -> Path:
+    """A file itself, or the weights file of a diffusers folder (a base folder: its unet's)."""
+    if path.is_file():
+        return path
+    for sub in ("", "controlnet", "unet"):
+        for name in DIFFUSERS_WEIGHT_NAMES:
+            if (path / sub / name).is_file():
+                return path / sub / name
+    raise FileNotFoundError(f"no weights file in {path.name}")
+
+
+def guess_condition(name: str) -> str | None:
+    """'canny' from control_v11p_sd15_canny, 'depth' from t2iadapter_depth_sd15v2, None if no known word."""
+    lowered = name.lower()
+    for cond in CONDITIONS:
+        if re.search(rf"(^|[^a-z]){cond}([^a-z]|$)", lowered):
+            return "openpose" if cond == "pose" else cond
+    return None
+
+
+def _header_keys(file: Path) -> tuple[list[str], int | None]:
+    """(key names, cross-attention width) of a weights file; .safetensors reads the header only."""
+    if file.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+            dim = next((handle.get_slice(k).get_shape()[1] for k in keys if k.endswith("attn2.to_k.weight")), None)
+            return keys, dim
+    from controlnet.io.formats import context_dim
+    from controlnet.io.safe_load import read_state_dict
+
+    state = read_state_dict(file)  # torch.load(weights_only=True): never unpickles objects
+    return list(state), context_dim(state)
+
+
+def classify_file(file: Path) -> tuple[str, str | None] | None:
+    """("base" | "controlnet", family) of a weights file, or None when it holds neither."""
+    try:
+        keys, dim = _header_keys(file)
+        fmt = detect_format(dict.fromkeys(keys))
+    except Exception as err:  # noqa: BLE001 - a file we cannot read is skipped, not fatal to the scan
+        logger.warning("models: skipping %s (%s)", file.name, str(err).splitlines()[0] if str(err) else err)
+        return None
+    if fmt in CONTROLNET_FORMATS:
+        return "controlnet", FAMILY_BY_CONTEXT_DIM.get(dim)
+    if fmt in BASE_FORMATS:
+        return "base", FAMILY_BY_CONTEXT_DIM.get(dim)
+    return None
+
+
+def classify_folder(folder: Path) -> tuple[str, str | None] | None:
+    """("base" | "controlnet", family) of a model folder, or None when it is not one."""
+    if (folder / MODEL_INDEX).is_file() or (folder / EXPORTED_CONFIG).is_file():
+        return "base", _folder_family(folder / "unet" / CONFIG_NAME)
+    config = folder / CONFIG_NAME
+    if config.is_file() and any((folder / n).is_file() for n in DIFFUSERS_WEIGHT_NAMES):
+        try:
+            values = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return None
+        if values.get("_class_name", "ControlNetModel") == "ControlNetModel" and "down_block_types" in values:
+            return "controlnet", FAMILY_BY_CONTEXT_DIM.get(values.get("cross_attention_dim"))
+    return None
+
+
+def _folder_family(config: Path) -> str | None:
+    try:
+        return FAMILY_BY_CONTEXT_DIM.get(json.loads(config.read_text()).get("cross_attention_dim"))
+    except (OSError, ValueError):
+        return None
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = path.resolve()
+    return any(real == r or r in real.parents for r in roots)
+
+
+class ModelRegistry:
+    """The built-in models plus every base and ControlNet found in `model_dirs` (see the module docstring)."""
+
+    def __init__(self, model_dirs=(), base: str = BUILTIN):
+        self._entries: dict[str, ModelEntry] = {}
+        self._add_builtin()
+        for folder in model_dirs:
+            folder = Path(folder)
+            if not folder.is_dir():
+                raise FileNotFoundError(f"--models {folder}: not a folder")
+            self._scan(folder)
+        self.default_base = self.base(base).name
+
+    # ---------------------------------------------------------------------------------------------------
+    def _add(self, entry: ModelEntry) -> None:
+        if entry.name in self._entries:
+            logger.warning("models: %s found twice; keeping the first", entry.name)
+            return
+        self._entries[entry.name] = entry
+
+    def _add_builtin(self) -> None:
+        folder = builtin_folder()
+        if (folder / EXPORTED_CONFIG).is_file():
+            self._add(ModelEntry(BUILTIN, "base", BUILTIN, None, folder))
+        nets = folder / BUILTIN_CONTROLNETS_FOLDER
+        for sub in sorted(nets.iterdir()) if nets.is_dir() else []:
+            if sub.is_dir() and classify_folder(sub) is not None:
+                name = BUILTIN_CONTROLNET_PREFIX + sub.name
+                self._add(ModelEntry(name, "controlnet", BUILTIN, guess_condition(sub.name), sub))
+
+    def _scan(self, root: Path) -> None:
+        roots = [root.resolve()]
+
+        def walk(folder: Path, depth: int) -> None:
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith(".") or not _inside(path, roots):
+                    continue  # hidden, or a symlink leading out of the models folder
+                rel = path.relative_to(root).as_posix()
+                if path.is_dir():
+                    found = classify_folder(path)
+                    if found is not None:
+                        kind, family = found
+                        self._add(ModelEntry(rel, kind, family, _condition(kind, path.name), path))
+                    elif depth < MAX_SCAN_DEPTH:
+                        walk(path, depth + 1)
+                elif path.suffix.lower() in WEIGHT_SUFFIXES:
+                    found = classify_file(path)
+                    if found is not None:
+                        kind, family = found
+                        name = rel[: -len(path.suffix)]
+                        self._add(ModelEntry(name, kind, family, _condition(kind, path.stem), path))
+
+        walk(root, 1)
+
+    # ---------------------------------------------------------------------------------------------------
+    def all(self) -> list[ModelEntry]:
+        return list(self._entries.values())
+
+    def bases(self) -> list[ModelEntry]:
+        return [e for e in self._entries.values() if e.kind == "base"]
+
+    def controlnets(self) -> list[ModelEntry]:
+        return [e for e in self._entries.values() if e.kind == "controlnet"]
+
+    def base(self, name: str | None = None) -> ModelEntry:
+        """The base called `name` (None = the server's default base)."""
+        return self._resolve(self.default_base if name is None else name, "base")
+
+    def controlnet(self, name: str) -> ModelEntry:
+        return self._resolve(name, "controlnet")
+
+    def _resolve(self, name: str, kind: str) -> ModelEntry:
+        """Exact name, then `name [hash8]` (the hash must match), then a case-insensitive name or stem."""
+        entries = [e for e in self._entries.values() if e.kind == kind]
+        if not isinstance(name, str) or not name.strip():
+            raise UnknownModel(str(name), kind, [e.name for e in entries])
+        wanted, digest = name.strip(), None
+        for e in entries:
+            if e.name == wanted:
+                return e
+        match = _HASH_SUFFIX.match(wanted)
+        if match:
+            wanted, digest = match.group("stem"), match.group("hash").lower()
+        lowered = wanted.lower()
+        candidates = [e for e in entries if e.name.lower() == lowered] or [
+            e for e in entries if e.stem.lower() == lowered
+        ]
+        if digest is not None:
+            candidates = [e for e in candidates if e.hash8 == digest[:8] or e.sha256.startswith(digest)]
+        if len(candidates) == 1:
+            return candidates[0]
+        raise UnknownModel(name, kind, [e.name for e in entries])
+
+
+def _condition(kind: str, name: str) -> str | None:
+    return guess_condition(name) if kind == "controlnet" else None
+

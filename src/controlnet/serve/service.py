@@ -1,0 +1,406 @@
+"""The service layer under every route: typed jobs, one bounded queue, one worker per device, progress, cancel.
+
+Every front door (native /v1, the web-UI compatible API, the web page) submits a `GenerationJob` (generate/jobs.py)
+or an `AnnotationJob` here, so they share the queue, the loaded models and the pixels. The anchors' servers run
+requests under one global lock with undefined overlap; here jobs run one at a time in submission order on the
+device's worker thread, and a full queue is refused at once (`QueueFull`, HTTP 429 with Retry-After) instead of
+piling requests up.
+
+Models: bases are loaded once and kept (the last MAX_BASES used); ControlNets live in an LRU bounded by bytes
+(`max_controlnet_mb`). Cancellation: the pipeline's progress callback raises `JobCancelled` at the next sampler
+step, so a cancelled generation stops within one step and the worker moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlnet.generate.jobs import GenerationJob, annotate_image, check_job, run_job
+from controlnet.serve.models import ModelRegistry, UnknownModel
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+MAX_BASES = 2  # bases kept loaded (a switch back and forth costs no reload); each can be GBs
+MAX_KEPT_JOBS = 64  # finished jobs kept for GET /v1/jobs/{id} and image downloads, oldest dropped first
+DEFAULT_MAX_QUEUE = 16
+DEFAULT_MAX_UNITS = 4
+DEFAULT_MAX_CONTROLNET_MB = 2048
+SECONDS_PER_QUEUED_JOB = 2.0  # Retry-After estimate per job ahead when no job has finished yet
+
+
+class JobCancelled(Exception):
+    """Raised inside a running job (from its progress callback) when it was cancelled."""
+
+
+class QueueFull(Exception):
+    """The bounded queue is full; try again after `retry_after_s` seconds."""
+
+    def __init__(self, retry_after_s: int):
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the job queue is full; retry after {retry_after_s} s")
+
+
+class FieldError(ValueError):
+    """A job value that cannot be served; `field` names it as the request spelled it (e.g. units[1].model)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+# Annotator options a client may not set: a weights path would be a client-supplied file path, a device is the
+# server's choice.
+SERVER_ONLY_ANNOTATOR_OPTIONS = ("weights", "device")
+
+
+def served_annotators() -> list[str]:
+    """Annotators this server offers: the ones that need no weights file (no pretrained weights are shipped)."""
+    from controlnet.annotate.registry import annotator_options, list_annotators
+
+    return [n for n in list_annotators() if "weights" not in annotator_options(n)]
+
+
+def check_annotator(name, options: dict, field: str) -> None:
+    """Refuse an annotator this server does not offer, or options it does not have (FieldError naming them)."""
+    from controlnet.annotate.registry import annotator_options
+
+    offered = served_annotators()
+    if name not in offered:
+        raise FieldError(field, f"unknown annotator {name!r}; expected one of {', '.join(offered)}")
+    valid = [k for k in annotator_options(name) if k not in SERVER_ONLY_ANNOTATOR_OPTIONS]
+    for key in options:
+        if key not in valid:
+            raise FieldError(f"{field}_options.{key}" if field.endswith("annotator") else f"options.{key}",
+                             f"{name} has no option {key!r}; expected some of {', '.join(valid) or '(none)'}")
+
+
+class ServiceClosed(RuntimeError):
+    """The service is shutting down and takes no new jobs."""
+
+
+@dataclass
+class AnnotationJob:
+    """Turn one image into a condition map by a named annotator (annotate/registry.py)."""
+
+    annotator: str
+    image: Any  # PIL image
+    options: dict = field(default_factory=dict)
+
+
+class Job:
+    """One submitted job: its state, progress and outcome. Thread-safe; waiters are woken on every change."""
+
+    def __init__(self, spec):
+        self.id = uuid.uuid4().hex
+        self.spec = spec
+        self.kind = "annotate" if isinstance(spec, AnnotationJob) else "generate"
+        self.state = QUEUED
+        self.step, self.total = 0, (1 if self.kind == "annotate" else 0)
+        self.result = None
+        self.error: BaseException | None = None
+        self.created, self.started, self.finished = time.time(), None, None
+        self.version = 0  # +1 on every change: SSE sends what changed since the version it last saw
+        self._cancel = threading.Event()
+        self._changed = threading.Condition()
+
+    @property
+    def done(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def _update(self, **values) -> None:
+        with self._changed:
+            for key, value in values.items():
+                setattr(self, key, value)
+            self.version += 1
+            self._changed.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job is finished (True) or `timeout` passes (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.done, timeout)
+
+    def wait_change(self, version: int, timeout: float | None = None) -> int:
+        """Block until the job changed after `version` (or finished, or `timeout`); returns the current version."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.version != version or self.done, timeout)
+            return self.version
+
+    def status(self) -> dict:
+        """JSON-able state (no result payloads, no paths)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "step": self.step,
+            "total": self.total,
+            "progress": (self.step / self.total) if self.total else (1.0 if self.state == DONE else 0.0),
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "error": None if self.error is None else str(self.error),
+        }
+
+
+class Service:
+    """Jobs in, results out; see the module docstring. `registry` says which models exist."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_units: int = DEFAULT_MAX_UNITS,
+        device: str | None = None,
+        max_controlnet_mb: float = DEFAULT_MAX_CONTROLNET_MB,
+        dtype=None,
+        base_options: dict | None = None,
+        threads: int | None = None,
+        max_pixels: int | None = None,
+    ):
+        import torch
+
+        if max_queue < 1 or max_units < 1:
+            raise ValueError(f"max_queue={max_queue}, max_units={max_units}: expected integers >= 1")
+        if threads:
+            torch.set_num_threads(threads)
+        self.registry = registry
+        self.max_queue, self.max_units = max_queue, max_units
+        self.max_pixels = max_pixels
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
+        self.max_controlnet_bytes = int(max_controlnet_mb * 2**20)
+        self.base_options = dict(base_options or {})
+        self.current_base = registry.default_base
+        self._queue: deque[Job] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._running: Job | None = None
+        self._lock = threading.Condition()
+        self._closed = False
+        self._bases: OrderedDict[str, Any] = OrderedDict()
+        self._nets: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
+        self._durations: deque[float] = deque(maxlen=8)
+        self._worker = threading.Thread(target=self._work, name=f"controlnet-worker-{self.device}", daemon=True)
+        self._worker.start()
+
+    # ---------------------------------------------------------------------------------------------------
+    # submitting and following jobs
+    def check(self, spec) -> None:
+        """Refuse a job that cannot run (ValueError / UnknownModel naming the field) before it is queued."""
+        if isinstance(spec, AnnotationJob):
+            check_annotator(spec.annotator, spec.options, "annotator")
+            return
+        if not isinstance(spec, GenerationJob):
+            raise TypeError(f"expected a GenerationJob or AnnotationJob, got {type(spec).__name__}")
+        if len(spec.units) > self.max_units:
+            raise FieldError("units", f"{len(spec.units)} units; this server takes at most {self.max_units} "
+                             "(--max-units); none is dropped silently")  # fmt: skip
+        try:
+            spec.base = self.registry.base(spec.base or self.current_base).name
+        except UnknownModel as err:
+            err.field = "base"
+            raise
+        for k, unit in enumerate(spec.units):
+            try:
+                unit.model = self.registry.controlnet(unit.model).name
+            except UnknownModel as err:
+                err.field = f"units[{k}].model"
+                raise
+            if unit.annotator:
+                check_annotator(unit.annotator, unit.annotator_options, f"units[{k}].annotator")
+        check_job(spec)
+
+    def submit(self, spec) -> Job:
+        """Check and queue a job; raises QueueFull when `max_queue` jobs are already waiting."""
+        self.check(spec)
+        job = Job(spec)
+        with self._lock:
+            if self._closed:
+                raise ServiceClosed("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(self._retry_after())
+            self._queue.append(job)
+            self._jobs[job.id] = job
+            self._forget_old()
+            self._lock.notify_all()
+        return job
+
+    def run(self, spec, timeout: float | None = None):
+        """Submit and wait: the job's result, or its error raised (JobCancelled if cancelled)."""
+        job = self.submit(spec)
+        if not job.wait(timeout):
+            self.cancel(job.id)
+            raise TimeoutError(f"job {job.id} did not finish within {timeout} s")
+        if job.state == DONE:
+            return job.result
+        raise job.error if job.error is not None else JobCancelled(job.id)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job at once, or a running one at its next sampler step; None if unknown."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.done:
+                return job
+            job._cancel.set()
+            if job.state == QUEUED:
+                self._queue.remove(job)
+                job._update(state=CANCELLED, error=JobCancelled(job.id), finished=time.time())
+        return job
+
+    def current(self) -> Job | None:
+        """The running job (for progress polling)."""
+        return self._running
+
+    def interrupt(self) -> Job | None:
+        """Cancel the running job, if any."""
+        job = self._running
+        return self.cancel(job.id) if job is not None else None
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return len(self._queue) + (1 if self._running is not None else 0)
+
+    def set_base(self, name: str) -> str:
+        """Make `name` the base of jobs that name none (the web UI's checkpoint switch); returns its name."""
+        self.current_base = self.registry.base(name).name
+        return self.current_base
+
+    def close(self, cancel_running: bool = True, timeout: float | None = 30.0) -> None:
+        """Take no new jobs, cancel the queued ones, cancel (or let finish) the running one, stop the worker."""
+        self.stop_accepting(cancel_running)
+        self._worker.join(timeout)
+
+    def stop_accepting(self, cancel_running: bool = True) -> None:
+        """The first half of `close`, without waiting (safe from a signal handler's thread)."""
+        with self._lock:
+            self._closed = True
+            for job in list(self._queue):
+                job._cancel.set()
+                job._update(state=CANCELLED, error=JobCancelled(job.id), finished=time.time())
+            self._queue.clear()
+            if cancel_running and self._running is not None:
+                self._running._cancel.set()
+            self._lock.notify_all()
+
+    # ---------------------------------------------------------------------------------------------------
+    # the worker
+    def _retry_after(self) -> int:
+        per_job = sum(self._durations) / len(self._durations) if self._durations else SECONDS_PER_QUEUED_JOB
+        return max(1, round(per_job * (len(self._queue) + 1)))
+
+    def _forget_old(self) -> None:
+        finished = [k for k, j in self._jobs.items() if j.done]
+        for key in finished[: max(0, len(finished) - MAX_KEPT_JOBS)]:
+            del self._jobs[key]
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return  # closed and drained
+                job = self._queue.popleft()
+                self._running = job
+            job._update(state=RUNNING, started=time.time())
+            try:
+                result = self._execute(job)
+            except JobCancelled as err:
+                job._update(state=CANCELLED, error=err, finished=time.time())
+            except Exception as err:  # noqa: BLE001 - the job fails, the worker and the queue live on
+                if not isinstance(err, (ValueError, FileNotFoundError)):
+                    logger.exception("job %s failed", job.id)
+                job._update(state=FAILED, error=err, finished=time.time())
+            else:
+                job._update(state=DONE, result=result, step=job.total, finished=time.time())
+                self._durations.append(job.finished - job.started)
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._forget_old()
+
+    def _execute(self, job: Job):
+        if job.cancel_requested:
+            raise JobCancelled(job.id)
+        spec = job.spec
+        if isinstance(spec, AnnotationJob):
+            return annotate_image(spec.image, spec.annotator, spec.options)
+
+        def progress(step: int, total: int) -> None:
+            job._update(step=step, total=total)
+            if job.cancel_requested:
+                raise JobCancelled(job.id)
+
+        pipe = self.pipeline(spec.base, [u.model for u in spec.units])
+        import torch
+
+        with torch.inference_mode():
+            return run_job(pipe, spec, progress=progress)
+
+    # ---------------------------------------------------------------------------------------------------
+    # models, loaded once (worker thread only)
+    def pipeline(self, base_name: str, controlnet_names: list[str]):
+        """A pipeline of the base and ControlNets (registry names), reusing loaded modules."""
+        from controlnet.generate.pipeline import ControlNetPipeline
+
+        base = self._base(base_name)
+        nets = [self._controlnet(base_name, base, name, set(controlnet_names)) for name in controlnet_names]
+        return ControlNetPipeline.from_components(base, nets)
+
+    def _base(self, name: str):
+        if name in self._bases:
+            self._bases.move_to_end(name)
+            return self._bases[name]
+        from controlnet.generate.base import BUILTIN, load_base
+
+        entry = self.registry.base(name)
+        spec = BUILTIN if entry.name == BUILTIN else entry.path
+        while len(self._bases) >= MAX_BASES:
+            evicted, _ = self._bases.popitem(last=False)
+            self._nets = OrderedDict((k, v) for k, v in self._nets.items() if k[0] != evicted)
+        logger.info("loading base %s", entry.name)
+        base = load_base(spec, device=self.device, dtype=self.dtype, **self.base_options)
+        base.name = entry.name  # the registry's name: settings and responses never carry a path
+        self._bases[name] = base
+        return base
+
+    def _controlnet(self, base_name: str, base, name: str, needed: set[str]):
+        key = (base_name, name)
+        if key in self._nets:
+            self._nets.move_to_end(key)
+            return self._nets[key][0]
+        from controlnet.io.api import load_controlnet
+
+        entry = self.registry.controlnet(name)
+        net = load_controlnet(entry.path, unet=base.unet, dtype=self.dtype)
+        net = net.to(self.device).eval().requires_grad_(False)
+        size = sum(p.numel() * p.element_size() for p in net.parameters())
+        used = sum(s for _, s in self._nets.values())
+        for old in list(self._nets):
+            if used + size <= self.max_controlnet_bytes:
+                break
+            if old[1] not in needed or old[0] != base_name:
+                used -= self._nets.pop(old)[1]
+        self._nets[key] = (net, size)
+        return net
+
+    def loaded(self) -> dict:
+        """What is in memory now (names and MiB), for health."""
+        return {
+            "bases": list(self._bases),
+            "controlnets": [k[1] for k in self._nets],
+            "controlnet_mb": round(sum(s for _, s in self._nets.values()) / 2**20, 1),
+        }
