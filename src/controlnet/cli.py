@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "controlnet.world.commands",
     "controlnet.train.commands",
     "controlnet.evaluate.commands",
+    "controlnet.serve.commands",
 ]
 
 EXIT_USER_ERROR = 2

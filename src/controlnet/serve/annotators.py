@@ -1,0 +1,55 @@
+"""Annotator options as typed pydantic models: their JSON schema for GET /v1/annotators, their checks for requests.
+
+The options are the annotator dataclasses' own fields (annotate/registry.py `annotator_options`), minus the ones a
+client may not set (service.SERVER_ONLY_ANNOTATOR_OPTIONS: a weights path, the device). One model per annotator,
+`extra="forbid"`, so an unknown option is refused naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from functools import cache
+
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from controlnet.annotate.registry import annotator_class, annotator_options
+from controlnet.serve.service import SERVER_ONLY_ANNOTATOR_OPTIONS, FieldError, served_annotators
+
+
+@cache
+def options_model(name: str) -> type[BaseModel]:
+    cls = annotator_class(name)
+    hints = typing.get_type_hints(cls)
+    fields = {}
+    for key, f in annotator_options(name).items():
+        if key in SERVER_ONLY_ANNOTATOR_OPTIONS:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else ...
+        fields[key] = (hints.get(key, typing.Any), default)
+    return create_model(f"{name}_options", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def options_schema(name: str) -> dict:
+    return options_model(name).model_json_schema()
+
+
+def describe_annotators() -> list[dict]:
+    return [{"name": n, "options": options_schema(n)} for n in served_annotators()]
+
+
+def checked_options(name: str, options: dict, annotator_field: str, field: str) -> dict:
+    """`options` validated against the annotator's fields (types coerced as pydantic does); FieldError if not.
+
+    `annotator_field` / `field` name the annotator and its options as the request spells them."""
+    if name not in served_annotators():
+        raise FieldError(annotator_field, f"unknown annotator {name!r}; expected one of {', '.join(served_annotators())}")
+    try:
+        values = options_model(name).model_validate(options or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = "not an option of this annotator" if first["type"] == "extra_forbidden" else first["msg"]
+        raise FieldError(f"{field}.{where}" if where else field, message) from None
+    given = set(options or {})
+    return {k: v for k, v in values.model_dump().items() if k in given}

@@ -1,0 +1,153 @@
+"""CLI: `controlnet serve`. Thin: parse, check, build the registry, the service and the app, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7860  # the web UI's, so clients find us where they look
+DEFAULT_MAX_BODY_MB = 32.0
+INSTALL_HINT = 'controlnet serve needs the serve extra: pip install -e ".[serve]"'
+
+DESCRIPTION = """\
+Serve ControlNet generation over HTTP: a native JSON API under /v1 (OpenAPI at /docs and /openapi.json) and the
+web-UI compatible API that existing clients (the `webuiapi` package, image-editor plug-ins, scripts written for
+AUTOMATIC1111 + sd-webui-controlnet) speak: /sdapi/v1/* and /controlnet/*.
+
+With no arguments it serves the built-in base model and the built-in ControlNets (names `builtin:<name>`) on
+http://127.0.0.1:7860. --models DIR adds every base and ControlNet found in DIR (original single files and
+diffusers folders, as `controlnet inspect` recognises them; names are paths relative to DIR without the suffix,
+also accepted as `name [hash8]` with the web UI's short hash, or the bare file stem).
+
+Jobs run one at a time per device, in order, from one bounded queue: a full queue answers 429 with Retry-After.
+A job's progress is polled (GET /v1/jobs/{id}) or streamed (GET /v1/jobs/{id}/events); DELETE cancels it at the
+next sampler step. SIGTERM (or Ctrl-C) stops accepting requests, cancels queued and running jobs and exits 0.
+
+Security:
+  - binds 127.0.0.1 by default; a non-loopback --host refuses to start without --auth USER:PASS (HTTP Basic:
+    one credential for the API, /docs and the UI; use TLS in front of it, Basic sends the password in clear)
+  - no client-supplied file paths anywhere: images are base64 or data: URIs (a path string is a 422), model
+    names are the registry's names (never looked up on disk; symlinks out of the --models folders are not listed)
+  - weights load through safe loaders only (safetensors; .pth/.ckpt with torch.load(weights_only=True))
+  - request bodies over --max-body-mb are refused while they are read (413); images over --max-pixels before
+    they are decoded (413); cross-site requests (foreign Origin/Referer) 403; a foreign Host header 400 (DNS
+    rebinding); POST bodies other than application/json 415
+  - no route reveals the command line, the environment or the file system"""
+
+EPILOG = """\
+examples:
+  controlnet serve                                   built-in models on http://127.0.0.1:7860
+  controlnet serve --models ~/sd/models/ControlNet --models ~/sd/models/Stable-diffusion \\
+      --base v1-5-pruned-emaonly --tokenizer ~/sd/tokenizer --device cuda
+  controlnet serve --host 0.0.0.0 --auth alice:s3cret --allow-host gpu-box.lan
+  curl -s localhost:7860/v1/health
+  curl -s localhost:7860/v1/generate -H 'Content-Type: application/json' \\
+      -d '{"prompt": "a red circle", "steps": 10}' | python -c 'import json,sys; print(json.load(sys.stdin)["seeds"])'
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve generation over HTTP (native /v1 API + the web-UI compatible API)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s; anything but loopback needs --auth)")  # fmt: skip
+    g.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s, the web UI's)")
+    g.add_argument("--auth", default=None, metavar="USER:PASS",
+                   help="require HTTP Basic auth with these credentials for every route (default: none on loopback)")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another Host header name to accept (default: loopback names and --host); repeatable")
+    g = p.add_argument_group("models")
+    g.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="a folder of bases and ControlNets to offer (repeatable; default: only the built-in ones)")
+    g.add_argument("--base", default="builtin",
+                   help="the base used when a request names none (a registry name; default: %(default)s)")
+    g.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder for single-file SD bases (they hold none; see `controlnet generate`)")
+    g.add_argument("--max-controlnet-mb", type=float, default=2048.0, metavar="MB",
+                   help="memory for loaded ControlNets; least recently used ones are dropped (default: %(default)g)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-queue", type=int, default=16, metavar="N",
+                   help="jobs waiting at most; more are answered 429 with Retry-After (default: %(default)s)")
+    g.add_argument("--max-units", type=int, default=4, metavar="N",
+                   help="ControlNet units per request; more are a 422, never dropped (default: %(default)s)")
+    g.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
+                   help="request body size limit (default: %(default)g)")
+    g.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="pixels per uploaded image, checked before decoding (default: io/images.py MAX_IMAGE_PIXELS"
+                   ", 2**26)")  # fmt: skip
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
+    p.set_defaults(func=run_serve)
+
+
+def check_arguments(args) -> None:
+    """Refuse unsafe or impossible settings before anything loads."""
+    from controlnet.serve.security import is_loopback, parse_auth
+
+    parse_auth(args.auth)
+    if not is_loopback(args.host) and args.auth is None:
+        raise ValueError(
+            f"--host {args.host}: serving beyond this machine needs --auth USER:PASS (anyone on the network could "
+            "use the GPU and read every job); add --auth, or keep the default --host 127.0.0.1"
+        )
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port}: expected 1..65535")
+    for name in ("max_queue", "max_units"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
+    if args.max_body_mb <= 0 or args.max_controlnet_mb <= 0:
+        raise ValueError("--max-body-mb and --max-controlnet-mb: expected positive numbers")
+    if args.max_pixels is not None and args.max_pixels < 64 * 64:
+        raise ValueError(f"--max-pixels {args.max_pixels}: expected at least 4096")
+
+
+def run_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        print(INSTALL_HINT, file=sys.stderr)
+        return 2
+    check_arguments(args)
+    import torch
+
+    from controlnet.serve.app import create_app
+    from controlnet.serve.models import ModelRegistry
+    from controlnet.serve.security import SecuritySettings, parse_auth
+    from controlnet.serve.service import Service
+
+    registry = ModelRegistry(args.models, base=args.base)
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    base_options = {"tokenizer": args.tokenizer} if args.tokenizer else {}
+    service = Service(registry, max_queue=args.max_queue, max_units=args.max_units, device=args.device,
+                      max_controlnet_mb=args.max_controlnet_mb, dtype=dtype, base_options=base_options,
+                      threads=args.threads, max_pixels=args.max_pixels)  # fmt: skip
+    settings = SecuritySettings(host=args.host, port=args.port, auth=parse_auth(args.auth),
+                                allowed_hosts=args.allow_host, max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
+    app = create_app(service, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10,
+                            server_header=False)  # fmt: skip
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # SIGTERM/SIGINT: refuse new jobs and cancel running ones now, so that open requests end promptly and
+            # uvicorn's graceful shutdown does not wait for a long generation
+            service.stop_accepting(cancel_running=True)
+            super().handle_exit(sig, frame)
+
+    print(f"controlnet serve: http://{args.host}:{args.port} (docs at /docs); models: "
+          f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets", file=sys.stderr)  # fmt: skip
+    Server(config).run()
+    service.close(cancel_running=True)
+    return 0

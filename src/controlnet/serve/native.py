@@ -1,0 +1,329 @@
+"""The native API under /v1: typed requests (unknown fields refused), the service layer underneath.
+
+GET  /v1/health                  version, device, queue depth, current base
+GET  /v1/models                  bases and ControlNets (name, kind, family, condition, sha256; never a path)
+GET  /v1/annotators              each annotator with the JSON schema of its options
+POST /v1/annotate                image -> condition map
+POST /v1/generate                synchronous: PNG base64 images + the effective settings
+POST /v1/jobs                    asynchronous: -> id;  GET /v1/jobs/{id}: status and progress
+GET  /v1/jobs/{id}/events        Server-Sent Events: `progress` per sampler step, then done | failed | cancelled
+DELETE /v1/jobs/{id}             cancel (a running job stops at its next sampler step)
+GET  /v1/jobs/{id}/images/{k}.png  image k as a PNG with the settings embedded (generate/outputs.py)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from controlnet import __version__
+from controlnet.generate.jobs import ControlUnit, GenerationJob
+from controlnet.generate.outputs import png_info
+from controlnet.serve.annotators import checked_options, describe_annotators
+from controlnet.serve.images import decode_image, png_base64, png_bytes
+from controlnet.serve.problems import PROBLEM_JSON, ApiError, error_status
+from controlnet.serve.service import (
+    CANCELLED,
+    DONE,
+    AnnotationJob,
+    Job,
+    JobCancelled,
+    Service,
+    ServiceClosed,
+    check_annotator,
+)
+
+MAX_BATCH = 8
+MAX_SIDE = 2048
+MAX_STEPS = 150
+POLL_S = 0.25  # how often a waiting request checks whether its client went away
+SSE_KEEPALIVE_S = 15.0
+Mode = Literal["balanced", "prompt", "controlnet", "cfg_resolution"]
+ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_pad"]
+Image64 = Field(description="a base64 image or a data: URI (file paths are refused)")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Problem(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+    field: str | None = None
+    errors: list[dict] | None = None
+
+
+class UnitIn(Strict):
+    model: str = Field(description="a ControlNet's name from GET /v1/models (also `name [hash8]` or its stem)")
+    image: str | None = Field(None, description="condition image, base64 or data: URI; null = the init image")
+    annotator: str | None = Field(None, description="turn `image` into a condition map first (GET /v1/annotators)")
+    annotator_options: dict[str, Any] = Field(default_factory=dict)
+    scale: float = Field(1.0, ge=0, le=10, description="control strength (0 = the net is not run)")
+    start: float = Field(0.0, ge=0, le=1)
+    end: float = Field(1.0, ge=0, le=1)
+    mode: Mode = "balanced"
+    resize_mode: ResizeMode = "just_resize"
+    block_scales: list[float] | None = Field(None, max_length=64)
+
+
+class GenerateIn(Strict):
+    prompt: str = Field("", max_length=20000)
+    negative_prompt: str | None = Field(None, max_length=20000)
+    base: str | None = Field(None, description="a base's name from GET /v1/models; null = the current base")
+    units: list[UnitIn] = Field(default_factory=list, description="ControlNet units (at most --max-units)")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="null = the base's default")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="null = the base's default")
+    scheduler: str | None = Field(None, max_length=64, description="sampler name, e.g. ddim, euler_a, dpmpp_2m")
+    width: int | None = Field(None, ge=1, le=MAX_SIDE)
+    height: int | None = Field(None, ge=1, le=MAX_SIDE)
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH)
+    init_image: str | None = Field(None, description="img2img source, base64 or data: URI")
+    mask: str | None = Field(None, description="inpainting mask (white = repaint), base64 or data: URI")
+    strength: float | None = Field(None, gt=0, le=1)
+    eta: float = Field(0.0, ge=0, le=1)
+    clip_skip: int = Field(0, ge=0, le=12)
+    guess_mode_form: Literal["reference", "diffusers"] = "reference"
+    resize_mode: ResizeMode = "just_resize"
+    inpaint_paste: bool = False
+
+
+class AnnotateIn(Strict):
+    annotator: str
+    image: str = Image64
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    device: str
+    queue_depth: int
+    max_queue: int
+    max_units: int
+    current_base: str
+    running: str | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    kind: str
+    family: str | None
+    condition: str | None
+    sha256: str
+    hash8: str
+
+
+class AnnotatorInfo(BaseModel):
+    name: str
+    options: dict[str, Any]
+
+
+class AnnotateOut(BaseModel):
+    annotator: str
+    image: str
+    width: int
+    height: int
+
+
+class GenerateOut(BaseModel):
+    job: str
+    images: list[str]
+    seeds: list[int]
+    settings: dict[str, Any]
+
+
+class JobStatus(BaseModel):
+    id: str
+    kind: str
+    state: str
+    step: int
+    total: int
+    progress: float
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    images: int = 0
+    settings: dict[str, Any] | None = None
+
+
+def _problems(*codes: int) -> dict:
+    return {c: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": "problem details"} for c in codes}
+
+
+COMMON_ERRORS = (400, 401, 403, 413, 415, 422)
+
+
+def decode_job(body: GenerateIn, service: Service) -> GenerationJob:
+    """The request as a GenerationJob: images decoded (bombs refused), annotator options checked."""
+    px = service.max_pixels
+    units = []
+    for k, u in enumerate(body.units):
+        image = None if u.image is None else decode_image(u.image, f"units[{k}].image", px)
+        options = {}
+        if u.annotator:
+            options = checked_options(u.annotator, u.annotator_options, f"units[{k}].annotator",
+                                      f"units[{k}].annotator_options")  # fmt: skip
+        elif u.annotator_options:
+            raise ApiError(422, f"units[{k}].annotator_options: given without an annotator", f"units[{k}].annotator")
+        if image is None and body.init_image is None:
+            raise ApiError(422, f"units[{k}].image: required without an init_image to take it from",
+                           f"units[{k}].image")  # fmt: skip
+        units.append(ControlUnit(model=u.model, image=image, annotator=u.annotator, annotator_options=options,
+                                 scale=u.scale, start=u.start, end=u.end, mode=u.mode, resize_mode=u.resize_mode,
+                                 block_scales=u.block_scales))  # fmt: skip
+    init = None if body.init_image is None else decode_image(body.init_image, "init_image", px)
+    mask = None if body.mask is None else decode_image(body.mask, "mask", px)
+    return GenerationJob(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, base=body.base or service.current_base,
+        units=units, seed=body.seed, steps=body.steps, guidance_scale=body.guidance_scale,
+        scheduler=body.scheduler, width=body.width, height=body.height, batch_size=body.batch_size,
+        init_image=init, mask=mask, strength=body.strength, eta=body.eta, clip_skip=body.clip_skip,
+        guess_mode_form=body.guess_mode_form, resize_mode=body.resize_mode, inpaint_paste=body.inpaint_paste,
+    )  # fmt: skip
+
+
+def image_pnginfo(job: Job, k: int):
+    result = job.result
+    return png_info(result.settings, result.seeds[k], [u.model for u in job.spec.units])
+
+
+async def wait_for(job: Job, request: Request, service: Service):
+    """Wait for a job while its client is there; a client that goes away cancels its job (the queue moves on)."""
+    while not await anyio.to_thread.run_sync(job.wait, POLL_S):
+        if await request.is_disconnected():
+            service.cancel(job.id)
+            raise ApiError(409, f"job {job.id}: the client disconnected; cancelled")
+    if job.state == DONE:
+        return job.result
+    raise_job_error(job)
+
+
+def raise_job_error(job: Job):
+    err = job.error
+    if job.state == CANCELLED or isinstance(err, JobCancelled):
+        raise ApiError(409, f"job {job.id} was cancelled")
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        raise ApiError(error_status(err), str(err).splitlines()[0], getattr(err, "field", None))
+    raise RuntimeError(f"job {job.id} failed: {err}") from err
+
+
+def add_routes(app: FastAPI, service: Service) -> None:
+    r = APIRouter(prefix="/v1", tags=["native"], responses=_problems(*COMMON_ERRORS))
+
+    def lookup(job_id: str) -> Job:
+        job = service.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r} (unknown, or finished long ago and forgotten)", "job_id")
+        return job
+
+    def job_status(job: Job) -> JobStatus:
+        extra = {}
+        if job.state == DONE and job.kind == "generate":
+            extra = {"images": len(job.result.images), "settings": job.result.settings}
+        return JobStatus(**job.status(), **extra)
+
+    @r.get("/health", response_model=Health, summary="server status")
+    def health() -> Health:
+        running = service.current()
+        return Health(status="ok", version=__version__, device=str(service.device),
+                      queue_depth=service.queue_depth(), max_queue=service.max_queue, max_units=service.max_units,
+                      current_base=service.current_base, running=running.id if running else None)  # fmt: skip
+
+    @r.get("/models", response_model=list[ModelInfo], summary="bases and ControlNets this server can use")
+    def models() -> list[ModelInfo]:
+        return [ModelInfo(**e.describe()) for e in service.registry.all()]
+
+    @r.get("/annotators", response_model=list[AnnotatorInfo], summary="annotators and their options' schemas")
+    def annotators() -> list[AnnotatorInfo]:
+        return [AnnotatorInfo(**a) for a in describe_annotators()]
+
+    @r.post("/annotate", response_model=AnnotateOut, responses=_problems(409, 429, 503),
+            summary="turn an image into a condition map")  # fmt: skip
+    async def annotate(body: AnnotateIn, request: Request) -> AnnotateOut:
+        check_annotator(body.annotator, {}, "annotator")
+        options = checked_options(body.annotator, body.options, "annotator", "options")
+        image = decode_image(body.image, "image", service.max_pixels)
+        job = service.submit(AnnotationJob(body.annotator, image, options))
+        result = await wait_for(job, request, service)
+        return AnnotateOut(annotator=body.annotator, image=png_base64(result), width=result.width,
+                           height=result.height)  # fmt: skip
+
+    @r.post("/generate", response_model=GenerateOut, responses=_problems(409, 429, 503),
+            summary="generate images (synchronous)")  # fmt: skip
+    async def generate(body: GenerateIn, request: Request) -> GenerateOut:
+        job = service.submit(decode_job(body, service))
+        result = await wait_for(job, request, service)
+        images = [png_base64(im, image_pnginfo(job, k)) for k, im in enumerate(result.images)]
+        return GenerateOut(job=job.id, images=images, seeds=result.seeds, settings=result.settings)
+
+    @r.post("/jobs", response_model=JobStatus, status_code=202, responses=_problems(429, 503),
+            summary="submit a generation (asynchronous)")  # fmt: skip
+    def submit(body: GenerateIn) -> JobStatus:
+        return job_status(service.submit(decode_job(body, service)))
+
+    @r.get("/jobs/{job_id}", response_model=JobStatus, responses=_problems(404), summary="a job's status")
+    def status(job_id: str) -> JobStatus:
+        return job_status(lookup(job_id))
+
+    @r.delete("/jobs/{job_id}", response_model=JobStatus, responses=_problems(404), summary="cancel a job")
+    def cancel(job_id: str) -> JobStatus:
+        lookup(job_id)
+        return job_status(service.cancel(job_id))
+
+    @r.get("/jobs/{job_id}/events", responses={**_problems(404), 200: {"content": {"text/event-stream": {}}}},
+           response_class=StreamingResponse, summary="progress as Server-Sent Events")  # fmt: skip
+    async def events(job_id: str, request: Request):
+        job = lookup(job_id)
+
+        async def stream():
+            version, sent = -1, None
+            while True:
+                version = await anyio.to_thread.run_sync(job.wait_change, version, SSE_KEEPALIVE_S)
+                status = job.status()
+                if job.done:
+                    data = {**status, "images": len(job.result.images) if job.state == DONE else 0}
+                    yield f"event: {job.state}\ndata: {json.dumps(data)}\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+                key = (status["state"], status["step"])
+                if key != sent:
+                    sent = key
+                    yield f"event: progress\ndata: {json.dumps(status)}\n\n"
+                else:
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(0)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+    @r.get("/jobs/{job_id}/images/{index}.png", responses={**_problems(404, 409), 200: {"content": {"image/png": {}}}},
+           response_class=Response, summary="image k of a finished job, as a PNG with its settings")  # fmt: skip
+    def image(job_id: str, index: int):
+        job = lookup(job_id)
+        if job.kind != "generate":
+            raise ApiError(404, f"job {job_id} is an annotation job; it has no generated images", "job_id")
+        if job.state != DONE:
+            if job.done:
+                raise_job_error(job)
+            raise ApiError(409, f"job {job_id} is {job.state}; images exist once it is done", "job_id")
+        if not 0 <= index < len(job.result.images):
+            raise ApiError(404, f"job {job_id} has {len(job.result.images)} images; no image {index}", "index")
+        data = png_bytes(job.result.images[index], image_pnginfo(job, index))
+        return Response(data, media_type="image/png")
+
+    app.include_router(r)
+
+
+__all__ = ["add_routes", "ServiceClosed"]
