@@ -42,7 +42,7 @@ RESIZE_LABEL = {
     "crop_and_resize": "Crop and Resize",
     "resize_and_pad": "Resize and Fill",
 }
-DEFAULT_RESIZE = "crop_and_resize"
+DEFAULT_RESIZE = "Crop and Resize"  # the web UI's default
 # control_mode: 0 Balanced, 1 My prompt is more important, 2 ControlNet is more important (generate/guidance.py).
 MODE_BY_INT = {0: "balanced", 1: "prompt", 2: "controlnet"}
 MODE_BY_LABEL = {"balanced": "balanced", "my prompt is more important": "prompt",
