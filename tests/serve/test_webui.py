@@ -220,9 +220,23 @@ def test_aliases_and_enums(server, model_title):
     assert "ControlNet is more important" in extra["ControlNet 1"]
 
 
-def test_seed_minus_one_is_reported(api, model_title):
-    result = api.txt2img(prompt="x", width=SIZE, height=SIZE, steps=1, seed=-1)
-    assert result.info["seed"] >= 0 and result.info["all_seeds"] == [result.info["seed"]]
+def test_seed_minus_one_and_n_iter(api, model_title):
+    result = api.txt2img(prompt="x", width=SIZE, height=SIZE, steps=1, seed=-1, n_iter=2)
+    seed = result.info["seed"]
+    assert seed >= 0 and result.info["all_seeds"] == [seed, seed + 1] and len(result.images) == 2
+
+
+def test_inpaint_only_uses_init_image_and_mask(server, model_title):
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 48, 48), fill=255)
+    body = {"init_images": ["data:image/png;base64," + raw_b64(scene(6))], "mask": raw_b64(mask),
+            "prompt": "x", "width": SIZE, "height": SIZE, "steps": 2, "seed": 1, "send_images": True,
+            "alwayson_scripts": {"ControlNet": {"args": [{"module": "inpaint_only", "model": model_title}]}}}  # fmt: skip
+    r = httpx.post(server.url + "/sdapi/v1/img2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 2 and r.json()["parameters"]["init_images"] == [None]
+    r = httpx.post(server.url + "/sdapi/v1/img2img", json={**body, "mask": None}, timeout=60)
+    assert r.status_code == 422 and "with a mask" in r.json()["detail"]
 
 
 # -------------------------------------------------------------------------------------------------------------
