@@ -72,7 +72,7 @@ def build_response(request: WebUIRequest, results: list, parameters: dict, base_
         "subseed_strength": 0,
         "width": first["width"],
         "height": first["height"],
-        "sampler_name": request.sampler_name if first["sampler"] == request.sampler_name else first["sampler"],
+        "sampler_name": first["sampler"],  # the sampler that ran, in the web UI's spelling
         "cfg_scale": first["guidance_scale"],
         "steps": first["steps"],
         "batch_size": job.batch_size,

@@ -5,6 +5,10 @@ and detect images), with or without padding. Upstream also takes a string that n
 (any client reads any image the server can): here such a string is refused with a 422 that says so, and nothing is
 ever looked up on disk. Decoding goes through io/images.py `open_image`, which refuses an image whose header claims
 more than MAX_IMAGE_PIXELS before a pixel is decoded (a decompression bomb: 413) and corrupt data (422).
+
+Marked duplication of serve/images.py (the native API's decoder): the web UI's forms differ. "" means "no image"
+here, and raw base64 of a JPEG starts with "/9j/", which a path check run before decoding would refuse; so strings
+of the base64 alphabet are decoded first and called a path only when they are not an image.
 """
 
 from __future__ import annotations
