@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ def run_serve(args) -> int:
 
     print(f"controlnet serve: http://{args.host}:{args.port} (docs at /docs); models: "
           f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets", file=sys.stderr)  # fmt: skip
+    # uvicorn restores the handlers it found and re-raises the signal it stopped on; a SIGTERM we have handled
+    # (jobs cancelled, connections closed) then lands on this no-op, so the exit status is 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     Server(config).run()
     service.close(cancel_running=True)
     return 0

@@ -37,6 +37,7 @@ from controlnet.serve.service import (
     Service,
     ServiceClosed,
     check_annotator,
+    served_annotators,
 )
 
 MAX_BATCH = 8
@@ -98,7 +99,7 @@ class GenerateIn(Strict):
 
 
 class AnnotateIn(Strict):
-    annotator: str
+    annotator: Literal[tuple(served_annotators())] = Field(description="an annotator from GET /v1/annotators")
     image: str = Image64
     options: dict[str, Any] = Field(default_factory=dict)
 

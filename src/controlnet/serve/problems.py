@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from controlnet.errors import ImageError
 from controlnet.serve.models import UnknownModel
@@ -77,6 +78,15 @@ def validation_errors(errors) -> list[dict]:
     return out
 
 
+def allowed_methods(request: Request) -> list[str]:
+    methods = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "__none__"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def error_status(err: BaseException) -> int:
     """The status of a library error met while serving a request."""
     if isinstance(err, ImageError) and "pixels, over the limit" in str(err):
@@ -100,9 +110,13 @@ def install_handlers(app: FastAPI) -> None:
         detail = err.detail if isinstance(err.detail, str) else HTTPStatus(err.status_code).phrase
         if err.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.url.path}"
+        headers = getattr(err, "headers", None)
         if err.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
-        return problem(err.status_code, detail, headers=getattr(err, "headers", None))
+            # Starlette's Allow names the first matching route's methods only; a path served by several routes
+            # (GET and DELETE /v1/jobs/{id}) allows all of theirs
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return problem(err.status_code, detail, headers=headers)
 
     @app.exception_handler(UnknownModel)
     async def _unknown(request: Request, err: UnknownModel):

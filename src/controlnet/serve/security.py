@@ -69,10 +69,6 @@ class SecuritySettings:
         return {n.lower() for n in names}
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 def _hostname(hostport: str) -> str:
     """'127.0.0.1:7860' -> '127.0.0.1'; '[::1]:80' -> '::1'."""
     hostport = hostport.strip().lower()
@@ -99,31 +95,32 @@ class SecurityMiddleware:
         refusal = self._refuse(scope, headers)
         if refusal is not None:
             return await _send_problem(send, *refusal)
+        if scope["method"] not in BODY_METHODS:
+            return await self.app(scope, receive, send)
+        # the body is read here, counted chunk by chunk, before any parser sees it (FastAPI would turn an error
+        # raised from inside its own read into a 400), then replayed to the app
         limit = self.settings.max_body_bytes
-        received = 0
-
-        async def counted_receive():
-            nonlocal received
+        chunks, received, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise BodyTooLarge()
-            return message
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                return await _send_problem(send, 413, f"request body over the limit of {limit:,} bytes (--max-body-mb)")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
 
-        started = False
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: waits for http.disconnect (is_disconnected polls this)
 
-        async def tracked_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except BodyTooLarge:
-            if not started:
-                await _send_problem(send, 413, f"request body over the limit of {limit:,} bytes (--max-body-mb)")
+        await self.app(scope, replay, send)
 
     def _refuse(self, scope, headers: dict) -> tuple | None:
         method = scope["method"]

@@ -1,0 +1,107 @@
+"""Overhead of `controlnet serve`: built-in generation through POST /v1/generate vs the pipeline in one process.
+
+    python benchmarks/serve.py [--images 10] [--steps 20]
+
+Starts the real server (subprocess, loopback, one built-in-base ControlNet copied from its UNet), then measures:
+- direct: `run_job(pipe, job)` in this process, the same job (same settings, same ControlNet) per image;
+- served, 1 client: the same request over HTTP, one at a time (includes JSON, base64, PNG encode + decode);
+- served, 4 clients: 4 threads posting at once (jobs run one at a time per device: throughput, not latency).
+Both sides use --threads/torch.set_num_threads equal, so only the serving layer differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serve"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    import torch
+    from live_server import TINY_CONTROLNET, make_models_folder, start_server
+    from PIL import Image
+
+    from controlnet.generate.jobs import ControlUnit, GenerationJob, run_job
+    from controlnet.io.api import load_controlnet
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp())
+    models = make_models_folder(tmp / "models")
+    cond = Image.new("RGB", (64, 64))
+    buffer = io.BytesIO()
+    cond.save(buffer, format="PNG")
+    body = {"prompt": "a red circle", "steps": args.steps, "units": [{"model": TINY_CONTROLNET,
+            "image": base64.b64encode(buffer.getvalue()).decode()}]}  # fmt: skip
+
+    from controlnet.generate.base import load_base
+    from controlnet.generate.pipeline import ControlNetPipeline
+
+    base = load_base("builtin")
+    net = load_controlnet(models / TINY_CONTROLNET, unet=base.unet).eval().requires_grad_(False)
+    pipe = ControlNetPipeline.from_components(base, [net])
+
+    def job(seed):
+        return GenerationJob(prompt=body["prompt"], steps=args.steps, seed=seed, units=[ControlUnit(TINY_CONTROLNET,
+                             image=cond)])  # fmt: skip
+
+    with torch.inference_mode():
+        run_job(pipe, job(0))  # warm-up
+        start = time.perf_counter()
+        for k in range(args.images):
+            run_job(pipe, job(k))
+        direct = (time.perf_counter() - start) / args.images
+
+    server = start_server(models, tmp / "server.log", "--threads", str(args.threads), "--max-queue", "16")
+    try:
+        url = server.url + "/v1/generate"
+        with httpx.Client(timeout=300) as client:
+            client.post(url, json=body).raise_for_status()  # warm-up: loads the models
+            start = time.perf_counter()
+            for k in range(args.images):
+                client.post(url, json={**body, "seed": k}).raise_for_status()
+            served = (time.perf_counter() - start) / args.images
+
+        codes = []
+
+        def worker(n):
+            with httpx.Client(timeout=300) as client:
+                for k in range(n):
+                    codes.append(client.post(url, json={**body, "seed": k}).status_code)
+
+        per = max(1, args.images // 4)
+        threads = [threading.Thread(target=worker, args=(per,)) for _ in range(4)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        four = len(codes) / (time.perf_counter() - start)
+        rss = server.peak_rss_mb()
+    finally:
+        server.stop()
+    overhead = 100 * (served - direct) / direct
+    print(f"built-in base, 64 px, {args.steps} steps, 1 ControlNet, {args.threads} thread(s), {args.images} images")
+    print(f"direct run_job:        {direct * 1000:8.1f} ms/image  ({1 / direct:.2f} images/s)")
+    print(f"/v1/generate, 1 client:{served * 1000:8.1f} ms/image  ({1 / served:.2f} images/s)  overhead {overhead:+.1f}%")
+    print(f"/v1/generate, 4 clients:            {four:.2f} images/s  (status codes {sorted(set(codes))})")
+    print(f"server peak RSS: {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Start the REAL `controlnet serve` in a subprocess on a free loopback port (tests talk HTTP to it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+STARTUP_TIMEOUT_S = 120.0
+TINY_CONTROLNET = "control_tiny_canny"  # its name in the models folder: the registry guesses condition "canny"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_models_folder(folder: Path, seed: int = 0, nonzero: bool = True) -> Path:
+    """A models folder with one tiny ControlNet copied from the built-in base's UNet (diffusers format).
+
+    `nonzero`: its zero convolutions get small random weights, so that control visibly changes the images (a
+    fresh ControlNet adds exactly zero: paper Sec. 3.1)."""
+    import torch
+
+    from controlnet import ControlNet, save_controlnet
+    from controlnet.generate.base import load_base
+
+    base = load_base("builtin")
+    torch.manual_seed(seed)
+    net = ControlNet.from_unet(base.unet, hint_downscale_factor=base.vae_scale_factor)
+    if nonzero:
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if "zero" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+                    p.normal_(0, 0.05)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_controlnet(net, folder / TINY_CONTROLNET)
+    return folder
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start_server(models: Path | None, log: Path, *args: str, auth: tuple[str, str] | None = None) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "controlnet.cli", "serve", "--port", str(port), "--threads", "1", *args]
+    if models is not None:
+        cmd += ["--models", str(models)]
+    fh = open(log, "wb")  # noqa: SIM115 - stays open for the server's life
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/v1/health", auth=auth, timeout=2).status_code == 200:
+                return Server(url, proc, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not answer /v1/health within {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
