@@ -1,0 +1,205 @@
+"""The web-UI compatible routes: AUTOMATIC1111's `/sdapi/v1/*` subset and sd-webui-controlnet's `/controlnet/*`.
+
+Each route parses the web UI's spelling (generation.py, units.py), builds the same `GenerationJob` /
+`AnnotationJob` as the native API and runs it through the service (one queue, the loaded models), then answers in
+the web UI's shapes (info.py). Errors are the app's problem+json (serve/problems.py), naming the field as the
+request spelled it. Not served: `/sdapi/v1/cmd-flags` (it reveals the command line; upstream it leaked the UI
+password) and the removed `/controlnet/txt2img`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated
+
+from fastapi import Body, FastAPI
+
+from controlnet.serve.problems import ApiError
+from controlnet.serve.service import AnnotationJob, FieldError
+from controlnet.serve.webui import modules as mods
+from controlnet.serve.webui.generation import echo_parameters, parse_request
+from controlnet.serve.webui.info import build_response
+from controlnet.serve.webui.payload import PayloadError, decode_image, encode_png
+from controlnet.serve.webui.units import UNSET
+
+CONTROLNET_API_VERSION = 3  # sd-webui-controlnet's API version (1.1.455)
+# webuiapi reads "controlnet m2m" in the txt2img list as "ControlNet is installed" and then sends {"args": []}
+# when a call has no units (otherwise its shared mutable default re-sends earlier units: webui-api.md).
+SCRIPTS = {"txt2img": ["controlnet m2m"], "img2img": ["controlnet m2m"]}
+MAX_DETECT_IMAGES = 16
+JsonBody = Annotated[dict, Body()]  # the web UI's bodies are untyped objects; routes parse them
+_UNIT_FIELD = re.compile(r"^units\[(\d+)\]")
+
+
+def _api_error(err: PayloadError) -> ApiError:
+    return ApiError(err.status, str(err), err.field)
+
+
+def add_routes(app: FastAPI, service) -> None:
+    """Add the web-UI compatible routes to `app`, backed by `service` (serve/service.py `Service`)."""
+
+    def generate(payload: dict, img2img: bool) -> dict:
+        try:
+            request = parse_request(payload, service, img2img)
+        except PayloadError as err:
+            raise _api_error(err) from None
+        results = []
+        for job in request.jobs():
+            try:
+                results.append(service.run(job))
+            except FieldError as err:  # a unit's field in the job's numbering -> the request's
+                match = _UNIT_FIELD.match(err.field)
+                if match and int(match.group(1)) < len(request.units):
+                    unit = request.units[int(match.group(1))]
+                    where = f"alwayson_scripts.{request.script_key or 'ControlNet'}.args[{unit.index}]"
+                    field = where + err.field[match.end() :]
+                    raise ApiError(422, str(err).replace(err.field, field, 1), field) from None
+                raise
+        base = service.registry.base(request.job.base)
+        send = payload.get("send_images", True) is not False
+        return build_response(request, results, echo_parameters(payload), base, send)
+
+    @app.post("/sdapi/v1/txt2img", tags=["web-UI API"])
+    def txt2img(payload: JsonBody) -> dict:
+        """Text to image with ControlNet units in `alwayson_scripts.ControlNet.args` (AUTOMATIC1111's API)."""
+        return generate(payload, img2img=False)
+
+    @app.post("/sdapi/v1/img2img", tags=["web-UI API"])
+    def img2img(payload: JsonBody) -> dict:
+        """Image to image / inpainting; a unit without an image takes `init_images[0]`."""
+        return generate(payload, img2img=True)
+
+    @app.get("/sdapi/v1/scripts", tags=["web-UI API"])
+    def scripts() -> dict:
+        return SCRIPTS
+
+    @app.get("/sdapi/v1/sd-models", tags=["web-UI API"])
+    def sd_models() -> list:
+        """The bases; `filename` is the registry name (the server's file system is never shown)."""
+        return [
+            {
+                "title": e.title,
+                "model_name": e.stem,
+                "hash": e.hash8,
+                "sha256": e.sha256,
+                "filename": e.name,
+                "config": None,
+            }  # fmt: skip
+            for e in service.registry.bases()
+        ]
+
+    @app.get("/sdapi/v1/options", tags=["web-UI API"])
+    def get_options() -> dict:
+        base = service.registry.base(service.current_base)
+        return {"sd_model_checkpoint": base.title, "sd_checkpoint_hash": base.sha256, "CLIP_stop_at_last_layers": 1,
+                "control_net_unit_count": service.max_units}  # fmt: skip
+
+    @app.post("/sdapi/v1/options", tags=["web-UI API"])
+    def set_options(payload: JsonBody) -> dict:
+        """Switch the base with `sd_model_checkpoint`. Any other key must keep the value GET reports: this
+        server has no other global settings, and accepting a change it would not apply is a silent fallback.
+        (A client may post back what it read.)"""
+        current = get_options()
+        for key, value in payload.items():
+            if key != "sd_model_checkpoint" and (key not in current or current[key] != value):
+                raise ApiError(422, f"{key}: this setting is not available here; POST /sdapi/v1/options changes "
+                                    "only sd_model_checkpoint", key)  # fmt: skip
+        if "sd_model_checkpoint" in payload:
+            try:
+                service.set_base(payload["sd_model_checkpoint"])
+            except ValueError as err:
+                raise ApiError(422, f"sd_model_checkpoint: {err}", "sd_model_checkpoint") from None
+        return get_options()
+
+    @app.get("/sdapi/v1/samplers", tags=["web-UI API"])
+    def samplers() -> list:
+        from controlnet.generate.samplers import SAMPLERS
+
+        return [{"name": s.display_name, "aliases": [key], "options": {}} for key, s in SAMPLERS.items()]
+
+    @app.get("/sdapi/v1/progress", tags=["web-UI API"])
+    def progress(skip_current_image: bool = False) -> dict:
+        job = service.current()
+        depth = service.queue_depth()
+        state = {"skipped": False, "interrupted": False, "job": "", "job_count": depth, "job_timestamp": "0",
+                 "job_no": 0, "sampling_step": 0, "sampling_steps": 0}  # fmt: skip
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        fraction = job.step / job.total if job.total else 0.0
+        elapsed = time.time() - (job.started or time.time())
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        state.update(job=job.id, interrupted=job.cancel_requested, sampling_step=job.step,
+                     sampling_steps=job.total, job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)))  # fmt: skip
+        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None}
+
+    @app.post("/sdapi/v1/interrupt", tags=["web-UI API"])
+    def interrupt() -> dict:
+        """Cancel the running job at its next sampler step (its request answers 409)."""
+        job = service.interrupt()
+        return {"interrupted": None if job is None else job.id}
+
+    @app.get("/controlnet/version", tags=["web-UI API"])
+    def version() -> dict:
+        return {"version": CONTROLNET_API_VERSION}
+
+    @app.get("/controlnet/model_list", tags=["web-UI API"])
+    def model_list(update: bool = False) -> dict:
+        """ControlNets as `name [hash8]` (A1111's old hash); `update` is accepted (the registry is the scan)."""
+        return {"model_list": [e.title for e in service.registry.controlnets()]}
+
+    @app.get("/controlnet/module_list", tags=["web-UI API"])
+    def module_list(alias_names: bool = False) -> dict:
+        available = mods.available_modules()
+        return {
+            "module_list": [m.label if alias_names else m.name for m in available],
+            "module_detail": {m.label if alias_names else m.name: mods.module_detail(m) for m in available},
+        }
+
+    @app.get("/controlnet/control_types", tags=["web-UI API"])
+    def control_types() -> dict:
+        return {"control_types": mods.control_types(service.registry.controlnets())}
+
+    @app.get("/controlnet/settings", tags=["web-UI API"])
+    def settings() -> dict:
+        return {"control_net_unit_count": service.max_units}
+
+    @app.post("/controlnet/detect", tags=["web-UI API"])
+    def detect(payload: JsonBody) -> dict:
+        """Run a module on images (`controlnet_input_images` or webuiapi's `controlnet_images`)."""
+        try:
+            return _detect(payload, service)
+        except PayloadError as err:
+            raise _api_error(err) from None
+
+
+def _detect(payload: dict, service) -> dict:
+    key = "controlnet_input_images" if "controlnet_input_images" in payload else "controlnet_images"
+    images = payload.get(key)
+    if not isinstance(images, list) or not images:
+        raise PayloadError(key, "expected a non-empty list of base64 images (controlnet_input_images)")
+    if len(images) > MAX_DETECT_IMAGES:
+        raise PayloadError(key, f"{len(images)} images; at most {MAX_DETECT_IMAGES} per request")
+    try:
+        module = mods.find_module(payload.get("controlnet_module", mods.NONE_MODULE) or mods.NONE_MODULE)
+    except ValueError as err:
+        raise PayloadError("controlnet_module", str(err)) from None
+    if module.annotator == "inpaint":
+        raise PayloadError("controlnet_module", "inpaint_only has no detected map; it runs inside img2img")
+    limit = getattr(service, "max_pixels", None)
+    decoded = [decode_image(v, f"{key}[{i}]", *([limit] if limit else [])) for i, v in enumerate(images)]
+    for i, image in enumerate(decoded):
+        if image is None:
+            raise PayloadError(f"{key}[{i}]", "empty image")
+    options = dict(module.fixed)
+    for field, slider in module.sliders():
+        value, _ = mods.effective_value(module, slider, payload.get(f"controlnet_{field}", UNSET))
+        options[slider.option] = value
+    out = []
+    for image in decoded:
+        if module.annotator is None:
+            out.append(encode_png(image.convert("RGB")))
+            continue
+        result = service.run(AnnotationJob(module.annotator, image.convert("RGB"), options))
+        out.append(encode_png(result))
+    return {"images": out, "info": "Success"}
