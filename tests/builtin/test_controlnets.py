@@ -10,7 +10,7 @@ import pytest
 from controlnet.generate.base import BUILTIN_CONTROLNET, builtin_controlnets, controlnet_path
 
 # What each shipped net was trained for: the world task whose metric scores it (builtin/weights/controlnets/*/).
-EXPECTED = {"fill", "canny"}
+EXPECTED = {"fill", "canny", "seg", "pose"}
 
 
 def test_every_shipped_controlnet_has_weights_a_config_and_a_card():

@@ -3,6 +3,7 @@ native API from its own /openapi.json (bounded, loopback only): no 5xx, response
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -47,9 +48,15 @@ def test_non_loopback_host_without_auth_refuses_to_start():
 
 @pytest.fixture(scope="module")
 def api_schema(server):
-    schema = schemathesis.openapi.from_url(server.url + "/openapi.json", auth=AUTH)
+    # the native API's cheap operations only, cut from the served document itself: schemathesis' own include()
+    # filter was not applied under pytest's from_fixture here (the web-UI routes, which generate, were fuzzed too)
+    spec = httpx.get(server.url + "/openapi.json", auth=AUTH, timeout=60).json()
+    wanted = re.compile(r"^/v1/(health|models|annotators|annotate|jobs/\{job_id\})$")
+    spec["paths"] = {path: item for path, item in spec["paths"].items() if wanted.match(path)}
+    assert len(spec["paths"]) == 5, sorted(spec["paths"])
+    schema = schemathesis.openapi.from_dict(spec)
     schema.config.update(base_url=server.url)
-    return schema.include(path_regex=r"^/v1/(health|models|annotators|annotate|jobs/\{job_id\})$")
+    return schema
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")

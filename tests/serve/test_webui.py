@@ -84,7 +84,11 @@ def test_controlnet_lists(api, server, model_title):
     assert [s["value"] for s in detail["sliders"]] == [512, 100, 200]
     assert httpx.get(server.url + "/controlnet/settings").json() == {"control_net_unit_count": 2}
     types = httpx.get(server.url + "/controlnet/control_types").json()["control_types"]
-    assert types["Canny"]["default_model"] == model_title and "canny" in types["Canny"]["module_list"]
+    canny = types["Canny"]
+    assert model_title in canny["model_list"] and canny["default_model"] in canny["model_list"]
+    assert "canny" in canny["module_list"]
+    # the shipped ControlNets are served out of the box, beside the --models folder's
+    assert {t.split(" [")[0] for t in api.controlnet_model_list()} >= {"builtin:fill", "builtin:canny", TINY_CONTROLNET}
     assert "controlnet m2m" in api.get_scripts()["txt2img"] and api.has_controlnet
     assert [m["title"].split(" [")[0] for m in api.get_sd_models()] == ["builtin"]
     assert "Euler a" in api.util_get_sampler_names()
