@@ -3,7 +3,8 @@
     python benchmarks/serve.py [--images 10] [--steps 20]
 
 Starts the real server (subprocess, loopback, one built-in-base ControlNet copied from its UNet), then measures:
-- direct: `run_job(pipe, job)` in this process, the same job (same settings, same ControlNet) per image;
+- direct: `run_job(pipe, job)` in this process, the same job (same settings, same ControlNet) per image,
+  interleaved with the served request of the same seed (median of the pairs' ratios);
 - served, 1 client: the same request over HTTP, one at a time (includes JSON, base64, PNG encode + decode);
 - served, 4 clients: 4 threads posting at once (jobs run one at a time per device: throughput, not latency).
 Both sides use --threads/torch.set_num_threads equal, so only the serving layer differs.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import statistics
 import sys
 import tempfile
 import threading
@@ -60,22 +62,28 @@ def main() -> None:
         return GenerationJob(prompt=body["prompt"], steps=args.steps, seed=seed, units=[ControlUnit(TINY_CONTROLNET,
                              image=cond)])  # fmt: skip
 
-    with torch.inference_mode():
-        run_job(pipe, job(0))  # warm-up
-        start = time.perf_counter()
-        for k in range(args.images):
-            run_job(pipe, job(k))
-        direct = (time.perf_counter() - start) / args.images
+    def direct(seed) -> float:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            run_job(pipe, job(seed))
+            return time.perf_counter() - start
 
     server = start_server(models, tmp / "server.log", "--threads", str(args.threads), "--max-queue", "16")
     try:
         url = server.url + "/v1/generate"
         with httpx.Client(timeout=300) as client:
-            client.post(url, json=body).raise_for_status()  # warm-up: loads the models
-            start = time.perf_counter()
-            for k in range(args.images):
-                client.post(url, json={**body, "seed": k}).raise_for_status()
-            served = (time.perf_counter() - start) / args.images
+
+            def served(seed) -> float:
+                start = time.perf_counter()
+                client.post(url, json={**body, "seed": seed}).raise_for_status()
+                return time.perf_counter() - start
+
+            direct(0), served(0)  # warm-up: loads the models on both sides
+            # interleaved, one pair per image: a change in the machine's load falls on both sides alike
+            pairs = [(direct(k), served(k)) for k in range(args.images)]
+        direct_s = statistics.median(d for d, _ in pairs)
+        served_s = statistics.median(s for _, s in pairs)
+        ratio = statistics.median(s / d for d, s in pairs)
 
         codes = []
 
@@ -95,10 +103,10 @@ def main() -> None:
         rss = server.peak_rss_mb()
     finally:
         server.stop()
-    overhead = 100 * (served - direct) / direct
     print(f"built-in base, 64 px, {args.steps} steps, 1 ControlNet, {args.threads} thread(s), {args.images} images")
-    print(f"direct run_job:        {direct * 1000:8.1f} ms/image  ({1 / direct:.2f} images/s)")
-    print(f"/v1/generate, 1 client:{served * 1000:8.1f} ms/image  ({1 / served:.2f} images/s)  overhead {overhead:+.1f}%")
+    print(f"direct run_job:        {direct_s * 1000:8.1f} ms/image (median)  ({1 / direct_s:.2f} images/s)")
+    print(f"/v1/generate, 1 client:{served_s * 1000:8.1f} ms/image (median)  ({1 / served_s:.2f} images/s)")
+    print(f"overhead: {100 * (ratio - 1):+.1f}% (median of the per-image served/direct ratios, pairs interleaved)")
     print(f"/v1/generate, 4 clients:            {four:.2f} images/s  (status codes {sorted(set(codes))})")
     print(f"server peak RSS: {rss:.0f} MB")
 

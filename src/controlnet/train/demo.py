@@ -56,7 +56,8 @@ class DemoConfig:
     threads: int = 2
     """torch CPU threads (0 = torch's default, 2 on 2 cores). 2 by default, for an otherwise idle 2-core machine:
     seeds 0/1/2 stopped at steps 850/950/850 with 2 threads and 600/1000/850 with 1 (the seed moves the step more
-    than the thread count), and the least-loaded steps took 0.16 s with 2 vs 0.25 s with 1 (AMD EPYC, no AVX-512).
+    than the thread count), and on an idle 2-core AMD EPYC (AVX-512) a step took 0.21 s with 2 vs 0.30 s with 1
+    (medians over 1.2-minute runs), so 2 threads reach convergence in about 0.75x the time.
     On a busy machine pass 1: at load ~7 a 2-thread step took 1.9 s (threads spin waiting for a busy core), a
     1-thread one 0.3 s"""
     batch_size: int = 32
