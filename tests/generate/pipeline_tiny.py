@@ -143,3 +143,24 @@ def diffusers_sd_pipeline(parts: dict, pipeline_class=None, **components):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_random_builtin_base(folder: Path, words) -> dict:
+    """A random base of the built-in architecture saved as `controlnet world export-base` writes it; its parts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from controlnet.builtin import base as builtin_base
+    from controlnet.builtin.config import BaseModelConfig
+    from controlnet.builtin.text import build_text_encoder, build_tokenizer
+
+    config = BaseModelConfig()
+    tokenizer = build_tokenizer(words, config.text.max_length)
+    torch.manual_seed(0)
+    parts = {
+        "unet": UNet2DConditionModel(**builtin_base.unet_kwargs(config)),
+        "vae": AutoencoderKL(**builtin_base.vae_kwargs(config)),
+        "text_encoder": build_text_encoder(config.text, tokenizer),
+        "tokenizer": tokenizer,
+    }
+    builtin_base.save_builtin_base(parts, config, folder)
+    return parts

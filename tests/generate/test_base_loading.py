@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_tiny import condition_image, write_clip_vocab
+from pipeline_tiny import condition_image, save_random_builtin_base, write_clip_vocab
 from safetensors.torch import load_file, save_file
 from test_single_file import checkpoint  # noqa: F401 - the tiny checkpoint-file fixture
 
@@ -63,25 +63,11 @@ def ema_file(sd_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A random built-in-architecture base in the layout `controlnet world export-base` writes, and a ControlNet."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from controlnet.builtin import base as builtin_base
-    from controlnet.builtin.config import BaseModelConfig
-    from controlnet.builtin.text import build_text_encoder, build_tokenizer
     from controlnet.model.controlnet import ControlNet
     from controlnet.world.fill import FILL_VOCABULARY
 
-    config = BaseModelConfig()
-    tokenizer = build_tokenizer(FILL_VOCABULARY, config.text.max_length)
-    torch.manual_seed(0)
-    parts = {
-        "unet": UNet2DConditionModel(**builtin_base.unet_kwargs(config)),
-        "vae": AutoencoderKL(**builtin_base.vae_kwargs(config)),
-        "text_encoder": build_text_encoder(config.text, tokenizer),
-        "tokenizer": tokenizer,
-    }
     root = tmp_path_factory.mktemp("exported")
-    builtin_base.save_builtin_base(parts, config, root / "base")
+    parts = save_random_builtin_base(root / "base", FILL_VOCABULARY)
     net = ControlNet.from_unet(parts["unet"], hint_downscale_factor=4)
     from controlnet.io.api import save_controlnet
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pipeline_tiny import condition_image
+from pipeline_tiny import condition_image, save_random_builtin_base
 
 from controlnet.generate.pipeline import ControlNetPipeline
 
@@ -38,24 +38,8 @@ def test_builtin_base_loads_when_shipped():
 @pytest.fixture(scope="module")
 def builtin_folder(tmp_path_factory):
     """A random built-in base saved in the world's own layout (the shipped weights may not exist yet)."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from controlnet.builtin import base as builtin_base
-    from controlnet.builtin.config import BaseModelConfig
-    from controlnet.builtin.text import build_text_encoder, build_tokenizer
-
-    config = BaseModelConfig()
-    tokenizer = build_tokenizer(["red", "blue", "circle", "square", "background"], config.text.max_length)
-    torch.manual_seed(0)
-    parts = {
-        "unet": UNet2DConditionModel(**builtin_base.unet_kwargs(config)),
-        "vae": AutoencoderKL(**builtin_base.vae_kwargs(config)),
-        "text_encoder": build_text_encoder(config.text, tokenizer),
-        "tokenizer": tokenizer,
-    }
     folder = tmp_path_factory.mktemp("builtin")
-    builtin_base.save_builtin_base(parts, config, folder)
+    save_random_builtin_base(folder, ["red", "blue", "circle", "square", "background"])
     return folder
 
 

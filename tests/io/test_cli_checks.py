@@ -2,8 +2,6 @@
 terminal, format names with their article (issue 13, item 9)."""
 
 import fcntl
-import json
-import lzma
 import os
 import pty
 import struct
@@ -119,16 +117,6 @@ def test_a_whole_sd_file_is_named_with_its_article(tmp_path, capsys):
     assert main(["convert", str(sd), str(tmp_path / "out"), "--to", "diffusers"]) == 2
     err = capsys.readouterr().err
     assert "holds an original-SD checkpoint" in err and "not a ControlNet" in err and " a original" not in err
-
-
-@pytest.fixture
-def combined(shared_dir, tmp_path):
-    folder = shared_dir / "fixtures/cldm/tiny_a"
-    weights = tmp_path / "combined.safetensors"
-    weights.write_bytes(lzma.decompress((folder / "weights.safetensors.xz").read_bytes()))
-    config = tmp_path / "unet_config.json"
-    config.write_text(json.dumps(json.loads((folder / "diffusers_config.json").read_text())["unet"]))
-    return weights, config
 
 
 def run_on_terminal(*args) -> tuple[int, str, str]:

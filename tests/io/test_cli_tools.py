@@ -1,11 +1,9 @@
 """`controlnet inspect | convert | init | transfer` as a user runs them: real subprocesses, real files."""
 
 import json
-import lzma
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -23,24 +21,14 @@ def run_cli(*args, ok=True):
     return result
 
 
-@pytest.fixture
-def fixture_files(shared_dir, tmp_path):
-    folder = shared_dir / "fixtures/cldm/tiny_a"
-    weights = tmp_path / "combined.safetensors"
-    weights.write_bytes(lzma.decompress((folder / "weights.safetensors.xz").read_bytes()))
-    config = tmp_path / "unet_config.json"
-    config.write_text(json.dumps(json.loads((folder / "diffusers_config.json").read_text())["unet"]))
-    return weights, config
-
-
 def test_help_lists_the_checkpoint_tools():
     out = run_cli("--help").stdout
     for command in ("inspect", "convert", "init", "transfer"):
         assert command in out
 
 
-def test_inspect_reports_format_parameters_and_outputs(fixture_files):
-    weights, _ = fixture_files
+def test_inspect_reports_format_parameters_and_outputs(combined):
+    weights, _ = combined
     out = run_cli("inspect", weights).stdout
     assert "original-combined" in out
     assert "893,488" in out  # 128 control_model.* tensors of the tiny_a reference ControlNet
@@ -48,8 +36,8 @@ def test_inspect_reports_format_parameters_and_outputs(fixture_files):
     assert "control outputs:  5" in out
 
 
-def test_convert_both_ways_is_exact(fixture_files, tmp_path):
-    weights, config = fixture_files
+def test_convert_both_ways_is_exact(combined, tmp_path):
+    weights, config = combined
     run_cli("convert", weights, tmp_path / "diffusers", "--to", "diffusers", "--config", config)
     assert "diffusers-controlnet" in run_cli("inspect", tmp_path / "diffusers").stdout
     run_cli("convert", tmp_path / "diffusers", tmp_path / "back.safetensors", "--to", "original")
@@ -58,8 +46,8 @@ def test_convert_both_ways_is_exact(fixture_files, tmp_path):
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in back)
 
 
-def test_failed_convert_is_one_line_and_leaves_nothing(fixture_files, tmp_path):
-    weights, _ = fixture_files
+def test_failed_convert_is_one_line_and_leaves_nothing(combined, tmp_path):
+    weights, _ = combined
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = run_cli("convert", weights, out_dir / "dst", "--to", "diffusers", ok=False)  # no --config
@@ -77,8 +65,8 @@ def test_failed_convert_is_one_line_and_leaves_nothing(fixture_files, tmp_path):
     assert "already exists" in result.stderr and existing.read_text() == "keep me"
 
 
-def test_init_copies_the_base_encoder(fixture_files, tmp_path):
-    weights, config = fixture_files
+def test_init_copies_the_base_encoder(combined, tmp_path):
+    weights, config = combined
     run_cli("init", weights, tmp_path / "new", "--config", config)
     from controlnet import load_unet
 

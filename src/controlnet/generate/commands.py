@@ -303,11 +303,10 @@ def _distributed():
 
 
 def check_base_arguments(args):
-    """The base's arguments and files, checked before anything is loaded (`generate.base.check_base`)."""
-    from controlnet.generate.base import check_base, controlnet_path
+    """The base's arguments and files, checked before anything is loaded (`generate.base.check_base`); the
+    ControlNet paths were checked by `check_before_loading`."""
+    from controlnet.generate.base import check_base
 
-    for path in args.controlnet:
-        controlnet_path(path)
     return check_base(args.base, **base_options(args))
 
 
@@ -330,7 +329,7 @@ def with_base_defaults(options: dict, pipe) -> dict:
     return fill(options, pipe.sampling)
 
 
-def _load_pipeline(args, device, source=None):
+def _load_pipeline(args, device, source):
     import torch
 
     from controlnet.generate.pipeline import ControlNetPipeline
@@ -338,7 +337,6 @@ def _load_pipeline(args, device, source=None):
     dtype = getattr(torch, DTYPES[args.dtype])
     if device is None:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = source or check_base_arguments(args)
     pipe = ControlNetPipeline.from_pretrained(source, controlnets=args.controlnet, dtype=dtype, ema=args.ema,
                                               progress=loading_bar(), **base_options(args))  # fmt: skip
     if args.cpu_offload:
@@ -375,14 +373,6 @@ def check_before_loading(args) -> None:
     factor = vae_factor_on_disk(args.base)
     if factor is not None:
         check_size(args.width, args.height, factor)
-
-
-def _decoded(path, what: str):
-    """A condition/init image decoded now (before any model loads); io/images turns unreadable files into one
-    ImageError line."""
-    from controlnet.generate.control_images import to_pil
-
-    return to_pil(path, what)
 
 
 class StepBar:
@@ -440,18 +430,23 @@ def run_generate(args) -> int:
 
     source = check_base_arguments(args)
     # decoded now, before any model loads; annotated (if asked) by run_job, as every front door does
-    conds = [path if path == "inpaint" else _decoded(path, "condition image") for path in args.cond]
+    from controlnet.generate.control_images import to_pil
+
+    # decoded before any model loads: io/images turns an unreadable file into one ImageError line
+    conds = [path if path == "inpaint" else to_pil(path, "condition image") for path in args.cond]
     job = job_from_args(args, options, conds, annotators)
     pipe = _load_pipeline(args, None, source)
-    size = pipe.output_size(args.width, args.height, conds, options["image"])
-    if size.note():
-        print(size.note("set --width/--height to override"), file=sys.stderr)
     given = options
     bar = StepBar()
+
+    def note_size(size) -> None:
+        if size.note():
+            print(size.note("set --width/--height to override"), file=sys.stderr)
+
     try:
         from controlnet.generate.jobs import run_job
 
-        result = run_job(pipe, job, progress=bar)
+        result = run_job(pipe, job, progress=bar, on_size=note_size)
     finally:
         bar.close()
     # after the run, so that an input error found by the pipeline stays the only line

@@ -172,12 +172,18 @@ def check_job(job: GenerationJob) -> None:
     GenerationOptions(**options).per_net(len(job.units))
 
 
-def run_job(pipe, job: GenerationJob, progress: Progress | None = None) -> GenerationResult:
-    """Run `job` on `pipe` (which holds one ControlNet per unit, in order); see the module docstring."""
+def run_job(pipe, job: GenerationJob, progress: Progress | None = None, on_size=None) -> GenerationResult:
+    """Run `job` on `pipe` (which holds one ControlNet per unit, in order); see the module docstring.
+
+    `on_size(size)` is called with the chosen `OutputSize` before sampling (the CLI prints its note): the size comes
+    from the conditions as annotated, so only this function can tell it.
+    """
     if len(pipe.controlnets) != len(job.units):
         raise ValueError(f"units: {len(job.units)} units for a pipeline with {len(pipe.controlnets)} ControlNets")
     conds = job_conditions(job)
     size = pipe.output_size(job.width, job.height, conds, job.init_image)
+    if on_size is not None:
+        on_size(size)
     conds = [
         c if isinstance(c, str) else resize_image(c.convert("RGB"), size.width, size.height, u.resize_mode)
         for c, u in zip(conds, job.units, strict=True)
