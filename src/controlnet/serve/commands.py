@@ -18,6 +18,9 @@ Serve ControlNet generation over HTTP: a native JSON API under /v1 (OpenAPI at /
 web-UI compatible API that existing clients (the `webuiapi` package, image-editor plug-ins, scripts written for
 AUTOMATIC1111 + sd-webui-controlnet) speak: /sdapi/v1/* and /controlnet/*.
 
+The web page (gradio, at /ui/; / redirects there) calls the same job queue as the APIs, so the same settings give
+the same pixels; --no-ui leaves it out. It needs the ui extra (pip install -e ".[ui]").
+
 With no arguments it serves the built-in base model and the built-in ControlNets (names `builtin:<name>`) on
 http://127.0.0.1:7860. --models DIR adds every base and ControlNet found in DIR (original single files and
 diffusers folders, as `controlnet inspect` recognises them; names are paths relative to DIR without the suffix,
@@ -66,6 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="require HTTP Basic auth with these credentials for every route (default: none on loopback)")
     g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="another Host header name to accept (default: loopback names and --host); repeatable")
+    g.add_argument("--no-ui", action="store_true",
+                   help="serve only the APIs, not the web page at /ui (the page needs the ui extra)")  # fmt: skip
     g = p.add_argument_group("models")
     g.add_argument("--models", action="append", default=[], metavar="DIR",
                    help="a folder of bases and ControlNets to offer (repeatable; default: only the built-in ones)")
@@ -113,6 +118,20 @@ def check_arguments(args) -> None:
         raise ValueError(f"--max-pixels {args.max_pixels}: expected at least 4096")
 
 
+def _mount_page(app, service, settings, no_ui: bool) -> str:
+    """Mount the web page unless --no-ui; without the ui extra the APIs still run (one line says so)."""
+    if no_ui:
+        return ""
+    from controlnet.ui.mount import INSTALL_HINT as UI_HINT
+    from controlnet.ui.mount import UI_PATH, mount_ui, ui_available
+
+    if not ui_available():
+        print(f"controlnet serve: no web page: {UI_HINT}", file=sys.stderr)
+        return ""
+    mount_ui(app, service, max_file_bytes=settings.max_body_bytes)
+    return f"web page at {UI_PATH}/, "
+
+
 def run_serve(args) -> int:
     try:
         import fastapi  # noqa: F401
@@ -137,6 +156,7 @@ def run_serve(args) -> int:
     settings = SecuritySettings(host=args.host, port=args.port, auth=parse_auth(args.auth),
                                 allowed_hosts=args.allow_host, max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
     app = create_app(service, settings)
+    page = _mount_page(app, service, settings, args.no_ui)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10,
                             server_header=False)  # fmt: skip
 
@@ -147,7 +167,7 @@ def run_serve(args) -> int:
             service.stop_accepting(cancel_running=True)
             super().handle_exit(sig, frame)
 
-    print(f"controlnet serve: http://{args.host}:{args.port} (docs at /docs); models: "
+    print(f"controlnet serve: http://{args.host}:{args.port} ({page}docs at /docs); models: "
           f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets", file=sys.stderr)  # fmt: skip
     # uvicorn restores the handlers it found and re-raises the signal it stopped on; a SIGTERM we have handled
     # (jobs cancelled, connections closed) then lands on this no-op, so the exit status is 0

@@ -1,0 +1,244 @@
+"""The page's form as plain values: form -> GenerationJob, job -> native API request, settings -> form.
+
+No gradio here: the page (ui/page.py) hands its components' values over as a dict keyed by the names below, and
+puts back what these functions return. So the page submits exactly the `GenerationJob` (generate/jobs.py) that the
+native API builds for the same settings, and the "copy as API request" JSON is that job written as a POST /v1/generate
+body: the same settings give the same pixels through either door (issue 15).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from controlnet.generate.control_images import RESIZE_DISPLAY_NAMES
+from controlnet.generate.guidance import CONTROL_MODES
+from controlnet.generate.jobs import ControlUnit, GenerationJob
+from controlnet.generate.samplers import SAMPLERS
+from controlnet.io.images import MAX_IMAGE_PIXELS, check_pixels
+
+MAX_UNITS = 3  # units on the page (the API takes up to --max-units)
+NO_ANNOTATOR = "none"
+BASE_DEFAULT = "base default"
+# annotators that turn a photo into a map (the served ones minus those that take other inputs: inpaint takes an
+# image with a mask, openpose_json takes keypoint JSON)
+PHOTO_ANNOTATORS = ("canny", "lines", "scribble", "softedge", "lineart_standard", "normal", "shuffle", "tile",
+                    "invert")  # fmt: skip
+MAX_SEED = 2**32 - 1
+
+GENERAL_KEYS = ("prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "seed", "batch_size", "width",
+                "height", "init", "denoise")  # fmt: skip
+UNIT_KEYS = ("enabled", "model", "photo", "annotator", "map", "scale", "start", "end", "mode", "resize")
+# plus unit{k}_options: the annotator's option values as a dict, which the page collects from its option controls
+
+
+def unit_key(k: int, name: str) -> str:
+    return f"unit{k}_{name}"
+
+
+def form_keys() -> list[str]:
+    """Every form value's name, in the order the page passes them."""
+    return [*GENERAL_KEYS] + [unit_key(k, n) for k in range(MAX_UNITS) for n in UNIT_KEYS]
+
+
+def sampler_choices() -> list[tuple[str, str]]:
+    """(label, value) pairs for the sampler dropdown; BASE_DEFAULT = the base's own (sampling.json)."""
+    return [(f"{BASE_DEFAULT}", BASE_DEFAULT)] + [(spec.display_name, name) for name, spec in SAMPLERS.items()]
+
+
+def mode_choices() -> list[tuple[str, str]]:
+    return [(mode.display_name, name) for name, mode in CONTROL_MODES.items()]
+
+
+def resize_choices() -> list[tuple[str, str]]:
+    return [(label, name) for name, label in RESIZE_DISPLAY_NAMES.items()]
+
+
+def random_seed() -> int:
+    return random.randint(0, MAX_SEED)
+
+
+@dataclass
+class FormError(ValueError):
+    """A form value that cannot be used; `field` is the label the page shows."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def _image(value, label: str, max_pixels: int) -> Image.Image | None:
+    if value is None:
+        return None
+    image = value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value))
+    check_pixels(*image.size, label, max_pixels)
+    return image
+
+
+def editor_images(value, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image | None, Image.Image | None]:
+    """gradio's ImageEditor value -> (init image RGB, mask L or None). The mask is what was painted on the
+    image (any layer's pixels with alpha > 0, white = repaint); nothing painted = img2img without a mask."""
+    if not value:
+        return None, None
+    background = _image(value.get("background"), "init image", max_pixels)
+    if background is None:
+        return None, None
+    painted = np.zeros((background.height, background.width), dtype=bool)
+    for layer in value.get("layers") or []:
+        layer = _image(layer, "mask layer", max_pixels)
+        if layer is None:
+            continue
+        alpha = np.asarray(layer.convert("RGBA").resize(background.size))[..., 3]
+        painted |= alpha > 0
+    mask = Image.fromarray((painted * 255).astype(np.uint8), "L") if painted.any() else None
+    return background.convert("RGB"), mask
+
+
+def build_job(values: dict, base: str, max_pixels: int = MAX_IMAGE_PIXELS) -> GenerationJob:
+    """The form's values (keys: form_keys()) as the job the service runs; FormError names a missing input.
+
+    A unit's condition is its photo run through the annotator when both are set (so the settings record the
+    module, as the web UI's do), else its map (uploaded, drawn, or an annotation result), else the init image."""
+    init, mask = editor_images(values.get("init"), max_pixels)
+    units = [_unit(values, k, init, max_pixels) for k in range(MAX_UNITS) if values.get(unit_key(k, "enabled"))]
+    sampler = values.get("sampler")
+    width, height = int(values.get("width") or 0), int(values.get("height") or 0)
+    return GenerationJob(
+        prompt=values.get("prompt") or "",
+        negative_prompt=values.get("negative_prompt") or None,
+        base=base,
+        units=units,
+        seed=int(values.get("seed") or 0),
+        steps=int(values["steps"]) if values.get("steps") else None,
+        guidance_scale=float(values["guidance_scale"]) if values.get("guidance_scale") is not None else None,
+        scheduler=None if sampler in (None, "", BASE_DEFAULT) else sampler,
+        width=width or None,
+        height=height or None,
+        batch_size=int(values.get("batch_size") or 1),
+        init_image=init,
+        mask=mask,
+        strength=float(values["denoise"]) if init is not None and values.get("denoise") else None,
+    )
+
+
+def _unit(values: dict, k: int, init, max_pixels: int) -> ControlUnit:
+    def get(name):
+        return values.get(unit_key(k, name))
+
+    label = f"unit {k + 1}"
+    photo = _image(get("photo"), f"{label} photo", max_pixels)
+    annotator = get("annotator") or NO_ANNOTATOR
+    condition_map = _image(get("map"), f"{label} condition map", max_pixels)
+    if photo is not None and annotator != NO_ANNOTATOR:
+        image, module, options = photo.convert("RGB"), annotator, dict(get("options") or {})
+    elif condition_map is not None:
+        image, module, options = condition_map.convert("RGB"), None, {}
+    elif init is not None:
+        image, module, options = None, None, {}
+    else:
+        raise FormError(label, "no condition: upload a photo and pick an annotator, upload or draw a map, or give "
+                        "an init image")  # fmt: skip
+    if not get("model"):
+        raise FormError(f"{label} model", "pick a ControlNet")
+    return ControlUnit(model=get("model"), image=image, annotator=module, annotator_options=options,
+                       scale=float(get("scale")), start=float(get("start")), end=float(get("end")),
+                       mode=get("mode") or "balanced", resize_mode=get("resize") or "just_resize")  # fmt: skip
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def api_request(job: GenerationJob) -> dict:
+    """The job as a POST /v1/generate body (serve/native.py GenerateIn), images as PNG data: URIs."""
+    units = []
+    for unit in job.units:
+        entry = {"model": unit.model, "image": None if unit.image is None else data_uri(unit.image),
+                 "scale": unit.scale, "start": unit.start, "end": unit.end, "mode": unit.mode,
+                 "resize_mode": unit.resize_mode}  # fmt: skip
+        if unit.annotator:
+            entry.update(annotator=unit.annotator, annotator_options=unit.annotator_options)
+        units.append(entry)
+    body = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "base": job.base, "units": units,
+            "seed": job.seed, "steps": job.steps, "guidance_scale": job.guidance_scale, "scheduler": job.scheduler,
+            "width": job.width, "height": job.height, "batch_size": job.batch_size}  # fmt: skip
+    if job.init_image is not None:
+        body.update(init_image=data_uri(job.init_image), strength=job.strength)
+        if job.mask is not None:
+            body["mask"] = data_uri(job.mask)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _choice(value, choices: list[tuple[str, str]]) -> str | None:
+    """A settings value (a name or its label, any case) as one of `choices`' values; None if none matches."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    for label, name in choices:
+        if text in (label.lower(), name.lower()):
+            return name
+    return None
+
+
+def form_from_settings(settings: dict, controlnet_names: list[str]) -> dict:
+    """Form values (keys: form_keys(), only those the settings say) from one image's settings: our PNG JSON,
+    a job's `GenerationResult.settings` with its seed, or a parsed web-UI infotext (generate/png_settings.py).
+
+    Images are not in the settings: each unit keeps the condition it has. A ControlNet named in the settings
+    that this server does not offer is matched by name without its `[hash8]`, else left as it is."""
+    values: dict = {}
+    for key in ("prompt", "negative_prompt"):
+        if isinstance(settings.get(key), str):
+            values[key] = settings[key]
+    for key, kind in (("steps", int), ("guidance_scale", float), ("seed", int), ("width", int), ("height", int)):
+        if settings.get(key) is not None:
+            values[key] = kind(settings[key])
+    sampler = _choice(settings.get("scheduler") or settings.get("sampler"), sampler_choices()[1:])
+    if sampler:
+        values["sampler"] = sampler
+    if settings.get("strength") is not None:
+        values["denoise"] = float(settings["strength"])
+    units = settings.get("controlnets") or []
+    for k in range(MAX_UNITS):
+        values[unit_key(k, "enabled")] = k < len(units)
+        if k >= len(units):
+            continue
+        unit = units[k]
+        model = _controlnet_name(unit.get("model"), controlnet_names)
+        if model:
+            values[unit_key(k, "model")] = model
+        for key in ("scale", "start", "end"):
+            if unit.get(key) is not None:
+                values[unit_key(k, key)] = float(unit[key])
+        mode = _choice(unit.get("mode") or unit.get("mode_label"), mode_choices())
+        if mode:
+            values[unit_key(k, "mode")] = mode
+        resize = _choice(unit.get("resize_mode") or unit.get("resize_label") or settings.get("resize_label"),
+                         resize_choices())  # fmt: skip
+        if resize:
+            values[unit_key(k, "resize")] = resize
+        module = unit.get("module")
+        if module in PHOTO_ANNOTATORS:
+            values[unit_key(k, "annotator")] = module
+    return values
+
+
+def _controlnet_name(name, offered: list[str]) -> str | None:
+    if not name:
+        return None
+    if name in offered:
+        return name
+    bare = str(name).split(" [")[0].strip()
+    for candidate in offered:
+        if candidate.split(" [")[0] == bare or candidate.rsplit("/", 1)[-1] == bare:
+            return candidate
+    return None
