@@ -154,32 +154,32 @@ def build_page(service: Service) -> gr.Blocks:
                                    elem_id="png_drop")  # fmt: skip
 
         all_options = [comp for controls in unit_controls for _, comp in controls]
-        inputs = [c[key] for key in form_keys()] + unit_detect + all_options
+        # passed as a set: the function gets one {component: value} dict (gradio adds gr.Request only to functions
+        # without *args)
+        inputs = {base, *(c[key] for key in form_keys()), *unit_detect, *all_options}
         keys = form_keys()
         form_out_keys = [key for key in keys if key != "init" and not key.endswith(("_photo", "_map"))]
         outputs_form = [c[key] for key in form_out_keys]  # what settings can set (images are not in settings)
 
-        def values_of(args) -> dict:
+        def values_of(data: dict) -> dict:
             """The form's values by key, with each unit's annotator options collected into unit{k}_options."""
-            values = dict(zip(keys, args[: len(keys)], strict=True))
-            detects = args[len(keys) : len(keys) + MAX_UNITS]
-            raw = list(args[len(keys) + MAX_UNITS :])
+            values = {key: data[c[key]] for key in keys}
             for k, controls in enumerate(unit_controls):
-                own, raw = raw[: len(controls)], raw[len(controls) :]
+                own = [data[comp] for _, comp in controls]
                 annotator = values.get(unit_key(k, "annotator")) or NO_ANNOTATOR
                 if annotator != NO_ANNOTATOR:
                     values[unit_key(k, "options")] = collect_options(annotator, [ctl for ctl, _ in controls], own,
-                                                                     detects[k])  # fmt: skip
+                                                                     data[unit_detect[k]])  # fmt: skip
             return values
 
-        def job_from(base_name, args):
+        def job_from(data: dict):
             try:
-                return build_job(values_of(args), base_name, service.max_pixels or _default_pixels())
+                return build_job(values_of(data), data[base], service.max_pixels or _default_pixels())
             except (FormError, ValueError) as err:
                 raise gr.Error(str(err).splitlines()[0]) from None
 
-        def run_generation(base_name, *args, request: gr.Request = None, progress=gr.Progress()):  # noqa: B008
-            job_spec = job_from(base_name, args)
+        def run_generation(data: dict, request: gr.Request, progress=gr.Progress()):  # noqa: B008
+            job_spec = job_from(data)
             try:
                 job = service.submit(job_spec)
             except QueueFull as err:
@@ -210,17 +210,21 @@ def build_page(service: Service) -> gr.Blocks:
             took = (job.finished or 0) - (job.started or 0)
             return images, per_image, f"Done: {len(images)} image(s), seeds {result.seeds}, {took:.1f} s."
 
-        generate.click(run_generation, [base, *inputs], [gallery, results, status],
-                       concurrency_limit=service.max_queue + 1, api_visibility="private")  # fmt: skip
+        # more gradio workers than the service queues, so a click always reaches the service, which answers "Busy"
+        # at once when its queue is full (instead of the click waiting unseen in gradio's own queue)
+        generate.click(run_generation, inputs, [gallery, results, status],
+                       concurrency_limit=service.max_queue + 2, api_visibility="private")  # fmt: skip
 
-        def cancel_job(request: gr.Request = None):
+        def cancel_job(request: gr.Request):
             job_id = running.get(_session(request))
             if job_id is None:
                 return "Nothing is running."
             service.cancel(job_id)
             return "Cancelling (stops at the next sampler step)…"
 
-        cancel.click(cancel_job, None, status, queue=False, api_visibility="private")
+        cancel.click(
+            cancel_job, None, status, api_visibility="private", concurrency_id="cancel", concurrency_limit=None
+        )
         dice.click(random_seed, None, c["seed"], queue=False, api_visibility="private")
 
         def show_selected(per_image, evt: gr.SelectData):
@@ -255,20 +259,21 @@ def build_page(service: Service) -> gr.Blocks:
 
         png_drop.upload(read_png, png_drop, [settings_view, selected, *outputs_form], api_visibility="private")
 
-        def copy_api(base_name, *args):
-            return json.dumps(api_request(job_from(base_name, args)), indent=2)
+        def copy_api(data: dict):
+            return json.dumps(api_request(job_from(data)), indent=2)
 
         copy_js = (
             "(text) => { if (text && navigator.clipboard) navigator.clipboard.writeText(text).catch(() => {}); }"
         )
-        to_api.click(copy_api, [base, *inputs], api_json, api_visibility="private").then(
+        to_api.click(copy_api, inputs, api_json, api_visibility="private").then(
             None, api_json, None, js=copy_js, api_visibility="private"
         )
 
         for k in range(MAX_UNITS):
             _wire_unit(k, c, unit_controls[k], unit_groups[k], unit_detect[k], service)
 
-    page.queue(max_size=2 * service.max_queue + 8, default_concurrency_limit=4)
+    # gradio's own queue is bounded too: past it gradio answers with its own "queue is full" error
+    page.queue(max_size=4 * service.max_queue + 16, default_concurrency_limit=4)
     return page
 
 
