@@ -96,3 +96,15 @@ def decode(data: bytes) -> Image.Image:
 
 def status_text(page: Page) -> str:
     return page.locator("#status").inner_text()
+
+
+def draw_stroke(page: Page, elem_id: str) -> None:
+    """Pick the brush of the image editor `elem_id` and draw one diagonal stroke across its canvas's middle."""
+    page.locator(f"#{elem_id} button[aria-label=Brush]").first.click()
+    box = page.locator(f"#{elem_id} canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 60, cy - 40)
+    page.mouse.down()
+    for i in range(25):
+        page.mouse.move(cx - 60 + i * 5, cy - 40 + i * 3, steps=2)
+    page.mouse.up()

@@ -9,7 +9,7 @@ import json
 import httpx
 import numpy as np
 import pytest
-from browser import choose, decode, image_bytes, number, open_page, set_number, status_text, upload
+from browser import choose, decode, draw_stroke, image_bytes, number, open_page, set_number, status_text, upload
 from PIL import Image, ImageDraw
 
 from controlnet.generate.jobs import annotate_image
@@ -123,3 +123,27 @@ def test_bad_png_is_one_clear_message(page, server, tmp_path):
     toast = page.locator(".toast-body, [data-testid=toast-body]").first
     toast.wait_for()
     assert "no generation settings in it" in toast.inner_text()
+
+
+def test_drawn_scribble_becomes_the_map_and_painted_strokes_the_mask(page, server, photo):
+    open_page(page, server.url)
+    page.get_by_text("Draw a scribble").first.click()
+    draw_stroke(page, "unit0_sketch")
+    page.locator("#unit0_use_sketch").click()
+    data, _ = image_bytes(page, "#unit0_map")
+    drawn = np.asarray(decode(data).convert("L"))
+    assert 0 < (drawn > 128).mean() < 0.2, "the map is not white strokes on black"
+
+    # inpainting: the init image with a stroke painted on it; unit 1 off, so the mask alone decides
+    page.locator("#unit0_enabled input[type=checkbox]").uncheck()
+    page.get_by_text("img2img / inpainting").first.click()
+    upload(page, "init", photo)
+    page.wait_for_function("() => document.querySelectorAll('#init canvas').length > 0")
+    draw_stroke(page, "init")
+    set_number(page, "steps", STEPS)
+    set_number(page, "width", 64)  # the built-in base's size (an init image alone keeps its own 320 x 256)
+    set_number(page, "height", 48)
+    png, _ = generate(page)
+    settings = json.loads(decode(png).info["controlnet"])
+    assert settings["inpainting"] is True and settings["strength"] == 0.75
+    assert (settings["width"], settings["height"]) == (64, 48)
