@@ -122,6 +122,9 @@ class ModelConfig:
     controlnet: str = ""
     """start from this ControlNet (original or diffusers format, or builtin:NAME) instead of a fresh copy of the UNet
     encoder"""
+    connection_init: str = "zero"
+    """initialisation of a fresh ControlNet's connection layers: zero (the paper's zero convolutions) | gaussian
+    (the paper's ablation: N(0, 1/fan_in) weights, model/ablations.py)"""
     cond_channels: int = 3
     """channels of the condition image"""
     hint_channels: tuple[int, ...] = ()
@@ -141,6 +144,10 @@ class ModelConfig:
         if self.prediction_type:
             _check_choice("model.prediction_type", self.prediction_type, PREDICTION_TYPES)
         _check_positive(self, "cond_channels")
+        _check_choice("model.connection_init", self.connection_init, ("zero", "gaussian"))
+        if self.connection_init != "zero" and self.controlnet:
+            raise ValueError(f"model.connection_init={self.connection_init}: only for a fresh ControlNet; "
+                             f"model.controlnet={self.controlnet} keeps its trained weights")  # fmt: skip
         self.hint_channels = tuple(int(c) for c in self.hint_channels)
         if any(c < 1 for c in self.hint_channels):
             raise ValueError(f"model.hint_channels={self.hint_channels}: expected positive widths")

@@ -168,6 +168,10 @@ class Trainer:
             torch.manual_seed(c.train.seed)  # the new hint encoder's init: the same in every process and run
             net = ControlNet.from_unet(base.unet.float(), cond_channels=c.model.cond_channels,
                                        hint_downscale_factor=self.data.vae_factor, **kwargs)  # fmt: skip
+            if c.model.connection_init == "gaussian":
+                from controlnet.model.ablations import gaussian_connections
+
+                gaussian_connections(net, seed=c.train.seed)
         net = net.float().to(self.device).requires_grad_(True).train()
         self.controlnet = net
         params = [{"params": list(net.parameters()), "lr": c.optim.lr}]

@@ -1,0 +1,202 @@
+"""Shared parts of the paper-claim scripts: the built-in models, seeding, generation, result tables and figures.
+
+Each script in this folder tests one claim of Zhang, Rao & Agrawala (ICCV 2023) on the built-in world and writes
+`results/<claim>.md` (a markdown table), `results/<claim>.json` (the same numbers plus the settings, the machine
+and the wall time) and `results/<claim>.png` (a matplotlib figure, the `plots` extra). docs/paper-reproduction.md
+shows them next to the paper's own numbers.
+
+Determinism: every random draw comes from the --seed (held-out scenes from the world's seed streams, image k's
+noise from seed + k in the pipeline's own generator); on one machine and thread count a rerun gives the same
+numbers (tests/benchmarks/test_paper_scripts.py reruns a short setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "paper-reproduction.md"
+# training runs, datasets and caches: outside the repo, resumable (a rerun continues or reuses a finished run)
+WORK = Path(os.environ.get("CONTROLNET_PAPER_WORK", Path.home() / ".cache" / "controlnet" / "paper"))
+# builtin:fill's recipe (src/controlnet/builtin/weights/controlnets/fill/MODEL_CARD.md): the claims that train
+# change one flag of it
+FILL_RECIPE = shlex.split(
+    "--data.resolution 64 --model.base builtin --model.hint_channels 4,8,16 --optim.lr 3e-3 "
+    "--optim.max_grad_norm 1.0 --optim.ema_decay 0.99 --train.max_steps 1000 --train.batch_size 32 "
+    "--train.seed 0 --train.log_every 25 --checkpoint.every 250 --checkpoint.keep 2 --validation.every 250 "
+    "--validation.num_samples 16 --validation.steps 10 --validation.guidance_scale 4.0 "
+    "--validation.metric auto --validation.early_stop false"
+)
+
+
+def parse_args(description: str, n: int, steps: int = 20, cfg: float = 4.0) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=n, help=f"held-out samples per setting (default: {n})")
+    p.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default: {steps})")
+    p.add_argument("--cfg", type=float, default=cfg, help=f"guidance scale (default: {cfg}, the built-in base's)")
+    p.add_argument("--seed", type=int, default=0, help="image k's noise is drawn from seed + k (default: 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where the table, JSON and figure go")
+    args = p.parse_args()
+    if args.n < 1 or args.steps < 1:
+        p.error(f"--n {args.n} --steps {args.steps}: expected integers >= 1")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return args
+
+
+def pipeline(nets: Sequence[str]):
+    """The built-in base with the built-in ControlNets `nets` (names such as "seg"), in that order."""
+    from controlnet.generate.base import check_base, controlnet_path
+    from controlnet.generate.pipeline import ControlNetPipeline
+
+    paths = [controlnet_path(f"builtin:{name}") for name in nets]
+    return ControlNetPipeline.from_pretrained(check_base("builtin"), controlnets=paths)
+
+
+def without_control(pipe):
+    """The same base modules with no ControlNet: the floor (the prompt alone)."""
+    import copy
+
+    floor = copy.copy(pipe)
+    floor.controlnets = []
+    return floor
+
+
+def generate(pipe, prompts: Sequence[str], conditions: Sequence[Sequence[np.ndarray]], args, **options) -> list:
+    """(H, W, 3) uint8 images, one per prompt; `conditions` holds one list per ControlNet of `pipe`.
+
+    `options` are GenerationOptions fields (control_scale, control_mode, ... as a value or one per net)."""
+    with torch.inference_mode():
+        result = pipe(list(prompts), [list(c) for c in conditions], steps=args.steps, guidance_scale=args.cfg,
+                      seed=args.seed, output_type="np", **options)  # fmt: skip
+    return [(image * 255).round().astype(np.uint8) for image in result.array]
+
+
+def mean_score(metric: Callable, images: Sequence[np.ndarray], conditions: Sequence[np.ndarray], prompts=None):
+    if prompts is None:
+        return float(np.mean([metric(g, c) for g, c in zip(images, conditions, strict=True)]))
+    return float(np.mean([metric(g, c, p) for g, c, p in zip(images, conditions, prompts, strict=True)]))
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": sys.version.split()[0]}  # fmt: skip
+
+
+def write_results(name: str, args, rows: list[dict], columns: list[str], started: float,
+                  figure: Callable | None = None, notes: str = "") -> None:  # fmt: skip
+    """results/<name>.md, .json and (with matplotlib) .png; prints the table."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"n": args.n, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "threads": args.threads}
+    table = markdown_table(rows, columns)
+    header = f"`python benchmarks/paper/{name}.py` ({', '.join(f'{k} {v}' for k, v in settings.items())})\n\n"
+    (out / f"{name}.md").write_text(header + table + (f"\n{notes}\n" if notes else ""))
+    record = {"claim": name, "settings": settings, "rows": rows, "machine": machine(),
+              "wall_s": round(time.time() - started, 1)}  # fmt: skip
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(table)
+    if out.resolve() == RESULTS:
+        update_doc(name, header + table)
+    if figure is None:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{name}: no figure (matplotlib missing: pip install -e '.[plots]')", file=sys.stderr)
+        return
+    fig = figure(plt, rows)
+    fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def image_strip(plt, title_rows: list[tuple[str, list[np.ndarray]]], title: str):
+    """A figure of image rows: each (label, images) is one row (samples side by side)."""
+    cols = max(len(images) for _, images in title_rows)
+    fig, axes = plt.subplots(len(title_rows), cols, figsize=(1.3 * cols, 1.4 * len(title_rows)), squeeze=False)
+    for r, (label, images) in enumerate(title_rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c])
+        axes[r][0].set_title(label, fontsize=7, loc="left")
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def fill_data() -> Path:
+    """The fill dataset of builtin:fill's recipe (4000 samples, 64 px, seed 0), made once."""
+    data = WORK / "data" / "fill"
+    if not (data / "prompt.json").exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["controlnet", "world", "make", "--task", "fill", "--n", "4000", "--size", "64", "--out",
+                        str(data), "--seed", "0"], check=True)  # fmt: skip
+    return data
+
+
+def train_fill(name: str, flags: Sequence[str], threads: int) -> Path:
+    """Train (or resume, or reuse) a fill ControlNet by FILL_RECIPE + `flags`; returns its run folder (the net is
+    run/final/controlnet, the validation curve run/metrics.jsonl)."""
+    run = WORK / "runs" / name
+    if (run / "final" / "controlnet").exists():
+        return run
+    data = fill_data()
+    run.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["controlnet", "train", "--data.path", str(data), "--data.cache_dir", str(WORK / "cache" / "fill"),
+                    "--train.output_dir", str(run), "--train.threads", str(threads), *FILL_RECIPE, *flags],
+                   check=True)  # fmt: skip
+    return run
+
+
+def validation_curve(run: Path) -> list[tuple[int, float]]:
+    """(step, validation fidelity) pairs from a run's metrics.jsonl."""
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [(int(r["step"]), float(r["fidelity"])) for r in records if r.get("event") == "validation"]
+
+
+def update_doc(name: str, text: str) -> None:
+    """Replace the block between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in DOC with `text`, so the
+    document's tables are the ones the scripts last wrote (nothing happens when the markers are absent)."""
+    if not DOC.exists():
+        return
+    doc = DOC.read_text()
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    if start not in doc or end not in doc:
+        return
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    DOC.write_text(f"{head}{start}\n{text}{end}{tail}")
