@@ -337,6 +337,11 @@ def _load_pipeline(args, device, source):
     dtype = getattr(torch, DTYPES[args.dtype])
     if device is None:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from controlnet.precision import precision_warning
+
+    warning = precision_warning(dtype, device, f"--dtype {args.dtype}")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     pipe = ControlNetPipeline.from_pretrained(source, controlnets=args.controlnet, dtype=dtype, ema=args.ema,
                                               progress=loading_bar(), **base_options(args))  # fmt: skip
     if args.cpu_offload:

@@ -149,6 +149,12 @@ def run_serve(args) -> int:
 
     registry = ModelRegistry(args.models, base=args.base)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    from controlnet.precision import precision_warning
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    warning = precision_warning(dtype, device, f"--dtype {args.dtype}")
+    if warning:
+        print(f"controlnet serve: warning: {warning}", file=sys.stderr)
     base_options = {"tokenizer": args.tokenizer} if args.tokenizer else {}
     service = Service(registry, max_queue=args.max_queue, max_units=args.max_units, device=args.device,
                       max_controlnet_mb=args.max_controlnet_mb, dtype=dtype, base_options=base_options,

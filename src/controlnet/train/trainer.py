@@ -140,6 +140,12 @@ class Trainer:
         self.weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
             c.train.mixed_precision, torch.float32
         )
+        if self.acc.is_main_process:
+            from controlnet.precision import precision_warning
+
+            warning = precision_warning(self.weight_dtype, self.device, f"train.mixed_precision={c.train.mixed_precision}")
+            if warning:
+                self.on_message(warning)
         for module in (base.unet, base.vae, *base.text_modules()):
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)

@@ -1,0 +1,108 @@
+"""Claim (paper Sec. 3.3, Sec. 4): training converges suddenly: the fidelity jumps from the floor to near the
+ceiling within a few validations instead of rising slowly. And the main job: `controlnet demo` must converge on
+every seed and thread count within its time cap, and generalise beyond the renderer it was trained on.
+
+For each seed (default 0-4) and thread count (1 and 2), one `controlnet demo --seed S --threads T` (its defaults
+otherwise, output outside the repo, a finished run is reused), then:
+- the convergence step (train/validation.py: the first validation from which every later one is >= 0.8), the step
+  it stopped at, the wall time of the whole command;
+- its ControlNet's filled-shape IoU on 50 world held-out outlines and on 50 outlines drawn by other code
+  (benchmarks/paper/outlines.py: PIL, other line widths, hand-drawn wobble), 20 sampler steps, CFG 4.
+With --parallel 2 the 1-thread runs go two at a time (one core each; their times are then those of a shared
+memory bus), the 2-thread runs always alone.
+
+    python benchmarks/paper/convergence.py --parallel 2      # ~35 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import WORK, generate, mean_score, parse_args, validation_curve, write_results  # noqa: E402
+from outlines import other_outlines  # noqa: E402
+
+from controlnet.evaluate.fill import fill_iou  # noqa: E402
+from controlnet.evaluate.heldout import heldout_set  # noqa: E402
+from controlnet.train.validation import convergence_step  # noqa: E402
+
+THRESHOLD = 0.8  # the demo's own convergence threshold
+
+
+def demo(seed: int, threads: int) -> dict:
+    out = WORK / "demo" / f"seed{seed}-threads{threads}"
+    record = out / "wall_s.txt"
+    if not record.exists():
+        started = time.time()
+        with open(WORK / "demo" / f"seed{seed}-threads{threads}.log", "w") as log:
+            subprocess.run(["controlnet", "demo", "--out", str(out), "--seed", str(seed), "--threads", str(threads)],
+                           check=True, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        record.write_text(f"{time.time() - started:.1f}\n")
+    curve = validation_curve(out / "run")
+    return {"seed": seed, "threads": threads, "out": out, "curve": curve, "wall_s": float(record.read_text())}
+
+
+def main() -> int:
+    import argparse
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--seeds", type=int, default=5)
+    extra.add_argument("--parallel", type=int, default=1)
+    known, rest = extra.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
+    args = parse_args(__doc__, n=50)
+    started = time.time()
+    (WORK / "demo").mkdir(parents=True, exist_ok=True)
+    runs = []
+    with ThreadPoolExecutor(max(1, known.parallel)) as pool:  # 1-thread runs side by side
+        runs += list(pool.map(lambda s: demo(s, 1), range(known.seeds)))
+    runs += [demo(s, 2) for s in range(known.seeds)]  # 2-thread runs alone
+
+    from controlnet.generate.base import check_base
+    from controlnet.generate.pipeline import ControlNetPipeline
+
+    world = heldout_set("fill", args.n, size=64)
+    other_prompts, other_conditions = other_outlines(args.n)
+    rows = []
+    for run in runs:
+        net = run["out"] / "run" / "final" / "controlnet"
+        pipe = ControlNetPipeline.from_pretrained(check_base("builtin"), controlnets=[net])
+        world_images = generate(pipe, world.prompts, [world.conditions], args)
+        other_images = generate(pipe, other_prompts, [other_conditions], args)
+        curve = run["curve"]
+        rows.append({
+            "seed": run["seed"], "threads": run["threads"],
+            "converged at step": convergence_step(curve, THRESHOLD) or "no",
+            "stopped at step": curve[-1][0] if curve else 0,
+            "last validation IoU": curve[-1][1] if curve else 0.0,
+            "world held-out IoU": mean_score(fill_iou, world_images, world.conditions),
+            "other-renderer IoU": mean_score(fill_iou, other_images, other_conditions),
+            "demo wall time (min)": round(run["wall_s"] / 60, 2),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    columns = list(rows[0])
+    curves = {(r["seed"], r["threads"]): r["curve"] for r in runs}
+
+    def figure(plt, rows):
+        fig, ax = plt.subplots(figsize=(7, 3.4))
+        for (seed, threads), curve in curves.items():
+            ax.plot([s for s, _ in curve], [v for _, v in curve], ls="-" if threads == 2 else "--", marker=".",
+                    label=f"seed {seed}, {threads} thr.")  # fmt: skip
+        ax.axhline(THRESHOLD, color="grey", lw=0.8)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation filled-shape IoU")
+        ax.set_title("controlnet demo: validation curves by seed and thread count", fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+        return fig
+
+    write_results("convergence", args, rows, columns, started, figure)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
