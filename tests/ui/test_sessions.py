@@ -37,7 +37,8 @@ def test_twenty_sessions_get_images_or_busy(chromium, small_queue_server):
     srv = small_queue_server
     contexts = [chromium.new_context() for _ in range(SESSIONS)]  # a context each: 20 separate sessions
     try:
-        pages = [txt2img_ready(ctx, srv.url, steps=3) for ctx in contexts]
+        # 30 steps (~1 s a job here): slower than the clicks come, so the queue of 2 fills on any machine
+        pages = [txt2img_ready(ctx, srv.url, steps=30) for ctx in contexts]
         for page in pages:
             page.locator("#generate").click()
         outcomes = []
