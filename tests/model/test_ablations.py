@@ -11,6 +11,7 @@ import torch
 from controlnet import ControlNet
 from controlnet.model.ablations import connection_layers, gaussian_connections
 from controlnet.train.config import ModelConfig
+
 from tiny import controlled_unet_output, make_tiny_unet, tiny_inputs
 
 
