@@ -34,6 +34,7 @@ def prepare(page, server, photo, prompt="a yellow ball and a red box"):
     page.locator("#prompt textarea").fill(prompt)
     set_number(page, "steps", STEPS)
     upload(page, "unit0_photo", photo)
+    page.wait_for_selector("#unit0_photo img")  # shown, i.e. uploaded (the page also copes without this wait)
     choose(page, "unit0_annotator", "canny")
     return foreign
 

@@ -372,8 +372,10 @@ def _wire_unit(k, c, controls, groups, detect, service: Service) -> None:
     triggers = [photo.upload, annotator.change, detect.release] + [
         comp.release if isinstance(comp, gr.Slider) else comp.change for comp in option_comps
     ]
+    # always_last: a change made while an annotation is pending (the photo still uploading when the annotator is
+    # picked) runs once that one ends; gradio's default "once" would drop it and leave the map stale
     gr.on(triggers, annotate, [photo, annotator, detect, *option_comps], cond_map, api_visibility="private",
-          concurrency_limit=4, concurrency_id="annotate")  # fmt: skip
+          concurrency_limit=4, concurrency_id="annotate", trigger_mode="always_last")  # fmt: skip
     cond_map.upload(lambda: None, None, photo, queue=False, api_visibility="private")
 
     def use_drawing(drawing):
