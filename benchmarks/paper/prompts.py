@@ -88,7 +88,7 @@ def main() -> int:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(settings))], settings)
         ax.set_ylabel("filled-shape IoU")
         ax.set_title("fidelity by prompt, with and without 50% empty prompts in training", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(nets))
         return fig
 
     write_results("prompts", args, rows, columns, started, figure)
