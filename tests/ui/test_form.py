@@ -115,3 +115,16 @@ def test_painted_layers_become_the_inpainting_mask():
     assert editor_images({"background": background, "layers": [Image.new("RGBA", (20, 10))]})[1] is None
     job = build_job(form(init={"background": background, "layers": [layer]}, denoise=0.4), "builtin")
     assert job.mask is not None and job.strength == 0.4
+
+
+def test_every_control_mode_label_our_pngs_write_reads_back():
+    """The labels a1111_parameters writes (guidance.CONTROL_MODES display names) are accepted by control_mode, so
+    a PNG's "Control Mode: CFG resolution weighting (paper Sec. 3.4)" goes back into the form."""
+    from controlnet.generate.guidance import CONTROL_MODES, control_mode
+
+    for name, mode in CONTROL_MODES.items():
+        assert control_mode(mode.display_name).name == name
+        unit = {"mode_label": mode.display_name}
+        assert form_from_settings({"controlnets": [unit]}, NETS)[unit_key(0, "mode")] == name
+    with pytest.raises(ValueError, match="unknown control mode 'loud'"):
+        control_mode("loud")

@@ -59,6 +59,9 @@ GUESS_MODE_FORMS = ("reference", "diffusers")
 def control_mode(name: str) -> ControlMode:
     """Look a control mode up by name or web-UI label; raises ValueError naming the choices."""
     key = name.strip().lower()
+    by_label = {mode.display_name.lower(): mode for mode in CONTROL_MODES.values()}
+    if key in by_label:  # the labels written into PNG metadata read back
+        return by_label[key]
     key = _MODE_ALIASES.get(key, key).replace("-", "_").replace(" ", "_")
     if key not in CONTROL_MODES:
         raise ValueError(f"unknown control mode {name!r}; expected one of {', '.join(CONTROL_MODES)}")

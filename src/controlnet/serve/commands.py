@@ -149,16 +149,15 @@ def run_serve(args) -> int:
 
     registry = ModelRegistry(args.models, base=args.base)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    from controlnet.precision import precision_warning
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    warning = precision_warning(dtype, device, f"--dtype {args.dtype}")
-    if warning:
-        print(f"controlnet serve: warning: {warning}", file=sys.stderr)
     base_options = {"tokenizer": args.tokenizer} if args.tokenizer else {}
     service = Service(registry, max_queue=args.max_queue, max_units=args.max_units, device=args.device,
                       max_controlnet_mb=args.max_controlnet_mb, dtype=dtype, base_options=base_options,
                       threads=args.threads, max_pixels=args.max_pixels)  # fmt: skip
+    from controlnet.precision import precision_warning
+
+    warning = precision_warning(dtype, service.device, f"--dtype {args.dtype}")
+    if warning:
+        print(f"controlnet serve: warning: {warning}", file=sys.stderr)
     settings = SecuritySettings(host=args.host, port=args.port, auth=parse_auth(args.auth),
                                 allowed_hosts=args.allow_host, max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
     app = create_app(service, settings)

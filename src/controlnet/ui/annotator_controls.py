@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from controlnet.serve.annotators import options_schema
 
 SHARED_OPTIONS = ("detect_resolution",)
-# (annotator or "*", option) -> (min, max, step)
+# (annotator, option) -> (min, max, step)
 RANGES: dict[tuple[str, str], tuple[float, float, float]] = {
-    ("*", "detect_resolution"): (64, 2048, 64),
     ("canny", "low_threshold"): (1, 255, 1),
     ("canny", "high_threshold"): (1, 255, 1),
     ("lines", "min_length"): (1, 200, 1),
@@ -75,7 +74,7 @@ def option_controls(annotator: str) -> list[OptionControl]:
         if name in SHARED_OPTIONS:
             continue
         types, default, label = _types(prop), prop.get("default"), prop.get("title", name)
-        rng = RANGES.get((annotator, name)) or RANGES.get(("*", name))
+        rng = RANGES.get((annotator, name))
         if types & {"integer", "number"} and rng is not None and default is not None:
             controls.append(OptionControl(annotator, name, "slider", default, label, *rng))
         elif types & {"integer", "number"}:

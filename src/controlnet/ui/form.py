@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from controlnet.generate.control_images import RESIZE_DISPLAY_NAMES
-from controlnet.generate.guidance import CONTROL_MODES
+from controlnet.generate.control_images import RESIZE_DISPLAY_NAMES, resize_mode
+from controlnet.generate.guidance import CONTROL_MODES, control_mode
 from controlnet.generate.jobs import ControlUnit, GenerationJob
-from controlnet.generate.samplers import SAMPLERS
+from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name
 from controlnet.io.images import MAX_IMAGE_PIXELS, check_pixels
 
 MAX_UNITS = 3  # units on the page (the API takes up to --max-units)
@@ -178,15 +178,14 @@ def api_request(job: GenerationJob) -> dict:
     return {k: v for k, v in body.items() if v is not None}
 
 
-def _choice(value, choices: list[tuple[str, str]]) -> str | None:
-    """A settings value (a name or its label, any case) as one of `choices`' values; None if none matches."""
-    if value is None:
+def _canonical(value, canonical) -> str | None:
+    """`value` (a name or its label, as settings carry it) as `canonical` spells it; None when it knows no such."""
+    if not value:
         return None
-    text = str(value).strip().lower()
-    for label, name in choices:
-        if text in (label.lower(), name.lower()):
-            return name
-    return None
+    try:
+        return canonical(str(value))
+    except ValueError:
+        return None
 
 
 def form_from_settings(settings: dict, controlnet_names: list[str]) -> dict:
@@ -202,7 +201,7 @@ def form_from_settings(settings: dict, controlnet_names: list[str]) -> dict:
     for key, kind in (("steps", int), ("guidance_scale", float), ("seed", int), ("width", int), ("height", int)):
         if settings.get(key) is not None:
             values[key] = kind(settings[key])
-    sampler = _choice(settings.get("scheduler") or settings.get("sampler"), sampler_choices()[1:])
+    sampler = _canonical(settings.get("scheduler") or settings.get("sampler"), canonical_sampler_name)
     if sampler:
         values["sampler"] = sampler
     if settings.get("strength") is not None:
@@ -219,11 +218,11 @@ def form_from_settings(settings: dict, controlnet_names: list[str]) -> dict:
         for key in ("scale", "start", "end"):
             if unit.get(key) is not None:
                 values[unit_key(k, key)] = float(unit[key])
-        mode = _choice(unit.get("mode") or unit.get("mode_label"), mode_choices())
+        mode = _canonical(unit.get("mode") or unit.get("mode_label"), lambda name: control_mode(name).name)
         if mode:
             values[unit_key(k, "mode")] = mode
-        resize = _choice(unit.get("resize_mode") or unit.get("resize_label") or settings.get("resize_label"),
-                         resize_choices())  # fmt: skip
+        resize = _canonical(unit.get("resize_mode") or unit.get("resize_label") or settings.get("resize_label"),
+                            resize_mode)  # fmt: skip
         if resize:
             values[unit_key(k, "resize")] = resize
         module = unit.get("module")

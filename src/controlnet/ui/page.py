@@ -24,7 +24,16 @@ from PIL import Image
 from controlnet.generate.base import BUILTIN, sampling_defaults
 from controlnet.generate.outputs import a1111_parameters
 from controlnet.generate.png_settings import read_png_settings
-from controlnet.serve.service import DONE, AnnotationJob, JobCancelled, QueueFull, Service, ServiceClosed
+from controlnet.io.images import MAX_IMAGE_PIXELS
+from controlnet.serve.service import (
+    DONE,
+    AnnotationJob,
+    JobCancelled,
+    QueueFull,
+    Service,
+    ServiceClosed,
+    served_annotators,
+)
 from controlnet.ui.annotator_controls import OptionControl, collect_options, option_controls
 from controlnet.ui.form import (
     MAX_UNITS,
@@ -174,7 +183,7 @@ def build_page(service: Service) -> gr.Blocks:
 
         def job_from(data: dict):
             try:
-                return build_job(values_of(data), data[base], service.max_pixels or _default_pixels())
+                return build_job(values_of(data), data[base], service.max_pixels or MAX_IMAGE_PIXELS)
             except (FormError, ValueError) as err:
                 raise gr.Error(str(err).splitlines()[0]) from None
 
@@ -277,12 +286,6 @@ def build_page(service: Service) -> gr.Blocks:
     return page
 
 
-def _default_pixels() -> int:
-    from controlnet.io.images import MAX_IMAGE_PIXELS
-
-    return MAX_IMAGE_PIXELS
-
-
 def _unit_panel(k: int, c: dict, nets: list[str], service: Service):
     """One unit's controls into `c`; returns its annotator option controls, their groups and its resolution."""
     key = lambda name: unit_key(k, name)  # noqa: E731
@@ -293,7 +296,7 @@ def _unit_panel(k: int, c: dict, nets: list[str], service: Service):
                                    sources=("upload", "clipboard"), elem_id=key("photo"))  # fmt: skip
         c[key("map")] = gr.Image(label="Condition map (or upload one)", type="pil", format="png",
                                  sources=("upload", "clipboard"), elem_id=key("map"))  # fmt: skip
-    choices = [NO_ANNOTATOR] + [a for a in PHOTO_ANNOTATORS if a in _offered(service)]
+    choices = [NO_ANNOTATOR] + [a for a in PHOTO_ANNOTATORS if a in served_annotators()]
     c[key("annotator")] = gr.Dropdown(choices, value=NO_ANNOTATOR, label="Annotator", elem_id=key("annotator"))
     detect = gr.Slider(0, 2048, value=512, step=64, label="Detect resolution (0 = the annotator's default)",
                        elem_id=key("detect_resolution"))  # fmt: skip
@@ -317,12 +320,6 @@ def _unit_panel(k: int, c: dict, nets: list[str], service: Service):
         c[key("resize")] = gr.Radio(resize_choices(), value="just_resize", label="Resize mode",
                                     elem_id=key("resize"))  # fmt: skip
     return controls, groups, detect
-
-
-def _offered(service: Service) -> list[str]:
-    from controlnet.serve.service import served_annotators
-
-    return served_annotators()
 
 
 def _default_net(nets: list[str], k: int) -> str | None:
