@@ -41,8 +41,12 @@ FILL_RECIPE = shlex.split(
 )
 
 
-def parse_args(description: str, n: int, steps: int = 20, cfg: float = 4.0) -> argparse.Namespace:
+def parse_args(description: str, n: int, steps: int = 20, cfg: float = 4.0,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:  # fmt: skip
+    """The scripts' common flags (and a script's own, added by `extra(parser)`); seeds torch, sets threads."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(p)
     p.add_argument("--n", type=int, default=n, help=f"held-out samples per setting (default: {n})")
     p.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default: {steps})")
     p.add_argument("--cfg", type=float, default=cfg, help=f"guidance scale (default: {cfg}, the built-in base's)")
@@ -57,12 +61,12 @@ def parse_args(description: str, n: int, steps: int = 20, cfg: float = 4.0) -> a
     return args
 
 
-def pipeline(nets: Sequence[str]):
-    """The built-in base with the built-in ControlNets `nets` (names such as "seg"), in that order."""
+def pipeline(nets: Sequence):
+    """The built-in base with the ControlNets `nets`, in that order: built-in names ("seg") or folders."""
     from controlnet.generate.base import check_base, controlnet_path
     from controlnet.generate.pipeline import ControlNetPipeline
 
-    paths = [controlnet_path(f"builtin:{name}") for name in nets]
+    paths = [controlnet_path(net if isinstance(net, Path) else f"builtin:{net}") for net in nets]
     return ControlNetPipeline.from_pretrained(check_base("builtin"), controlnets=paths)
 
 
@@ -128,18 +132,22 @@ def write_results(name: str, args, rows: list[dict], columns: list[str], started
     print(table)
     if out.resolve() == RESULTS:
         update_doc(name, header + table)
-    if figure is None:
-        return
+    if figure is not None:
+        save_figure(out / f"{name}.png", lambda plt: figure(plt, rows))
+
+
+def save_figure(path: Path, draw: Callable) -> None:
+    """`draw(plt)` -> a matplotlib figure, saved as PNG at `path`; one line instead when matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"{name}: no figure (matplotlib missing: pip install -e '.[plots]')", file=sys.stderr)
+        print(f"{path.name}: no figure (matplotlib missing: pip install -e '.[plots]')", file=sys.stderr)
         return
-    fig = figure(plt, rows)
-    fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
+    fig = draw(plt)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

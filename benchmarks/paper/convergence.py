@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORK, generate, mean_score, parse_args, validation_curve, write_results  # noqa: E402
+from common import WORK, generate, mean_score, parse_args, pipeline, validation_curve, write_results  # noqa: E402
 from outlines import other_outlines  # noqa: E402
 
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
@@ -48,30 +48,23 @@ def demo(seed: int, threads: int) -> dict:
 
 
 def main() -> int:
-    import argparse
+    def own_flags(p):
+        p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: 5)")
+        p.add_argument("--parallel", type=int, default=1, help="1-thread demo runs at a time (default: 1)")
 
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--seeds", type=int, default=5)
-    extra.add_argument("--parallel", type=int, default=1)
-    known, rest = extra.parse_known_args()
-    sys.argv = [sys.argv[0], *rest]
-    args = parse_args(__doc__, n=50)
+    args = parse_args(__doc__, n=50, extra=own_flags)
     started = time.time()
     (WORK / "demo").mkdir(parents=True, exist_ok=True)
     runs = []
-    with ThreadPoolExecutor(max(1, known.parallel)) as pool:  # 1-thread runs side by side
-        runs += list(pool.map(lambda s: demo(s, 1), range(known.seeds)))
-    runs += [demo(s, 2) for s in range(known.seeds)]  # 2-thread runs alone
-
-    from controlnet.generate.base import check_base
-    from controlnet.generate.pipeline import ControlNetPipeline
+    with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # 1-thread runs side by side
+        runs += list(pool.map(lambda s: demo(s, 1), range(args.seeds)))
+    runs += [demo(s, 2) for s in range(args.seeds)]  # 2-thread runs alone
 
     world = heldout_set("fill", args.n, size=64)
     other_prompts, other_conditions = other_outlines(args.n)
     rows = []
     for run in runs:
-        net = run["out"] / "run" / "final" / "controlnet"
-        pipe = ControlNetPipeline.from_pretrained(check_base("builtin"), controlnets=[net])
+        pipe = pipeline([run["out"] / "run" / "final" / "controlnet"])
         world_images = generate(pipe, world.prompts, [world.conditions], args)
         other_images = generate(pipe, other_prompts, [other_conditions], args)
         curve = run["curve"]

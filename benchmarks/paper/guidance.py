@@ -21,7 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import generate, image_strip, mean_score, parse_args, pipeline, without_control, write_results  # noqa: E402
+from common import (  # noqa: E402
+    generate,
+    image_strip,
+    mean_score,
+    parse_args,
+    pipeline,
+    save_figure,
+    without_control,
+    write_results,
+)
 
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
 from controlnet.evaluate.report import TASK_METRICS  # noqa: E402
@@ -73,21 +82,9 @@ def main() -> int:
         return fig
 
     write_results("guidance", args, rows, columns, started, figure)
-    write_seg_strip(args, shown)
+    save_figure(Path(args.out) / "guidance-seg.png", lambda plt: image_strip(
+        plt, shown, "seg, empty prompt: each setting on the same 6 held-out layouts and seeds"))  # fmt: skip
     return 0
-
-
-def write_seg_strip(args, shown) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig = image_strip(plt, shown, "seg, empty prompt: each setting on the same 6 held-out layouts and seeds")
-    fig.savefig(Path(args.out) / "guidance-seg.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import generate, mean_score, parse_args, train_fill, write_results  # noqa: E402
+from common import generate, mean_score, parse_args, pipeline, train_fill, write_results  # noqa: E402
 
 from controlnet.evaluate.fill import fill_colour_accuracy, fill_iou  # noqa: E402
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
@@ -44,14 +44,11 @@ def conflicting(prompt: str) -> str:
 def main() -> int:
     args = parse_args(__doc__, n=50)
     started = time.time()
-    from controlnet.generate.base import check_base, controlnet_path
-    from controlnet.generate.pipeline import ControlNetPipeline
-
     # the 0.5 arm twice: the shipped net (trained in another session, 1 thread) and a retrain here under the same
     # conditions as the 0 arm, so that the difference is not run-to-run noise of one training
     dropout = train_fill("fill-prompt-dropout-0.5", ["--data.empty_prompt_prob", "0.5"], args.threads)
     no_dropout = train_fill("fill-no-prompt-dropout", ["--data.empty_prompt_prob", "0"], args.threads)
-    nets = {"0.5 (paper; builtin:fill)": controlnet_path("builtin:fill"),
+    nets = {"0.5 (paper; builtin:fill)": "fill",
             "0.5 (paper; trained here)": dropout / "final" / "controlnet",
             "0 (no dropout; trained here)": no_dropout / "final" / "controlnet"}  # fmt: skip
     held = heldout_set("fill", args.n, size=64)
@@ -63,7 +60,7 @@ def main() -> int:
     }
     rows = []
     for dropout, path in nets.items():
-        pipe = ControlNetPipeline.from_pretrained(check_base("builtin"), controlnets=[path])
+        pipe = pipeline([path])
         for setting, prompts in prompt_sets.items():
             images = generate(pipe, prompts, [held.conditions], args)
             row = {"training dropout": dropout, "prompt": setting, "disk IoU": mean_score(fill_iou, images,
