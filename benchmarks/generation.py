@@ -128,7 +128,8 @@ def main(argv=None) -> int:
         for rep in range(args.repeats + 1):  # the first pair warms up and is not counted
             c0, t0 = time.process_time(), time.perf_counter()
             a = ours(
-                PROMPT, [cond], steps=args.steps, seed=rep, output_type="np", control_start=start, control_end=end
+                PROMPT, [cond], steps=args.steps, seed=rep, output_type="np", control_start=start, control_end=end,
+                width=args.resolution, height=args.resolution,
             )
             c1, t1 = time.process_time(), time.perf_counter()
             b = theirs(

@@ -134,6 +134,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet and ControlNets (GPU)")
     g.add_argument(
+        "--no-packed-weights", dest="packed_weights", action="store_false",
+        help="CPU: run layers on plain weights (default: pre-packed oneDNN weights in the denoising loop, same "
+        "results up to float rounding, ~1.3x faster at SD1.5 size, one extra copy of the weights while it runs)",
+    )  # fmt: skip
+    g.add_argument(
         "--cpu-offload", action="store_true", help="keep models on the CPU, move each to the GPU to run"
     )
     p.set_defaults(func=run_generate)
@@ -348,8 +353,7 @@ def _load_pipeline(args, device, source):
         pipe.enable_model_cpu_offload(device)
     else:
         pipe.to(device)
-    if args.channels_last or args.compile:
-        pipe.optimize(channels_last=args.channels_last, compile=args.compile)
+    pipe.optimize(channels_last=args.channels_last, compile=args.compile, pack_cpu_weights=args.packed_weights)
     return pipe
 
 

@@ -35,6 +35,7 @@ from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
+from controlnet.model.cpu_packing import compiled, packed_weights
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class ControlNetPipeline:
         self.base_name = "custom"
         self.sampling = SamplingDefaults()  # the base's own guidance/steps/sampler (from_components sets them)
         self._offload_device: torch.device | None = None
+        self.pack_cpu_weights = True  # model/cpu_packing.py: on a CPU, same results up to float rounding, faster
 
     @classmethod
     def from_components(cls, base: BaseComponents, controlnets: Sequence[ControlNet] = ()) -> ControlNetPipeline:
@@ -183,8 +185,14 @@ class ControlNetPipeline:
             module.to("cpu")
         return self
 
-    def optimize(self, channels_last: bool = False, compile: bool = False) -> ControlNetPipeline:
-        """GPU speed options that leave results unchanged up to float rounding: channels_last, torch.compile."""
+    def optimize(
+        self, channels_last: bool = False, compile: bool = False, pack_cpu_weights: bool | None = None
+    ) -> ControlNetPipeline:
+        """Speed options that leave results unchanged up to float rounding: channels_last, torch.compile (GPU);
+        pack_cpu_weights (CPU, on by default: pre-packed oneDNN weights in the denoising loop, see
+        model/cpu_packing.py; False runs each layer's plain forward and saves one copy of the weights' memory)."""
+        if pack_cpu_weights is not None:
+            self.pack_cpu_weights = pack_cpu_weights
         for module in [self.unet, *self.controlnets]:
             if channels_last:
                 module.to(memory_format=torch.channels_last)
@@ -361,7 +369,10 @@ class ControlNetPipeline:
 
         # 6. denoising loop ----------------------------------------------------------------------------------
         n_steps = len(timesteps)
-        with self._placed(self.unet, *[n.net for n in nets]):
+        packing = self.pack_cpu_weights and device.type == "cpu" and not compiled(self.unet)
+        with self._placed(self.unet, *[n.net for n in nets]), packed_weights(
+            self.unet, *[n.net for n in nets], enabled=packing
+        ):
             for i, t in enumerate(timesteps):
                 model_in = sched.scale_model_input(torch.cat([latents, latents]) if cfg else latents, t)
                 residuals = None
