@@ -287,6 +287,7 @@ class Run:
     tmp: Path
     clock: Clock
     results: dict = field(default_factory=dict)  # section -> its JSON
+    partial: dict = field(default_factory=dict)  # what the running section measured so far (kept if it fails)
     pipelines: dict | None = None  # built by generation, reused by generation_compile
     data_dir: Path | None = None
 
@@ -429,7 +430,7 @@ def compare_pipelines(run: Run, p: dict, batches, budget: Budget, label: str) ->
             failures.append(f"batch {batch}: outputs differ by {worst:.2e} > {tol:g}")
         if spread <= 1e-3:
             failures.append(f"batch {batch}: degenerate (constant) output, parity would prove nothing")
-        out[f"batch_{batch}"] = row
+        out[f"batch_{batch}"] = run.partial[f"batch_{batch}"] = row
     assert not failures, f"{label} parity: " + "; ".join(failures)
     return out
 
@@ -448,12 +449,34 @@ def section_generation(run: Run, budget: Budget) -> dict:
             "dtype": run.sizes.gen_dtype, "attention": p["processors"], **rows}  # fmt: skip
 
 
+def measure_compiled(run: Run, p: dict, which: str, batch: int, budget: Budget) -> dict:
+    """One compiled pipeline alone: its first call (compilation), then timed calls while the budget allows."""
+    with time_limit(max(budget.left() - 5, 1.0), f"{which}'s compilation and calls, batch {batch}"):
+        first, _, images = generate(run, p, which, batch, seed=0)  # the seed of the eager section's warm-up
+        print(f"[generation_compile] batch {batch}: {which} compiled + first call {first:.1f} s", flush=True)
+        walls, steps = [], []
+        for _ in range(run.sizes.repeats):
+            if walls and budget.left() < 3 * max(walls) + 10:
+                break
+            wall, per_step, _ = generate(run, p, which, batch, seed=1)
+            walls.append(wall)
+            steps.append(per_step)
+    wall = statistics.median(walls)
+    return {"images_per_s": batch / wall, "s_per_call": wall, "ms_per_step": 1e3 * statistics.median(steps),
+            "compile_and_first_call_s": first, "timed_calls": len(walls), "images": images}  # fmt: skip
+
+
 def section_generation_compile(run: Run, budget: Budget) -> dict:
+    """Each pipeline compiled and timed on its own (a compilation that runs past the budget costs only its own
+    numbers), ours first; parity between the two compiled outputs of the same seed."""
+    from generation import PARITY_TOL
+
     p = run.gen_pipelines()
     ours, theirs = p["ours"], p["theirs"]
     eager = {"ours": (ours.unet, list(ours.controlnets)), "theirs": (theirs.unet, theirs.controlnet)}
     backend = run.sizes.compile_backend
-    out = {"backend": backend}
+    tol = PARITY_TOL_FP16 if p["dtype"] == torch.float16 else PARITY_TOL
+    out, failures, measured = {"backend": backend}, [], 0
     try:
         # ours: its own option (torch.compile of the UNet and every ControlNet); diffusers': as its docs do it
         if backend == "inductor":  # torch.compile's default backend: exactly what optimize() does
@@ -467,33 +490,50 @@ def section_generation_compile(run: Run, budget: Budget) -> dict:
             f"[generation_compile] torch.compile(backend={backend!r}) on the UNet and ControlNet of both",
             flush=True,
         )
-        done, started = 0, time.monotonic()
-        for k, batch in enumerate(run.sizes.compile_batches):
-            if k > 0 and budget.left() < 1.5 * (time.monotonic() - started):
+        spent = 0.0
+        for batch in run.sizes.compile_batches:
+            if measured and budget.left() < 1.2 * spent:
                 print(f"[generation_compile] batch {batch}: skipped (its compilation would not fit the budget)")
                 out[f"batch_{batch}"] = {"skipped": "budget"}
                 continue
-            started = time.monotonic()
-            try:
-                # shorter than the section's hard limit: a runaway compilation costs this batch, not the section
-                with time_limit(max(budget.left() - 5, 1.0), f"compiled generation, batch {batch}"):
-                    compiled = {}
-                    for which in ("ours", "diffusers"):  # compile each apart, so the times say whose is slow
-                        compiled[which] = generate(run, p, which, batch, seed=0)[0]
-                        print(f"[generation_compile] batch {batch}: {which} compiled + first call "
-                              f"{compiled[which]:.1f} s", flush=True)  # fmt: skip
-                    row = compare_pipelines(run, p, [batch], budget, "generation_compile")[f"batch_{batch}"]
-                out[f"batch_{batch}"] = {**row, "compile_and_first_call_s": compiled}
-                done += 1
-            except Exception as err:  # a compile error or a runaway compilation: one line, then the next batch
-                print(f"[generation_compile] batch {batch}: FAILED {one_line(err)}", flush=True)
-                out[f"batch_{batch}"] = {"error": one_line(err)}
-                torch._dynamo.reset()
-        if not done:
-            raise RuntimeError("no batch size compiled and ran within the budget")
+            started, row = time.monotonic(), {}
+            for which in ("ours", "diffusers"):
+                try:
+                    row[which] = measure_compiled(run, p, which, batch, budget)
+                    measured += 1
+                except Exception as err:  # a compile error or a runaway compilation: one line, then go on
+                    print(f"[generation_compile] batch {batch}: {which} FAILED {one_line(err)}", flush=True)
+                    row[which] = {"error": one_line(err)}
+                    failures.append(f"batch {batch} {which}: {one_line(err)}")
+            spent = time.monotonic() - started
+            line = f"[generation_compile] batch {batch}: " + " | ".join(
+                f"{w} {r['images_per_s']:.3f} img/s, {r['ms_per_step']:.1f} ms/step" if "error" not in r else f"{w} failed"
+                for w, r in row.items()
+            )  # fmt: skip
+            if all("error" not in r for r in row.values()):
+                o, d = row["ours"], row["diffusers"]
+                diff = float(abs(o.pop("images") - d.pop("images")).max())
+                row.update(parity_max_abs_diff=diff, parity_tol=tol,
+                           speedup_images_per_s=o["images_per_s"] / d["images_per_s"],
+                           speedup_ms_per_step=d["ms_per_step"] / o["ms_per_step"])  # fmt: skip
+                ok = math.isfinite(diff) and diff <= tol
+                line += (f" | ours/diffusers {row['speedup_images_per_s']:.3f}x img/s, {row['speedup_ms_per_step']:.3f}x "
+                         f"per step | parity max |diff| {diff:.1e} {'<=' if ok else 'EXCEEDS'} {tol:g}")  # fmt: skip
+                if not ok:
+                    failures.append(f"batch {batch}: compiled outputs differ by {diff:.2e} > {tol:g}")
+            for r in row.values():
+                if isinstance(r, dict):
+                    r.pop("images", None)
+            print(line, flush=True)
+            out[f"batch_{batch}"] = run.partial[f"batch_{batch}"] = row
     finally:
         ours.unet, ours.controlnets = eager["ours"]
         theirs.unet, theirs.controlnet = eager["theirs"]
+    out["errors"] = failures
+    if not measured:
+        raise RuntimeError("; ".join(failures) or "nothing compiled and ran within the budget")
+    parity = [f for f in failures if "differ" in f]
+    assert not parity, "generation_compile parity: " + "; ".join(parity)
     return out
 
 
@@ -803,12 +843,13 @@ def main(argv=None) -> int:
             budget_s = sizes.budgets[name] * args.budget_scale
             hard_s = HARD_LIMIT_FACTOR * budget_s + HARD_LIMIT_GRACE_S  # the soft budget trims repeats first
             t0 = time.perf_counter()
+            run.partial = {}
             try:
                 with time_limit(hard_s, f"section {name} ({hard_s:.0f} s)"):
                     result = {"ok": True, **SECTIONS[name](run, Budget(budget_s))}
             except Exception as err:  # one line per failed section; the others still run
                 print(f"[{name}] FAILED: {one_line(err)}", flush=True)
-                result = {"ok": False, "error": one_line(err)}
+                result = {"ok": False, "error": one_line(err), **run.partial}
             result["seconds"] = time.perf_counter() - t0
             run.results[name] = result
             free_memory()  # the section's models went with its frame
