@@ -3,9 +3,11 @@
     python benchmarks/gpu.py [--out results.json]   # CUDA: SD1.5 sizes (random weights), fp16 generation, bf16 training
     python benchmarks/gpu.py --dry                  # tiny sizes, float32, 2 steps: seconds (CI runs it on the CPU)
 
-Without CUDA it always runs the dry mode. Sections run in order, each under a time budget (a soft one that trims
-repetitions and a hard one, SIGALRM, that stops a section that runs away); a failing section prints one line and
-the others still run; the exit status is 1 if any section failed.
+Without CUDA it always runs the dry mode; `--dry` on a GPU runs the tiny sizes there (seconds: a check of the CUDA
+paths before the full run). `--sections a,b` runs a subset, `--train-batch N` sets the training batch (default by
+GPU memory), `--peak-tflops X` the peak for a GPU not in PEAK_BF16_TFLOPS. Sections run in order, each under a
+time budget (a soft one that trims repetitions and a hard one, SIGALRM, that stops a section that runs away); a
+failing section prints one line and the others still run; the exit status is 1 if any section failed.
 
 1. generation: our ControlNetPipeline vs diffusers' StableDiffusionControlNetPipeline on the very same UNet, text
    encoder and ControlNet tensors (as benchmarks/generation.py), SD1.5-sized UNet + ControlNet, SD VAE, CLIP-L-sized
@@ -17,9 +19,10 @@ the others still run; the exit status is 1 if any section failed.
    Output parity is asserted on every call's images in [0, 1]: max |ours - diffusers| <= PARITY_TOL_FP16 in fp16
    (fp16 rounding over 20 steps plus the fp16-vs-fp32 VAE decode), <= generation.PARITY_TOL in float32.
 2. generation_compile: the same with torch.compile on the UNet and ControlNet (ours via `optimize(compile=True)`,
-   diffusers' as its docs do: `pipe.unet = torch.compile(pipe.unet)`); the first call's time (compilation) is
-   printed apart; batch 4 only if the budget still allows after batch 1. A failed or too slow compilation prints
-   its one-line reason and the section goes on with the next pipeline.
+   diffusers' as its docs do: `pipe.unet = torch.compile(pipe.unet)`). Each pipeline is compiled and timed on its
+   own, ours first, so a compilation that fails or runs past the budget costs only its own numbers (one line with
+   the reason); the first call (compilation) is printed apart; parity between the two compiled outputs of one seed;
+   batch 4 only if the budget still allows after batch 1.
 3. training: one optimizer step of our trainer (controlnet.train.trainer.Trainer._optimizer_step: cached latents
    and text, accelerate bf16 autocast, fp32 ControlNet with fused AdamW, locked bf16 UNet, channels_last) at 512 px:
    samples/s, and MFU = FLOPs of one step (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions and
@@ -119,6 +122,10 @@ def dry_sizes(train_batch: int | None) -> Sizes:
     return Sizes(model="tiny", resolution=64, steps=2, batches=(1, 2), compile_batches=(1,), repeats=1, gen_dtype="float32",
                  train_precision="no", train_batch=train_batch or 2, train_steps=2, compile_backend="eager",
                  budgets=DRY_BUDGETS)  # fmt: skip
+
+
+def precision_label(sizes: Sizes) -> str:
+    return {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(sizes.train_precision, "float32")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -653,7 +660,7 @@ def section_training(run: Run, budget: Budget) -> dict:
            "peak_tflops": peak, "peak_source": peak_note, "mfu": mfu, "peak_memory_gb": peak_gb, "memory_measure": how,
            "controlnet_m": sum(p.numel() for p in trainer.controlnet.parameters()) / 1e6}  # fmt: skip
     print(
-        f"[training] ControlNet step (our trainer, {run.sizes.train_precision}), batch {batch} at {run.sizes.resolution} px: "
+        f"[training] ControlNet step (our trainer, {precision_label(run.sizes)}), batch {batch} at {run.sizes.resolution} px: "
         f"{out['samples_per_s']:.2f} samples/s, {out['step_ms']:.1f} ms/step (median of {len(times)}); "
         f"{out['gflop_per_sample']:.1f} GFLOP/sample counted; {achieved:.2f} TFLOP/s achieved; "
         + (f"MFU {100 * mfu:.1f}% of {peak_note}" if mfu is not None else f"MFU unknown ({peak_note})")
@@ -836,7 +843,7 @@ def main(argv=None) -> int:
         print(
             f"GPU: {env['gpu'] or 'none (CPU: dry mode)'} | torch {env['torch']} | diffusers {env['diffusers']} | "
             f"CUDA {env['cuda']} | mode {env['mode']} ({sizes.model}, {sizes.resolution} px) | generation "
-            f"{sizes.gen_dtype}, training {'bf16 autocast' if sizes.train_precision == 'bf16' else 'float32'}",
+            f"{sizes.gen_dtype}, training {precision_label(sizes)}",
             flush=True,
         )
         for name in sections:
