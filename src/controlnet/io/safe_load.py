@@ -219,12 +219,13 @@ class LazyWeights:
             self.kind = "safetensors"
             shapes = self._open_safetensors()
         else:
+            mmap = False
             if suffix in SAFETENSORS_SUFFIXES:
                 state = _read_safetensors(self.path, data)
             else:
                 mmap = data is None and _pickle_head(self.path, data).startswith(ZIP_MAGIC)
                 state = _read_pickle(self.path, data, mmap=mmap)
-            self.kind = "mapped pickle" if suffix not in SAFETENSORS_SUFFIXES and data is None else "in memory"
+            self.kind = "mapped pickle" if mmap else "in memory"
             self._tensors = _unwrap(self.path, state)
             shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
         self.meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in shapes.items()}
