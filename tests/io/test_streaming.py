@@ -95,7 +95,7 @@ def test_streamed_writer_refuses_a_wrong_tensor_and_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize("kind", ["safetensors", "zip pth", "legacy pth"])
 def test_lazy_weights_read_what_read_state_dict_reads(tmp_path, kind):
-    state = {"a": torch.randn(4, 3), "b": torch.arange(5), "c": torch.randn(2).half()}
+    state = {"a": torch.randn(4, 3), "b": torch.arange(5), "c": torch.randn(2).half(), "big": torch.randn(3, 5000)}
     path = tmp_path / ("w.safetensors" if kind == "safetensors" else "w.pth")
     if kind == "safetensors":
         save_file(state, path)
@@ -109,6 +109,7 @@ def test_lazy_weights_read_what_read_state_dict_reads(tmp_path, kind):
             assert (meta.shape, meta.dtype) == (value.shape, value.dtype)
             renamed = {"new." + key: meta}  # a renamed entry still finds its data
             assert torch.equal(weights.read(renamed["new." + key]), value)
+            assert torch.equal(weights.read(key), value)  # again: mapped pages dropped after a read come back
 
 
 def test_lazy_weights_errors_are_read_state_dicts(tmp_path):

@@ -10,9 +10,12 @@ names and shapes must match exactly (nothing silently left at its random initial
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 import json
 import lzma
+import mmap as mmap_module
 import os
 import pickle
 import struct
@@ -258,7 +261,11 @@ class LazyWeights:
         key = meta if isinstance(meta, str) else self.key_of(meta)
         if self._tensors is not None:
             tensor = self._tensors[key]
-            return tensor.clone() if self.kind == "mapped pickle" else tensor
+            if self.kind != "mapped pickle":
+                return tensor
+            copy = tensor.clone()
+            _drop_mapped_pages(tensor)
+            return copy
         try:
             return self._handle.get_tensor(key)
         except _SAFETENSORS_READ_ERRORS as err:
@@ -272,6 +279,37 @@ class LazyWeights:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel drop the pages of a memory-mapped file that `tensor` covers, once it has been copied out.
+
+    torch.load(mmap=True) maps the file privately and read-only in use: dropping an unwritten page only unmaps
+    it (touching it again reads it from the file again), so the process does not keep every touched page resident
+    (without this, reading a whole .pth one tensor at a time still ends with the whole file in RSS). Whole pages
+    inside the tensor only; a no-op where madvise is not available.
+    """
+    libc = _libc()
+    if libc is None or tensor.numel() == 0:
+        return
+    page = mmap_module.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def write_safetensors_streamed(
