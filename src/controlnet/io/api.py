@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,9 +31,10 @@ from controlnet.io.formats import (
 )
 from controlnet.io.safe_load import (
     WEIGHT_SUFFIXES,
+    LazyWeights,
     atomic_path,
+    check_strict,
     load_strict,
-    read_metadata,
     read_state_dict,
     write_state_dict,
 )
@@ -191,10 +194,53 @@ def load_controlnet(
 ) -> ControlNet:
     """Load a ControlNet in original (`.pth/.safetensors`, any prefix, combined v1.0) or diffusers format.
 
-    The network is built as a copy of `unet`'s encoder (its weights then overwritten by the file); without
-    `unet`, from `config` or the shipped config of the family recognised in the file. The hint encoder's stride
-    is not in the weights: it comes from `hint_downscale_factor`, else our config.json / safetensors metadata,
-    else 8 (every released SD ControlNet).
+    The network has `unet`'s architecture and dtype (its weights are not copied: the network is built on the meta
+    device and the file's tensors are assigned to it); without `unet`, from `config` or the shipped config of the
+    family recognised in the file (float32). The hint encoder's stride is not in the weights: it comes from
+    `hint_downscale_factor`, else our config.json / safetensors metadata, else 8 (every released SD ControlNet).
+    Only the ControlNet's tensors are read (not the SD model of a v1.0 combined file), one at a time.
+    """
+    with open_controlnet(path, unet, config, hint_downscale_factor) as source:
+        param = next(unet.parameters()) if unet is not None else None
+        device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
+        net_dtype = param.dtype if param is not None else torch.get_default_dtype()
+        state = {k: source.weights.read(v).to(device=device, dtype=net_dtype) for k, v in source.state.items()}
+    net = source.template
+    net.load_state_dict(state, strict=True, assign=True)  # names and shapes checked by open_controlnet
+    if dtype is not None:
+        net = net.to(dtype)
+    return net
+
+
+@dataclass
+class ControlNetSource:
+    """A ControlNet file opened lazily: its tensors under our names (meta tensors) and the network they fill.
+
+    weights: the open file (`weights.read(state[name])` reads one tensor); state: our parameter name -> the file's
+    tensor as a meta tensor, checked against `template`'s names and shapes; template: the network, on the meta
+    device, with the hint encoder the file holds.
+    """
+
+    weights: LazyWeights
+    state: dict[str, torch.Tensor]
+    template: ControlNet
+
+    def __enter__(self) -> ControlNetSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.weights.close()
+
+
+def open_controlnet(
+    path: str | os.PathLike,
+    unet: UNet2DConditionModel | None = None,
+    config: dict | str | os.PathLike | None = None,
+    hint_downscale_factor: int | None = None,
+) -> ControlNetSource:
+    """Open a ControlNet file or folder without reading its tensors (see `load_controlnet` for the arguments).
+
+    Every check `load_controlnet` makes (format, family, names and shapes) is made here, from the header alone.
     """
     path = Path(path)
     if not path.exists():
@@ -211,39 +257,39 @@ def load_controlnet(
             )
         folder_config = json.loads((folder / CONFIG_NAME).read_text())
         downscale = int(folder_config.get(HINT_DOWNSCALE_KEY, SD_LATENT_DOWNSCALE))
-        weights = next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file())
-        state = read_state_dict(weights)
+        weights = LazyWeights(next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file()))
     else:
-        state = read_state_dict(path)
-        downscale = int(read_metadata(path).get(HINT_DOWNSCALE_KEY, SD_LATENT_DOWNSCALE))
-    if hint_downscale_factor is not None:
-        downscale = hint_downscale_factor
-    fmt = detect_format(state)
-    if fmt not in ("original-controlnet", "original-combined", "diffusers-controlnet"):
-        raise CheckpointError(f"{path}: holds {FORMAT_PHRASES[fmt]}, not a ControlNet")
-
-    unet_config = dict(unet.config) if unet is not None else _read_config(config)
-    if unet_config is None and folder_config is not None:
-        unet_config = unet_config_from_controlnet_config(folder_config)
-    if fmt != "diffusers-controlnet":
-        control = original_keys.strip_control_prefix(state)
-        unet_config = unet_config_for(control, unet_config, path.name)
-        state = controlnet_state_from_original(state, unet_config["layers_per_block"])
-    else:
-        unet_config = unet_config_for(state, unet_config, path.name)
-
-    if unet is None:
-        unet = build_unet(unet_config, device="meta")
+        weights = LazyWeights(path)
+        downscale = int(weights.metadata.get(HINT_DOWNSCALE_KEY, SD_LATENT_DOWNSCALE))
     try:
-        net = ControlNet.from_unet(unet, **_hint_args_from_state(state, downscale))
-    except KeyError as err:
-        raise CheckpointError(f"{path}: ControlNet weights lack {err.args[0]}") from None
-    if net.device.type == "meta":
-        net = net.to_empty(device="cpu")
-    load_strict(net, state, f"ControlNet in {path.name}")
-    if dtype is not None:
-        net = net.to(dtype)
-    return net
+        if hint_downscale_factor is not None:
+            downscale = hint_downscale_factor
+        state = weights.meta
+        fmt = detect_format(state)
+        if fmt not in ("original-controlnet", "original-combined", "diffusers-controlnet"):
+            raise CheckpointError(f"{path}: holds {FORMAT_PHRASES[fmt]}, not a ControlNet")
+
+        unet_config = dict(unet.config) if unet is not None else config
+        if unet_config is None and folder_config is not None:
+            unet_config = unet_config_from_controlnet_config(folder_config)
+        if fmt != "diffusers-controlnet":
+            control = original_keys.strip_control_prefix(state)
+            unet_config = unet_config_for(control, unet_config, path.name)
+            state = controlnet_state_from_original(state, unet_config["layers_per_block"])
+        else:
+            unet_config = unet_config_for(state, unet_config, path.name)
+
+        try:
+            template = ControlNet.from_unet(
+                build_unet(unet_config, device="meta"), **_hint_args_from_state(state, downscale)
+            )
+        except KeyError as err:
+            raise CheckpointError(f"{path}: ControlNet weights lack {err.args[0]}") from None
+        check_strict(template.state_dict(), state, f"ControlNet in {path.name}")
+    except BaseException:
+        weights.close()
+        raise
+    return ControlNetSource(weights, state, template)
 
 
 def unet_config_from_controlnet_config(config: dict) -> dict:
@@ -279,9 +325,46 @@ def save_controlnet(
     in the official files; "" for the unprefixed variant). Writes are atomic: nothing half-written on failure.
     """
     path = Path(path)
+    layout = controlnet_file_layout(cnet, path, format, prefix)
     state = cast_state({k: v.detach() for k, v in cnet.state_dict().items()}, dtype)
+    file_state = {file_key: state[name] for name, file_key in layout.names.items()}
+    layout.write(path, lambda target: write_state_dict(file_state, target, metadata=layout.metadata))
+    logger.info("saved ControlNet (%s) to %s", format, path)
+    return path
+
+
+@dataclass
+class ControlNetFileLayout:
+    """What `save_controlnet` writes for a network: the file's keys, metadata and (diffusers) config.json."""
+
+    format: str
+    names: dict[str, str]  # our parameter name -> the file's key, in the file's order
+    metadata: dict[str, str]
+    config: dict | None  # config.json of a diffusers folder; None for an original-format file
+
+    def write(self, path: Path, write_weights: Callable[[Path], None]) -> None:
+        """Write the file or folder at `path` atomically; `write_weights(file)` writes the weights file."""
+        if self.config is None:
+            write_weights(path)  # write_state_dict and write_safetensors_streamed are atomic themselves
+            return
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            write_weights(tmp / DIFFUSERS_WEIGHT_NAMES[0])
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+
+
+def controlnet_file_layout(
+    cnet: ControlNet, path: Path, format: str, prefix: str = original_keys.ORIGINAL_CONTROL_PREFIX
+) -> ControlNetFileLayout:
+    """The layout `save_controlnet` writes for `cnet` (which may live on the meta device: names and shapes only).
+
+    Refuses a bad `format` / file name for it before anything is written.
+    """
+    ours = list(cnet.state_dict())
     if format == "original":
-        state = controlnet_state_to_original(state, cnet.unet_config["layers_per_block"], prefix)
+        names = controlnet_state_to_original(
+            dict(zip(ours, ours, strict=True)), cnet.unet_config["layers_per_block"], prefix
+        )
         metadata = {"format": "original-controlnet"}
         if cnet.hint_config.downscale_factor != SD_LATENT_DOWNSCALE:
             if path.suffix.lower() != ".safetensors":
@@ -290,18 +373,12 @@ def save_controlnet(
                     f".safetensors file can record that in the original format, got {path.name}"
                 )
             metadata[HINT_DOWNSCALE_KEY] = str(cnet.hint_config.downscale_factor)
-        write_state_dict(state, path, metadata=metadata)
-    elif format == "diffusers":
+        return ControlNetFileLayout(format, {name: key for key, name in names.items()}, metadata, None)
+    if format == "diffusers":
         if path.suffix.lower() in WEIGHT_SUFFIXES:
             raise ValueError(f"format='diffusers' writes a folder; got a file name {path.name}")
         config = {"_class_name": "ControlNetModel", **cnet.diffusers_config()}
         if cnet.hint_config.downscale_factor != SD_LATENT_DOWNSCALE:
             config[HINT_DOWNSCALE_KEY] = cnet.hint_config.downscale_factor
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            write_state_dict(state, tmp / DIFFUSERS_WEIGHT_NAMES[0], metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    else:
-        raise ValueError(f"format={format!r}; expected 'diffusers' or 'original'")
-    logger.info("saved ControlNet (%s) to %s", format, path)
-    return path
+        return ControlNetFileLayout(format, {name: name for name in ours}, {"format": "pt"}, config)
+    raise ValueError(f"format={format!r}; expected 'diffusers' or 'original'")

@@ -182,31 +182,30 @@ def run_inspect(args) -> int:
 
 def run_convert(args) -> int:
     _check_arguments(args, {"ControlNet": args.src})
-    from controlnet.io.api import load_controlnet, save_controlnet
+    from controlnet.io.streaming import convert_controlnet_file
 
     with _phases("convert", 2) as phase:
-        phase(f"reading {args.src.name}")
-        net = load_controlnet(args.src, config=args.config)
         dtype = _dtype(args.dtype, _source_dtype(args.src))
-        phase(f"writing {args.to} {args.dst.name}")
         prefix = DEFAULT_PREFIX if args.prefix is None else args.prefix
-        save_controlnet(net, args.dst, format=args.to, dtype=dtype, prefix=prefix)
+        net = convert_controlnet_file(args.src, args.dst, args.to, args.config, dtype, prefix, phase=phase)
     print(f"wrote {args.to} ControlNet ({net.num_control_outputs} control outputs) to {args.dst}")
     return 0
 
 
 def run_init(args) -> int:
     _check_arguments(args, {"base model": args.base})
-    from controlnet.io.api import load_unet, save_controlnet
-    from controlnet.io.transfer import init_controlnet
+    from controlnet.io.transfer import init_controlnet_file
 
     with _phases("init", 3) as phase:
-        phase(f"reading the UNet of {args.base.name}")
-        unet = load_unet(args.base, config=args.config)
-        phase("copying its encoder")
-        net = init_controlnet(unet, cond_channels=args.cond_channels)
-        phase(f"writing {args.to} {args.dst.name}")
-        save_controlnet(net, args.dst, format=args.to, dtype=_dtype(args.dtype, None))
+        net = init_controlnet_file(
+            args.base,
+            args.dst,
+            args.to,
+            args.config,
+            _dtype(args.dtype, None),
+            phase,
+            cond_channels=args.cond_channels,
+        )
     print(
         f"wrote a new {args.to} ControlNet ({sum(p.numel() for p in net.parameters()):,} parameters) to {args.dst}"
     )
@@ -217,20 +216,12 @@ def run_transfer(args) -> int:
     _check_arguments(
         args, {"ControlNet": args.control, "base model": args.base, "community model": args.community}
     )
-    from controlnet.io.api import load_controlnet, load_unet, save_controlnet
-    from controlnet.io.transfer import transfer_controlnet
+    from controlnet.io.transfer import transfer_controlnet_file
 
-    with _phases("transfer", 5) as phase:
-        phase(f"reading the base UNet of {args.base.name}")
-        base = load_unet(args.base, config=args.config)
-        phase(f"reading the community UNet of {args.community.name}")
-        community = load_unet(args.community, config=args.config)
-        phase(f"reading the ControlNet {args.control.name}")
-        control = load_controlnet(args.control, unet=base)
-        phase("adding the community - base difference")
-        moved = transfer_controlnet(control, base, community)
+    with _phases("transfer", 4) as phase:
         dtype = _dtype(args.dtype, _source_dtype(args.control))
-        phase(f"writing {args.to} {args.dst.name}")
-        save_controlnet(moved, args.dst, format=args.to, dtype=dtype)
+        transfer_controlnet_file(
+            args.control, args.base, args.community, args.dst, args.to, args.config, dtype, phase
+        )
     print(f"wrote the transferred ControlNet to {args.dst}")
     return 0

@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from controlnet.io.formats import DIFFUSERS_WEIGHT_NAMES, Inspection, detect_format, inspect_state_dict
-from controlnet.io.safe_load import read_state_dict
-
-# safetensors header dtype names -> torch's
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+from controlnet.io.formats import DIFFUSERS_WEIGHT_NAMES, Inspection, inspect_state_dict
+from controlnet.io.safe_load import LazyWeights
 
 DIFFUSERS_SUBFOLDERS = ("", "controlnet", "unet")
 
@@ -31,22 +28,12 @@ def weights_file(path: str | os.PathLike) -> Path:
 
 
 def inspect_path(path: str | os.PathLike) -> Inspection:
-    return inspect_state_dict(read_state_dict(weights_file(path)))
+    """What a file or folder holds, from names, shapes and dtypes only: a `.safetensors` header, a zip `.pth`'s
+    pickle (memory-mapped, no tensor data read); legacy pickles and `.xz` files are read whole."""
+    with LazyWeights(weights_file(path)) as weights:
+        return inspect_state_dict(weights.meta)
 
 
 def weights_dtypes(path: str | os.PathLike) -> list[str]:
-    """The dtypes `inspect_path(path).dtypes` reports; a plain .safetensors file's header alone is read."""
-    file = weights_file(path)
-    if file.suffix.lower() != ".safetensors":
-        return inspect_path(path).dtypes
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            keys = list(handle.keys())
-            if keys and detect_format(dict.fromkeys(keys)) == "original-combined":
-                keys = [k for k in keys if k.startswith("control_model.")]  # as inspect_state_dict counts
-            names = {handle.get_slice(k).get_dtype() for k in keys}
-    except (SafetensorError, OSError, ValueError):
-        return inspect_path(path).dtypes  # read_state_dict reports what is wrong with the file
-    return sorted(_SAFETENSORS_DTYPES.get(n, n.lower()) for n in names)
+    """The dtypes `inspect_path(path).dtypes` reports (header only, as `inspect_path`)."""
+    return inspect_path(path).dtypes

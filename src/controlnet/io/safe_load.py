@@ -10,10 +10,17 @@ names and shapes must match exactly (nothing silently left at its random initial
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
+import json
 import lzma
+import mmap as mmap_module
 import os
 import pickle
+import struct
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,6 +63,14 @@ def _suffix(path: Path) -> str:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a flat `{name: tensor}` dict (on CPU) from a single weights file, refusing anything unsafe."""
     path = Path(path)
+    suffix = _check_weights_path(path)
+    data = _decompressed(path)
+    state = _read_safetensors(path, data) if suffix in SAFETENSORS_SUFFIXES else _read_pickle(path, data)
+    return _unwrap(path, state)
+
+
+def _check_weights_path(path: Path) -> str:
+    """The weights file's suffix (`.xz` looked through), or one error line saying why `path` is not one."""
     if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.is_dir():
@@ -65,32 +80,49 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path.name}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}"
         )
-    data = None
-    if path.name.lower().endswith(".xz"):
-        try:
-            data = lzma.decompress(path.read_bytes())
-        except lzma.LZMAError as err:
-            raise CheckpointError(f"{path}: not a valid .xz file ({err})") from None
-    state = _read_safetensors(path, data) if suffix in SAFETENSORS_SUFFIXES else _read_pickle(path, data)
-    return _unwrap(path, state)
+    return suffix
+
+
+def _decompressed(path: Path) -> bytes | None:
+    """The decompressed bytes of an `.xz` file (the reference fixtures ship so), None for a plain file."""
+    if not path.name.lower().endswith(".xz"):
+        return None
+    try:
+        return lzma.decompress(path.read_bytes())
+    except lzma.LZMAError as err:
+        raise CheckpointError(f"{path}: not a valid .xz file ({err})") from None
+
+
+_SAFETENSORS_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def _unreadable_safetensors(path: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {_first_line(err)}")
 
 
 def _read_safetensors(path: Path, data: bytes | None) -> dict:
     try:
         return safetensors_load_bytes(data) if data is not None else safetensors_load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file (truncated or corrupt?): {_first_line(err)}"
-        ) from None
+    except _SAFETENSORS_READ_ERRORS as err:
+        raise _unreadable_safetensors(path, err) from None
 
 
-def _read_pickle(path: Path, data: bytes | None) -> dict:
-    head = data[:4] if data is not None else path.open("rb").read(4)
+def _pickle_head(path: Path, data: bytes | None) -> bytes:
+    if data is None:
+        with path.open("rb") as handle:
+            data_head = handle.read(4)
+    head = data[:4] if data is not None else data_head
     if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTOCOL_OPCODE)):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (expected a zip archive or a pickle stream)")
+    return head
+
+
+def _read_pickle(path: Path, data: bytes | None, mmap: bool = False) -> dict:
+    """torch.load(weights_only=True); `mmap`: map a zip-format file instead of reading it (tensors are views)."""
+    _pickle_head(path, data)
     source = io.BytesIO(data) if data is not None else str(path)
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
             raise CheckpointError(
@@ -140,17 +172,208 @@ def write_state_dict(
             torch.save(contiguous, tmp)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Bounded memory: read one tensor at a time, write one tensor at a time.
+
+# safetensors' dtype names, in the order of its Rust `Dtype` enum: `save_file` writes tensors sorted by dtype, the
+# last of this list first, then by name (measured with safetensors 0.8; tests/io/test_streaming.py pins it).
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+}
+_SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_SAFETENSORS_RANK = {v: i for i, v in enumerate(SAFETENSORS_DTYPES.values())}
+SAFETENSORS_ALIGNMENT = 8  # the JSON header is padded with spaces to a multiple of 8 bytes
+
+
+class LazyWeights:
+    """A weights file's tensors as meta tensors (names, shapes, dtypes: no data), read one at a time on demand.
+
+    `.safetensors`: the header only, then `pread(2)` per tensor (a fresh buffer each time, no mapping that keeps
+    touched pages resident). Zip-format `.pth/.ckpt`: `torch.load(mmap=True, weights_only=True)`, so only the
+    pickle is read; each tensor is copied out of the mapping when asked for. Legacy pickles and `.xz` files cannot
+    be mapped: they are read whole, as `read_state_dict` does. Errors are `read_state_dict`'s, word for word.
+
+    The meta tensors are the handles: renaming a dict of them (e.g. with diffusers' key converters) keeps the
+    objects, and `read(meta)` finds the file's tensor behind any renamed entry.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        suffix = _check_weights_path(self.path)
+        data = _decompressed(self.path)
+        self._handle = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self.metadata: dict[str, str] = {}
+        if suffix in SAFETENSORS_SUFFIXES and data is None:
+            self.kind = "safetensors"
+            shapes = self._open_safetensors()
+        else:
+            mmap = False
+            if suffix in SAFETENSORS_SUFFIXES:
+                state = _read_safetensors(self.path, data)
+            else:
+                mmap = data is None and _pickle_head(self.path, data).startswith(ZIP_MAGIC)
+                state = _read_pickle(self.path, data, mmap=mmap)
+            self.kind = "mapped pickle" if mmap else "in memory"
+            self._tensors = _unwrap(self.path, state)
+            shapes = {k: (tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+        self.meta = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in shapes.items()}
+        self._names = {id(v): k for k, v in self.meta.items()}
+
+    def _open_safetensors(self) -> dict:
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", backend="pread")
+            self.metadata = dict(self._handle.metadata() or {})
+            shapes = {}
+            keys = self._handle.keys()
+            for key in keys:
+                view = self._handle.get_slice(key)
+                name = view.get_dtype()
+                if name not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor {key!r} has dtype {name}, which torch cannot hold")
+                shapes[key] = (tuple(view.get_shape()), SAFETENSORS_DTYPES[name])
+        except _SAFETENSORS_READ_ERRORS as err:
+            raise _unreadable_safetensors(self.path, err) from None
+        if not shapes:
+            raise CheckpointError(f"{self.path}: holds no tensors; expected a state dict of weights")
+        return shapes
+
+    def key_of(self, meta: torch.Tensor) -> str:
+        """The file's name of a meta tensor from `self.meta` (under whatever name it is filed now)."""
+        return self._names[id(meta)]
+
+    def read(self, meta: torch.Tensor | str) -> torch.Tensor:
+        """The tensor behind `meta` (or a file key) on CPU, in its own memory (the caller may keep it)."""
+        key = meta if isinstance(meta, str) else self.key_of(meta)
+        if self._tensors is not None:
+            tensor = self._tensors[key]
+            if self.kind != "mapped pickle":
+                return tensor
+            copy = tensor.clone()
+            _drop_mapped_pages(tensor)
+            return copy
+        try:
+            return self._handle.get_tensor(key)
+        except _SAFETENSORS_READ_ERRORS as err:
+            raise _unreadable_safetensors(self.path, err) from None
+
+    def close(self) -> None:
+        self._handle = self._tensors = None
+
+    def __enter__(self) -> LazyWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel drop the pages of a memory-mapped file that `tensor` covers, once it has been copied out.
+
+    torch.load(mmap=True) maps the file privately and read-only in use: dropping an unwritten page only unmaps
+    it (touching it again reads it from the file again), so the process does not keep every touched page resident
+    (without this, reading a whole .pth one tensor at a time still ends with the whole file in RSS). Whole pages
+    inside the tensor only; a no-op where madvise is not available.
+    """
+    libc = _libc()
+    if libc is None or tensor.numel() == 0:
+        return
+    page = mmap_module.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def write_safetensors_streamed(
+    layout: dict[str, torch.Tensor],
+    produce: Callable[[str], torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+) -> None:
+    """Write a `.safetensors` file one tensor at a time, atomically; the same bytes as `safetensors.save_file`.
+
+    layout: name -> a (meta) tensor with the shape and dtype the file will hold; produce(name): that tensor's
+    values (called once per name, in file order; each result is written and dropped before the next call).
+    The format (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}} (and `__metadata__`: str -> str), then the raw little-endian bytes.
+    """
+    assert sys.byteorder == "little", "safetensors stores little-endian bytes"
+    names = sorted(layout, key=lambda k: (-_SAFETENSORS_RANK[layout[k].dtype], k))
+    header: dict = {} if metadata is None else {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+    offset = 0
+    for name in names:
+        spec = layout[name]
+        nbytes = spec.numel() * spec.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % SAFETENSORS_ALIGNMENT)
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(text)))
+        out.write(text)
+        for name in names:
+            tensor = produce(name)
+            spec = layout[name]
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
+                raise ValueError(
+                    f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, expected {spec.dtype} {tuple(spec.shape)}"
+                )
+            if tensor.numel():
+                out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor
+
+
 def load_strict(
-    module: torch.nn.Module, state: dict, what: str, optional: tuple[str, ...] = ()
+    module: torch.nn.Module, state: dict, what: str, optional: tuple[str, ...] = (), assign: bool = False
 ) -> torch.nn.Module:
     """Fill `module` from `state` only if the names and shapes match exactly; else one `CheckpointError` line.
 
     `what` names the weights in the message (e.g. "UNet in v1-5.safetensors"). Model keys ending with one of
     `optional` may be absent from `state` (e.g. CLIP's `position_ids`, a buffer the model rebuilds itself).
     The message counts each kind of disagreement and shows one example, shapes included, so that a user can tell
-    a wrong family (shape mismatches) from a wrong file type (missing/unexpected keys). Returns `module`.
+    a wrong family (shape mismatches) from a wrong file type (missing/unexpected keys). `assign`: the module's
+    tensors become `state`'s (a module built on the meta device; `state` already in the module's dtype), as
+    `load_state_dict(assign=True)`: parameters keep the module's requires_grad. Returns `module`.
     """
-    own = module.state_dict()
+    check_strict(module.state_dict(), state, what, optional)
+    module.load_state_dict(state, strict=not optional, assign=assign)  # every non-optional key was checked above
+    return module
+
+
+def check_strict(own: dict, state: dict, what: str, optional: tuple[str, ...] = ()) -> None:
+    """`load_strict`'s check alone: `own` and `state` map names to tensors (meta tensors will do: shapes only)."""
     missing = sorted(k for k in set(own) - set(state) if not any(k.endswith(end) for end in optional))
     unexpected = sorted(set(state) - set(own))
     mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
@@ -167,5 +390,3 @@ def load_strict(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise CheckpointError(f"{what} does not match the expected architecture: {'; '.join(parts)}")
-    module.load_state_dict(state, strict=not optional)  # every non-optional key was checked above
-    return module

@@ -11,9 +11,15 @@ so the copy carries the community model's fine-tuning delta; ControlNet-only lay
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from controlnet.errors import CheckpointError
+from controlnet.io.api import build_unet, open_controlnet
+from controlnet.io.original_keys import ORIGINAL_CONTROL_PREFIX
+from controlnet.io.streaming import Phase, _no_phase, fresh_layers, open_unet, write_controlnet_streamed
 from controlnet.model.controlnet import ControlNet
 
 
@@ -31,26 +37,11 @@ def transfer_controlnet(
     """
     base = base_unet.state_dict()
     community = community_unet.state_dict()
-    if set(base) != set(community) or any(base[k].shape != community[k].shape for k in base):
-        raise CheckpointError(
-            "base and community UNets differ in architecture; transfer needs models fine-tuned from the same base"
-        )
     state = control.state_dict()
-    shared = [k for k in state if k in base]
-    if not shared:
-        raise CheckpointError(
-            "the ControlNet shares no weights with the base UNet; is it a ControlNet of this base?"
-        )
-    mismatched = [k for k in shared if state[k].shape != base[k].shape]
-    if mismatched:
-        raise CheckpointError(f"ControlNet and base UNet disagree on {mismatched[0]} (different base family?)")
+    _check_transfer(state, base, community)
     new_state = {}
     for key, value in state.items():
-        if key in base:
-            delta = community[key].to(torch.float32) - base[key].to(torch.float32)
-            new_state[key] = (value.to(torch.float32) + delta).to(value.dtype)
-        else:
-            new_state[key] = value.clone()
+        new_state[key] = _moved(value, base[key], community[key]) if key in base else value.clone()
     moved = ControlNet.from_unet(community_unet, **_hint_options(control))
     moved.load_state_dict(new_state, strict=True)
     return moved.to(control.dtype)
@@ -63,3 +54,100 @@ def _hint_options(net: ControlNet) -> dict:
         "hint_block_channels": hint.block_channels,
         "hint_downscale_factor": hint.downscale_factor,
     }
+
+
+def _check_transfer(control: dict, base: dict, community: dict) -> None:
+    """Refuse models that were not fine-tuned from one base (dicts of tensors: meta tensors will do)."""
+    if set(base) != set(community) or any(base[k].shape != community[k].shape for k in base):
+        raise CheckpointError(
+            "base and community UNets differ in architecture; transfer needs models fine-tuned from the same base"
+        )
+    shared = [k for k in control if k in base]
+    if not shared:
+        raise CheckpointError(
+            "the ControlNet shares no weights with the base UNet; is it a ControlNet of this base?"
+        )
+    mismatched = [k for k in shared if control[k].shape != base[k].shape]
+    if mismatched:
+        raise CheckpointError(f"ControlNet and base UNet disagree on {mismatched[0]} (different base family?)")
+
+
+def _moved(value: torch.Tensor, base: torch.Tensor, community: torch.Tensor) -> torch.Tensor:
+    """control + (community - base) in float32, back in the control's dtype (the difference first: exact when
+    community == base)."""
+    delta = community.to(torch.float32) - base.to(torch.float32)
+    return (value.to(torch.float32) + delta).to(value.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same on files, one tensor at a time (bounded memory: see streaming.py).
+
+
+def init_controlnet_file(
+    base: str | os.PathLike,
+    dst: str | os.PathLike,
+    format: str = "diffusers",
+    config: dict | str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    phase: Phase = _no_phase,
+    **hint_options,
+) -> ControlNet:
+    """`save_controlnet(init_controlnet(load_unet(base, config), **hint_options), dst, format, dtype)`, streamed.
+
+    The base UNet's encoder tensors are read and written one at a time; the new layers are drawn as `from_unet`
+    draws them. Returns the network's template (meta device).
+    """
+    phase(f"reading the UNet of {Path(base).name}")
+    with open_unet(base, config) as unet:
+        phase("copying its encoder")
+        template = ControlNet.from_unet(build_unet(unet.config, device="meta"), **hint_options)
+        fresh = fresh_layers(template)
+        model_dtype = torch.get_default_dtype()  # what load_unet builds
+
+        def produce(name: str) -> torch.Tensor:
+            return fresh[name] if name in fresh else unet.read(name, model_dtype)
+
+        phase(f"writing {format} {Path(dst).name}")
+        write_controlnet_streamed(template, produce, dst, format, dtype)
+    return template
+
+
+def transfer_controlnet_file(
+    control: str | os.PathLike,
+    base: str | os.PathLike,
+    community: str | os.PathLike,
+    dst: str | os.PathLike,
+    format: str = "diffusers",
+    config: dict | str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    phase: Phase = _no_phase,
+) -> ControlNet:
+    """`save_controlnet(transfer_controlnet(load_controlnet(control, unet=b), b, c), dst, format, dtype)` with
+    b, c = `load_unet(base, config)`, `load_unet(community, config)`, one tensor at a time: for every name, the
+    three files' tensors are read, combined and written before the next. Returns the result's template (meta).
+    """
+    phase(f"reading the base UNet of {Path(base).name}")
+    with open_unet(base, config) as b:
+        phase(f"reading the community UNet of {Path(community).name}")
+        with open_unet(community, config) as c:
+            phase(f"reading the ControlNet {Path(control).name}")
+            with open_controlnet(control, config=b.config) as source:
+                _check_transfer(source.state, b.state, c.state)
+                hint = source.template.hint_config
+                template = ControlNet.from_unet(
+                    build_unet(c.config, device="meta"),
+                    cond_channels=hint.cond_channels,
+                    hint_block_channels=hint.block_channels,
+                    hint_downscale_factor=hint.downscale_factor,
+                )
+                model_dtype = torch.get_default_dtype()  # the in-memory path's models: load_unet's dtype
+
+                def produce(name: str) -> torch.Tensor:
+                    value = source.weights.read(source.state[name]).to(model_dtype)
+                    if name in b.state:
+                        value = _moved(value, b.read(name, model_dtype), c.read(name, model_dtype))
+                    return value
+
+                phase(f"adding the community - base difference, writing {format} {Path(dst).name}")
+                write_controlnet_streamed(template, produce, dst, format, dtype, ORIGINAL_CONTROL_PREFIX)
+    return template

@@ -233,7 +233,9 @@ class CheckpointConfig:
     every: int = 500
     """save a resumable checkpoint every this many steps (0 = only at the end and on SIGINT/SIGTERM)"""
     keep: int = 3
-    """keep the last this many checkpoints (older ones are pruned only after the new one is complete)"""
+    """keep the last this many checkpoints (older ones are pruned only after the new one is complete); each holds
+    what an exact resume needs: the ControlNet's float32 weights and AdamW's two moments, 3x the weights, i.e.
+    4.3 GB at SD1.5 size (13 GB at keep=3), more with optim.ema_decay or model.sd_locked=False"""
     resume: str = "auto"
     """auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder"""
     export_formats: tuple[str, ...] = EXPORT_FORMATS
