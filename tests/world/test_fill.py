@@ -64,3 +64,39 @@ def test_shape_word_changes_the_shape():
 def test_bad_arguments_are_named(kwargs, word):
     with pytest.raises(ValueError, match=word):
         fill_sample(0, **kwargs)
+
+
+def test_varied_outlines_enclose_exactly_the_filled_shape():
+    """The "shapes" task: the region the outline encloses (as the metric finds it) is the filled mask, for every
+    shape, line width and wobble, and the target's colours sit inside and outside it."""
+    from controlnet.evaluate.common import iou
+    from controlnet.evaluate.fill import region_from_outline
+    from controlnet.world.fill import COLOURS, varied_fill_sample
+
+    shapes, widths = set(), set()
+    for seed in range(60):
+        s = varied_fill_sample(seed, 64)
+        region = region_from_outline(s.conditions["fill"])
+        assert iou(region, s.truth["mask"]) == 1.0, seed
+        assert s.prompt.split()[1] == s.info["shape"]
+        inside = s.image[s.truth["mask"]].astype(int)
+        assert (abs(inside - COLOURS[s.info["colour"]]).max(axis=1) < 60).mean() > 0.8
+        shapes.add(s.info["shape"])
+        widths.add(s.info["line_width"])
+        again = varied_fill_sample(seed, 64)
+        assert np.array_equal(again.conditions["fill"], s.conditions["fill"])
+    assert shapes == {"circle", "square", "triangle"} and widths == {1, 2, 3}
+
+
+def test_varied_outlines_are_rotated_and_stretched():
+    from controlnet.world.fill import varied_fill_sample
+
+    # upright squares in "fill" have their bounding box filled at 50% (a diamond); rotated ones vary
+    fractions = []
+    for seed in range(40):
+        s = varied_fill_sample(seed, 96)
+        if s.info["shape"] == "square":
+            ys, xs = np.nonzero(s.truth["mask"])
+            box = (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+            fractions.append(s.truth["mask"].sum() / box)
+    assert len(fractions) >= 5 and max(fractions) - min(fractions) > 0.2

@@ -35,6 +35,11 @@ TASK_METRICS: dict[str, tuple[Metric, ...]] = {
         Metric("colour accuracy", fill_colour_accuracy, needs_prompt=True),
         Metric("colour error", fill_colour_error, higher_is_better=False, needs_prompt=True),
     ),
+    "shapes": (  # outlines of any shape and line width: the same placement and colour metrics
+        Metric("shape IoU", fill_iou),
+        Metric("colour accuracy", fill_colour_accuracy, needs_prompt=True),
+        Metric("colour error", fill_colour_error, higher_is_better=False, needs_prompt=True),
+    ),
     "canny": (Metric("edge F1", canny_f1),),
     "lines": (Metric("line F1", lines_f1),),
     "scribble": (Metric("scribble F1", scribble_f1),),

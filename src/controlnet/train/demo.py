@@ -21,7 +21,7 @@ from pathlib import Path
 from controlnet.train.config import resolve_config
 
 # world tasks: fill (the default, the fill50k tutorial's) and every scene condition, each with its world metric
-DEMO_TASKS = ("fill", "canny", "lines", "scribble", "pose", "seg", "depth", "normal")
+DEMO_TASKS = ("fill", "shapes", "canny", "lines", "scribble", "pose", "seg", "depth", "normal")
 # A narrower hint encoder than the reference (16, 32, 96, 256), in proportion to the base. On SD1.5 at 512 px the
 # reference hint encoder is ~4% of the ControlNet's forward FLOPs; the tiny base's latents are 16x16 but the hint
 # encoder runs at 64x64, so the reference one cost more than the whole UNet forward (0.117 s vs 0.060 s at batch 8,

@@ -34,7 +34,7 @@ def metric_for(config) -> str:
     world = Path(config.data.path) / "world.json"
     if world.is_file():
         task = json.loads(world.read_text()).get("task")
-        return "fill_iou" if task == "fill" else f"task:{task}"
+        return "fill_iou" if task in ("fill", "shapes") else f"task:{task}"
     return "edge_f1"
 
 

@@ -50,7 +50,7 @@ def add_make_parser(subparsers: argparse._SubParsersAction) -> None:
         "(one {source, target, prompt} object per line), DIR/source/*.png (conditions) and DIR/target/*.png "
         "(images). Written into a temporary folder beside DIR and renamed when complete.",
     )
-    make.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)} (fill: outline -> filled circle)")
+    make.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)} (fill: outline -> filled circle; shapes: any shape, rotated, 1-3 px lines, half hand-drawn)")
     make.add_argument("--n", type=int, required=True, help="number of samples")
     make.add_argument("--size", type=int, default=64, help="image side in px (default: %(default)s)")
     make.add_argument("--out", required=True, help="new dataset folder (must not exist)")

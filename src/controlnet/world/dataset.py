@@ -26,8 +26,9 @@ from controlnet.world.conditions import CONDITIONS
 
 logger = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("fill", *CONDITIONS)
-MIN_SIZE = {"fill": 16}  # px; scenes need at least 32
+# fill: fill50k's upright circles, 1 px lines; shapes: every shape, rotated, stretched, 1-3 px, half hand-drawn
+TASKS: tuple[str, ...] = ("fill", "shapes", *CONDITIONS)
+MIN_SIZE = {"fill": 16, "shapes": 16}  # px; scenes need at least 32
 MIN_SCENE_SIZE = 32
 CHUNK = 250  # samples per worker job: large enough to amortise inter-process overhead
 MAX_DEFAULT_WORKERS = 8
@@ -45,6 +46,11 @@ def make_pair(task: str, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, 
         from controlnet.world.fill import fill_sample
 
         sample = fill_sample(seed, size)
+        return sample.conditions["fill"], sample.image, sample.prompt
+    if task == "shapes":
+        from controlnet.world.fill import varied_fill_sample
+
+        sample = varied_fill_sample(seed, size)
         return sample.conditions["fill"], sample.image, sample.prompt
     # the same maps as scene_sample(seed, size, ...).conditions[task], skipping the truth raster when
     # the condition does not need it (tests/world/test_dataset.py checks they agree)

@@ -129,3 +129,81 @@ def fill_sample(seed: int, size: int = 64, shape: str = "circle") -> WorldSample
             "radius": radius,
         },
     )
+
+
+# The "shapes" task: outlines as people and other programs draw them, not only as fill50k renders them. fill50k (and
+# the "fill" task) has upright circles with 1 px lines; a net trained on those alone fills ellipses, rotated squares
+# and thick or hand-drawn lines poorly (benchmarks/paper/outlines.py). Every shape, any rotation, circles stretched
+# into ellipses, lines 1-3 px at 64 px (scaled with the image), and half of the outlines wobbling like a hand's.
+ELLIPSE_ASPECT_RANGE = (0.75, 1.3)  # width / height of a stretched circle, before rotation
+MAX_LINE_WIDTH_64 = 3  # px at 64 px; outline_thickness(size) * this at larger sizes
+WOBBLE_AMPLITUDE = 0.08  # at most 8% of the radius, summed over three smooth waves around the outline
+CURVE_POINTS = 96  # vertices of a circle's (and a wobbling side's) polygon: smooth at 4x supersampling
+
+
+def _varied_polygon(shape: str, centre: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """Vertices (N, 2) in (x, y) px of `shape` with circumradius ~`radius`, rotated, maybe stretched and wobbling."""
+    turn = rng.uniform(0.0, 2.0 * np.pi)
+    aspect = rng.uniform(*ELLIPSE_ASPECT_RANGE) if shape == "circle" else 1.0
+    wobble = rng.random() < 0.5
+    amplitudes = rng.uniform(0.0, WOBBLE_AMPLITUDE / 3, 3) if wobble else np.zeros(3)
+    phases = rng.uniform(0.0, 2.0 * np.pi, 3)
+    t = np.arange(CURVE_POINTS) / CURVE_POINTS  # (N,) position around the outline in [0, 1)
+    if shape == "circle":
+        x, y = np.cos(2 * np.pi * t) * aspect, np.sin(2 * np.pi * t)
+    else:  # points along the straight sides, so that a wobble bends them
+        corners = np.deg2rad(SHAPE_VERTEX_ANGLES[shape])
+        side, f = np.divmod(t * len(corners), 1.0)
+        a0, a1 = corners[side.astype(int)], corners[(side.astype(int) + 1) % len(corners)]
+        x, y = (1 - f) * np.cos(a0) + f * np.cos(a1), (1 - f) * np.sin(a0) + f * np.sin(a1)
+    waves = 1.0 + sum(
+        a * np.sin((k + 2) * 2 * np.pi * t + p) for k, (a, p) in enumerate(zip(amplitudes, phases, strict=True))
+    )  # (N,) radius factor
+    xr, yr = x * np.cos(turn) - y * np.sin(turn), x * np.sin(turn) + y * np.cos(turn)
+    return centre + radius * waves[:, None] * np.stack([xr, yr], axis=1)
+
+
+def varied_fill_sample(seed: int, size: int = 64) -> WorldSample:
+    """One "shapes"-task sample, deterministic by `seed`: any of SHAPES, drawn as described above.
+
+    Same fields as `fill_sample`; the outline is still the filled mask's inner boundary (so the region it encloses is
+    exactly the filled one), `info` adds the line width and the polygon.
+    """
+    if not isinstance(size, int) or size < MIN_SIZE:
+        raise ValueError(f"size={size!r}: expected an integer >= {MIN_SIZE}")
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    colour_index, background_index = rng.choice(len(names), size=2, replace=False)
+    colour, background = names[colour_index], names[background_index]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    radius = float(rng.uniform(MIN_RADIUS_FRACTION, MAX_RADIUS_FRACTION) * size)
+    reach = radius * ELLIPSE_ASPECT_RANGE[1] * (1 + WOBBLE_AMPLITUDE)  # the farthest a vertex can be
+    margin = min(reach + 1.0, size / 2 - 1.0)
+    centre = rng.uniform(margin, size - margin, size=2)  # (2,) x, y
+    polygon = _varied_polygon(shape, centre, radius, rng)
+    width = int(rng.integers(1, MAX_LINE_WIDTH_64 + 1)) * outline_thickness(size)
+
+    coverage = _rasterize_polygon(polygon, size)[..., None]  # (H, W, 1)
+    fg = np.array(COLOURS[colour], np.float32)
+    bg = np.array(COLOURS[background], np.float32)
+    image = np.clip(np.round(coverage * fg + (1.0 - coverage) * bg), 0, 255).astype(np.uint8)  # (H, W, 3)
+    mask = coverage[..., 0] >= 0.5  # (H, W)
+    source = np.zeros((size, size, 3), np.uint8)
+    source[outline_from_mask(mask, width)] = OUTLINE_VALUE
+    return WorldSample(
+        image=image,
+        prompt=fill_prompt(colour, shape, background),
+        conditions={"fill": source},
+        truth={"mask": mask},
+        info={"colour": colour, "background": background, "shape": shape, "centre": tuple(centre),
+              "radius": radius, "line_width": width, "polygon": polygon.tolist()},  # fmt: skip
+    )
+
+
+def _rasterize_polygon(polygon: np.ndarray, size: int) -> np.ndarray:
+    """Coverage (size, size) float in [0, 1] of a filled polygon (N, 2), by SUPERSAMPLE x SUPERSAMPLE sampling."""
+    big = size * SUPERSAMPLE
+    canvas = np.zeros((big, big), np.uint8)
+    points = np.round((polygon * SUPERSAMPLE - 0.5) * (1 << SUBPIXEL_BITS)).astype(np.int32)
+    cv2.fillPoly(canvas, [points], 255, cv2.LINE_8, SUBPIXEL_BITS)
+    return cv2.resize(canvas.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
