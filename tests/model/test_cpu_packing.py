@@ -111,3 +111,13 @@ def test_autograd_runs_the_plain_path_inside_the_block():
     layer.weight.grad = None
     layer(x).square().sum().backward()
     assert torch.equal(grad_packed_block, layer.weight.grad)  # the same (plain) computation both times
+
+
+def test_the_packed_copies_are_counted_against_free_memory():
+    big = nn.Sequential(nn.Conv2d(256, 256, 3), nn.Linear(512, 512), nn.Conv2d(4, 4, 3))  # the last stays plain
+    expected = (256 * 256 * 9 + 512 * 512) * 4
+    assert cpu_packing.packed_bytes(big, None, big) == expected
+    free = cpu_packing.available_memory()
+    assert free is None or free > 0
+    assert cpu_packing.packing_fits(big)  # a few MB fit on any machine that runs the tests
+    assert not cpu_packing.packing_fits(big, headroom=float(2**50))

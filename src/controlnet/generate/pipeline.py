@@ -35,7 +35,7 @@ from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
-from controlnet.model.cpu_packing import compiled, packed_weights
+from controlnet.model.cpu_packing import compiled, packed_weights, packing_fits
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +370,9 @@ class ControlNetPipeline:
         # 6. denoising loop ----------------------------------------------------------------------------------
         n_steps = len(timesteps)
         packing = self.pack_cpu_weights and device.type == "cpu" and not compiled(self.unet)
+        if packing and not packing_fits(self.unet, *[n.net for n in nets]):
+            logger.info("not packing the weights for oneDNN: their copy would not fit in free memory")
+            packing = False
         with self._placed(self.unet, *[n.net for n in nets]), packed_weights(
             self.unet, *[n.net for n in nets], enabled=packing
         ):

@@ -11,7 +11,7 @@ uses when it freezes weights). The arithmetic is the same up to float rounding (
 UNet output differs by ~1e-5 from the plain path on activations of std ~0.6).
 
 The packed copies are dropped when the block ends (costing one extra copy of the conv and linear weights while
-it runs); a weight changed in place or replaced inside the block is re-packed (version counter + storage), and
+it runs: `packing_fits` tells whether that fits in free memory); a weight changed in place or replaced inside the block is re-packed (version counter + storage), and
 anything outside the fast path's preconditions runs the layer's own forward: autograd, other devices, dtypes
 other than float32/bfloat16, `padding="same"`, non-zero padding modes, subclasses with their own forward.
 """
@@ -104,6 +104,30 @@ def _packable(module: nn.Module) -> types.FunctionType | None:
     if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
         return _packed_linear_forward if module.weight.numel() >= MIN_LINEAR_WEIGHTS else None
     return None
+
+
+def packed_bytes(*modules: nn.Module | None) -> int:
+    """Bytes the packed copies of `modules`' layers take (as many as their weights: the same values, reordered)."""
+    layers = {id(m): m for root in modules if root is not None for m in root.modules() if _packable(m)}
+    return sum(m.weight.numel() * m.weight.element_size() for m in layers.values())
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def packing_fits(*modules: nn.Module | None, headroom: float = 1.25) -> bool:
+    """Whether the packed copies fit in free memory with room to spare (SDXL in float32 would need ~14 GB more)."""
+    free = available_memory()
+    return free is None or packed_bytes(*modules) * headroom + 2**30 <= free
 
 
 @contextlib.contextmanager
