@@ -84,13 +84,30 @@ def _read_safetensors(path: Path, data: bytes | None) -> dict:
         ) from None
 
 
-def _read_pickle(path: Path, data: bytes | None) -> dict:
+def map_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """`read_state_dict`, with the tensors memory-mapped from the file where its format allows (no copy in RAM).
+
+    `.safetensors` files are always mapped (safetensors' `load_file`); zip-format `.pth/.ckpt` (torch.save since
+    1.6) are mapped by `torch.load(mmap=True)`. A mapped tensor's pages are the file's page cache, read on first
+    touch, shared with other processes and given back when the tensor is freed, not anonymous memory; they are
+    copy-on-write, so writing to a tensor never changes the file. Legacy pickles and `.xz` files are read as usual.
+    """
+    path = Path(path)
+    if _suffix(path) in PICKLE_SUFFIXES and not path.name.lower().endswith(".xz") and path.is_file():
+        with path.open("rb") as handle:
+            zipped = handle.read(4).startswith(ZIP_MAGIC)
+        if zipped:
+            return _unwrap(path, _read_pickle(path, None, mmap=True))
+    return read_state_dict(path)
+
+
+def _read_pickle(path: Path, data: bytes | None, mmap: bool = False) -> dict:
     head = data[:4] if data is not None else path.open("rb").read(4)
     if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTOCOL_OPCODE)):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (expected a zip archive or a pickle stream)")
     source = io.BytesIO(data) if data is not None else str(path)
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
             raise CheckpointError(
@@ -141,7 +158,7 @@ def write_state_dict(
 
 
 def load_strict(
-    module: torch.nn.Module, state: dict, what: str, optional: tuple[str, ...] = ()
+    module: torch.nn.Module, state: dict, what: str, optional: tuple[str, ...] = (), assign: bool = False
 ) -> torch.nn.Module:
     """Fill `module` from `state` only if the names and shapes match exactly; else one `CheckpointError` line.
 
@@ -149,6 +166,8 @@ def load_strict(
     `optional` may be absent from `state` (e.g. CLIP's `position_ids`, a buffer the model rebuilds itself).
     The message counts each kind of disagreement and shows one example, shapes included, so that a user can tell
     a wrong family (shape mismatches) from a wrong file type (missing/unexpected keys). Returns `module`.
+    `assign`: the module takes `state`'s tensors themselves (no copy; dtypes are the tensors' own) instead of
+    copying into its own, as a module built on the meta device needs.
     """
     own = module.state_dict()
     missing = sorted(k for k in set(own) - set(state) if not any(k.endswith(end) for end in optional))
@@ -167,5 +186,5 @@ def load_strict(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise CheckpointError(f"{what} does not match the expected architecture: {'; '.join(parts)}")
-    module.load_state_dict(state, strict=not optional)  # every non-optional key was checked above
+    module.load_state_dict(state, strict=not optional, assign=assign)  # every non-optional key was checked above
     return module
