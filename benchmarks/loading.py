@@ -1,0 +1,226 @@
+"""Time to the first image from single files, and peak memory: ours vs diffusers' `from_single_file`, same files.
+
+The files are an SD1.x base checkpoint (UNet + VAE + CLIP text encoder, original LDM keys) and an original-format
+ControlNet (`control_model.*`), random weights, float32, written once into --cache (tests/generate/ldm_files.py):
+at --size sd15 the real SD1.5 shapes (4.3 GB + 1.4 GB), at --size tiny the test configs (runs in seconds).
+
+Each run is a fresh process that loads both files and makes one image (256 px, 2 steps, guidance 7.5, the
+family's DPM-Solver++ scheduler, the same seed), then reads its own peak RSS (VmHWM in /proc/self/status: anonymous
+and file-backed pages together, i.e. what the process held at most) and saves the image. Runs alternate (ours,
+theirs, ours, theirs, ...), the first pair is reported too. Time is the whole process, interpreter start to exit
+(what a user waits for); the load and the generation inside it are shown apart.
+
+- ours: what `controlnet generate --base FILE --controlnet FILE --tokenizer DIR` calls: `check_base`, then
+  `ControlNetPipeline.from_pretrained(source, controlnets=[file], dtype=float32, ema=None, ...)`, then the pipeline.
+- theirs: `StableDiffusionControlNetPipeline.from_single_file(base, controlnet=ControlNetModel.from_single_file(
+  control, config=DIR, local_files_only=True), config=DIR, local_files_only=True)`, offline: the config folders
+  (diffusers layout, tokenizer included) are written here from our shipped configs.
+
+Ratios: theirs/ours for time (> 1: we are faster), ours/theirs for peak RSS (< 1: we hold less). The two images
+are compared (max |difference| on [0, 1] pixels; both use the same weights, seed and sampler).
+
+    flock /tmp/sd15.lock python benchmarks/loading.py --size sd15 --repeats 2 --threads 2
+    python benchmarks/loading.py --size tiny --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "generate"))
+
+PROMPT = "a red cat on the blue circle"
+SEED = 0
+PARITY_TOL = 1e-3  # max |difference| of [0, 1] pixels between the two images (float32 both; see the docstring)
+DEFAULT_CACHE = Path.home() / ".cache" / "controlnet" / "bench"
+SIDES = ("ours", "theirs")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the files, written once per size
+def prepare(size: str, cache: Path) -> Path:
+    """The folder of `size`'s files: base.safetensors, control.safetensors, tokenizer/, configs for both sides."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from ldm_files import sd15_parts_config, write_controlnet_file, write_sd_file
+    from pipeline_tiny import write_clip_vocab
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from controlnet.io.single_file import family_config
+    from controlnet.model.controlnet import ControlNet
+
+    folder = cache / size
+    configs = sd15_parts_config(size)
+    if not (folder / "base.safetensors").is_file():
+        write_sd_file(folder / "base.safetensors", configs, seed=0)
+    if not (folder / "control.safetensors").is_file():
+        write_controlnet_file(folder / "control.safetensors", configs["unet"], seed=3)
+    max_length = configs["text_encoder"]["max_position_embeddings"]
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_vocab(folder / "vocab")), model_max_length=max_length)
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    (folder / "base_config.json").write_text(json.dumps({"family": "sd15", **configs}, indent=1))  # ours, tiny
+
+    # diffusers' layout: model_index.json + one config per component (from_single_file reads only these)
+    theirs = folder / "diffusers_config"
+    scheduler = family_config("sd15")["scheduler"]
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}  # fmt: skip
+    files = {
+        "model_index.json": index,
+        "unet/config.json": {"_class_name": "UNet2DConditionModel", **configs["unet"]},
+        "vae/config.json": {"_class_name": "AutoencoderKL", **configs["vae"]},
+        "text_encoder/config.json": {
+            **CLIPTextConfig(**configs["text_encoder"]).to_dict(),
+            "architectures": ["CLIPTextModel"],
+        },  # fmt: skip
+        "scheduler/scheduler_config.json": scheduler,
+    }
+    with torch.device("meta"):
+        net = ControlNet.from_unet(UNet2DConditionModel(**configs["unet"]))
+    files["../controlnet_config/config.json"] = {"_class_name": "ControlNetModel", **net.diffusers_config()}
+    for name, values in files.items():
+        path = theirs / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values, indent=1))
+    tokenizer.save_pretrained(str(theirs / "tokenizer"))
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one side in this (fresh) process
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM: anonymous + file-backed pages), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_side(side: str, folder: Path, size: str, resolution: int, steps: int, out: Path) -> dict:
+    import numpy as np
+    import torch
+    from pipeline_tiny import condition_image
+
+    cond = condition_image(1, resolution)
+    t0 = time.perf_counter()
+    if side == "ours":
+        from controlnet.generate.base import check_base
+        from controlnet.generate.pipeline import ControlNetPipeline
+
+        base_options = {"tokenizer": str(folder / "tokenizer"), "prediction_type": None,
+                        "configs": str(folder / "base_config.json") if size == "tiny" else None}  # fmt: skip
+        source = check_base(folder / "base.safetensors", **base_options)
+        pipe = ControlNetPipeline.from_pretrained(source, controlnets=[folder / "control.safetensors"],
+                                                  dtype=torch.float32, ema=None, **base_options)  # fmt: skip
+        pipe.to("cpu")
+        t1 = time.perf_counter()
+        image = pipe(PROMPT, [cond], steps=steps, seed=SEED, width=resolution, height=resolution,
+                     guidance_scale=7.5, output_type="np").array  # fmt: skip
+    else:
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        net = ControlNetModel.from_single_file(str(folder / "control.safetensors"),
+                                               config=str(folder / "controlnet_config"), local_files_only=True)  # fmt: skip
+        pipe = StableDiffusionControlNetPipeline.from_single_file(
+            str(folder / "base.safetensors"), controlnet=net, config=str(folder / "diffusers_config"),
+            local_files_only=True, safety_checker=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        t1 = time.perf_counter()
+        image = pipe(PROMPT, image=cond, num_inference_steps=steps, generator=torch.Generator().manual_seed(SEED),
+                     width=resolution, height=resolution, guidance_scale=7.5, output_type="np").images  # fmt: skip
+    t2 = time.perf_counter()
+    np.save(out, np.asarray(image, dtype=np.float32))
+    cpu = time.process_time()  # this process's CPU time, all threads (steadier than wall time on a shared machine)
+    return {"side": side, "load_s": t1 - t0, "generate_s": t2 - t1, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb()}
+
+
+def spawn(side: str, args, folder: Path, out: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--size", args.size, "--cache",
+           str(args.cache), "--resolution", str(args.resolution), "--steps", str(args.steps), "--threads",
+           str(args.threads), "--image", str(out)]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{side} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "wall_s": wall}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 256 sd15, 64 tiny)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved (ours, theirs) pairs")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in each run (0 = torch's default)")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the files are written and reused")
+    parser.add_argument("--child", choices=SIDES, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--image", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.resolution = args.resolution or (256 if args.size == "sd15" else 64)
+    folder = args.cache / args.size
+
+    if args.child:  # one side, in a fresh process: print its numbers as the last line
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(run_side(args.child, folder, args.size, args.resolution, args.steps, args.image)))
+        return 0
+
+    import numpy as np
+    import torch
+
+    prepare(args.size, args.cache)
+    sizes = {n: (folder / f"{n}.safetensors").stat().st_size / 1e9 for n in ("base", "control")}
+    print(f"size={args.size} files: base {sizes['base']:.2f} GB + control {sizes['control']:.2f} GB (float32) "
+          f"resolution={args.resolution} steps={args.steps} threads={args.threads or 'default'} "
+          f"torch={torch.__version__}")  # fmt: skip
+    runs = {side: [] for side in SIDES}
+    diffs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            images = {}
+            for side in SIDES:
+                out = Path(tmp) / f"{side}{rep}.npy"
+                run = spawn(side, args, folder, out)
+                runs[side].append(run)
+                images[side] = np.load(out)
+                print(f"  run {rep + 1} {side:6s}: first image {run['wall_s']:6.1f} s (load {run['load_s']:5.1f} s, "
+                      f"generate {run['generate_s']:5.1f} s; CPU {run['cpu_s']:6.1f} s), peak RSS {run['peak_rss_mb']:7.0f} MB",
+                      flush=True)  # fmt: skip
+            diffs.append(float(np.abs(images["ours"] - images["theirs"]).max()))
+            spread = float(images["ours"].std())
+    med = {side: {k: statistics.median(r[k] for r in runs[side]) for k in ("wall_s", "load_s", "cpu_s", "peak_rss_mb")}
+           for side in SIDES}  # fmt: skip
+    for side in SIDES:
+        print(f"{side}: time to first image {med[side]['wall_s']:.1f} s (load {med[side]['load_s']:.1f} s, CPU "
+              f"{med[side]['cpu_s']:.1f} s), "
+              f"peak RSS {med[side]['peak_rss_mb']:.0f} MB  (medians of {args.repeats})")  # fmt: skip
+    print(f"time ratio theirs/ours: {med['theirs']['wall_s'] / med['ours']['wall_s']:.3f}x (load "
+          f"{med['theirs']['load_s'] / med['ours']['load_s']:.3f}x, CPU time "
+          f"{med['theirs']['cpu_s'] / med['ours']['cpu_s']:.3f}x); peak RSS ratio ours/theirs: "
+          f"{med['ours']['peak_rss_mb'] / med['theirs']['peak_rss_mb']:.3f}")  # fmt: skip
+    verdict = "same image" if max(diffs) <= PARITY_TOL else "IMAGES DIFFER"
+    print(f"image parity: max |ours - theirs| = {max(diffs):.2e} (tolerance {PARITY_TOL:g}; image std {spread:.3f}): "
+          f"{verdict}")  # fmt: skip
+    return 0 if max(diffs) <= PARITY_TOL else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
