@@ -16,10 +16,16 @@ theirs, ours, theirs, ...), the first pair is reported too. Time is the whole pr
   control, config=DIR, local_files_only=True), config=DIR, local_files_only=True)`, offline: the config folders
   (diffusers layout, tokenizer included) are written here from our shipped configs.
 
+Peak RSS counts the weights' file-backed pages (memory-mapped files: page cache the kernel can drop and re-read)
+with anonymous memory (copies, casts, activations: only swap can free it); the peak of the anonymous part alone is
+sampled every 20 ms and shown beside it. `--file-dtype fp16` writes the files in float16 (as most downloads), still
+computed in float32 by both sides: then every weight is a cast copy.
+
 Ratios: theirs/ours for time (> 1: we are faster), ours/theirs for peak RSS (< 1: we hold less). The two images
 are compared (max |difference| on [0, 1] pixels; both use the same weights, seed and sampler).
 
     flock /tmp/sd15.lock python benchmarks/loading.py --size sd15 --repeats 2 --threads 2
+    flock /tmp/sd15.lock python benchmarks/loading.py --size sd15 --repeats 2 --threads 2 --file-dtype fp16
     python benchmarks/loading.py --size tiny --repeats 1
 """
 
@@ -44,11 +50,17 @@ SEED = 0
 PARITY_TOL = 1e-3  # max |difference| of [0, 1] pixels between the two images (float32 both; see the docstring)
 DEFAULT_CACHE = Path.home() / ".cache" / "controlnet" / "bench"
 SIDES = ("ours", "theirs")
+FILE_DTYPES = {"fp32": "float32", "fp16": "float16"}  # the files' dtype; both sides compute in float32
+SAMPLE_EVERY_S = 0.02  # how often a run samples its anonymous memory (RssAnon; VmHWM has no such split)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # the files, written once per size
-def prepare(size: str, cache: Path) -> Path:
+def files_folder(cache: Path, size: str, file_dtype: str) -> Path:
+    return cache / (size if file_dtype == "fp32" else f"{size}-{file_dtype}")
+
+
+def prepare(size: str, cache: Path, file_dtype: str = "fp32") -> Path:
     """The folder of `size`'s files: base.safetensors, control.safetensors, tokenizer/, configs for both sides."""
     import torch
     from diffusers import UNet2DConditionModel
@@ -59,12 +71,13 @@ def prepare(size: str, cache: Path) -> Path:
     from controlnet.io.single_file import family_config
     from controlnet.model.controlnet import ControlNet
 
-    folder = cache / size
+    folder = files_folder(cache, size, file_dtype)
     configs = sd15_parts_config(size)
+    dtype = getattr(torch, FILE_DTYPES[file_dtype])
     if not (folder / "base.safetensors").is_file():
-        write_sd_file(folder / "base.safetensors", configs, seed=0)
+        write_sd_file(folder / "base.safetensors", configs, seed=0, dtype=dtype)
     if not (folder / "control.safetensors").is_file():
-        write_controlnet_file(folder / "control.safetensors", configs["unet"], seed=3)
+        write_controlnet_file(folder / "control.safetensors", configs["unet"], seed=3, dtype=dtype)
     max_length = configs["text_encoder"]["max_position_embeddings"]
     tokenizer = CLIPTokenizer.from_pretrained(str(write_clip_vocab(folder / "vocab")), model_max_length=max_length)
     tokenizer.save_pretrained(str(folder / "tokenizer"))
@@ -101,6 +114,33 @@ def prepare(size: str, cache: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------------------
 # one side in this (fresh) process
+class AnonPeak:
+    """The highest RssAnon (anonymous memory: what the kernel cannot drop without swap) seen by a sampling thread;
+    file-backed pages of memory-mapped weights are page cache that the kernel can reclaim and re-read."""
+
+    def __init__(self):
+        import threading
+
+        self.peak_kb, self.stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(SAMPLE_EVERY_S):
+            self.sample()
+
+    def sample(self) -> None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+
+    def done_mb(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+        return self.peak_kb / 1024
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM: anonymous + file-backed pages), in MB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -115,6 +155,7 @@ def run_side(side: str, folder: Path, size: str, resolution: int, steps: int, ou
     from pipeline_tiny import condition_image
 
     cond = condition_image(1, resolution)
+    anon = AnonPeak()
     t0 = time.perf_counter()
     if side == "ours":
         from controlnet.generate.base import check_base
@@ -132,11 +173,11 @@ def run_side(side: str, folder: Path, size: str, resolution: int, steps: int, ou
     else:
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-        net = ControlNetModel.from_single_file(str(folder / "control.safetensors"),
+        net = ControlNetModel.from_single_file(str(folder / "control.safetensors"), torch_dtype=torch.float32,
                                                config=str(folder / "controlnet_config"), local_files_only=True)  # fmt: skip
         pipe = StableDiffusionControlNetPipeline.from_single_file(
             str(folder / "base.safetensors"), controlnet=net, config=str(folder / "diffusers_config"),
-            local_files_only=True, safety_checker=None, requires_safety_checker=False,
+            local_files_only=True, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32,
         )  # fmt: skip
         pipe.set_progress_bar_config(disable=True)
         t1 = time.perf_counter()
@@ -145,13 +186,20 @@ def run_side(side: str, folder: Path, size: str, resolution: int, steps: int, ou
     t2 = time.perf_counter()
     np.save(out, np.asarray(image, dtype=np.float32))
     cpu = time.process_time()  # this process's CPU time, all threads (steadier than wall time on a shared machine)
-    return {"side": side, "load_s": t1 - t0, "generate_s": t2 - t1, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb()}
+    return {
+        "side": side,
+        "load_s": t1 - t0,
+        "generate_s": t2 - t1,
+        "cpu_s": cpu,
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_anon_mb": anon.done_mb(),
+    }
 
 
 def spawn(side: str, args, folder: Path, out: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--size", args.size, "--cache",
-           str(args.cache), "--resolution", str(args.resolution), "--steps", str(args.steps), "--threads",
-           str(args.threads), "--image", str(out)]  # fmt: skip
+           str(args.cache), "--file-dtype", args.file_dtype, "--resolution", str(args.resolution), "--steps",
+           str(args.steps), "--threads", str(args.threads), "--image", str(out)]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
@@ -164,6 +212,8 @@ def spawn(side: str, args, folder: Path, out: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--file-dtype", choices=list(FILE_DTYPES), default="fp32",
+                        help="dtype of the files (fp16: as most downloads; both sides still compute in float32)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 256 sd15, 64 tiny)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved (ours, theirs) pairs")
@@ -173,7 +223,7 @@ def main(argv=None) -> int:
     parser.add_argument("--image", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (256 if args.size == "sd15" else 64)
-    folder = args.cache / args.size
+    folder = files_folder(args.cache, args.size, args.file_dtype)
 
     if args.child:  # one side, in a fresh process: print its numbers as the last line
         import torch
@@ -186,13 +236,13 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    prepare(args.size, args.cache)
+    prepare(args.size, args.cache, args.file_dtype)
     sizes = {n: (folder / f"{n}.safetensors").stat().st_size / 1e9 for n in ("base", "control")}
-    print(f"size={args.size} files: base {sizes['base']:.2f} GB + control {sizes['control']:.2f} GB (float32) "
-          f"resolution={args.resolution} steps={args.steps} threads={args.threads or 'default'} "
-          f"torch={torch.__version__}")  # fmt: skip
+    print(f"size={args.size} files: base {sizes['base']:.2f} GB + control {sizes['control']:.2f} GB "
+          f"({FILE_DTYPES[args.file_dtype]}; computed in float32) resolution={args.resolution} steps={args.steps} "
+          f"threads={args.threads or 'default'} torch={torch.__version__}")  # fmt: skip
     runs = {side: [] for side in SIDES}
-    diffs = []
+    diffs, spread = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             images = {}
@@ -202,20 +252,21 @@ def main(argv=None) -> int:
                 runs[side].append(run)
                 images[side] = np.load(out)
                 print(f"  run {rep + 1} {side:6s}: first image {run['wall_s']:6.1f} s (load {run['load_s']:5.1f} s, "
-                      f"generate {run['generate_s']:5.1f} s; CPU {run['cpu_s']:6.1f} s), peak RSS {run['peak_rss_mb']:7.0f} MB",
-                      flush=True)  # fmt: skip
+                      f"generate {run['generate_s']:5.1f} s; CPU {run['cpu_s']:6.1f} s), peak RSS "
+                      f"{run['peak_rss_mb']:6.0f} MB (anonymous {run['peak_anon_mb']:6.0f} MB)", flush=True)  # fmt: skip
             diffs.append(float(np.abs(images["ours"] - images["theirs"]).max()))
             spread = float(images["ours"].std())
-    med = {side: {k: statistics.median(r[k] for r in runs[side]) for k in ("wall_s", "load_s", "cpu_s", "peak_rss_mb")}
-           for side in SIDES}  # fmt: skip
+    keys = ("wall_s", "load_s", "cpu_s", "peak_rss_mb", "peak_anon_mb")
+    med = {side: {k: statistics.median(r[k] for r in runs[side]) for k in keys} for side in SIDES}
     for side in SIDES:
-        print(f"{side}: time to first image {med[side]['wall_s']:.1f} s (load {med[side]['load_s']:.1f} s, CPU "
-              f"{med[side]['cpu_s']:.1f} s), "
-              f"peak RSS {med[side]['peak_rss_mb']:.0f} MB  (medians of {args.repeats})")  # fmt: skip
-    print(f"time ratio theirs/ours: {med['theirs']['wall_s'] / med['ours']['wall_s']:.3f}x (load "
-          f"{med['theirs']['load_s'] / med['ours']['load_s']:.3f}x, CPU time "
-          f"{med['theirs']['cpu_s'] / med['ours']['cpu_s']:.3f}x); peak RSS ratio ours/theirs: "
-          f"{med['ours']['peak_rss_mb'] / med['theirs']['peak_rss_mb']:.3f}")  # fmt: skip
+        m = med[side]
+        print(f"{side}: time to first image {m['wall_s']:.1f} s (load {m['load_s']:.1f} s, CPU {m['cpu_s']:.1f} s), "
+              f"peak RSS {m['peak_rss_mb']:.0f} MB (anonymous {m['peak_anon_mb']:.0f} MB)  "
+              f"(medians of {args.repeats})")  # fmt: skip
+    ours, theirs = med["ours"], med["theirs"]
+    print(f"time ratio theirs/ours: {theirs['wall_s'] / ours['wall_s']:.3f}x (load {theirs['load_s'] / ours['load_s']:.3f}x, "
+          f"CPU time {theirs['cpu_s'] / ours['cpu_s']:.3f}x); peak RSS ratio ours/theirs: "
+          f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.3f} (anonymous {ours['peak_anon_mb'] / theirs['peak_anon_mb']:.3f})")  # fmt: skip
     verdict = "same image" if max(diffs) <= PARITY_TOL else "IMAGES DIFFER"
     print(f"image parity: max |ours - theirs| = {max(diffs):.2e} (tolerance {PARITY_TOL:g}; image std {spread:.3f}): "
           f"{verdict}")  # fmt: skip
