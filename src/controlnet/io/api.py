@@ -94,8 +94,7 @@ def load_unet(
             )
         unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
         return unet.eval().requires_grad_(False)
-    from controlnet.io.safe_load import map_state_dict
-    from controlnet.io.single_file import load_into_empty
+    from controlnet.io.safe_load import load_into_empty, map_state_dict
 
     state = map_state_dict(path)  # memory-mapped: the UNet takes the file's tensors, no copy when dtypes agree
     fmt = detect_format(state)

@@ -5,7 +5,8 @@ refuses any pickle that would construct arbitrary Python objects (and so run cod
 (as the reference fixtures ship) are decompressed in memory. Every failure becomes one `CheckpointError` line
 naming the file and what was expected. Writes go to a temporary path beside the target and are renamed into
 place, so a failed write never leaves a half-written file. `load_strict` is the one way weights enter a module:
-names and shapes must match exactly (nothing silently left at its random initialisation).
+names and shapes must match exactly (nothing silently left at its random initialisation); `load_into_empty` goes
+through it to fill a meta-device module with the (memory-mapped) tensors themselves.
 """
 
 from __future__ import annotations
@@ -188,3 +189,27 @@ def load_strict(
         raise CheckpointError(f"{what} does not match the expected architecture: {'; '.join(parts)}")
     module.load_state_dict(state, strict=not optional, assign=assign)  # every non-optional key was checked above
     return module
+
+
+def load_into_empty(
+    module: torch.nn.Module, state: dict, what: str, dtype: torch.dtype, optional: tuple[str, ...] = ()
+) -> torch.nn.Module:
+    """Fill a meta-device `module` with `state`'s tensors themselves; returns it in eval mode, without gradients.
+
+    The names and shapes are checked first (`load_strict`: the same messages), then the module takes the tensors
+    (`load_state_dict(assign=True)`), so nothing is initialised and nothing copied. Floating tensors not in `dtype`
+    are cast: one copy of those only, replacing them in `state` (the caller drops the originals). Buffers that
+    files do not hold are rebuilt (CLIP's `position_ids`); any other tensor left on the meta device is refused.
+    """
+    for key, value in state.items():
+        if value.is_floating_point() and value.dtype != dtype:
+            state[key] = value.to(dtype)
+    load_strict(module, state, what, optional=optional, assign=True)
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta and name.endswith("position_ids"):  # (1, max_positions): 0, 1, 2, ...
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner), leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone())
+    empty = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if empty:
+        raise CheckpointError(f"{what}: {len(empty)} tensors have no values in the file (e.g. {empty[0]})")
+    return module.eval().requires_grad_(False)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from controlnet.errors import CheckpointError
-from controlnet.io.safe_load import load_strict
+from controlnet.io.safe_load import load_into_empty
 
 logger = logging.getLogger(__name__)
 
@@ -154,30 +154,6 @@ def select_unet_weights(state: dict, ema: bool | None, what: str, flags: dict) -
         chosen.update({k: state[t] for k, t in twins.items()})
     logger.info("%s: %s UNet weights", what, "EMA" if use_ema else "non-EMA")
     return chosen
-
-
-def load_into_empty(
-    module: torch.nn.Module, state: dict, what: str, dtype: torch.dtype, optional: tuple[str, ...] = ()
-) -> torch.nn.Module:
-    """Fill a meta-device `module` with `state`'s tensors themselves; returns it in eval mode, without gradients.
-
-    The names and shapes are checked first (`load_strict`: the same messages), then the module takes the tensors
-    (`load_state_dict(assign=True)`), so nothing is initialised and nothing copied. Floating tensors not in `dtype`
-    are cast: one copy of those only, replacing them in `state` (the caller drops the originals). Buffers that
-    files do not hold are rebuilt (CLIP's `position_ids`); any other tensor left on the meta device is refused.
-    """
-    for key, value in state.items():
-        if value.is_floating_point() and value.dtype != dtype:
-            state[key] = value.to(dtype)
-    load_strict(module, state, what, optional=optional, assign=True)
-    for name, buffer in list(module.named_buffers()):
-        if buffer.is_meta and name.endswith("position_ids"):  # (1, max_positions): 0, 1, 2, ...
-            owner, _, leaf = name.rpartition(".")
-            setattr(module.get_submodule(owner), leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone())
-    empty = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-    if empty:
-        raise CheckpointError(f"{what}: {len(empty)} tensors have no values in the file (e.g. {empty[0]})")
-    return module.eval().requires_grad_(False)
 
 
 def _drop(state: dict, prefix: str) -> None:
