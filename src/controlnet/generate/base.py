@@ -336,8 +336,9 @@ def load_base(
         if source.kind == "file":
             from controlnet.io.single_file import read_single_file
 
+            # loaded straight in `dtype`: a float file in it stays memory-mapped (no copy; the cast below is a no-op)
             parts = read_single_file(source.path, source.tokenizer, source.tokenizer_2, family, configs, ema,
-                                     on_component=step, flags=flags)  # fmt: skip
+                                     on_component=step, flags=flags, dtype=dtype)  # fmt: skip
             base = BaseComponents(**parts, name=source.name)
         else:
             base = _load_folder(source, dtype, step)

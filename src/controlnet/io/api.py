@@ -34,8 +34,8 @@ from controlnet.io.safe_load import (
     LazyWeights,
     atomic_path,
     check_strict,
-    load_strict,
-    read_state_dict,
+    load_into_empty,
+    map_state_dict,
     write_state_dict,
 )
 from controlnet.model.controlnet import ControlNet
@@ -81,7 +81,8 @@ def load_unet(
     """Load a locked base UNet from a diffusers folder (model dir or its `unet/`) or one original checkpoint file.
 
     `config` (dict or json path, a diffusers `UNet2DConditionModel` config) is needed when a single file's family
-    cannot be recognised (SD1.x, SD2.x and SDXL are recognised from the cross-attention width).
+    cannot be recognised (SD1.x, SD2.x and SDXL are recognised from the cross-attention width). A file's tensors
+    are memory-mapped and taken by the module as they are (float32, or `dtype`): no second copy in memory.
     """
     path = Path(path)
     if not path.exists():
@@ -96,7 +97,7 @@ def load_unet(
             )
         unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
         return unet.eval().requires_grad_(False)
-    state = read_state_dict(path)
+    state = map_state_dict(path)  # memory-mapped: the UNet takes the file's tensors, no copy when dtypes agree
     fmt = detect_format(state)
     if fmt in ("original-sd", "original-combined"):
         config = unet_config_for(
@@ -112,13 +113,9 @@ def load_unet(
         raise CheckpointError(
             f"{path}: holds {FORMAT_PHRASES[fmt]}, not a UNet (`model.diffusion_model.*` or `down_blocks.*` keys)"
         )
-    with torch.device("meta"):
-        unet = build_unet(config, device="meta")
-    unet = unet.to_empty(device="cpu")
-    load_strict(unet, state, f"UNet in {path.name}")
-    if dtype is not None:
-        unet = unet.to(dtype)
-    return unet.eval().requires_grad_(False)
+    # built on the meta device and given the tensors themselves (float32 unless `dtype`: only a cast copies)
+    unet = build_unet(config, device="meta")
+    return load_into_empty(unet, state, f"UNet in {path.name}", dtype or torch.float32)
 
 
 def controlnet_state_from_original(state: dict, layers_per_block: int) -> dict:

@@ -5,7 +5,8 @@ refuses any pickle that would construct arbitrary Python objects (and so run cod
 (as the reference fixtures ship) are decompressed in memory. Every failure becomes one `CheckpointError` line
 naming the file and what was expected. Writes go to a temporary path beside the target and are renamed into
 place, so a failed write never leaves a half-written file. `load_strict` is the one way weights enter a module:
-names and shapes must match exactly (nothing silently left at its random initialisation).
+names and shapes must match exactly (nothing silently left at its random initialisation); `load_into_empty` goes
+through it to fill a meta-device module with the (memory-mapped) tensors themselves.
 """
 
 from __future__ import annotations
@@ -105,6 +106,23 @@ def _read_safetensors(path: Path, data: bytes | None) -> dict:
         return safetensors_load_bytes(data) if data is not None else safetensors_load_file(str(path))
     except _SAFETENSORS_READ_ERRORS as err:
         raise _unreadable_safetensors(path, err) from None
+
+
+def map_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """`read_state_dict`, with the tensors memory-mapped from the file where its format allows (no copy in RAM).
+
+    `.safetensors` files are always mapped (safetensors' `load_file`); zip-format `.pth/.ckpt` (torch.save since
+    1.6) are mapped by `torch.load(mmap=True)`. A mapped tensor's pages are the file's page cache, read on first
+    touch, shared with other processes and given back when the tensor is freed, not anonymous memory; they are
+    copy-on-write, so writing to a tensor never changes the file. Legacy pickles and `.xz` files are read as usual.
+    """
+    path = Path(path)
+    if _suffix(path) in PICKLE_SUFFIXES and not path.name.lower().endswith(".xz") and path.is_file():
+        with path.open("rb") as handle:
+            zipped = handle.read(4).startswith(ZIP_MAGIC)
+        if zipped:
+            return _unwrap(path, _read_pickle(path, None, mmap=True))
+    return read_state_dict(path)
 
 
 def _pickle_head(path: Path, data: bytes | None) -> bytes:
@@ -390,3 +408,27 @@ def check_strict(own: dict, state: dict, what: str, optional: tuple[str, ...] = 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise CheckpointError(f"{what} does not match the expected architecture: {'; '.join(parts)}")
+
+
+def load_into_empty(
+    module: torch.nn.Module, state: dict, what: str, dtype: torch.dtype, optional: tuple[str, ...] = ()
+) -> torch.nn.Module:
+    """Fill a meta-device `module` with `state`'s tensors themselves; returns it in eval mode, without gradients.
+
+    The names and shapes are checked first (`load_strict`: the same messages), then the module takes the tensors
+    (`load_state_dict(assign=True)`), so nothing is initialised and nothing copied. Floating tensors not in `dtype`
+    are cast: one copy of those only, replacing them in `state` (the caller drops the originals). Buffers that
+    files do not hold are rebuilt (CLIP's `position_ids`); any other tensor left on the meta device is refused.
+    """
+    for key, value in state.items():
+        if value.is_floating_point() and value.dtype != dtype:
+            state[key] = value.to(dtype)
+    load_strict(module, state, what, optional=optional, assign=True)
+    for name, buffer in list(module.named_buffers()):
+        if buffer.is_meta and name.endswith("position_ids"):  # (1, max_positions): 0, 1, 2, ...
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner), leaf, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone())
+    empty = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if empty:
+        raise CheckpointError(f"{what}: {len(empty)} tensors have no values in the file (e.g. {empty[0]})")
+    return module.eval().requires_grad_(False)

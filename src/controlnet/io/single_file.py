@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from controlnet.errors import CheckpointError
+from controlnet.io.safe_load import load_into_empty
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,12 @@ def select_unet_weights(state: dict, ema: bool | None, what: str, flags: dict) -
     return chosen
 
 
+def _drop(state: dict, prefix: str) -> None:
+    """Forget the loaded part's entries, so that tensors the part did not keep (cast originals) are freed."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+
+
 def read_single_file(
     path: str | os.PathLike,
     tokenizer=None,
@@ -164,15 +171,18 @@ def read_single_file(
     ema: bool | None = None,
     on_component=None,
     flags: dict | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """The components of one original checkpoint file: {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
-    (+ "text_encoder_2", "tokenizer_2" for SDXL), in float32 on the CPU, ready for `BaseComponents(**parts)`.
+    (+ "text_encoder_2", "tokenizer_2" for SDXL), on the CPU in `dtype` (default float32; the VAE stays float32 for
+    float16), in eval mode with no gradients, ready for `BaseComponents(**parts)`.
 
     tokenizer / tokenizer_2: folders (see the module docstring; tokenizer_2 defaults to tokenizer). family: sd15,
     sd21 or sdxl (default: recognised, or configs' "family"). configs: per-component overrides {"unet": {...},
     "vae": {...}, "text_encoder": {...}} or a JSON file of them (custom or tiny models). ema: see
     `select_unet_weights`. `on_component(name)` is called as each part starts. The scheduler's prediction type is
-    the family's (set another on the loaded bundle).
+    the family's (set another on the loaded bundle). Tensors already in `dtype` are not copied: from a
+    `.safetensors` or zip `.ckpt` they stay memory-mapped (file-backed pages, not anonymous memory).
     """
     import diffusers
     import transformers
@@ -184,7 +194,7 @@ def read_single_file(
     )
 
     from controlnet.io.api import build_unet
-    from controlnet.io.safe_load import load_strict, read_state_dict
+    from controlnet.io.safe_load import map_state_dict
 
     flags = flags or {}
     step = on_component or (lambda name: None)
@@ -193,7 +203,7 @@ def read_single_file(
     if tokenizer is None:
         check_single_file(path, tokenizer, tokenizer_2, configs, flags, family)  # the missing-tokenizer message
     step("checkpoint")
-    state = read_state_dict(path)
+    state = map_state_dict(path)  # memory-mapped: tensors stay file-backed until a cast needs a copy
     family = _family(state, path, family, overrides, flags)
     config = family_config(family)
     for name, override in overrides.items():
@@ -206,19 +216,23 @@ def read_single_file(
         else:
             config[name] = dict(override)
     state = select_unet_weights(state, ema, path.name, flags)
+    dtype = dtype or torch.float32
 
-    # UNet and VAE: diffusers' LDM converters, built on the meta device and filled
+    # Each part is built on the meta device and takes the file's tensors themselves (diffusers' converters only
+    # rename, and slice the VAE's 1x1 attention convs into views; OpenCLIP's fused q/k/v are split into copies), so
+    # a memory-mapped float file in `dtype` costs its page cache and no second copy. A part's keys are dropped
+    # from `state` once it is loaded, so that cast originals are given back as loading goes.
     step("unet")
-    unet = build_unet(config["unet"], device="meta").to_empty(device="cpu")
-    unet = load_strict(unet, convert_ldm_unet_checkpoint(state, config["unet"]), f"UNet in {path.name}")
-    unet = unet.eval().requires_grad_(False)
+    unet = load_into_empty(build_unet(config["unet"], device="meta"), convert_ldm_unet_checkpoint(state, config["unet"]),
+                           f"UNet in {path.name}", dtype)  # fmt: skip
+    _drop(state, UNET_PREFIX)
     step("vae")
     vae_config = {k: v for k, v in config["vae"].items() if not k.startswith("_")}
     with torch.device("meta"):
         vae = diffusers.AutoencoderKL(**vae_config)
-    vae = vae.to_empty(device="cpu")
-    vae = load_strict(vae, convert_ldm_vae_checkpoint(state, vae_config), f"VAE in {path.name}")
-    vae = vae.eval().requires_grad_(False)
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs decode badly (as generate/base.py)
+    vae = load_into_empty(vae, convert_ldm_vae_checkpoint(state, vae_config), f"VAE in {path.name}", vae_dtype)
+    _drop(state, "first_stage_model.")
 
     parts = {"unet": unet, "vae": vae}
     for enc in config["text_encoders"]:
@@ -226,7 +240,6 @@ def read_single_file(
         model_cls = getattr(transformers, enc["class"])
         with torch.device("meta"):
             model = model_cls(transformers.CLIPTextConfig(**enc["config"]))
-        model = model.to_empty(device="cpu")
         if enc["kind"] == "clip":
             weights = convert_ldm_clip_checkpoint(state, remove_prefix=enc["prefix"])
         else:
@@ -240,11 +253,10 @@ def read_single_file(
         }
         if not weights:
             raise CheckpointError(f"{path}: no {enc['name']} weights under {enc['prefix']}")
-        for name, buffer in model.named_buffers():  # position_ids is a buffer, not a weight: rebuild it
-            if name.endswith("position_ids"):
-                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
-        model = load_strict(model, weights, f"{enc['name']} in {path.name}", optional=("position_ids",))
-        parts[enc["name"]] = model.eval().requires_grad_(False)
+        model = load_into_empty(model, weights, f"{enc['name']} in {path.name}", dtype, optional=("position_ids",))
+        del weights
+        _drop(state, enc["prefix"])
+        parts[enc["name"]] = model
         folder = tokenizer if enc["name"] == "text_encoder" else (tokenizer_2 or tokenizer)
         parts[enc["name"].replace("text_encoder", "tokenizer")] = _tokenizer(
             folder, enc["pad_token"], enc["config"]["max_position_embeddings"]
