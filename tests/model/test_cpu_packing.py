@@ -66,9 +66,13 @@ def test_layers_are_restored_and_nothing_else_changes():
         assert n == 2  # a module reached twice is switched once
         model(torch.randn(1, 128, 8, 8))
         raise RuntimeError("boom")
-    assert all("forward" not in vars(m) and not hasattr(m, "_controlnet_packed") for m in model.modules())
+    assert all("forward" not in vars(m) for m in model.modules())
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    # the packed copies stay for the next block (making them costs more than a step), until released
+    assert cpu_packing.packed_bytes(model) == 0
+    assert cpu_packing.release_packed(model) == 2 and cpu_packing.release_packed(model) == 0
+    assert cpu_packing.packed_bytes(model) == 2 * 128 * 128 * 9 * 4
 
 
 def test_small_layers_and_other_kinds_keep_their_own_forward():

@@ -35,10 +35,11 @@ from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
-from controlnet.model.cpu_packing import compiled, packed_weights, packing_fits
+from controlnet.model.cpu_packing import compiled, holds_packs, packed_weights, packing_fits, release_packed
 
 logger = logging.getLogger(__name__)
 
+MIN_PACKING_STEPS = 8  # denoising steps from which packing the weights for oneDNN pays on its own (CPU)
 # Marks a control entry whose condition is built from `image` + `mask` (ControlNet v1.1 inpaint model).
 INPAINT = "inpaint"
 
@@ -171,6 +172,7 @@ class ControlNetPipeline:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> ControlNetPipeline:
         """Move every model (bf16/fp16: `dtype=torch.bfloat16`; the VAE stays in float32 for fp16 decoding)."""
+        release_packed(self.unet, *self.controlnets)  # CPU packs of the weights being moved or cast
         for module in self._modules():
             module.to(device)
             target = torch.float32 if (module is self.vae and dtype == torch.float16) else dtype
@@ -181,6 +183,7 @@ class ControlNetPipeline:
     def enable_model_cpu_offload(self, device="cuda") -> ControlNetPipeline:
         """Keep models on the CPU and move each to `device` only while it runs (for GPUs with little memory)."""
         self._offload_device = torch.device(device)
+        release_packed(self.unet, *self.controlnets)
         for module in self._modules():
             module.to("cpu")
         return self
@@ -190,9 +193,11 @@ class ControlNetPipeline:
     ) -> ControlNetPipeline:
         """Speed options that leave results unchanged up to float rounding: channels_last, torch.compile (GPU);
         pack_cpu_weights (CPU, on by default: pre-packed oneDNN weights in the denoising loop, see
-        model/cpu_packing.py; False runs each layer's plain forward and saves one copy of the weights' memory)."""
+        model/cpu_packing.py; False runs each layer's plain forward and frees the packed copy of the weights)."""
         if pack_cpu_weights is not None:
             self.pack_cpu_weights = pack_cpu_weights
+            if not pack_cpu_weights:
+                release_packed(self.unet, *self.controlnets)
         for module in [self.unet, *self.controlnets]:
             if channels_last:
                 module.to(memory_format=torch.channels_last)
@@ -369,7 +374,10 @@ class ControlNetPipeline:
 
         # 6. denoising loop ----------------------------------------------------------------------------------
         n_steps = len(timesteps)
+        # packing costs about two plain SD1.5 steps at 256 px once (model/cpu_packing.py) and saves ~25% of every
+        # step after it: it pays from ~8 steps on, and at once where the packs are kept from an earlier generation
         packing = self.pack_cpu_weights and device.type == "cpu" and not compiled(self.unet)
+        packing = packing and (n_steps >= MIN_PACKING_STEPS or holds_packs(self.unet))
         if packing and not packing_fits(self.unet, *[n.net for n in nets]):
             logger.info("not packing the weights for oneDNN: their copy would not fit in free memory")
             packing = False
