@@ -6,8 +6,8 @@ commands ran before issue 17), measured in the same run (issue 17, item 3).
     flock /tmp/sd15.lock python benchmarks/convert.py --size sdxl     # SDXL-size transfer, float16, streamed only
     ... --before e7119d2    # also the CLI as it was at a git revision (its src/ exported beside the cache)
 
-Every command runs in a fresh subprocess; its peak RSS is the kernel's ru_maxrss for that child (os.wait4), file
-pages it touched included. Inputs are random weights in the real key layout (original LDM / cldm names), made once
+Every command runs in a fresh subprocess; its peak RSS is that process's own VmHWM, read at its exit (file pages it
+touched included). Inputs are random weights in the real key layout (original LDM / cldm names), made once
 and cached under ~/.cache/controlnet/bench (outside the repo): base and community UNets (original single files,
 UNet only), a ControlNet (.safetensors and zip .pth) and a v1.0 combined file (ControlNet + the base UNet; no VAE
 or text encoder, so it is smaller than a released one). Outputs are compared byte for byte (sha256).
@@ -91,13 +91,12 @@ def make_inputs(family: str, folder: Path) -> dict[str, Path]:
     shapes = {k: v.shape for k, v in unet.state_dict().items()}
     unet_keys = {"model.diffusion_model." + v: k for k, v in ldm_unet_names(config).items()}
     control_state = ControlNet.from_unet(unet).state_dict()
-    control_keys = {
-        v: k
-        for k, v in controlnet_state_to_original(dict(zip(control_state, control_state, strict=True)), 2).items()
-    }
+    # original (cldm) name -> our name: the renamed dict's values are our names
+    control_keys = controlnet_state_to_original(dict(zip(control_state, control_state, strict=True)), 2)
 
     def spec(keys, table):
-        return {k: torch.empty(table[v].shape, dtype=dtype, device="meta") for k, v in keys.items()}
+        shape = lambda x: x if isinstance(x, torch.Size) else x.shape  # noqa: E731 - sizes or meta tensors
+        return {k: torch.empty(shape(table[v]), dtype=dtype, device="meta") for k, v in keys.items()}
 
     def base(key):
         return _random(unet_keys[key], shapes[unet_keys[key]], dtype, seed=0)
@@ -127,15 +126,33 @@ def make_inputs(family: str, folder: Path) -> dict[str, Path]:
 # -- measuring ------------------------------------------------------------------------------------------------
 
 
+# ru_maxrss of a child counts the parent's resident set at fork (Linux keeps the high-water mark across exec), so
+# every child would show at least this script's own peak; each child reports its own VmHWM at exit instead.
+REPORT_HWM = """import atexit, os, re
+
+def _report():
+    with open("/proc/self/status") as f:
+        kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1))
+    with open(os.environ["CONTROLNET_BENCH_HWM"], "w") as f:
+        f.write(str(kb))
+
+atexit.register(_report)
+"""
+
+
 def peak_rss(argv: list[str], env: dict) -> tuple[float, float]:
-    """(peak RSS in GiB, wall seconds) of one command in a fresh process."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss * 1024 / GiB, time.perf_counter() - started
+    """(peak RSS in GiB: the child's own VmHWM, wall seconds) of one Python command in a fresh process."""
+    with tempfile.TemporaryDirectory() as hook:
+        (Path(hook) / "sitecustomize.py").write_text(REPORT_HWM)
+        report = Path(hook) / "hwm"
+        env = {**env, "CONTROLNET_BENCH_HWM": str(report),
+               "PYTHONPATH": os.pathsep.join(filter(None, [hook, env.get("PYTHONPATH", "")]))}  # fmt: skip
+        started = time.perf_counter()
+        proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr.decode()[-2000:]}")
+        return int(report.read_text()) * 1024 / GiB, seconds
 
 
 # The in-memory path, as run_convert / run_init / run_transfer / run_inspect ran it before streaming.

@@ -8,17 +8,24 @@ wall time and for this process's CPU time (steadier on a shared machine; use --t
 
 Where the time goes (DESIGN.md, SD1.5 at 512 px): UNet 803 GFLOPs, ControlNet 283 GFLOPs per sample, i.e. the
 ControlNet is ~26% of a step. We compute the hint embedding once per generation (diffusers: every step) and do
-not run a ControlNet outside its start/end window (diffusers runs it with scale 0), so with a window ending at
-0.5 the ideal gain at SD1.5 size is 1 / (1 - 0.26 / 2) ~= 1.15x.
+not run a ControlNet outside its start/end window (diffusers runs it with scale 0): with a window ending at 0.5
+the ideal gain from that alone is 1 / (1 - 0.26 / 2) ~= 1.15x. Both pipelines run the same diffusers modules, so
+at the defaults the rest can only come from the kernels: profiled at SD1.5 size (256 px, batch 2, torch 2.13 CPU)
+a UNet step is 54% oneDNN convolutions, 30% linear layers, 5% attention. A plain conv reorders its weight into
+oneDNN's blocked layout on every call, which at SD1.5's low resolutions costs more than the arithmetic (a
+1280-channel 3x3 conv at 8x8: 96 ms plain, 46 ms pre-packed); ours runs the denoising loop on weights packed
+once (model/cpu_packing.py; same results up to float rounding, asserted below). Packing costs about two plain
+steps once per process and is kept for later generations; the first, warm-up pair (not counted) pays it.
 
-    python benchmarks/generation.py --model sd15 --resolution 256 --steps 4   # SD1.5-sized UNet, random weights
+    python benchmarks/generation.py --model sd15 --resolution 256 --steps 8 --repeats 2 --threads 2
     python benchmarks/generation.py --model tiny --resolution 64 --steps 10   # the tiny test config
 
-Measured on 2 shared CPU cores (other jobs running), torch 2.13.0 CPU, --threads 1, parity max |diff| 0.0 (sd15)
-and 2.4e-6 (tiny):
-    sd15, 256 px, 4 steps, 3 pairs: defaults 1.007x wall (pairs 1.016, 1.007, 0.992; CPU time 1.003x);
-                                    window end 0.5: 1.171x wall (1.171, 1.145, 1.172; CPU time 1.154x)
-    tiny, 64 px, 10 steps, 7 pairs: defaults 1.225x wall (CPU 1.218x); window end 0.5: 1.430x (CPU 1.437x)
+Measured on an idle 2-core AMD EPYC (AVX-512, torch.backends.cpu.get_cpu_capability() "AVX512"), torch 2.13.0
+CPU, 2 threads, parity max |diff| <= 3.1e-5:
+    sd15, 256 px, 8 steps, 2 pairs: defaults 1.484x wall (pairs 1.532, 1.437; CPU time 1.442x), ours 25.2 s vs
+                                    37.4 s; window end 0.5: 1.767x (1.843, 1.691; CPU time 1.763x)
+    before packing (4 steps, 3 pairs): defaults 1.007x wall; window end 0.5: 1.171x
+    tiny, 64 px, 10 steps, 5 pairs, 1 thread (its layers are too small to pack): defaults 1.262x; window 1.364x
 
 The VAE and text encoder are small random stand-ins in both modes (the same for both pipelines, and not what
 is compared); the UNet and ControlNet are full size with --model sd15.
