@@ -159,7 +159,7 @@ def peak_rss(argv: list[str], env: dict) -> tuple[float, float]:
 IN_MEMORY = {
     "convert": "from controlnet.io.api import load_controlnet, save_controlnet\n"
     "save_controlnet(load_controlnet(A[0]), A[1], format=A[2])",
-    "init": "import torch; from controlnet.io.api import load_unet, save_controlnet\n"
+    "init": "import torch; from controlnet.io.api import load_unet, save_controlnet; torch.manual_seed(0)\n"
     "from controlnet.io.transfer import init_controlnet\n"
     "save_controlnet(init_controlnet(load_unet(A[0])), A[1], format=A[2])",
     "transfer": "from controlnet.io.api import load_controlnet, load_unet, save_controlnet\n"

@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dst", type=Path, help="output: folder (diffusers) or .safetensors file (original)")
     p.add_argument("--to", default="diffusers", choices=["original", "diffusers"], help="output format")
     p.add_argument("--cond-channels", type=int, default=3, help="channels of the condition image")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the new hint encoder's random initial weights (the copy and the "
+        "zero convolutions are not random): the same seed writes the same file",
+    )  # fmt: skip
     _add_common(p)
     p.set_defaults(func=run_init)
 
@@ -194,8 +198,11 @@ def run_convert(args) -> int:
 
 def run_init(args) -> int:
     _check_arguments(args, {"base model": args.base})
+    import torch
+
     from controlnet.io.transfer import init_controlnet_file
 
+    torch.manual_seed(args.seed)
     with _phases("init", 3) as phase:
         net = init_controlnet_file(
             args.base,
