@@ -195,13 +195,22 @@ def load_controlnet(
     device and the file's tensors are assigned to it); without `unet`, from `config` or the shipped config of the
     family recognised in the file (float32). The hint encoder's stride is not in the weights: it comes from
     `hint_downscale_factor`, else our config.json / safetensors metadata, else 8 (every released SD ControlNet).
-    Only the ControlNet's tensors are read (not the SD model of a v1.0 combined file), one at a time.
+    Only the ControlNet's tensors are read (not the SD model of a v1.0 combined file); a .safetensors file is
+    memory-mapped (the tensors stay file-backed), others are read one tensor at a time.
     """
     with open_controlnet(path, unet, config, hint_downscale_factor) as source:
         param = next(unet.parameters()) if unet is not None else None
         device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
         net_dtype = param.dtype if param is not None else torch.get_default_dtype()
-        state = {k: source.weights.read(v).to(device=device, dtype=net_dtype) for k, v in source.state.items()}
+        # a .safetensors file is memory-mapped (as load_unet does): the net's tensors stay the file's page cache, no
+        # copy in RAM; other files are read one tensor at a time
+        mapped = map_state_dict(source.weights.path) if source.weights.kind == "safetensors" else None
+        state = {
+            k: (mapped[source.weights.key_of(v)] if mapped is not None else source.weights.read(v)).to(
+                device=device, dtype=net_dtype
+            )
+            for k, v in source.state.items()
+        }
     net = source.template
     net.load_state_dict(state, strict=True, assign=True)  # names and shapes checked by open_controlnet
     if dtype is not None:
