@@ -28,7 +28,11 @@ are compared (max |difference| on [0, 1] pixels; both use the same weights, seed
     flock /tmp/sd15.lock python benchmarks/loading.py --size sd15 --repeats 2 --threads 2 --file-dtype fp16
     python benchmarks/loading.py --size tiny --repeats 1
 
-Measured on 2 shared CPU cores, torch 2.13.0 CPU, diffusers 0.42.1, 256 px, 2 steps, --threads 2 (medians):
+Measured on an idle 2-core AMD EPYC (AVX-512), torch 2.13.0 CPU, diffusers 0.42.1, after load_controlnet maps its
+file too (medians of 3): fp32 files: ours 23.9 s (load 4.8 s), peak RSS 6046 MB (anonymous 744 MB); diffusers
+21.1 s (load 4.3 s), 6096 MB (795 MB): time 0.884x (ours slower, in the 2-step generation, not the load), peak
+RSS 0.992, anonymous 0.936; same image.
+Earlier, on 2 shared CPU cores, 256 px, 2 steps, --threads 2 (medians):
     fp32 files, 2 pairs: ours 20.0 s, peak RSS 6116 MB (anonymous 2194 MB); diffusers 20.2 s, 6068 MB (766 MB):
                          time 1.012x, peak RSS 1.008 (anonymous 2.86: our ControlNet loader still copies the
                          net, 1.4 GB); images identical (max |diff| 0.0)
