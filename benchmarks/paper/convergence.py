@@ -34,14 +34,21 @@ from controlnet.train.validation import convergence_step  # noqa: E402
 THRESHOLD = 0.8  # the demo's own convergence threshold
 
 
-def demo(seed: int, threads: int) -> dict:
-    out = WORK / "demo" / f"seed{seed}-threads{threads}"
+def run_tag(extra: tuple[str, ...]) -> str:
+    """A name for runs with more demo flags: "--task shapes --minutes 4" -> "task-shapes-minutes-4"."""
+    return "-".join(x.strip("-").replace(".", "_") for x in extra)
+
+
+def demo(seed: int, threads: int, extra: tuple[str, ...] = ()) -> dict:
+    """One `controlnet demo` run (reused when finished); `extra`: more demo flags (e.g. --task shapes)."""
+    out = WORK / ("demo" + (f"-{run_tag(extra)}" if extra else "")) / f"seed{seed}-threads{threads}"
     record = out / "wall_s.txt"
     if not record.exists():
         started = time.time()
-        with open(WORK / "demo" / f"seed{seed}-threads{threads}.log", "w") as log:
-            subprocess.run(["controlnet", "demo", "--out", str(out), "--seed", str(seed), "--threads", str(threads)],
-                           check=True, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f"seed{seed}-threads{threads}.log", "w") as log:
+            subprocess.run(["controlnet", "demo", "--out", str(out), "--seed", str(seed), "--threads", str(threads),
+                            *extra], check=True, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         record.write_text(f"{time.time() - started:.1f}\n")
     curve = validation_curve(out / "run")
     return {"seed": seed, "threads": threads, "out": out, "curve": curve, "wall_s": float(record.read_text())}
@@ -51,16 +58,20 @@ def main() -> int:
     def own_flags(p):
         p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: 5)")
         p.add_argument("--parallel", type=int, default=1, help="1-thread demo runs at a time (default: 1)")
+        p.add_argument("--demo-args", default="", help='more `controlnet demo` flags, e.g. "--task shapes" '
+                       '(runs kept apart by them; the world held-out set is the task\'s)')  # fmt: skip
 
     args = parse_args(__doc__, n=50, extra=own_flags)
     started = time.time()
     (WORK / "demo").mkdir(parents=True, exist_ok=True)
     runs = []
+    extra = tuple(args.demo_args.split())
+    task = extra[extra.index("--task") + 1] if "--task" in extra else "fill"
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # 1-thread runs side by side
-        runs += list(pool.map(lambda s: demo(s, 1), range(args.seeds)))
-    runs += [demo(s, 2) for s in range(args.seeds)]  # 2-thread runs alone
+        runs += list(pool.map(lambda s: demo(s, 1, extra), range(args.seeds)))
+    runs += [demo(s, 2, extra) for s in range(args.seeds)]  # 2-thread runs alone
 
-    world = heldout_set("fill", args.n, size=64)
+    world = heldout_set(task, args.n, size=64)
     other_prompts, other_conditions = other_outlines(args.n)
     rows = []
     for run in runs:
@@ -93,7 +104,7 @@ def main() -> int:
         ax.legend(fontsize=6, ncol=2)
         return fig
 
-    write_results("convergence", args, rows, columns, started, figure)
+    write_results("convergence" + (f"-{run_tag(extra)}" if extra else ""), args, rows, columns, started, figure)
     return 0
 
 

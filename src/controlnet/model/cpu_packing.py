@@ -5,8 +5,8 @@ On a CPU, `nn.Conv2d` in plain (NCHW, OIHW) tensors reaches oneDNN, which first 
 blocked layout and then convolves, on every call. At SD1.5 size in a denoising loop that reorder is much of the
 work: a 1280-channel 3x3 convolution holds 59 MB of weights but sees only an 8x8 (or 4x4) latent, so moving the
 weight costs more than the arithmetic (measured on 2 cores, batch 2: 96 ms plain vs 46 ms pre-packed at 8x8,
-70 vs 14 ms at 4x4). `packed_weights(*modules)` reorders each weight once for the duration of a block (the
-denoising loop) and runs the layers through oneDNN's pre-packed kernels (the ops torch.compile's CPU backend
+70 vs 14 ms at 4x4). `packed_weights(*modules)` reorders each weight once and, inside a block (the denoising
+loop), runs the layers through oneDNN's pre-packed kernels (the ops torch.compile's CPU backend
 uses when it freezes weights). The arithmetic is the same up to float rounding (another summation order: a
 UNet output differs by ~1e-5 from the plain path on activations of std ~0.6).
 
@@ -43,7 +43,7 @@ def available() -> bool:
 
 def compiled(module: nn.Module) -> bool:
     """True for a `torch.compile`d module (its graph is traced: packing belongs to the compiler then)."""
-    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+    return hasattr(module, "_orig_mod")  # torch._dynamo's OptimizedModule, without importing dynamo
 
 
 class _Packed:
