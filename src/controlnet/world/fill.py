@@ -41,6 +41,20 @@ def fill_prompt(colour: str, shape: str, background: str) -> str:
     return f"{colour} {shape} with {background} background"
 
 
+def _draw_colours(rng: np.random.Generator) -> tuple[str, str]:
+    """Two different named colours (shape, background), the first draws of a sample's generator."""
+    names = list(COLOURS)
+    colour_index, background_index = rng.choice(len(names), size=2, replace=False)
+    return names[colour_index], names[background_index]
+
+
+def _paint(coverage: np.ndarray, colour: str, background: str) -> np.ndarray:
+    """(H, W, 3) uint8: `colour` where coverage (H, W, 1) is 1, `background` where 0, blended between."""
+    fg = np.array(COLOURS[colour], np.float32)
+    bg = np.array(COLOURS[background], np.float32)
+    return np.clip(np.round(coverage * fg + (1.0 - coverage) * bg), 0, 255).astype(np.uint8)
+
+
 def _shape_polygon(shape: str, centre: np.ndarray, radius: float) -> np.ndarray | None:
     """Vertices (N, 2) in (x, y) pixels of an upright square / triangle with circumradius `radius`; None for a circle."""
     if shape == "circle":
@@ -60,18 +74,11 @@ def _rasterize(shape: str, centre: np.ndarray, radius: float, size: int) -> np.n
         return np.round((np.asarray(p) * SUPERSAMPLE - 0.5) * (1 << SUBPIXEL_BITS)).astype(np.int32)
 
     polygon = _shape_polygon(shape, centre, radius)
-    if polygon is None:
-        cv2.circle(
-            canvas,
-            tuple(int(v) for v in to_big(centre)),
-            int(round(radius * scale)),
-            255,
-            -1,
-            cv2.LINE_8,
-            SUBPIXEL_BITS,
-        )
-    else:
-        cv2.fillPoly(canvas, [to_big(polygon)], 255, cv2.LINE_8, SUBPIXEL_BITS)
+    if polygon is not None:
+        return _rasterize_polygon(polygon, size)
+    cv2.circle(
+        canvas, tuple(int(v) for v in to_big(centre)), int(round(radius * scale)), 255, -1, cv2.LINE_8, SUBPIXEL_BITS
+    )
     coverage = cv2.resize(canvas.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
     return coverage  # (size, size)
 
@@ -101,17 +108,13 @@ def fill_sample(seed: int, size: int = 64, shape: str = "circle") -> WorldSample
     if not isinstance(size, int) or size < MIN_SIZE:
         raise ValueError(f"size={size!r}: expected an integer >= {MIN_SIZE}")
     rng = np.random.default_rng(seed)
-    names = list(COLOURS)
-    colour_index, background_index = rng.choice(len(names), size=2, replace=False)
-    colour, background = names[colour_index], names[background_index]
+    colour, background = _draw_colours(rng)
     radius = float(rng.uniform(MIN_RADIUS_FRACTION, MAX_RADIUS_FRACTION) * size)
     margin = radius + 1.0
     centre = rng.uniform(margin, size - margin, size=2)  # (2,) x, y
 
     coverage = _rasterize(shape, centre, radius, size)[..., None]  # (H, W, 1)
-    fg = np.array(COLOURS[colour], np.float32)
-    bg = np.array(COLOURS[background], np.float32)
-    image = np.clip(np.round(coverage * fg + (1.0 - coverage) * bg), 0, 255).astype(np.uint8)  # (H, W, 3)
+    image = _paint(coverage, colour, background)  # (H, W, 3)
     mask = coverage[..., 0] >= 0.5  # (H, W)
     outline = outline_from_mask(mask, outline_thickness(size))
     source = np.zeros((size, size, 3), np.uint8)
@@ -172,9 +175,7 @@ def varied_fill_sample(seed: int, size: int = 64) -> WorldSample:
     if not isinstance(size, int) or size < MIN_SIZE:
         raise ValueError(f"size={size!r}: expected an integer >= {MIN_SIZE}")
     rng = np.random.default_rng(seed)
-    names = list(COLOURS)
-    colour_index, background_index = rng.choice(len(names), size=2, replace=False)
-    colour, background = names[colour_index], names[background_index]
+    colour, background = _draw_colours(rng)
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     radius = float(rng.uniform(MIN_RADIUS_FRACTION, MAX_RADIUS_FRACTION) * size)
     reach = radius * ELLIPSE_ASPECT_RANGE[1] * (1 + WOBBLE_AMPLITUDE)  # the farthest a vertex can be
@@ -184,9 +185,7 @@ def varied_fill_sample(seed: int, size: int = 64) -> WorldSample:
     width = int(rng.integers(1, MAX_LINE_WIDTH_64 + 1)) * outline_thickness(size)
 
     coverage = _rasterize_polygon(polygon, size)[..., None]  # (H, W, 1)
-    fg = np.array(COLOURS[colour], np.float32)
-    bg = np.array(COLOURS[background], np.float32)
-    image = np.clip(np.round(coverage * fg + (1.0 - coverage) * bg), 0, 255).astype(np.uint8)  # (H, W, 3)
+    image = _paint(coverage, colour, background)  # (H, W, 3)
     mask = coverage[..., 0] >= 0.5  # (H, W)
     source = np.zeros((size, size, 3), np.uint8)
     source[outline_from_mask(mask, width)] = OUTLINE_VALUE
