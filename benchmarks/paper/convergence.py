@@ -6,12 +6,13 @@ For each seed (default 0-4) and thread count (1 and 2), one `controlnet demo --s
 otherwise, output outside the repo, a finished run is reused), then:
 - the convergence step (train/validation.py: the first validation from which every later one is >= 0.8), the step
   it stopped at, the wall time of the whole command;
-- its ControlNet's filled-shape IoU on 50 world held-out outlines and on 50 outlines drawn by other code
+- its ControlNet's filled-shape IoU on 50 world held-out outlines of the fill task (upright circles, 1 px) and of
+  the shapes task (any shape and rotation, 1-3 px, wobble), and on 50 outlines drawn by other code
   (benchmarks/paper/outlines.py: PIL, other line widths, hand-drawn wobble), 20 sampler steps, CFG 4.
 With --parallel 2 the 1-thread runs go two at a time (one core each; their times are then those of a shared
 memory bus), the 2-thread runs always alone.
 
-    python benchmarks/paper/convergence.py --parallel 2      # ~35 minutes on 2 cores
+    python benchmarks/paper/convergence.py --parallel 2      # ~50 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from outlines import other_outlines  # noqa: E402
 
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
+from controlnet.train.demo import DemoConfig  # noqa: E402
 from controlnet.train.validation import convergence_step  # noqa: E402
 
 THRESHOLD = 0.8  # the demo's own convergence threshold
@@ -41,7 +43,9 @@ def run_tag(extra: tuple[str, ...]) -> str:
 
 def demo(seed: int, threads: int, extra: tuple[str, ...] = ()) -> dict:
     """One `controlnet demo` run (reused when finished); `extra`: more demo flags (e.g. --task shapes)."""
-    out = WORK / ("demo" + (f"-{run_tag(extra)}" if extra else "")) / f"seed{seed}-threads{threads}"
+    defaults = DemoConfig()  # runs of other demo defaults (the earlier fill task) are kept apart
+    name = f"demo-{defaults.task}-{defaults.steps}steps" + (f"-{run_tag(extra)}" if extra else "")
+    out = WORK / name / f"seed{seed}-threads{threads}"
     record = out / "wall_s.txt"
     if not record.exists():
         started = time.time()
@@ -63,20 +67,21 @@ def main() -> int:
 
     args = parse_args(__doc__, n=50, extra=own_flags)
     started = time.time()
-    (WORK / "demo").mkdir(parents=True, exist_ok=True)
     runs = []
     extra = tuple(args.demo_args.split())
-    task = extra[extra.index("--task") + 1] if "--task" in extra else "fill"
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # 1-thread runs side by side
         runs += list(pool.map(lambda s: demo(s, 1, extra), range(args.seeds)))
     runs += [demo(s, 2, extra) for s in range(args.seeds)]  # 2-thread runs alone
 
-    world = heldout_set(task, args.n, size=64)
+    worlds = {task: heldout_set(task, args.n, size=64) for task in ("fill", "shapes")}
     other_prompts, other_conditions = other_outlines(args.n)
     rows = []
     for run in runs:
         pipe = pipeline([run["out"] / "run" / "final" / "controlnet"])
-        world_images = generate(pipe, world.prompts, [world.conditions], args)
+        world_iou = {}
+        for task, world in worlds.items():
+            images = generate(pipe, world.prompts, [world.conditions], args)
+            world_iou[f"world {task} IoU"] = mean_score(fill_iou, images, world.conditions)
         other_images = generate(pipe, other_prompts, [other_conditions], args)
         curve = run["curve"]
         rows.append({
@@ -84,7 +89,7 @@ def main() -> int:
             "converged at step": convergence_step(curve, THRESHOLD) or "no",
             "stopped at step": curve[-1][0] if curve else 0,
             "last validation IoU": curve[-1][1] if curve else 0.0,
-            "world held-out IoU": mean_score(fill_iou, world_images, world.conditions),
+            **world_iou,
             "other-renderer IoU": mean_score(fill_iou, other_images, other_conditions),
             "demo wall time (min)": round(run["wall_s"] / 60, 2),
         })  # fmt: skip
