@@ -166,25 +166,26 @@ def image_strip(plt, title_rows: list[tuple[str, list[np.ndarray]]], title: str)
     return fig
 
 
-def fill_data() -> Path:
-    """The fill dataset of builtin:fill's recipe (4000 samples, 64 px, seed 0), made once."""
-    data = WORK / "data" / "fill"
+def world_data(task: str = "fill", n: int = 4000) -> Path:
+    """A world dataset (`n` samples of `task`, 64 px, seed 0), made once; fill with 4000 is builtin:fill's."""
+    data = WORK / "data" / (task if (task, n) == ("fill", 4000) else f"{task}-{n}")
     if not (data / "prompt.json").exists():
         data.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["controlnet", "world", "make", "--task", "fill", "--n", "4000", "--size", "64", "--out",
+        subprocess.run(["controlnet", "world", "make", "--task", task, "--n", str(n), "--size", "64", "--out",
                         str(data), "--seed", "0"], check=True)  # fmt: skip
     return data
 
 
-def train_fill(name: str, flags: Sequence[str], threads: int) -> Path:
-    """Train (or resume, or reuse) a fill ControlNet by FILL_RECIPE + `flags`; returns its run folder (the net is
-    run/final/controlnet, the validation curve run/metrics.jsonl)."""
+def train_fill(name: str, flags: Sequence[str], threads: int, data: Path | None = None) -> Path:
+    """Train (or resume, or reuse) a fill ControlNet by FILL_RECIPE + `flags` on `data` (default: builtin:fill's
+    4000 samples); returns its run folder (the net is run/final/controlnet, the curve run/metrics.jsonl)."""
     run = WORK / "runs" / name
     if (run / "final" / "controlnet").exists():
         return run
-    data = fill_data()
+    data = data or world_data()
     run.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["controlnet", "train", "--data.path", str(data), "--data.cache_dir", str(WORK / "cache" / "fill"),
+    cache = WORK / "cache" / data.name  # latents are cached per dataset
+    subprocess.run(["controlnet", "train", "--data.path", str(data), "--data.cache_dir", str(cache),
                     "--train.output_dir", str(run), "--train.threads", str(threads), *FILL_RECIPE, *flags],
                    check=True)  # fmt: skip
     return run
