@@ -1,18 +1,18 @@
 """Claim (paper Sec. 3.1; ablation, Fig. 8): zero convolutions protect the pretrained model at the start of training
-and train better than connection layers with an ordinary Gaussian initialisation.
+and train better than connection layers with an ordinary Gaussian initialisation; and the trainable copy matters:
+ControlNet-lite (one conv layer per encoder block) follows the condition less.
 
-Two fresh ControlNets for the built-in base, identical but for `--model.connection_init` (zero | gaussian,
-model/ablations.py: N(0, 1/fan_in) weights). For each:
+Three fresh nets for the built-in base, identical but for one flag: `--model.connection_init` zero | gaussian
+(model/ablations.py: N(0, 1/fan_in) weights), and `--model.architecture lite` (model/lite.py, zero connections).
+For each:
 - the change of the base's output at step 0: mean |image with the fresh net - image of the base alone| (0..255) on
   held-out fill outlines, same prompts, seeds and sampler;
 - the fidelity curve while training by builtin:fill's recipe (MODEL_CARD.md; validation every 100 steps here) and
   the final filled-shape IoU on the held-out set;
 - trainable parameters.
-The two trainings run side by side, one thread each (2 cores), outside the repo and resumable.
+The trainings run two at a time, one thread each (2 cores), outside the repo and resumable.
 
-Not measured: ControlNet-lite (each trainable block replaced by one conv layer), the ablation's third arm.
-
-    python benchmarks/paper/zero_convolutions.py         # ~8 minutes on 2 cores
+    python benchmarks/paper/zero_convolutions.py         # ~14 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -32,17 +32,24 @@ from common import generate, mean_score, parse_args, train_fill, validation_curv
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
 
-INITS = ("zero", "gaussian")
+# arm -> the training flags that make it (the run names of the first two arms are those of earlier runs, reused)
+ARMS = {
+    "zero": ("fill-zero-connections", ["--model.connection_init", "zero"]),
+    "gaussian": ("fill-gaussian-connections", ["--model.connection_init", "gaussian"]),
+    "lite": ("fill-lite-zero-connections", ["--model.architecture", "lite"]),
+}
 VALIDATE_EVERY = "100"
 
 
-def fresh_net(base, init: str):
+def fresh_net(base, arm: str):
     from controlnet.model.ablations import gaussian_connections
     from controlnet.model.controlnet import ControlNet
+    from controlnet.model.lite import ControlNetLite
 
     torch.manual_seed(0)  # as the trainer seeds a fresh net (train.seed 0)
-    net = ControlNet.from_unet(base.unet, hint_block_channels=(4, 8, 16), hint_downscale_factor=base.vae_scale_factor)
-    if init == "gaussian":
+    architecture = ControlNetLite if arm == "lite" else ControlNet
+    net = architecture.from_unet(base.unet, hint_block_channels=(4, 8, 16), hint_downscale_factor=base.vae_scale_factor)
+    if arm == "gaussian":
         gaussian_connections(net, seed=0)
     return net.eval()
 
@@ -57,39 +64,41 @@ def main() -> int:
     held = heldout_set("fill", args.n, size=64)
     base = load_base("builtin")
     floor = generate(ControlNetPipeline.from_components(base, []), held.prompts, [], args)
-    with ThreadPoolExecutor(len(INITS)) as pool:  # one training process per init, one thread each
-        runs = dict(zip(INITS, pool.map(lambda init: train_fill(
-            f"fill-{init}-connections", ["--model.connection_init", init, "--validation.every", VALIDATE_EVERY],
-            threads=1), INITS), strict=True))  # fmt: skip
+    def run(arm: str):
+        name, flags = ARMS[arm]
+        return train_fill(name, [*flags, "--validation.every", VALIDATE_EVERY], threads=1)
+
+    with ThreadPoolExecutor(2) as pool:  # one training process per arm, one thread each, two at a time
+        runs = dict(zip(ARMS, pool.map(run, ARMS), strict=True))
     rows, curves = [], {}
-    for init in INITS:
-        net = fresh_net(base, init)
+    for arm in ARMS:
+        net = fresh_net(base, arm)
         at_start = generate(ControlNetPipeline.from_components(base, [net]), held.prompts, [held.conditions], args)
         change = float(np.mean([np.abs(a.astype(np.int16) - b).mean() for a, b in zip(at_start, floor, strict=True)]))
-        trained = load_controlnet(runs[init] / "final" / "controlnet", unet=base.unet).eval()
+        trained = load_controlnet(runs[arm] / "final" / "controlnet", unet=base.unet).eval()
         images = generate(ControlNetPipeline.from_components(base, [trained]), held.prompts, [held.conditions], args)
-        curves[init] = validation_curve(runs[init])
+        curves[arm] = validation_curve(runs[arm])
         rows.append({
-            "connections": init,
+            "arm": {"zero": "zero convolutions", "gaussian": "Gaussian connections", "lite": "ControlNet-lite"}[arm],
             "output change at step 0": change,
             "IoU at step 0": mean_score(fill_iou, at_start, held.conditions),
-            **{f"val. IoU @{s}": v for s, v in curves[init] if s in (200, 500, 800)},
+            **{f"val. IoU @{s}": v for s, v in curves[arm] if s in (200, 500, 800)},
             "final IoU": mean_score(fill_iou, images, held.conditions),
             "trainable parameters": sum(p.numel() for p in net.parameters()),
         })  # fmt: skip
         print(rows[-1], flush=True)
-    rows.insert(0, {"connections": "base alone (floor)", "output change at step 0": 0.0,
+    rows.insert(0, {"arm": "base alone (floor)", "output change at step 0": 0.0,
                     "final IoU": mean_score(fill_iou, floor, held.conditions)})  # fmt: skip
-    columns = ["connections", "output change at step 0", "IoU at step 0", "val. IoU @200", "val. IoU @500",
+    columns = ["arm", "output change at step 0", "IoU at step 0", "val. IoU @200", "val. IoU @500",
                "val. IoU @800", "final IoU", "trainable parameters"]  # fmt: skip
 
     def figure(plt, rows):
         fig, ax = plt.subplots(figsize=(6, 3.2))
-        for init, curve in curves.items():
-            ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=f"{init} connections")
+        for arm, curve in curves.items():
+            ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=arm)
         ax.set_xlabel("training step")
         ax.set_ylabel("validation filled-shape IoU")
-        ax.set_title("zero vs Gaussian-initialised connection layers (fill task)", fontsize=9)
+        ax.set_title("zero vs Gaussian connection layers vs ControlNet-lite (fill task)", fontsize=9)
         ax.legend(fontsize=8)
         return fig
 

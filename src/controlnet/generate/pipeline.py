@@ -69,13 +69,11 @@ class _Net:
 
 def output_heights(net: ControlNet, latent_height: int) -> list[int]:
     """Height of each ControlNet output for a latent of `latent_height` (shallowest skip first, middle last)."""
-    heights, h = [latent_height], latent_height
-    for block in net.down_blocks:
-        heights += [h] * len(block.resnets)
-        for _ in block.downsamplers or []:
-            h = (h + 1) // 2  # stride-2 conv with padding 1
-            heights.append(h)
-    return heights + [h]
+    heights, h = [], latent_height
+    for stride in net.output_strides:
+        h = h if stride == 1 else (h + 1) // 2  # stride-2 conv with padding 1
+        heights.append(h)
+    return heights
 
 
 class ControlNetPipeline:

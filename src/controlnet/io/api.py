@@ -40,6 +40,7 @@ from controlnet.io.safe_load import (
 )
 from controlnet.model.controlnet import ControlNet
 from controlnet.model.hint_encoder import SD_LATENT_DOWNSCALE
+from controlnet.model.lite import is_lite_folder, load_lite, unet_skips
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ def load_controlnet(
     Only the ControlNet's tensors are read (not the SD model of a v1.0 combined file); a .safetensors file is
     memory-mapped (the tensors stay file-backed), others are read one tensor at a time.
     """
+    if is_lite_folder(path):  # the ablation's ControlNet-lite (model/lite.py): a folder format of its own
+        return _load_lite(path, unet, dtype)
     with open_controlnet(path, unet, config, hint_downscale_factor) as source:
         param = next(unet.parameters()) if unet is not None else None
         device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
@@ -216,6 +219,20 @@ def load_controlnet(
     if dtype is not None:
         net = net.to(dtype)
     return net
+
+
+def _load_lite(path, unet, dtype):
+    """A ControlNet-lite folder, checked against `unet`'s skip connections when one is given."""
+    net = load_lite(path)
+    if unet is not None:
+        channels, strides = unet_skips(unet)
+        own = [z.in_channels for z in net.controlnet_down_blocks]
+        if (own, net.skip_strides) != (channels, strides):
+            raise ValueError(f"{path}: a ControlNet-lite for skip channels {own} (strides {net.skip_strides}); "
+                             f"this UNet has {channels} (strides {strides})")  # fmt: skip
+        param = next(unet.parameters())
+        net = net.to(dtype=param.dtype) if param.device.type == "meta" else net.to(param.device, param.dtype)
+    return net.to(dtype) if dtype is not None else net
 
 
 @dataclass

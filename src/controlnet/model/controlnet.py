@@ -166,6 +166,14 @@ class ControlNet(nn.Module):
         return len(self.controlnet_down_blocks) + 1
 
     @property
+    def output_strides(self) -> list[int]:
+        """Per output (the skips, then the middle): 2 where it is half the size of the output before it."""
+        strides = [1]
+        for block in self.down_blocks:
+            strides += [1] * len(block.resnets) + [2] * len(block.downsamplers or [])
+        return [*strides, 1]
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 

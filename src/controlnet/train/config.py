@@ -125,6 +125,9 @@ class ModelConfig:
     connection_init: str = "zero"
     """initialisation of a fresh ControlNet's connection layers: zero (the paper's zero convolutions) | gaussian
     (the paper's ablation: N(0, 1/fan_in) weights, model/ablations.py)"""
+    architecture: str = "controlnet"
+    """a fresh net's architecture: controlnet (the paper's trainable copy of the encoder) | lite (the ablation's
+    ControlNet-lite, paper Fig. 8c: one conv layer per encoder block, model/lite.py; exported as its own folder)"""
     cond_channels: int = 3
     """channels of the condition image"""
     hint_channels: tuple[int, ...] = ()
@@ -148,6 +151,10 @@ class ModelConfig:
         if self.connection_init != "zero" and self.controlnet:
             raise ValueError(f"model.connection_init={self.connection_init}: only for a fresh ControlNet; "
                              f"model.controlnet={self.controlnet} keeps its trained weights")  # fmt: skip
+        _check_choice("model.architecture", self.architecture, ("controlnet", "lite"))
+        if self.architecture != "controlnet" and self.controlnet:
+            raise ValueError(f"model.architecture={self.architecture}: only for a fresh net; "
+                             f"model.controlnet={self.controlnet} brings its own")  # fmt: skip
         self.hint_channels = tuple(int(c) for c in self.hint_channels)
         if any(c < 1 for c in self.hint_channels):
             raise ValueError(f"model.hint_channels={self.hint_channels}: expected positive widths")

@@ -163,6 +163,7 @@ class Trainer:
     def _build_model(self) -> None:
         c, base = self.config, self.base
         from controlnet.model.controlnet import ControlNet
+        from controlnet.model.lite import ControlNetLite
 
         if c.model.controlnet:
             from controlnet.generate.base import controlnet_path
@@ -172,7 +173,9 @@ class Trainer:
         else:
             kwargs = {"hint_block_channels": c.model.hint_channels} if c.model.hint_channels else {}
             torch.manual_seed(c.train.seed)  # the new hint encoder's init: the same in every process and run
-            net = ControlNet.from_unet(base.unet.float(), cond_channels=c.model.cond_channels,
+            # the paper's trainable copy, or the ablation's one conv per block (same interface, model/lite.py)
+            architecture = ControlNetLite if c.model.architecture == "lite" else ControlNet
+            net = architecture.from_unet(base.unet.float(), cond_channels=c.model.cond_channels,
                                        hint_downscale_factor=self.data.vae_factor, **kwargs)  # fmt: skip
             if c.model.connection_init == "gaussian":
                 from controlnet.model.ablations import gaussian_connections
@@ -504,6 +507,11 @@ class Trainer:
             for p, e in zip(self.trainable, self.ema, strict=True):
                 p.data.copy_(e)
         net = self.controlnet
+        if self.config.model.architecture == "lite":  # no diffusers or original format exists for it
+            from controlnet.model.lite import save_lite
+
+            save_lite(net, final / "controlnet")
+            return final
         for fmt in self.config.checkpoint.export_formats:
             path = final / "controlnet" if fmt == "diffusers" else final / "controlnet.safetensors"
             save_controlnet(net, path, format=fmt)
