@@ -14,9 +14,10 @@
 Sizes: "tiny" = the built-in base architecture (64 px, 16x16x4 latents) with random weights, batch 8, float32,
 the demo's hint encoder (DEMO_HINT_CHANNELS), 1 thread as the demo trains (a second thread bought 0.050 vs 0.055 s
 of wall time per step and doubled the CPU seconds: its ops are too small to split, the other thread mostly waits);
-"sd15" = SD1.5-sized UNet (859.5M) + SD VAE + CLIP-L-sized text encoder, random weights, 256 px, batch 1, pure
-bfloat16 weights and autocast for every variant (float32 Adam for a full UNet needs ~14 GB, more than this
-machine has free), 2 threads. Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
+"sd15" = SD1.5-sized UNet (859.5M) + SD VAE + CLIP-L-sized text encoder, random weights, 256 px, batch 1,
+2 threads, pure bfloat16 weights and autocast for every variant where the CPU computes bf16 natively (float32
+Adam for a full UNet needs ~14 GB); on a CPU without native bf16 (AVX2 only: controlnet/precision.py measures it)
+bf16 is emulated, 90x slower, so there every variant runs in float32 with 3 timed steps instead of 5. Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
 ran in the process), median CPU seconds of the process per step (robust on a shared machine, where wall time mostly
 measures the other users; wall times are printed too). Diffusers' logic runs with glibc's default allocator, as its
 script does; ours reuses freed memory, as `controlnet train` does on a CPU (controlnet/allocator.py): both other
@@ -54,8 +55,11 @@ SIZES = {
     "tiny": dict(
         resolution=64, batch=8, dtype="float32", hint=DEMO_HINT_CHANNELS, steps=40, processes=3, threads=1
     ),
-    "sd15": dict(resolution=256, batch=1, dtype="bfloat16", hint="", steps=5, processes=1, threads=2),
+    # "auto": bfloat16 where the CPU computes it natively, else float32 (pick_dtype)
+    "sd15": dict(resolution=256, batch=1, dtype="auto", hint="", steps=5, processes=1, threads=2),
 }
+# float32 steps at SD1.5 size take several seconds each: fewer timed steps keep the 9 processes within 20 minutes
+FLOAT32_SD15_STEPS = 3
 WARMUP_STEPS = 1
 SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
               up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
@@ -271,7 +275,24 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
     return {name: steps[name] for name in variants}
 
 
-def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: str, mode: str = "time") -> dict:
+def pick_dtype(size: str) -> tuple[str, str]:
+    """(dtype name, why) for `size`: its fixed dtype, or for "auto" bfloat16 where this CPU has native kernels and
+    float32 where bf16 runs emulated (an AVX2-only CPU: one SD1.5 step took 157 s in bf16, issue 17)."""
+    import torch
+
+    from controlnet.precision import SLOW_RATIO, cpu_slowdown
+
+    dtype = SIZES[size]["dtype"]
+    if dtype != "auto":
+        return dtype, "fixed"
+    ratio = cpu_slowdown(torch.bfloat16)
+    if ratio <= SLOW_RATIO:
+        return "bfloat16", f"native bf16 here (a conv {ratio:.1f}x float32's time)"
+    return "float32", f"no native bf16 here (a conv {ratio:.0f}x slower than float32)"
+
+
+def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: str, mode: str = "time",
+          dtype_name: str = "float32") -> dict:  # fmt: skip
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -280,7 +301,7 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
     from controlnet.world.dataset import write_dataset
 
     spec = SIZES[size]
-    dtype = getattr(torch, spec["dtype"])
+    dtype = getattr(torch, dtype_name)
     pure_bf16 = dtype == torch.bfloat16
     batch, total = spec["batch"], WARMUP_STEPS + steps
     data = workdir / f"data-{size}"
@@ -343,7 +364,7 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
                 times[name].append(time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
     split = activation_split(variants, trainer, base, dtype, pure_bf16)
-    result = {"size": size, "batch": batch, "dtype": spec["dtype"], "allocator": allocator, "cache_setup_s": setup_s,
+    result = {"size": size, "batch": batch, "dtype": dtype_name, "allocator": allocator, "cache_setup_s": setup_s,
               "memory_split_mb": split,
               "peak_rss_gb": peak.peak / 2**30, "rss_after_setup_gb": rss_setup / 2**30,
               "train_memory_gb": (peak.peak - rss_setup) / 2**30}  # fmt: skip
@@ -357,9 +378,10 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
 
 
 def run_child(variants: list[str], size: str, steps: int, threads: int, workdir: str, allocator: str = "reuse",
-              mode: str = "time") -> dict:  # fmt: skip
+              mode: str = "time", dtype: str = "float32") -> dict:  # fmt: skip
     cmd = [sys.executable, __file__, "--child", ",".join(variants), "--size", size, "--steps", str(steps),
-           "--threads", str(threads), "--workdir", workdir, "--allocator", allocator, "--mode", mode]  # fmt: skip
+           "--threads", str(threads), "--workdir", workdir, "--allocator", allocator, "--mode", mode,
+           "--dtype", dtype]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -381,6 +403,7 @@ def main() -> int:
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=["default", "reuse"], default="reuse", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["time", "tensors"], default="time", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
@@ -388,7 +411,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
         print(
             json.dumps(
-                child(args.child.split(","), args.size, args.steps, Path(args.workdir), args.allocator, args.mode)
+                child(args.child.split(","), args.size, args.steps, Path(args.workdir), args.allocator, args.mode,
+                      args.dtype)
             )
         )
         return 0
@@ -396,7 +420,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="train-bench-") as workdir:
         for size in sizes:
             spec = SIZES[size]
-            steps, threads = args.steps or spec["steps"], args.threads or spec["threads"]
+            dtype, why = pick_dtype(size)
+            default_steps = FLOAT32_SD15_STEPS if (size, dtype) == ("sd15", "float32") else spec["steps"]
+            steps, threads = args.steps or default_steps, args.threads or spec["threads"]
+            if why != "fixed":
+                print(f"{size}: {dtype} ({why})", flush=True)
             n_proc = spec["processes"]
             # every variant in a fresh process of its own: the allocator's state depends on what else ran in the
             # process, so each one runs as it would alone. Diffusers' logic with glibc's default allocator (as
@@ -410,14 +438,14 @@ def main() -> int:
             runs = {}
             for _ in range(n_proc):
                 for v, a in pairs:
-                    runs.setdefault((v, a), []).append(run_child([v], size, steps, threads, workdir, a))
+                    runs.setdefault((v, a), []).append(run_child([v], size, steps, threads, workdir, a, dtype=dtype))
             spread = {key: [r[key[0]]["cpu_s"] for r in trials] for key, trials in runs.items()}
             runs = {
                 key: sorted(trials, key=lambda r: r[key[0]]["cpu_s"])[len(trials) // 2]
                 for key, trials in runs.items()
             }
-            tensors = {v: run_child([v], size, steps, threads, workdir, "default", mode="tensors")["tensor_peak_gb"]
-                       for v in ("ours", "unet")}  # fmt: skip
+            tensors = {v: run_child([v], size, steps, threads, workdir, "default", mode="tensors",
+                                    dtype=dtype)["tensor_peak_gb"] for v in ("ours", "unet")}  # fmt: skip
             cpu = {key: run[key[0]]["cpu_s"] for key, run in runs.items()}
             ours, diff = runs["ours", "reuse"]["ours"], runs["diffusers", "default"]["diffusers"]
             unet_r = runs["unet", "reuse"]["unet"]
@@ -426,7 +454,7 @@ def main() -> int:
             mem_o, mem_u = runs["ours", "default"]["train_memory_gb"], runs["unet", "default"]["train_memory_gb"]
             so, su = runs["ours", "default"]["memory_split_mb"], runs["unet", "default"]["memory_split_mb"]
             print(
-                f"\n{size} ({spec['dtype']}, batch {spec['batch']}, {threads} threads, median of {steps} steps in a "
+                f"\n{size} ({dtype}, batch {spec['batch']}, {threads} threads, median of {steps} steps in a "
                 "process of its own per variant"
                 + (f", the median of {n_proc} such processes" if n_proc > 1 else "")
                 + "; CPU seconds of the process, wall seconds in brackets):"
