@@ -67,16 +67,16 @@ def main() -> int:
         curves[size] = validation_curve(runs[size])
         rows.append({
             "training samples": size,
-            "epochs in 1000 steps": round(1000 * 32 / (size - 16), 1),
+            "epochs in 1000 steps": f"{1000 * 32 / (size - 16):.1f}",
             **{f"val. IoU @{s}": v for s, v in curves[size] if s in (300, 500, 700)},
             "final IoU": mean_score(fill_iou, images, held.conditions),
-            "mean |image - truth|": float(np.mean([np.abs(g.astype(np.int16) - t).mean()
+            "mean abs. error to truth (0-255)": float(np.mean([np.abs(g.astype(np.int16) - t).mean()
                                                    for g, t in zip(images, held.ground_truth, strict=True)])),
             "colour accuracy": mean_score(fill_colour_accuracy, images, held.conditions, held.prompts),
         })  # fmt: skip
         print(rows[-1], flush=True)
     columns = ["training samples", "epochs in 1000 steps", "val. IoU @300", "val. IoU @500", "val. IoU @700",
-               "final IoU", "mean |image - truth|", "colour accuracy"]  # fmt: skip
+               "final IoU", "mean abs. error to truth (0-255)", "colour accuracy"]  # fmt: skip
 
     def figure(plt, rows):
         fig, ax = plt.subplots(figsize=(6, 3.2))
