@@ -64,9 +64,9 @@ class DemoConfig:
     """wall-clock cap of the training run (set-up, caches, validation included; the dataset comes first)"""
     threads: int = 2
     """torch CPU threads (0 = torch's default, 2 on 2 cores). 2 by default, for an otherwise idle 2-core machine:
-    seeds 0/1/2 stopped at steps 850/950/850 with 2 threads and 600/1000/850 with 1 (the seed moves the step more
-    than the thread count), and on an idle 2-core AMD EPYC (AVX-512) a step took 0.21 s with 2 vs 0.30 s with 1
-    (medians over 1.2-minute runs), so 2 threads reach convergence in about 0.75x the time.
+    seeds 0-4 converged at steps 300-700 with either thread count (the seed moves the step more than the thread
+    count; docs/paper-reproduction.md, claim 2), the 1000 steps took 4.5-5.0 minutes with 2 threads on an idle
+    2-core AMD EPYC (AVX-512), and there a step took 0.21 s with 2 vs 0.30 s with 1 (medians over 1.2-minute runs).
     On a busy machine pass 1: at load ~7 a 2-thread step took 1.9 s (threads spin waiting for a busy core), a
     1-thread one 0.3 s"""
     batch_size: int = 32
