@@ -167,34 +167,3 @@ def test_a_wrong_architecture_is_still_refused_with_load_stricts_message(tiny_fi
     configs = dict(tiny_file["configs"], vae=dict(tiny_file["configs"]["vae"], latent_channels=8))
     with pytest.raises(CheckpointError, match=r"VAE in tiny.safetensors does not match.*shape mismatches"):
         read_single_file(tiny_file["path"], tiny_file["tokenizer"], family="sd15", configs=configs)
-
-
-def _rss_file_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no RssFile in /proc/self/status")
-
-
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux /proc only")
-def test_mapped_files_are_populated_at_load_not_faulted_in_during_the_first_step(tmp_path):
-    """map_state_dict maps every page up front (MADV_POPULATE_READ): the first generation no longer pays a page
-    fault per 4 KB inside its convolutions (2.5 s on SD1.5's base file)."""
-    from safetensors.torch import save_file
-
-    import controlnet.io.safe_load as safe_load
-
-    path = tmp_path / "w.safetensors"
-    save_file({f"w{i}": torch.full((1024, 1024), float(i)) for i in range(16)}, str(path))  # 64 MiB
-    size = path.stat().st_size
-    path.read_bytes()  # in the page cache, as a file read before is
-    before = _rss_file_bytes()
-    state = map_state_dict(path)
-    populated = _rss_file_bytes() - before
-    assert populated > 0.9 * size
-    del state
-    # the check can fail: the same file mapped without populating keeps its pages unmapped until touched
-    before = _rss_file_bytes()
-    lazy = safe_load.read_state_dict(path)
-    assert _rss_file_bytes() - before < 0.1 * size
-    assert float(lazy["w3"][0, 0]) == 3.0

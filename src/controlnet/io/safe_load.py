@@ -121,34 +121,8 @@ def map_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         with path.open("rb") as handle:
             zipped = handle.read(4).startswith(ZIP_MAGIC)
         if zipped:
-            return _populated(_unwrap(path, _read_pickle(path, None, mmap=True)))
-    return _populated(read_state_dict(path))
-
-
-def _populated(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map every page of the tensors' storages now, in one madvise(MADV_POPULATE_READ) per storage (Linux 5.14+).
-
-    Otherwise the first generation faults the file in 4 KB page by page inside the convolutions: on SD1.5's 4 GiB
-    base file (in the page cache) a first pass over the tensors took 2.77 s and a second 0.21 s; populated first,
-    0.52 s + 0.35 s (issue 17: that fault cost was the time to first image we lost to diffusers). The pages are
-    the file's page cache, as before (no copy, nothing anonymous); a file not in the cache is read from disk here
-    instead of during the first step. A no-op where madvise or the flag is not available.
-    """
-    libc = _libc()
-    if libc is None:
-        return state
-    page = mmap_module.PAGESIZE
-    seen = set()
-    for tensor in state.values():
-        storage = tensor.untyped_storage()
-        start, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or start in seen:
-            continue
-        seen.add(start)
-        first = start // page * page
-        if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + size - first), MADV_POPULATE_READ) != 0:
-            return state  # EINVAL: an older kernel (or not a mapping): the pages fault in on first use as before
-    return state
+            return _unwrap(path, _read_pickle(path, None, mmap=True))
+    return read_state_dict(path)
 
 
 def _pickle_head(path: Path, data: bytes | None) -> bytes:
@@ -345,7 +319,6 @@ def _drop_mapped_pages(tensor: torch.Tensor) -> None:
 
 
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux
-MADV_POPULATE_READ = 22  # Linux 5.14+: populate page tables (read faults) for the whole range in one call
 
 
 @functools.cache
