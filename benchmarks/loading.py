@@ -11,7 +11,8 @@ theirs, ours, theirs, ...), the first pair is reported too. Time is the whole pr
 (what a user waits for); the load and the generation inside it are shown apart.
 
 - ours: what `controlnet generate --base FILE --controlnet FILE --tokenizer DIR` calls: `check_base`, then
-  `ControlNetPipeline.from_pretrained(source, controlnets=[file], dtype=float32, ema=None, ...)`, then the pipeline.
+  `ControlNetPipeline.from_pretrained(source, controlnets=[file], dtype=float32, ema=None, ...)`, `optimize` with
+  the CLI's defaults (freed memory kept in the heap: controlnet/allocator.py), then the pipeline.
 - theirs: `StableDiffusionControlNetPipeline.from_single_file(base, controlnet=ControlNetModel.from_single_file(
   control, config=DIR, local_files_only=True), config=DIR, local_files_only=True)`, offline: the config folders
   (diffusers layout, tokenizer included) are written here from our shipped configs.
@@ -28,8 +29,15 @@ are compared (max |difference| on [0, 1] pixels; both use the same weights, seed
     flock /tmp/sd15.lock python benchmarks/loading.py --size sd15 --repeats 2 --threads 2 --file-dtype fp16
     python benchmarks/loading.py --size tiny --repeats 1
 
-Measured on an idle 2-core AMD EPYC (AVX-512), torch 2.13.0 CPU, diffusers 0.42.1, after load_controlnet maps its
-file too (medians of 3): fp32 files: ours 23.9 s (load 4.8 s), peak RSS 6046 MB (anonymous 744 MB); diffusers
+Measured on an idle 2-core AMD EPYC (AVX-512), torch 2.13.0 CPU, diffusers 0.42.1, medians of 3, --threads 2:
+    with optimize(reuse_freed_memory=True), the CLI's default: ours 17.0 s (load 3.9 s, generate ~10 s), peak RSS
+    6240 MB (anonymous 936 MB); diffusers 18.8 s (load 4.5 s, generate ~12 s), 6053 MB (748 MB): time 1.108x
+    (we are faster), peak RSS 1.031 (anonymous 1.251: the heap keeps freed activations), same image. Before it
+    our 2-step generation took 1.7-1.9M minor page faults vs diffusers' 0.35-0.59M, i.e. ~5 GB of zero-filled
+    pages faulted in again (resource.getrusage around each call), and lost by 0.884x (23.3 vs 20.6 s). Populating
+    the mapped weights at load (madvise MADV_POPULATE_READ) was tried and measured: 16.8 vs 17.0 s, no gain, and
+    more file pages resident (the VAE encoder's, which text-to-image never reads), so it is not done.
+Earlier, after load_controlnet maps its file too (medians of 3): fp32 files: ours 23.9 s (load 4.8 s), peak RSS 6046 MB (anonymous 744 MB); diffusers
 21.1 s (load 4.3 s), 6096 MB (795 MB): time 0.884x (ours slower, in the 2-step generation, not the load), peak
 RSS 0.992, anonymous 0.936; same image.
 Earlier, on 2 shared CPU cores, 256 px, 2 steps, --threads 2 (medians):
@@ -180,6 +188,7 @@ def run_side(side: str, folder: Path, size: str, resolution: int, steps: int, ou
         pipe = ControlNetPipeline.from_pretrained(source, controlnets=[folder / "control.safetensors"],
                                                   dtype=torch.float32, ema=None, **base_options)  # fmt: skip
         pipe.to("cpu")
+        pipe.optimize(reuse_freed_memory=True)  # the CLI's defaults (pack_cpu_weights: only from 8 steps on)
         t1 = time.perf_counter()
         image = pipe(PROMPT, [cond], steps=steps, seed=SEED, width=resolution, height=resolution,
                      guidance_scale=7.5, output_type="np").array  # fmt: skip

@@ -17,6 +17,10 @@ import resource, sys, torch
 from controlnet.allocator import reuse_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory()
+if sys.argv[1] == "pipeline":  # what `controlnet generate` does on a CPU (its --no-reuse-freed-memory turns it off)
+    from controlnet.generate.base import check_base
+    from controlnet.generate.pipeline import ControlNetPipeline
+    ControlNetPipeline.from_pretrained(check_base("builtin")).optimize(reuse_freed_memory=True)
 def step(k):
     activations = [torch.empty((2**20 + k * 2**16) // 4).fill_(1.0) for _ in range(32)]
     del activations
@@ -40,3 +44,8 @@ def test_freed_activations_are_reused_not_faulted_back_in():
     # heap's growth by 2 MiB a step (measured 2576-2864)
     assert default > 20000
     assert reused < default / 5
+
+
+@pytest.mark.skipif(not reuse_freed_memory(), reason="mallopt needs glibc")
+def test_pipeline_optimize_keeps_freed_memory_on_the_cpu():
+    assert page_faults("pipeline") < page_faults("default") / 5

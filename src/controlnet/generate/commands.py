@@ -139,6 +139,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "results up to float rounding, ~1.3x faster at SD1.5 size, one extra copy of the weights while it runs)",
     )  # fmt: skip
     g.add_argument(
+        "--no-reuse-freed-memory", dest="reuse_freed_memory", action="store_false",
+        help="CPU: glibc's default heap (default: freed activations stay in the heap for the next layer instead of "
+        "being faulted back in, zero-filled; controlnet/allocator.py, as `controlnet train` does)",
+    )  # fmt: skip
+    g.add_argument(
         "--cpu-offload", action="store_true", help="keep models on the CPU, move each to the GPU to run"
     )
     p.set_defaults(func=run_generate)
@@ -353,7 +358,8 @@ def _load_pipeline(args, device, source):
         pipe.enable_model_cpu_offload(device)
     else:
         pipe.to(device)
-    pipe.optimize(channels_last=args.channels_last, compile=args.compile, pack_cpu_weights=args.packed_weights)
+    pipe.optimize(channels_last=args.channels_last, compile=args.compile, pack_cpu_weights=args.packed_weights,
+                  reuse_freed_memory=args.reuse_freed_memory)  # fmt: skip
     return pipe
 
 
