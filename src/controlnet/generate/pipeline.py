@@ -136,7 +136,7 @@ class ControlNetPipeline:
             if isinstance(base, BaseSource)
             else check_base(base, **{k: v for k, v in base_options.items() if k in known})
         )
-        controlnets = [c if isinstance(c, ControlNet) else controlnet_path(c) for c in controlnets]
+        controlnets = [c if isinstance(c, torch.nn.Module) else controlnet_path(c) for c in controlnets]  # nets as given
         components = load_base(source, device=device, dtype=dtype, **base_options)
         pipe = cls.from_components(components, [_load_controlnet(c, components.unet) for c in controlnets])
         for module in pipe._modules():
@@ -536,7 +536,7 @@ def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
 
 
 def _load_controlnet(entry, unet) -> ControlNet:
-    if isinstance(entry, ControlNet):
+    if isinstance(entry, torch.nn.Module):  # a ControlNet, or the ablation's ControlNetLite (same interface)
         return entry
     from controlnet.io.api import load_controlnet
 
