@@ -17,7 +17,10 @@ of wall time per step and doubled the CPU seconds: its ops are too small to spli
 "sd15" = SD1.5-sized UNet (859.5M) + SD VAE + CLIP-L-sized text encoder, random weights, 256 px, batch 1,
 2 threads, pure bfloat16 weights and autocast for every variant where the CPU computes bf16 natively (float32
 Adam for a full UNet needs ~14 GB); on a CPU without native bf16 (AVX2 only: controlnet/precision.py measures it)
-bf16 is emulated, 90x slower, so there every variant runs in float32 with 3 timed steps instead of 5. Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
+bf16 is emulated, 90x slower, so there every variant runs in float32 with 3 timed steps instead of 5. Measured
+with AVX2 emulated on an AMD EPYC (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: get_cpu_capability() "AVX2",
+bf16 convs 82-155x slower): float32 picked, the whole run 686 s, peak RSS 14.7 GB (the UNet fine-tune), (a) 1.86x,
+(b) 0.71x time and 0.56x tensor memory. Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
 ran in the process), median CPU seconds of the process per step (robust on a shared machine, where wall time mostly
 measures the other users; wall times are printed too). Diffusers' logic runs with glibc's default allocator, as its
 script does; ours reuses freed memory, as `controlnet train` does on a CPU (controlnet/allocator.py): both other
