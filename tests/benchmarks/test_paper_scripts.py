@@ -39,3 +39,14 @@ def test_composition_rerun_gives_the_same_numbers_and_another_seed_does_not(tmp_
 @pytest.mark.slow
 def test_guidance_rerun_gives_the_same_numbers(tmp_path):
     assert run("guidance.py", tmp_path / "a")["rows"] == run("guidance.py", tmp_path / "b")["rows"]
+
+
+def test_transfer_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
+    """The community fine-tune is seeded too: two short runs in fresh work folders agree exactly."""
+    rows = []
+    for k in range(2):
+        monkeypatch.setenv("CONTROLNET_PAPER_WORK", str(tmp_path / f"work{k}"))
+        rows.append(run("transfer.py", tmp_path / f"out{k}", "--fine-tune-steps", "2")["rows"])
+    assert rows[0] == rows[1]
+    settings = [r["setting"] for r in rows[0]]
+    assert settings[:3] == ["base alone", "base + fill", "community alone"] and len(settings) == 7
