@@ -34,7 +34,7 @@ from controlnet.generate.prompts import PromptEmbeddings, encode_dual, encode_si
 from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
-from controlnet.model.controlnet import ControlNet, ControlNetOutput
+from controlnet.model.controlnet import ControlBase, ControlNet, ControlNetOutput
 from controlnet.model.cpu_packing import compiled, holds_packs, packed_weights, packing_fits, release_packed
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class ControlNetPipeline:
             if isinstance(base, BaseSource)
             else check_base(base, **{k: v for k, v in base_options.items() if k in known})
         )
-        controlnets = [c if isinstance(c, torch.nn.Module) else controlnet_path(c) for c in controlnets]  # nets as given
+        controlnets = [c if isinstance(c, ControlBase) else controlnet_path(c) for c in controlnets]
         components = load_base(source, device=device, dtype=dtype, **base_options)
         pipe = cls.from_components(components, [_load_controlnet(c, components.unet) for c in controlnets])
         for module in pipe._modules():
@@ -536,7 +536,7 @@ def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
 
 
 def _load_controlnet(entry, unet) -> ControlNet:
-    if isinstance(entry, torch.nn.Module):  # a ControlNet, or the ablation's ControlNetLite (same interface)
+    if isinstance(entry, ControlBase):  # a ControlNet, or the ablation's ControlNetLite
         return entry
     from controlnet.io.api import load_controlnet
 

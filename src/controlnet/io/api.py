@@ -38,9 +38,9 @@ from controlnet.io.safe_load import (
     map_state_dict,
     write_state_dict,
 )
-from controlnet.model.controlnet import ControlNet
+from controlnet.model.controlnet import ControlNet, encoder_skips
 from controlnet.model.hint_encoder import SD_LATENT_DOWNSCALE
-from controlnet.model.lite import is_lite_folder, load_lite, unet_skips
+from controlnet.model.lite import is_lite_folder, load_lite
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def _load_lite(path, unet, dtype):
     """A ControlNet-lite folder, checked against `unet`'s skip connections when one is given."""
     net = load_lite(path)
     if unet is not None:
-        channels, strides = unet_skips(unet)
+        channels, strides = encoder_skips(unet)
         own = [z.in_channels for z in net.controlnet_down_blocks]
         if (own, net.skip_strides) != (channels, strides):
             raise ValueError(f"{path}: a ControlNet-lite for skip channels {own} (strides {net.skip_strides}); "

@@ -72,17 +72,76 @@ def _zero_conv(channels: int) -> nn.Conv2d:
     return conv
 
 
-def _skip_channels(unet: nn.Module) -> list[int]:
-    """Channels of every tensor the UNet encoder pushes onto its skip stack, in push order."""
-    channels = [unet.conv_in.out_channels]
-    for block in unet.down_blocks:
+def encoder_skips(encoder: nn.Module) -> tuple[list[int], list[int]]:
+    """(channels, strides) of every tensor a UNet encoder (a UNet, or a ControlNet's copy of it) pushes onto its
+    skip stack, in push order; stride 2 where that tensor is half the size of the one before it."""
+    channels, strides = [encoder.conv_in.out_channels], [1]
+    for block in encoder.down_blocks:
         channels += [resnet.out_channels for resnet in block.resnets]
+        strides += [1] * len(block.resnets)
         for downsampler in block.downsamplers or []:
             channels.append(downsampler.out_channels)
-    return channels
+            strides.append(2)
+    return channels, strides
 
 
-class ControlNet(nn.Module):
+class ControlBase(nn.Module):
+    """What every control network shares (ControlNet, and the ablation's ControlNetLite in model/lite.py): the
+    hint encoder `controlnet_cond_embedding`, one zero conv per UNet skip (`controlnet_down_blocks`) and one for
+    the middle block (`controlnet_mid_block`), and how conditions and per-output scales come in."""
+
+    hint_config: HintConfig
+
+    @property
+    def num_control_outputs(self) -> int:
+        """Number of residuals: one per UNet skip connection plus the middle block (13 for SD1.5)."""
+        return len(self.controlnet_down_blocks) + 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """c_f = E(c_i) (paper Sec. 3.3). It does not depend on t: compute it once per generation and reuse it.
+
+        cond: (B, C_cond, H, W) in [0, 1] -> (B, C_0, H / f, W / f).
+        """
+        if cond.ndim != 4 or cond.shape[1] != self.hint_config.cond_channels:
+            raise ValueError(
+                f"cond must be (B, {self.hint_config.cond_channels}, H, W), got shape {tuple(cond.shape)}"
+            )
+        return self.controlnet_cond_embedding(cond.to(dtype=self.dtype))
+
+    def _hint(self, sample: torch.Tensor, cond: torch.Tensor | None, hint: torch.Tensor | None) -> torch.Tensor:
+        """E(c) for `forward`: from exactly one of `cond` and `hint`, checked against the latent's size."""
+        if (cond is None) == (hint is None):
+            raise ValueError("pass exactly one of `cond` (condition image) or `hint` (its precomputed embedding)")
+        if hint is None:
+            hint = self.embed_condition(cond)
+        if hint.shape[-2:] != sample.shape[-2:]:
+            raise ValueError(
+                f"condition embeds to {tuple(hint.shape[-2:])} but the latent is {tuple(sample.shape[-2:])}: the "
+                f"condition image must be {self.hint_config.downscale_factor}x the latent size"
+            )
+        return hint
+
+    def _output_scales(self, conditioning_scale: float | Sequence[float]) -> list[float]:
+        if isinstance(conditioning_scale, (int, float)):
+            return [float(conditioning_scale)] * self.num_control_outputs
+        scales = [float(s) for s in conditioning_scale]
+        if len(scales) != self.num_control_outputs:
+            raise ValueError(
+                f"conditioning_scale has {len(scales)} per-block values; this ControlNet has "
+                f"{self.num_control_outputs} outputs ({len(self.controlnet_down_blocks)} skips + the middle)"
+            )
+        return scales
+
+
+class ControlNet(ControlBase):
     """Trainable copy of a UNet encoder + hint encoder + zero convolutions (paper Fig. 3).
 
     Build it with `ControlNet.from_unet(unet)`; `forward` returns a `ControlNetOutput` whose residuals go to
@@ -153,7 +212,7 @@ class ControlNet(nn.Module):
                 "mid_block",
             )
         }
-        parts["skip_channels"] = _skip_channels(unet)
+        parts["skip_channels"] = encoder_skips(unet)[0]
         param = next(unet.parameters())
         with torch.device(param.device):
             net = cls(config, hint, parts)
@@ -161,25 +220,9 @@ class ControlNet(nn.Module):
         return net.to(dtype=param.dtype).requires_grad_(True)
 
     @property
-    def num_control_outputs(self) -> int:
-        """Number of residuals: one per UNet skip connection plus the middle block (13 for SD1.5)."""
-        return len(self.controlnet_down_blocks) + 1
-
-    @property
     def output_strides(self) -> list[int]:
         """Per output (the skips, then the middle): 2 where it is half the size of the output before it."""
-        strides = [1]
-        for block in self.down_blocks:
-            strides += [1] * len(block.resnets) + [2] * len(block.downsamplers or [])
-        return [*strides, 1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return [*encoder_skips(self)[1], 1]
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in backward instead of storing them (trades ~30% time for memory)."""
@@ -191,17 +234,6 @@ class ControlNet(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------
     # forward
-    def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """c_f = E(c_i) (paper Sec. 3.3). It does not depend on t: compute it once per generation and reuse it.
-
-        cond: (B, C_cond, H, W) in [0, 1] -> (B, C_0, H / f, W / f).
-        """
-        if cond.ndim != 4 or cond.shape[1] != self.hint_config.cond_channels:
-            raise ValueError(
-                f"cond must be (B, {self.hint_config.cond_channels}, H, W), got shape {tuple(cond.shape)}"
-            )
-        return self.controlnet_cond_embedding(cond.to(dtype=self.dtype))
-
     def _time_embedding(self, sample, timestep, encoder_hidden_states, added_cond_kwargs) -> torch.Tensor:
         timesteps = torch.as_tensor(timestep, device=sample.device)
         if timesteps.ndim == 0:
@@ -242,16 +274,8 @@ class ControlNet(nn.Module):
         cond: (B, C_cond, h * f, w * f) condition image in [0, 1], or `hint` = `embed_condition(cond)` computed
         once and reused. conditioning_scale: one float, or one per output (len == num_control_outputs).
         """
-        if (cond is None) == (hint is None):
-            raise ValueError("pass exactly one of `cond` (condition image) or `hint` (its precomputed embedding)")
+        hint = self._hint(sample, cond, hint)
         scales = self._output_scales(conditioning_scale)
-        if hint is None:
-            hint = self.embed_condition(cond)
-        if hint.shape[-2:] != sample.shape[-2:]:
-            raise ValueError(
-                f"condition embeds to {tuple(hint.shape[-2:])} but the latent is {tuple(sample.shape[-2:])}: the "
-                f"condition image must be {self.hint_config.downscale_factor}x the latent size"
-            )
         emb = self._time_embedding(sample, timestep, encoder_hidden_states, added_cond_kwargs)
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
@@ -276,17 +300,6 @@ class ControlNet(nn.Module):
         ]
         mid = self.controlnet_mid_block(h) * scales[-1]
         return ControlNetOutput(down=down, mid=mid)
-
-    def _output_scales(self, conditioning_scale: float | Sequence[float]) -> list[float]:
-        if isinstance(conditioning_scale, (int, float)):
-            return [float(conditioning_scale)] * self.num_control_outputs
-        scales = [float(s) for s in conditioning_scale]
-        if len(scales) != self.num_control_outputs:
-            raise ValueError(
-                f"conditioning_scale has {len(scales)} per-block values; this ControlNet has "
-                f"{self.num_control_outputs} outputs ({len(self.controlnet_down_blocks)} skips + the middle)"
-            )
-        return scales
 
     # ----------------------------------------------------------------------------------------------------
     # configuration

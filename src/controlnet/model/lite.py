@@ -27,27 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from controlnet.model.controlnet import ControlNetOutput, HintConfig, _zero_conv
+from controlnet.model.controlnet import ControlBase, ControlNetOutput, HintConfig, _zero_conv, encoder_skips
 from controlnet.model.hint_encoder import REFERENCE_HINT_CHANNELS, SD_LATENT_DOWNSCALE, HintEncoder
 
 LITE_CLASS_NAME = "ControlNetLite"
 LITE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def unet_skips(unet: nn.Module) -> tuple[list[int], list[int]]:
-    """(channels, strides) of every tensor the UNet encoder pushes onto its skip stack, in push order; stride 2
-    where that tensor is half the size of the one before it."""
-    channels, strides = [unet.conv_in.out_channels], [1]
-    for block in unet.down_blocks:
-        channels += [resnet.out_channels for resnet in block.resnets]
-        strides += [1] * len(block.resnets)
-        for downsampler in block.downsamplers or []:
-            channels.append(downsampler.out_channels)
-            strides.append(2)
-    return channels, strides
-
-
-class ControlNetLite(nn.Module):
+class ControlNetLite(ControlBase):
     """One conv layer per encoder block instead of the trainable copy (paper Fig. 8c); a ControlNet's interface."""
 
     def __init__(self, unet_config: dict, hint: HintConfig, conv_in: nn.Conv2d, skip_channels: Sequence[int],
@@ -81,39 +68,19 @@ class ControlNetLite(nn.Module):
     ) -> ControlNetLite:
         """A fresh lite net for `unet` (its conv_in copied, the rest new), on the UNet's device and dtype."""
         hint = HintConfig(cond_channels, tuple(hint_block_channels), hint_downscale_factor)
-        channels, strides = unet_skips(unet)
+        channels, strides = encoder_skips(unet)
         param = next(unet.parameters())
         with torch.device(param.device):
             net = cls(dict(unet.config), hint, copy.deepcopy(unet.conv_in), channels, strides)
         return net.to(dtype=param.dtype).requires_grad_(True)
 
     @property
-    def num_control_outputs(self) -> int:
-        return len(self.controlnet_down_blocks) + 1
-
-    @property
     def output_strides(self) -> list[int]:
         """Per output (the skips, then the middle): 2 where it is half the size of the output before it."""
         return [*self.skip_strides, 1]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Nothing to recompute: one conv per output stores little (kept for the trainer's interface)."""
-
-    def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """c_f = E(c_i): (B, C_cond, H, W) in [0, 1] -> (B, C_0, H / f, W / f), as ControlNet.embed_condition."""
-        if cond.ndim != 4 or cond.shape[1] != self.hint_config.cond_channels:
-            raise ValueError(
-                f"cond must be (B, {self.hint_config.cond_channels}, H, W), got shape {tuple(cond.shape)}"
-            )
-        return self.controlnet_cond_embedding(cond.to(dtype=self.dtype))
 
     def forward(
         self,
@@ -127,20 +94,8 @@ class ControlNetLite(nn.Module):
     ) -> ControlNetOutput:
         """Residuals for the locked UNet. sample: (B, C_in, h, w); cond or hint as in ControlNet.forward;
         `timestep`, `encoder_hidden_states` and `added_cond_kwargs` are accepted and unused (see the module)."""
-        if (cond is None) == (hint is None):
-            raise ValueError("pass exactly one of `cond` (condition image) or `hint` (its precomputed embedding)")
-        if isinstance(conditioning_scale, (int, float)):
-            scales = [float(conditioning_scale)] * self.num_control_outputs
-        else:
-            scales = [float(s) for s in conditioning_scale]
-            if len(scales) != self.num_control_outputs:
-                raise ValueError(f"conditioning_scale has {len(scales)} per-block values; expected "
-                                 f"{self.num_control_outputs}")  # fmt: skip
-        if hint is None:
-            hint = self.embed_condition(cond)
-        if hint.shape[-2:] != sample.shape[-2:]:
-            raise ValueError(f"condition embeds to {tuple(hint.shape[-2:])} but the latent is "
-                             f"{tuple(sample.shape[-2:])}")  # fmt: skip
+        hint = self._hint(sample, cond, hint)
+        scales = self._output_scales(conditioning_scale)
         h = self.conv_in(sample) + hint  # (B, C_0, h, w)
         skips = [h]
         for conv in self.blocks:
