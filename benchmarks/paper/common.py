@@ -151,6 +151,18 @@ def save_figure(path: Path, draw: Callable) -> None:
     plt.close(fig)
 
 
+def curves_figure(plt, curves: dict, title: str):
+    """A figure of validation curves: each (label, [(step, fidelity), ...]) one line."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for label, curve in curves.items():
+        ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation filled-shape IoU")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def image_strip(plt, title_rows: list[tuple[str, list[np.ndarray]]], title: str):
     """A figure of image rows: each (label, images) is one row (samples side by side)."""
     cols = max(len(images) for _, images in title_rows)

@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    curves_figure,
     generate,
     mean_score,
     parse_args,
@@ -79,14 +80,8 @@ def main() -> int:
                "final IoU", "mean abs. error to truth (0-255)", "colour accuracy"]  # fmt: skip
 
     def figure(plt, rows):
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for size, curve in curves.items():
-            ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=f"{size} samples")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("validation filled-shape IoU")
-        ax.set_title("fill ControlNets trained on 1k, 3k and 10k samples (same 1000 steps)", fontsize=9)
-        ax.legend(fontsize=8)
-        return fig
+        title = "fill ControlNets trained on 1k, 3k and 10k samples (same 1000 steps)"
+        return curves_figure(plt, {f"{size} samples": curve for size, curve in curves.items()}, title)
 
     write_results("dataset_size", args, rows, columns, started, figure)
     return 0

@@ -31,7 +31,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORK, generate, mean_score, parse_args, world_data, write_results  # noqa: E402
+from common import WORK, generate, image_strip, mean_score, parse_args, world_data, write_results  # noqa: E402
 
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
@@ -134,8 +134,6 @@ def main() -> int:
     columns = ["setting", "filled-shape IoU", "warmth (mean R - B)"]
 
     def figure(plt, rows):
-        from common import image_strip
-
         return image_strip(plt, shown, "builtin:fill on a warm-tinted fine-tune of the base (6 held-out outlines)")
 
     write_results("transfer", args, rows, columns, started, figure)

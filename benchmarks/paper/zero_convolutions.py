@@ -27,7 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import generate, mean_score, parse_args, train_fill, validation_curve, write_results  # noqa: E402
+from common import (  # noqa: E402
+    curves_figure,
+    generate,
+    mean_score,
+    parse_args,
+    train_fill,
+    validation_curve,
+    write_results,
+)
 
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
@@ -93,14 +101,7 @@ def main() -> int:
                "val. IoU @800", "final IoU", "trainable parameters"]  # fmt: skip
 
     def figure(plt, rows):
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for arm, curve in curves.items():
-            ax.plot([s for s, _ in curve], [v for _, v in curve], marker="o", label=arm)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("validation filled-shape IoU")
-        ax.set_title("zero vs Gaussian connection layers vs ControlNet-lite (fill task)", fontsize=9)
-        ax.legend(fontsize=8)
-        return fig
+        return curves_figure(plt, curves, "zero vs Gaussian connection layers vs ControlNet-lite (fill task)")
 
     write_results("zero_convolutions", args, rows, columns, started, figure)
     return 0
