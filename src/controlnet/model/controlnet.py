@@ -85,6 +85,12 @@ def encoder_skips(encoder: nn.Module) -> tuple[list[int], list[int]]:
     return channels, strides
 
 
+def scaled(residual: torch.Tensor, scale: float) -> torch.Tensor:
+    """residual * scale; at scale 1 (training, and most generations) the residual itself: the same values, without
+    an extra multiplication and its backward per output."""
+    return residual if scale == 1.0 else residual * scale
+
+
 class ControlBase(nn.Module):
     """What every control network shares (ControlNet, and the ablation's ControlNetLite in model/lite.py): the
     hint encoder `controlnet_cond_embedding`, one zero conv per UNet skip (`controlnet_down_blocks`) and one for
@@ -295,11 +301,10 @@ class ControlNet(ControlBase):
                 h = self.mid_block(h, emb)
 
         down = [
-            zero_conv(s) * scale
+            scaled(zero_conv(s), scale)
             for zero_conv, s, scale in zip(self.controlnet_down_blocks, skips, scales[:-1], strict=True)
         ]
-        mid = self.controlnet_mid_block(h) * scales[-1]
-        return ControlNetOutput(down=down, mid=mid)
+        return ControlNetOutput(down=down, mid=scaled(self.controlnet_mid_block(h), scales[-1]))
 
     # ----------------------------------------------------------------------------------------------------
     # configuration

@@ -27,7 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from controlnet.model.controlnet import ControlBase, ControlNetOutput, HintConfig, _zero_conv, encoder_skips
+from controlnet.model.controlnet import (
+    ControlBase,
+    ControlNetOutput,
+    HintConfig,
+    _zero_conv,
+    encoder_skips,
+    scaled,
+)
 from controlnet.model.hint_encoder import REFERENCE_HINT_CHANNELS, SD_LATENT_DOWNSCALE, HintEncoder
 
 LITE_CLASS_NAME = "ControlNetLite"
@@ -102,8 +109,11 @@ class ControlNetLite(ControlBase):
             h = nn.functional.silu(conv(h))  # (B, C_k, h_k, w_k)
             skips.append(h)
         mid = nn.functional.silu(self.mid_conv(h))
-        down = [z(s) * scale for z, s, scale in zip(self.controlnet_down_blocks, skips, scales[:-1], strict=True)]
-        return ControlNetOutput(down=down, mid=self.controlnet_mid_block(mid) * scales[-1])
+        down = [
+            scaled(z(s), scale)
+            for z, s, scale in zip(self.controlnet_down_blocks, skips, scales[:-1], strict=True)
+        ]
+        return ControlNetOutput(down=down, mid=scaled(self.controlnet_mid_block(mid), scales[-1]))
 
     def lite_config(self) -> dict:
         """config.json of a saved lite net: enough to rebuild it without a UNet."""
