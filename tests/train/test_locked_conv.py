@@ -113,3 +113,42 @@ def test_locked_convolutions_under_gradient_checkpointing():
     assert len(grads) == len(grads_ref)
     for g, r in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-7)
+
+
+# SD1.5-sized decoder layers (channels, latent size, kernel, stride): a 1x1 shortcut from a concatenation, a 3x3
+# conv, and a strided 3x3 (oneDNN chooses its algorithm by size, layout and threads, so the tiny UNets above do not
+# reach every path)
+SD_LAYERS = [(960, 320, 32, 1, 1), (1920, 640, 16, 1, 1), (640, 320, 32, 3, 1), (320, 320, 32, 3, 2)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("c_in,c_out,size,kernel,stride", SD_LAYERS)
+def test_input_gradient_is_bitwise_at_sd15_layer_sizes(c_in, c_out, size, kernel, stride, dtype, threads):
+    """The input gradient of one locked layer equals nn.Conv2d's, computed by autograd from the real input, with the
+    same strides (a matmul over channels for the 1x1 layers differed in the last bits in bfloat16 here)."""
+    generator = torch.Generator().manual_seed(0)
+    plain = torch.nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2).requires_grad_(False)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    plain = plain.to(dtype=dtype, memory_format=torch.channels_last)
+    locked = copy.deepcopy(plain)
+    locked.__class__ = LockedConv2d
+    x = torch.randn(1, c_in, size, size, generator=generator).to(dtype=dtype, memory_format=torch.channels_last)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for conv in (plain, locked):
+            leaf = x.clone().requires_grad_(True)
+            y = conv(leaf)
+            grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype=dtype)
+            y.backward(grad_out.contiguous(memory_format=torch.channels_last))
+            results.append((y.detach(), leaf.grad))
+    finally:
+        torch.set_num_threads(previous)
+    (y_ref, g_ref), (y, g) = results
+    assert torch.equal(y, y_ref)
+    assert g.shape == g_ref.shape and g.stride() == g_ref.stride()
+    assert torch.equal(g, g_ref)

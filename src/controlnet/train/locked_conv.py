@@ -5,9 +5,9 @@ connections) but its weights get no gradient. The input gradient of a convolutio
 needs only the weight; the input x is needed only for the weight gradient dL/dW. torch's autograd keeps x for every
 convolution anyway (one backward formula serves all three gradients), so each locked decoder convolution holds its
 input until backward: 9% of the activations of an SD1.5-sized step at 256 px (219.8 -> 199.7 MB,
-benchmarks/training.py). `LockedConv2d` keeps the weight alone and hands torch's convolution backward the input's
-shape instead of its values, as torch.nn.grad.conv2d_input does. Its output and gradients equal `nn.Conv2d`'s
-(bitwise in tests/train/test_locked_conv.py, on CPU).
+benchmarks/training.py). `LockedConv2d` keeps the weight alone and computes dL/dx as that transposed convolution.
+Its output and gradients equal `nn.Conv2d`'s (bitwise in tests/train/test_locked_conv.py, on CPU, for the tiny
+test UNets and for SD1.5-sized layers at 1 and 2 threads).
 """
 
 from __future__ import annotations
@@ -30,33 +30,23 @@ class _InputGradOnlyConv2d(torch.autograd.Function):
     def backward(ctx, grad_out):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.geometry
-        weight = weight.to(grad_out.dtype)
-        # dL/dx is the transposed convolution of dL/dy with W (bitwise torch's own input gradient on CPU, tests).
-        # Called directly it is faster than convolution_backward on a stand-in for x (the stand-in's strides cost
-        # a layout change, and a 1x1 kernel returned NCHW gradients into a channels_last graph); at the built-in
-        # size a locked step has 29 such convolutions, so this is a visible share of the step.
-        if _is_pointwise(weight, stride, padding, groups) and grad_out.is_contiguous(
-            memory_format=torch.channels_last
-        ):
-            # a 1x1 kernel in channels_last: one matmul over the pixels, (N*H*W, C_out) @ (C_out, C_in), which
-            # torch would otherwise send to its slow (im2col) transposed convolution
-            n, c_out, h, w = grad_out.shape
-            grad_in = grad_out.permute(0, 2, 3, 1).reshape(-1, c_out) @ weight.view(c_out, -1)
-            return grad_in.view(n, h, w, -1).permute(0, 3, 1, 2), None, None, None, None, None, None
+        # dL/dx is the transposed convolution of dL/dy with W: bitwise torch's own input gradient (the one
+        # nn.Conv2d's backward computes from the real x), for the tiny test UNets and SD1.5-sized layers alike
+        # (tests/train/test_locked_conv.py). Called directly, it is faster than convolution_backward on a
+        # zero-stride stand-in for x, used before: at the built-in size a 1x1 layer took 104 vs 69 us that way and
+        # returned its gradient in NCHW inside a channels_last graph. (A matmul for 1x1 layers was faster still at
+        # that size, but not bitwise at SD1.5's.)
+        # output_padding gives back the rows and columns a strided convolution dropped.
         out_size = grad_out.shape[-2:]
-        # output_padding gives back the rows and columns a strided convolution dropped
         output_padding = [
             shape[2 + i]
             - ((out_size[i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
             for i in range(2)
         ]
-        grad_in = F.conv_transpose2d(grad_out, weight, None, stride, padding, output_padding, groups, dilation)
+        grad_in = F.conv_transpose2d(
+            grad_out, weight.to(grad_out.dtype), None, stride, padding, output_padding, groups, dilation
+        )
         return grad_in, None, None, None, None, None, None
-
-
-def _is_pointwise(weight: torch.Tensor, stride, padding, groups: int) -> bool:
-    """A 1x1, unstrided, unpadded, ungrouped kernel: the convolution is a matmul over channels."""
-    return weight.shape[-2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
 
 
 class LockedConv2d(nn.Conv2d):
