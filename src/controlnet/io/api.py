@@ -76,6 +76,42 @@ def _diffusers_folder(path: Path, subfolder: str) -> Path | None:
     return None
 
 
+def locate_unet(path: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(path, its diffusers folder: the model dir or its `unet/`), or (path, None) for a single file; the errors
+    every UNet loader gives for a missing path or a folder without diffusers weights."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"UNet not found: {path}")
+    if not path.is_dir():
+        return path, None
+    folder = _diffusers_folder(path, "unet")
+    if folder is None:
+        raise CheckpointError(
+            f"{path}: not a diffusers model folder (expected config.json + diffusion_pytorch_model.safetensors "
+            "in it or in its unet/ subfolder)"
+        )
+    return path, folder
+
+
+def unet_file_layout(path: Path, state: dict, config: dict | None) -> tuple[dict, dict]:
+    """A single UNet file's tensors under diffusers' names, and its config: original (LDM) keys are renamed by
+    diffusers' converter, diffusers keys kept; any other content is refused. `config` as `load_unet` takes it."""
+    fmt = detect_format(state)
+    if fmt in ("original-sd", "original-combined"):
+        unet_part = {k: v for k, v in state.items() if k.startswith(ORIGINAL_UNET_PREFIX)}
+        config = unet_config_for(unet_part, config, path.name)
+        try:
+            state = convert_ldm_unet_checkpoint(state, config)
+        except (KeyError, IndexError, ValueError) as err:
+            raise CheckpointError(f"{path}: UNet weights do not fit the given config ({err!r})") from None
+        return {k: v for k, v in state.items() if v is not None}, config
+    if fmt == "diffusers-unet":
+        return state, unet_config_for(state, config, path.name)
+    raise CheckpointError(
+        f"{path}: holds {FORMAT_PHRASES[fmt]}, not a UNet (`model.diffusion_model.*` or `down_blocks.*` keys)"
+    )
+
+
 def load_unet(
     path: str | os.PathLike, config: dict | str | os.PathLike | None = None, dtype: torch.dtype | None = None
 ) -> UNet2DConditionModel:
@@ -85,35 +121,13 @@ def load_unet(
     cannot be recognised (SD1.x, SD2.x and SDXL are recognised from the cross-attention width). A file's tensors
     are memory-mapped and taken by the module as they are (float32, or `dtype`): no second copy in memory.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"UNet not found: {path}")
+    path, folder = locate_unet(path)
     config = _read_config(config)
-    if path.is_dir():
-        folder = _diffusers_folder(path, "unet")
-        if folder is None:
-            raise CheckpointError(
-                f"{path}: not a diffusers model folder (expected config.json + diffusion_pytorch_model.safetensors "
-                "in it or in its unet/ subfolder)"
-            )
+    if folder is not None:
         unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
         return unet.eval().requires_grad_(False)
-    state = map_state_dict(path)  # memory-mapped: the UNet takes the file's tensors, no copy when dtypes agree
-    fmt = detect_format(state)
-    if fmt in ("original-sd", "original-combined"):
-        config = unet_config_for(
-            {k: v for k, v in state.items() if k.startswith(ORIGINAL_UNET_PREFIX)}, config, path.name
-        )
-        try:
-            state = convert_ldm_unet_checkpoint(state, config)
-        except (KeyError, IndexError, ValueError) as err:
-            raise CheckpointError(f"{path}: UNet weights do not fit the given config ({err!r})") from None
-    elif fmt == "diffusers-unet":
-        config = unet_config_for(state, config, path.name)
-    else:
-        raise CheckpointError(
-            f"{path}: holds {FORMAT_PHRASES[fmt]}, not a UNet (`model.diffusion_model.*` or `down_blocks.*` keys)"
-        )
+    # memory-mapped: the UNet takes the file's tensors, no copy when dtypes agree
+    state, config = unet_file_layout(path, map_state_dict(path), config)
     # built on the meta device and given the tensors themselves (float32 unless `dtype`: only a cast copies)
     unet = build_unet(config, device="meta")
     return load_into_empty(unet, state, f"UNet in {path.name}", dtype or torch.float32)

@@ -20,23 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from controlnet.errors import CheckpointError
 from controlnet.io.api import (
-    _diffusers_folder,
     _read_config,
     build_unet,
     controlnet_file_layout,
+    locate_unet,
     open_controlnet,
+    unet_file_layout,
 )
 from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
-    FORMAT_PHRASES,
-    ORIGINAL_UNET_PREFIX,
-    detect_format,
-    unet_config_for,
 )
 from controlnet.io.original_keys import ORIGINAL_CONTROL_PREFIX
 from controlnet.io.safe_load import (
@@ -76,54 +71,26 @@ class UNetSource:
 
 def open_unet(path: str | os.PathLike, config: dict | str | os.PathLike | None = None) -> UNetSource:
     """Open what `load_unet(path, config)` loads, without reading its tensors; the same checks and errors."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"UNet not found: {path}")
+    path, folder = locate_unet(path)
     config = _read_config(config)
-    if path.is_dir():
-        folder = _diffusers_folder(path, "unet")
-        if folder is None:
-            raise CheckpointError(
-                f"{path}: not a diffusers model folder (expected config.json + diffusion_pytorch_model.safetensors "
-                "in it or in its unet/ subfolder)"
-            )
+    if folder is not None:
         config = json.loads((folder / CONFIG_NAME).read_text())  # from_pretrained reads the folder's own config
         weights = LazyWeights(next(folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file()))
-        state = weights.meta
     else:
         weights = LazyWeights(path)
-        state = weights.meta
+    state = weights.meta
     try:
-        if not path.is_dir():
-            fmt = detect_format(state)
-            if fmt in ("original-sd", "original-combined"):
-                unet_part = {k: v for k, v in state.items() if k.startswith(ORIGINAL_UNET_PREFIX)}
-                config = unet_config_for(unet_part, config, path.name)
-                state = _ldm_to_diffusers(state, config, path)
-            elif fmt == "diffusers-unet":
-                config = unet_config_for(state, config, path.name)
-            else:
-                raise CheckpointError(
-                    f"{path}: holds {FORMAT_PHRASES[fmt]}, not a UNet (`model.diffusion_model.*` or `down_blocks.*` "
-                    "keys)"
-                )
+        if folder is None:
+            # diffusers' converter, run on meta tensors: it only renames (were it to build new tensors, the
+            # streamed path could not find their data)
+            known = {id(v) for v in state.values()}
+            state, config = unet_file_layout(path, state, config)
+            assert all(id(v) in known for v in state.values()), "convert_ldm_unet_checkpoint made tensors"
         check_strict(build_unet(config, device="meta").state_dict(), state, f"UNet in {path.name}")
     except BaseException:
         weights.close()
         raise
     return UNetSource(weights, state, config)
-
-
-def _ldm_to_diffusers(state: dict, config: dict, path: Path) -> dict:
-    """Original (LDM) UNet names -> diffusers', by diffusers' own converter run on meta tensors."""
-    try:
-        converted = convert_ldm_unet_checkpoint(state, config)
-    except (KeyError, IndexError, ValueError) as err:
-        raise CheckpointError(f"{path}: UNet weights do not fit the given config ({err!r})") from None
-    known = {id(v) for v in state.values()}
-    # The converter only renames; were it to build new tensors, the streamed path could not find their data.
-    assert all(v is None or id(v) in known for v in converted.values()), "convert_ldm_unet_checkpoint made tensors"
-    return {k: v for k, v in converted.items() if v is not None}
 
 
 def fresh_layers(template: ControlNet) -> dict[str, torch.Tensor]:
