@@ -62,10 +62,7 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
 
 
 def vae_to_ldm(state: dict, num_blocks: int) -> dict:
-    """diffusers AutoencoderKL names -> `first_stage_model.*` (the inverse of convert_ldm_vae_checkpoint).
-
-    Marked duplication of tests/generate/test_single_file.py's `vae_to_ldm` (that file stays as it is).
-    """
+    """diffusers AutoencoderKL names -> `first_stage_model.*` (the inverse of convert_ldm_vae_checkpoint)."""
     out = {}
     for key, value in state.items():
         k = key

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import lzma
-import re
 
 import numpy as np
 import pytest
 import torch
+from ldm_files import vae_to_ldm
 from pipeline_tiny import MAX_TOKENS, condition_image, make_text_encoder, make_vae, write_clip_vocab
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -22,39 +22,6 @@ from controlnet.generate.pipeline import ControlNetPipeline
 from controlnet.io.single_file import detect_family, family_config
 
 from tiny import SHARED_DIR
-
-
-def vae_to_ldm(state: dict, num_blocks: int) -> dict:
-    """diffusers AutoencoderKL names -> original LDM names (the inverse of diffusers' convert_ldm_vae_checkpoint)."""
-    out = {}
-    for key, value in state.items():
-        k = key
-        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
-        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-        k = re.sub(
-            r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", k
-        )
-        k = re.sub(
-            r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-            lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.",
-            k,
-        )
-        k = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", k)
-        if "mid_block.attentions.0." in k:
-            k = k.replace("mid_block.attentions.0.", "mid.attn_1.")
-            for new, old in (
-                ("group_norm", "norm"),
-                ("to_q", "q"),
-                ("to_k", "k"),
-                ("to_v", "v"),
-                ("to_out.0", "proj_out"),
-            ):
-                k = k.replace(f".{new}.", f".{old}.")
-            if value.ndim == 2:
-                value = value[:, :, None, None]  # linear -> 1x1 conv
-        k = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        out["first_stage_model." + k] = value
-    return out
 
 
 @pytest.fixture(scope="module")
