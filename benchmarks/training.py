@@ -20,9 +20,19 @@ Adam for a full UNet needs ~14 GB); on a CPU without native bf16 (AVX2 only: con
 bf16 is emulated, 90x slower, so there every variant runs in float32 with 3 timed steps instead of 5. Measured
 with AVX2 emulated on an AMD EPYC (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2: get_cpu_capability() "AVX2",
 bf16 convs 82-155x slower): float32 picked, the whole run 686 s, peak RSS 14.7 GB (the UNet fine-tune), (a) 1.86x,
-(b) 0.71x time and 0.56x tensor memory. Speed: each variant in a fresh process of its own (the C allocator's state depends on what else
-ran in the process), median CPU seconds of the process per step (robust on a shared machine, where wall time mostly
-measures the other users; wall times are printed too). Diffusers' logic runs with glibc's default allocator, as its
+(b) 0.71x time and 0.56x tensor memory. (b)'s time is read paired: our step and the UNet fine-tune alternate in one
+process (the order alternating too), and the median of the adjacent pairs' ratios over 3 processes counts. Separate
+processes of one variant differ by up to 40% on a shared machine (0.092-0.139 CPU-s per step, one run at the tiny
+size), which no median of 3 processes removes, while the two steps of a pair see the same machine; the
+per-process comparison is printed beside it. Measured on an idle 2-core AMD EPYC (torch 2.13): tiny (b) 1.005x
+paired (quartiles 0.968-1.046) natively, 0.980x (0.923-1.043) with AVX2 emulated, for 0.89x the FLOPs: a tie. At
+this size time follows the number of small ops, not FLOPs. Per step, 1 thread, one process: forward 62.7 vs 45.0 ms
+(the copy repeats the locked encoder's forward, and the full-resolution hint encoder takes 10.7 ms forward and
+backward), backward 51.6 vs 65.5 ms (the decoder computes no weight gradients), clipping and AdamW 6.1 vs 9.2 ms:
+the two sides cancel. At SD1.5 size the decoder's weight gradients are the larger term (0.71x above). Speed
+otherwise: each variant in a fresh process of its own (the C allocator's state depends on what else ran in the
+process), median CPU seconds of the process per step (robust on a shared machine, where wall time mostly measures
+the other users; wall times are printed too). Diffusers' logic runs with glibc's default allocator, as its
 script does; ours reuses freed memory, as `controlnet train` does on a CPU (controlnet/allocator.py): both other
 pairings are printed too. Memory, what training adds to the loaded, locked base (trainable copy, gradients,
 optimizer state, activations): the target is read on the peak of bytes held by torch tensors (the CPU analogue
