@@ -13,6 +13,7 @@ models fine-tuned from that base, applied directly, and it can also be moved to 
    minus mean B over the image, 0..1; the tinted truth's warmth is printed beside it).
 
     python benchmarks/paper/transfer.py           # ~6 minutes on 2 cores
+    python benchmarks/paper/transfer.py --n 2 --steps 2 --fine-tune-steps 2 --fine-tune-samples 64   # a quick check
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from controlnet.evaluate.heldout import heldout_set  # noqa: E402
 TINT_SCALE = np.array([1.0, 0.8, 0.55], dtype=np.float32)
 TINT_OFFSET = np.array([20.0, 10.0, 0.0], dtype=np.float32)
 STEPS, BATCH, LR, EMPTY_PROMPT_PROB = 600, 32, 2e-4, 0.1
+SAMPLES = 4000  # the fine-tune's world data: builtin:fill's own 4000 samples
 
 
 def tint(image: np.ndarray) -> np.ndarray:
@@ -97,8 +99,13 @@ def fine_tune(base, data: Path, out: Path, steps: int = STEPS) -> torch.nn.Modul
 def main() -> int:
     def own_flags(p):
         p.add_argument("--fine-tune-steps", type=int, default=STEPS, help=f"community fine-tune steps ({STEPS})")
+        p.add_argument("--fine-tune-samples", type=int, default=SAMPLES,
+                       help=f"world samples the fine-tune encodes and draws from ({SAMPLES}; fewer for a quick check)")  # fmt: skip
 
     args = parse_args(__doc__, n=50, extra=own_flags)
+    if args.fine_tune_steps < 1 or args.fine_tune_samples < 1:
+        raise SystemExit(f"--fine-tune-steps {args.fine_tune_steps} --fine-tune-samples {args.fine_tune_samples}: "
+                         "expected integers >= 1")  # fmt: skip
     started = time.time()
     from controlnet.generate.base import controlnet_path, load_base
     from controlnet.generate.pipeline import ControlNetPipeline
@@ -106,8 +113,9 @@ def main() -> int:
     from controlnet.io.transfer import transfer_controlnet
 
     base = load_base("builtin")
-    out = WORK / "runs" / f"community-warm-unet-{args.fine_tune_steps}steps"
-    community_unet = fine_tune(base, world_data("fill", 4000), out, args.fine_tune_steps)
+    samples = "" if args.fine_tune_samples == SAMPLES else f"-{args.fine_tune_samples}samples"
+    out = WORK / "runs" / f"community-warm-unet-{args.fine_tune_steps}steps{samples}"
+    community_unet = fine_tune(base, world_data("fill", args.fine_tune_samples), out, args.fine_tune_steps)
     community = dataclasses.replace(base, unet=community_unet)
     fill = load_controlnet(controlnet_path("builtin:fill"), unet=base.unet).eval()
     moved = transfer_controlnet(fill, base.unet, community_unet).eval()

@@ -46,7 +46,9 @@ def test_transfer_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
     rows = []
     for k in range(2):
         monkeypatch.setenv("CONTROLNET_PAPER_WORK", str(tmp_path / f"work{k}"))
-        rows.append(run("transfer.py", tmp_path / f"out{k}", "--fine-tune-steps", "2")["rows"])
+        rows.append(
+            run("transfer.py", tmp_path / f"out{k}", "--fine-tune-steps", "2", "--fine-tune-samples", "64")["rows"]
+        )
     assert rows[0] == rows[1]
     settings = [r["setting"] for r in rows[0]]
     assert settings[:3] == ["base alone", "base + fill", "community alone"] and len(settings) == 7
