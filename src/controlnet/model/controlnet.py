@@ -146,6 +146,16 @@ class ControlBase(nn.Module):
             )
         return scales
 
+    def _residuals(
+        self, skips: Sequence[torch.Tensor], mid: torch.Tensor, scales: list[float]
+    ) -> ControlNetOutput:
+        """Each skip tensor and the middle's output through its zero convolution, times its scale."""
+        down = [
+            scaled(zero_conv(s), scale)
+            for zero_conv, s, scale in zip(self.controlnet_down_blocks, skips, scales[:-1], strict=True)
+        ]
+        return ControlNetOutput(down=down, mid=scaled(self.controlnet_mid_block(mid), scales[-1]))
+
 
 class ControlNet(ControlBase):
     """Trainable copy of a UNet encoder + hint encoder + zero convolutions (paper Fig. 3).
@@ -300,11 +310,7 @@ class ControlNet(ControlBase):
             else:
                 h = self.mid_block(h, emb)
 
-        down = [
-            scaled(zero_conv(s), scale)
-            for zero_conv, s, scale in zip(self.controlnet_down_blocks, skips, scales[:-1], strict=True)
-        ]
-        return ControlNetOutput(down=down, mid=scaled(self.controlnet_mid_block(h), scales[-1]))
+        return self._residuals(skips, h, scales)
 
     # ----------------------------------------------------------------------------------------------------
     # configuration

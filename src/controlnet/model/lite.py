@@ -33,7 +33,6 @@ from controlnet.model.controlnet import (
     HintConfig,
     _zero_conv,
     encoder_skips,
-    scaled,
 )
 from controlnet.model.hint_encoder import REFERENCE_HINT_CHANNELS, SD_LATENT_DOWNSCALE, HintEncoder
 
@@ -109,11 +108,7 @@ class ControlNetLite(ControlBase):
             h = nn.functional.silu(conv(h))  # (B, C_k, h_k, w_k)
             skips.append(h)
         mid = nn.functional.silu(self.mid_conv(h))
-        down = [
-            scaled(z(s), scale)
-            for z, s, scale in zip(self.controlnet_down_blocks, skips, scales[:-1], strict=True)
-        ]
-        return ControlNetOutput(down=down, mid=scaled(self.controlnet_mid_block(mid), scales[-1]))
+        return self._residuals(skips, mid, scales)
 
     def lite_config(self) -> dict:
         """config.json of a saved lite net: enough to rebuild it without a UNet."""
