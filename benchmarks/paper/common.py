@@ -41,21 +41,30 @@ FILL_RECIPE = shlex.split(
 )
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (samples, steps, seeds, workers): an integer >= 1, else one error line naming it."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
+
+
 def parse_args(description: str, n: int, steps: int = 20, cfg: float = 4.0,
                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:  # fmt: skip
     """The scripts' common flags (and a script's own, added by `extra(parser)`); seeds torch, sets threads."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra is not None:
         extra(p)
-    p.add_argument("--n", type=int, default=n, help=f"held-out samples per setting (default: {n})")
-    p.add_argument("--steps", type=int, default=steps, help=f"sampler steps (default: {steps})")
+    p.add_argument("--n", type=positive_int, default=n, help=f"held-out samples per setting (default: {n})")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"sampler steps (default: {steps})")
     p.add_argument("--cfg", type=float, default=cfg, help=f"guidance scale (default: {cfg}, the built-in base's)")
     p.add_argument("--seed", type=int, default=0, help="image k's noise is drawn from seed + k (default: 0)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default: 2)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where the table, JSON and figure go")
     args = p.parse_args()
-    if args.n < 1 or args.steps < 1:
-        p.error(f"--n {args.n} --steps {args.steps}: expected integers >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     return args

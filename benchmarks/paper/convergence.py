@@ -25,7 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORK, generate, mean_score, parse_args, pipeline, validation_curve, write_results  # noqa: E402
+from common import (  # noqa: E402
+    WORK,
+    generate,
+    mean_score,
+    parse_args,
+    pipeline,
+    positive_int,
+    validation_curve,
+    write_results,
+)
 from outlines import other_outlines  # noqa: E402
 
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
@@ -60,8 +69,8 @@ def demo(seed: int, threads: int, extra: tuple[str, ...] = ()) -> dict:
 
 def main() -> int:
     def own_flags(p):
-        p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default: 5)")
-        p.add_argument("--parallel", type=int, default=1, help="1-thread demo runs at a time (default: 1)")
+        p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default: 5)")
+        p.add_argument("--parallel", type=positive_int, default=1, help="1-thread demo runs at a time (default: 1)")
         p.add_argument("--demo-args", default="", help='more `controlnet demo` flags, e.g. "--task shapes" '
                        '(runs kept apart by them; the world held-out set is the task\'s)')  # fmt: skip
 

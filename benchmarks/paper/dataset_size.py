@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     mean_score,
     parse_args,
     pipeline,
+    positive_int,
     train_fill,
     validation_curve,
     world_data,
@@ -53,7 +54,7 @@ def train(size: int) -> Path:
 
 def main() -> int:
     def own_flags(p):
-        p.add_argument("--parallel", type=int, default=2, help="trainings at a time, 1 thread each (default: 2)")
+        p.add_argument("--parallel", type=positive_int, default=2, help="trainings at a time, 1 thread each (default: 2)")
 
     args = parse_args(__doc__, n=50, extra=own_flags)
     started = time.time()

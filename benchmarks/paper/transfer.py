@@ -32,7 +32,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORK, generate, image_strip, mean_score, parse_args, world_data, write_results  # noqa: E402
+from common import (  # noqa: E402
+    WORK,
+    generate,
+    image_strip,
+    mean_score,
+    parse_args,
+    positive_int,
+    world_data,
+    write_results,
+)
 
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
@@ -98,14 +107,11 @@ def fine_tune(base, data: Path, out: Path, steps: int = STEPS) -> torch.nn.Modul
 
 def main() -> int:
     def own_flags(p):
-        p.add_argument("--fine-tune-steps", type=int, default=STEPS, help=f"community fine-tune steps ({STEPS})")
-        p.add_argument("--fine-tune-samples", type=int, default=SAMPLES,
+        p.add_argument("--fine-tune-steps", type=positive_int, default=STEPS, help=f"community fine-tune steps ({STEPS})")
+        p.add_argument("--fine-tune-samples", type=positive_int, default=SAMPLES,
                        help=f"world samples the fine-tune encodes and draws from ({SAMPLES}; fewer for a quick check)")  # fmt: skip
 
     args = parse_args(__doc__, n=50, extra=own_flags)
-    if args.fine_tune_steps < 1 or args.fine_tune_samples < 1:
-        raise SystemExit(f"--fine-tune-steps {args.fine_tune_steps} --fine-tune-samples {args.fine_tune_samples}: "
-                         "expected integers >= 1")  # fmt: skip
     started = time.time()
     from controlnet.generate.base import controlnet_path, load_base
     from controlnet.generate.pipeline import ControlNetPipeline

@@ -52,3 +52,17 @@ def test_transfer_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
     assert rows[0] == rows[1]
     settings = [r["setting"] for r in rows[0]]
     assert settings[:3] == ["base alone", "base + fill", "community alone"] and len(settings) == 7
+
+
+@pytest.mark.parametrize(
+    ("script", "flag", "value"),
+    [("transfer.py", "--fine-tune-samples", "0"), ("convergence.py", "--seeds", "x"), ("composition.py", "--n", "-1")],
+)  # fmt: skip
+def test_a_count_below_one_is_refused_in_one_line_before_any_work(tmp_path, script, flag, value):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPTS / script), flag, value, "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == f"{script}: error: argument {flag}: {value!r}: expected an integer >= 1", done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
