@@ -2,6 +2,8 @@
 
     python benchmarks/gpu.py [--out results.json]   # CUDA: SD1.5 sizes (random weights), fp16 generation, bf16 training
     python benchmarks/gpu.py --dry                  # tiny sizes, float32, 2 steps: seconds (CI runs it on the CPU)
+    bash benchmarks/gpu_device.sh fetch             # then, on a lent GPU machine: bash benchmarks/gpu_device.sh
+                                                    # (carries diffusers and bitsandbytes there: see that script)
 
 Without CUDA it always runs the dry mode; `--dry` on a GPU runs the tiny sizes there (seconds: a check of the CUDA
 paths before the full run). `--sections a,b` runs a subset, `--train-batch N` sets the training batch (default by

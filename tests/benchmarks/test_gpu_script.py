@@ -146,3 +146,25 @@ def test_a_failing_or_runaway_section_prints_one_line_and_the_rest_run(monkeypat
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["failed"] == ["boom", "runaway"]
     assert report["sections"]["fine"] == {"ok": True, "things_per_s": 1.0, "seconds": pytest.approx(0, abs=1)}
+
+
+DEVICE_SCRIPT = SCRIPT.with_name("gpu_device.sh")
+
+
+def test_device_script_fetches_the_diffusers_that_pyproject_pins():
+    """The lent GPU machine has no diffusers: the wheel the script carries there is the version we pin."""
+    pinned = re.search(r'"diffusers==([^"]+)"', (SCRIPT.parents[1] / "pyproject.toml").read_text()).group(1)
+    packages = re.search(r"^PACKAGES=\((.*?)\)", DEVICE_SCRIPT.read_text(), re.MULTILINE).group(1).split()
+    assert f"diffusers=={pinned}" in packages and any(p.startswith("bitsandbytes==") for p in packages)
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["bogus"], {}, "gpu_device.sh: unknown argument 'bogus'; expected none"),
+    ([], {"WHEELS": "no-such-folder"}, "gpu_device.sh: no wheels in no-such-folder/: run 'bash benchmarks/gpu_device.sh fetch'"),
+])  # fmt: skip
+def test_device_script_refuses_in_one_line_before_installing_anything(tmp_path, args, env, message):
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(DEVICE_SCRIPT), *args], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "OUT": str(out), **env})  # fmt: skip
+    assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert done.stdout == "" and not out.exists()
