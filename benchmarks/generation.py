@@ -24,6 +24,8 @@ Measured on an idle 2-core AMD EPYC (AVX-512, torch.backends.cpu.get_cpu_capabil
 CPU, 2 threads, parity max |diff| <= 3.1e-5:
     sd15, 256 px, 8 steps, 2 pairs: defaults 1.484x wall (pairs 1.532, 1.437; CPU time 1.442x), ours 25.2 s vs
                                     37.4 s; window end 0.5: 1.767x (1.843, 1.691; CPU time 1.763x)
+    again at 8bfff6d (a busier day: pairs spread 1.11-1.69): defaults 1.400x wall (CPU time 1.486x), ours 32.3 s
+                                    vs 43.5 s; window end 0.5: 1.848x (1.838, 1.857; CPU time 1.840x); max |diff| 3.1e-5
     before packing (4 steps, 3 pairs): defaults 1.007x wall; window end 0.5: 1.171x
     tiny, 64 px, 10 steps, 5 pairs, 1 thread (its layers are too small to pack): defaults 1.262x; window 1.364x
 

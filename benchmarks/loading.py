@@ -37,6 +37,11 @@ Measured on an idle 2-core AMD EPYC (AVX-512), torch 2.13.0 CPU, diffusers 0.42.
     pages faulted in again (resource.getrusage around each call), and lost by 0.884x (23.3 vs 20.6 s). Populating
     the mapped weights at load (madvise MADV_POPULATE_READ) was tried and measured: 16.8 vs 17.0 s, no gain, and
     more file pages resident (the VAE encoder's, which text-to-image never reads), so it is not done.
+Again at 8bfff6d (medians of 3, a slower day for fresh memory: this VM first-touched 2 GiB at 0.36-5.3 GB/s):
+    fp32 files: ours 20.2 s (load 5.2 s), 6229 MB (anonymous 925 MB); diffusers 23.7 s (load 5.7 s), 6063 MB
+                (761 MB): time 1.174x, peak RSS 1.027 (anonymous 1.215); same image (max |diff| 0.0).
+    fp16 files: ours 33.0 s (load 17.5 s), 6586 MB (anonymous 6366 MB); diffusers 33.4 s (load 10.0 s), 7932 MB
+                (6307 MB): time 1.012x (our load is slower, our generation faster), peak RSS 0.830; same image.
 Earlier, after load_controlnet maps its file too (medians of 3): fp32 files: ours 23.9 s (load 4.8 s), peak RSS 6046 MB (anonymous 744 MB); diffusers
 21.1 s (load 4.3 s), 6096 MB (795 MB): time 0.884x (ours slower, in the 2-step generation, not the load), peak
 RSS 0.992, anonymous 0.936; same image.
