@@ -4,6 +4,7 @@ each run writes its table, JSON and figure. Short settings (2 samples, 2 sampler
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,15 +55,35 @@ def test_transfer_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
     assert settings[:3] == ["base alone", "base + fill", "community alone"] and len(settings) == 7
 
 
-@pytest.mark.parametrize(
-    ("script", "flag", "value"),
-    [("transfer.py", "--fine-tune-samples", "0"), ("convergence.py", "--seeds", "x"), ("composition.py", "--n", "-1")],
-)  # fmt: skip
-def test_a_count_below_one_is_refused_in_one_line_before_any_work(tmp_path, script, flag, value):
+
+def load_common():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return common
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--n", "0"), ("--steps", "-1"), ("--threads", "x"), ("--seeds", "0")])
+def test_a_count_below_one_is_refused_in_argparse_one_line(monkeypatch, capsys, flag, value):
+    common = load_common()
+    monkeypatch.setattr(sys, "argv", ["script.py", flag, value])
+    with pytest.raises(SystemExit) as stop:
+        common.parse_args("d", n=5, extra=lambda p: p.add_argument("--seeds", type=common.positive_int, default=5))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"script.py: error: argument {flag}: {value!r}: expected an integer >= 1"
+    )
+
+
+def test_transfer_refuses_a_bad_count_before_any_work(tmp_path):
+    """The script's own flags go through the same type: one line, exit 2, nothing written."""
     out = tmp_path / "out"
-    cmd = [sys.executable, str(SCRIPTS / script), flag, value, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
+    cmd = [sys.executable, str(SCRIPTS / "transfer.py"), "--fine-tune-samples", "0", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CONTROLNET_PAPER_WORK": str(tmp_path / "work")})  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last == f"{script}: error: argument {flag}: {value!r}: expected an integer >= 1", done.stderr
-    assert "Traceback" not in done.stderr and not out.exists()
+    assert last == "transfer.py: error: argument --fine-tune-samples: '0': expected an integer >= 1", done.stderr
+    assert not out.exists() and not (tmp_path / "work").exists()
