@@ -55,7 +55,6 @@ def test_transfer_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
     assert settings[:3] == ["base alone", "base + fill", "community alone"] and len(settings) == 7
 
 
-
 def load_common():
     sys.path.insert(0, str(SCRIPTS))
     try:

@@ -27,13 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from controlnet.model.controlnet import (
-    ControlBase,
-    ControlNetOutput,
-    HintConfig,
-    _zero_conv,
-    encoder_skips,
-)
+from controlnet.model.controlnet import ControlBase, ControlNetOutput, HintConfig, _zero_conv, encoder_skips
 from controlnet.model.hint_encoder import REFERENCE_HINT_CHANNELS, SD_LATENT_DOWNSCALE, HintEncoder
 
 LITE_CLASS_NAME = "ControlNetLite"
