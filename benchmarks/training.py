@@ -24,27 +24,32 @@ bf16 convs 82-155x slower): float32 picked, the whole run 686 s, peak RSS 14.7 G
 process (the order alternating too), and the median of the adjacent pairs' ratios over 3 processes counts. Separate
 processes of one variant differ by up to 40% on a shared machine (0.092-0.139 CPU-s per step, one run at the tiny
 size), which no median of 3 processes removes, while the two steps of a pair see the same machine; the
-per-process comparison is printed beside it. Measured on an idle 2-core AMD EPYC (torch 2.13): tiny (b) 1.005x
-paired (quartiles 0.968-1.046) natively, 0.980x (0.923-1.043) with AVX2 emulated, for 0.89x the FLOPs: a tie. At
-this size time follows the number of small ops, not FLOPs. Per step, 1 thread, one process: forward 62.7 vs 45.0 ms
-(the copy repeats the locked encoder's forward, and the full-resolution hint encoder takes 10.7 ms forward and
-backward), backward 51.6 vs 65.5 ms (the decoder computes no weight gradients), clipping and AdamW 6.1 vs 9.2 ms:
-the two sides cancel. At SD1.5 size the decoder's weight gradients are the larger term (0.71x above). Speed
-otherwise: each variant in a fresh process of its own (the C allocator's state depends on what else ran in the
-process), median CPU seconds of the process per step (robust on a shared machine, where wall time mostly measures
-the other users; wall times are printed too). Diffusers' logic runs with glibc's default allocator, as its
-script does; ours reuses freed memory, as `controlnet train` does on a CPU (controlnet/allocator.py): both other
-pairings are printed too. Memory, what training adds to the loaded, locked base (trainable copy, gradients,
-optimizer state, activations): the target is read on the peak of bytes held by torch tensors (the CPU analogue
-of torch.cuda.max_memory_allocated, what GPU memory comparisons are about), from the profiler's allocation records
-over the first two steps in a process of its own, plus the trainable copy. Printed beside it: the process's
-resident set in the processes with glibc's defaults (a reusing heap keeps the set-up's freed blocks resident, and
-training fills them unseen), its peak (the kernel's high-water mark) from building the trainable parts through
-the last step minus the resident set once the base is loaded and the data cached; it adds the C allocator's cache
-and fragmentation and oneDNN's generated kernels, which weigh at the tiny size.
-Itemised beside it: the activations autograd saves for backward (counted tensor by tensor) and the trainable state.
-Both our trainer and the UNet fine-tune use channels_last and fused AdamW (the trainer's defaults); diffusers'
-logic runs on its own NCHW copies with torch's default AdamW, as `train_controlnet.py` does.
+per-process comparison is printed beside it. Measured on an idle 2-core AMD EPYC (torch 2.13): tiny (b) 1.005x paired
+(quartiles 0.968-1.046) natively, 0.980x (0.923-1.043) with AVX2 emulated, for 0.89x the FLOPs: a tie. With the
+fine-tune in train mode, as fine-tunes run (make_steps): 0.993x (0.934-1.052) natively, 0.976x (0.919-1.044) with
+AVX2. At batch 32 it is a tie too (1.005x), so it is not per-op overhead: it is where the FLOPs run. Per step, 1
+thread, one process: forward 62.7 vs 45.0 ms (the copy repeats the locked encoder's forward, 11-13 ms without a
+graph, and the full-resolution hint encoder takes 7.6-10.7 ms forward and backward: its 4- to 16-channel convolutions
+at 64x64 run at ~20 GFLOP/s, the decoder's at ~100), backward 51.6 vs 65.5 ms (the decoder computes no weight
+gradients: its convolutions' backward takes 8.0 instead of 18.5 ms, measured layer by layer), clipping and AdamW 6.1
+vs 9.2 ms: the two sides cancel. Tried, not kept: the locked encoder as traced TorchScript graphs (bitwise, its
+forward 11.3 -> 8.3 ms alone, but 1.5% of a step in place, on an API torch 2.13 deprecates); the locked encoder on a
+second thread (the GIL between small ops left no overlap). At SD1.5 size the decoder's weight gradients are the
+larger term (0.71x above). Speed otherwise: each variant in a fresh process of its own (the C allocator's state
+depends on what else ran in the process), median CPU seconds of the process per step (robust on a shared machine,
+where wall time mostly measures the other users; wall times are printed too). Diffusers' logic runs with glibc's
+default allocator, as its script does; ours reuses freed memory, as `controlnet train` does on a CPU
+(controlnet/allocator.py): both other pairings are printed too. Memory, what training adds to the loaded, locked base
+(trainable copy, gradients, optimizer state, activations): the target is read on the peak of bytes held by torch
+tensors (the CPU analogue of torch.cuda.max_memory_allocated, what GPU memory comparisons are about), from the
+profiler's allocation records over the first two steps in a process of its own, plus the trainable copy. Printed
+beside it: the process's resident set in the processes with glibc's defaults (a reusing heap keeps the set-up's freed
+blocks resident, and training fills them unseen), its peak (the kernel's high-water mark) from building the trainable
+parts through the last step minus the resident set once the base is loaded and the data cached; it adds the C
+allocator's cache and fragmentation and oneDNN's generated kernels, which weigh at the tiny size. Itemised beside it:
+the activations autograd saves for backward (counted tensor by tensor) and the trainable state. Both our trainer and
+the UNet fine-tune use channels_last and fused AdamW (the trainer's defaults); diffusers' logic runs on its own NCHW
+copies with torch's default AdamW, as `train_controlnet.py` does.
 """
 
 from __future__ import annotations
@@ -204,10 +209,10 @@ def activation_split(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
             # the trainable copy, its gradient and AdamW's two moments
             out["ours_state"] = 4 * sum(p.numel() for p in net.parameters()) * size / 2**20
         if "unet" in variants:
-            unet.requires_grad_(True)
+            unet.requires_grad_(True).train()  # as the fine-tune's steps run it (make_steps)
             fine_tune = lambda: unet(noisy, b.timesteps, encoder_hidden_states=context)  # noqa: E731
             out["unet"] = saved_for_backward_mb(fine_tune, list(unet.parameters()))
-            unet.requires_grad_(False)
+            unet.requires_grad_(False).eval()
             out["unet_state"] = 3 * n_unet * size / 2**20  # gradient and AdamW's two moments (weights are loaded)
     return out
 
@@ -219,13 +224,19 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
 
     steps = {}
     unet, data, channels_last = base.unet, trainer.data, trainer.config.model.channels_last
-    unet_params = list(unet.parameters())
+    unet_params, unet_modules = list(unet.parameters()), list(unet.modules())
 
     def train_unet(flag: bool) -> None:
-        # each step sets the UNet's flag it needs (the other variant may share this process), over a list made
-        # once: Module.requires_grad_ walks the module tree, ~1 ms a call at the tiny size, a share of a 0.1 s step
+        # each step sets the UNet's flags it needs (the other variant may share this process), over lists made
+        # once: Module.requires_grad_ walks the module tree, ~1 ms a call at the tiny size, a share of a 0.1 s step.
+        # A fine-tune runs its UNet in train mode (diffusers' scripts call unet.train(), as our trainer does for a
+        # decoder it trains); the locked UNet runs in eval mode, as the trainer keeps it. The modes compute the
+        # same values (SD's dropout is 0); in train mode diffusers' ResnetBlock2D makes its shortcut's input
+        # contiguous, a copy out of channels_last.
         for p in unet_params:
             p.requires_grad_(flag)
+        for m in unet_modules:
+            m.training = flag
 
     if "ours" in variants:
 
