@@ -14,7 +14,7 @@ at the defaults the rest can only come from the kernels: profiled at SD1.5 size 
 a UNet step is 54% oneDNN convolutions, 30% linear layers, 5% attention. A plain conv reorders its weight into
 oneDNN's blocked layout on every call, which at SD1.5's low resolutions costs more than the arithmetic (a
 1280-channel 3x3 conv at 8x8: 96 ms plain, 46 ms pre-packed); ours runs the denoising loop on weights packed
-once (model/cpu_packing.py; same results up to float rounding, asserted below). Packing costs about two plain
+once (generate/cpu_packing.py; same results up to float rounding, asserted below). Packing costs about two plain
 steps once per process and is kept for later generations; the first, warm-up pair (not counted) pays it.
 
     python benchmarks/generation.py --model sd15 --resolution 256 --steps 8 --repeats 2 --threads 2

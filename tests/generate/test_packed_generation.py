@@ -1,4 +1,4 @@
-"""The pipeline's denoising loop on pre-packed oneDNN weights (model/cpu_packing.py) gives the images of the plain
+"""The pipeline's denoising loop on pre-packed oneDNN weights (generate/cpu_packing.py) gives the images of the plain
 layers up to float rounding; packs are made for long enough loops and kept for the next generations."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from pipeline_tiny import condition_image
 
+from controlnet.generate import cpu_packing
 from controlnet.generate.pipeline import MIN_PACKING_STEPS
-from controlnet.model import cpu_packing
 
 pytestmark = pytest.mark.skipif(not cpu_packing.available(), reason="this torch build has no oneDNN")
 

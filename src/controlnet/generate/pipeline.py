@@ -27,6 +27,7 @@ import torch
 
 from controlnet.generate import control_images as ci
 from controlnet.generate.base import BaseComponents, SamplingDefaults, denormalize_latents, normalize_latents
+from controlnet.generate.cpu_packing import compiled, holds_packs, packed_weights, packing_fits, release_packed
 from controlnet.generate.guidance import apply_cfg, block_profile, in_window
 from controlnet.generate.guidance import pad_unconditional as pad_uncond
 from controlnet.generate.options import GenerationOptions
@@ -35,7 +36,6 @@ from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlBase, ControlNet, ControlNetOutput
-from controlnet.model.cpu_packing import compiled, holds_packs, packed_weights, packing_fits, release_packed
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ControlNetPipeline:
         self.base_name = "custom"
         self.sampling = SamplingDefaults()  # the base's own guidance/steps/sampler (from_components sets them)
         self._offload_device: torch.device | None = None
-        self.pack_cpu_weights = True  # model/cpu_packing.py: on a CPU, same results up to float rounding, faster
+        self.pack_cpu_weights = True  # generate/cpu_packing.py: on a CPU, same results up to float rounding, faster
 
     @classmethod
     def from_components(cls, base: BaseComponents, controlnets: Sequence[ControlNet] = ()) -> ControlNetPipeline:
@@ -192,7 +192,7 @@ class ControlNetPipeline:
     ) -> ControlNetPipeline:  # fmt: skip
         """Speed options that leave results unchanged up to float rounding: channels_last, torch.compile (GPU);
         pack_cpu_weights (CPU, on by default: pre-packed oneDNN weights in the denoising loop, see
-        model/cpu_packing.py; False runs each layer's plain forward and frees the packed copy of the weights);
+        generate/cpu_packing.py; False runs each layer's plain forward and frees the packed copy of the weights);
         reuse_freed_memory (CPU, process-wide: glibc keeps freed activations in the heap instead of handing them
         back and faulting them in, zero-filled, at every layer of every step; controlnet/allocator.py. With SD1.5
         single files a 2-step 256 px generation took 1.7-1.9M minor page faults with glibc's defaults, diffusers'
@@ -242,7 +242,8 @@ class ControlNetPipeline:
         progress: Callable[[int, int], None] | None = None,
         **kwargs,
     ) -> GenerationResult:
-        """Generate `batch_size` images per prompt; settings are `GenerationOptions` fields (or `options=`).
+        """Generate `batch_size` images per prompt; settings are `GenerationOptions` fields (or `options=`); steps,
+        guidance scale and sampler left as None are the base's (`self.sampling`).
 
         control: one condition image per ControlNet (path, PIL, uint8 array or tensor in [0, 1]; or a list with one
         per prompt; or "inpaint" to build the v1.1 inpaint condition from `image` + `mask`). Per-net settings
@@ -251,6 +252,7 @@ class ControlNetPipeline:
         """
         # 1. check inputs ---------------------------------------------------------------------------------
         opt = options if options is not None else GenerationOptions(**kwargs)
+        opt = opt.with_defaults(self.sampling)  # steps, guidance, sampler the caller left to the base
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
@@ -381,7 +383,7 @@ class ControlNetPipeline:
 
         # 6. denoising loop ----------------------------------------------------------------------------------
         n_steps = len(timesteps)
-        # packing costs about two plain SD1.5 steps at 256 px once (model/cpu_packing.py) and saves ~25% of every
+        # packing costs about two plain SD1.5 steps at 256 px once (generate/cpu_packing.py) and saves ~25% of every
         # step after it: it pays from ~8 steps on, and at once where the packs are kept from an earlier generation
         packing = self.pack_cpu_weights and device.type == "cpu" and not compiled(self.unet)
         packing = packing and (n_steps >= MIN_PACKING_STEPS or holds_packs(self.unet))

@@ -1,4 +1,4 @@
-"""Pre-packed oneDNN weights (model/cpu_packing.py): same outputs as the plain layers up to float rounding, layers
+"""Pre-packed oneDNN weights (generate/cpu_packing.py): same outputs as the plain layers up to float rounding, layers
 restored afterwards, autograd and changed weights handled, and the pipeline's images unchanged."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from controlnet.model import cpu_packing
-from controlnet.model.cpu_packing import packed_weights
+from controlnet.generate import cpu_packing
+from controlnet.generate.cpu_packing import packed_weights
 
 pytestmark = pytest.mark.skipif(not cpu_packing.available(), reason="this torch build has no oneDNN")
 
