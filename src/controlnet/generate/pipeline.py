@@ -252,7 +252,6 @@ class ControlNetPipeline:
         """
         # 1. check inputs ---------------------------------------------------------------------------------
         opt = options if options is not None else GenerationOptions(**kwargs)
-        opt = opt.with_defaults(self.sampling)  # steps, guidance, sampler the caller left to the base
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
