@@ -242,8 +242,7 @@ class ControlNetPipeline:
         progress: Callable[[int, int], None] | None = None,
         **kwargs,
     ) -> GenerationResult:
-        """Generate `batch_size` images per prompt; settings are `GenerationOptions` fields (or `options=`); steps,
-        guidance scale and sampler left as None are the base's (`self.sampling`).
+        """Generate `batch_size` images per prompt; settings are `GenerationOptions` fields (or `options=`).
 
         control: one condition image per ControlNet (path, PIL, uint8 array or tensor in [0, 1]; or a list with one
         per prompt; or "inpaint" to build the v1.1 inpaint condition from `image` + `mask`). Per-net settings
