@@ -7,8 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from controlnet.generate.samplers import SAMPLERS
-
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 DESCRIPTION = """\
@@ -45,6 +43,9 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from controlnet.generate.options import ControlUnit, GenerationOptions
+    from controlnet.settings_cli import add_arguments
+
     p = subparsers.add_parser(
         "generate",
         help="generate images from a prompt and condition images (or a JSONL manifest of jobs)",
@@ -53,77 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompt", nargs="?", help="what to draw (omit with --manifest)")
-    g = p.add_argument_group("models")
-    add_base_arguments(g)
-    g.add_argument(
-        "--controlnet", action="append", default=[], metavar="PATH",
-        help="a ControlNet (original or diffusers format, or a shipped one: builtin:fill, builtin:canny, "
-        "builtin:seg, builtin:pose); repeat for several, in the order of --cond",
-    )  # fmt: skip
-    g = p.add_argument_group("conditions")
-    g.add_argument(
-        "--cond", action="append", default=[], metavar="IMAGE",
-        help="condition image for the matching --controlnet; 'inpaint' builds the v1.1 inpaint condition from "
-        "--image and --mask (masked pixels -1)",
-    )  # fmt: skip
-    g.add_argument(
-        "--annotator", action="append", default=[], metavar="NAME",
-        help="turn the matching --cond photo into a condition map first (e.g. canny; 'none' to skip); one for "
-        "all or one per --cond",
-    )  # fmt: skip
-    g.add_argument(
-        "--resize-mode", default="just_resize",
-        help="how images meet the output size: just_resize | crop_and_resize | resize_and_pad (default: %(default)s)",
-    )  # fmt: skip
-    g = p.add_argument_group("prompt and sampling")
-    g.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    g.add_argument(
-        "--cfg", type=float, default=None,
-        help="classifier-free guidance scale; 1 = off (default: the base's, e.g. builtin 4, SD folders and files 7.5)",
-    )  # fmt: skip
-    g.add_argument("--steps", type=int, default=None, help="sampler steps (default: the base's, 20)")
-    g.add_argument(
-        "--scheduler", default=None,
-        help=f"sampler: {', '.join(f'{k} ({s.display_name})' for k, s in SAMPLERS.items())}; default: the base's",
-    )  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default: %(default)s)")
-    g.add_argument(
-        "--width", type=int, default=None,
-        help="output width, a multiple of the VAE factor (8 for SD, 4 for the built-in base); default: the first "
-        "condition's aspect at the base's native size (its longer side 512 px for SD1.5, 1024 for SDXL), or the "
-        "other side's aspect when only --height is given",
-    )  # fmt: skip
-    g.add_argument("--height", type=int, default=None, help="output height (as --width)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
-    g.add_argument(
-        "--clip-skip", type=int, default=0, help="use the text encoder's hidden states N layers earlier"
-    )
-    g = p.add_argument_group("control (one value for all nets, or repeat once per net)")
-    g.add_argument(
-        "--scale", action="append", type=float, metavar="W", help="control strength (default 1; 0 = off)"
-    )
-    g.add_argument(
-        "--block-scales", action="append", metavar="S,S,...",
-        help="per-output scales, comma-separated (13 for SD1.5, 10 for SDXL)",
-    )  # fmt: skip
-    g.add_argument("--control-start", action="append", type=float, metavar="F", help="window start in [0, 1)")
-    g.add_argument("--control-end", action="append", type=float, metavar="F", help="window end in (0, 1]")
-    g.add_argument(
-        "--control-mode", action="append", metavar="MODE", help="balanced | prompt | controlnet | cfg_resolution"
-    )
-    g.add_argument(
-        "--guess-mode-form", default="reference", choices=["reference", "diffusers"],
-        help="soft scales of prompt/controlnet modes: 0.825 ** (12 - i) (reference) or logspace (diffusers)",
-    )  # fmt: skip
-    g = p.add_argument_group("img2img and inpainting")
-    g.add_argument("--image", default=None, help="source image for img2img / inpainting")
-    g.add_argument("--mask", default=None, help="inpainting mask (white = repaint)")
-    g.add_argument("--strength", type=float, default=None, help="fraction of the schedule re-run (default 0.75)")
-    g.add_argument(
-        "--inpaint-paste", action="store_true",
-        help="paste the source pixels back outside the mask after decoding (the VAE round trip alters them)",
-    )  # fmt: skip
+    add_base_arguments(p.add_argument_group("base model"))
+    # the generation's settings, named once in generate/options.py: flags and help come from its fields
+    add_arguments(p.add_argument_group("generation"), GenerationOptions, dest_prefix=OPTION)
+    add_arguments(p.add_argument_group("ControlNets (give once per net, in order; a setting given once is every "
+                                       "net's)"), ControlUnit, dest_prefix=UNIT, repeat=True)  # fmt: skip
     g = p.add_argument_group("output and batch")
     g.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: %(default)s)")
     g.add_argument("--name", default=None, help="output name stem (default: controlnet-<seed>)")
@@ -147,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cpu-offload", action="store_true", help="keep models on the CPU, move each to the GPU to run"
     )
     p.set_defaults(func=run_generate)
+
+
+OPTION, UNIT = "option.", "unit."  # argparse dests of GenerationOptions' and ControlUnit's fields
 
 
 # The base options every command that takes a base shares (generate, evaluate; train and demo spell the same
@@ -229,74 +167,72 @@ def loading_bar():
     return progress
 
 
-def _per_net(values, name: str, n: int, convert=lambda v: v):
-    """None -> None (default); one value -> shared; one per net -> list; else a ValueError."""
+def _per_net(values, flag: str, n: int):
+    """None -> None (not given); one value -> every net's; one per net -> the list; else a ValueError."""
     if not values:
         return None
     if len(values) == 1:
-        return convert(values[0])
+        return values * n
     if len(values) != n:
-        raise ValueError(f"--{name}: given {len(values)} times for {n} ControlNets; give it once or once per net")
-    return [convert(v) for v in values]
+        raise ValueError(f"{flag}: given {len(values)} times for {n} ControlNets; give it once or once per net")
+    return list(values)
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--block-scales {text!r}: expected comma-separated numbers") from None
+def controlnets(args) -> list[str]:
+    return getattr(args, UNIT + "model") or []
 
 
-def options_from_args(args, n_nets: int) -> dict:
-    """GenerationOptions fields from the parsed command line (only the ones given)."""
-    options = {
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "width": args.width,
-        "height": args.height,
-        "resize_mode": args.resize_mode,
-        "guess_mode_form": args.guess_mode_form,
-        "image": args.image,
-        "mask": args.mask,
-        "strength": args.strength,
-        "scheduler": args.scheduler,
-        "eta": args.eta,
-        "clip_skip": args.clip_skip,
-        "inpaint_paste": args.inpaint_paste,
-    }
-    per_net = {
-        "control_scale": _per_net(args.scale, "scale", n_nets),
-        "control_start": _per_net(args.control_start, "control-start", n_nets),
-        "control_end": _per_net(args.control_end, "control-end", n_nets),
-        "control_mode": _per_net(args.control_mode, "control-mode", n_nets),
-        "block_scales": _per_net(args.block_scales, "block-scales", n_nets, _floats),
-    }
-    options.update({k: v for k, v in per_net.items() if v is not None})
-    # None: the base's own default (SamplingDefaults, filled in once the base is known)
-    options.update({k: v for k, v in (("guidance_scale", args.cfg), ("steps", args.steps)) if v is not None})
-    from controlnet.io.images import open_image
-
-    # decoded once, here: a missing, truncated or too-large image or mask stops us before any model loads
-    for key in ("image", "mask"):
-        if options[key] is not None:
-            options[key] = open_image(options[key], f"--{key}")
+def options_from_args(args, decode: bool = True):
+    """The `GenerationOptions` of the command line; the init image and mask decoded (a missing, truncated or too
+    large file stops us here, before any model loads)."""
     from controlnet.generate.options import GenerationOptions
+    from controlnet.settings_cli import given_values
 
-    GenerationOptions(**options).per_net(n_nets)  # check everything before loading any model
-    return options
+    values = {k: v for k, v in given_values(args, GenerationOptions, OPTION).items()}
+    if decode:
+        from controlnet.io.images import open_image
+
+        for key in ("image", "mask"):
+            if values.get(key) is not None:
+                values[key] = open_image(values[key], f"--{key}")
+    return GenerationOptions(**values)
 
 
-def _annotators(args, n_nets: int) -> list[str | None]:
-    names = _per_net(args.annotator, "annotator", n_nets) or [None] * n_nets
-    names = [names] * n_nets if isinstance(names, str) else names
-    names = [None if (n is None or n.lower() == "none") else n for n in names]
-    if any(names):
+def units_from_args(args, options, conds: list | None = None) -> list:
+    """One `ControlUnit` per --controlnet; each per-net flag given once (every net's) or once per net.
+
+    A unit's resize mode defaults to --resize-mode (so that one flag still resizes every image)."""
+    import dataclasses
+
+    from controlnet.generate.options import UNIT_LISTS, ControlUnit
+    from controlnet.settings_cli import flag_names, given_values
+
+    paths = controlnets(args)
+    n = len(paths)
+    per_field = {}
+    for f in dataclasses.fields(ControlUnit):
+        values = given_values(args, ControlUnit, UNIT).get(f.name)
+        if f.name in ("model", "image") or values is None:
+            continue
+        per_field[f.name] = _per_net(values, flag_names(f)[0], n)
+    per_field.setdefault("resize_mode", [options.resize_mode] * n)
+    # checked as the pipeline's per-net lists first, so that a message names the net: control_scale[1]=-1.0
+    lists = {key: per_field[name] for key, name in UNIT_LISTS.items() if name in per_field}
+    dataclasses.replace(options, **lists).per_net(n)
+    images = conds if conds is not None else [None] * n
+    return [
+        ControlUnit(model=str(path), image=image, **{name: values[k] for name, values in per_field.items()})
+        for k, (path, image) in enumerate(zip(paths, images, strict=True))
+    ]
+
+
+def _check_annotators(units) -> None:
+    names = [u.annotator for u in units if u.annotator]
+    if names:
         from controlnet.annotate.registry import annotator_class
 
-        for name in filter(None, names):
+        for name in names:
             annotator_class(name)  # unknown names fail now, with the list of valid ones
-    return names
 
 
 def _distributed():
@@ -320,23 +256,17 @@ def check_base_arguments(args):
     return check_base(args.base, **base_options(args))
 
 
-def sampling_line(given: dict, effective: dict, pipe) -> str:
+def sampling_line(given, pipe) -> str:
     """One line with the effective sampling settings and which of them are the base's defaults."""
-    from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name, sampler_display_name
+    from controlnet.generate.samplers import SAMPLERS, sampler_display_name
 
-    name = effective.get("scheduler")
-    sampler = SAMPLERS[canonical_sampler_name(name)].display_name if name else sampler_display_name(pipe.scheduler)
+    effective = given.with_defaults(pipe.sampling)
+    name = effective.scheduler
+    sampler = SAMPLERS[name].display_name if name else sampler_display_name(pipe.scheduler)
     keys = ("scheduler", "steps", "guidance_scale")
-    defaulted = [k for k in keys if given.get(k) is None]
+    defaulted = [k for k in keys if getattr(given, k) is None]
     source = f"the defaults of base {pipe.base_name}: {', '.join(defaulted)}" if defaulted else "as given"
-    return f"sampling: {sampler}, {effective['steps']} steps, guidance {effective['guidance_scale']:g} ({source})"
-
-
-def with_base_defaults(options: dict, pipe) -> dict:
-    """`options` with guidance, steps and sampler the user did not set taken from the base's SamplingDefaults."""
-    from controlnet.generate.jobs import with_base_defaults as fill
-
-    return fill(options, pipe.sampling)
+    return f"sampling: {sampler}, {effective.steps} steps, guidance {effective.guidance_scale:g} ({source})"
 
 
 def _load_pipeline(args, device, source):
@@ -352,7 +282,7 @@ def _load_pipeline(args, device, source):
     warning = precision_warning(dtype, device, f"--dtype {args.dtype}")
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    pipe = ControlNetPipeline.from_pretrained(source, controlnets=args.controlnet, dtype=dtype, ema=args.ema,
+    pipe = ControlNetPipeline.from_pretrained(source, controlnets=controlnets(args), dtype=dtype, ema=args.ema,
                                               progress=loading_bar(), **base_options(args))  # fmt: skip
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
@@ -363,6 +293,10 @@ def _load_pipeline(args, device, source):
     return pipe
 
 
+def conditions(args) -> list[str]:
+    return getattr(args, UNIT + "image") or []
+
+
 def check_before_loading(args) -> None:
     """Checks that need no torch and read no weights, so that a typo is refused in a second, not after the load.
 
@@ -370,24 +304,22 @@ def check_before_loading(args) -> None:
     """
     from controlnet.generate.sizes import check_size, vae_factor_on_disk
 
-    n_nets = len(args.controlnet)
+    nets, conds = controlnets(args), conditions(args)
     if args.manifest is None:
         if args.prompt is None:
             raise ValueError('give a prompt ("" for none) or --manifest FILE.jsonl')
-        if len(args.cond) != n_nets:
-            raise ValueError(
-                f"--cond given {len(args.cond)} times for {n_nets} --controlnet; expected one per net"
-            )
+        if len(conds) != len(nets):
+            raise ValueError(f"--cond given {len(conds)} times for {len(nets)} --controlnet; expected one per net")
     from controlnet.generate.base import controlnet_path
 
-    for path in args.controlnet:
+    for path in nets:
         controlnet_path(path)  # "builtin:NAME" or an existing file/folder
-    for path in args.cond:
+    for path in conds:
         if path != "inpaint" and not Path(path).is_file():
             raise FileNotFoundError(f"condition image not found: {path}")
     factor = vae_factor_on_disk(args.base)
     if factor is not None:
-        check_size(args.width, args.height, factor)
+        check_size(getattr(args, OPTION + "width"), getattr(args, OPTION + "height"), factor)
 
 
 class StepBar:
@@ -411,47 +343,28 @@ class StepBar:
             self.bar.close()
 
 
-def job_from_args(args, options: dict, conds: list, annotators: list):
-    """The `GenerationJob` of a single-prompt command line (generate/jobs.py): the server builds the same one."""
-    from controlnet.generate.jobs import ControlUnit, GenerationJob
-    from controlnet.generate.options import GenerationOptions
-
-    nets = GenerationOptions(**options).per_net(len(args.controlnet))
-    units = [
-        ControlUnit(model=str(path), image=cond, annotator=name, scale=o.scale, start=o.start, end=o.end,
-                    mode=o.mode.name, resize_mode=options["resize_mode"], block_scales=o.block_scales)
-        for path, cond, name, o in zip(args.controlnet, conds, annotators, nets, strict=True)
-    ]  # fmt: skip
-    return GenerationJob(
-        prompt=args.prompt, negative_prompt=options["negative_prompt"], base=str(args.base), units=units,
-        seed=options["seed"], steps=options.get("steps"), guidance_scale=options.get("guidance_scale"),
-        scheduler=options["scheduler"], width=options["width"], height=options["height"],
-        batch_size=options["batch_size"], init_image=options["image"], mask=options["mask"],
-        strength=options["strength"], eta=options["eta"], clip_skip=options["clip_skip"],
-        guess_mode_form=options["guess_mode_form"], resize_mode=options["resize_mode"],
-        inpaint_paste=options["inpaint_paste"],
-    )  # fmt: skip
-
-
 def run_generate(args) -> int:
     check_before_loading(args)
-    n_nets = len(args.controlnet)
-    options = options_from_args(args, n_nets)
-    annotators = _annotators(args, n_nets)
-    names = [Path(p).name for p in args.controlnet]
+    options = options_from_args(args)
+    units = units_from_args(args, options)
+    options.with_units(units).per_net(len(units))  # every per-net list checked before any model loads
+    _check_annotators(units)
+    names = [Path(p).name for p in controlnets(args)]
     if args.manifest is not None:
-        return _run_manifest(args, options, annotators, names)
+        return _run_manifest(args, options, units, names)
+    from controlnet.generate.control_images import to_pil
+    from controlnet.generate.jobs import run_job
+    from controlnet.generate.options import GenerationJob
     from controlnet.generate.outputs import save_generation
 
     source = check_base_arguments(args)
-    # decoded now, before any model loads; annotated (if asked) by run_job, as every front door does
-    from controlnet.generate.control_images import to_pil
-
-    # decoded before any model loads: io/images turns an unreadable file into one ImageError line
-    conds = [path if path == "inpaint" else to_pil(path, "condition image") for path in args.cond]
-    job = job_from_args(args, options, conds, annotators)
+    # decoded once, before any model loads: io/images turns an unreadable file into one ImageError line; annotated
+    # (if asked) by run_job, as every front door does
+    conds = [path if path == "inpaint" else to_pil(path, "condition image") for path in conditions(args)]
+    for unit, cond in zip(units, conds, strict=True):
+        unit.image = cond
+    job = GenerationJob(prompt=args.prompt, base=str(args.base), units=units, options=options)
     pipe = _load_pipeline(args, None, source)
-    given = options
     bar = StepBar()
 
     def note_size(size) -> None:
@@ -459,45 +372,43 @@ def run_generate(args) -> int:
             print(size.note("set --width/--height to override"), file=sys.stderr)
 
     try:
-        from controlnet.generate.jobs import run_job
-
         result = run_job(pipe, job, progress=bar, on_size=note_size)
     finally:
         bar.close()
     # after the run, so that an input error found by the pipeline stays the only line
-    print(sampling_line(given, with_base_defaults(options, pipe), pipe), file=sys.stderr)
-    stem = args.name or f"controlnet-{args.seed}"
+    print(sampling_line(options, pipe), file=sys.stderr)
+    stem = args.name or f"controlnet-{options.seed}"
     record = save_generation(result, args.out, stem, names, grid=not args.no_grid)
     for name in record["images"]:
         print(args.out / name)
     return 0
 
 
-def _run_manifest(args, options: dict, annotators, names) -> int:
+def _run_manifest(args, options, units, names) -> int:
     from tqdm import tqdm
 
     from controlnet.generate.manifest import read_manifest, run_manifest, shard
 
-    if args.prompt is not None or args.cond:
+    if args.prompt is not None or conditions(args):
         raise ValueError(
             "with --manifest, prompts and condition images come from the manifest: drop the prompt/--cond"
         )
-    jobs = read_manifest(args.manifest, len(args.controlnet))
+    jobs = read_manifest(args.manifest, len(units))
     source = check_base_arguments(args)
     rank, world, device, state = _distributed()
     mine = shard(jobs, rank, world)
     pipe = _load_pipeline(args, device, source)
-    given, options = options, with_base_defaults(options, pipe)
     if rank == 0:
-        print(sampling_line(given, options, pipe), file=sys.stderr)
+        print(sampling_line(options, pipe), file=sys.stderr)
     bar = tqdm(total=len(mine), unit="line", desc=f"manifest [{rank + 1}/{world}]", file=sys.stderr, position=rank)
     done, skipped = run_manifest(
         pipe,
         mine,
         args.out,
         options,
-        annotators,
+        units,
         names,
+        base=str(args.base),
         on_line=lambda job, generated: bar.update(1),
         grid=not args.no_grid,
         extra={"process": rank, "processes": world},

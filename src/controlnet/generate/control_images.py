@@ -22,23 +22,30 @@ from PIL import Image
 from controlnet.io.images import check_pixels, open_image
 from controlnet.io.images import image_size as header_size
 
+# In the web UI's order: its API sends these as ints 0, 1, 2 (sd-webui-controlnet's ResizeMode enum, and
+# AUTOMATIC1111's img2img resize_mode, whose 3 is a latent upscale we do not have).
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_pad")
-_RESIZE_ALIASES = {
-    "just resize": "just_resize",
-    "resize": "just_resize",
-    "crop and resize": "crop_and_resize",
-    "crop": "crop_and_resize",
-    "inner_fit": "crop_and_resize",
-    "resize and fill": "resize_and_pad",
-    "resize_and_fill": "resize_and_pad",
-    "resize and pad": "resize_and_pad",
-    "pad": "resize_and_pad",
-    "outer_fit": "resize_and_pad",
-}
+# The web UI's label of each mode today: what infotexts, `info` and the page show.
 RESIZE_DISPLAY_NAMES = {
     "just_resize": "Just Resize",
     "crop_and_resize": "Crop and Resize",
     "resize_and_pad": "Resize and Fill",
+}
+# Every other spelling that is read (lower case): the web UI's earlier labels, which clients and old PNGs still
+# carry, and short names.
+_RESIZE_ALIASES = {
+    "resize": "just_resize",
+    "crop": "crop_and_resize",
+    "inner_fit": "crop_and_resize",
+    "inner fit (scale to fit)": "crop_and_resize",
+    "scale to fit (inner fit)": "crop_and_resize",
+    "resize_and_fill": "resize_and_pad",
+    "resize and pad": "resize_and_pad",
+    "pad": "resize_and_pad",
+    "outer_fit": "resize_and_pad",
+    "outer fit (shrink to fit)": "resize_and_pad",
+    "envelope (outer fit)": "resize_and_pad",
+    **{label.lower(): name for name, label in RESIZE_DISPLAY_NAMES.items()},
 }
 # v1.1 inpaint ControlNet: masked pixels of its condition image carry this value (the rest is in [0, 1]).
 INPAINT_MASKED_VALUE = -1.0
@@ -47,12 +54,17 @@ MASK_THRESHOLD = 0.5
 RESAMPLE = Image.LANCZOS
 
 
-def resize_mode(name: str) -> str:
-    """Canonical resize-mode name; raises ValueError naming the choices."""
-    key = name.strip().lower()
+def resize_mode(name: str | int) -> str:
+    """Canonical resize-mode name from a name, any web-UI label (RESIZE_DISPLAY_NAMES and the earlier ones) or the
+    web UI's int (0, 1, 2: RESIZE_MODES' order); raises ValueError naming the choices."""
+    if isinstance(name, int) and not isinstance(name, bool) and 0 <= name < len(RESIZE_MODES):
+        return RESIZE_MODES[name]
+    key = name.strip().lower() if isinstance(name, str) else ""
     key = _RESIZE_ALIASES.get(key, key).replace("-", "_").replace(" ", "_")
     if key not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {name!r}; expected one of {', '.join(RESIZE_MODES)}")
+        labels = ", ".join(repr(label) for label in RESIZE_DISPLAY_NAMES.values())
+        raise ValueError(f"unknown resize mode {name!r}; expected one of {', '.join(RESIZE_MODES)} (or the web "
+                         f"UI's 0, 1, 2 or {labels})")  # fmt: skip
     return key
 
 
@@ -112,13 +124,16 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str = "just_
 
 def pil_to_unit_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (1, 3, H, W) float32 in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    array = np.asarray(rgb, dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
 
 
 def condition_tensor(image, width: int, height: int, mode: str = "just_resize") -> torch.Tensor:
     """A condition image of any kind -> (1, 3, height, width) float32 in [0, 1]."""
-    return pil_to_unit_tensor(resize_image(to_pil(image, "condition image").convert("RGB"), width, height, mode))
+    image = to_pil(image, "condition image")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # before resizing: "P" maps resize by nearest
+    return pil_to_unit_tensor(resize_image(rgb, width, height, mode))
 
 
 def init_image_tensor(image, width: int, height: int, mode: str = "just_resize") -> torch.Tensor:

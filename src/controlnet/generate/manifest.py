@@ -6,7 +6,9 @@ Manifest format, one JSON object per line (blank lines and lines starting with #
     {"id": "cat-2", "prompt": "a cat", "cond": ["pose.png", "depth.png"], "seed": 7, "control_scale": [1, 0.5]}
 
 `cond` holds one condition image per ControlNet (paths relative to the manifest's folder); any other key is a
-`GenerationOptions` field overriding the command line for that line. A line's outputs are named by its `id`
+`GenerationOptions` field (generate/options.py) overriding the command line for that line (a per-net one, e.g.
+`control_scale`, as one value or one per net). Each line becomes a `GenerationJob` run by `run_job`, as a single
+command line is, so a line's outputs and sidecar equal those of the same settings given on the command line. A line's outputs are named by its `id`
 (default: `line-<number>`); its seed defaults to the command line's seed + the line number, so results do not
 depend on how lines are split across processes.
 
@@ -22,13 +24,11 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from controlnet.generate.options import GenerationOptions
+from controlnet.generate.jobs import run_job
+from controlnet.generate.options import UNIT_LISTS, ControlUnit, GenerationJob, GenerationOptions
 from controlnet.generate.outputs import is_done, save_generation
 from controlnet.io.images import open_image
 
@@ -105,49 +105,61 @@ def shard(jobs: list[ManifestLine], rank: int, world: int) -> list[ManifestLine]
     return jobs[rank::world]
 
 
-def load_condition(path: Path, annotator: str | None) -> Image.Image:
-    """A condition image from disk (decoded once, here, so that one too large to be real, truncated or corrupt
-    is refused before any model loads), optionally turned into a condition map by a named annotator."""
-    image = open_image(path, "condition image")
-    if not annotator:
-        return image
-    from controlnet.annotate.registry import get_annotator
-
-    return Image.fromarray(get_annotator(annotator)(np.asarray(image.convert("RGB"))))
+def line_job(line: ManifestLine, options: GenerationOptions, units: list[ControlUnit], base: str) -> GenerationJob:
+    """A manifest line as a job: the command line's units with this line's conditions (decoded here, so that a
+    missing, truncated or too-large file is refused by name) and annotators, its overrides applied."""
+    overrides = dict(line.overrides)
+    for key in ("image", "mask"):
+        if isinstance(overrides.get(key), str):
+            overrides[key] = open_image(overrides[key], f"line {line.number}: {key}")
+    per_net = {UNIT_LISTS[k]: overrides.pop(k) for k in list(overrides) if k in UNIT_LISTS}
+    n = len(units)
+    line_units = []
+    for k, (unit, path) in enumerate(zip(units, line.conditions, strict=True)):
+        image = "inpaint" if path.name == "inpaint" and not path.is_file() else open_image(path, "condition image")
+        changes = {"image": image}
+        if line.annotators and any(line.annotators):
+            changes["annotator"] = line.annotators[k]
+        for name, value in per_net.items():
+            shared = name == "block_scales" and value is not None and all(isinstance(v, (int, float)) for v in value)
+            values = [value] * n if shared or not isinstance(value, (list, tuple)) else list(value)
+            if len(values) != n:
+                raise ValueError(f"line {line.number}: {len(values)} values of {name} for {n} ControlNets")
+            changes[name] = values[k]
+        line_units.append(replace(unit, **changes))
+    return GenerationJob(prompt=line.prompt, base=base, units=line_units, options=replace(options, **overrides))
 
 
 def run_manifest(
     pipe,
     jobs: list[ManifestLine],
     out_dir: str | os.PathLike,
-    options: dict,
-    default_annotators: list[str | None] | None = None,
+    options: GenerationOptions,
+    units: list[ControlUnit],
     controlnet_names: list[str] | None = None,
+    base: str = "builtin",
     on_step: Callable[[int, int], None] | None = None,
     on_line: Callable[[ManifestLine, bool], None] | None = None,
     grid: bool = True,
     extra: dict | None = None,
 ) -> tuple[int, int]:
-    """Generate every job not done yet; returns (generated, skipped). `options`: GenerationOptions fields."""
+    """Generate every line not done yet by `run_job`; returns (generated, skipped).
+
+    `options` and `units` are the command line's; a line's seed defaults to options.seed + its line number."""
     generated = skipped = 0
-    base_seed = int(options.get("seed", 0))
-    for job in jobs:
-        if is_done(out_dir, job.stem):
+    for line in jobs:
+        if is_done(out_dir, line.stem):
             skipped += 1
             if on_line:
-                on_line(job, False)
+                on_line(line, False)
             continue
-        annotators = job.annotators if any(job.annotators or []) else default_annotators
-        annotators = annotators or [None] * len(job.conditions)
-        conds = [load_condition(p, a) for p, a in zip(job.conditions, annotators, strict=True)]
-        kwargs = {**options, "seed": base_seed + job.number, **job.overrides, "output_type": "pil"}
-        result = pipe(job.prompt, conds, progress=on_step, **kwargs)
-        for unit, name in zip(result.settings["controlnets"], annotators, strict=True):
-            unit["module"] = name
+        line_options = replace(options, seed=options.seed + line.number, output_type="pil")
+        job = line_job(line, line_options, units, base)
+        result = run_job(pipe, job, progress=on_step)
         save_generation(
-            result, out_dir, job.stem, controlnet_names, grid=grid, extra={"line": job.number, **(extra or {})}
+            result, out_dir, line.stem, controlnet_names, grid=grid, extra={"line": line.number, **(extra or {})}
         )
         generated += 1
         if on_line:
-            on_line(job, True)
+            on_line(line, True)
     return generated, skipped
