@@ -242,7 +242,8 @@ class ControlNetPipeline:
         progress: Callable[[int, int], None] | None = None,
         **kwargs,
     ) -> GenerationResult:
-        """Generate `batch_size` images per prompt; settings are `GenerationOptions` fields (or `options=`).
+        """Generate `batch_size` images per prompt; settings are `GenerationOptions` fields (or `options=`); steps,
+        guidance scale and sampler left as None are the base's (`self.sampling`).
 
         control: one condition image per ControlNet (path, PIL, uint8 array or tensor in [0, 1]; or a list with one
         per prompt; or "inpaint" to build the v1.1 inpaint condition from `image` + `mask`). Per-net settings
@@ -252,6 +253,7 @@ class ControlNetPipeline:
         # 1. check inputs ---------------------------------------------------------------------------------
         opt = options if options is not None else GenerationOptions(**kwargs)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        opt = opt.with_defaults(self.sampling)  # steps, guidance, sampler the caller left to the base
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
         negatives = None if opt.negative_prompt is None else _per_prompt(opt.negative_prompt, len(prompts))
