@@ -1,7 +1,14 @@
 """Pre-packed oneDNN weights (generate/cpu_packing.py): same outputs as the plain layers up to float rounding, layers
-restored afterwards, autograd and changed weights handled, and the pipeline's images unchanged."""
+restored afterwards, autograd and changed weights handled, and the pipeline's images unchanged. Packing a dtype is
+asked of oneDNN once: where this CPU cannot pack it (bfloat16 without AVX-512), the layers run their plain forward.
+These tests run again with AVX2 kernels only (the `cpu_isa` pass of the README's test command)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -10,7 +17,8 @@ from torch import nn
 from controlnet.generate import cpu_packing
 from controlnet.generate.cpu_packing import packed_weights
 
-pytestmark = pytest.mark.skipif(not cpu_packing.available(), reason="this torch build has no oneDNN")
+pytestmark = [pytest.mark.cpu_isa, pytest.mark.skipif(not cpu_packing.available(), reason="this torch build has no oneDNN")]
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # a CPU without AVX-512, on any x86 CPU
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
@@ -18,6 +26,19 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
     assert scale > 0
     bound = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: 8 mantissa bits, another summation order
     assert float((a - b).abs().max()) <= bound * scale
+
+
+def _check_outcome(layer: nn.Module, n: int, dtype: torch.dtype, got: list, expected: list) -> None:
+    """Where this CPU packs `dtype`: the layer was switched, holds a pack, and agrees up to rounding; elsewhere it
+    ran its plain forward: not switched, no pack, bitwise the plain outputs."""
+    if cpu_packing.can_pack(dtype):
+        assert n == 1 and cpu_packing.holds_packs(layer)
+        for a, b in zip(got, expected, strict=True):
+            _close(a, b, dtype)
+    else:
+        assert n == 0 and not cpu_packing.holds_packs(layer)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -39,9 +60,7 @@ def test_convolutions_match_the_plain_layer(conv, dtype):
         with packed_weights(layer) as n:
             got = layer(x)
             again = layer(x[:1])  # another input shape: packed again for it
-    assert n == 1
-    _close(got, expected, dtype)
-    _close(again, expected[:1], dtype)
+    _check_outcome(layer, n, dtype, [got, again], [expected, expected[:1]])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -54,8 +73,8 @@ def test_linear_layers_match_the_plain_layer(shape, dtype):
         expected = layer(x)
         with packed_weights(layer) as n:
             got = layer(x)
-    assert n == 1 and got.shape == expected.shape
-    _close(got, expected, dtype)
+    assert got.shape == expected.shape
+    _check_outcome(layer, n, dtype, [got], [expected])
 
 
 def test_layers_are_restored_and_nothing_else_changes():
@@ -125,3 +144,73 @@ def test_the_packed_copies_are_counted_against_free_memory():
     assert free is None or free > 0
     assert cpu_packing.packing_fits(big)  # a few MB fit on any machine that runs the tests
     assert not cpu_packing.packing_fits(big, headroom=float(2**50))
+
+
+def test_the_probe_agrees_with_packing_an_sd_sized_layer():
+    """can_pack is asked once per dtype, and says what packing a 320-channel SD1.5 convolution does on this CPU."""
+    assert cpu_packing.can_pack(torch.float32)
+    assert not cpu_packing.can_pack(torch.float16)  # no pre-packed fp16 path here: plain forward
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(320, 320, 3, 3).to(dtype)
+        try:
+            torch.ops.mkldnn._reorder_convolution_weight(weight, [1, 1], [1, 1], [1, 1], 1, [2, 320, 8, 8])
+            packs = True
+        except RuntimeError as error:  # "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
+            assert "needs the cpu support" in str(error)
+            packs = False
+        assert cpu_packing.can_pack(dtype) == packs
+    hits = cpu_packing.can_pack.cache_info().hits
+    cpu_packing.can_pack(torch.bfloat16)
+    assert cpu_packing.can_pack.cache_info().hits == hits + 1  # cached: oneDNN is not asked again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_sd_sized_block_runs_in_every_dtype(dtype):
+    """A 320-channel conv and a 320 -> 1280 linear layer (SD1.5's first level) inside the block: packed where this
+    CPU can pack the dtype, plain otherwise; never an error."""
+    torch.manual_seed(5)
+    conv, linear = nn.Conv2d(320, 320, 3, padding=1).to(dtype), nn.Linear(320, 1280).to(dtype)
+    x, tokens = torch.randn(2, 320, 4, 4, dtype=dtype), torch.randn(2, 16, 320, dtype=dtype)  # (B, C, H, W), (B, L, C)
+    with torch.no_grad():
+        expected = [conv(x), linear(tokens)]
+        with packed_weights(conv, linear) as n:
+            got = [conv(x), linear(tokens)]
+    assert n == (2 if cpu_packing.can_pack(dtype) else 0)
+    assert cpu_packing.holds_packs(conv) == cpu_packing.holds_packs(linear) == cpu_packing.can_pack(dtype)
+    for a, b in zip(got, expected, strict=True):
+        if cpu_packing.can_pack(dtype):
+            _close(a, b, dtype)
+        else:
+            assert torch.equal(a, b)
+
+
+def test_bfloat16_with_avx2_kernels_only_runs_plain_or_packed():
+    """The same block in a process limited to AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): on a CPU with AVX-512
+    this is the CPU without it; the probe decides in that process, and the outputs match the plain layers."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+        from controlnet.generate import cpu_packing
+
+        torch.manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            conv, linear = nn.Conv2d(320, 320, 3, padding=1).to(dtype), nn.Linear(320, 1280).to(dtype)
+            x, tokens = torch.randn(2, 320, 4, 4, dtype=dtype), torch.randn(2, 16, 320, dtype=dtype)
+            with torch.no_grad():
+                expected = [conv(x), linear(tokens)]
+                with cpu_packing.packed_weights(conv, linear) as n:
+                    got = [conv(x), linear(tokens)]
+            can = cpu_packing.can_pack(dtype)
+            assert n == (2 if can else 0) and cpu_packing.holds_packs(conv) == can
+            for a, b in zip(got, expected):
+                error = float((a.float() - b.float()).abs().max()) / float(b.float().abs().max())
+                assert (error <= (1e-5 if dtype == torch.float32 else 2e-2)) if can else torch.equal(a, b)
+            print(str(dtype), can)
+        """
+    )
+    env = {**os.environ, **AVX2_ONLY}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    answers = dict(line.split() for line in done.stdout.splitlines())
+    assert answers["torch.float32"] == "True" and answers["torch.bfloat16"] in ("True", "False")

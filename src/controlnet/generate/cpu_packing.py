@@ -17,11 +17,18 @@ on 2 cores, where one plain SD1.5 step at 256 px takes ~3.5 s), so they are made
 generation. A weight changed in place or replaced is re-packed (version counter + storage), and anything outside
 the fast path's preconditions runs the layer's own forward: autograd, other devices, dtypes other than
 float32/bfloat16, `padding="same"`, non-zero padding modes, subclasses with their own forward.
+
+Not every CPU can pack every dtype: torch refuses to pack bfloat16 weights without AVX-512 (BW, VL, DQ) or
+AVX-NE-CONVERT ("mkldnn_reorder_conv2d_weight: bf16 path needs the cpu support ..." on an AVX2-only AMD EPYC).
+`can_pack(dtype)` asks oneDNN once per dtype and process, by packing and running a tiny convolution and linear
+layer; where it cannot, layers of that dtype keep their plain forward (slow on such a CPU, and said so once by
+controlnet/precision.py, but running).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from collections.abc import Iterator
 
@@ -41,6 +48,30 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+@functools.cache
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs and runs `dtype` weights on this CPU, asked once per dtype: a tiny convolution and linear
+    layer are packed and run, and must give the plain layers' values (sums of ones, exact in any order); torch
+    raises RuntimeError where the CPU lacks the instructions."""
+    if dtype not in PACKED_DTYPES or not available():
+        return False
+    geometry = ([1, 1], [1, 1], [1, 1], 1)  # padding, stride, dilation, groups
+    weight, x = torch.ones(8, 8, 3, 3, dtype=dtype), torch.ones(1, 8, 4, 4, dtype=dtype)  # x: (B, C, H, W)
+    matrix, rows = torch.ones(8, 8, dtype=dtype), torch.ones(2, 8, dtype=dtype)  # rows: (N, in_features)
+    try:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_convolution_weight(weight, *geometry, list(x.shape))
+            conv = torch.ops.mkldnn._convolution_pointwise(x, packed, None, *geometry, "none", [], "")
+            packed = torch.ops.mkldnn._reorder_linear_weight(matrix, rows.shape[0])
+            linear = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+    except RuntimeError:
+        return False
+    with torch.no_grad():
+        expected_conv = nn.functional.conv2d(x, weight, padding=1)
+        expected_linear = nn.functional.linear(rows, matrix)
+    return torch.equal(conv, expected_conv) and torch.equal(linear, expected_linear)
+
+
 def compiled(module: nn.Module) -> bool:
     """True for a `torch.compile`d module (its graph is traced: packing belongs to the compiler then)."""
     return hasattr(module, "_orig_mod")  # torch._dynamo's OptimizedModule, without importing dynamo
@@ -58,7 +89,7 @@ class _Packed:
 
 def _usable(module: nn.Module, x: torch.Tensor) -> bool:
     w = module.weight
-    if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != w.dtype or w.dtype not in PACKED_DTYPES:
+    if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != w.dtype or not can_pack(w.dtype):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False  # the pre-packed ops have no backward
@@ -102,14 +133,17 @@ def _packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _packable(module: nn.Module) -> types.FunctionType | None:
-    """The packed forward for `module`, or None (only plain layers: a subclass may compute something else)."""
+    """The packed forward for `module`, or None (only plain layers: a subclass may compute something else; only
+    dtypes this CPU can pack)."""
     if type(module).forward is nn.Conv2d.forward and isinstance(module, nn.Conv2d):
         if isinstance(module.padding, str) or module.padding_mode != "zeros":
             return None
-        return _packed_conv_forward if module.weight.numel() >= MIN_CONV_WEIGHTS else None
-    if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
-        return _packed_linear_forward if module.weight.numel() >= MIN_LINEAR_WEIGHTS else None
-    return None
+        forward, minimum = _packed_conv_forward, MIN_CONV_WEIGHTS
+    elif type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
+        forward, minimum = _packed_linear_forward, MIN_LINEAR_WEIGHTS
+    else:
+        return None
+    return forward if module.weight.numel() >= minimum and can_pack(module.weight.dtype) else None
 
 
 def packed_bytes(*modules: nn.Module | None) -> int:
