@@ -16,16 +16,12 @@ import argparse
 import base64
 import io
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serve"))
 
 
 def main() -> None:
@@ -36,11 +32,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from live_server import TINY_CONTROLNET, make_models_folder, start_server
     from PIL import Image
 
-    from controlnet.generate.jobs import ControlUnit, GenerationJob, run_job
+    from controlnet.generate.jobs import run_job
+    from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOptions
     from controlnet.io.api import load_controlnet
+    from controlnet.testing.live_server import TINY_CONTROLNET, make_models_folder, start_server
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp())
@@ -59,8 +56,8 @@ def main() -> None:
     pipe = ControlNetPipeline.from_components(base, [net])
 
     def job(seed):
-        return GenerationJob(prompt=body["prompt"], steps=args.steps, seed=seed, units=[ControlUnit(TINY_CONTROLNET,
-                             image=cond)])  # fmt: skip
+        return GenerationJob(prompt=body["prompt"], units=[ControlUnit(TINY_CONTROLNET, image=cond)],
+                             options=GenerationOptions(steps=args.steps, seed=seed))  # fmt: skip
 
     def direct(seed) -> float:
         with torch.inference_mode():

@@ -192,7 +192,7 @@ def activation_split(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
     moments) in MB, for our step and the UNet fine-tune, on micro-batch 0."""
     import torch
 
-    from controlnet.train.model import ControlledUNet
+    from controlnet.model.controlled_unet import ControlledUNet
 
     b = trainer.data.micro_batch(0)
     noisy, cond, context = b.noisy.to(dtype), b.cond.to(dtype), b.context.to(dtype)

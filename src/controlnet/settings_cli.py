@@ -37,6 +37,7 @@ def setting(
     webui: str | None = None,
     ui: bool = True,
     kind: type | None = None,
+    image: bool = False,
     metavar: str | None = None,
 ) -> Any:
     """A dataclass field with the metadata the doors read.
@@ -47,7 +48,7 @@ def setting(
     api_name: the request field's name where it differs (the API's `init_image` is the schema's `image`);
     webui: the web-UI API's name for it (a dotted path inside the request, e.g. `override_settings.X`); ui: the
     web page builds a control for it; kind: the scalar a flag or request carries where the annotation is wider
-    (an image field is a path on the command line and base64 on the server).
+    (an image field is a path on the command line and base64 on the server); image: the value is an image.
     """
     metadata = {
         "flags": tuple(flags),
@@ -61,6 +62,7 @@ def setting(
         "webui": webui,
         "ui": ui,
         "kind": kind,
+        "image": image,
         "metavar": metavar,
     }
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from controlnet import ControlNet
-from controlnet.model.compose import ControlUnit, compose, unet_residual_kwargs
-from controlnet.train.model import ControlledUNet
+from controlnet.model.compose import ControlTerm, compose, unet_residual_kwargs
+from controlnet.model.controlled_unet import ControlledUNet
 
 from tiny import make_tiny_unet, randomize, tiny_inputs
 
@@ -20,7 +20,7 @@ def test_controlled_unet_predicts_what_the_unet_predicts_with_composed_residuals
     got = ControlledUNet(net, unet, only_mid_control)(
         x["sample"], timesteps, x["encoder_hidden_states"], x["cond"]
     )
-    residuals = compose([ControlUnit(net, cond=x["cond"])], x["sample"], timesteps, x["encoder_hidden_states"],
+    residuals = compose([ControlTerm(net, cond=x["cond"])], x["sample"], timesteps, x["encoder_hidden_states"],
                         only_mid_control)  # fmt: skip
     want = unet(x["sample"], timesteps, x["encoder_hidden_states"], **unet_residual_kwargs(residuals)).sample
     torch.testing.assert_close(got, want, atol=0, rtol=0)

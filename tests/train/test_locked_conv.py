@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
+from controlnet.model.controlled_unet import ControlledUNet
 from controlnet.model.controlnet import ControlNet
 from controlnet.train.locked_conv import LockedConv2d, lock_convolutions
-from controlnet.train.model import ControlledUNet, decoder_parameters
+from controlnet.train.model import decoder_parameters
 
 from tiny import make_tiny_unet, randomize, tiny_inputs
 

@@ -11,9 +11,9 @@ from train_tiny import make_tiny_base
 
 from controlnet.io.api import controlnet_state_from_original, load_controlnet
 from controlnet.io.safe_load import read_state_dict
+from controlnet.model.controlled_unet import ControlledUNet
 from controlnet.model.controlnet import ControlNet
 from controlnet.train.checkpoint import list_checkpoints
-from controlnet.train.model import ControlledUNet
 from controlnet.train.trainer import NonFiniteLossError, Trainer, train
 
 

@@ -44,7 +44,8 @@ def test_parse_webui_infotext():
     unit = s["controlnets"][0]
     assert unit == {"module": "canny", "model": "control_v11p_sd15_canny [d14c016b]", "scale": 0.8,
                     "resize_label": "Crop and Resize", "start": 0.1, "end": 0.9,
-                    "mode_label": "My prompt is more important"}  # fmt: skip
+                    "mode_label": "My prompt is more important",
+                    "resize_mode": "crop_and_resize", "mode": "prompt"}  # fmt: skip
     assert s["extra"]["Model hash"] == "6ce0161689" and s["extra"]["Version"] == "v1.7.0"
 
 
@@ -93,7 +94,7 @@ def test_build_job_uses_photo_and_annotator_else_map():
     first, second = job.units
     assert first.annotator == "canny" and first.image.size == (32, 24) and first.annotator_options == {"low_threshold": 5}
     assert second.annotator is None and second.image.size == (16, 16) and second.scale == 0.3
-    assert job.scheduler is None and job.width is None and job.seed == 7
+    assert job.options.scheduler is None and job.options.width is None and job.options.seed == 7
     body = api_request(job)
     assert body["units"][0]["annotator"] == "canny" and body["units"][0]["image"].startswith("data:image/png;base64,")
     assert "annotator" not in body["units"][1] and "init_image" not in body
@@ -114,7 +115,7 @@ def test_painted_layers_become_the_inpainting_mask():
     assert m[2:6, 5:9].all() and m.sum() == 16
     assert editor_images({"background": background, "layers": [Image.new("RGBA", (20, 10))]})[1] is None
     job = build_job(form(init={"background": background, "layers": [layer]}, denoise=0.4), "builtin")
-    assert job.mask is not None and job.strength == 0.4
+    assert job.options.mask is not None and job.options.strength == 0.4
 
 
 def test_every_control_mode_label_our_pngs_write_reads_back():

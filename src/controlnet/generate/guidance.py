@@ -17,12 +17,11 @@ The control modes users know from the web-UI extension are combinations of two s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from controlnet.model.compose import guess_mode_scales
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,28 @@ _MODE_ALIASES = {
     "resolution": "cfg_resolution",
 }
 GUESS_MODE_FORMS = ("reference", "diffusers")
+
+# Guess mode ("ControlNet is more important") in the reference (lllyasviel/ControlNet, gradio apps) scales
+# output i of 13 by 0.825 ** (12 - i): the deepest (middle) output keeps 1.0 and the shallowest gets
+# 0.825 ** 12 ~= 0.0994, i.e. ~0.1, so coarse semantics come from the condition while fine detail is free.
+GUESS_MODE_BASE_REFERENCE = 0.825
+# diffusers spreads the same range as torch.logspace(-1, 0, n): ratio 10 ** (1 / 12) ~= 0.8254 for n = 13.
+GUESS_MODE_FLOOR_DIFFUSERS = 0.1
+
+
+def guess_mode_scales(num_outputs: int, form: str = "reference") -> list[float]:
+    """Per-output scales of guess mode, shallowest skip first, middle block last.
+
+    form="reference": 0.825 ** (n - 1 - i), as the original implementation;
+    form="diffusers": logspace from 0.1 to 1.0, as diffusers' pipelines (differs by < 0.5% for n = 13).
+    """
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    if form == "reference":
+        return [GUESS_MODE_BASE_REFERENCE ** (num_outputs - 1 - i) for i in range(num_outputs)]
+    if form == "diffusers":
+        return torch.logspace(math.log10(GUESS_MODE_FLOOR_DIFFUSERS), 0, num_outputs).tolist()
+    raise ValueError(f"guess-mode form {form!r}; expected one of {', '.join(GUESS_MODE_FORMS)}")
 
 
 def control_mode(name: str) -> ControlMode:

@@ -34,7 +34,7 @@ class ControlUnit:
     model: str = setting("", flags=("--controlnet",), metavar="PATH", ui=False)
     """The ControlNet: a path or a shipped one (builtin:fill, builtin:canny, builtin:seg, builtin:pose) on the
     command line; a name from GET /v1/models on the server."""
-    image: Any = setting(None, flags=("--cond",), kind=str, metavar="IMAGE", ui=False)
+    image: Any = setting(None, flags=("--cond",), kind=str, image=True, metavar="IMAGE", ui=False)
     """The condition image (a file on the command line, base64 on the server); none = the init image; 'inpaint' =
     the v1.1 inpaint condition made from the init image and mask (masked pixels -1)."""
     annotator: str | None = setting(None, flags=("--annotator",), metavar="NAME", ui=False)
@@ -125,9 +125,9 @@ class GenerationOptions:
     guess_mode_form: str = setting("reference", choices=GUESS_MODE_FORMS)
     """Soft scales of the prompt/controlnet modes: 'reference' (0.825 ** (12 - i), the original code) or
     'diffusers' (logspace(-1, 0, 13))."""
-    image: Any = setting(None, kind=str, api_name="init_image", webui="init_images", ui=False)
+    image: Any = setting(None, kind=str, image=True, api_name="init_image", webui="init_images", ui=False)
     """img2img / inpainting source image (a file on the command line, base64 on the server)."""
-    mask: Any = setting(None, kind=str, webui="mask", ui=False)
+    mask: Any = setting(None, kind=str, image=True, webui="mask", ui=False)
     """Inpainting mask, white = repaint (needs an image)."""
     strength: float | None = setting(None, gt=0, le=1, webui="denoising_strength", ui=False)
     """img2img: fraction of the schedule re-run from the noised image, in (0, 1]; none = 0.75 (inpainting 1)."""

@@ -32,8 +32,8 @@ def a1111_parameters(settings: dict, seed: int, controlnet_names: list[str] | No
     ]
     if settings.get("strength") is not None:
         pairs.append(("Denoising strength", settings["strength"]))
-    if settings.get("clip_skip"):
-        pairs.append(("Clip skip", settings["clip_skip"] + 1))  # the web UI counts the last layer as 1
+    if webui_clip_layer(settings) > 1:
+        pairs.append(("Clip skip", webui_clip_layer(settings)))
     names = controlnet_names or []
     for k, unit in enumerate(settings.get("controlnets", [])):
         module = unit.get("module") or "none"
@@ -47,6 +47,11 @@ def a1111_parameters(settings: dict, seed: int, controlnet_names: list[str] | No
     if settings.get("negative_prompt"):
         text += f"\nNegative prompt: {settings['negative_prompt']}"
     return text + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs)
+
+
+def webui_clip_layer(settings: dict) -> int:
+    """The web UI's "Clip skip" (CLIP_stop_at_last_layers) of our settings: it counts the last layer as 1."""
+    return int(settings.get("clip_skip") or 0) + 1
 
 
 def png_info(settings: dict, seed: int, controlnet_names: list[str] | None = None) -> PngImagePlugin.PngInfo:

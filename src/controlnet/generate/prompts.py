@@ -43,6 +43,9 @@ def encode_single(tokenizer, text_encoder, prompts: Sequence[str], clip_skip: in
         mask = (ids != tokenizer.pad_token_id).long()
     if clip_skip <= 0:
         return PromptEmbeddings(text_encoder(ids, attention_mask=mask)[0])  # (B, L, D)
+    layers = text_encoder.config.num_hidden_layers
+    if clip_skip >= layers:
+        raise ValueError(f"clip_skip={clip_skip}: this text encoder has {layers} layers; expected < {layers}")
     out = text_encoder(ids, attention_mask=mask, output_hidden_states=True)
     hidden = out.hidden_states[-(clip_skip + 1)]
     final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 and 5 layouts

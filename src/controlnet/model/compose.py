@@ -4,11 +4,12 @@ Paper, Sec. 3.4 / Fig. 7: multiple conditions compose by directly **adding** the
 locked UNet, with no extra weighting or interpolation. On top of that, every net has a strength (the
 "control weight" users know), optionally one scale per output block, and the reference code's
 `only_mid_control` switch, which feeds only the middle-block residual and leaves the skip connections alone.
+Which per-block scales a generation uses (guess mode, CFG resolution weighting) is a sampling rule:
+generate/guidance.py.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,32 +17,10 @@ import torch
 
 from controlnet.model.controlnet import ControlNet, ControlNetOutput
 
-# Guess mode ("ControlNet is more important") in the reference (lllyasviel/ControlNet, gradio apps) scales
-# output i of 13 by 0.825 ** (12 - i): the deepest (middle) output keeps 1.0 and the shallowest gets
-# 0.825 ** 12 ~= 0.0994, i.e. ~0.1, so coarse semantics come from the condition while fine detail is free.
-GUESS_MODE_BASE_REFERENCE = 0.825
-# diffusers spreads the same range as torch.logspace(-1, 0, n): ratio 10 ** (1 / 12) ~= 0.8254 for n = 13.
-GUESS_MODE_FLOOR_DIFFUSERS = 0.1
-
-
-def guess_mode_scales(num_outputs: int, form: str = "reference") -> list[float]:
-    """Per-output scales of guess mode, shallowest skip first, middle block last.
-
-    form="reference": 0.825 ** (n - 1 - i), as the original implementation;
-    form="diffusers": logspace from 0.1 to 1.0, as diffusers' pipelines (differs by < 0.5% for n = 13).
-    """
-    if num_outputs < 1:
-        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
-    if form == "reference":
-        return [GUESS_MODE_BASE_REFERENCE ** (num_outputs - 1 - i) for i in range(num_outputs)]
-    if form == "diffusers":
-        return torch.logspace(math.log10(GUESS_MODE_FLOOR_DIFFUSERS), 0, num_outputs).tolist()
-    raise ValueError(f"guess-mode form {form!r}; expected 'reference' or 'diffusers'")
-
 
 @dataclass
-class ControlUnit:
-    """One ControlNet with its condition and how strongly it steers."""
+class ControlTerm:
+    """One term of the residual sum: a ControlNet, its condition and how strongly it steers."""
 
     net: ControlNet
     cond: torch.Tensor | None = None
@@ -68,30 +47,30 @@ class ControlUnit:
 
 
 def compose(
-    units: Sequence[ControlUnit],
+    terms: Sequence[ControlTerm],
     sample: torch.Tensor,
     timestep: torch.Tensor | int | float,
     encoder_hidden_states: torch.Tensor,
     only_mid_control: bool = False,
 ) -> ControlNetOutput | None:
-    """Sum the residuals of every unit (paper Sec. 3.4). Returns None when no unit contributes.
+    """Sum the residuals of every term (paper Sec. 3.4). Returns None when no term contributes.
 
-    Units with scale 0 are not evaluated at all (their residuals would be zero), which also makes
+    Terms with scale 0 are not evaluated at all (their residuals would be zero), which also makes
     "every ControlNet at scale 0" exactly the base model.
     """
     total: ControlNetOutput | None = None
-    for unit in units:
-        scales = unit.output_scales()
+    for term in terms:
+        scales = term.output_scales()
         if not any(scales):
             continue
-        out = unit.net(
+        out = term.net(
             sample,
             timestep,
             encoder_hidden_states,
-            cond=unit.cond,
-            hint=unit.hint,
+            cond=term.cond,
+            hint=term.hint,
             conditioning_scale=scales,
-            added_cond_kwargs=unit.added_cond_kwargs,
+            added_cond_kwargs=term.added_cond_kwargs,
         )
         total = add_residuals(total, out)
     if total is not None and only_mid_control:
@@ -153,8 +132,8 @@ class MultiControlNet(torch.nn.Module):
         block_scales = list(block_scales) if block_scales is not None else [None] * n
         if len(scales) != n or len(block_scales) != n:
             raise ValueError(f"scales/block_scales need one entry per ControlNet ({n})")
-        units = [
-            ControlUnit(net, cond=c, scale=s, block_scales=b, added_cond_kwargs=added_cond_kwargs)
+        terms = [
+            ControlTerm(net, cond=c, scale=s, block_scales=b, added_cond_kwargs=added_cond_kwargs)
             for net, c, s, b in zip(self.nets, conds, scales, block_scales, strict=True)
         ]
-        return compose(units, sample, timestep, encoder_hidden_states, only_mid_control)
+        return compose(terms, sample, timestep, encoder_hidden_states, only_mid_control)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from controlnet.allocator import reuse_freed_memory
 from controlnet.generate.base import BaseComponents, Progress, check_base, load_base
+from controlnet.model.controlled_unet import ControlledUNet
 from controlnet.train import checkpoint as ckpt
 from controlnet.train import validation as val
 from controlnet.train.batches import TrainingBatches
@@ -46,7 +47,7 @@ from controlnet.train.loop import (
     save_grid,
     truncate_metrics,
 )
-from controlnet.train.model import ControlledUNet, decoder_parameters, decoder_state
+from controlnet.train.model import decoder_parameters, decoder_state
 
 logger = logging.getLogger(__name__)
 

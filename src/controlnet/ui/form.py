@@ -9,18 +9,23 @@ body: the same settings give the same pixels through either door (issue 15).
 from __future__ import annotations
 
 import base64
+import contextlib
+import dataclasses
 import io
 import random
+import typing
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from controlnet.config_docs import field_docs
 from controlnet.generate.control_images import RESIZE_DISPLAY_NAMES, resize_mode
 from controlnet.generate.guidance import CONTROL_MODES, control_mode
-from controlnet.generate.jobs import ControlUnit, GenerationJob
+from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOptions
 from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name
 from controlnet.io.images import MAX_IMAGE_PIXELS, check_pixels
+from controlnet.settings_cli import meta, scalar_type
 
 MAX_UNITS = 3  # units on the page (the API takes up to --max-units)
 NO_ANNOTATOR = "none"
@@ -43,7 +48,8 @@ def unit_key(k: int, name: str) -> str:
 
 def form_keys() -> list[str]:
     """Every form value's name, in the order the page passes them."""
-    return [*GENERAL_KEYS] + [unit_key(k, n) for k in range(MAX_UNITS) for n in UNIT_KEYS]
+    more = [f.name for f in more_settings()]
+    return [*GENERAL_KEYS, *more] + [unit_key(k, n) for k in range(MAX_UNITS) for n in UNIT_KEYS]
 
 
 def sampler_choices() -> list[tuple[str, str]]:
@@ -110,22 +116,45 @@ def build_job(values: dict, base: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Ge
     units = [_unit(values, k, init, max_pixels) for k in range(MAX_UNITS) if values.get(unit_key(k, "enabled"))]
     sampler = values.get("sampler")
     width, height = int(values.get("width") or 0), int(values.get("height") or 0)
-    return GenerationJob(
-        prompt=values.get("prompt") or "",
-        negative_prompt=values.get("negative_prompt") or None,
-        base=base,
-        units=units,
-        seed=int(values.get("seed") or 0),
-        steps=int(values["steps"]) if values.get("steps") else None,
-        guidance_scale=float(values["guidance_scale"]) if values.get("guidance_scale") is not None else None,
-        scheduler=None if sampler in (None, "", BASE_DEFAULT) else sampler,
-        width=width or None,
-        height=height or None,
-        batch_size=int(values.get("batch_size") or 1),
-        init_image=init,
-        mask=mask,
-        strength=float(values["denoise"]) if init is not None and values.get("denoise") else None,
-    )
+    try:
+        options = GenerationOptions(
+            negative_prompt=values.get("negative_prompt") or None,
+            seed=int(values.get("seed") or 0),
+            steps=int(values["steps"]) if values.get("steps") else None,
+            guidance_scale=float(values["guidance_scale"]) if values.get("guidance_scale") is not None else None,
+            scheduler=None if sampler in (None, "", BASE_DEFAULT) else sampler,
+            width=width or None,
+            height=height or None,
+            batch_size=int(values.get("batch_size") or 1),
+            image=init,
+            mask=mask,
+            strength=float(values["denoise"]) if init is not None and values.get("denoise") else None,
+            **{f.name: _typed(values[f.name], f) for f in more_settings() if values.get(f.name) is not None},
+        )
+    except ValueError as err:
+        raise FormError("settings", str(err)) from None
+    return GenerationJob(prompt=values.get("prompt") or "", base=base, units=units, options=options)
+
+
+def more_settings() -> list[dataclasses.Field]:
+    """The schema's settings that the page shows as generated controls ("More settings"): every
+    `GenerationOptions` field not placed by hand (those say `ui=False` in generate/options.py)."""
+    return [f for f in dataclasses.fields(GenerationOptions) if meta(f, "ui", True)]
+
+
+def setting_docs() -> dict[str, str]:
+    """Each schema field's docstring (the generated controls' hints)."""
+    return field_docs(GenerationOptions)
+
+
+def setting_kind(f: dataclasses.Field) -> type:
+    """bool, int, float or str: what a generated control holds."""
+    return scalar_type(meta(f, "kind") or typing.get_type_hints(GenerationOptions)[f.name]) or str
+
+
+def _typed(value, f: dataclasses.Field):
+    kind = setting_kind(f)
+    return kind(value) if kind is not str else str(value)
 
 
 def _unit(values: dict, k: int, init, max_pixels: int) -> ControlUnit:
@@ -159,23 +188,36 @@ def data_uri(image: Image.Image) -> str:
 
 
 def api_request(job: GenerationJob) -> dict:
-    """The job as a POST /v1/generate body (serve/native.py GenerateIn), images as PNG data: URIs."""
+    """The job as a POST /v1/generate body (serve/native.py, derived from the same schema), images as PNG data:
+    URIs; settings at their defaults are left out."""
     units = []
     for unit in job.units:
-        entry = {"model": unit.model, "image": None if unit.image is None else data_uri(unit.image),
-                 "scale": unit.scale, "start": unit.start, "end": unit.end, "mode": unit.mode,
-                 "resize_mode": unit.resize_mode}  # fmt: skip
-        if unit.annotator:
-            entry.update(annotator=unit.annotator, annotator_options=unit.annotator_options)
+        entry = _changed(unit, {"model": unit.model, "image": None if unit.image is None else data_uri(unit.image)})
+        if not unit.annotator:
+            entry.pop("annotator_options", None)
         units.append(entry)
-    body = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "base": job.base, "units": units,
-            "seed": job.seed, "steps": job.steps, "guidance_scale": job.guidance_scale, "scheduler": job.scheduler,
-            "width": job.width, "height": job.height, "batch_size": job.batch_size}  # fmt: skip
-    if job.init_image is not None:
-        body.update(init_image=data_uri(job.init_image), strength=job.strength)
-        if job.mask is not None:
-            body["mask"] = data_uri(job.mask)
+    body = {"prompt": job.prompt, "base": job.base, "units": units, **_changed(job.options, {})}
+    for f in dataclasses.fields(GenerationOptions):
+        if meta(f, "image") and getattr(job.options, f.name) is not None:
+            body[meta(f, "api_name") or f.name] = data_uri(getattr(job.options, f.name))
+    if job.options.image is None:
+        body.pop("strength", None)
     return {k: v for k, v in body.items() if v is not None}
+
+
+def _changed(settings, fixed: dict) -> dict:
+    """The API fields of a schema object whose values differ from their defaults (images excluded), plus `fixed`."""
+    out = dict(fixed)
+    for f in dataclasses.fields(settings):
+        if not meta(f, "api", True) or meta(f, "image") or f.name in fixed:
+            continue
+        value = getattr(settings, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        if value != default:
+            out[meta(f, "api_name") or f.name] = value
+    return out
 
 
 def _canonical(value, canonical) -> str | None:
@@ -206,6 +248,10 @@ def form_from_settings(settings: dict, controlnet_names: list[str]) -> dict:
         values["sampler"] = sampler
     if settings.get("strength") is not None:
         values["denoise"] = float(settings["strength"])
+    for f in more_settings():
+        if settings.get(f.name) is not None:
+            with contextlib.suppress(TypeError, ValueError):  # another tool's value: the control keeps its own
+                values[f.name] = _typed(settings[f.name], f)
     units = settings.get("controlnets") or []
     for k in range(MAX_UNITS):
         values[unit_key(k, "enabled")] = k < len(units)

@@ -21,7 +21,8 @@ import threading
 import gradio as gr
 from PIL import Image
 
-from controlnet.generate.base import BUILTIN, sampling_defaults
+from controlnet.generate.base import sampling_defaults
+from controlnet.generate.builtin_format import BUILTIN
 from controlnet.generate.outputs import a1111_parameters
 from controlnet.generate.png_settings import read_png_settings
 from controlnet.io.images import MAX_IMAGE_PIXELS
@@ -44,10 +45,14 @@ from controlnet.ui.form import (
     build_job,
     form_from_settings,
     form_keys,
+    meta,
     mode_choices,
+    more_settings,
     random_seed,
     resize_choices,
     sampler_choices,
+    setting_docs,
+    setting_kind,
     unit_key,
 )
 
@@ -145,6 +150,9 @@ def build_page(service: Service) -> gr.Blocks:
                                                elem_id="init")  # fmt: skip
                     c["denoise"] = gr.Slider(0.01, 1.0, value=0.75, step=0.01, label="Denoising strength",
                                              elem_id="denoise")  # fmt: skip
+                with gr.Accordion("More settings", open=False, elem_id="more_settings"):
+                    for setting in more_settings():  # every other field of the schema (generate/options.py)
+                        c[setting.name] = _setting_component(setting)
             with gr.Column(scale=2):
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -328,6 +336,22 @@ def _default_net(nets: list[str], k: int) -> str | None:
     if k == 0 and canny:
         return canny[0]
     return nets[0] if nets else None
+
+
+def _setting_component(setting) -> gr.Component:
+    """A control for one schema field: its choices as a dropdown, a bool as a checkbox, a number as a number box
+    within its bounds; its docstring as the hint (generate/options.py)."""
+    label, info = setting.name.replace("_", " ").capitalize(), setting_docs().get(setting.name, "")
+    elem_id, default, kind = f"setting_{setting.name}", setting.default, setting_kind(setting)
+    if meta(setting, "choices"):
+        return gr.Dropdown(list(meta(setting, "choices")), value=default, label=label, info=info, elem_id=elem_id)
+    if kind is bool:
+        return gr.Checkbox(bool(default), label=label, info=info, elem_id=elem_id)
+    if kind in (int, float):
+        low = meta(setting, "ge") if meta(setting, "ge") is not None else meta(setting, "gt")
+        return gr.Number(default, label=label, info=info, minimum=low, maximum=meta(setting, "le"),
+                         precision=0 if kind is int else None, elem_id=elem_id)  # fmt: skip
+    return gr.Textbox("" if default is None else str(default), label=label, info=info, elem_id=elem_id)
 
 
 def _option_component(ctl: OptionControl, elem_id: str) -> gr.Component:
