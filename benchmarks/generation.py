@@ -44,9 +44,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "generate"))
-
 PROMPT = "a red cat on the blue circle"
 PARITY_TOL = 1e-4
 
@@ -67,12 +64,17 @@ def fill_random(module: torch.nn.Module, seed: int, std: float = 0.02) -> torch.
 
 def build(model: str, tmp: Path):
     from diffusers import ControlNetModel, UNet2DConditionModel
-    from pipeline_tiny import make_scheduler, make_text_encoder, make_tokenizer, make_vae
 
     from controlnet.io.formats import builtin_unet_config
     from controlnet.model.controlnet import ControlNet
-
-    from tiny import TINY_UNET_CONFIGS, randomize
+    from controlnet.testing.tiny_models import (
+        TINY_UNET_CONFIGS,
+        make_scheduler,
+        make_text_encoder,
+        make_tokenizer,
+        make_vae,
+        randomize,
+    )
 
     tokenizer = make_tokenizer(tmp / "tok")
     if model == "sd15":
@@ -111,9 +113,9 @@ def main(argv=None) -> int:
     import tempfile
 
     from diffusers import StableDiffusionControlNetPipeline
-    from pipeline_tiny import condition_image
 
     from controlnet.generate.pipeline import ControlNetPipeline
+    from controlnet.testing.tiny_models import condition_image
 
     with tempfile.TemporaryDirectory() as tmp:
         parts, scheduler, net, dnet = build(args.model, Path(tmp))

@@ -1,7 +1,7 @@
 """Time to the first image from single files, and peak memory: ours vs diffusers' `from_single_file`, same files.
 
 The files are an SD1.x base checkpoint (UNet + VAE + CLIP text encoder, original LDM keys) and an original-format
-ControlNet (`control_model.*`), random weights, float32, written once into --cache (tests/generate/ldm_files.py):
+ControlNet (`control_model.*`), random weights, float32, written once into --cache (controlnet.testing.ldm_files):
 at --size sd15 the real SD1.5 shapes (4.3 GB + 1.4 GB), at --size tiny the test configs (runs in seconds).
 
 Each run is a fresh process that loads both files and makes one image (256 px, 2 steps, guidance 7.5, the
@@ -67,10 +67,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tests" / "generate"))
-
 PROMPT = "a red cat on the blue circle"
 SEED = 0
 PARITY_TOL = 1e-3  # max |difference| of [0, 1] pixels between the two images (float32 both; see the docstring)
@@ -90,12 +86,12 @@ def prepare(size: str, cache: Path, file_dtype: str = "fp32") -> Path:
     """The folder of `size`'s files: base.safetensors, control.safetensors, tokenizer/, configs for both sides."""
     import torch
     from diffusers import UNet2DConditionModel
-    from ldm_files import sd15_parts_config, write_controlnet_file, write_sd_file
-    from pipeline_tiny import write_clip_vocab
     from transformers import CLIPTextConfig, CLIPTokenizer
 
     from controlnet.io.single_file import family_config
     from controlnet.model.controlnet import ControlNet
+    from controlnet.testing.ldm_files import sd15_parts_config, write_controlnet_file, write_sd_file
+    from controlnet.testing.tiny_models import write_clip_vocab
 
     folder = files_folder(cache, size, file_dtype)
     configs = sd15_parts_config(size)
@@ -178,7 +174,8 @@ def peak_rss_mb() -> float:
 def run_side(side: str, folder: Path, size: str, resolution: int, steps: int, out: Path) -> dict:
     import numpy as np
     import torch
-    from pipeline_tiny import condition_image
+
+    from controlnet.testing.tiny_models import condition_image
 
     cond = condition_image(1, resolution)
     anon = AnonPeak()

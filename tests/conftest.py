@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. Helper functions live in tests/tiny.py (on sys.path via pyproject's pythonpath)."""
+"""Shared pytest fixtures. The tiny random models they build on live in controlnet.testing.tiny_models."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from tiny import SHARED_DIR, TINY_UNET_CONFIGS
+from controlnet.testing.tiny_models import TINY_UNET_CONFIGS
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"  # the reference fixtures beside the checkout
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not SHARED_DIR.is_dir():
         pytest.skip(f"reference fixtures not found at {SHARED_DIR}")

@@ -1,4 +1,4 @@
-"""Fixtures for pipeline tests; the tiny components themselves are built in pipeline_tiny.py."""
+"""Fixtures for pipeline tests; the tiny components themselves are built by controlnet.testing.tiny_models."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets test modules import pipeline_tiny
 
-from pipeline_tiny import (  # noqa: E402
+from pipeline_tiny import diffusers_sd_pipeline  # noqa: E402
+
+from controlnet.generate.pipeline import ControlNetPipeline  # noqa: E402
+from controlnet.io.api import save_controlnet  # noqa: E402
+from controlnet.testing.tiny_models import (
     TINY_UNET_CONFIGS,
     condition_image,
-    diffusers_sd_pipeline,
     make_controlnet,
     make_scheduler,
     make_text_encoder,
@@ -21,9 +24,6 @@ from pipeline_tiny import (  # noqa: E402
     make_unet,
     make_vae,
 )
-
-from controlnet.generate.pipeline import ControlNetPipeline  # noqa: E402
-from controlnet.io.api import save_controlnet  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +76,7 @@ def pixel_parts(tmp_path_factory) -> dict:
     from diffusers import UNet2DConditionModel
 
     from controlnet.model.controlnet import ControlNet
-
-    from tiny import randomize
+    from controlnet.testing.tiny_models import randomize
 
     tokenizer = make_tokenizer(tmp_path_factory.mktemp("tokp"))
     config = dict(TINY_UNET_CONFIGS["sd15"], sample_size=16, in_channels=3, out_channels=3)

@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_tiny import condition_image, save_random_builtin_base, write_clip_vocab
+from pipeline_tiny import save_random_builtin_base
 from safetensors.torch import load_file, save_file
 from test_single_file import checkpoint  # noqa: F401 - the tiny checkpoint-file fixture
 
 from controlnet.cli import main
 from controlnet.generate.base import load_base
 from controlnet.io.tokenizers import MIN_WORD_TOKENS, check_tokenizer
+from controlnet.testing.tiny_models import condition_image, write_clip_vocab
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pipeline_tiny import condition_image, diffusers_sd_pipeline
+from pipeline_tiny import diffusers_sd_pipeline
 
 from controlnet.generate.guidance import cfg_resolution_weights, guess_mode_scales
 from controlnet.generate.pipeline import output_heights
+from controlnet.testing.tiny_models import condition_image
 
 PROMPT = "the red circle"
 

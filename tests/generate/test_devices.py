@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from pipeline_tiny import condition_image
 
 from controlnet.generate.pipeline import ControlNetPipeline
+from controlnet.testing.tiny_models import condition_image
 
 
 def fresh(parts) -> ControlNetPipeline:

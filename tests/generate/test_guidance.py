@@ -6,8 +6,7 @@ from diffusers import ControlNetModel
 
 from controlnet import ControlNet
 from controlnet.generate.guidance import guess_mode_scales
-
-from tiny import make_tiny_unet, randomize, tiny_inputs
+from controlnet.testing.tiny_models import make_tiny_unet, randomize, tiny_inputs
 
 
 def test_guess_mode_reference_constant():

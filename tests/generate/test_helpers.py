@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_tiny import condition_image
 
 from controlnet.generate.control_images import condition_tensor, resize_image
 from controlnet.generate.guidance import apply_cfg, in_window
 from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name, make_scheduler, sampler_display_name
+from controlnet.testing.tiny_models import condition_image
 
 
 def halves(width=128, height=64) -> Image.Image:

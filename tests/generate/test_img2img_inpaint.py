@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from pipeline_tiny import condition_image
 
 from controlnet.generate.control_images import INPAINT_MASKED_VALUE, inpaint_condition
+from controlnet.testing.tiny_models import condition_image
 
 PROMPT = "a red circle"
 SIZE = 16

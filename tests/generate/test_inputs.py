@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pipeline_tiny import condition_image
 
 from controlnet.generate.pipeline import ControlNetPipeline
+from controlnet.testing.tiny_models import condition_image
 
 PROMPT = "a cat"
 

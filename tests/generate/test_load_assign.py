@@ -1,7 +1,7 @@
 """Single files load into empty (meta) modules that take the file's tensors: exact weights, no meta tensors left,
 no second copy (float tensors stay memory-mapped from the file), the same behaviour as modules filled by copying.
 
-The files are tiny random SD1.x single files in the original (LDM) layout, written by ldm_files.py.
+The files are tiny random SD1.x single files in the original (LDM) layout, written by controlnet.testing.ldm_files.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
-from ldm_files import meta_parts, sd15_parts_config, write_sd_file
-from pipeline_tiny import write_clip_vocab
 from safetensors.torch import load_file
 
 from controlnet.errors import CheckpointError
 from controlnet.io.api import load_unet
 from controlnet.io.safe_load import map_state_dict
 from controlnet.io.single_file import read_single_file
+from controlnet.testing.ldm_files import meta_parts, sd15_parts_config, write_sd_file
+from controlnet.testing.tiny_models import write_clip_vocab
 
 FLOAT_NOISE = 1e-5  # max |difference| allowed between mapped and copied weights' outputs (see the test)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pipeline_tiny import condition_image, save_random_builtin_base
+from pipeline_tiny import save_random_builtin_base
 
 from controlnet.generate.pipeline import ControlNetPipeline
+from controlnet.testing.tiny_models import condition_image
 
 
 def test_folder_and_controlnet_files_match_components(sd_pipe, saved):

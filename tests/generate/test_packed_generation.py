@@ -4,10 +4,10 @@ layers up to float rounding; packs are made for long enough loops and kept for t
 from __future__ import annotations
 
 import pytest
-from pipeline_tiny import condition_image
 
 from controlnet.generate import cpu_packing
 from controlnet.generate.pipeline import MIN_PACKING_STEPS
+from controlnet.testing.tiny_models import condition_image
 
 pytestmark = pytest.mark.skipif(not cpu_packing.available(), reason="this torch build has no oneDNN")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pipeline_tiny import condition_image, diffusers_sd_pipeline, to_diffusers_controlnet
+from pipeline_tiny import diffusers_sd_pipeline, to_diffusers_controlnet
+
+from controlnet.testing.tiny_models import condition_image
 
 PROMPT = "a red cat on the blue circle"
 TOL = 1e-4

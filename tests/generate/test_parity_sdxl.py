@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pipeline_tiny import condition_image, to_diffusers_controlnet
+from pipeline_tiny import to_diffusers_controlnet
 
 from controlnet.generate.pipeline import ControlNetPipeline
+from controlnet.testing.tiny_models import condition_image
 
 PROMPT = "a blue dog on the red circle"
 

@@ -13,22 +13,26 @@ import lzma
 import numpy as np
 import pytest
 import torch
-from ldm_files import vae_to_ldm
-from pipeline_tiny import MAX_TOKENS, condition_image, make_text_encoder, make_vae, write_clip_vocab
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from controlnet.generate.pipeline import ControlNetPipeline
 from controlnet.io.single_file import detect_family, family_config
-
-from tiny import SHARED_DIR
+from controlnet.testing.ldm_files import vae_to_ldm
+from controlnet.testing.tiny_models import (
+    MAX_TOKENS,
+    condition_image,
+    make_text_encoder,
+    make_vae,
+    write_clip_vocab,
+)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, shared_dir):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    fixture = SHARED_DIR / "fixtures" / "cldm" / "tiny_a"
+    fixture = shared_dir / "fixtures" / "cldm" / "tiny_a"
     if not (fixture / "weights.safetensors.xz").is_file():
         pytest.skip("tiny_a fixture not found")
     state = load_safetensors(lzma.decompress((fixture / "weights.safetensors.xz").read_bytes()))
@@ -61,9 +65,9 @@ def checkpoint(tmp_path_factory):
 def test_single_file_with_its_controlnet_matches_components(checkpoint):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    from pipeline_tiny import make_scheduler
 
     from controlnet.io.api import load_controlnet
+    from controlnet.testing.tiny_models import make_scheduler
 
     c = checkpoint
     pipe = ControlNetPipeline.from_pretrained(

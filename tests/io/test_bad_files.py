@@ -13,8 +13,7 @@ from controlnet import ControlNet, load_controlnet, load_unet
 from controlnet.errors import CheckpointError
 from controlnet.io.api import controlnet_state_to_original
 from controlnet.io.safe_load import read_state_dict
-
-from tiny import make_tiny_unet
+from controlnet.testing.tiny_models import make_tiny_unet
 
 
 class _RunsCodeWhenUnpickled:

@@ -8,8 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from controlnet import ControlNet, load_controlnet, save_controlnet
-
-from tiny import make_tiny_unet, randomize
+from controlnet.testing.tiny_models import make_tiny_unet, randomize
 
 
 def run_cli(*args, ok=True):

@@ -9,8 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from controlnet import ControlNet, load_controlnet, save_controlnet
 from controlnet.io.api import controlnet_state_to_original
-
-from tiny import make_tiny_unet, randomize
+from controlnet.testing.tiny_models import make_tiny_unet, randomize
 
 
 def _random_net(family: str, seed: int = 7) -> ControlNet:

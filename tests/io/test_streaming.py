@@ -23,8 +23,7 @@ from controlnet.io.transfer import (
     transfer_controlnet,
     transfer_controlnet_file,
 )
-
-from tiny import make_tiny_unet, randomize
+from controlnet.testing.tiny_models import make_tiny_unet, randomize
 
 
 def assert_same_output(a, b):

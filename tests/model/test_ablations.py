@@ -10,9 +10,8 @@ import torch
 
 from controlnet import ControlNet
 from controlnet.model.ablations import connection_layers, gaussian_connections
+from controlnet.testing.tiny_models import controlled_unet_output, make_tiny_unet, tiny_inputs
 from controlnet.train.config import ModelConfig
-
-from tiny import controlled_unet_output, make_tiny_unet, tiny_inputs
 
 
 def test_gaussian_connections_change_the_base_output_at_step_0():

@@ -7,8 +7,7 @@ import torch
 
 from controlnet import ControlNet, MultiControlNet
 from controlnet.model.compose import ControlTerm, compose, unet_residual_kwargs
-
-from tiny import make_tiny_unet, randomize, tiny_inputs
+from controlnet.testing.tiny_models import make_tiny_unet, randomize, tiny_inputs
 
 
 def _two_nets():

@@ -6,8 +6,7 @@ import torch
 from controlnet import ControlNet
 from controlnet.model.compose import ControlTerm, compose, unet_residual_kwargs
 from controlnet.model.controlled_unet import ControlledUNet
-
-from tiny import make_tiny_unet, randomize, tiny_inputs
+from controlnet.testing.tiny_models import make_tiny_unet, randomize, tiny_inputs
 
 
 @pytest.mark.parametrize("only_mid_control", [False, True])

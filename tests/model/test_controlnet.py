@@ -6,8 +6,7 @@ from diffusers import ControlNetModel
 
 from controlnet import ControlNet
 from controlnet.model.controlnet import NUM_CONTROL_OUTPUTS_SD15
-
-from tiny import controlled_unet_output, make_tiny_unet, randomize, tiny_inputs
+from controlnet.testing.tiny_models import controlled_unet_output, make_tiny_unet, randomize, tiny_inputs
 
 EXPECTED_OUTPUTS = {"sd15": 1 + 3 + 2 + 1, "sd21": 1 + 3 + 2 + 1, "sdxl": 1 + 3 + 3 + 2 + 1}
 

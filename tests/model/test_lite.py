@@ -11,8 +11,7 @@ from controlnet.generate.pipeline import output_heights
 from controlnet.io.api import load_controlnet
 from controlnet.model.ablations import gaussian_connections
 from controlnet.model.lite import ControlNetLite, is_lite_folder, load_lite, save_lite
-
-from tiny import controlled_unet_output, make_tiny_unet, randomize, tiny_inputs
+from controlnet.testing.tiny_models import controlled_unet_output, make_tiny_unet, randomize, tiny_inputs
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -9,7 +9,8 @@ import sys
 
 import httpx
 import pytest
-from live_server import start_server
+
+from controlnet.testing.live_server import start_server
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -14,10 +14,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from live_server import TINY_CONTROLNET, start_server
 from PIL import Image
 
 from bad_images import bomb_png
+from controlnet.testing.live_server import TINY_CONTROLNET, start_server
 
 MAX_UNITS, MAX_QUEUE, MAX_BODY_MB = 2, 3, 1
 # Peak RSS bound of the server process on the built-in base (64 px; measured 534 MB after this module's tests on

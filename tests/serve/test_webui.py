@@ -15,8 +15,9 @@ import re
 import httpx
 import numpy as np
 import pytest
-from live_server import TINY_CONTROLNET, start_server
 from PIL import Image, ImageDraw
+
+from controlnet.testing.live_server import TINY_CONTROLNET, start_server
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -328,3 +329,71 @@ def test_options_samplers_progress_interrupt(api, server):
     assert progress["progress"] == 0.0 and progress["state"]["job_count"] == 0
     assert httpx.post(server.url + "/sdapi/v1/interrupt").status_code == 200
     assert httpx.get(server.url + "/sdapi/v1/cmd-flags").status_code == 404
+
+
+# -------------------------------------------------------------------------------------------------------------
+# advanced_weighting: one scale per output of the unit's net (ControlUnit.block_scales)
+@pytest.fixture(scope="module")
+def num_outputs(models_folder) -> int:
+    """The tiny net's outputs (its skips + the middle block), read from the loaded model, not the server."""
+    from controlnet import load_controlnet
+
+    return load_controlnet(models_folder / TINY_CONTROLNET).num_control_outputs
+
+
+def _weighted(model_title: str, **unit) -> dict:
+    args = [{"image": raw_b64(scene(7)), "module": "canny", "model": model_title, **unit}] if unit else []
+    return {"prompt": "red circle", "width": SIZE, "height": SIZE, "steps": 2, "seed": 9,
+            "alwayson_scripts": {"ControlNet": {"args": args}}}  # fmt: skip
+
+
+def _first_image(server, body: dict) -> np.ndarray:
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return pixels(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+
+
+def test_advanced_weighting_scales_each_output(server, model_title, num_outputs):
+    assert num_outputs > 2
+    plain = _first_image(server, _weighted(model_title))  # no unit
+    unweighted = _first_image(server, _weighted(model_title, weight=1.0))
+    assert np.abs(unweighted - plain).mean() > 1.0  # the net acts
+    null = _first_image(server, _weighted(model_title, advanced_weighting=None))
+    np.testing.assert_array_equal(null, unweighted)  # null = no weighting
+    ones = _first_image(server, _weighted(model_title, advanced_weighting=[1.0] * num_outputs))
+    np.testing.assert_array_equal(ones, unweighted)
+    zeros = _first_image(server, _weighted(model_title, advanced_weighting=[0] * num_outputs))
+    assert np.abs(zeros - plain).mean() < np.abs(unweighted - plain).mean() / 10  # every output off: ~no control
+    middle_only = [0.0] * (num_outputs - 1) + [1.0]
+    weighted = _first_image(server, _weighted(model_title, advanced_weighting=middle_only))
+    assert np.abs(weighted - unweighted).mean() > 0.5 and np.abs(weighted - zeros).mean() > 0.5
+
+
+@pytest.mark.parametrize("kind", ["one too many", "one too few", "not numbers", "not a list"])
+def test_advanced_weighting_of_the_wrong_shape_is_a_422(server, model_title, num_outputs, kind):
+    value = {"one too many": [1.0] * (num_outputs + 1), "one too few": [1.0] * (num_outputs - 1),
+             "not numbers": ["a"] * num_outputs, "not a list": 1.0}[kind]  # fmt: skip
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json=_weighted(model_title, advanced_weighting=value), timeout=60)
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["field"] == f"{ARGS}[0].advanced_weighting", problem
+    assert f"{num_outputs} numbers" in problem["detail"], problem
+
+
+@pytest.mark.parametrize(
+    ("resize", "mode", "labels"),
+    [
+        (2, 0, ("Resize Mode: Resize and Fill", "Control Mode: Balanced")),
+        ("Outer Fit (Shrink to Fit)", "My prompt is more important", ("Resize Mode: Resize and Fill", "prompt is")),
+        ("Scale to Fit (Inner Fit)", "ControlNet is more important", ("Crop and Resize", "ControlNet is more")),
+        ("Envelope (Outer Fit)", 1, ("Resize Mode: Resize and Fill", "My prompt is more important")),
+        ("just resize", "balanced", ("Resize Mode: Just Resize", "Control Mode: Balanced")),
+    ],
+)
+def test_every_resize_and_control_mode_spelling(server, model_title, resize, mode, labels):
+    body = _weighted(model_title, resize_mode=resize, control_mode=mode)
+    body["steps"] = 1
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    text = __import__("json").loads(r.json()["info"])["extra_generation_params"]["ControlNet 0"]
+    assert all(label in text for label in labels), text

@@ -9,10 +9,11 @@ import torch
 
 from controlnet.model.controlled_unet import ControlledUNet
 from controlnet.model.controlnet import ControlNet
+from controlnet.testing.tiny_models import make_tiny_unet, randomize, tiny_inputs
 from controlnet.train.locked_conv import LockedConv2d, lock_convolutions
 from controlnet.train.model import decoder_parameters
 
-from tiny import make_tiny_unet, randomize, tiny_inputs
+pytestmark = pytest.mark.cpu_isa  # oneDNN picks its convolution algorithm by CPU, size, layout and threads
 
 
 def controlled(family: str, lock: bool):

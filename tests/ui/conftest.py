@@ -1,4 +1,4 @@
-"""Fixtures of the web page tests: a REAL `controlnet serve` (tests/serve/live_server.py) and Debian's chromium
+"""Fixtures of the web page tests: a REAL `controlnet serve` (controlnet.testing.live_server) and Debian's chromium
 driven by playwright. The README's test set-up installs both; a missing browser fails these tests (it is not a
 reason to skip them)."""
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "serve"))  # live_server
 sys.path.insert(0, str(Path(__file__).parent))  # browser
 
 pytest.importorskip("gradio")
 
 from browser import launch  # noqa: E402
-from live_server import start_server  # noqa: E402
+
+from controlnet.testing.live_server import start_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ import time
 import httpx
 import pytest
 from browser import open_page, set_number, status_text
-from live_server import start_server
 from playwright.sync_api import Error as PlaywrightError
+
+from controlnet.testing.live_server import start_server
 
 SESSIONS = 20
 

@@ -1,4 +1,6 @@
-"""Start the REAL `controlnet serve` in a subprocess on a free loopback port (tests talk HTTP to it)."""
+"""Start the REAL `controlnet serve` in a subprocess on a free loopback port (tests and benchmarks talk HTTP to it).
+
+Needs the [serve] extra (httpx, and the server's FastAPI and uvicorn in the subprocess)."""
 
 from __future__ import annotations
 

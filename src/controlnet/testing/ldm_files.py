@@ -115,8 +115,7 @@ def random_state(module: torch.nn.Module, seed: int, std: float = 0.02, dtype=to
 def sd15_parts_config(size: str) -> dict:
     """{"unet", "vae", "text_encoder"} diffusers/transformers configs of an SD1.x base at `size` (tiny | sd15)."""
     from controlnet.io.single_file import family_config
-
-    from tiny import TINY_UNET_CONFIGS
+    from controlnet.testing.tiny_models import TINY_UNET_CONFIGS
 
     family = family_config("sd15")
     if size == "sd15":
