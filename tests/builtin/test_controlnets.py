@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from controlnet.generate.base import BUILTIN_CONTROLNET, builtin_controlnets, controlnet_path
+from controlnet.generate.base import controlnet_path
+from controlnet.generate.builtin_format import BUILTIN_CONTROLNET, builtin_controlnets
 
 # What each shipped net was trained for: the world task whose metric scores it (builtin/weights/controlnets/*/).
 EXPECTED = {"fill", "canny", "seg", "pose"}

@@ -239,7 +239,8 @@ def test_generate_and_evaluate_take_an_exported_folder(exported, tmp_path):
 
 def test_builtin_base_carries_its_model_cards_sampling():
     from controlnet.builtin.base import DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLE_STEPS
-    from controlnet.generate.base import SamplingDefaults, builtin_folder, sampling_defaults
+    from controlnet.generate.base import sampling_defaults
+    from controlnet.generate.builtin_format import SamplingDefaults, builtin_folder
 
     d = sampling_defaults("builtin")
     assert (d.guidance_scale, d.steps) == (DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLE_STEPS) == (4.0, 20)
@@ -264,7 +265,7 @@ def test_a_corrupt_component_is_one_line_naming_it(tmp_path, capsys):
     """A folder whose UNet weights are garbage: one error line naming the component, exit 2, nothing written."""
     import shutil
 
-    from controlnet.generate.base import builtin_folder
+    from controlnet.generate.builtin_format import builtin_folder
 
     folder = tmp_path / "base"
     shutil.copytree(builtin_folder(), folder, ignore=shutil.ignore_patterns("controlnets"))

@@ -27,9 +27,9 @@ def test_missing_controlnet_file(saved):
 
 
 def test_builtin_base_loads_when_shipped():
-    from controlnet.builtin import base as builtin_base
+    from controlnet.generate import builtin_format
 
-    if not (builtin_base.BUILTIN_DIR / builtin_base.BASE_CONFIG_NAME).is_file():
+    if not (builtin_format.builtin_folder() / builtin_format.EXPORTED_CONFIG).is_file():
         pytest.skip("the built-in base model's weights are not shipped yet")
     pipe = ControlNetPipeline.from_pretrained("builtin")
     out = pipe("a red circle", [], steps=2, output_type="np").array
@@ -50,7 +50,6 @@ def test_builtin_matches_the_worlds_own_sampler(builtin_folder, monkeypatch):
     from controlnet.generate import base as base_loader
     from controlnet.model.controlnet import ControlNet
 
-    monkeypatch.setattr(builtin_base, "BUILTIN_DIR", builtin_folder)
     monkeypatch.setattr(base_loader, "builtin_folder", lambda: builtin_folder)  # where "builtin" is looked up
     pipe = ControlNetPipeline.from_pretrained("builtin")
     assert pipe.base_name == "builtin" and pipe.vae_scale_factor == 4

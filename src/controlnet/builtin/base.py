@@ -3,14 +3,14 @@
 It is a latent diffusion model in Stable Diffusion's layout (paper Sec. 3.1, "ControlNet for Text-to-Image
 Diffusion"), shrunk until it trains on a CPU: a diffusers `AutoencoderKL` (64 px RGB <-> 16x16x4 latents), a
 diffusers `UNet2DConditionModel` that denoises the latents with cross-attention to a tiny CLIP text encoder
-(`builtin/text.py`), and a diffusers scheduler. The folder layout is diffusers' (unet/, vae/, text_encoder/,
-tokenizer/, scheduler/), so the pieces load with the usual `from_pretrained` calls too. The shipped weights are
-trained by `controlnet world pretrain-base` (builtin/pretrain.py); see weights/MODEL_CARD.md.
+(`builtin/text.py`), and a diffusers scheduler. Its folder format (generate/builtin_format.py) keeps each piece in
+diffusers' layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/), so the pieces load with the usual
+`from_pretrained` calls too. The shipped weights are trained by `controlnet world pretrain-base`
+(builtin/pretrain.py); see weights/MODEL_CARD.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,13 +21,18 @@ import torch
 
 from controlnet.builtin.config import BaseModelConfig
 from controlnet.builtin.text import encode_prompts
-from controlnet.generate.base import EXPORTED_CONFIG, SamplingDefaults, denormalize_latents, normalize_latents
+from controlnet.generate.base import denormalize_latents, load_base, normalize_latents
+from controlnet.generate.builtin_format import (
+    BUILTIN,
+    SamplingDefaults,
+    builtin_folder,
+    read_base_config,
+    write_builtin_folder,
+)
 from controlnet.generate.guidance import apply_cfg
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_DIR = Path(__file__).parent / "weights"
-BASE_CONFIG_NAME = EXPORTED_CONFIG  # the BaseModelConfig the folder was built from; marks the layout
 NUM_TRAIN_TIMESTEPS = 1000
 # DDPM's linear schedule (Ho et al. 2020). Its last step keeps sqrt(alpha_bar_T) ~ 0.006 of the signal, so a
 # 16x16 latent's mean colour does not leak through "pure" noise (SD's scaled_linear keeps 0.068, enough at this
@@ -144,24 +149,17 @@ class BuiltinBase:
 def save_builtin_base(
     parts: dict, config: BaseModelConfig, folder: str | Path, weights_dtype: torch.dtype = SHIPPED_WEIGHTS_DTYPE
 ) -> None:
-    """Write unet/, vae/, text_encoder/, tokenizer/, scheduler/, sampling.json and base_config.json into `folder`.
+    """Write `parts` (unet, vae, text_encoder, tokenizer) in the built-in folder format (generate/builtin_format.py)
+    with this model's scheduler, sampling defaults and `config`.
 
     Weights are stored as `weights_dtype` (float16 halves the package; loading casts back to the asked dtype).
     """
-    import copy
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("unet", "vae", "text_encoder"):
-        if parts.get(name) is not None:
-            copy.deepcopy(parts[name]).to(weights_dtype).save_pretrained(folder / name, safe_serialization=True)
-    parts["tokenizer"].save_pretrained(folder / "tokenizer")
     from diffusers import DPMSolverMultistepScheduler
 
-    DPMSolverMultistepScheduler(**scheduler_config()).save_pretrained(folder / "scheduler")
     # the sampling the model card measured travels with the weights (generate's defaults for this base)
-    SamplingDefaults(guidance_scale=DEFAULT_GUIDANCE_SCALE, steps=DEFAULT_SAMPLE_STEPS).write(folder)
-    (folder / BASE_CONFIG_NAME).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    sampling = SamplingDefaults(guidance_scale=DEFAULT_GUIDANCE_SCALE, steps=DEFAULT_SAMPLE_STEPS)
+    scheduler = DPMSolverMultistepScheduler(**scheduler_config())
+    write_builtin_folder(folder, parts, scheduler, asdict(config), sampling, weights_dtype)
 
 
 def load_builtin_base(
@@ -171,14 +169,9 @@ def load_builtin_base(
 
     Through the one base loader (generate/base.py load_base), so this object and the pipeline's share one code path.
     """
-    from controlnet.generate.base import builtin_folder, load_base
-
     folder = Path(path) if path is not None else builtin_folder()
-    config_file = folder / BASE_CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"built-in base folder {folder}: no {BASE_CONFIG_NAME}")
-    config = BaseModelConfig(**json.loads(config_file.read_text()))
-    b = load_base("builtin" if path is None else folder, device=device, dtype=dtype)
+    config = BaseModelConfig(**read_base_config(folder))
+    b = load_base(BUILTIN if path is None else folder, device=device, dtype=dtype)
     return BuiltinBase(b.unet, b.text_encoder, b.tokenizer, b.scheduler, b.vae, config.image_size, config)
 
 

@@ -4,12 +4,12 @@ Generation, training, the demo and evaluation all load their locked base here, s
 same tokenizer checks, the same latent space and the same sampling defaults. Four kinds of base (`base_kind`):
 - "builtin": the shipped tiny model (the `weights/` folder of `controlnet.builtin`, found as package data);
 - a diffusers model folder (`model_index.json` names each component's class);
-- an exported folder (`controlnet world export-base`: unet/, vae/, text_encoder/, tokenizer/, scheduler/ and
-  base_config.json, no model_index.json; the classes are the built-in model's, see EXPORTED_CLASSES);
+- an exported folder (`controlnet world export-base`): the built-in folder format, generate/builtin_format.py;
 - one SD1.x/SD2.x/SDXL checkpoint file (read by `controlnet.io.single_file`; it holds no tokenizer).
 
 Arguments and files are checked first (`check_base`: cheap, no weights read), then the weights are loaded.
-Nothing is downloaded (DESIGN decision 4): every `from_pretrained` call passes `local_files_only=True`.
+Nothing is downloaded (docs/architecture.md#nothing-downloaded-nothing-unpickled): every `from_pretrained` call
+passes `local_files_only=True`.
 """
 
 from __future__ import annotations
@@ -19,30 +19,28 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from controlnet.errors import CheckpointError
+from controlnet.generate.builtin_format import (
+    BUILTIN,
+    BUILTIN_CONTROLNET,
+    EXPORTED_CONFIG,
+    SamplingDefaults,
+    builtin_controlnets,
+    builtin_folder,
+    folder_classes,
+)
 from controlnet.io.tokenizers import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-BUILTIN = "builtin"
 MODEL_INDEX = "model_index.json"  # a diffusers model folder
-EXPORTED_CONFIG = "base_config.json"  # a folder written by `controlnet world export-base` (builtin.base)
-SAMPLING_FILE = "sampling.json"  # the base's own sampling defaults (SamplingDefaults), optional
 # Components a text-to-image base may hold, in the pipeline constructor's terms.
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
-# Classes of an exported folder's components (builtin/base.py save_builtin_base; the scheduler's class is read from
-# its scheduler_config.json).
-EXPORTED_CLASSES = {
-    "unet": ("diffusers", "UNet2DConditionModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-    "text_encoder": ("transformers", "CLIPTextModel"),
-    "tokenizer": ("transformers", "PreTrainedTokenizerFast"),
-}
 # How the options are called where they come from, for error messages (library keywords by default; the CLI
 # passes its flags, e.g. {"tokenizer": "--tokenizer"} or {"tokenizer": "--model.tokenizer"}).
 KEYWORDS = {
@@ -53,30 +51,6 @@ KEYWORDS = {
     "ema": "ema=True",
     "no_ema": "ema=False",
 }
-
-
-@dataclass
-class SamplingDefaults:
-    """How a base samples when the user sets nothing: travels with the base (SAMPLING_FILE in its folder)."""
-
-    guidance_scale: float = 7.5
-    """classifier-free guidance scale (7.5: diffusers' and the web UI's default for SD)"""
-    steps: int = 20
-    """sampler steps"""
-    scheduler: str | None = None
-    """sampler name (generate/samplers.py); None = the base's own scheduler"""
-
-    @classmethod
-    def read(cls, folder: Path | None) -> SamplingDefaults:
-        file = None if folder is None else folder / SAMPLING_FILE
-        if file is None or not file.is_file():
-            return cls()
-        values = json.loads(file.read_text())
-        known = {k: v for k, v in values.items() if k in {"guidance_scale", "steps", "scheduler"}}
-        return cls(**known)
-
-    def write(self, folder: Path) -> None:
-        (Path(folder) / SAMPLING_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
 @dataclass
@@ -153,29 +127,6 @@ def _latent_stats(vae, latents: torch.Tensor):
 
 # ------------------------------------------------------------------------------------------------------------
 # what the base is, checked before any weights are read
-def builtin_folder() -> Path:
-    """The shipped built-in base's folder (package data of `controlnet.builtin`).
-
-    Found through importlib.resources rather than `from controlnet.builtin import ...`: builtin/ imports this
-    package (its sampler and loader are ours), so a static import back would make a cycle; resources also finds
-    the folder in zipped or relocated installations.
-    """
-    from importlib.resources import files
-
-    return Path(str(files("controlnet.builtin") / "weights"))
-
-
-BUILTIN_CONTROLNET = "builtin:"  # names a shipped ControlNet on any command line: builtin:canny, builtin:fill, ...
-
-
-def builtin_controlnets() -> dict[str, Path]:
-    """{name: folder} of the shipped ControlNets (diffusers folders under the built-in weights' controlnets/)."""
-    folder = builtin_folder() / "controlnets"
-    if not folder.is_dir():
-        return {}
-    return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}
-
-
 def controlnet_path(spec: str | os.PathLike) -> Path:
     """The file or folder of a ControlNet given as "builtin:NAME" or a path, checked to exist (no weights read)."""
     text = str(spec)
@@ -278,11 +229,7 @@ def _folder_index(kind: str, path: Path) -> dict:
         return {n: tuple(index[n]) for n in COMPONENTS if index.get(n) and None not in tuple(index[n])[:2]} | {
             "_force_zeros": index.get("force_zeros_for_empty_prompt", True)
         }
-    index = {n: cls for n, cls in EXPORTED_CLASSES.items() if (path / n).is_dir()}
-    scheduler_file = path / "scheduler" / "scheduler_config.json"
-    if scheduler_file.is_file():
-        index["scheduler"] = ("diffusers", json.loads(scheduler_file.read_text())["_class_name"])
-    return index
+    return folder_classes(path)
 
 
 def _folder_components(kind: str, path: Path) -> list[str]:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from controlnet.generate import control_images as ci
-from controlnet.generate.base import BaseComponents, SamplingDefaults, denormalize_latents, normalize_latents
+from controlnet.generate.base import BaseComponents, denormalize_latents, normalize_latents
+from controlnet.generate.builtin_format import SamplingDefaults
 from controlnet.generate.cpu_packing import compiled, holds_packs, packed_weights, packing_fits, release_packed
 from controlnet.generate.guidance import apply_cfg, block_profile, in_window
 from controlnet.generate.guidance import pad_unconditional as pad_uncond

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-BUILTIN = "builtin"
+from controlnet.generate.builtin_format import BUILTIN, builtin_folder
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,7 @@ def vae_factor_on_disk(base: str | os.PathLike) -> int | None:
     "builtin" and diffusers-layout folders (also those written by `world export-base`): `vae/config.json`. A single
     checkpoint file: every SD family this package reads (io/configs/*_pipeline.json) has a 4-level VAE (8x).
     """
-    if str(base) == BUILTIN:
-        # the shipped weights folder (twin: builtin.base.BUILTIN_DIR, which imports torch)
-        folder = Path(str(resources.files("controlnet.builtin").joinpath("weights")))
-    else:
-        folder = Path(base)
+    folder = builtin_folder() if str(base) == BUILTIN else Path(base)
     if folder.is_file():
         configs = resources.files("controlnet.io").joinpath("configs")
         factors = {

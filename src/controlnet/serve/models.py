@@ -25,7 +25,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlnet.generate.base import BUILTIN, EXPORTED_CONFIG, MODEL_INDEX, builtin_folder
+from controlnet.generate.base import MODEL_INDEX
+from controlnet.generate.builtin_format import BUILTIN, EXPORTED_CONFIG, builtin_folder
 from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,

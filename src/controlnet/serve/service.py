@@ -364,7 +364,8 @@ class Service:
         if name in self._bases:
             self._bases.move_to_end(name)
             return self._bases[name]
-        from controlnet.generate.base import BUILTIN, load_base
+        from controlnet.generate.base import load_base
+        from controlnet.generate.builtin_format import BUILTIN
 
         entry = self.registry.base(name)
         spec = BUILTIN if entry.name == BUILTIN else entry.path
