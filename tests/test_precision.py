@@ -7,6 +7,8 @@ import torch
 
 from controlnet.precision import SLOW_RATIO, cpu_slowdown, precision_warning
 
+pytestmark = pytest.mark.cpu_isa  # the answer depends on the CPU's kernels: also run with AVX2 kernels only
+
 
 def test_float32_and_gpus_are_never_warned_about():
     assert cpu_slowdown(torch.float32) == 1.0
