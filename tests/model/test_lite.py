@@ -9,8 +9,9 @@ import torch
 from controlnet import ControlNet
 from controlnet.generate.pipeline import output_heights
 from controlnet.io.api import load_controlnet
+from controlnet.io.lite import is_lite_folder, load_lite, save_lite
 from controlnet.model.ablations import gaussian_connections
-from controlnet.model.lite import ControlNetLite, is_lite_folder, load_lite, save_lite
+from controlnet.model.lite import ControlNetLite
 from controlnet.testing.tiny_models import controlled_unet_output, make_tiny_unet, randomize, tiny_inputs
 
 

@@ -10,7 +10,8 @@ from train_tiny import make_tiny_base
 
 from controlnet.generate.pipeline import ControlNetPipeline
 from controlnet.io.api import load_controlnet
-from controlnet.model.lite import ControlNetLite, is_lite_folder
+from controlnet.io.lite import is_lite_folder
+from controlnet.model.lite import ControlNetLite
 from controlnet.train.config import ModelConfig
 from controlnet.train.trainer import train
 

@@ -21,12 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-# The 18-point COCO layout of OpenPose: index -> name.
-COCO18_NAMES = (
-    "nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",
-    "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle",
-    "right_eye", "left_eye", "right_ear", "left_ear",
-)  # fmt: skip
+# The 18-point COCO layout of OpenPose, index -> point: 0 nose, 1 neck, 2-4 right shoulder/elbow/wrist,
+# 5-7 left shoulder/elbow/wrist, 8-10 right hip/knee/ankle, 11-13 left hip/knee/ankle, 14-15 right/left eye,
+# 16-17 right/left ear.
 NUM_BODY_POINTS = 18
 # BODY_25 index of each COCO-18 point (BODY_25 adds mid-hip at 8 and six foot points at 19-24).
 BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)

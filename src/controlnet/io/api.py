@@ -29,6 +29,7 @@ from controlnet.io.formats import (
     detect_format,
     unet_config_for,
 )
+from controlnet.io.lite import is_lite_folder, load_lite
 from controlnet.io.safe_load import (
     WEIGHT_SUFFIXES,
     LazyWeights,
@@ -40,7 +41,6 @@ from controlnet.io.safe_load import (
 )
 from controlnet.model.controlnet import ControlNet, encoder_skips
 from controlnet.model.hint_encoder import SD_LATENT_DOWNSCALE
-from controlnet.model.lite import is_lite_folder, load_lite
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def load_controlnet(
     Only the ControlNet's tensors are read (not the SD model of a v1.0 combined file); a .safetensors file is
     memory-mapped (the tensors stay file-backed), others are read one tensor at a time.
     """
-    if is_lite_folder(path):  # the ablation's ControlNet-lite (model/lite.py): a folder format of its own
+    if is_lite_folder(path):  # the ablation's ControlNet-lite (model/lite.py): its own folder format, io/lite.py
         return _load_lite(path, unet, dtype)
     with open_controlnet(path, unet, config, hint_downscale_factor) as source:
         param = next(unet.parameters()) if unet is not None else None

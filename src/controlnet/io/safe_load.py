@@ -42,18 +42,6 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive
 PICKLE_PROTOCOL_OPCODE = b"\x80"  # legacy torch.save: a pickle stream starting with PROTO
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a plain `.safetensors` file ({} for other files or when there is none)."""
-    path = Path(path)
-    if _suffix(path) not in SAFETENSORS_SUFFIXES or path.name.lower().endswith(".xz"):
-        return {}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError):
-        return {}  # read_state_dict reports unreadable files
-
-
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".xz"):

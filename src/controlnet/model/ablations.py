@@ -16,8 +16,6 @@ import math
 import torch
 from torch import nn
 
-CONNECTION_INITS = ("zero", "gaussian")
-
 
 def connection_layers(net: nn.Module) -> list[nn.Conv2d]:
     """Every layer that is zero-initialised in a ControlNet: one per output, the middle block's, and the hint

@@ -31,9 +31,9 @@ from torch.utils.checkpoint import checkpoint
 from controlnet.model.hint_encoder import REFERENCE_HINT_CHANNELS, SD_LATENT_DOWNSCALE, HintEncoder
 
 # Encoder outputs of SD1.x/2.x: conv_in + 3 x (2 resnets + downsampler) + 2 resnets = 12 skips, + the middle.
+# (SDXL: conv_in + 2 x (2 resnets + downsampler) + 2 resnets = 9 skips, + the middle = 10; the count is always
+# read from the UNet, `num_control_outputs`.)
 NUM_CONTROL_OUTPUTS_SD15 = 13
-# SDXL: conv_in + 2 x (2 resnets + downsampler) + 2 resnets = 9 skips, + the middle.
-NUM_CONTROL_OUTPUTS_SDXL = 10
 
 _SUPPORTED_ADDITION_EMBEDS = (None, "text_time")
 

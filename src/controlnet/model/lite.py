@@ -13,16 +13,14 @@ and the pipeline take it as they take a ControlNet. It sees neither the timestep
 time embedding and cross-attention are what the single convs lack. conv_in starts from the UNet's; the other
 convs start from PyTorch's default initialisation (the trainer seeds it).
 
-Saved as a folder of its own (config.json with `_class_name` ControlNetLite + safetensors), which
-`load_controlnet` reads; it has no original (cldm) format and diffusers has no such class.
+Saved as a folder of its own (config.json from `lite_config` + safetensors: io/lite.py), which `load_controlnet`
+reads; it has no original (cldm) format and diffusers has no such class.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,8 +28,7 @@ from torch import nn
 from controlnet.model.controlnet import ControlBase, ControlNetOutput, HintConfig, _zero_conv, encoder_skips
 from controlnet.model.hint_encoder import REFERENCE_HINT_CHANNELS, SD_LATENT_DOWNSCALE, HintEncoder
 
-LITE_CLASS_NAME = "ControlNetLite"
-LITE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+LITE_CLASS_NAME = "ControlNetLite"  # `_class_name` in a saved lite net's config.json
 
 
 class ControlNetLite(ControlBase):
@@ -116,44 +113,3 @@ class ControlNetLite(ControlBase):
             "hint_downscale_factor": self.hint_config.downscale_factor,
             "unet_config": {k: v for k, v in self.unet_config.items() if not k.startswith("_")},
         }
-
-
-def is_lite_folder(path: str | Path) -> bool:
-    """True for a folder written by `save_lite`."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("_class_name") == LITE_CLASS_NAME
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
-def save_lite(net: ControlNetLite, folder: str | Path) -> Path:
-    """Write `net` as config.json + safetensors into `folder`, atomically (the folder appears whole or not at all)."""
-    from safetensors.torch import save_file
-
-    from controlnet.atomic import atomic_path
-
-    folder = Path(folder)
-    with atomic_path(folder) as tmp:
-        tmp.mkdir()
-        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp / LITE_WEIGHTS))
-        (tmp / "config.json").write_text(json.dumps(net.lite_config(), indent=2, default=str) + "\n")
-    return folder
-
-
-def load_lite(folder: str | Path, dtype: torch.dtype | None = None) -> ControlNetLite:
-    """Read a folder written by `save_lite`."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    hint = HintConfig(config["conditioning_channels"], tuple(config["conditioning_embedding_out_channels"]),
-                      config["hint_downscale_factor"])  # fmt: skip
-    channels = config["skip_channels"]
-    with torch.device("meta"):
-        conv_in = nn.Conv2d(config["in_channels"], channels[0], 3, padding=1)
-        net = ControlNetLite(config["unet_config"], hint, conv_in, channels, config["skip_strides"])
-    net.load_state_dict(load_file(str(folder / LITE_WEIGHTS)), strict=True, assign=True)
-    return net.to(dtype=dtype) if dtype is not None else net

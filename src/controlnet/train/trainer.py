@@ -509,7 +509,7 @@ class Trainer:
                 p.data.copy_(e)
         net = self.controlnet
         if self.config.model.architecture == "lite":  # no diffusers or original format exists for it
-            from controlnet.model.lite import save_lite
+            from controlnet.io.lite import save_lite
 
             save_lite(net, final / "controlnet")
             return final
