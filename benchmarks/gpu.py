@@ -25,7 +25,7 @@ failing section prints one line and the others still run; the exit status is 1 i
    own, ours first, so a compilation that fails or runs past the budget costs only its own numbers (one line with
    the reason); the first call (compilation) is printed apart; parity between the two compiled outputs of one seed;
    batch 4 only if the budget still allows after batch 1.
-3. training: one optimizer step of our trainer (controlnet.train.trainer.Trainer._optimizer_step: cached latents
+3. training: one optimizer step of our trainer (controlnet.train.trainer.Trainer.step: cached latents
    and text, accelerate bf16 autocast, fp32 ControlNet with fused AdamW, locked bf16 UNet, channels_last) at 512 px:
    samples/s, and MFU = FLOPs of one step (torch.utils.flop_counter.FlopCounterMode: matmuls, convolutions and
    attention, forward and backward, as executed) / step time / the GPU's dense bf16 peak (PEAK_BF16_TFLOPS by
@@ -34,10 +34,10 @@ failing section prints one line and the others still run; the exit status is 1 i
    master weights, the trainer's AdamW, bf16 autocast, channels_last): peak memory and time of a step, the ratios
    ControlNet / fine-tune beside the paper's (Sec. 3.2: 1.23x memory, 1.34x time).
 5. adam8bit: optimizer-state memory of bitsandbytes' AdamW8bit vs torch's AdamW for the ControlNet's trainable
-   parameters, both built by the trainer's own `_optimizer` (optim.use_8bit_adam); bytes of the state tensors after
-   one step, and on CUDA the growth of torch.cuda.memory_allocated over that step.
+   parameters, both built as the trainer builds them (controlnet.train.loop.build_optimizer, optim.use_8bit_adam);
+   bytes of the state tensors after one step, and on CUDA the growth of torch.cuda.memory_allocated over that step.
 
-In the dry mode the same code runs on the tiny test configs (tests/tiny.py, tests/generate/pipeline_tiny.py) at
+In the dry mode the same code runs on the tests' tiny configs (controlnet.testing.tiny_models) at
 64 px in float32 with 2 steps; torch.compile uses the "eager" backend there (dynamo only: inductor needs minutes
 and a C++ compiler on a CPU); memory on a CPU is the peak of torch's tensor bytes from the profiler
 (benchmarks/training.py's PeakTensorMemory) plus the weights and optimizer state held at the step's start.
@@ -63,9 +63,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT / "tests", ROOT / "tests" / "generate", ROOT / "benchmarks"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(ROOT / "benchmarks") not in sys.path:  # the sibling scripts (generation, training) when loaded by file
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -226,16 +225,21 @@ def one_line(err: BaseException) -> str:
 # components (random weights)
 def make_base(model: str, device: torch.device, tmp: Path, seed: int = 0):
     """A random base (BaseComponents), built on `device` in float32: SD1.5-sized UNet, SD VAE and a CLIP-L-sized text
-    encoder, or the tests' tiny stand-ins; a real CLIPTokenizer over a small vocabulary (tests/generate)."""
+    encoder, or the tests' tiny stand-ins; a real CLIPTokenizer over a small vocabulary (controlnet.testing)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from pipeline_tiny import make_scheduler, make_text_encoder, make_tokenizer, make_vae, write_clip_vocab
     from training import CLIP_L, SD_VAE
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from controlnet.generate.base import BaseComponents
     from controlnet.io.formats import builtin_unet_config
-
-    from tiny import TINY_UNET_CONFIGS
+    from controlnet.testing.tiny_models import (
+        TINY_UNET_CONFIGS,
+        make_scheduler,
+        make_text_encoder,
+        make_tokenizer,
+        make_vae,
+        write_clip_vocab,
+    )
 
     torch.manual_seed(seed)
     with torch.device(device):  # initialised where they run: seconds for 1.1B parameters on a GPU
@@ -318,9 +322,9 @@ class Run:
 
 def build_pipelines(run: Run) -> dict:
     from diffusers import StableDiffusionControlNetPipeline
-    from pipeline_tiny import condition_image
 
     from controlnet.generate.pipeline import ControlNetPipeline
+    from controlnet.testing.tiny_models import condition_image
 
     dtype = getattr(torch, run.sizes.gen_dtype)
     base = make_base(run.sizes.model, run.device, run.tmp / "generation")
@@ -558,17 +562,22 @@ def dataset(run: Run) -> Path:
     return run.data_dir
 
 
-def make_trainer(run: Run, base, name: str, **overrides: str):
+def train_config(run: Run, name: str, **overrides: str):
+    """The run's TrainConfig (a run folder `run-<name>`) with `overrides` ("section.field": text)."""
     from controlnet.train.config import resolve_config
-    from controlnet.train.trainer import Trainer
 
-    config = resolve_config(None, {
+    return resolve_config(None, {
         "data.path": str(dataset(run)), "data.resolution": str(run.sizes.resolution),
         "data.cache_dir": str(run.tmp / "cache"), "train.output_dir": str(run.tmp / f"run-{name}"),
         "train.batch_size": str(run.sizes.train_batch), "train.max_steps": "1000",
         "train.mixed_precision": run.sizes.train_precision, "checkpoint.every": "0", **overrides,
     })  # fmt: skip
-    return Trainer(config, base)
+
+
+def make_trainer(run: Run, base, name: str, **overrides: str):
+    from controlnet.train.trainer import Trainer
+
+    return Trainer(train_config(run, name, **overrides), base)
 
 
 def tensor_bytes(tensors) -> int:
@@ -635,12 +644,12 @@ def section_training(run: Run, budget: Budget) -> dict:
     run.drop_pipelines()
     base = make_base(run.sizes.model, run.device, run.tmp / "train-base")
     trainer = make_trainer(run, base, "controlnet")
-    trainer._setup()
-    trainer._build_model()
+    trainer.setup()
+    trainer.build_model()
     counter = iter(range(10**9))
 
     def step() -> None:  # our trainer's own optimizer step (the one `controlnet train` runs)
-        loss, skipped = trainer._optimizer_step(next(counter))
+        loss, skipped = trainer.step(next(counter))
         assert not skipped and math.isfinite(loss), f"non-finite loss {loss}"
 
     for _ in range(WARMUP_STEPS):
@@ -675,11 +684,13 @@ def section_training(run: Run, budget: Budget) -> dict:
 def section_finetune(run: Run, budget: Budget) -> dict:
     import torch.nn.functional as F
 
+    from controlnet.train.loop import build_optimizer
+
     base = make_base(
         run.sizes.model, run.device, run.tmp / "finetune-base"
     )  # fresh (the trainer locked the other)
     trainer = make_trainer(run, base, "finetune")
-    trainer._setup()  # the same data and cached latents/text (a cache hit: same seeded VAE and text encoder)
+    trainer.setup()  # the same data and cached latents/text (a cache hit: same seeded VAE and text encoder)
     config, dtype, unet = trainer.config, trainer.weight_dtype, base.unet
     for module in (base.vae, *base.text_modules()):
         module.to(dtype)  # as the trainer holds them
@@ -687,7 +698,7 @@ def section_finetune(run: Run, budget: Budget) -> dict:
     if config.model.channels_last:
         unet.to(memory_format=torch.channels_last)
     params = list(unet.parameters())
-    optimizer = trainer._optimizer([{"params": params, "lr": config.optim.lr}])  # the trainer's AdamW
+    optimizer = build_optimizer(config.optim, [{"params": params, "lr": config.optim.lr}])  # the trainer's AdamW
     counter = iter(range(10**9))
     memory_format = torch.channels_last if config.model.channels_last else torch.contiguous_format
 
@@ -729,8 +740,10 @@ def section_finetune(run: Run, budget: Budget) -> dict:
 # 5. optimizer state
 def optimizer_state(run: Run, params, use_8bit: bool) -> dict:
     """State bytes of the trainer's optimizer (one step taken) and, on CUDA, the growth of allocated memory."""
-    trainer = make_trainer(run, None, "adam", **{"optim.use_8bit_adam": str(use_8bit)})
-    optimizer = trainer._optimizer([{"params": params, "lr": trainer.config.optim.lr}])
+    from controlnet.train.loop import build_optimizer
+
+    config = train_config(run, "adam", **{"optim.use_8bit_adam": str(use_8bit)})
+    optimizer = build_optimizer(config.optim, [{"params": params, "lr": config.optim.lr}])
     run.clock.sync()
     before = torch.cuda.memory_allocated() if run.cuda else 0
     optimizer.step()

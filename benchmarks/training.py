@@ -242,7 +242,7 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
 
         def ours(s: int) -> None:
             train_unet(False)  # locked
-            trainer._optimizer_step(s)
+            trainer.step(s)
 
         steps["ours"] = ours
     if {"diffusers", "cache_only"} & set(variants):
@@ -350,14 +350,14 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
     # every variant uses the trainer's set-up: same data, same cached latents/text, same per-step random draws
     trainer = Trainer(config, base)
     t0 = time.perf_counter()
-    trainer._setup()
+    trainer.setup()
     setup_s = time.perf_counter() - t0
     for m in (base.vae, base.text_encoder):
         m.to(dtype)
 
     def build_steps() -> dict:
         if {"ours", "diffusers", "cache_only"} & set(variants):
-            trainer._build_model()
+            trainer.build_model()
             if pure_bf16:  # Parameters keep their identity, so the optimizer holds the cast ones
                 trainer.controlnet.to(dtype)
         elif config.model.channels_last:  # the UNet alone, in the layout the trainer would give it

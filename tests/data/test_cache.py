@@ -22,7 +22,7 @@ def _cache_folders(cache: Path) -> set[str]:
 
 def _setup(data, out, cache, base):
     trainer = Trainer(tiny_config(data, out, data__cache_dir=cache), base)
-    trainer._setup()
+    trainer.setup()
     return trainer
 
 
@@ -56,5 +56,5 @@ def test_latent_cache_holds_the_vae_posterior_and_invalidates_itself(tmp_path):
 def test_random_augmentation_bypasses_the_latent_cache(tmp_path):
     data = make_fill_dataset(tmp_path / "data", n=6)
     trainer = Trainer(tiny_config(data, tmp_path / "run", data__random_flip=True), make_tiny_base())
-    trainer._setup()
+    trainer.setup()
     assert trainer.data.latents is None and trainer.data.text is not None

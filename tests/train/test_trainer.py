@@ -114,8 +114,8 @@ def test_non_finite_steps_are_skipped_then_training_stops(fill_data, tmp_path):
 
 def test_half_of_the_prompts_are_empty_by_default(fill_data, tmp_path):
     trainer = Trainer(tiny_config(fill_data, tmp_path / "run", train__batch_size=4), make_tiny_base())
-    trainer._setup()
-    trainer._build_model()
+    trainer.setup()
+    trainer.build_model()
     empty = trainer.data.text["context"][trainer.data.empty_id]
     dropped = total = 0
     for micro in range(100):

@@ -11,6 +11,9 @@
 
 The step's inputs (data, caches, the per-micro-step random draws that make resume and multi-process runs exact)
 come from `batches.TrainingBatches`; validation scoring from `validation`; checkpoint files from `checkpoint`.
+
+`Trainer.run()` is the whole script. Steps 1-3 and one optimizer step of 5 are public on their own, for callers that
+drive the steps themselves (benchmarks, tests): `trainer.setup()`, `trainer.build_model()`, `trainer.step(n)`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,6 +44,7 @@ from controlnet.train.loop import (
     any_process,
     append_jsonl,
     broadcast_history,
+    build_optimizer,
     check_trackers,
     lr_lambda,
     numpy_state,
@@ -60,6 +65,13 @@ FINAL_DIR = "final"
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped: too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class StepResult(NamedTuple):
+    """What one optimizer step (`Trainer.step`) returns."""
+
+    loss: float  # the mean loss (paper Eq. 5) over the step's micro-batches and all processes
+    skipped: bool  # the loss or gradient was not finite: no update was made
 
 
 @dataclass
@@ -93,6 +105,8 @@ class Trainer:
     """One training run. `Trainer(config, base).run()`; `base` defaults to loading `config.model.base`.
 
     `on_load(component, k, n)` reports the base's loading; `on_message(line)` gets one-line news (a resume).
+    Driving the steps by hand: `setup()`, then `build_model()`, then `step(0)`, `step(1)`, ... (no checkpoints,
+    validation, logging or export: those belong to `run()`).
     """
 
     def __init__(self, config: TrainConfig, base: BaseComponents | None = None,
@@ -104,7 +118,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     # 1-2. set-up, base, data, caches
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Steps 1-2: accelerate, the run folder and its config.json, the locked base on the device, the data and
+        the caches of latents and text embeddings (`self.data`)."""
         from accelerate import Accelerator
 
         c = self.config
@@ -161,7 +177,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     # 3. the trainable model
-    def _build_model(self) -> None:
+    def build_model(self) -> None:
+        """Step 3 (after `setup`): the trainable ControlNet (`self.controlnet`), the locked UNet in the compute dtype,
+        the optimizer (`self.optimizer`), the LR schedule and the EMA."""
         c, base = self.config, self.base
         from controlnet.model.controlnet import ControlNet
         from controlnet.model.lite import ControlNetLite
@@ -209,7 +227,7 @@ class Trainer:
             net.enable_gradient_checkpointing()
             base.unet.enable_gradient_checkpointing()
         self.trainable = [p for group in params for p in group["params"]]
-        self.optimizer = self._optimizer(params)
+        self.optimizer = build_optimizer(c.optim, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(c.optim.lr_schedule, c.optim.warmup_steps, c.train.max_steps)
         )
@@ -217,20 +235,6 @@ class Trainer:
         # the LR scheduler is stepped by hand: accelerate's wrapper would step it once per process
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.ema = [p.detach().clone().float() for p in self.trainable] if c.optim.ema_decay else None
-
-    def _optimizer(self, params) -> torch.optim.Optimizer:
-        o = self.config.optim
-        kwargs = dict(betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
-        if o.use_8bit_adam:
-            if not torch.cuda.is_available():
-                raise ValueError("optim.use_8bit_adam needs a CUDA GPU")
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise ValueError("optim.use_8bit_adam needs `pip install bitsandbytes`") from None
-            return bnb.optim.AdamW8bit(params, **kwargs)
-        # the fused kernel (CPU and CUDA) does the whole update in one pass: ~2x faster than the per-op loop
-        return torch.optim.AdamW(params, fused=True, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------
     # 4. checkpoints
@@ -275,8 +279,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------------
     # 5. one optimizer step
-    def _optimizer_step(self, step: int) -> tuple[float, bool]:
-        """Run grad_accum micro-batches and one update. Returns (mean loss over all processes, skipped)."""
+    def step(self, step: int) -> StepResult:
+        """Optimizer step number `step` (from 0; after `setup` and `build_model`): its grad_accum micro-batches
+        (paper Eq. 5), backward, the non-finite check, clipping, the update, the LR schedule and the EMA."""
         c = self.config
         accum = c.optim.grad_accum
         total = torch.zeros((), device=self.device)
@@ -309,7 +314,7 @@ class Trainer:
                     for e, p in zip(self.ema, self.trainable, strict=True):
                         e.lerp_(p.detach().float(), 1 - c.optim.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
-        return float(mean_loss), not finite
+        return StepResult(float(mean_loss), not finite)
 
     # ------------------------------------------------------------------------------------------------------
     # validation
@@ -387,8 +392,8 @@ class Trainer:
     # the run
     def run(self) -> RunSummary:
         run_started = time.time()
-        self._setup()
-        self._build_model()
+        self.setup()
+        self.build_model()
         c = self.config
         state = self._resume() or {}
         start, step = state.get("step", 0), state.get("step", 0)
@@ -413,7 +418,7 @@ class Trainer:
             if state.get("status") == "time_limit" and self._out_of_time():
                 status = "time_limit"
             while step < c.train.max_steps and status == "finished":
-                loss, skipped = self._optimizer_step(step)
+                loss, skipped = self.step(step)
                 step += 1
                 window_steps += 1
                 streak = streak + 1 if skipped else 0
@@ -531,4 +536,4 @@ def train(config: TrainConfig, base: BaseComponents | None = None,
     return Trainer(config, base, callback, on_load, on_message).run()
 
 
-__all__ = ["NonFiniteLossError", "RunSummary", "StepInfo", "Trainer", "train"]
+__all__ = ["NonFiniteLossError", "RunSummary", "StepInfo", "StepResult", "Trainer", "train"]
