@@ -129,11 +129,16 @@ def pil_to_unit_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
 
 
-def condition_tensor(image, width: int, height: int, mode: str = "just_resize") -> torch.Tensor:
-    """A condition image of any kind -> (1, 3, height, width) float32 in [0, 1]."""
+def condition_image(image, width: int, height: int, mode: str = "just_resize") -> Image.Image:
+    """A condition image of any kind as an RGB PIL image of (width, height); one already so is returned as is."""
     image = to_pil(image, "condition image")
     rgb = image if image.mode == "RGB" else image.convert("RGB")  # before resizing: "P" maps resize by nearest
-    return pil_to_unit_tensor(resize_image(rgb, width, height, mode))
+    return resize_image(rgb, width, height, mode)
+
+
+def condition_tensor(image, width: int, height: int, mode: str = "just_resize") -> torch.Tensor:
+    """A condition image of any kind -> (1, 3, height, width) float32 in [0, 1]."""
+    return pil_to_unit_tensor(condition_image(image, width, height, mode))
 
 
 def init_image_tensor(image, width: int, height: int, mode: str = "just_resize") -> torch.Tensor:

@@ -253,8 +253,8 @@ class ControlNetPipeline:
         """
         # 1. check inputs ---------------------------------------------------------------------------------
         opt = options if options is not None else GenerationOptions(**kwargs)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         opt = opt.with_defaults(self.sampling)  # steps, guidance, sampler the caller left to the base
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
         negatives = None if opt.negative_prompt is None else _per_prompt(opt.negative_prompt, len(prompts))
@@ -323,9 +323,10 @@ class ControlNetPipeline:
                 control_pils.append(ci.tensor_to_pil(cond.clamp(min=0))[0])
             else:
                 entries = _per_prompt_images(entry, len(prompts), k)
-                tensors = [ci.condition_tensor(e, width, height, opt.resize_mode) for e in entries]
-                cond = torch.cat(tensors)  # (1 or P, 3, H, W) in [0, 1]
-                control_pils.append(ci.tensor_to_pil(cond[:1])[0])
+                # RGB at the output size; a job's conditions arrive so (run_job resized them) and pass unchanged
+                images = [ci.condition_image(e, width, height, opt.resize_mode) for e in entries]
+                cond = torch.cat([ci.pil_to_unit_tensor(im) for im in images])  # (1 or P, 3, H, W) in [0, 1]
+                control_pils.append(images[0])
             conds.append(cond)
         latent_h, latent_w = height // factor, width // factor
         nets: list[_Net] = []
