@@ -322,3 +322,33 @@ def test_20_concurrent_generates_get_200_or_429(server, url):
     peak = server.peak_rss_mb()
     print(f"20 concurrent: {codes.count(200)} x 200, {codes.count(429)} x 429; server peak RSS {peak:.0f} MB")
     assert peak < PEAK_RSS_BOUND_MB
+
+
+# --------------------------------------------------------------------------------------------------------
+# checked at request time, against what the server has
+def test_annotator_is_checked_per_request_and_listed_in_openapi(url):
+    body = assert_problem(httpx.post(url + "/v1/annotate", json={"annotator": "canny2", "image": b64(circle())}),
+                          422, "annotator", "unknown annotator 'canny2'")  # fmt: skip
+    assert "canny" in body["detail"].split("expected one of", 1)[1]  # the valid names
+    schema = httpx.get(url + "/openapi.json").json()["components"]["schemas"]["AnnotateIn"]["properties"]
+    served = [a["name"] for a in httpx.get(url + "/v1/annotators").json()]
+    assert schema["annotator"]["enum"] == served and "canny" in served
+
+
+def test_block_scales_must_match_the_nets_outputs(url, models_folder):
+    from controlnet import load_controlnet
+
+    outputs = load_controlnet(models_folder / TINY_CONTROLNET).num_control_outputs
+    body = {"prompt": "x", "steps": 1, "units": [unit(block_scales=[1.0] * (outputs + 1))]}
+    assert_problem(httpx.post(url + "/v1/generate", json=body, timeout=60), 422, "units[0].block_scales",
+                   f"has {outputs} outputs")  # fmt: skip
+    body["units"][0]["block_scales"] = [0.5] * outputs
+    assert httpx.post(url + "/v1/generate", json=body, timeout=60).status_code == 200
+
+
+def test_image_limits_by_type_with_the_servers_max_pixels(url):
+    wide = Image.new("RGB", (2001, 2000))  # 4,002,000 pixels: over this server's --max-pixels 4000000
+    assert_problem(httpx.post(url + "/v1/generate", json=_unit_image(b64(wide)), timeout=60), 413,
+                   "units[0].image", "4,002,000 pixels")  # fmt: skip
+    assert_problem(httpx.post(url + "/v1/generate", json={"prompt": "x", "init_image": ""}, timeout=60), 422,
+                   "init_image", "empty")  # fmt: skip

@@ -30,7 +30,7 @@ class ControlMode:
 
     name: str
     display_name: str
-    """The web UI's label (written into PNG metadata)."""
+    """The web UI's label: written into infotexts and PNG metadata, shown by the page, read back."""
     conditional_only: bool
     """Residuals go to the conditional branch only (the unconditional branch gets none)."""
     per_block: str
@@ -45,9 +45,9 @@ CONTROL_MODES: dict[str, ControlMode] = {
         "cfg_resolution", "CFG resolution weighting (paper Sec. 3.4)", True, "resolution"
     ),
 }
-_MODE_ALIASES = {
-    "my prompt is more important": "prompt",
-    "controlnet is more important": "controlnet",
+# The web UI's API sends its ControlMode enum as ints 0, 1, 2 (older clients); the labels are `display_name`.
+WEBUI_CONTROL_MODES = ("balanced", "prompt", "controlnet")
+_MODE_ALIASES = {  # other spellings (lower case); the labels are read through CONTROL_MODES' display names
     "guess": "controlnet",
     "guess_mode": "controlnet",
     "resolution": "cfg_resolution",
@@ -77,15 +77,20 @@ def guess_mode_scales(num_outputs: int, form: str = "reference") -> list[float]:
     raise ValueError(f"guess-mode form {form!r}; expected one of {', '.join(GUESS_MODE_FORMS)}")
 
 
-def control_mode(name: str) -> ControlMode:
-    """Look a control mode up by name or web-UI label; raises ValueError naming the choices."""
-    key = name.strip().lower()
+def control_mode(name: str | int) -> ControlMode:
+    """Look a control mode up by name, web-UI label (`display_name`) or the web UI's int (0, 1, 2:
+    WEBUI_CONTROL_MODES); raises ValueError naming the choices."""
+    if isinstance(name, int) and not isinstance(name, bool) and 0 <= name < len(WEBUI_CONTROL_MODES):
+        return CONTROL_MODES[WEBUI_CONTROL_MODES[name]]
+    key = name.strip().lower() if isinstance(name, str) else ""
     by_label = {mode.display_name.lower(): mode for mode in CONTROL_MODES.values()}
-    if key in by_label:  # the labels written into PNG metadata read back
+    if key in by_label:  # the labels written into infotexts and PNG metadata read back
         return by_label[key]
     key = _MODE_ALIASES.get(key, key).replace("-", "_").replace(" ", "_")
     if key not in CONTROL_MODES:
-        raise ValueError(f"unknown control mode {name!r}; expected one of {', '.join(CONTROL_MODES)}")
+        labels = ", ".join(repr(CONTROL_MODES[m].display_name) for m in WEBUI_CONTROL_MODES)
+        raise ValueError(f"unknown control mode {name!r}; expected one of {', '.join(CONTROL_MODES)} (or the web "
+                         f"UI's 0, 1, 2 or {labels})")  # fmt: skip
     return CONTROL_MODES[key]
 
 

@@ -4,14 +4,19 @@ Our PNGs carry the full settings as JSON in the "controlnet" text chunk; PNGs fr
 that copy its format) carry only the "parameters" infotext: the prompt, an optional "Negative prompt: ..." part,
 and a last line of `Key: value` pairs where a value holding commas is a JSON string ("ControlNet 0": "Module:
 canny, Model: ..., Weight: 1.0, ..."). Both come back as one settings dict in `GenerationResult.settings`' own
-keys, so the web page can put them back into its form.
+keys, so the web page can put them back into its form. A unit's "Resize Mode" and "Control Mode" labels are read
+by the tables beside their enums (control_images.py RESIZE_DISPLAY_NAMES and the web UI's earlier labels,
+guidance.py CONTROL_MODES' display names) into `resize_mode` and `mode`; a label neither knows stays text only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 
+from controlnet.generate.control_images import resize_mode
+from controlnet.generate.guidance import control_mode
 from controlnet.io.images import open_image
 
 # one `Key: value` pair of the last infotext line; a value is a JSON string (may hold commas) or runs to the comma
@@ -34,6 +39,10 @@ _UNIT_FIELDS = {  # key inside a "ControlNet k" value -> (unit settings key, typ
     "Guidance Start": ("start", float),
     "Guidance End": ("end", float),
     "Control Mode": ("mode_label", str),
+}
+_UNIT_LABELS = {  # label key -> (canonical key, reader of the label)
+    "resize_label": ("resize_mode", resize_mode),
+    "mode_label": ("mode", lambda label: control_mode(label).name),
 }
 
 
@@ -87,6 +96,11 @@ def parse_parameters(text: str) -> dict:
                 if ukey in _UNIT_FIELDS:
                     name, kind = _UNIT_FIELDS[ukey]
                     unit[name] = _typed(uvalue, kind)
+            for label_key, (name, read) in _UNIT_LABELS.items():
+                if not unit.get(label_key):
+                    continue
+                with contextlib.suppress(ValueError):  # a label neither table knows: kept as its text only
+                    unit[name] = read(unit[label_key])
             units[int(key[len("ControlNet ") :])] = unit
         else:
             extra[key] = value

@@ -85,6 +85,16 @@ def context_dim(state: dict) -> int | None:
     return None
 
 
+def count_control_outputs(keys, fmt: str) -> int | None:
+    """A ControlNet's number of outputs (zero convs: one per UNet skip + the middle block; 13 for SD1.5, 10 for
+    SDXL) from the key names of format `fmt` (detect_format's); None when `fmt` is not a ControlNet."""
+    if fmt in ("original-controlnet", "original-combined"):
+        return sum(1 for k in keys if k.endswith(".weight") and ("zero_convs." in k or "middle_block_out." in k))
+    if fmt == "diffusers-controlnet":
+        return sum(1 for k in keys if k.endswith(".weight") and k.startswith("controlnet_down_blocks.")) + 1
+    return None
+
+
 def inspect_state_dict(state: dict) -> Inspection:
     fmt = detect_format(state)
     if fmt == "original-combined":
@@ -93,19 +103,12 @@ def inspect_state_dict(state: dict) -> Inspection:
         counted = state
     dim = context_dim(counted)
     family = FAMILY_BY_CONTEXT_DIM.get(dim)
-    outputs = None
-    if fmt in ("original-controlnet", "original-combined"):
-        outputs = sum(
-            1 for k in counted if k.endswith(".weight") and ("zero_convs." in k or "middle_block_out." in k)
-        )
-    elif fmt == "diffusers-controlnet":
-        outputs = sum(1 for k in counted if k.endswith(".weight") and k.startswith("controlnet_down_blocks.")) + 1
     return Inspection(
         format=fmt,
         family=family,
         num_parameters=sum(v.numel() for v in counted.values()),
         dtypes=sorted({str(v.dtype).removeprefix("torch.") for v in counted.values()}),
-        num_control_outputs=outputs,
+        num_control_outputs=count_control_outputs(counted, fmt),
         context_dim=dim,
     )
 

@@ -7,7 +7,11 @@ allocate 3.6 GB per channel (OpenCV stops with an assertion traceback, PIL with 
 So the header size is checked first (`Image.open` is lazy: it parses the header and stops), and only images
 under `MAX_IMAGE_PIXELS` are decoded. Truncated and corrupt files are refused with one line naming the file
 instead of PIL's `OSError: image file is truncated` or `UnidentifiedImageError`. Errors are `ImageError`, a
-`ValueError`, so the CLI prints one line and exits 2.
+`ValueError`, so the CLI prints one line and exits 2; an image over the size limit is its subclass `ImageTooLarge`
+(a server answers 413 to it, by type).
+
+The other direction is here too: `png_bytes` / `png_base64` / `png_data_uri` encode an image as the PNG every front
+door sends (the native API, the web-UI API, the web page's "copy as API request"), text chunks included.
 
 Why here: `io/` reads the files users bring (checkpoints and now images), and this module imports only PIL and
 `controlnet.errors`, so `annotate/` (which must import no `model/`), `data/`, `generate/` and `serve/` can all
@@ -16,6 +20,7 @@ use it without pulling in torch.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -24,9 +29,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from controlnet.errors import ImageError
+from controlnet.errors import ImageError, ImageTooLarge
 
 # 2**26 = 67,108,864 pixels (e.g. 8192 x 8192). Above every full-frame camera (61 MP: 9504 x 6336) and 4096 x 4096
 # texture, and 64x the largest generation a ControlNet serves (SDXL's 1024 x 1024; every condition is resized to
@@ -60,9 +65,9 @@ def _fp(source, what: str):
 
 
 def check_pixels(width: int, height: int, label: str, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Refuse a `width` x `height` image over `max_pixels` (raises ImageError naming `label`)."""
+    """Refuse a `width` x `height` image over `max_pixels` (raises ImageTooLarge naming `label`)."""
     if width * height > max_pixels:
-        raise ImageError(_too_large(label, width * height, max_pixels, f"{width}x{height} = "))
+        raise ImageTooLarge(_too_large(label, width * height, max_pixels, f"{width}x{height} = "))
 
 
 def _too_large(label: str, pixels: int, max_pixels: int, dims: str = "") -> str:
@@ -86,7 +91,7 @@ def _header(source, what: str, max_pixels: int):
         except Image.DecompressionBombError as err:
             claimed = _PIL_BOMB_PIXELS.search(str(err))
             pixels = int(claimed.group(1)) if claimed else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
-            raise ImageError(_too_large(label, pixels, max_pixels)) from None
+            raise ImageTooLarge(_too_large(label, pixels, max_pixels)) from None
         except UnidentifiedImageError:
             raise ImageError(f"{label}: cannot read it as an image (no format PIL reads recognises it)") from None
         except _DECODE_ERRORS as err:
@@ -114,7 +119,29 @@ def open_image(source, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) 
         try:
             image.load()
         except Image.DecompressionBombError as err:  # some formats (ICO, animated GIF frames) check again here
-            raise ImageError(f"{label}: {err}") from None
+            raise ImageTooLarge(f"{label}: {err}") from None
         except _DECODE_ERRORS as err:
             raise ImageError(f"{label}: cannot read it, the file is truncated or corrupt ({err})") from None
         return image  # closing the file keeps the decoded pixels
+
+
+def png_bytes(image: Image.Image, text: dict[str, str] | PngImagePlugin.PngInfo | None = None) -> bytes:
+    """`image` encoded as PNG; `text`: its text chunks ({"parameters": infotext}) or a ready PngInfo."""
+    info = text
+    if isinstance(text, dict):
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def png_base64(image: Image.Image, text: dict[str, str] | PngImagePlugin.PngInfo | None = None) -> str:
+    """Raw base64 of `png_bytes` (no data: prefix), as the web-UI API and the native API answer."""
+    return base64.b64encode(png_bytes(image, text)).decode("ascii")
+
+
+def png_data_uri(image: Image.Image, text: dict[str, str] | PngImagePlugin.PngInfo | None = None) -> str:
+    """`data:image/png;base64,...` of `png_bytes`, as request bodies carry images."""
+    return "data:image/png;base64," + png_base64(image, text)

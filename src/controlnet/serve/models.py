@@ -23,6 +23,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from controlnet.generate.base import MODEL_INDEX
@@ -31,6 +32,7 @@ from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
     FAMILY_BY_CONTEXT_DIM,
+    count_control_outputs,
     detect_format,
 )
 
@@ -94,6 +96,15 @@ class ModelEntry:
         with open(self.weights, "rb") as fh:
             fh.seek(OLD_HASH_OFFSET)
             return hashlib.sha256(fh.read(OLD_HASH_LENGTH)).hexdigest()[:8]
+
+    @cached_property
+    def num_control_outputs(self) -> int | None:
+        """A ControlNet's outputs (skips + the middle block: 13 for SD1.5, 10 for SDXL), counted from its weights'
+        key names on first use (a .safetensors header only); None for a base."""
+        if self.kind != "controlnet":
+            return None
+        keys, _ = _header_keys(self.weights)
+        return count_control_outputs(keys, detect_format(dict.fromkeys(keys)))
 
     @property
     def stem(self) -> str:

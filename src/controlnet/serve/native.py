@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from controlnet import __version__
 from controlnet.generate.jobs import ControlUnit, GenerationJob
 from controlnet.generate.outputs import png_info
+from controlnet.io.images import png_base64, png_bytes
 from controlnet.serve.annotators import checked_options, describe_annotators
-from controlnet.serve.images import decode_image, png_base64, png_bytes
+from controlnet.serve.images import decode_image
 from controlnet.serve.problems import PROBLEM_JSON, ApiError, error_status
 from controlnet.serve.service import (
     CANCELLED,
@@ -98,8 +99,15 @@ class GenerateIn(Strict):
     inpaint_paste: bool = False
 
 
+def _annotator_enum(schema: dict) -> None:
+    """The served annotators as the field's `enum` in /openapi.json, listed when the schema is first asked for
+    (not at import); requests are checked against the same list by `check_annotator` (422 naming the field)."""
+    schema["enum"] = served_annotators()
+
+
 class AnnotateIn(Strict):
-    annotator: Literal[tuple(served_annotators())] = Field(description="an annotator from GET /v1/annotators")
+    annotator: str = Field(description="an annotator from GET /v1/annotators", max_length=64,
+                           json_schema_extra=_annotator_enum)  # fmt: skip
     image: str = Image64
     options: dict[str, Any] = Field(default_factory=dict)
 

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
-from controlnet.errors import ImageError
+from controlnet.errors import ImageTooLarge
 from controlnet.serve.models import UnknownModel
 from controlnet.serve.service import JobCancelled, QueueFull, ServiceClosed
 
@@ -88,10 +88,9 @@ def allowed_methods(request: Request) -> list[str]:
 
 
 def error_status(err: BaseException) -> int:
-    """The status of a library error met while serving a request."""
-    if isinstance(err, ImageError) and "pixels, over the limit" in str(err):
-        return 413
-    return 422
+    """The status of a library error met while serving a request, by its type: an image over a size limit is 413
+    (Content Too Large), any other ValueError 422."""
+    return 413 if isinstance(err, ImageTooLarge) else 422
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -18,10 +18,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from controlnet.generate.jobs import GenerationJob, annotate_image, check_job, run_job
+from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
 from controlnet.serve.models import ModelRegistry, UnknownModel
 
 logger = logging.getLogger(__name__)
@@ -195,35 +195,44 @@ class Service:
 
     # ---------------------------------------------------------------------------------------------------
     # submitting and following jobs
-    def check(self, spec) -> None:
-        """Refuse a job that cannot run (ValueError / UnknownModel naming the field) before it is queued."""
+    def check(self, spec):
+        """The job as it will run, its model names resolved to the registry's (a copy: `spec` is not changed);
+        refuses a job that cannot run (ValueError / UnknownModel naming the field) before it is queued."""
         if isinstance(spec, AnnotationJob):
             check_annotator(spec.annotator, spec.options, "annotator")
-            return
+            return spec
         if not isinstance(spec, GenerationJob):
             raise TypeError(f"expected a GenerationJob or AnnotationJob, got {type(spec).__name__}")
         if len(spec.units) > self.max_units:
             raise FieldError("units", f"{len(spec.units)} units; this server takes at most {self.max_units} "
                              "(--max-units); none is dropped silently")  # fmt: skip
         try:
-            spec.base = self.registry.base(spec.base or self.current_base).name
+            base = self.registry.base(spec.base or self.current_base).name
         except UnknownModel as err:
             err.field = "base"
             raise
+        units = []
         for k, unit in enumerate(spec.units):
             try:
-                unit.model = self.registry.controlnet(unit.model).name
+                entry = self.registry.controlnet(unit.model)
             except UnknownModel as err:
                 err.field = f"units[{k}].model"
                 raise
             if unit.annotator:
                 check_annotator(unit.annotator, unit.annotator_options, f"units[{k}].annotator")
-        check_job(spec)
+            outputs = entry.num_control_outputs
+            if unit.block_scales is not None and outputs and len(unit.block_scales) != outputs:
+                raise FieldError(f"units[{k}].block_scales", f"got {len(unit.block_scales)} values; {entry.name} "
+                                 f"has {outputs} outputs (its skips + the middle block), one scale each")  # fmt: skip
+            units.append(replace(unit, model=entry.name))
+        checked = replace(spec, base=base, units=units)
+        checked.check()
+        return checked
 
     def submit(self, spec) -> Job:
-        """Check and queue a job; raises QueueFull when `max_queue` jobs are already waiting."""
-        self.check(spec)
-        job = Job(spec)
+        """Check and queue a job (its checked copy: `spec` is not changed); raises QueueFull when `max_queue` jobs
+        are already waiting."""
+        job = Job(self.check(spec))
         with self._lock:
             if self._closed:
                 raise ServiceClosed("the server is shutting down")

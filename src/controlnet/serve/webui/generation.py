@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 from PIL import ImageOps
 
+from controlnet.generate.control_images import RESIZE_MODES
 from controlnet.generate.jobs import GenerationJob
 from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name
+from controlnet.serve.images import decode_image
 from controlnet.serve.models import UnknownModel
-from controlnet.serve.webui.payload import PayloadError, decode_image
+from controlnet.serve.webui.payload import PayloadError
 from controlnet.serve.webui.units import UnitContext, WebUIUnit, find_unit_args, parse_units
 
 DEFAULT_STEPS = 50  # the web UI's API defaults (modules/api/models.py / processing.py)
@@ -34,8 +36,8 @@ DEFAULT_SAMPLER = "Euler"
 DEFAULT_DENOISING = 0.75
 MAX_SEED = 2**32 - 1  # the web UI draws seeds in [0, 2**32)
 MAX_IMAGES = 16  # batch_size x n_iter per request: one request must not hold the worker for hours
-# img2img resize_mode: 0 Just resize, 1 Crop and resize, 2 Resize and fill, 3 Just resize (latent upscale)
-IMG2IMG_RESIZE = {0: "just_resize", 1: "crop_and_resize", 2: "resize_and_pad"}
+# img2img resize_mode: 0 Just resize, 1 Crop and resize, 2 Resize and fill (RESIZE_MODES' order), 3 Just resize
+# (latent upscale), which we do not have
 OVERRIDE_KEYS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
 SCHEDULER_AUTOMATIC = ("", "automatic")
 REFUSED_TRUE = {  # field -> what it would need
@@ -66,7 +68,7 @@ class WebUIRequest:
 
 
 def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
-    """Check a txt2img / img2img body and build its job; PayloadError (422/413) naming the field at fault."""
+    """Check a txt2img / img2img body and build its job; PayloadError or ImageError naming the field at fault."""
     if not isinstance(payload, dict):
         raise PayloadError("body", f"expected a JSON object, got {type(payload).__name__}")
     _refuse_features(payload)
@@ -97,6 +99,7 @@ def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
         height=height,
         init_image=init_image,
         has_mask=mask is not None,
+        max_pixels=service.max_pixels,
         where=f"alwayson_scripts.{key or 'ControlNet'}.args",
     )
     units = parse_units(args, ctx)
@@ -194,21 +197,20 @@ def _img2img(payload: dict, service):
         raise PayloadError("init_images", "expected a list with one base64 image")
     if len(inits) > 1:
         raise PayloadError("init_images", f"got {len(inits)} images; this server takes one init image per request")
-    limit = getattr(service, "max_pixels", None)
-    init = decode_image(inits[0], "init_images[0]", *([limit] if limit else []))
+    init = decode_image(inits[0], "init_images[0]", service.max_pixels)
     if init is None:
-        raise PayloadError("init_images[0]", "empty image")
-    mask = decode_image(payload.get("mask"), "mask", *([limit] if limit else []))
+        raise PayloadError("init_images[0]", "expected a base64 image or a data: URI, got null")
+    mask = decode_image(payload.get("mask"), "mask", service.max_pixels, blank_is_none=True)
     if mask is not None and payload.get("inpainting_mask_invert"):
         mask = ImageOps.invert(mask.convert("L"))  # 1 = repaint the black part
     strength = _float(payload, "denoising_strength", DEFAULT_DENOISING, 0.0, 1.0)
     if strength <= 0:
         raise PayloadError("denoising_strength", "got 0 (nothing would be repainted); expected 0 < strength <= 1")
     mode = payload.get("resize_mode", 0)
-    if isinstance(mode, bool) or mode not in IMG2IMG_RESIZE:
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < len(RESIZE_MODES):
         raise PayloadError("resize_mode", f"got {mode!r}; expected 0 (just resize), 1 (crop and resize) or 2 "
                                           "(resize and fill); 3 (latent upscale) is not available")  # fmt: skip
-    return init.convert("RGB") if init.mode not in ("RGB", "RGBA") else init, mask, strength, IMG2IMG_RESIZE[mode]
+    return init.convert("RGB") if init.mode not in ("RGB", "RGBA") else init, mask, strength, RESIZE_MODES[mode]
 
 
 def _text(payload: dict, key: str) -> str:

@@ -12,8 +12,8 @@ import json
 import time
 
 from controlnet import __version__
+from controlnet.io.images import png_base64
 from controlnet.serve.webui.generation import WebUIRequest
-from controlnet.serve.webui.payload import encode_png
 
 VERSION = f"controlnet {__version__}"
 
@@ -55,10 +55,11 @@ def build_response(request: WebUIRequest, results: list, parameters: dict, base_
     texts = [infotext(job.prompt, negative, {**params, "Seed": seed}) for seed in seeds]
     images = []
     if send_images:
-        images = [encode_png(img, texts[i]) for i, img in enumerate(img for r in results for img in r.images)]
+        generated = (img for r in results for img in r.images)
+        images = [png_base64(img, {"parameters": texts[i]}) for i, img in enumerate(generated)]
         for unit, control in zip(units, results[0].control_images, strict=True):
             if unit.save_detected_map:
-                images.append(encode_png(control.convert("RGB")))
+                images.append(png_base64(control.convert("RGB")))
     count = len(seeds)
     info = {
         "prompt": job.prompt,

@@ -15,12 +15,14 @@ from typing import Annotated
 
 from fastapi import Body, FastAPI
 
+from controlnet.io.images import png_base64
+from controlnet.serve.images import decode_image
 from controlnet.serve.problems import ApiError
 from controlnet.serve.service import AnnotationJob, FieldError
 from controlnet.serve.webui import modules as mods
 from controlnet.serve.webui.generation import echo_parameters, parse_request
 from controlnet.serve.webui.info import build_response
-from controlnet.serve.webui.payload import PayloadError, decode_image, encode_png
+from controlnet.serve.webui.payload import PayloadError
 from controlnet.serve.webui.units import UNSET
 
 CONTROLNET_API_VERSION = 3  # sd-webui-controlnet's API version (1.1.455)
@@ -33,7 +35,7 @@ _UNIT_FIELD = re.compile(r"^units\[(\d+)\]")
 
 
 def _api_error(err: PayloadError) -> ApiError:
-    return ApiError(err.status, str(err), err.field)
+    return ApiError(422, str(err), err.field)
 
 
 def add_routes(app: FastAPI, service) -> None:
@@ -186,11 +188,10 @@ def _detect(payload: dict, service) -> dict:
         raise PayloadError("controlnet_module", str(err)) from None
     if module.annotator == "inpaint":
         raise PayloadError("controlnet_module", "inpaint_only has no detected map; it runs inside img2img")
-    limit = getattr(service, "max_pixels", None)
-    decoded = [decode_image(v, f"{key}[{i}]", *([limit] if limit else [])) for i, v in enumerate(images)]
+    decoded = [decode_image(v, f"{key}[{i}]", service.max_pixels) for i, v in enumerate(images)]
     for i, image in enumerate(decoded):
         if image is None:
-            raise PayloadError(f"{key}[{i}]", "empty image")
+            raise PayloadError(f"{key}[{i}]", "expected a base64 image or a data: URI, got null")
     options = dict(module.fixed)
     for field, slider in module.sliders():
         value, _ = mods.effective_value(module, slider, payload.get(f"controlnet_{field}", UNSET))
@@ -198,8 +199,8 @@ def _detect(payload: dict, service) -> dict:
     out = []
     for image in decoded:
         if module.annotator is None:
-            out.append(encode_png(image.convert("RGB")))
+            out.append(png_base64(image.convert("RGB")))
             continue
         result = service.run(AnnotationJob(module.annotator, image.convert("RGB"), options))
-        out.append(encode_png(result))
+        out.append(png_base64(result))
     return {"images": out, "info": "Success"}

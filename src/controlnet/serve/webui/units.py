@@ -18,37 +18,20 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from controlnet.generate.control_images import RESIZE_DISPLAY_NAMES, resize_mode
+from controlnet.generate.guidance import CONTROL_MODES, control_mode
 from controlnet.generate.jobs import ControlUnit
 from controlnet.generate.pipeline import INPAINT
+from controlnet.serve.images import decode_image
 from controlnet.serve.models import ModelEntry, UnknownModel
 from controlnet.serve.webui.modules import NONE_MODULE, UNSET, Module, effective_value, find_module
-from controlnet.serve.webui.payload import PayloadError, decode_image
+from controlnet.serve.webui.payload import PayloadError
 
 SCRIPT_KEY = "controlnet"  # alwayson_scripts key, matched case-insensitively
 NO_MODEL = ("", "none")
-# resize_mode: the web UI's ResizeMode enum (0 RESIZE, 1 INNER_FIT, 2 OUTER_FIT) and every label it has used.
-RESIZE_BY_INT = {0: "just_resize", 1: "crop_and_resize", 2: "resize_and_pad"}
-RESIZE_BY_LABEL = {
-    "just resize": "just_resize",
-    "crop and resize": "crop_and_resize",
-    "inner fit (scale to fit)": "crop_and_resize",
-    "scale to fit (inner fit)": "crop_and_resize",
-    "resize and fill": "resize_and_pad",
-    "outer fit (shrink to fit)": "resize_and_pad",
-    "envelope (outer fit)": "resize_and_pad",
-}
-RESIZE_LABEL = {
-    "just_resize": "Just Resize",
-    "crop_and_resize": "Crop and Resize",
-    "resize_and_pad": "Resize and Fill",
-}
-DEFAULT_RESIZE = "Crop and Resize"  # the web UI's default
-# control_mode: 0 Balanced, 1 My prompt is more important, 2 ControlNet is more important (generate/guidance.py).
-MODE_BY_INT = {0: "balanced", 1: "prompt", 2: "controlnet"}
-MODE_BY_LABEL = {"balanced": "balanced", "my prompt is more important": "prompt",
-                 "controlnet is more important": "controlnet"}  # fmt: skip
-MODE_LABEL = {"balanced": "Balanced", "prompt": "My prompt is more important",
-              "controlnet": "ControlNet is more important"}  # fmt: skip
+# resize_mode and control_mode: ints 0/1/2 and every label the web UI has used are read, and the labels written, by
+# the tables beside the enums (generate/control_images.py RESIZE_DISPLAY_NAMES, generate/guidance.py CONTROL_MODES).
+DEFAULT_RESIZE = "crop_and_resize"  # the web UI's default ("Crop and Resize")
 # Unit fields naming features we do not have: refused when set (value not None / not empty).
 UNSUPPORTED_FIELDS = {
     "ipadapter_input": "IP-Adapter inputs",
@@ -82,14 +65,14 @@ class WebUIUnit:
             ("Module", self.module.name),
             ("Model", self.model.title),
             ("Weight", self.weight),
-            ("Resize Mode", RESIZE_LABEL[self.unit.resize_mode]),
+            ("Resize Mode", RESIZE_DISPLAY_NAMES[self.unit.resize_mode]),
             ("Processor Res", self.effective["processor_res"]),
             ("Threshold A", self.effective["threshold_a"]),
             ("Threshold B", self.effective["threshold_b"]),
             ("Guidance Start", self.guidance_start),
             ("Guidance End", self.guidance_end),
             ("Pixel Perfect", self.pixel_perfect),
-            ("Control Mode", MODE_LABEL[self.unit.mode]),
+            ("Control Mode", CONTROL_MODES[self.unit.mode].display_name),
         ]
         return ", ".join(f"{k}: {v}" for k, v in values)
 
@@ -124,6 +107,8 @@ class UnitContext:
     """img2img: the first init image (units without an image take it)."""
     has_mask: bool = False
     """img2img with an inpainting mask."""
+    max_pixels: int | None = None
+    """The server's limit on an image's pixels (None: io/images.py MAX_IMAGE_PIXELS)."""
     where: str = "alwayson_scripts.ControlNet.args"
 
 
@@ -157,7 +142,7 @@ def _parse_unit(k: int, unit: dict, ctx: UnitContext) -> WebUIUnit:
     except ValueError as err:
         raise PayloadError(f"{where}.module", str(err)) from None
     model = _model(unit.get("model"), ctx.registry, f"{where}.model")
-    image, mask = _images(unit, where)
+    image, mask = _images(unit, where, ctx.max_pixels)
     resize = _resize_mode(unit.get("resize_mode", DEFAULT_RESIZE), f"{where}.resize_mode")
     weight = _number(unit.get("weight", 1.0), f"{where}.weight", low=0.0)
     start = _number(unit.get("guidance_start", 0.0), f"{where}.guidance_start", 0.0, 1.0)
@@ -170,7 +155,7 @@ def _parse_unit(k: int, unit: dict, ctx: UnitContext) -> WebUIUnit:
     mode = _control_mode(unit, where)
     pixel_perfect = _bool(unit.get("pixel_perfect", False), f"{where}.pixel_perfect")
     save_map = _bool(unit.get("save_detected_map", True), f"{where}.save_detected_map")
-    blocks = _block_scales(unit.get("advanced_weighting"), f"{where}.advanced_weighting")
+    blocks = _block_scales(unit.get("advanced_weighting"), f"{where}.advanced_weighting", model)
 
     if module.annotator == "inpaint":
         if ctx.init_image is None or not ctx.has_mask:
@@ -234,48 +219,41 @@ def _titles(registry) -> str:
     return ", ".join(e.title for e in registry.controlnets()) or "(none: start the server with --models DIR)"
 
 
-def _images(unit: dict, where: str) -> tuple[Image.Image | None, Image.Image | None]:
+def _images(unit: dict, where: str, max_pixels: int | None) -> tuple[Image.Image | None, Image.Image | None]:
+    def decode(value, field: str) -> Image.Image | None:  # "" and null: no image
+        return decode_image(value, field, max_pixels, blank_is_none=True)
+
     key = "image" if "image" in unit else "input_image"
     value = unit.get(key)
     mask_key = "mask" if "mask" in unit else "mask_image"
-    mask_value = unit.get(mask_key)
     if isinstance(value, dict):  # {"image": ..., "mask": ...}
-        image = decode_image(value.get("image"), f"{where}.{key}.image")
-        inner = decode_image(value.get("mask"), f"{where}.{key}.mask")
+        image = decode(value.get("image"), f"{where}.{key}.image")
+        inner = decode(value.get("mask"), f"{where}.{key}.mask")
     elif isinstance(value, (list, tuple)):  # [image, mask]
         if len(value) not in (1, 2):
             raise PayloadError(f"{where}.{key}", f"expected [image] or [image, mask], got {len(value)} entries")
-        image = decode_image(value[0], f"{where}.{key}[0]")
-        inner = decode_image(value[1], f"{where}.{key}[1]") if len(value) == 2 else None
+        image = decode(value[0], f"{where}.{key}[0]")
+        inner = decode(value[1], f"{where}.{key}[1]") if len(value) == 2 else None
     else:
-        image, inner = decode_image(value, f"{where}.{key}"), None
-    mask = decode_image(mask_value, f"{where}.{mask_key}") if mask_value is not None else None
+        image, inner = decode(value, f"{where}.{key}"), None
+    mask = decode(unit.get(mask_key), f"{where}.{mask_key}")
     return image, (mask if mask is not None else inner)
 
 
 def _resize_mode(value, where: str) -> str:
-    if isinstance(value, bool):
-        raise PayloadError(where, f"expected 0, 1, 2 or a label, got {value!r}")
-    if isinstance(value, int) and value in RESIZE_BY_INT:
-        return RESIZE_BY_INT[value]
-    if isinstance(value, str) and value.strip().lower() in RESIZE_BY_LABEL:
-        return RESIZE_BY_LABEL[value.strip().lower()]
-    labels = ", ".join(repr(label) for label in RESIZE_LABEL.values())
-    raise PayloadError(where, f"unknown resize mode {value!r}; expected 0, 1, 2 or one of {labels}")
+    try:
+        return resize_mode(value)
+    except ValueError as err:
+        raise PayloadError(where, str(err)) from None
 
 
 def _control_mode(unit: dict, where: str) -> str:
     if "control_mode" not in unit and unit.get("guessmode"):  # legacy: guess mode = ControlNet is more important
         return "controlnet"
-    value = unit.get("control_mode", 0)
-    if isinstance(value, int) and not isinstance(value, bool) and value in MODE_BY_INT:
-        return MODE_BY_INT[value]
-    if isinstance(value, str) and value.strip().lower() in MODE_BY_LABEL:
-        return MODE_BY_LABEL[value.strip().lower()]
-    labels = ", ".join(repr(label) for label in MODE_LABEL.values())
-    raise PayloadError(
-        f"{where}.control_mode", f"unknown control mode {value!r}; expected 0, 1, 2 or one of {labels}"
-    )
+    try:
+        return control_mode(unit.get("control_mode", 0)).name
+    except ValueError as err:
+        raise PayloadError(f"{where}.control_mode", str(err)) from None
 
 
 def _number(value, where: str, low: float | None = None, high: float | None = None) -> float:
@@ -295,15 +273,21 @@ def _bool(value, where: str) -> bool:
     raise PayloadError(where, f"expected true or false, got {value!r}")
 
 
-def _block_scales(value, where: str) -> list[float] | None:
+def _block_scales(value, where: str, model: ModelEntry) -> list[float] | None:
+    """`advanced_weighting`: one scale per output of the unit's ControlNet (13 for SD1.5, 10 for SDXL), shallowest
+    skip first, the middle block last, multiplying that output's residual (ControlUnit.block_scales); null = none."""
     if value is None:
         return None
+    outputs = model.num_control_outputs
+    expected = f"{outputs} numbers, one per output of {model.name}" if outputs else "one number per output"
     if (
         not isinstance(value, list)
         or not value
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     ):
-        raise PayloadError(where, "expected a list of numbers, one per ControlNet output (13 for SD1.5)")
+        raise PayloadError(where, f"expected a list of {expected} (13 for SD1.5, 10 for SDXL), got {value!r}"[:300])
+    if outputs and len(value) != outputs:
+        raise PayloadError(where, f"got {len(value)} numbers; expected {expected} (its skips + the middle block)")
     return [float(v) for v in value]
 
 
