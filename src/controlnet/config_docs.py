@@ -1,4 +1,4 @@
-"""Field docstrings of config dataclasses: the one source of CLI help (STYLE.md rule 3)."""
+"""Field docstrings of config dataclasses: the one source of CLI help (docs/style.md#typed-dataclass-configs)."""
 
 from __future__ import annotations
 

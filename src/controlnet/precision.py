@@ -1,7 +1,7 @@
 """Does this CPU compute in bfloat16 / float16 natively? One measured answer, and one warning line when not.
 
 On a CPU without native bf16 (e.g. AVX2-only AMD EPYC) torch falls back to slow paths: one 3x3 convolution (320
-channels, 32x32, batch 2) took 29.5 ms in float32 and 2,775 ms in bfloat16 (issue 17). Flags in /proc/cpuinfo
+channels, 32x32, batch 2) took 29.5 ms in float32 and 2,775 ms in bfloat16 on such a CPU. Flags in /proc/cpuinfo
 do not tell the whole story (oneDNN's choice of kernel, other OSes), so this times the kind of work a UNet does:
 a small convolution in float32 and in the asked dtype, once per process. A dtype more than SLOW_RATIO x slower
 than float32 is reported as emulated. On CUDA nothing is measured: GPUs have the kernels.

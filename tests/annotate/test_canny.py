@@ -1,4 +1,4 @@
-"""Canny parity with controlnet_aux's CannyDetector on real photographs (issue 7 acceptance)."""
+"""Canny parity with controlnet_aux's CannyDetector on real photographs (the maps released ControlNets expect)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Property tests of the weight-free annotators on real photographs and synthetic scenes (issue 7)."""
+"""Property tests of the weight-free annotators on real photographs and synthetic scenes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HWC3 conventions, the detect-resolution resize and image reading (issue 7: unsupported modes)."""
+"""HWC3 conventions, the detect-resolution resize and image reading (unsupported modes refused)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`controlnet generate` checks its arguments and files before any weights are read, says how it chose the size,
-and closes its step bar at the last step (issue 13, item 9)."""
+and closes its step bar at the last step."""
 
 from __future__ import annotations
 

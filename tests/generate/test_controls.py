@@ -1,4 +1,4 @@
-"""Every control of the pipeline does what it says (issue 4, Build 2-3), on the tiny SD1.x-style base."""
+"""Every control of the pipeline does what it says, on the tiny SD1.x-style base."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Bad input gives one clear error line (issue 4 acceptance): each check has a test."""
+"""Bad input gives one clear error line (docs/style.md#errors-for-users-asserts-for-invariants): each check has a
+test."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_missing_files_raise_file_not_found(sd_pipe, tmp_path):
 
 
 def test_condition_size_is_scaled_to_the_native_size_when_not_given(sd_pipe):
-    """A 40 px condition (refused before issue 13: not a multiple of 16) gives the base's native 64 x 64."""
+    """A 40 px condition (once refused as not a multiple of 16) gives the base's native 64 x 64."""
     result = sd_pipe(PROMPT, [condition_image(1, size=40), condition_image(2, size=40)], steps=1, output_type="np")
     assert result.array.shape == (1, 64, 64, 3)
     assert result.control_images[0].size == (64, 64)

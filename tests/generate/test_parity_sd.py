@@ -1,4 +1,4 @@
-"""Parity with diffusers' StableDiffusionControlNetPipeline on tiny random components (issue 4 acceptance)."""
+"""Parity with diffusers' StableDiffusionControlNetPipeline on tiny random components."""
 
 from __future__ import annotations
 

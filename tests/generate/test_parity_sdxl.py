@@ -1,4 +1,4 @@
-"""Parity with diffusers' StableDiffusionXLControlNetPipeline on a tiny SDXL-style base (issue 4 acceptance)."""
+"""Parity with diffusers' StableDiffusionXLControlNetPipeline on a tiny SDXL-style base."""
 
 from __future__ import annotations
 

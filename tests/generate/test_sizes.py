@@ -1,5 +1,5 @@
 """Output sizes: multiples of the VAE factor (not of the UNet's total downsampling), checked against diffusers;
-sizes from a condition image scaled to the base's native resolution (issue 13, item 9)."""
+sizes from a condition image scaled to the base's native resolution."""
 
 from __future__ import annotations
 

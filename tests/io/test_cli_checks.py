@@ -1,5 +1,5 @@
 """`controlnet convert | init | transfer`: bad arguments refused before any weights are read, a phase bar on a
-terminal, format names with their article (issue 13, item 9)."""
+terminal, format names with their article."""
 
 import fcntl
 import os

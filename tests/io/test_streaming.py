@@ -1,5 +1,5 @@
-"""convert / init / transfer one tensor at a time write the files the in-memory path writes, byte for byte
-(issue 17, item 3). The in-memory path is the library as Python users call it: load_unet, load_controlnet,
+"""convert / init / transfer one tensor at a time write the files the in-memory path writes, byte for byte.
+The in-memory path is the library as Python users call it: load_unet, load_controlnet,
 init_controlnet, transfer_controlnet, save_controlnet."""
 
 import json

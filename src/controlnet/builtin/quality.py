@@ -1,6 +1,6 @@
 """Is the built-in base a real text-to-image model? The model card's two numbers, reproducibly.
 
-Colour test (issue 5): for fill-task prompts "<colour> <shape> with <colour> background", map every output
+Colour test: for fill-task prompts "<colour> <shape> with <colour> background", map every output
 pixel to its nearest named colour; the sample passes when the two most frequent names are the prompt's two
 colours. We also report the stricter "placement" score: the border's majority colour is the background colour.
 Shape test: the same colour pair and seed rendered with each shape word; the foreground (pixels not of the
@@ -69,7 +69,7 @@ class QualityReport:
     """Scores in [0, 1] of the model and of the ground-truth images through the same tests."""
 
     colour_pairs: float
-    """fraction whose two dominant named colours are the prompt's two colours (issue 5 bar: >= 0.9)"""
+    """fraction whose two dominant named colours are the prompt's two colours (the shipped base must reach 0.9)"""
     colour_placement: float
     """fraction whose border colour is the prompt's background colour and whose other dominant colour is the shape's"""
     shape: float

@@ -3,7 +3,8 @@
 The tokenizer is a real `tokenizers` file (tokenizer.json) built offline from the world's words, loaded through
 transformers like any other. The encoder is a transformers `CLIPTextModel` with learned positional embeddings:
 without position information "red circle with blue background" and its colour swap are the same bag of tokens
-and a base model cannot learn which colour belongs to the shape (measured on an earlier prototype, DESIGN.md).
+and a base model cannot learn which colour belongs to the shape (measured on an earlier prototype:
+docs/architecture.md#the-built-in-prototype).
 Its last hidden states (B, L, D) are the UNet's cross-attention context, as in Stable Diffusion (paper Sec. 3.1).
 """
 

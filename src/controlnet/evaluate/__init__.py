@@ -1,4 +1,5 @@
-"""Fidelity metrics: does a generated image follow its condition? (design decision 6)
+"""Fidelity metrics: does a generated image follow its condition?
+(docs/architecture.md#fidelity-is-measured-not-eyeballed)
 
 Each metric re-detects the condition in the generated image with a fixed, model-free detector and compares
 it with the input condition, as the paper re-segments ControlNet outputs and scores IoU against the input

@@ -1,4 +1,5 @@
-"""Self-describing generation outputs (STYLE rule 4): PNGs that carry their settings, JSON sidecars, grids.
+"""Self-describing generation outputs (docs/style.md#self-describing-outputs): PNGs that carry their settings, JSON
+sidecars, grids.
 
 Every PNG holds the web UI's "parameters" text chunk (A1111 format, so existing tools read prompt, sampler, seed
 and ControlNet units from it) plus the full settings as JSON under "controlnet". The sidecar `<stem>.json` holds

@@ -1,8 +1,9 @@
 """Samplers by the names users know (the web UI's and diffusers'), built from the base model's scheduler config.
 
 The noise schedule (betas, number of training steps, prediction type, timestep spacing) belongs to the base
-model and is kept; only the sampling algorithm changes. Every sampler is a diffusers scheduler (DESIGN
-decision 1). Names are matched loosely: "DPM++ 2M Karras", "dpmpp-2m-karras" and "dpmpp_2m_karras" are one.
+model and is kept; only the sampling algorithm changes. Every sampler is a diffusers scheduler
+(docs/architecture.md#base-components-come-from-existing-libraries). Names are matched loosely: "DPM++ 2M Karras",
+"dpmpp-2m-karras" and "dpmpp_2m_karras" are one.
 """
 
 from __future__ import annotations

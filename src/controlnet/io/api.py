@@ -1,4 +1,5 @@
-"""`load_unet`, `load_controlnet`, `save_controlnet`: one state-dict layout, two file formats (DESIGN decision 3).
+"""`load_unet`, `load_controlnet`, `save_controlnet`: one state-dict layout, two file formats
+(docs/architecture.md#one-state-dict-layout-two-file-formats).
 
 Our ControlNet's parameter names are diffusers' `ControlNetModel` names, so diffusers files load as they are.
 Original `cldm` files are renamed by the bijective rules of `original_keys.py`; locked UNets in original

@@ -1,4 +1,5 @@
-"""Reading and writing weight files safely (DESIGN decision 4: nothing is downloaded, nothing is unpickled).
+"""Reading and writing weight files safely: nothing is downloaded, nothing is unpickled
+(docs/architecture.md#nothing-downloaded-nothing-unpickled).
 
 `.safetensors` is preferred. `.pth/.ckpt/.bin/.pt` are read only through `torch.load(weights_only=True)`, which
 refuses any pickle that would construct arbitrary Python objects (and so run code). `.xz`-compressed files

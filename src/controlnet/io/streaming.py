@@ -1,4 +1,4 @@
-"""Checkpoint tools in bounded memory: one tensor read, computed and written at a time (issue 17, item 3).
+"""Checkpoint tools in bounded memory: one tensor read, computed and written at a time.
 
 `controlnet convert | init | transfer` used to load every model whole (three at once for transfer: 10.9 GB RSS
 at SD1.5 size). Here a model is opened lazily (`LazyWeights`: names, shapes and dtypes as meta tensors; the data

@@ -1,7 +1,8 @@
 """Typed training configuration: one dataclass per concern, loaded from YAML/JSON plus `--section.field` flags.
 
 Every field has a default and a docstring; the docstrings are the CLI help (`controlnet train --help`), so the
-config file, the flags and the code cannot drift apart (STYLE rule 3). Values are validated in `__post_init__`
+config file, the flags and the code cannot drift apart (docs/style.md#typed-dataclass-configs). Values are
+validated in `__post_init__`
 with errors that name the field, the value and what was expected.
 """
 

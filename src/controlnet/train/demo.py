@@ -7,8 +7,8 @@
 4. write report.html with the curves, the sample grids and the final fidelity next to floor and ceiling.
 
 The demo's learning rate (3e-3) is far above the paper's 1e-5: the built-in base is tiny and trains from a few
-thousand samples, and the point is to watch convergence within a coffee break (DESIGN.md: a ControlNet at lr 1e-3
-on a tiny base starts placing disks on the outlines within a few hundred steps).
+thousand samples, and the point is to watch convergence within a coffee break (a ControlNet at lr 1e-3 on a tiny
+base starts placing disks on the outlines within a few hundred steps: docs/architecture.md#the-built-in-prototype).
 
 It trains a fixed number of steps (1000), so that a rerun with the same seed and thread count gives the same
 ControlNet whatever else the machine is doing; the time cap (9 minutes, set-up, validation and export included)

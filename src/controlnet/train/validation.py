@@ -6,7 +6,8 @@ turned into images with the current ControlNet, each image is scored against its
 convergence step is the first validation step from which the mean fidelity stays at or above a threshold.
 
 Metrics are the world's (controlnet.evaluate): `fill_iou` for the fill task (a 2-cluster colour segmentation of
-the output vs the region the condition's outline encloses: placement apart from colour, DESIGN.md) and
+the output vs the region the condition's outline encloses: placement apart from colour, so that a base that gets
+colours wrong does not hide a good ControlNet, docs/architecture.md#the-built-in-prototype) and
 `edge_f1` (Canny F1 with a pixel tolerance) for user data. Generating and scoring are evaluate's (`generate`,
 `score` below are its functions), so `controlnet evaluate` measures without the trainer exactly as training does.
 """
