@@ -1,4 +1,4 @@
-"""One prepared GPU benchmark (issue 17, item 5): generation, training, memory, 8-bit Adam, in under 8 minutes.
+"""One prepared GPU benchmark: generation, training, memory, 8-bit Adam, in under 8 minutes.
 
     python benchmarks/gpu.py [--out results.json]   # CUDA: SD1.5 sizes (random weights), fp16 generation, bf16 training
     python benchmarks/gpu.py --dry                  # tiny sizes, float32, 2 steps: seconds (CI runs it on the CPU)

@@ -1,4 +1,4 @@
-"""Training-step cost, one process, same config and batch (issue 6 acceptance):
+"""Training-step cost, one process, same config and batch:
 
 (a) our step (VAE latents and text embeddings from the on-disk cache) vs diffusers' `train_controlnet.py` logic
     (VAE encoder + text encoder at every step), in samples/s; target >= 1.4x. Split into the cache's share
@@ -309,7 +309,7 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
 
 def pick_dtype(size: str) -> tuple[str, str]:
     """(dtype name, why) for `size`: its fixed dtype, or for "auto" bfloat16 where this CPU has native kernels and
-    float32 where bf16 runs emulated (an AVX2-only CPU: one SD1.5 step took 157 s in bf16, issue 17)."""
+    float32 where bf16 runs emulated (an AVX2-only CPU: one SD1.5 step took 157 s in bf16)."""
     import torch
 
     from controlnet.precision import SLOW_RATIO, cpu_slowdown
