@@ -8,7 +8,8 @@ native API's request models (serve/native.py), the web-UI API's name table (the 
 page's form. A new setting is a new field here, with a default, bounds and a one-line docstring.
 
 Checks that need no model happen here (`__post_init__`, `per_net`), each a ValueError naming the setting, the value
-received and what was expected; checks that need the model (image count, block-scale length) happen in the pipeline.
+received and what was expected; checks that need the model (image count, block-scale length) happen in the pipeline
+(and, for a server's jobs, in `Service.check` before queueing).
 """
 
 from __future__ import annotations

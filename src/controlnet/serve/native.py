@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from controlnet import __version__
-from controlnet.generate.jobs import ControlUnit, GenerationJob
+from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOptions
 from controlnet.generate.outputs import png_info
 from controlnet.io.images import png_base64, png_bytes
 from controlnet.serve.annotators import checked_options, describe_annotators
 from controlnet.serve.images import decode_image
 from controlnet.serve.problems import PROBLEM_JSON, ApiError, error_status
+from controlnet.serve.request_models import Strict, request_model, settings_from_request
 from controlnet.serve.service import (
     CANCELLED,
     DONE,
@@ -46,13 +47,7 @@ MAX_SIDE = 2048
 MAX_STEPS = 150
 POLL_S = 0.25  # how often a waiting request checks whether its client went away
 SSE_KEEPALIVE_S = 15.0
-Mode = Literal["balanced", "prompt", "controlnet", "cfg_resolution"]
-ResizeMode = Literal["just_resize", "crop_and_resize", "resize_and_pad"]
 Image64 = Field(description="a base64 image or a data: URI (file paths are refused)")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Problem(BaseModel):
@@ -64,39 +59,22 @@ class Problem(BaseModel):
     errors: list[dict] | None = None
 
 
-class UnitIn(Strict):
-    model: str = Field(description="a ControlNet's name from GET /v1/models (also `name [hash8]` or its stem)")
-    image: str | None = Field(None, description="condition image, base64 or data: URI; null = the init image")
-    annotator: str | None = Field(None, description="turn `image` into a condition map first (GET /v1/annotators)")
-    annotator_options: dict[str, Any] = Field(default_factory=dict)
-    scale: float = Field(1.0, ge=0, le=10, description="control strength (0 = the net is not run)")
-    start: float = Field(0.0, ge=0, le=1)
-    end: float = Field(1.0, ge=0, le=1)
-    mode: Mode = "balanced"
-    resize_mode: ResizeMode = "just_resize"
-    block_scales: list[float] | None = Field(None, max_length=64)
-
-
-class GenerateIn(Strict):
-    prompt: str = Field("", max_length=20000)
-    negative_prompt: str | None = Field(None, max_length=20000)
-    base: str | None = Field(None, description="a base's name from GET /v1/models; null = the current base")
-    units: list[UnitIn] = Field(default_factory=list, description="ControlNet units (at most --max-units)")
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="null = the base's default")
-    guidance_scale: float | None = Field(None, ge=0, le=50, description="null = the base's default")
-    scheduler: str | None = Field(None, max_length=64, description="sampler name, e.g. ddim, euler_a, dpmpp_2m")
-    width: int | None = Field(None, ge=1, le=MAX_SIDE)
-    height: int | None = Field(None, ge=1, le=MAX_SIDE)
-    batch_size: int = Field(1, ge=1, le=MAX_BATCH)
-    init_image: str | None = Field(None, description="img2img source, base64 or data: URI")
-    mask: str | None = Field(None, description="inpainting mask (white = repaint), base64 or data: URI")
-    strength: float | None = Field(None, gt=0, le=1)
-    eta: float = Field(0.0, ge=0, le=1)
-    clip_skip: int = Field(0, ge=0, le=12)
-    guess_mode_form: Literal["reference", "diffusers"] = "reference"
-    resize_mode: ResizeMode = "just_resize"
-    inpaint_paste: bool = False
+# What one request may cost, on top of the schema's own bounds (generate/options.py): the server's prices.
+UNIT_CAPS = {"model": {"max_length": 512}, "annotator": {"max_length": 64}, "scale": {"le": 10},
+             "block_scales": {"max_length": 64}}  # fmt: skip
+OPTION_CAPS = {"negative_prompt": {"max_length": 20000}, "steps": {"le": MAX_STEPS}, "seed": {"le": 2**63 - 1},
+               "width": {"ge": 1, "le": MAX_SIDE}, "height": {"ge": 1, "le": MAX_SIDE}, "batch_size": {"le": MAX_BATCH},
+               "guidance_scale": {"le": 50}, "scheduler": {"max_length": 64}}  # fmt: skip
+UnitIn = request_model(ControlUnit, "UnitIn", UNIT_CAPS)
+GenerateIn = request_model(
+    GenerationOptions,
+    "GenerateIn",
+    OPTION_CAPS,
+    prompt=(str, Field("", max_length=20000, description="What to draw.")),
+    base=(str | None, Field(None, max_length=512, description="a base's name from GET /v1/models; null = the "
+                            "current base")),  # fmt: skip
+    units=(list[UnitIn], Field(default_factory=list, description="ControlNet units (at most --max-units)")),
+)
 
 
 def _annotator_enum(schema: dict) -> None:
@@ -173,33 +151,26 @@ def _problems(*codes: int) -> dict:
 COMMON_ERRORS = (400, 401, 403, 413, 415, 422)
 
 
-def decode_job(body: GenerateIn, service: Service) -> GenerationJob:
+def decode_job(body, service: Service) -> GenerationJob:
     """The request as a GenerationJob: images decoded (bombs refused), annotator options checked."""
-    px = service.max_pixels
+
+    def decode(value, where):
+        return decode_image(value, where, service.max_pixels)
+
     units = []
     for k, u in enumerate(body.units):
-        image = None if u.image is None else decode_image(u.image, f"units[{k}].image", px)
-        options = {}
+        values = settings_from_request(ControlUnit, u, decode, f"units[{k}].")
         if u.annotator:
-            options = checked_options(u.annotator, u.annotator_options, f"units[{k}].annotator",
-                                      f"units[{k}].annotator_options")  # fmt: skip
+            values["annotator_options"] = checked_options(u.annotator, u.annotator_options, f"units[{k}].annotator",
+                                                          f"units[{k}].annotator_options")  # fmt: skip
         elif u.annotator_options:
             raise ApiError(422, f"units[{k}].annotator_options: given without an annotator", f"units[{k}].annotator")
-        if image is None and body.init_image is None:
+        if u.image is None and body.init_image is None:
             raise ApiError(422, f"units[{k}].image: required without an init_image to take it from",
                            f"units[{k}].image")  # fmt: skip
-        units.append(ControlUnit(model=u.model, image=image, annotator=u.annotator, annotator_options=options,
-                                 scale=u.scale, start=u.start, end=u.end, mode=u.mode, resize_mode=u.resize_mode,
-                                 block_scales=u.block_scales))  # fmt: skip
-    init = None if body.init_image is None else decode_image(body.init_image, "init_image", px)
-    mask = None if body.mask is None else decode_image(body.mask, "mask", px)
-    return GenerationJob(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, base=body.base or service.current_base,
-        units=units, seed=body.seed, steps=body.steps, guidance_scale=body.guidance_scale,
-        scheduler=body.scheduler, width=body.width, height=body.height, batch_size=body.batch_size,
-        init_image=init, mask=mask, strength=body.strength, eta=body.eta, clip_skip=body.clip_skip,
-        guess_mode_form=body.guess_mode_form, resize_mode=body.resize_mode, inpaint_paste=body.inpaint_paste,
-    )  # fmt: skip
+        units.append(ControlUnit(**values))
+    options = GenerationOptions(**settings_from_request(GenerationOptions, body, decode))
+    return GenerationJob(prompt=body.prompt, base=body.base or service.current_base, units=units, options=options)
 
 
 def image_pnginfo(job: Job, k: int):

@@ -8,10 +8,8 @@ body: the same settings give the same pixels through either door (issue 15).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import io
 import random
 import typing
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from controlnet.generate.guidance import CONTROL_MODES, control_mode
 from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOptions
 from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name
 from controlnet.io.images import MAX_IMAGE_PIXELS, check_pixels
+from controlnet.io.images import png_data_uri as data_uri
 from controlnet.settings_cli import meta, scalar_type
 
 MAX_UNITS = 3  # units on the page (the API takes up to --max-units)
@@ -179,12 +178,6 @@ def _unit(values: dict, k: int, init, max_pixels: int) -> ControlUnit:
     return ControlUnit(model=get("model"), image=image, annotator=module, annotator_options=options,
                        scale=float(get("scale")), start=float(get("start")), end=float(get("end")),
                        mode=get("mode") or "balanced", resize_mode=get("resize") or "just_resize")  # fmt: skip
-
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def api_request(job: GenerationJob) -> dict:

@@ -18,17 +18,18 @@ web UI's own machinery are accepted and not used: `s_churn`/`s_tmax`/`s_tmin`/`s
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from PIL import ImageOps
 
 from controlnet.generate.control_images import RESIZE_MODES
-from controlnet.generate.jobs import GenerationJob
+from controlnet.generate.options import GenerationJob, GenerationOptions
 from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name
 from controlnet.serve.images import decode_image
 from controlnet.serve.models import UnknownModel
 from controlnet.serve.webui.payload import PayloadError
 from controlnet.serve.webui.units import UnitContext, WebUIUnit, find_unit_args, parse_units
+from controlnet.settings_cli import meta
 
 DEFAULT_STEPS = 50  # the web UI's API defaults (modules/api/models.py / processing.py)
 DEFAULT_CFG_SCALE = 7.0
@@ -64,7 +65,11 @@ class WebUIRequest:
         """One job per iteration; iteration i starts at seed + i * batch_size (the web UI's all_seeds)."""
         from dataclasses import replace
 
-        return [replace(self.job, seed=self.seed + i * self.job.batch_size) for i in range(self.n_iter)]
+        options = self.job.options
+        return [
+            replace(self.job, options=replace(options, seed=self.seed + i * options.batch_size))
+            for i in range(self.n_iter)
+        ]
 
 
 def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
@@ -72,25 +77,30 @@ def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
     if not isinstance(payload, dict):
         raise PayloadError("body", f"expected a JSON object, got {type(payload).__name__}")
     _refuse_features(payload)
-    base, clip_skip = _overrides(payload.get("override_settings"), service)
-    steps = _int(payload, "steps", DEFAULT_STEPS, 1, 1000)
-    cfg = _float(payload, "cfg_scale", DEFAULT_CFG_SCALE, 0.0, 100.0)
-    batch_size = _int(payload, "batch_size", 1, 1, MAX_IMAGES)
+    # the request's values under their web-UI names, read with the web UI's defaults and ranges, then mapped
+    # into the schema by the names the schema gives them (`webui_names`)
+    given = _overrides(payload.get("override_settings"), service)
+    given["prompt"] = _text(payload, "prompt")
+    given["negative_prompt"] = _text(payload, "negative_prompt") or None
+    given["steps"] = _int(payload, "steps", DEFAULT_STEPS, 1, 1000)
+    given["cfg_scale"] = _float(payload, "cfg_scale", DEFAULT_CFG_SCALE, 0.0, 100.0)
+    batch_size = given["batch_size"] = _int(payload, "batch_size", 1, 1, MAX_IMAGES)
     n_iter = _int(payload, "n_iter", 1, 1, MAX_IMAGES)
     if batch_size * n_iter > MAX_IMAGES:
         raise PayloadError("n_iter", f"batch_size x n_iter = {batch_size * n_iter} images; at most {MAX_IMAGES}")
-    width = _size(payload, "width")
-    height = _size(payload, "height")
+    width = given["width"] = _size(payload, "width")
+    height = given["height"] = _size(payload, "height")
     seed = _int(payload, "seed", -1, -1, MAX_SEED)
     if seed == -1:
         seed = random.randrange(MAX_SEED + 1 - MAX_IMAGES)
-    scheduler, sampler_label = _sampler(payload)
-    eta = _float(payload, "eta", 0.0, 0.0, 1.0) if payload.get("eta") is not None else 0.0
-
+    given["seed"] = seed
+    given["sampler_name"], sampler_label = _sampler(payload)
+    given["eta"] = _float(payload, "eta", 0.0, 0.0, 1.0) if payload.get("eta") is not None else 0.0
     init_image = mask = None
-    strength, resize = None, "just_resize"
     if img2img:
-        init_image, mask, strength, resize = _img2img(payload, service)
+        init_image, mask, given["denoising_strength"], given["resize_mode"] = _img2img(payload, service)
+        given["init_images"], given["mask"] = init_image, mask
+
     key, args = find_unit_args(payload.get("alwayson_scripts"))
     ctx = UnitContext(
         registry=service.registry,
@@ -103,25 +113,9 @@ def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
         where=f"alwayson_scripts.{key or 'ControlNet'}.args",
     )
     units = parse_units(args, ctx)
-    job = GenerationJob(
-        prompt=_text(payload, "prompt"),
-        negative_prompt=_text(payload, "negative_prompt") or None,
-        base=base,
-        units=[u.unit for u in units],
-        seed=seed,
-        steps=steps,
-        guidance_scale=cfg,
-        scheduler=scheduler,
-        width=width,
-        height=height,
-        batch_size=batch_size,
-        init_image=init_image,
-        mask=mask,
-        strength=strength,
-        eta=eta,
-        clip_skip=clip_skip,
-        resize_mode=resize,
-    )
+    values = from_webui(given)
+    prompt, base = values.pop("prompt"), values.pop("base", service.current_base)
+    job = GenerationJob(prompt=prompt, base=base, units=[u.unit for u in units], options=GenerationOptions(**values))
     return WebUIRequest(job, units, n_iter, seed, sampler_label, key)
 
 
@@ -148,29 +142,49 @@ def _refuse_features(payload: dict) -> None:
                 raise PayloadError(f"alwayson_scripts.{name}", f"script {name!r} is not available on this server")
 
 
-def _overrides(value, service) -> tuple[str, int]:
-    """(base name, clip_skip) from override_settings; other keys are refused (they would be ignored)."""
-    base, clip_skip = service.current_base, 0
+def _overrides(value, service) -> dict:
+    """The base and the CLIP layer from override_settings, under their web-UI names (other keys are refused:
+    they would be ignored)."""
+    given = {}
     if not value:
-        return base, clip_skip
+        return given
     if not isinstance(value, dict):
         raise PayloadError("override_settings", f"expected an object, got {type(value).__name__}")
     for key, setting in value.items():
         where = f"override_settings.{key}"
         if key == "sd_model_checkpoint":
             try:
-                base = service.registry.base(setting).name
+                given[where] = service.registry.base(setting).name
             except UnknownModel as err:
                 raise PayloadError(where, str(err)) from None
         elif key == "CLIP_stop_at_last_layers":
             if isinstance(setting, bool) or not isinstance(setting, int) or not 1 <= setting <= 12:
                 raise PayloadError(where, f"got {setting!r}; expected an integer in [1, 12] (1 = the last layer)")
-            clip_skip = setting - 1  # the web UI counts the last layer as 1
+            given[where] = setting - 1  # the web UI counts the last layer as 1; the schema counts layers skipped
         else:
             raise PayloadError(
                 where, f"setting {key!r} is not available here; expected only {', '.join(OVERRIDE_KEYS)}"
             )
-    return base, clip_skip
+    return given
+
+
+def webui_names() -> dict[str, str]:
+    """{web-UI name: schema field} for every field of GenerationJob and GenerationOptions the web UI has (the
+    `webui` names in generate/options.py): the one table between the two vocabularies."""
+    return {
+        meta(f, "webui"): f.name
+        for cls in (GenerationJob, GenerationOptions)
+        for f in fields(cls)
+        if meta(f, "webui")
+    }
+
+
+def from_webui(given: dict) -> dict:
+    """{schema field: value} of values read under their web-UI names (`webui_names`)."""
+    names = webui_names()
+    unknown = sorted(set(given) - set(names))
+    assert not unknown, f"web-UI names without a schema field: {unknown}"  # a parser bug, not bad input
+    return {names[key]: value for key, value in given.items()}
 
 
 def _sampler(payload: dict) -> tuple[str, str]:

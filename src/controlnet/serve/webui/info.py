@@ -12,6 +12,7 @@ import json
 import time
 
 from controlnet import __version__
+from controlnet.generate.outputs import webui_clip_layer
 from controlnet.io.images import png_base64
 from controlnet.serve.webui.generation import WebUIRequest
 
@@ -36,6 +37,7 @@ def build_response(request: WebUIRequest, results: list, parameters: dict, base_
     """The JSON body for the results of `request.jobs()` (one GenerationResult per iteration)."""
     job, units = request.job, request.units
     first = results[0].settings
+    clip_layer = webui_clip_layer(first)
     seeds = [s for r in results for s in r.seeds]
     extra = {f"ControlNet {k}": u.infotext() for k, u in enumerate(units)}
     params = {
@@ -47,11 +49,11 @@ def build_response(request: WebUIRequest, results: list, parameters: dict, base_
         "Model hash": base_entry.hash8,
         "Model": base_entry.name,
         "Denoising strength": first.get("strength"),
-        "Clip skip": (job.clip_skip + 1) if job.clip_skip else None,
+        "Clip skip": clip_layer if clip_layer > 1 else None,
         **extra,
         "Version": VERSION,
     }
-    negative = job.negative_prompt or ""
+    negative = job.options.negative_prompt or ""
     texts = [infotext(job.prompt, negative, {**params, "Seed": seed}) for seed in seeds]
     images = []
     if send_images:
@@ -76,7 +78,7 @@ def build_response(request: WebUIRequest, results: list, parameters: dict, base_
         "sampler_name": first["sampler"],  # the sampler that ran, in the web UI's spelling
         "cfg_scale": first["guidance_scale"],
         "steps": first["steps"],
-        "batch_size": job.batch_size,
+        "batch_size": job.options.batch_size,
         "n_iter": request.n_iter,
         "restore_faces": False,
         "face_restoration_model": None,
@@ -87,7 +89,7 @@ def build_response(request: WebUIRequest, results: list, parameters: dict, base_
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": first.get("strength"),
-        "clip_skip": job.clip_skip + 1,
+        "clip_skip": clip_layer,  # the web UI's own response key (its CLIP_stop_at_last_layers, 1 = last layer)
         "extra_generation_params": extra,
         "index_of_first_image": 0,
         "infotexts": texts,
