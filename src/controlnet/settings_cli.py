@@ -73,9 +73,10 @@ def meta(f: dataclasses.Field, key: str, fallback: Any = None) -> Any:
     return f.metadata.get(key, fallback)
 
 
-def flag_names(f: dataclasses.Field, prefix: str = "") -> list[str]:
-    """The field's command-line spellings: its own flags, else `--<prefix><field-name>`."""
-    return list(meta(f, "flags", ())) or [f"--{prefix}{f.name.replace('_', '-')}"]
+def flag_names(f: dataclasses.Field, prefix: str = "", hyphens: bool = True) -> list[str]:
+    """The field's command-line spellings: its own flags, else `--<prefix><field-name>` (`hyphens=False`:
+    `--<prefix><field_name>`, the field's own spelling, as `controlnet train`'s `--optim.max_grad_norm`)."""
+    return list(meta(f, "flags", ())) or [f"--{prefix}{f.name.replace('_', '-') if hyphens else f.name}"]
 
 
 def field_default(f: dataclasses.Field) -> Any:
@@ -115,9 +116,14 @@ def is_list(annotation: Any) -> bool:
     return origin in (list, tuple)
 
 
-def parse_value(text: str, annotation: Any, name: str = "value") -> Any:
+def parse_value(text: str, annotation: Any, name: str = "value", *, none_words: Sequence[str] = ()) -> Any:
     """A flag's text as the field's type: bool (true/false/yes/no/1/0/on/off), int, float (finite), str, or a
-    comma-separated list/tuple of those. ValueError names the flag and what was expected."""
+    comma-separated list/tuple of those. ValueError names the flag and what was expected.
+
+    none_words: spellings of None (any case, e.g. ("none", "null")), read as None where the annotation admits it.
+    """
+    if none_words and _admits_none(annotation) and text.strip().lower() in {w.lower() for w in none_words}:
+        return None
     if is_list(annotation):
         kind = scalar_type(annotation) or str
         items = [parse_value(part.strip(), kind, name) for part in text.split(",") if part.strip()]
@@ -144,6 +150,13 @@ def parse_value(text: str, annotation: Any, name: str = "value") -> Any:
             raise ValueError(f"{name} {text!r}: expected a finite number")
         return value
     return text
+
+
+def _admits_none(annotation: Any) -> bool:
+    if annotation is None or annotation is type(None):
+        return True
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
 
 
 def _without_none(annotation: Any) -> Any:
@@ -189,14 +202,19 @@ def add_arguments(
     repeat: bool = False,
     exclude: Sequence[str] = (),
     suppress_defaults: bool = False,
-    show_defaults: bool = True,
+    show_defaults: bool | None = None,
+    hyphens: bool = True,
+    switches: bool = True,
 ) -> list[str]:
     """One option per field of `cls` shown on the command line; returns the field names added.
 
     repeat: the option may be given several times (`action="append"`: one value per ControlNet, say);
     suppress_defaults: an option not given leaves no attribute (so that only what the user typed overrides a
     config file); dest is `<dest_prefix><field name>`. bool fields become `--flag/--no-flag`; list fields read
-    comma-separated values.
+    comma-separated values. show_defaults: the help ends with the field's default (None: unless the defaults are
+    suppressed; True: the dataclass default even then, which a config file may replace; never for repeated
+    options). hyphens=False spells flags with the field's underscores (`flag_names`); switches=False makes bool
+    fields take a value like any other (`--model.ema false`) instead of `--flag/--no-flag`.
     """
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -210,18 +228,19 @@ def add_arguments(
             continue  # not a command-line value (an image object, a dict)
         default = field_default(f)
         help_text = docs.get(f.name, "")
-        if show_defaults and not repeat and default is not None and not suppress_defaults:
+        shown_default = show_defaults if show_defaults is not None else not suppress_defaults
+        if shown_default and not repeat and default is not None:
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             help_text = f"{help_text} (default: {shown})"
         kwargs: dict[str, Any] = {"dest": f"{dest_prefix}{f.name}", "help": help_text.replace("%", "%%")}
-        if not (kind is bool and not repeat) and not meta(f, "choices"):
+        if not (kind is bool and not repeat and switches) and not meta(f, "choices"):
             kwargs["metavar"] = meta(f, "metavar") or f.name.upper()
         if meta(f, "choices") and not repeat:
             kwargs["choices"] = list(meta(f, "choices"))
-        if kind is bool and not repeat and not is_list(annotation):
+        if kind is bool and not repeat and not is_list(annotation) and switches:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            name = flag_names(f, prefix)[0]
+            name = flag_names(f, prefix, hyphens)[0]
             kwargs["type"] = _flag_type(annotation, name)
             if repeat:
                 kwargs["action"] = "append"
@@ -231,7 +250,7 @@ def add_arguments(
             kwargs["default"] = None
         else:
             kwargs["default"] = default
-        parser.add_argument(*flag_names(f, prefix), **kwargs)
+        parser.add_argument(*flag_names(f, prefix, hyphens), **kwargs)
         added.append(f.name)
     return added
 

@@ -78,6 +78,27 @@ def test_bad_options_are_one_line_errors(photos, tmp_path, capsys, extra, messag
     assert message in one_line_error(capsys)
 
 
+@pytest.mark.parametrize(
+    ("name", "option", "expected"),
+    [
+        ("canny", "low_threshold=50", 50),
+        ("canny", "detect_resolution=None", None),  # an optional option: none/null
+        ("shuffle", "seed=null", None),
+        ("softedge", "sigmas=1,2.5", (1.0, 2.5)),
+        ("hed", "safe=no", False),
+        ("lines", "method=fast", "fast"),
+    ],
+)
+def test_options_are_read_as_the_annotator_s_field_types(name, option, expected):
+    import argparse
+
+    from controlnet.annotate.commands import build_options
+
+    args = argparse.Namespace(name=name, option=[option], detect_resolution=None, weights=None)
+    key = option.partition("=")[0]
+    assert build_options(args) == {key: expected}
+
+
 def test_missing_input_and_existing_output(photos, tmp_path, capsys):
     assert main(["annotate", "canny", str(tmp_path / "nope.png"), "-o", str(tmp_path / "out")]) == 2
     assert "not found" in one_line_error(capsys)

@@ -124,3 +124,18 @@ def test_config_rejects_bad_values():
         PretrainConfig(uncond_prob=1.5)
     with pytest.raises(ValueError, match="vae_steps"):
         PretrainConfig(vae_steps=5, model=BaseModelConfig(vae_channels=()))
+
+
+def test_pretrain_base_flags_are_the_recipe_s_fields(tmp_path):
+    import dataclasses
+
+    from controlnet.cli import build_parser
+    from controlnet.settings_cli import given_values
+
+    args = build_parser().parse_args(["world", "pretrain-base", "--steps", "5", "--vae-lr", "1e-4", "--out",
+                                      str(tmp_path), "--checkpoint-minutes", "0.5"])  # fmt: skip
+    config = PretrainConfig(**given_values(args, PretrainConfig))
+    assert (config.steps, config.vae_lr, config.out, config.checkpoint_minutes) == (5, 1e-4, str(tmp_path), 0.5)
+    assert config.model == BaseModelConfig()  # the architecture has no flags
+    scalar = {f.name for f in dataclasses.fields(PretrainConfig) if f.name != "model"}
+    assert set(given_values(args, PretrainConfig)) == scalar  # every other field has its flag

@@ -100,3 +100,48 @@ def test_a_retired_field_loads_from_saved_configs_but_is_no_flag(tmp_path, caplo
     saved["data"]["num_workerz"] = 1  # anything else unknown is still refused by name
     with pytest.raises(ValueError, match=r"unknown keys \['num_workerz'\]"):
         config_from_dict(saved)
+
+
+def test_flags_are_the_config_fields_spelled_as_in_a_file_and_read_as_their_types(tmp_path, capsys):
+    from controlnet.train.commands import overrides_from
+    from controlnet.train.config import SECTIONS
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for section, cls in SECTIONS.items():
+        for name in cls.__dataclass_fields__:
+            assert f"--{section}.{name} " in help_text, f"--{section}.{name}"
+    assert "--model.sd_locked SD_LOCKED" in help_text and "--no-model" not in help_text  # bools take a value
+    assert "(default: 1e-05)" in help_text  # the dataclass default, though a config file may replace it
+
+    argv = ["train", "--model.ema", "false", "--data.random_flip", "yes", "--model.hint_channels", "8,16",
+            "--checkpoint.export_formats", "diffusers,original", "--optim.lr", "3e-4", "--train.max_steps", "7"]  # fmt: skip
+    overrides = overrides_from(cli.build_parser().parse_args(argv))
+    assert overrides == {"model.ema": False, "data.random_flip": True, "model.hint_channels": (8, 16),
+                         "checkpoint.export_formats": ("diffusers", "original"), "optim.lr": 3e-4,
+                         "train.max_steps": 7}  # fmt: skip
+    config = resolve_config(None, overrides)
+    assert config.model.ema is False and config.model.hint_channels == (8, 16) and config.train.max_steps == 7
+    # a flag not given leaves the config file's value
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 0.0001\n")
+    args = cli.build_parser().parse_args(["train", str(path), "--train.max_steps", "3"])
+    assert overrides_from(args) == {"train.max_steps": 3}
+    assert resolve_config(args.config, overrides_from(args)).optim.lr == 1e-4
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["train", "--model.ema", "maybe"])
+    assert exited.value.code == 2 and "--model.ema 'maybe': expected true or false" in capsys.readouterr().err
+
+
+def test_demo_flags_build_the_demo_config():
+    from controlnet.settings_cli import given_values
+    from controlnet.train.demo import DemoConfig
+
+    args = cli.build_parser().parse_args(["demo", "--steps", "5", "--minutes", "0.5", "--tokenizer-2", "tok",
+                                          "--early-stop", "--quiet"])  # fmt: skip
+    demo = DemoConfig(**given_values(args, DemoConfig))
+    assert (demo.steps, demo.minutes, demo.tokenizer_2, demo.early_stop) == (5, 0.5, "tok", True)
+    assert DemoConfig(**given_values(cli.build_parser().parse_args(["demo", "--no-early-stop"]), DemoConfig)) == (
+        DemoConfig()
+    )

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import typing
 from pathlib import Path
 
+from controlnet import settings_cli
 from controlnet.annotate.image import IMAGE_SUFFIXES, read_image, write_image
 from controlnet.annotate.registry import annotator_class, annotator_options, get_annotator, list_annotators
 from controlnet.atomic import atomic_path
@@ -18,8 +20,6 @@ from controlnet.io.images import image_size
 
 KEYPOINT_SUFFIXES = (".json",)
 NONE_WORDS = ("none", "null")
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
 
 
 def register(subparsers) -> None:
@@ -48,24 +48,15 @@ def register(subparsers) -> None:
 
 
 def parse_value(text: str, field: dataclasses.Field, name: str):
-    """Convert a KEY=VALUE string to the field's annotated type (int, float, bool, str, tuple, None)."""
-    kind = str(field.type)
-    if "None" in kind and text.lower() in NONE_WORDS:
-        return None
+    """A KEY=VALUE option's text as the field's type (settings_cli.parse_value: int, float, bool, str, a comma
+    separated tuple; "none"/"null" where the field admits None)."""
+    annotation = typing.get_type_hints(annotator_class(name))[field.name]
     try:
-        if kind.startswith("bool"):
-            if text.lower() not in TRUE_WORDS + FALSE_WORDS:
-                raise ValueError
-            return text.lower() in TRUE_WORDS
-        if kind.startswith("tuple"):
-            return tuple(float(part) for part in text.split(","))
-        if kind.startswith("int"):
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
+        return settings_cli.parse_value(text, annotation, f"--option {field.name}", none_words=NONE_WORDS)
     except ValueError:
-        raise ValueError(f"--option {field.name}: cannot read {text!r} as {kind} for annotator {name}") from None
-    return text
+        raise ValueError(
+            f"--option {field.name}: cannot read {text!r} as {field.type} for annotator {name}"
+        ) from None
 
 
 def build_options(args: argparse.Namespace) -> dict:

@@ -7,24 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 
 from controlnet.builtin.config import PretrainConfig
-from controlnet.config_docs import field_docs
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--field-name` option per int/float/str field of `cls`, default and help from the dataclass."""
-    docs = field_docs(cls)
-    defaults = cls()
-    for item in fields(cls):
-        default = getattr(defaults, item.name)
-        if type(default) not in (int, float, str):
-            continue
-        help_text = f"{docs.get(item.name, '')} (default: {default})".replace("%", "%%")
-        parser.add_argument(
-            f"--{item.name.replace('_', '-')}", type=type(default), default=default, help=help_text
-        )
+from controlnet.settings_cli import add_arguments, given_values
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +20,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Train the built-in base model (VAE, then UNet + text encoder) on world images and captions. "
         "Checkpoints go to OUT/last.pt every few minutes (atomic); --resume continues from there.",
     )
-    add_config_arguments(pretrain, PretrainConfig)
+    add_arguments(pretrain, PretrainConfig)  # --field-name per field (the nested model config has none)
     pretrain.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     pretrain.set_defaults(func=run_pretrain)
 
@@ -66,8 +51,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     from controlnet.builtin.pretrain import pretrain
 
-    names = {f.name for f in fields(PretrainConfig)}
-    config = PretrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    config = PretrainConfig(**given_values(args, PretrainConfig))
     bars: dict[str, tqdm] = {}
 
     def on_step(stage: str, step: int, total: int, metrics: dict[str, float]) -> None:

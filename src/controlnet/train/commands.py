@@ -1,18 +1,18 @@
 """`controlnet train CONFIG [--section.field VALUE ...]` and `controlnet demo` (thin: parse, call, print).
 
-The flags are generated from the config dataclasses (their field docstrings are the help), so a YAML/JSON file
-and the command line set the same typed fields. Under `accelerate launch` the same command trains with DDP.
+The flags are generated from the config dataclasses by settings_cli (their field docstrings are the help), so a
+YAML/JSON file and the command line set the same typed fields. Under `accelerate launch` the same command trains
+with DDP.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 
-from controlnet.config_docs import field_docs
+from controlnet.settings_cli import add_arguments, given_values
 from controlnet.train.config import SECTIONS, resolve_config
 from controlnet.train.demo import DemoConfig, reproduce, run_demo
 
@@ -30,24 +30,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("config", nargs="?", default=None, help="YAML or JSON config file (optional)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     for section, cls in SECTIONS.items():
+        # --section.field, spelled as in a config file; a flag not given leaves the file's value (or the default)
         group = train.add_argument_group(f"{section}: {cls.__doc__.splitlines()[0]}")
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = ",".join(default) if isinstance(default, tuple) else default
-            group.add_argument(
-                f"--{section}.{f.name}",
-                dest=f"override:{section}.{f.name}",
-                default=argparse.SUPPRESS,
-                metavar="VALUE",
-                help=f"{docs.get(f.name, '')} (default: {shown!r})".replace("%", "%%"),
-            )
+        add_arguments(group, cls, prefix=f"{section}.", dest_prefix=f"override:{section}.", suppress_defaults=True,
+                      show_defaults=True, hyphens=False, switches=False)  # fmt: skip
     train.set_defaults(func=run_train)
     add_demo_parser(subparsers)
 
 
-def overrides_from(args: argparse.Namespace) -> dict[str, str]:
-    return {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("override:")}
+def overrides_from(args: argparse.Namespace) -> dict[str, object]:
+    """{"section.field": value} for the flags given (already read as the fields' types)."""
+    return {f"{section}.{name}": value for section, cls in SECTIONS.items()
+            for name, value in given_values(args, cls, f"override:{section}.").items()}  # fmt: skip
 
 
 class ProgressBar:
@@ -145,15 +139,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         "(paper Sec. 3.3 recipe), watch it suddenly follow the outlines (Sec. 4), and write report.html with the "
         "final fidelity next to floor (base alone) and ceiling (ground truth).",
     )
-    docs = field_docs(DemoConfig)
-    for f in dataclasses.fields(DemoConfig):
-        kind = {"int": int, "float": float, "str": str}.get(f.type, str)
-        if f.type == "bool":
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=f.default,
-                                action=argparse.BooleanOptionalAction, help=docs.get(f.name, ""))  # fmt: skip
-        else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=f.default,
-                                help=f"{docs.get(f.name, '')} (default: %(default)s)".replace("%%", "%"))  # fmt: skip
+    add_arguments(parser, DemoConfig)  # --field-name per field; bools as --flag/--no-flag
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--verify", action="store_true",
                         help="after training, reload final/controlnet through the pipeline and re-score it")  # fmt: skip
@@ -161,7 +147,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_demo_command(args: argparse.Namespace) -> int:
-    demo = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    demo = DemoConfig(**given_values(args, DemoConfig))
     started = time.time()
     bar = ProgressBar(None, enabled=not args.quiet)  # time-limited: the number of steps is not known in advance
     try:

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controlnet.settings_cli import parse_value
+
 logger = logging.getLogger(__name__)
 
 DATA_FORMATS = ("auto", "original", "imagefolder", "hf", "webdataset")
@@ -336,25 +338,6 @@ def build_section(cls: type, values: dict, section: str):
     return cls(**values)
 
 
-def parse_value(text: str, annotation) -> object:
-    """A flag's string as the field's type: bool, int, float, str or a tuple of str (comma separated)."""
-    origin = typing.get_origin(annotation)
-    if annotation is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected true/false, got {text!r}")
-    if annotation is int:
-        return int(text)
-    if annotation is float:
-        return float(text)
-    if origin is tuple:
-        return tuple(part.strip() for part in text.split(",") if part.strip())
-    return text
-
-
 def section_types(cls: type) -> dict[str, object]:
     return typing.get_type_hints(cls)
 
@@ -381,23 +364,23 @@ def load_config_file(path: str | Path) -> dict:
     return values
 
 
-def resolve_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> TrainConfig:
-    """Defaults <- config file <- overrides ("section.field" -> string value from the command line)."""
+def resolve_config(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> TrainConfig:
+    """Defaults <- config file <- overrides ("section.field" -> a value: a string, as a flag's text, is read as the
+    field's type by settings_cli.parse_value; anything else is taken as it is)."""
     values: dict[str, dict] = {name: {} for name in SECTIONS}
     if path:
         for section, entries in load_config_file(path).items():
             values[section].update(entries or {})
-    for key, text in (overrides or {}).items():
+    for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             raise ValueError(f"override {key!r}: expected SECTION.FIELD with SECTION one of {list(SECTIONS)}")
         types = section_types(SECTIONS[section])
         if name not in types:
             raise ValueError(f"override {key!r}: section {section!r} has no field {name!r}")
-        try:
-            values[section][name] = parse_value(text, types[name])
-        except ValueError as err:
-            raise ValueError(f"override --{key}={text!r}: {err}") from None
+        if isinstance(value, str):
+            value = parse_value(value, types[name], f"override --{key}")
+        values[section][name] = value
     return TrainConfig(**{section: build_section(SECTIONS[section], v, section) for section, v in values.items()})
 
 
