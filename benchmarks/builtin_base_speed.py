@@ -1,4 +1,4 @@
-"""Issue 5 speed budget of the shipped base model: load offline < 5 s, one 20-step image < 2 s, on 2 CPU cores.
+"""The speed budget of the shipped base model: load offline < 5 s, one 20-step image < 2 s, on 2 CPU cores.
 
     python benchmarks/builtin_base_speed.py [--threads 2] [--model DIR]
 

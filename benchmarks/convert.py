@@ -1,6 +1,6 @@
 """Peak memory of the checkpoint tools at real sizes: `controlnet convert | init | transfer | inspect` (streamed,
 one tensor at a time) vs the in-memory path (the library's load_* / init / transfer / save_controlnet, what the
-commands ran before issue 17), measured in the same run (issue 17, item 3).
+commands ran before they streamed), measured in the same run.
 
     flock /tmp/sd15.lock python benchmarks/convert.py                 # SD1.5 size, float32 files
     flock /tmp/sd15.lock python benchmarks/convert.py --size sdxl     # SDXL-size transfer, float16, streamed only

@@ -6,7 +6,7 @@ parity (max |difference| <= 1e-4 on images in [0, 1], output not constant) befor
 interleaved and the median of the per-pair ratios diffusers_time / our_time is reported (> 1 = we are faster), for
 wall time and for this process's CPU time (steadier on a shared machine; use --threads 1 there).
 
-Where the time goes (DESIGN.md, SD1.5 at 512 px): UNet 803 GFLOPs, ControlNet 283 GFLOPs per sample, i.e. the
+Where the time goes (docs/architecture.md#sizes-and-costs, SD1.5 at 512 px): UNet 803 GFLOPs, ControlNet 283 GFLOPs per sample, i.e. the
 ControlNet is ~26% of a step. We compute the hint embedding once per generation (diffusers: every step) and do
 not run a ControlNet outside its start/end window (diffusers runs it with scale 0): with a window ending at 0.5
 the ideal gain from that alone is 1 / (1 - 0.26 / 2) ~= 1.15x. Both pipelines run the same diffusers modules, so

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benchmarks/gpu.py on a lent GPU machine, as one prepared command (issue 17, item 5).
+# benchmarks/gpu.py on a lent GPU machine, as one prepared command.
 #
 # The lent machine (the workplace's `device` tool; .library/device/KINDS.md) has Python 3.12, torch, transformers,
 # accelerate and safetensors, but no diffusers and no bitsandbytes, and it reaches no package index. So:

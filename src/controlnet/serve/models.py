@@ -1,6 +1,6 @@
 """The models a server may use: the built-in base and ControlNets plus what a scan of `--models` folders found.
 
-Names never become paths (issue 14, item 6): a client picks a model by a name this registry made, and only files
+Names never become paths (no client path is ever opened): a client picks a model by a name this registry made, and only files
 the scan found can ever be chosen. `../x`, absolute paths and anything else are just unknown names. Symlinks
 whose target lies outside every models folder are not listed.
 

@@ -1,4 +1,4 @@
-"""Safety by default (issue 14, item 6): Host check, HTTP Basic auth, cross-site refusal, content types, body size.
+"""Safety by default: Host check, HTTP Basic auth, cross-site refusal, content types, body size.
 
 One pure-ASGI middleware in front of every route (the API, /docs, the web-UI routes), in this order:
 1. Host header: only the server's own names (loopback names, the bound host, `--allow-host`): a page on another

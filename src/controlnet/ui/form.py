@@ -3,7 +3,8 @@
 No gradio here: the page (ui/page.py) hands its components' values over as a dict keyed by the names below, and
 puts back what these functions return. So the page submits exactly the `GenerationJob` (generate/jobs.py) that the
 native API builds for the same settings, and the "copy as API request" JSON is that job written as a POST /v1/generate
-body: the same settings give the same pixels through either door (issue 15).
+body: the same settings give the same pixels through either door
+(docs/architecture.md#one-generation-one-description).
 """
 
 from __future__ import annotations
