@@ -27,7 +27,13 @@ from functools import cached_property
 from pathlib import Path
 
 from controlnet.generate.base import MODEL_INDEX
-from controlnet.generate.builtin_format import BUILTIN, EXPORTED_CONFIG, builtin_folder
+from controlnet.generate.builtin_format import (
+    BUILTIN,
+    BUILTIN_CONTROLNET,
+    CONTROLNETS_FOLDER,
+    EXPORTED_CONFIG,
+    builtin_folder,
+)
 from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
@@ -38,8 +44,6 @@ from controlnet.io.formats import (
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_CONTROLNET_PREFIX = "builtin:"
-BUILTIN_CONTROLNETS_FOLDER = "controlnets"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
 CONTROLNET_FORMATS = ("original-controlnet", "original-combined", "diffusers-controlnet")
 BASE_FORMATS = ("original-sd",)
@@ -108,7 +112,7 @@ class ModelEntry:
 
     @property
     def stem(self) -> str:
-        return self.name.rsplit("/", 1)[-1].removeprefix(BUILTIN_CONTROLNET_PREFIX)
+        return self.name.rsplit("/", 1)[-1].removeprefix(BUILTIN_CONTROLNET)
 
     @property
     def title(self) -> str:
@@ -223,10 +227,10 @@ class ModelRegistry:
         folder = builtin_folder()
         if (folder / EXPORTED_CONFIG).is_file():
             self._add(ModelEntry(BUILTIN, "base", BUILTIN, None, folder))
-        nets = folder / BUILTIN_CONTROLNETS_FOLDER
+        nets = folder / CONTROLNETS_FOLDER
         for sub in sorted(nets.iterdir()) if nets.is_dir() else []:
             if sub.is_dir() and classify_folder(sub) is not None:
-                name = BUILTIN_CONTROLNET_PREFIX + sub.name
+                name = BUILTIN_CONTROLNET + sub.name
                 self._add(ModelEntry(name, "controlnet", BUILTIN, guess_condition(sub.name), sub))
 
     def _scan(self, root: Path) -> None:
