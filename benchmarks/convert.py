@@ -80,8 +80,16 @@ def make_inputs(family: str, folder: Path) -> dict[str, Path]:
     from controlnet.io.safe_load import write_safetensors_streamed, write_state_dict
     from controlnet.model.controlnet import ControlNet
 
-    files = {n: folder / n for n in ("base.safetensors", "community.safetensors", "control.safetensors",
-                                     "combined.safetensors", "control.pth")}  # fmt: skip
+    files = {
+        n: folder / n
+        for n in (
+            "base.safetensors",
+            "community.safetensors",
+            "control.safetensors",
+            "combined.safetensors",
+            "control.pth",
+        )
+    }
     if (folder / ".done").exists():
         return files
     folder.mkdir(parents=True, exist_ok=True)
@@ -145,8 +153,11 @@ def peak_rss(argv: list[str], env: dict) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as hook:
         (Path(hook) / "sitecustomize.py").write_text(REPORT_HWM)
         report = Path(hook) / "hwm"
-        env = {**env, "CONTROLNET_BENCH_HWM": str(report),
-               "PYTHONPATH": os.pathsep.join(filter(None, [hook, env.get("PYTHONPATH", "")]))}  # fmt: skip
+        env = {
+            **env,
+            "CONTROLNET_BENCH_HWM": str(report),
+            "PYTHONPATH": os.pathsep.join(filter(None, [hook, env.get("PYTHONPATH", "")])),
+        }
         started = time.perf_counter()
         proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         seconds = time.perf_counter() - started
@@ -203,25 +214,49 @@ def main(argv=None) -> int:
         paths[f"CLI at {args.before}"] = {**os.environ, "PYTHONPATH": str(old / "src")}
     f = {k.split(".")[0] + ("_pth" if k.endswith(".pth") else ""): str(v) for k, v in files.items()}
     cases = [  # name, CLI args, in-memory args, output
-        ("convert original -> diffusers", ["convert", f["control"], "{out}", "--to", "diffusers"],
-         ("convert", [f["control"], "{out}", "diffusers"]), "d"),
-        ("convert diffusers -> original", ["convert", "{prev}", "{out}.safetensors", "--to", "original"],
-         ("convert", ["{prev}", "{out}.safetensors", "original"]), "o"),
-        ("init (original SD file)", ["init", f["base"], "{out}"], ("init", [f["base"], "{out}", "diffusers"]), "d"),
-        ("transfer (plain control file)", ["transfer", f["control"], f["base"], f["community"], "{out}"],
-         ("transfer", [f["control"], f["base"], f["community"], "{out}", "diffusers"]), "d"),
-        ("transfer (v1.0 combined file)", ["transfer", f["combined"], f["base"], f["community"], "{out}"],
-         ("transfer", [f["combined"], f["base"], f["community"], "{out}", "diffusers"]), "d"),
+        (
+            "convert original -> diffusers",
+            ["convert", f["control"], "{out}", "--to", "diffusers"],
+            ("convert", [f["control"], "{out}", "diffusers"]),
+            "d",
+        ),
+        (
+            "convert diffusers -> original",
+            ["convert", "{prev}", "{out}.safetensors", "--to", "original"],
+            ("convert", ["{prev}", "{out}.safetensors", "original"]),
+            "o",
+        ),
+        (
+            "init (original SD file)",
+            ["init", f["base"], "{out}"],
+            ("init", [f["base"], "{out}", "diffusers"]),
+            "d",
+        ),
+        (
+            "transfer (plain control file)",
+            ["transfer", f["control"], f["base"], f["community"], "{out}"],
+            ("transfer", [f["control"], f["base"], f["community"], "{out}", "diffusers"]),
+            "d",
+        ),
+        (
+            "transfer (v1.0 combined file)",
+            ["transfer", f["combined"], f["base"], f["community"], "{out}"],
+            ("transfer", [f["combined"], f["base"], f["community"], "{out}", "diffusers"]),
+            "d",
+        ),
         ("inspect (zip .pth)", ["inspect", f["control_pth"]], ("inspect", [f["control_pth"]]), None),
-    ]  # fmt: skip
+    ]
     if args.size == "sdxl":
         cases = [c for c in cases if c[0].startswith("transfer (plain")]
         args.skip_in_memory = True  # three SDXL models in float32 do not fit a 24 GB machine
     if not args.skip_in_memory:
         paths["in memory"] = env
     work = Path(tempfile.mkdtemp(prefix="convert-bench-", dir=CACHE))
-    print(f"{args.size}: peak RSS (GiB) and wall time per command, each in a fresh process; inputs: "
-          + ", ".join(f"{p.name} {p.stat().st_size / GiB:.2f} GiB" for p in files.values()), flush=True)  # fmt: skip
+    print(
+        f"{args.size}: peak RSS (GiB) and wall time per command, each in a fresh process; inputs: "
+        + ", ".join(f"{p.name} {p.stat().st_size / GiB:.2f} GiB" for p in files.values()),
+        flush=True,
+    )
     try:
         results: dict[str, dict[str, tuple]] = {}
         for name, cli, (kind, lib), out in cases:
@@ -250,8 +285,11 @@ def main(argv=None) -> int:
             row = results[name]
             digests = {w: digest(r[2]) for w, r in row.items() if r[2] is not None}
             if len(digests) > 1:
-                print(f"  {'':32s} outputs identical: {'yes' if len(set(digests.values())) == 1 else 'NO'} "
-                      f"({', '.join(f'{w}: {d}' for w, d in digests.items())})", flush=True)  # fmt: skip
+                print(
+                    f"  {'':32s} outputs identical: {'yes' if len(set(digests.values())) == 1 else 'NO'} "
+                    f"({', '.join(f'{w}: {d}' for w, d in digests.items())})",
+                    flush=True,
+                )
             others = [w for w in row if w != "streamed"]
             for w in others:
                 print(f"  {'':32s} {w} / streamed peak RSS: {row[w][0] / row['streamed'][0]:.1f}x", flush=True)

@@ -121,9 +121,13 @@ def main(argv=None) -> int:
         parts, scheduler, net, dnet = build(args.model, Path(tmp))
     ours = ControlNetPipeline(**parts, scheduler=scheduler, controlnets=[net])
     theirs = StableDiffusionControlNetPipeline(
-        **parts, controlnet=dnet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        **parts,
+        controlnet=dnet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
     theirs.set_progress_bar_config(disable=True)
     cond = condition_image(1, args.resolution)
     n_params = sum(p.numel() for p in parts["unet"].parameters()) / 1e6
@@ -139,14 +143,26 @@ def main(argv=None) -> int:
         for rep in range(args.repeats + 1):  # the first pair warms up and is not counted
             c0, t0 = time.process_time(), time.perf_counter()
             a = ours(
-                PROMPT, [cond], steps=args.steps, seed=rep, output_type="np", control_start=start, control_end=end,
-                width=args.resolution, height=args.resolution,
+                PROMPT,
+                [cond],
+                steps=args.steps,
+                seed=rep,
+                output_type="np",
+                control_start=start,
+                control_end=end,
+                width=args.resolution,
+                height=args.resolution,
             )
             c1, t1 = time.process_time(), time.perf_counter()
             b = theirs(
-                PROMPT, image=cond, num_inference_steps=args.steps, output_type="np",
-                generator=torch.Generator().manual_seed(rep), control_guidance_start=start, control_guidance_end=end,
-            ).images  # fmt: skip
+                PROMPT,
+                image=cond,
+                num_inference_steps=args.steps,
+                output_type="np",
+                generator=torch.Generator().manual_seed(rep),
+                control_guidance_start=start,
+                control_guidance_end=end,
+            ).images
             c2, t2 = time.process_time(), time.perf_counter()
             diff = float(np.abs(a.array - b).max())
             assert diff <= PARITY_TOL, f"{label}: outputs differ by {diff:.2e} > {PARITY_TOL}"

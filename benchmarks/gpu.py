@@ -114,15 +114,37 @@ def gpu_sizes(train_batch: int | None) -> Sizes:
     if train_batch is None:  # one batch for both steps that fits 80 GB+ parts, smaller ones get less
         total = torch.cuda.get_device_properties(0).total_memory / GiB
         train_batch = 8 if total >= 70 else 4 if total >= 35 else 1
-    return Sizes(model="sd15", resolution=512, steps=20, batches=(1, 4), compile_batches=(1, 4), repeats=3, gen_dtype="float16",
-                 train_precision="bf16", train_batch=train_batch, train_steps=10, compile_backend="inductor",
-                 budgets=GPU_BUDGETS)  # fmt: skip
+    return Sizes(
+        model="sd15",
+        resolution=512,
+        steps=20,
+        batches=(1, 4),
+        compile_batches=(1, 4),
+        repeats=3,
+        gen_dtype="float16",
+        train_precision="bf16",
+        train_batch=train_batch,
+        train_steps=10,
+        compile_backend="inductor",
+        budgets=GPU_BUDGETS,
+    )
 
 
 def dry_sizes(train_batch: int | None) -> Sizes:
-    return Sizes(model="tiny", resolution=64, steps=2, batches=(1, 2), compile_batches=(1,), repeats=1, gen_dtype="float32",
-                 train_precision="no", train_batch=train_batch or 2, train_steps=2, compile_backend="eager",
-                 budgets=DRY_BUDGETS)  # fmt: skip
+    return Sizes(
+        model="tiny",
+        resolution=64,
+        steps=2,
+        batches=(1, 2),
+        compile_batches=(1,),
+        repeats=1,
+        gen_dtype="float32",
+        train_precision="no",
+        train_batch=train_batch or 2,
+        train_steps=2,
+        compile_backend="eager",
+        budgets=DRY_BUDGETS,
+    )
 
 
 def precision_label(sizes: Sizes) -> str:
@@ -250,10 +272,15 @@ def make_base(model: str, device: torch.device, tmp: Path, seed: int = 0):
             tokenizer = CLIPTokenizer.from_pretrained(
                 str(write_clip_vocab(tmp / "tokenizer")), model_max_length=CLIP_L["max_position_embeddings"]
             )
-            text_encoder = CLIPTextModel(CLIPTextConfig(
-                vocab_size=CLIP_VOCAB, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, **CLIP_L,
-            ))  # fmt: skip
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=CLIP_VOCAB,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **CLIP_L,
+                )
+            )
         else:
             unet = UNet2DConditionModel(**TINY_UNET_CONFIGS["sd15"])
             vae = make_vae()
@@ -335,16 +362,29 @@ def build_pipelines(run: Run) -> dict:
     # float32 VAE
     vae = base.vae if base.vae.dtype == dtype else copy.deepcopy(base.vae).to(dtype)
     theirs = StableDiffusionControlNetPipeline(
-        vae=vae, text_encoder=ours.text_encoder, tokenizer=base.tokenizer, unet=ours.unet,
-        controlnet=diffusers_controlnet(net), scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=ours.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=ours.unet,
+        controlnet=diffusers_controlnet(net),
+        scheduler=base.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
-    )  # fmt: skip
+    )
     theirs.set_progress_bar_config(disable=True)
     processors = sorted({type(p).__name__ for p in ours.unet.attn_processors.values()})
     n_unet = sum(p.numel() for p in ours.unet.parameters()) / 1e6
     n_net = sum(p.numel() for p in net.parameters()) / 1e6
-    return dict(ours=ours, theirs=theirs, cond=condition_image(1, run.sizes.resolution), dtype=dtype,
-                processors=processors, unet_m=n_unet, controlnet_m=n_net)  # fmt: skip
+    return dict(
+        ours=ours,
+        theirs=theirs,
+        cond=condition_image(1, run.sizes.resolution),
+        dtype=dtype,
+        processors=processors,
+        unet_m=n_unet,
+        controlnet_m=n_net,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,8 +392,10 @@ def build_pipelines(run: Run) -> dict:
 def initial_noise(pipe, batch: int, seed: int, resolution: int) -> torch.Tensor:
     """The latents our pipeline starts from (image k: torch.Generator().manual_seed(seed + k)), for diffusers too."""
     channels, side = pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor
-    noise = [torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(seed + k))
-             for k in range(batch)]  # fmt: skip
+    noise = [
+        torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(seed + k))
+        for k in range(batch)
+    ]
     return torch.cat(noise).to(pipe.device, pipe.dtype)  # (B, C, h, w)
 
 
@@ -367,10 +409,17 @@ def generate(run: Run, p: dict, which: str, batch: int, seed: int) -> tuple[floa
 
         def call():
             return p["ours"](
-                PROMPT, [p["cond"]], steps=s.steps, seed=seed, batch_size=batch, guidance_scale=CFG_SCALE,
-                width=s.resolution, height=s.resolution,
-                output_type="np", progress=lambda i, n: marks.append(clock.mark()),
-            ).array  # fmt: skip
+                PROMPT,
+                [p["cond"]],
+                steps=s.steps,
+                seed=seed,
+                batch_size=batch,
+                guidance_scale=CFG_SCALE,
+                width=s.resolution,
+                height=s.resolution,
+                output_type="np",
+                progress=lambda i, n: marks.append(clock.mark()),
+            ).array
     else:
         latents = initial_noise(p["ours"], batch, seed, s.resolution)
 
@@ -380,10 +429,17 @@ def generate(run: Run, p: dict, which: str, batch: int, seed: int) -> tuple[floa
 
         def call():
             return p["theirs"](
-                PROMPT, image=p["cond"], num_inference_steps=s.steps, guidance_scale=CFG_SCALE,
-                width=s.resolution, height=s.resolution,
-                num_images_per_prompt=batch, latents=latents, output_type="np", callback_on_step_end=on_step,
-            ).images  # fmt: skip
+                PROMPT,
+                image=p["cond"],
+                num_inference_steps=s.steps,
+                guidance_scale=CFG_SCALE,
+                width=s.resolution,
+                height=s.resolution,
+                num_images_per_prompt=batch,
+                latents=latents,
+                output_type="np",
+                callback_on_step_end=on_step,
+            ).images
 
     wall, images = clock.time(call)
     assert len(marks) == s.steps, f"{which}: {len(marks)} step callbacks for {s.steps} steps"
@@ -425,8 +481,12 @@ def compare_pipelines(run: Run, p: dict, batches, budget: Budget, label: str) ->
         }
         for which in ("ours", "diffusers"):
             wall = statistics.median(times[which])
-            row[which] = {"images_per_s": batch / wall, "s_per_call": wall,
-                          "ms_per_step": 1e3 * statistics.median(steps[which]), "first_call_s": first[which]}  # fmt: skip
+            row[which] = {
+                "images_per_s": batch / wall,
+                "s_per_call": wall,
+                "ms_per_step": 1e3 * statistics.median(steps[which]),
+                "first_call_s": first[which],
+            }
         row["speedup_images_per_s"] = row["ours"]["images_per_s"] / row["diffusers"]["images_per_s"]
         row["speedup_ms_per_step"] = row["diffusers"]["ms_per_step"] / row["ours"]["ms_per_step"]
         o, d = row["ours"], row["diffusers"]
@@ -458,8 +518,14 @@ def section_generation(run: Run, budget: Budget) -> dict:
         flush=True,
     )
     rows = compare_pipelines(run, p, run.sizes.batches, budget, "generation")
-    return {"model": run.sizes.model, "resolution": run.sizes.resolution, "steps": run.sizes.steps,
-            "dtype": run.sizes.gen_dtype, "attention": p["processors"], **rows}  # fmt: skip
+    return {
+        "model": run.sizes.model,
+        "resolution": run.sizes.resolution,
+        "steps": run.sizes.steps,
+        "dtype": run.sizes.gen_dtype,
+        "attention": p["processors"],
+        **rows,
+    }
 
 
 def measure_compiled(run: Run, p: dict, which: str, batch: int, budget: Budget) -> dict:
@@ -475,8 +541,14 @@ def measure_compiled(run: Run, p: dict, which: str, batch: int, budget: Budget) 
             walls.append(wall)
             steps.append(per_step)
     wall = statistics.median(walls)
-    return {"images_per_s": batch / wall, "s_per_call": wall, "ms_per_step": 1e3 * statistics.median(steps),
-            "compile_and_first_call_s": first, "timed_calls": len(walls), "images": images}  # fmt: skip
+    return {
+        "images_per_s": batch / wall,
+        "s_per_call": wall,
+        "ms_per_step": 1e3 * statistics.median(steps),
+        "compile_and_first_call_s": first,
+        "timed_calls": len(walls),
+        "images": images,
+    }
 
 
 def section_generation_compile(run: Run, budget: Budget) -> dict:
@@ -520,18 +592,25 @@ def section_generation_compile(run: Run, budget: Budget) -> dict:
                     failures.append(f"batch {batch} {which}: {one_line(err)}")
             spent = time.monotonic() - started
             line = f"[generation_compile] batch {batch}: " + " | ".join(
-                f"{w} {r['images_per_s']:.3f} img/s, {r['ms_per_step']:.1f} ms/step" if "error" not in r else f"{w} failed"
+                f"{w} {r['images_per_s']:.3f} img/s, {r['ms_per_step']:.1f} ms/step"
+                if "error" not in r
+                else f"{w} failed"
                 for w, r in row.items()
-            )  # fmt: skip
+            )
             if all("error" not in r for r in row.values()):
                 o, d = row["ours"], row["diffusers"]
                 diff = float(abs(o.pop("images") - d.pop("images")).max())
-                row.update(parity_max_abs_diff=diff, parity_tol=tol,
-                           speedup_images_per_s=o["images_per_s"] / d["images_per_s"],
-                           speedup_ms_per_step=d["ms_per_step"] / o["ms_per_step"])  # fmt: skip
+                row.update(
+                    parity_max_abs_diff=diff,
+                    parity_tol=tol,
+                    speedup_images_per_s=o["images_per_s"] / d["images_per_s"],
+                    speedup_ms_per_step=d["ms_per_step"] / o["ms_per_step"],
+                )
                 ok = math.isfinite(diff) and diff <= tol
-                line += (f" | ours/diffusers {row['speedup_images_per_s']:.3f}x img/s, {row['speedup_ms_per_step']:.3f}x "
-                         f"per step | parity max |diff| {diff:.1e} {'<=' if ok else 'EXCEEDS'} {tol:g}")  # fmt: skip
+                line += (
+                    f" | ours/diffusers {row['speedup_images_per_s']:.3f}x img/s, {row['speedup_ms_per_step']:.3f}x "
+                    f"per step | parity max |diff| {diff:.1e} {'<=' if ok else 'EXCEEDS'} {tol:g}"
+                )
                 if not ok:
                     failures.append(f"batch {batch}: compiled outputs differ by {diff:.2e} > {tol:g}")
             for r in row.values():
@@ -566,12 +645,20 @@ def train_config(run: Run, name: str, **overrides: str):
     """The run's TrainConfig (a run folder `run-<name>`) with `overrides` ("section.field": text)."""
     from controlnet.train.config import resolve_config
 
-    return resolve_config(None, {
-        "data.path": str(dataset(run)), "data.resolution": str(run.sizes.resolution),
-        "data.cache_dir": str(run.tmp / "cache"), "train.output_dir": str(run.tmp / f"run-{name}"),
-        "train.batch_size": str(run.sizes.train_batch), "train.max_steps": "1000",
-        "train.mixed_precision": run.sizes.train_precision, "checkpoint.every": "0", **overrides,
-    })  # fmt: skip
+    return resolve_config(
+        None,
+        {
+            "data.path": str(dataset(run)),
+            "data.resolution": str(run.sizes.resolution),
+            "data.cache_dir": str(run.tmp / "cache"),
+            "train.output_dir": str(run.tmp / f"run-{name}"),
+            "train.batch_size": str(run.sizes.train_batch),
+            "train.max_steps": "1000",
+            "train.mixed_precision": run.sizes.train_precision,
+            "checkpoint.every": "0",
+            **overrides,
+        },
+    )
 
 
 def make_trainer(run: Run, base, name: str, **overrides: str):
@@ -665,11 +752,23 @@ def section_training(run: Run, budget: Budget) -> dict:
     achieved = flop / step_s / 1e12
     peak, peak_note = peak_tflops(run)
     mfu = achieved / peak if peak else None
-    out = {"batch": batch, "resolution": run.sizes.resolution, "mixed_precision": run.sizes.train_precision,
-           "timed_steps": len(times), "step_ms": 1e3 * step_s, "samples_per_s": batch / step_s,
-           "gflop_per_step": flop / 1e9, "gflop_per_sample": flop / 1e9 / batch, "achieved_tflops": achieved,
-           "peak_tflops": peak, "peak_source": peak_note, "mfu": mfu, "peak_memory_gb": peak_gb, "memory_measure": how,
-           "controlnet_m": sum(p.numel() for p in trainer.controlnet.parameters()) / 1e6}  # fmt: skip
+    out = {
+        "batch": batch,
+        "resolution": run.sizes.resolution,
+        "mixed_precision": run.sizes.train_precision,
+        "timed_steps": len(times),
+        "step_ms": 1e3 * step_s,
+        "samples_per_s": batch / step_s,
+        "gflop_per_step": flop / 1e9,
+        "gflop_per_sample": flop / 1e9 / batch,
+        "achieved_tflops": achieved,
+        "peak_tflops": peak,
+        "peak_source": peak_note,
+        "mfu": mfu,
+        "peak_memory_gb": peak_gb,
+        "memory_measure": how,
+        "controlnet_m": sum(p.numel() for p in trainer.controlnet.parameters()) / 1e6,
+    }
     print(
         f"[training] ControlNet step (our trainer, {precision_label(run.sizes)}), batch {batch} at {run.sizes.resolution} px: "
         f"{out['samples_per_s']:.2f} samples/s, {out['step_ms']:.1f} ms/step (median of {len(times)}); "
@@ -705,8 +804,11 @@ def section_finetune(run: Run, budget: Budget) -> dict:
     def step() -> None:  # paper Eq. 5 with the UNet itself trained
         b = trainer.data.micro_batch(next(counter))
         with torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(b.noisy.contiguous(memory_format=memory_format), b.timesteps,
-                        encoder_hidden_states=b.context.to(dtype)).sample  # fmt: skip
+            pred = unet(
+                b.noisy.contiguous(memory_format=memory_format),
+                b.timesteps,
+                encoder_hidden_states=b.context.to(dtype),
+            ).sample
             loss = F.mse_loss(pred.float(), b.target.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm)
@@ -719,17 +821,28 @@ def section_finetune(run: Run, budget: Budget) -> dict:
     peak_gb, how = step_peak_memory(run, step, base.modules(), optimizer)
     times = measure_steps(run, step, budget)
     step_s, batch = statistics.median(times), run.sizes.train_batch
-    out = {"batch": batch, "timed_steps": len(times), "step_ms": 1e3 * step_s, "samples_per_s": batch / step_s,
-           "peak_memory_gb": peak_gb, "memory_measure": how,
-           "paper_memory_ratio": PAPER_MEMORY_RATIO, "paper_time_ratio": PAPER_TIME_RATIO}  # fmt: skip
-    line = (f"[finetune] UNet fine-tune step, batch {batch}: {out['samples_per_s']:.2f} samples/s, "
-            f"{out['step_ms']:.1f} ms/step, peak memory {peak_gb:.3f} GB")  # fmt: skip
+    out = {
+        "batch": batch,
+        "timed_steps": len(times),
+        "step_ms": 1e3 * step_s,
+        "samples_per_s": batch / step_s,
+        "peak_memory_gb": peak_gb,
+        "memory_measure": how,
+        "paper_memory_ratio": PAPER_MEMORY_RATIO,
+        "paper_time_ratio": PAPER_TIME_RATIO,
+    }
+    line = (
+        f"[finetune] UNet fine-tune step, batch {batch}: {out['samples_per_s']:.2f} samples/s, "
+        f"{out['step_ms']:.1f} ms/step, peak memory {peak_gb:.3f} GB"
+    )
     ours = run.results.get("training", {})
     if ours.get("ok"):
         out["memory_ratio"] = ours["peak_memory_gb"] / peak_gb
         out["time_ratio"] = ours["step_ms"] / out["step_ms"]
-        line += (f" | ControlNet / fine-tune: memory {out['memory_ratio']:.2f}x (paper {PAPER_MEMORY_RATIO}x), "
-                 f"time {out['time_ratio']:.2f}x (paper {PAPER_TIME_RATIO}x)")  # fmt: skip
+        line += (
+            f" | ControlNet / fine-tune: memory {out['memory_ratio']:.2f}x (paper {PAPER_MEMORY_RATIO}x), "
+            f"time {out['time_ratio']:.2f}x (paper {PAPER_TIME_RATIO}x)"
+        )
     else:
         line += " | ratios unavailable: the training section failed"
     print(line, flush=True)
@@ -789,8 +902,10 @@ def section_adam8bit(run: Run, budget: Budget) -> dict:
         out["bitsandbytes"] = bitsandbytes.__version__
         eight = out["adamw8bit"] = optimizer_state(run, params, use_8bit=True)
         out["ratio_8bit_to_adamw"] = eight["state_gb"] / out["adamw"]["state_gb"]
-        line += (f"; bitsandbytes {bitsandbytes.__version__} AdamW8bit state {eight['state_gb']:.3f} GB (allocated "
-                 f"+{eight['allocated_growth_gb']:.3f} GB) -> {out['ratio_8bit_to_adamw']:.3f}x of AdamW")  # fmt: skip
+        line += (
+            f"; bitsandbytes {bitsandbytes.__version__} AdamW8bit state {eight['state_gb']:.3f} GB (allocated "
+            f"+{eight['allocated_growth_gb']:.3f} GB) -> {out['ratio_8bit_to_adamw']:.3f}x of AdamW"
+        )
     print(line, flush=True)
     return out
 
@@ -808,15 +923,27 @@ SECTIONS = {
 def environment(run: Run) -> dict:
     import diffusers
 
-    env = {"device": str(run.device), "mode": "dry" if run.sizes.model == "tiny" else "full",
-           "torch": torch.__version__, "diffusers": diffusers.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "generation_dtype": run.sizes.gen_dtype,
-           "training_precision": run.sizes.train_precision, "sizes": asdict(run.sizes)}  # fmt: skip
+    env = {
+        "device": str(run.device),
+        "mode": "dry" if run.sizes.model == "tiny" else "full",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "generation_dtype": run.sizes.gen_dtype,
+        "training_precision": run.sizes.train_precision,
+        "sizes": asdict(run.sizes),
+    }
     if run.cuda:
         props = torch.cuda.get_device_properties(run.device)
-        env.update(gpu=props.name, gpu_memory_gb=props.total_memory / GiB, capability=f"{props.major}.{props.minor}",
-                   cudnn=torch.backends.cudnn.version(), tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
-                   tf32_cudnn=torch.backends.cudnn.allow_tf32)  # fmt: skip
+        env.update(
+            gpu=props.name,
+            gpu_memory_gb=props.total_memory / GiB,
+            capability=f"{props.major}.{props.minor}",
+            cudnn=torch.backends.cudnn.version(),
+            tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+            tf32_cudnn=torch.backends.cudnn.allow_tf32,
+        )
     else:
         env.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return env

@@ -108,11 +108,18 @@ def prepare(size: str, cache: Path, file_dtype: str = "fp32") -> Path:
     # diffusers' layout: model_index.json + one config per component (from_single_file reads only these)
     theirs = folder / "diffusers_config"
     scheduler = family_config("sd15")["scheduler"]
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
-             "feature_extractor": [None, None], "requires_safety_checker": False}  # fmt: skip
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
     files = {
         "model_index.json": index,
         "unet/config.json": {"_class_name": "UNet2DConditionModel", **configs["unet"]},
@@ -120,7 +127,7 @@ def prepare(size: str, cache: Path, file_dtype: str = "fp32") -> Path:
         "text_encoder/config.json": {
             **CLIPTextConfig(**configs["text_encoder"]).to_dict(),
             "architectures": ["CLIPTextModel"],
-        },  # fmt: skip
+        },
         "scheduler/scheduler_config.json": scheduler,
     }
     with torch.device("meta"):
@@ -184,29 +191,58 @@ def run_side(side: str, folder: Path, size: str, resolution: int, steps: int, ou
         from controlnet.generate.base import check_base
         from controlnet.generate.pipeline import ControlNetPipeline
 
-        base_options = {"tokenizer": str(folder / "tokenizer"), "prediction_type": None,
-                        "configs": str(folder / "base_config.json") if size == "tiny" else None}  # fmt: skip
+        base_options = {
+            "tokenizer": str(folder / "tokenizer"),
+            "prediction_type": None,
+            "configs": str(folder / "base_config.json") if size == "tiny" else None,
+        }
         source = check_base(folder / "base.safetensors", **base_options)
-        pipe = ControlNetPipeline.from_pretrained(source, controlnets=[folder / "control.safetensors"],
-                                                  dtype=torch.float32, ema=None, **base_options)  # fmt: skip
+        pipe = ControlNetPipeline.from_pretrained(
+            source, controlnets=[folder / "control.safetensors"], dtype=torch.float32, ema=None, **base_options
+        )
         pipe.to("cpu")
         pipe.optimize(reuse_freed_memory=True)  # the CLI's defaults (pack_cpu_weights: only from 8 steps on)
         t1 = time.perf_counter()
-        image = pipe(PROMPT, [cond], steps=steps, seed=SEED, width=resolution, height=resolution,
-                     guidance_scale=7.5, output_type="np").array  # fmt: skip
+        image = pipe(
+            PROMPT,
+            [cond],
+            steps=steps,
+            seed=SEED,
+            width=resolution,
+            height=resolution,
+            guidance_scale=7.5,
+            output_type="np",
+        ).array
     else:
         from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-        net = ControlNetModel.from_single_file(str(folder / "control.safetensors"), torch_dtype=torch.float32,
-                                               config=str(folder / "controlnet_config"), local_files_only=True)  # fmt: skip
+        net = ControlNetModel.from_single_file(
+            str(folder / "control.safetensors"),
+            torch_dtype=torch.float32,
+            config=str(folder / "controlnet_config"),
+            local_files_only=True,
+        )
         pipe = StableDiffusionControlNetPipeline.from_single_file(
-            str(folder / "base.safetensors"), controlnet=net, config=str(folder / "diffusers_config"),
-            local_files_only=True, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32,
-        )  # fmt: skip
+            str(folder / "base.safetensors"),
+            controlnet=net,
+            config=str(folder / "diffusers_config"),
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            torch_dtype=torch.float32,
+        )
         pipe.set_progress_bar_config(disable=True)
         t1 = time.perf_counter()
-        image = pipe(PROMPT, image=cond, num_inference_steps=steps, generator=torch.Generator().manual_seed(SEED),
-                     width=resolution, height=resolution, guidance_scale=7.5, output_type="np").images  # fmt: skip
+        image = pipe(
+            PROMPT,
+            image=cond,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(SEED),
+            width=resolution,
+            height=resolution,
+            guidance_scale=7.5,
+            output_type="np",
+        ).images
     t2 = time.perf_counter()
     np.save(out, np.asarray(image, dtype=np.float32))
     cpu = time.process_time()  # this process's CPU time, all threads (steadier than wall time on a shared machine)
@@ -221,9 +257,26 @@ def run_side(side: str, folder: Path, size: str, resolution: int, steps: int, ou
 
 
 def spawn(side: str, args, folder: Path, out: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--size", args.size, "--cache",
-           str(args.cache), "--file-dtype", args.file_dtype, "--resolution", str(args.resolution), "--steps",
-           str(args.steps), "--threads", str(args.threads), "--image", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        side,
+        "--size",
+        args.size,
+        "--cache",
+        str(args.cache),
+        "--file-dtype",
+        args.file_dtype,
+        "--resolution",
+        str(args.resolution),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--image",
+        str(out),
+    ]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
@@ -236,8 +289,12 @@ def spawn(side: str, args, folder: Path, out: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["sd15", "tiny"], default="sd15")
-    parser.add_argument("--file-dtype", choices=list(FILE_DTYPES), default="fp32",
-                        help="dtype of the files (fp16: as most downloads; both sides still compute in float32)")  # fmt: skip
+    parser.add_argument(
+        "--file-dtype",
+        choices=list(FILE_DTYPES),
+        default="fp32",
+        help="dtype of the files (fp16: as most downloads; both sides still compute in float32)",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 256 sd15, 64 tiny)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved (ours, theirs) pairs")
@@ -262,9 +319,11 @@ def main(argv=None) -> int:
 
     prepare(args.size, args.cache, args.file_dtype)
     sizes = {n: (folder / f"{n}.safetensors").stat().st_size / 1e9 for n in ("base", "control")}
-    print(f"size={args.size} files: base {sizes['base']:.2f} GB + control {sizes['control']:.2f} GB "
-          f"({FILE_DTYPES[args.file_dtype]}; computed in float32) resolution={args.resolution} steps={args.steps} "
-          f"threads={args.threads or 'default'} torch={torch.__version__}")  # fmt: skip
+    print(
+        f"size={args.size} files: base {sizes['base']:.2f} GB + control {sizes['control']:.2f} GB "
+        f"({FILE_DTYPES[args.file_dtype]}; computed in float32) resolution={args.resolution} steps={args.steps} "
+        f"threads={args.threads or 'default'} torch={torch.__version__}"
+    )
     runs = {side: [] for side in SIDES}
     diffs, spread = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,25 +334,34 @@ def main(argv=None) -> int:
                 run = spawn(side, args, folder, out)
                 runs[side].append(run)
                 images[side] = np.load(out)
-                print(f"  run {rep + 1} {side:6s}: first image {run['wall_s']:6.1f} s (load {run['load_s']:5.1f} s, "
-                      f"generate {run['generate_s']:5.1f} s; CPU {run['cpu_s']:6.1f} s), peak RSS "
-                      f"{run['peak_rss_mb']:6.0f} MB (anonymous {run['peak_anon_mb']:6.0f} MB)", flush=True)  # fmt: skip
+                print(
+                    f"  run {rep + 1} {side:6s}: first image {run['wall_s']:6.1f} s (load {run['load_s']:5.1f} s, "
+                    f"generate {run['generate_s']:5.1f} s; CPU {run['cpu_s']:6.1f} s), peak RSS "
+                    f"{run['peak_rss_mb']:6.0f} MB (anonymous {run['peak_anon_mb']:6.0f} MB)",
+                    flush=True,
+                )
             diffs.append(float(np.abs(images["ours"] - images["theirs"]).max()))
             spread = float(images["ours"].std())
     keys = ("wall_s", "load_s", "cpu_s", "peak_rss_mb", "peak_anon_mb")
     med = {side: {k: statistics.median(r[k] for r in runs[side]) for k in keys} for side in SIDES}
     for side in SIDES:
         m = med[side]
-        print(f"{side}: time to first image {m['wall_s']:.1f} s (load {m['load_s']:.1f} s, CPU {m['cpu_s']:.1f} s), "
-              f"peak RSS {m['peak_rss_mb']:.0f} MB (anonymous {m['peak_anon_mb']:.0f} MB)  "
-              f"(medians of {args.repeats})")  # fmt: skip
+        print(
+            f"{side}: time to first image {m['wall_s']:.1f} s (load {m['load_s']:.1f} s, CPU {m['cpu_s']:.1f} s), "
+            f"peak RSS {m['peak_rss_mb']:.0f} MB (anonymous {m['peak_anon_mb']:.0f} MB)  "
+            f"(medians of {args.repeats})"
+        )
     ours, theirs = med["ours"], med["theirs"]
-    print(f"time ratio theirs/ours: {theirs['wall_s'] / ours['wall_s']:.3f}x (load {theirs['load_s'] / ours['load_s']:.3f}x, "
-          f"CPU time {theirs['cpu_s'] / ours['cpu_s']:.3f}x); peak RSS ratio ours/theirs: "
-          f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.3f} (anonymous {ours['peak_anon_mb'] / theirs['peak_anon_mb']:.3f})")  # fmt: skip
+    print(
+        f"time ratio theirs/ours: {theirs['wall_s'] / ours['wall_s']:.3f}x (load {theirs['load_s'] / ours['load_s']:.3f}x, "
+        f"CPU time {theirs['cpu_s'] / ours['cpu_s']:.3f}x); peak RSS ratio ours/theirs: "
+        f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.3f} (anonymous {ours['peak_anon_mb'] / theirs['peak_anon_mb']:.3f})"
+    )
     verdict = "same image" if max(diffs) <= PARITY_TOL else "IMAGES DIFFER"
-    print(f"image parity: max |ours - theirs| = {max(diffs):.2e} (tolerance {PARITY_TOL:g}; image std {spread:.3f}): "
-          f"{verdict}")  # fmt: skip
+    print(
+        f"image parity: max |ours - theirs| = {max(diffs):.2e} (tolerance {PARITY_TOL:g}; image std {spread:.3f}): "
+        f"{verdict}"
+    )
     return 0 if max(diffs) <= PARITY_TOL else 1
 
 

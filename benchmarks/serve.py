@@ -45,8 +45,11 @@ def main() -> None:
     cond = Image.new("RGB", (64, 64))
     buffer = io.BytesIO()
     cond.save(buffer, format="PNG")
-    body = {"prompt": "a red circle", "steps": args.steps, "units": [{"model": TINY_CONTROLNET,
-            "image": base64.b64encode(buffer.getvalue()).decode()}]}  # fmt: skip
+    body = {
+        "prompt": "a red circle",
+        "steps": args.steps,
+        "units": [{"model": TINY_CONTROLNET, "image": base64.b64encode(buffer.getvalue()).decode()}],
+    }
 
     from controlnet.generate.base import load_base
     from controlnet.generate.pipeline import ControlNetPipeline
@@ -56,8 +59,11 @@ def main() -> None:
     pipe = ControlNetPipeline.from_components(base, [net])
 
     def job(seed):
-        return GenerationJob(prompt=body["prompt"], units=[ControlUnit(TINY_CONTROLNET, image=cond)],
-                             options=GenerationOptions(steps=args.steps, seed=seed))  # fmt: skip
+        return GenerationJob(
+            prompt=body["prompt"],
+            units=[ControlUnit(TINY_CONTROLNET, image=cond)],
+            options=GenerationOptions(steps=args.steps, seed=seed),
+        )
 
     def direct(seed) -> float:
         with torch.inference_mode():
@@ -100,7 +106,9 @@ def main() -> None:
         rss = server.peak_rss_mb()
     finally:
         server.stop()
-    print(f"built-in base, 64 px, {args.steps} steps, 1 ControlNet, {args.threads} thread(s), {args.images} images")
+    print(
+        f"built-in base, 64 px, {args.steps} steps, 1 ControlNet, {args.threads} thread(s), {args.images} images"
+    )
     print(f"direct run_job:        {direct_s * 1000:8.1f} ms/image (median)  ({1 / direct_s:.2f} images/s)")
     print(f"/v1/generate, 1 client:{served_s * 1000:8.1f} ms/image (median)  ({1 / served_s:.2f} images/s)")
     print(f"overhead: {100 * (ratio - 1):+.1f}% (median of the per-image served/direct ratios, pairs interleaved)")

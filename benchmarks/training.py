@@ -79,11 +79,24 @@ SIZES = {
 # float32 steps at SD1.5 size take several seconds each: fewer timed steps keep the 9 processes within 20 minutes
 FLOAT32_SD15_STEPS = 3
 WARMUP_STEPS = 1
-SD_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-              up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-              sample_size=512, scaling_factor=0.18215)  # fmt: skip
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, projection_dim=768)  # fmt: skip
+SD_VAE = dict(
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+CLIP_L = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    projection_dim=768,
+)
 PAGE = 4096
 
 
@@ -161,8 +174,9 @@ def build_base(size: str):
         vae = AutoencoderKL(**SD_VAE)
         tokenizer = build_tokenizer(FILL_VOCABULARY, 77)
         text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **CLIP_L))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012)  # fmt: skip
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    )
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
     return BaseComponents(unet, vae, text_encoder, tokenizer, scheduler)
@@ -255,15 +269,24 @@ def make_steps(variants, trainer, base, dtype, pure_bf16: bool) -> dict:
                 m.__class__ = torch.nn.Conv2d
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=1e-2)
         pixels = {p: data.pixels.load(p, 0) for p in range(len(data.pixels))}  # decoded once (a DataLoader's job)
-        ids = base.tokenizer([data.source.prompt(i) for i in data.train_indices], padding="max_length",
-                             max_length=base.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids  # fmt: skip
+        ids = base.tokenizer(
+            [data.source.prompt(i) for i in data.train_indices],
+            padding="max_length",
+            max_length=base.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
 
         def update(noisy, t, context, cond, target) -> None:  # train_controlnet.py's forward, backward, step
             with torch.autocast("cpu", dtype=dtype, enabled=pure_bf16):
                 out = net(noisy, t, context, cond=cond)
-                pred = d_unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=out.down,
-                              mid_block_additional_residual=out.mid).sample  # fmt: skip
+                pred = d_unet(
+                    noisy,
+                    t,
+                    encoder_hidden_states=context,
+                    down_block_additional_residuals=out.down,
+                    mid_block_additional_residual=out.mid,
+                ).sample
                 loss = F.mse_loss(pred.float(), target.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -323,8 +346,15 @@ def pick_dtype(size: str) -> tuple[str, str]:
     return "float32", f"no native bf16 here (a conv {ratio:.0f}x slower than float32)"
 
 
-def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: str, mode: str = "time",
-          dtype_name: str = "float32") -> dict:  # fmt: skip
+def child(
+    variants: list[str],
+    size: str,
+    steps: int,
+    workdir: Path,
+    allocator: str,
+    mode: str = "time",
+    dtype_name: str = "float32",
+) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -340,13 +370,23 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
     if not data.exists():
         write_dataset("fill", batch * total, spec["resolution"], data, workers=1)
     base = build_base(size)
-    config = resolve_config(None, {
-        "data.path": str(data), "data.resolution": str(spec["resolution"]), "data.cache_dir": str(workdir / "cache"),
-        "train.output_dir": str(workdir / f"run-{size}-{'-'.join(variants)}"), "train.batch_size": str(batch),
-        "train.max_steps": str(total), "train.mixed_precision": "bf16" if pure_bf16 else "no",
-        "data.empty_prompt_prob": "0.5", "optim.max_grad_norm": "1.0", "checkpoint.every": "0",
-        "model.hint_channels": spec["hint"], "train.reuse_freed_memory": str(allocator == "reuse"),
-    })  # fmt: skip
+    config = resolve_config(
+        None,
+        {
+            "data.path": str(data),
+            "data.resolution": str(spec["resolution"]),
+            "data.cache_dir": str(workdir / "cache"),
+            "train.output_dir": str(workdir / f"run-{size}-{'-'.join(variants)}"),
+            "train.batch_size": str(batch),
+            "train.max_steps": str(total),
+            "train.mixed_precision": "bf16" if pure_bf16 else "no",
+            "data.empty_prompt_prob": "0.5",
+            "optim.max_grad_norm": "1.0",
+            "checkpoint.every": "0",
+            "model.hint_channels": spec["hint"],
+            "train.reuse_freed_memory": str(allocator == "reuse"),
+        },
+    )
     # every variant uses the trainer's set-up: same data, same cached latents/text, same per-step random draws
     trainer = Trainer(config, base)
     t0 = time.perf_counter()
@@ -396,24 +436,63 @@ def child(variants: list[str], size: str, steps: int, workdir: Path, allocator: 
                 times[name].append(time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
     split = activation_split(variants, trainer, base, dtype, pure_bf16)
-    result = {"size": size, "batch": batch, "dtype": dtype_name, "allocator": allocator, "cache_setup_s": setup_s,
-              "memory_split_mb": split,
-              "peak_rss_gb": peak.peak / 2**30, "rss_after_setup_gb": rss_setup / 2**30,
-              "train_memory_gb": (peak.peak - rss_setup) / 2**30}  # fmt: skip
+    result = {
+        "size": size,
+        "batch": batch,
+        "dtype": dtype_name,
+        "allocator": allocator,
+        "cache_setup_s": setup_s,
+        "memory_split_mb": split,
+        "peak_rss_gb": peak.peak / 2**30,
+        "rss_after_setup_gb": rss_setup / 2**30,
+        "train_memory_gb": (peak.peak - rss_setup) / 2**30,
+    }
     for name, values in times.items():
         median = sorted(values)[len(values) // 2]
         cpu = sorted(cpu_times[name])[len(values) // 2]
         # CPU seconds of this process: on a shared machine, waiting for a core does not count
-        result[name] = {"step_s": median, "cpu_s": cpu, "samples_per_s": batch / median,
-                        "samples_per_cpu_s": batch / cpu, "gflop": flops[name] / 1e9, "all_step_s": values, "all_cpu_s": cpu_times[name]}  # fmt: skip
+        result[name] = {
+            "step_s": median,
+            "cpu_s": cpu,
+            "samples_per_s": batch / median,
+            "samples_per_cpu_s": batch / cpu,
+            "gflop": flops[name] / 1e9,
+            "all_step_s": values,
+            "all_cpu_s": cpu_times[name],
+        }
     return result
 
 
-def run_child(variants: list[str], size: str, steps: int, threads: int, workdir: str, allocator: str = "reuse",
-              mode: str = "time", dtype: str = "float32") -> dict:  # fmt: skip
-    cmd = [sys.executable, __file__, "--child", ",".join(variants), "--size", size, "--steps", str(steps),
-           "--threads", str(threads), "--workdir", workdir, "--allocator", allocator, "--mode", mode,
-           "--dtype", dtype]  # fmt: skip
+def run_child(
+    variants: list[str],
+    size: str,
+    steps: int,
+    threads: int,
+    workdir: str,
+    allocator: str = "reuse",
+    mode: str = "time",
+    dtype: str = "float32",
+) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        ",".join(variants),
+        "--size",
+        size,
+        "--steps",
+        str(steps),
+        "--threads",
+        str(threads),
+        "--workdir",
+        workdir,
+        "--allocator",
+        allocator,
+        "--mode",
+        mode,
+        "--dtype",
+        dtype,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
@@ -443,8 +522,15 @@ def main() -> int:
         torch.set_num_threads(args.threads)
         print(
             json.dumps(
-                child(args.child.split(","), args.size, args.steps, Path(args.workdir), args.allocator, args.mode,
-                      args.dtype)
+                child(
+                    args.child.split(","),
+                    args.size,
+                    args.steps,
+                    Path(args.workdir),
+                    args.allocator,
+                    args.mode,
+                    args.dtype,
+                )
             )
         )
         return 0
@@ -465,26 +551,42 @@ def main() -> int:
             # Fresh processes of the same variant differ more than steps within one (tiny: 30% apart at 2 threads,
             # 2-5% at 1 thread, with the machine's load drifting): each runs in `processes` of its own, round-robin
             # so a slow spell hits every variant, and the median one counts.
-            pairs = [("ours", "reuse"), ("unet", "reuse"), ("diffusers", "default"), ("cache_only", "default"),
-                     ("ours", "default"), ("unet", "default"), ("diffusers", "reuse")]  # fmt: skip
+            pairs = [
+                ("ours", "reuse"),
+                ("unet", "reuse"),
+                ("diffusers", "default"),
+                ("cache_only", "default"),
+                ("ours", "default"),
+                ("unet", "default"),
+                ("diffusers", "reuse"),
+            ]
             runs = {}
             for _ in range(n_proc):
                 for v, a in pairs:
-                    runs.setdefault((v, a), []).append(run_child([v], size, steps, threads, workdir, a, dtype=dtype))
+                    runs.setdefault((v, a), []).append(
+                        run_child([v], size, steps, threads, workdir, a, dtype=dtype)
+                    )
             spread = {key: [r[key[0]]["cpu_s"] for r in trials] for key, trials in runs.items()}
             runs = {
                 key: sorted(trials, key=lambda r: r[key[0]]["cpu_s"])[len(trials) // 2]
                 for key, trials in runs.items()
             }
-            tensors = {v: run_child([v], size, steps, threads, workdir, "default", mode="tensors",
-                                    dtype=dtype)["tensor_peak_gb"] for v in ("ours", "unet")}  # fmt: skip
+            tensors = {
+                v: run_child([v], size, steps, threads, workdir, "default", mode="tensors", dtype=dtype)[
+                    "tensor_peak_gb"
+                ]
+                for v in ("ours", "unet")
+            }
             # (b)'s time, paired: both steps alternate in one process (the allocator reusing freed memory for both,
             # as `controlnet train` runs), so a slow spell of the shared machine hits the two steps of a pair alike;
             # the ratio of each adjacent pair, the median over all pairs of `processes` processes
-            paired = [run_child(["ours", "unet"], size, steps, threads, workdir, "reuse", dtype=dtype)
-                      for _ in range(n_proc)]  # fmt: skip
-            pair_ratios = sorted(o / u for r in paired
-                                 for o, u in zip(r["ours"]["all_cpu_s"], r["unet"]["all_cpu_s"], strict=True))  # fmt: skip
+            paired = [
+                run_child(["ours", "unet"], size, steps, threads, workdir, "reuse", dtype=dtype)
+                for _ in range(n_proc)
+            ]
+            pair_ratios = sorted(
+                o / u for r in paired for o, u in zip(r["ours"]["all_cpu_s"], r["unet"]["all_cpu_s"], strict=True)
+            )
             paired_ratio = pair_ratios[len(pair_ratios) // 2]
             quartiles = pair_ratios[len(pair_ratios) // 4], pair_ratios[3 * len(pair_ratios) // 4]
             cpu = {key: run[key[0]]["cpu_s"] for key, run in runs.items()}
@@ -501,8 +603,10 @@ def main() -> int:
                 + "; CPU seconds of the process, wall seconds in brackets):"
             )
             if n_proc > 1:
-                print("      CPU-s per step of each process: " + "; ".join(
-                    f"{v}/{a} " + ", ".join(f"{x:.3f}" for x in spread[v, a]) for v, a in pairs))  # fmt: skip
+                print(
+                    "      CPU-s per step of each process: "
+                    + "; ".join(f"{v}/{a} " + ", ".join(f"{x:.3f}" for x in spread[v, a]) for v, a in pairs)
+                )
             print(
                 f"  (a) samples per CPU-s: ours {ours['samples_per_cpu_s']:.4f} (as `controlnet train` runs) vs "
                 f"diffusers' logic {diff['samples_per_cpu_s']:.4f} (as train_controlnet.py runs) -> "
@@ -522,7 +626,8 @@ def main() -> int:
                 f"  (b) ControlNet step vs UNet fine-tune, paired in one process: {paired_ratio:.3f}x (target <= 1.0x; "
                 f"median of {len(pair_ratios)} adjacent pairs in {n_proc} processes, quartiles {quartiles[0]:.3f}-"
                 f"{quartiles[1]:.3f}; per process medians "
-                + ", ".join(f"{r['ours']['cpu_s']:.3f} vs {r['unet']['cpu_s']:.3f}" for r in paired) + " CPU-s)"
+                + ", ".join(f"{r['ours']['cpu_s']:.3f} vs {r['unet']['cpu_s']:.3f}" for r in paired)
+                + " CPU-s)"
                 f"\n      in processes of their own: {ours['cpu_s']:.3f} vs {unet_r['cpu_s']:.3f} CPU-s -> "
                 f"{ours['cpu_s'] / unet_r['cpu_s']:.2f}x [wall {ours['step_s']:.3f} vs "
                 f"{unet_r['step_s']:.3f} s -> {ours['step_s'] / unet_r['step_s']:.2f}x]"

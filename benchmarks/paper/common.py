@@ -52,8 +52,13 @@ def positive_int(text: str) -> int:
     return value
 
 
-def parse_args(description: str, n: int, steps: int = 20, cfg: float = 4.0,
-               extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:  # fmt: skip
+def parse_args(
+    description: str,
+    n: int,
+    steps: int = 20,
+    cfg: float = 4.0,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """The scripts' common flags (and a script's own, added by `extra(parser)`); seeds torch, sets threads."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra is not None:
@@ -93,8 +98,15 @@ def generate(pipe, prompts: Sequence[str], conditions: Sequence[Sequence[np.ndar
 
     `options` are GenerationOptions fields (control_scale, control_mode, ... as a value or one per net)."""
     with torch.inference_mode():
-        result = pipe(list(prompts), [list(c) for c in conditions], steps=args.steps, guidance_scale=args.cfg,
-                      seed=args.seed, output_type="np", **options)  # fmt: skip
+        result = pipe(
+            list(prompts),
+            [list(c) for c in conditions],
+            steps=args.steps,
+            guidance_scale=args.cfg,
+            seed=args.seed,
+            output_type="np",
+            **options,
+        )
     return [(image * 255).round().astype(np.uint8) for image in result.array]
 
 
@@ -122,12 +134,24 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": sys.version.split()[0]}  # fmt: skip
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+    }
 
 
-def write_results(name: str, args, rows: list[dict], columns: list[str], started: float,
-                  figure: Callable | None = None, notes: str = "") -> None:  # fmt: skip
+def write_results(
+    name: str,
+    args,
+    rows: list[dict],
+    columns: list[str],
+    started: float,
+    figure: Callable | None = None,
+    notes: str = "",
+) -> None:
     """results/<name>.md, .json and (with matplotlib) .png; prints the table."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,8 +159,13 @@ def write_results(name: str, args, rows: list[dict], columns: list[str], started
     table = markdown_table(rows, columns)
     header = f"`python benchmarks/paper/{name}.py` ({', '.join(f'{k} {v}' for k, v in settings.items())})\n\n"
     (out / f"{name}.md").write_text(header + table + (f"\n{notes}\n" if notes else ""))
-    record = {"claim": name, "settings": settings, "rows": rows, "machine": machine(),
-              "wall_s": round(time.time() - started, 1)}  # fmt: skip
+    record = {
+        "claim": name,
+        "settings": settings,
+        "rows": rows,
+        "machine": machine(),
+        "wall_s": round(time.time() - started, 1),
+    }
     (out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table)
     if out.resolve() == RESULTS:
@@ -192,8 +221,24 @@ def world_data(task: str = "fill", n: int = 4000) -> Path:
     data = WORK / "data" / (task if (task, n) == ("fill", 4000) else f"{task}-{n}")
     if not (data / "prompt.json").exists():
         data.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["controlnet", "world", "make", "--task", task, "--n", str(n), "--size", "64", "--out",
-                        str(data), "--seed", "0"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "controlnet",
+                "world",
+                "make",
+                "--task",
+                task,
+                "--n",
+                str(n),
+                "--size",
+                "64",
+                "--out",
+                str(data),
+                "--seed",
+                "0",
+            ],
+            check=True,
+        )
     return data
 
 
@@ -206,9 +251,23 @@ def train_fill(name: str, flags: Sequence[str], threads: int, data: Path | None 
     data = data or world_data()
     run.parent.mkdir(parents=True, exist_ok=True)
     cache = WORK / "cache" / data.name  # latents are cached per dataset
-    subprocess.run(["controlnet", "train", "--data.path", str(data), "--data.cache_dir", str(cache),
-                    "--train.output_dir", str(run), "--train.threads", str(threads), *FILL_RECIPE, *flags],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "controlnet",
+            "train",
+            "--data.path",
+            str(data),
+            "--data.cache_dir",
+            str(cache),
+            "--train.output_dir",
+            str(run),
+            "--train.threads",
+            str(threads),
+            *FILL_RECIPE,
+            *flags,
+        ],
+        check=True,
+    )
     return run
 
 

@@ -56,19 +56,27 @@ def main() -> int:
         "both at 0.5 each": (both, [seg_without_person, pose], {"control_scale": [0.5, 0.5]}),
     }
     rows = []
-    shown = [("seg condition (no person)", seg_without_person[:6]), ("pose condition", pose[:6]),
-             ("ground truth", [s.image for s in samples[:6]])]  # fmt: skip
+    shown = [
+        ("seg condition (no person)", seg_without_person[:6]),
+        ("pose condition", pose[:6]),
+        ("ground truth", [s.image for s in samples[:6]]),
+    ]
     for name, (pipe, conditions, options) in settings.items():
         images = generate(pipe, prompts, conditions, args, **options)
-        row = {"setting": name, f"seg {seg_metric.name} (whole scene)": mean_score(seg_metric.fn, images, seg),
-               f"pose {pose_metric.name}": mean_score(pose_metric.fn, images, pose)}  # fmt: skip
+        row = {
+            "setting": name,
+            f"seg {seg_metric.name} (whole scene)": mean_score(seg_metric.fn, images, seg),
+            f"pose {pose_metric.name}": mean_score(pose_metric.fn, images, pose),
+        }
         rows.append(row)
         shown.append((name, images[:6]))
         print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else str(v) for k, v in row.items()), flush=True)
     columns = ["setting", f"seg {seg_metric.name} (whole scene)", f"pose {pose_metric.name}"]
 
     def figure(plt, rows):
-        return image_strip(plt, shown, "seg + pose ControlNets trained apart, applied together (6 held-out scenes)")
+        return image_strip(
+            plt, shown, "seg + pose ControlNets trained apart, applied together (6 held-out scenes)"
+        )
 
     write_results("composition", args, rows, columns, started, figure)
     return 0

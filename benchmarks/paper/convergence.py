@@ -60,8 +60,12 @@ def demo(seed: int, threads: int, extra: tuple[str, ...] = ()) -> dict:
         started = time.time()
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f"seed{seed}-threads{threads}.log", "w") as log:
-            subprocess.run(["controlnet", "demo", "--out", str(out), "--seed", str(seed), "--threads", str(threads),
-                            *extra], check=True, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            subprocess.run(
+                ["controlnet", "demo", "--out", str(out), "--seed", str(seed), "--threads", str(threads), *extra],
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         record.write_text(f"{time.time() - started:.1f}\n")
     curve = validation_curve(out / "run")
     return {"seed": seed, "threads": threads, "out": out, "curve": curve, "wall_s": float(record.read_text())}
@@ -70,9 +74,15 @@ def demo(seed: int, threads: int, extra: tuple[str, ...] = ()) -> dict:
 def main() -> int:
     def own_flags(p):
         p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default: 5)")
-        p.add_argument("--parallel", type=positive_int, default=1, help="1-thread demo runs at a time (default: 1)")
-        p.add_argument("--demo-args", default="", help='more `controlnet demo` flags, e.g. "--task shapes" '
-                       '(runs kept apart by them; the world held-out set is the task\'s)')  # fmt: skip
+        p.add_argument(
+            "--parallel", type=positive_int, default=1, help="1-thread demo runs at a time (default: 1)"
+        )
+        p.add_argument(
+            "--demo-args",
+            default="",
+            help='more `controlnet demo` flags, e.g. "--task shapes" '
+            "(runs kept apart by them; the world held-out set is the task's)",
+        )
 
     args = parse_args(__doc__, n=50, extra=own_flags)
     started = time.time()
@@ -93,15 +103,18 @@ def main() -> int:
             world_iou[f"world {task} IoU"] = mean_score(fill_iou, images, world.conditions)
         other_images = generate(pipe, other_prompts, [other_conditions], args)
         curve = run["curve"]
-        rows.append({
-            "seed": run["seed"], "threads": run["threads"],
-            "converged at step": convergence_step(curve, THRESHOLD) or "no",
-            "stopped at step": curve[-1][0] if curve else 0,
-            "last validation IoU": curve[-1][1] if curve else 0.0,
-            **world_iou,
-            "other-renderer IoU": mean_score(fill_iou, other_images, other_conditions),
-            "demo wall time (min)": round(run["wall_s"] / 60, 2),
-        })  # fmt: skip
+        rows.append(
+            {
+                "seed": run["seed"],
+                "threads": run["threads"],
+                "converged at step": convergence_step(curve, THRESHOLD) or "no",
+                "stopped at step": curve[-1][0] if curve else 0,
+                "last validation IoU": curve[-1][1] if curve else 0.0,
+                **world_iou,
+                "other-renderer IoU": mean_score(fill_iou, other_images, other_conditions),
+                "demo wall time (min)": round(run["wall_s"] / 60, 2),
+            }
+        )
         print(rows[-1], flush=True)
     columns = list(rows[0])
     curves = {(r["seed"], r["threads"]): r["curve"] for r in runs}
@@ -109,8 +122,13 @@ def main() -> int:
     def figure(plt, rows):
         fig, ax = plt.subplots(figsize=(7, 3.4))
         for (seed, threads), curve in curves.items():
-            ax.plot([s for s, _ in curve], [v for _, v in curve], ls="-" if threads == 2 else "--", marker=".",
-                    label=f"seed {seed}, {threads} thr.")  # fmt: skip
+            ax.plot(
+                [s for s, _ in curve],
+                [v for _, v in curve],
+                ls="-" if threads == 2 else "--",
+                marker=".",
+                label=f"seed {seed}, {threads} thr.",
+            )
         ax.axhline(THRESHOLD, color="grey", lw=0.8)
         ax.set_xlabel("training step")
         ax.set_ylabel("validation filled-shape IoU")

@@ -54,7 +54,9 @@ def train(size: int) -> Path:
 
 def main() -> int:
     def own_flags(p):
-        p.add_argument("--parallel", type=positive_int, default=2, help="trainings at a time, 1 thread each (default: 2)")
+        p.add_argument(
+            "--parallel", type=positive_int, default=2, help="trainings at a time, 1 thread each (default: 2)"
+        )
 
     args = parse_args(__doc__, n=50, extra=own_flags)
     started = time.time()
@@ -67,18 +69,34 @@ def main() -> int:
     for size in SIZES:
         images = generate(pipeline([runs[size] / "final" / "controlnet"]), held.prompts, [held.conditions], args)
         curves[size] = validation_curve(runs[size])
-        rows.append({
-            "training samples": size,
-            "epochs in 1000 steps": f"{1000 * 32 / (size - 16):.1f}",
-            **{f"val. IoU @{s}": v for s, v in curves[size] if s in (300, 500, 700)},
-            "final IoU": mean_score(fill_iou, images, held.conditions),
-            "mean abs. error to truth (0-255)": float(np.mean([np.abs(g.astype(np.int16) - t).mean()
-                                                   for g, t in zip(images, held.ground_truth, strict=True)])),
-            "colour accuracy": mean_score(fill_colour_accuracy, images, held.conditions, held.prompts),
-        })  # fmt: skip
+        rows.append(
+            {
+                "training samples": size,
+                "epochs in 1000 steps": f"{1000 * 32 / (size - 16):.1f}",
+                **{f"val. IoU @{s}": v for s, v in curves[size] if s in (300, 500, 700)},
+                "final IoU": mean_score(fill_iou, images, held.conditions),
+                "mean abs. error to truth (0-255)": float(
+                    np.mean(
+                        [
+                            np.abs(g.astype(np.int16) - t).mean()
+                            for g, t in zip(images, held.ground_truth, strict=True)
+                        ]
+                    )
+                ),
+                "colour accuracy": mean_score(fill_colour_accuracy, images, held.conditions, held.prompts),
+            }
+        )
         print(rows[-1], flush=True)
-    columns = ["training samples", "epochs in 1000 steps", "val. IoU @300", "val. IoU @500", "val. IoU @700",
-               "final IoU", "mean abs. error to truth (0-255)", "colour accuracy"]  # fmt: skip
+    columns = [
+        "training samples",
+        "epochs in 1000 steps",
+        "val. IoU @300",
+        "val. IoU @500",
+        "val. IoU @700",
+        "final IoU",
+        "mean abs. error to truth (0-255)",
+        "colour accuracy",
+    ]
 
     def figure(plt, rows):
         title = "fill ControlNets trained on 1k, 3k and 10k samples (same 1000 steps)"

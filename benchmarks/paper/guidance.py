@@ -82,8 +82,12 @@ def main() -> int:
         return fig
 
     write_results("guidance", args, rows, columns, started, figure)
-    save_figure(Path(args.out) / "guidance-seg.png", lambda plt: image_strip(
-        plt, shown, "seg, empty prompt: each setting on the same 6 held-out layouts and seeds"))  # fmt: skip
+    save_figure(
+        Path(args.out) / "guidance-seg.png",
+        lambda plt: image_strip(
+            plt, shown, "seg, empty prompt: each setting on the same 6 held-out layouts and seeds"
+        ),
+    )
     return 0
 
 

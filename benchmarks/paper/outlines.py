@@ -41,7 +41,9 @@ def _polygon(shape: str, rng: np.random.Generator, size: int, wobble: bool) -> l
             a0, a1 = (2 * math.pi * (side + d) / corners for d in (0, 1))
             x = (1 - f) * math.cos(a0) + f * math.cos(a1)
             y = (1 - f) * math.sin(a0) + f * math.sin(a1)
-        r = 1 + sum(a * math.sin((j + 2) * 2 * math.pi * t + p) for j, (a, p) in enumerate(zip(amps, phases, strict=True)))
+        r = 1 + sum(
+            a * math.sin((j + 2) * 2 * math.pi * t + p) for j, (a, p) in enumerate(zip(amps, phases, strict=True))
+        )
         xr, yr = x * math.cos(turn) - y * math.sin(turn), x * math.sin(turn) + y * math.cos(turn)
         points.append((cx + radius * r * xr, cy + radius * r * yr))
     return points

@@ -48,9 +48,11 @@ def main() -> int:
     # conditions as the 0 arm, so that the difference is not run-to-run noise of one training
     dropout = train_fill("fill-prompt-dropout-0.5", ["--data.empty_prompt_prob", "0.5"], args.threads)
     no_dropout = train_fill("fill-no-prompt-dropout", ["--data.empty_prompt_prob", "0"], args.threads)
-    nets = {"0.5 (paper; builtin:fill)": "fill",
-            "0.5 (paper; trained here)": dropout / "final" / "controlnet",
-            "0 (no dropout; trained here)": no_dropout / "final" / "controlnet"}  # fmt: skip
+    nets = {
+        "0.5 (paper; builtin:fill)": "fill",
+        "0.5 (paper; trained here)": dropout / "final" / "controlnet",
+        "0 (no dropout; trained here)": no_dropout / "final" / "controlnet",
+    }
     held = heldout_set("fill", args.n, size=64)
     prompt_sets = {
         "no prompt": [""] * len(held),
@@ -63,17 +65,27 @@ def main() -> int:
         pipe = pipeline([path])
         for setting, prompts in prompt_sets.items():
             images = generate(pipe, prompts, [held.conditions], args)
-            row = {"training dropout": dropout, "prompt": setting, "disk IoU": mean_score(fill_iou, images,
-                   held.conditions)}  # fmt: skip
+            row = {
+                "training dropout": dropout,
+                "prompt": setting,
+                "disk IoU": mean_score(fill_iou, images, held.conditions),
+            }
             if setting in ("conflicting", "perfect"):
-                row["colour accuracy (given prompt)"] = mean_score(fill_colour_accuracy, images, held.conditions,
-                                                                   prompts)  # fmt: skip
-                row["colour accuracy (true colours)"] = mean_score(fill_colour_accuracy, images, held.conditions,
-                                                                   held.prompts)  # fmt: skip
+                row["colour accuracy (given prompt)"] = mean_score(
+                    fill_colour_accuracy, images, held.conditions, prompts
+                )
+                row["colour accuracy (true colours)"] = mean_score(
+                    fill_colour_accuracy, images, held.conditions, held.prompts
+                )
             rows.append(row)
             print(rows[-1], flush=True)
-    columns = ["training dropout", "prompt", "disk IoU", "colour accuracy (given prompt)",
-               "colour accuracy (true colours)"]  # fmt: skip
+    columns = [
+        "training dropout",
+        "prompt",
+        "disk IoU",
+        "colour accuracy (given prompt)",
+        "colour accuracy (true colours)",
+    ]
 
     def figure(plt, rows):
         fig, ax = plt.subplots(figsize=(7, 3))

@@ -77,8 +77,12 @@ def fine_tune(base, data: Path, out: Path, steps: int = STEPS) -> torch.nn.Modul
     with torch.no_grad():
         latents = torch.cat([base.vae.encode(chunk).latent_dist.mean for chunk in pixels.split(256)])
         latents = latents * base.vae.config.scaling_factor  # (N, 4, 16, 16)
-        context = torch.cat([encode_prompts(base.tokenizer, base.text_encoder, [r["prompt"] for r in records[i:i + 256]])
-                             for i in range(0, len(records), 256)])  # fmt: skip
+        context = torch.cat(
+            [
+                encode_prompts(base.tokenizer, base.text_encoder, [r["prompt"] for r in records[i : i + 256]])
+                for i in range(0, len(records), 256)
+            ]
+        )
         empty = encode_prompts(base.tokenizer, base.text_encoder, [""])  # (1, L, D)
     unet = copy.deepcopy(base.unet).train().requires_grad_(True)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
@@ -98,8 +102,10 @@ def fine_tune(base, data: Path, out: Path, steps: int = STEPS) -> torch.nn.Modul
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"fine-tune step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)",
-                  flush=True)  # fmt: skip
+            print(
+                f"fine-tune step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - started:.0f} s)",
+                flush=True,
+            )
     unet.eval().requires_grad_(False)
     unet.save_pretrained(out)
     return unet
@@ -107,9 +113,15 @@ def fine_tune(base, data: Path, out: Path, steps: int = STEPS) -> torch.nn.Modul
 
 def main() -> int:
     def own_flags(p):
-        p.add_argument("--fine-tune-steps", type=positive_int, default=STEPS, help=f"community fine-tune steps ({STEPS})")
-        p.add_argument("--fine-tune-samples", type=positive_int, default=SAMPLES,
-                       help=f"world samples the fine-tune encodes and draws from ({SAMPLES}; fewer for a quick check)")  # fmt: skip
+        p.add_argument(
+            "--fine-tune-steps", type=positive_int, default=STEPS, help=f"community fine-tune steps ({STEPS})"
+        )
+        p.add_argument(
+            "--fine-tune-samples",
+            type=positive_int,
+            default=SAMPLES,
+            help=f"world samples the fine-tune encodes and draws from ({SAMPLES}; fewer for a quick check)",
+        )
 
     args = parse_args(__doc__, n=50, extra=own_flags)
     started = time.time()
@@ -135,16 +147,32 @@ def main() -> int:
     ]
     rows, shown = [], []
     for name, components, nets in settings:
-        images = generate(ControlNetPipeline.from_components(components, nets), held.prompts,
-                          [held.conditions] * len(nets), args)  # fmt: skip
-        rows.append({"setting": name, "filled-shape IoU": mean_score(fill_iou, images, held.conditions),
-                     "warmth (mean R - B)": float(np.mean([warmth(im) for im in images]))})  # fmt: skip
+        images = generate(
+            ControlNetPipeline.from_components(components, nets), held.prompts, [held.conditions] * len(nets), args
+        )
+        rows.append(
+            {
+                "setting": name,
+                "filled-shape IoU": mean_score(fill_iou, images, held.conditions),
+                "warmth (mean R - B)": float(np.mean([warmth(im) for im in images])),
+            }
+        )
         shown.append((name, images[:6]))
         print(rows[-1], flush=True)
-    rows.append({"setting": "ground truth, tinted (the style's target)", "filled-shape IoU": 1.0,
-                 "warmth (mean R - B)": float(np.mean([warmth(tint(t)) for t in held.ground_truth]))})  # fmt: skip
-    rows.append({"setting": "ground truth, as the base learned it", "filled-shape IoU": 1.0,
-                 "warmth (mean R - B)": float(np.mean([warmth(t) for t in held.ground_truth]))})  # fmt: skip
+    rows.append(
+        {
+            "setting": "ground truth, tinted (the style's target)",
+            "filled-shape IoU": 1.0,
+            "warmth (mean R - B)": float(np.mean([warmth(tint(t)) for t in held.ground_truth])),
+        }
+    )
+    rows.append(
+        {
+            "setting": "ground truth, as the base learned it",
+            "filled-shape IoU": 1.0,
+            "warmth (mean R - B)": float(np.mean([warmth(t) for t in held.ground_truth])),
+        }
+    )
     columns = ["setting", "filled-shape IoU", "warmth (mean R - B)"]
 
     def figure(plt, rows):

@@ -56,7 +56,9 @@ def fresh_net(base, arm: str):
 
     torch.manual_seed(0)  # as the trainer seeds a fresh net (train.seed 0)
     architecture = ControlNetLite if arm == "lite" else ControlNet
-    net = architecture.from_unet(base.unet, hint_block_channels=(4, 8, 16), hint_downscale_factor=base.vae_scale_factor)
+    net = architecture.from_unet(
+        base.unet, hint_block_channels=(4, 8, 16), hint_downscale_factor=base.vae_scale_factor
+    )
     if arm == "gaussian":
         gaussian_connections(net, seed=0)
     return net.eval()
@@ -72,6 +74,7 @@ def main() -> int:
     held = heldout_set("fill", args.n, size=64)
     base = load_base("builtin")
     floor = generate(ControlNetPipeline.from_components(base, []), held.prompts, [], args)
+
     def run(arm: str):
         name, flags = ARMS[arm]
         return train_fill(name, [*flags, "--validation.every", VALIDATE_EVERY], threads=1)
@@ -82,23 +85,47 @@ def main() -> int:
     for arm in ARMS:
         net = fresh_net(base, arm)
         at_start = generate(ControlNetPipeline.from_components(base, [net]), held.prompts, [held.conditions], args)
-        change = float(np.mean([np.abs(a.astype(np.int16) - b).mean() for a, b in zip(at_start, floor, strict=True)]))
+        change = float(
+            np.mean([np.abs(a.astype(np.int16) - b).mean() for a, b in zip(at_start, floor, strict=True)])
+        )
         trained = load_controlnet(runs[arm] / "final" / "controlnet", unet=base.unet).eval()
-        images = generate(ControlNetPipeline.from_components(base, [trained]), held.prompts, [held.conditions], args)
+        images = generate(
+            ControlNetPipeline.from_components(base, [trained]), held.prompts, [held.conditions], args
+        )
         curves[arm] = validation_curve(runs[arm])
-        rows.append({
-            "arm": {"zero": "zero convolutions", "gaussian": "Gaussian connections", "lite": "ControlNet-lite"}[arm],
-            "output change at step 0": change,
-            "IoU at step 0": mean_score(fill_iou, at_start, held.conditions),
-            **{f"val. IoU @{s}": v for s, v in curves[arm] if s in (200, 500, 800)},
-            "final IoU": mean_score(fill_iou, images, held.conditions),
-            "trainable parameters": sum(p.numel() for p in net.parameters()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "arm": {
+                    "zero": "zero convolutions",
+                    "gaussian": "Gaussian connections",
+                    "lite": "ControlNet-lite",
+                }[arm],
+                "output change at step 0": change,
+                "IoU at step 0": mean_score(fill_iou, at_start, held.conditions),
+                **{f"val. IoU @{s}": v for s, v in curves[arm] if s in (200, 500, 800)},
+                "final IoU": mean_score(fill_iou, images, held.conditions),
+                "trainable parameters": sum(p.numel() for p in net.parameters()),
+            }
+        )
         print(rows[-1], flush=True)
-    rows.insert(0, {"arm": "base alone (floor)", "output change at step 0": 0.0,
-                    "final IoU": mean_score(fill_iou, floor, held.conditions)})  # fmt: skip
-    columns = ["arm", "output change at step 0", "IoU at step 0", "val. IoU @200", "val. IoU @500",
-               "val. IoU @800", "final IoU", "trainable parameters"]  # fmt: skip
+    rows.insert(
+        0,
+        {
+            "arm": "base alone (floor)",
+            "output change at step 0": 0.0,
+            "final IoU": mean_score(fill_iou, floor, held.conditions),
+        },
+    )
+    columns = [
+        "arm",
+        "output change at step 0",
+        "IoU at step 0",
+        "val. IoU @200",
+        "val. IoU @500",
+        "val. IoU @800",
+        "final IoU",
+        "trainable parameters",
+    ]
 
     def figure(plt, rows):
         return curves_figure(plt, curves, "zero vs Gaussian connection layers vs ControlNet-lite (fill task)")

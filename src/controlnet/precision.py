@@ -48,5 +48,7 @@ def precision_warning(dtype: torch.dtype | None, device, what: str) -> str | Non
     if ratio <= SLOW_RATIO:
         return None
     name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, str(dtype))
-    return (f"{what}: this CPU has no native {name} kernels (a convolution ran {ratio:.0f}x slower than in float32); "
-            "use float32 here (--dtype fp32 / --train.mixed_precision no), or a GPU")  # fmt: skip
+    return (
+        f"{what}: this CPU has no native {name} kernels (a convolution ran {ratio:.0f}x slower than in float32); "
+        "use float32 here (--dtype fp32 / --train.mixed_precision no), or a GPU"
+    )

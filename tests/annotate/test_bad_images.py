@@ -22,8 +22,11 @@ def annotate_cli(*args: str) -> subprocess.CompletedProcess:
     """The real command line in a fresh process (PYTHONPATH inherited), as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "controlnet.cli", "annotate", *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "always"},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "always"},
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:

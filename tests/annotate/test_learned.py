@@ -85,10 +85,18 @@ def tiny_dpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dpt")
     torch.manual_seed(0)
     config = transformers.DPTConfig(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
-        patch_size=8, neck_hidden_sizes=[16, 16, 16, 16], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3],
-        reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1,
-    )  # fmt: skip
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        neck_hidden_sizes=[16, 16, 16, 16],
+        fusion_hidden_size=16,
+        backbone_out_indices=[0, 1, 2, 3],
+        reassemble_factors=[4, 2, 1, 0.5],
+        head_in_index=-1,
+    )
     transformers.DPTForDepthEstimation(config).save_pretrained(folder)
     transformers.DPTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
     return folder
@@ -102,9 +110,14 @@ def tiny_segformer(tmp_path_factory):
         folder = tmp_path_factory.mktemp(f"segformer{num_labels}")
         torch.manual_seed(0)
         config = transformers.SegformerConfig(
-            num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
-            decoder_hidden_size=16, num_labels=num_labels,
-        )  # fmt: skip
+            num_encoder_blocks=2,
+            depths=[1, 1],
+            sr_ratios=[2, 1],
+            hidden_sizes=[8, 16],
+            num_attention_heads=[1, 2],
+            decoder_hidden_size=16,
+            num_labels=num_labels,
+        )
         transformers.SegformerForSemanticSegmentation(config).save_pretrained(folder)
         transformers.SegformerImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
         folders[num_labels] = folder
@@ -310,13 +323,23 @@ def test_depth_anything_folder_loads_through_the_same_annotator(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     backbone = transformers.Dinov2Config(
-        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=56,
-        patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"], reshape_hidden_states=False,
-    )  # fmt: skip
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=56,
+        patch_size=14,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
     config = transformers.DepthAnythingConfig(
-        backbone_config=backbone, reassemble_hidden_size=32, patch_size=14, neck_hidden_sizes=[16, 16, 16, 16],
-        fusion_hidden_size=16, head_hidden_size=16,
-    )  # fmt: skip
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        patch_size=14,
+        neck_hidden_sizes=[16, 16, 16, 16],
+        fusion_hidden_size=16,
+        head_hidden_size=16,
+    )
     transformers.DepthAnythingForDepthEstimation(config).save_pretrained(tmp_path)
     transformers.DPTImageProcessorPil(
         size={"height": 56, "width": 56}, ensure_multiple_of=14, keep_aspect_ratio=False

@@ -35,8 +35,12 @@ def positive(value) -> bool:
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "result.json"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(SCRIPT), "--dry", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry", "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return done, time.perf_counter() - started, out
 
 
@@ -50,14 +54,24 @@ def test_dry_mode_runs_every_section_and_prints_its_numbers(dry_run):
         assert word in header, header
     number = r"\d+(?:\.\d+)?(?:e[-+]\d+)?"
     expected = {
-        "generation": [rf"batch 1: ours {number} img/s, {number} ms/step \| diffusers {number} img/s",
-                       rf"batch 2: .*parity max \|diff\| {number} <= "],
+        "generation": [
+            rf"batch 1: ours {number} img/s, {number} ms/step \| diffusers {number} img/s",
+            rf"batch 2: .*parity max \|diff\| {number} <= ",
+        ],
         "generation_compile": [rf"batch 1: ours {number} img/s, {number} ms/step", r"compiled \+ first call"],
-        "training": [rf"{number} samples/s", rf"{number} GFLOP/sample", r"MFU unknown", rf"peak memory {number} GB"],
-        "finetune": [rf"{number} samples/s", rf"ControlNet / fine-tune: memory {number}x \(paper 1.23x\), time "
-                     rf"{number}x \(paper 1.34x\)"],
+        "training": [
+            rf"{number} samples/s",
+            rf"{number} GFLOP/sample",
+            r"MFU unknown",
+            rf"peak memory {number} GB",
+        ],
+        "finetune": [
+            rf"{number} samples/s",
+            rf"ControlNet / fine-tune: memory {number}x \(paper 1.23x\), time "
+            rf"{number}x \(paper 1.34x\)",
+        ],
         "adam8bit": [rf"torch AdamW state {number} GB", r"AdamW8bit: not (installed|measured)"],
-    }  # fmt: skip
+    }
     for section, patterns in expected.items():
         printed = "\n".join(line for line in lines if line.startswith(f"[{section}]"))
         for pattern in patterns:
@@ -87,8 +101,15 @@ def test_dry_mode_json_has_finite_positive_numbers(dry_run):
     assert all(s["generation"][f"batch_{b}"]["output_std"] > 1e-3 for b in (1, 2))
     assert compiled["backend"] == "eager" and compiled["errors"] == []
     train = s["training"]
-    for key in ("samples_per_s", "step_ms", "gflop_per_step", "gflop_per_sample", "achieved_tflops", "peak_memory_gb",
-                "controlnet_m"):  # fmt: skip
+    for key in (
+        "samples_per_s",
+        "step_ms",
+        "gflop_per_step",
+        "gflop_per_sample",
+        "achieved_tflops",
+        "peak_memory_gb",
+        "controlnet_m",
+    ):
         assert positive(train[key]), (key, train[key])
     assert train["mfu"] is None and train["peak_tflops"] is None  # no bf16 peak for a CPU: MFU is unknown, not 0
     assert math.isclose(train["samples_per_s"] * train["step_ms"] / 1e3, train["batch"])
@@ -135,8 +156,19 @@ def test_a_failing_or_runaway_section_prints_one_line_and_the_rest_run(monkeypat
     import torch
 
     started = time.perf_counter()
-    code = gpu.main(["--dry", "--device", "cpu", "--sections", "boom,runaway,fine", "--out", str(tmp_path / "r.json"),
-                     "--threads", str(torch.get_num_threads())])  # fmt: skip
+    code = gpu.main(
+        [
+            "--dry",
+            "--device",
+            "cpu",
+            "--sections",
+            "boom,runaway,fine",
+            "--out",
+            str(tmp_path / "r.json"),
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
+    )
     assert time.perf_counter() - started < 30
     printed = capsys.readouterr().out.splitlines()
     assert code == 1
@@ -158,13 +190,25 @@ def test_device_script_fetches_the_diffusers_that_pyproject_pins():
     assert f"diffusers=={pinned}" in packages and any(p.startswith("bitsandbytes==") for p in packages)
 
 
-@pytest.mark.parametrize(("args", "env", "message"), [
-    (["bogus"], {}, "gpu_device.sh: unknown argument 'bogus'; expected none"),
-    ([], {"WHEELS": "no-such-folder"}, "gpu_device.sh: no wheels in no-such-folder/: run 'bash benchmarks/gpu_device.sh fetch'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["bogus"], {}, "gpu_device.sh: unknown argument 'bogus'; expected none"),
+        (
+            [],
+            {"WHEELS": "no-such-folder"},
+            "gpu_device.sh: no wheels in no-such-folder/: run 'bash benchmarks/gpu_device.sh fetch'",
+        ),
+    ],
+)
 def test_device_script_refuses_in_one_line_before_installing_anything(tmp_path, args, env, message):
     out = tmp_path / "out"
-    done = subprocess.run(["bash", str(DEVICE_SCRIPT), *args], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "OUT": str(out), **env})  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(DEVICE_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "OUT": str(out), **env},
+    )
     assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
     assert done.stdout == "" and not out.exists()

@@ -15,8 +15,19 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "paper"
 
 
 def run(script: str, out: Path, *extra: str) -> dict:
-    cmd = [sys.executable, str(SCRIPTS / script), "--n", "2", "--steps", "2", "--threads", "1", "--out", str(out),
-           *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / script),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     name = script.removesuffix(".py")
@@ -32,8 +43,13 @@ def test_composition_rerun_gives_the_same_numbers_and_another_seed_does_not(tmp_
     other = run("composition.py", tmp_path / "c", "--seed", "1")
     assert other["rows"] != first["rows"]
     settings = [r["setting"] for r in first["rows"]]
-    assert settings == ["base alone", "seg (no person) alone", "pose alone", "seg (no person) + pose",
-                        "both at 0.5 each"]  # fmt: skip
+    assert settings == [
+        "base alone",
+        "seg (no person) alone",
+        "pose alone",
+        "seg (no person) + pose",
+        "both at 0.5 each",
+    ]
     assert all(0.0 <= v <= 1.0 for r in first["rows"] for k, v in r.items() if k != "setting")
 
 
@@ -64,7 +80,9 @@ def load_common():
     return common
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--n", "0"), ("--steps", "-1"), ("--threads", "x"), ("--seeds", "0")])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--n", "0"), ("--steps", "-1"), ("--threads", "x"), ("--seeds", "0")]
+)
 def test_a_count_below_one_is_refused_in_argparse_one_line(monkeypatch, capsys, flag, value):
     common = load_common()
     monkeypatch.setattr(sys, "argv", ["script.py", flag, value])
@@ -80,8 +98,13 @@ def test_transfer_refuses_a_bad_count_before_any_work(tmp_path):
     """The script's own flags go through the same type: one line, exit 2, nothing written."""
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPTS / "transfer.py"), "--fine-tune-samples", "0", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "CONTROLNET_PAPER_WORK": str(tmp_path / "work")})  # fmt: skip
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CONTROLNET_PAPER_WORK": str(tmp_path / "work")},
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last == "transfer.py: error: argument --fine-tune-samples: '0': expected an integer >= 1", done.stderr

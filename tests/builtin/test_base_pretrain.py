@@ -132,8 +132,20 @@ def test_pretrain_base_flags_are_the_recipe_s_fields(tmp_path):
     from controlnet.cli import build_parser
     from controlnet.settings_cli import given_values
 
-    args = build_parser().parse_args(["world", "pretrain-base", "--steps", "5", "--vae-lr", "1e-4", "--out",
-                                      str(tmp_path), "--checkpoint-minutes", "0.5"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "world",
+            "pretrain-base",
+            "--steps",
+            "5",
+            "--vae-lr",
+            "1e-4",
+            "--out",
+            str(tmp_path),
+            "--checkpoint-minutes",
+            "0.5",
+        ]
+    )
     config = PretrainConfig(**given_values(args, PretrainConfig))
     assert (config.steps, config.vae_lr, config.out, config.checkpoint_minutes) == (5, 1e-4, str(tmp_path), 0.5)
     assert config.model == BaseModelConfig()  # the architecture has no flags

@@ -55,13 +55,29 @@ def test_generate_takes_a_builtin_controlnet_by_name(tmp_path):
 
     source, _, prompt = make_pair("fill", 3, 64)
     Image.fromarray(source).save(tmp_path / "outline.png")
-    cmd = [sys.executable, "-m", "controlnet.cli", "generate", prompt, "--cond", str(tmp_path / "outline.png"),
-           "--steps", "4", "--out", str(tmp_path / "out")]  # fmt: skip
-    controlled = subprocess.run([*cmd, "--controlnet", "builtin:fill", "--name", "a"], capture_output=True,
-                                text=True, timeout=300)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "controlnet.cli",
+        "generate",
+        prompt,
+        "--cond",
+        str(tmp_path / "outline.png"),
+        "--steps",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    controlled = subprocess.run(
+        [*cmd, "--controlnet", "builtin:fill", "--name", "a"], capture_output=True, text=True, timeout=300
+    )
     assert controlled.returncode == 0, controlled.stderr
-    off = subprocess.run([*cmd, "--controlnet", "builtin:fill", "--scale", "0", "--name", "b"], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    off = subprocess.run(
+        [*cmd, "--controlnet", "builtin:fill", "--scale", "0", "--name", "b"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert off.returncode == 0, off.stderr
     a = np.asarray(Image.open(tmp_path / "out" / "a.png"), dtype=np.int16)
     b = np.asarray(Image.open(tmp_path / "out" / "b.png"), dtype=np.int16)

@@ -52,8 +52,14 @@ def test_a_bomb_inside_a_tar_shard_is_named_by_shard_and_member(tmp_path):
     shard = tmp_path / "shard-000.tar"
     good = encoded(noise_image(16))
     with tarfile.open(shard, "w") as tar:
-        members = [("00000.png", good), ("00000.cond.png", good), ("00000.txt", b"a cat"),
-                   ("00001.png", bomb_png()), ("00001.cond.png", good), ("00001.txt", b"a bomb")]  # fmt: skip
+        members = [
+            ("00000.png", good),
+            ("00000.cond.png", good),
+            ("00000.txt", b"a cat"),
+            ("00001.png", bomb_png()),
+            ("00001.cond.png", good),
+            ("00001.txt", b"a bomb"),
+        ]
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -45,8 +45,16 @@ def _to_imagefolder(original: Path, out: Path) -> Path:
     with open(out / "metadata.jsonl", "w") as f:
         for line in lines:
             name = Path(line["target"]).name
-            f.write(json.dumps({"image": f"images/{name}", "conditioning_image": f"conditioning_images/{name}",
-                                "text": line["prompt"]}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "image": f"images/{name}",
+                        "conditioning_image": f"conditioning_images/{name}",
+                        "text": line["prompt"],
+                    }
+                )
+                + "\n"
+            )
     return out
 
 
@@ -56,9 +64,11 @@ def _to_tars(original: Path, out: Path, per_shard: int = 4) -> Path:
     for shard_start in range(0, len(lines), per_shard):
         with tarfile.open(out / f"shard-{shard_start // per_shard:03d}.tar", "w") as tar:
             for k, line in enumerate(lines[shard_start : shard_start + per_shard], shard_start):
-                for name, data in ((f"{k:05d}.png", (original / line["target"]).read_bytes()),
-                                   (f"{k:05d}.cond.png", (original / line["source"]).read_bytes()),
-                                   (f"{k:05d}.txt", line["prompt"].encode())):  # fmt: skip
+                for name, data in (
+                    (f"{k:05d}.png", (original / line["target"]).read_bytes()),
+                    (f"{k:05d}.cond.png", (original / line["source"]).read_bytes()),
+                    (f"{k:05d}.txt", line["prompt"].encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -217,8 +227,11 @@ def test_hf_relative_image_paths_resolve_next_to_the_parquet_file(hf, original, 
     folder = tmp_path / "pq"
     shutil.copytree(original, folder)
     rows = _rows(original)
-    columns = {"image": [r["target"] for r in rows], "conditioning_image": [r["source"] for r in rows],
-               "text": [r["prompt"] for r in rows]}  # fmt: skip
+    columns = {
+        "image": [r["target"] for r in rows],
+        "conditioning_image": [r["source"] for r in rows],
+        "text": [r["prompt"] for r in rows],
+    }
     hf.Dataset.from_dict(columns).to_parquet(str(folder / "data.parquet"))  # plain string path columns
     monkeypatch.chdir(tmp_path)  # not the parquet's folder
     assert _triples(open_source(str(folder / "data.parquet"))) == _pil_triples(original)

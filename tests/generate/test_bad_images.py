@@ -39,8 +39,18 @@ def unloadable_base(saved, tmp_path):
 
 
 def generate(base, saved, out, *extra) -> list[str]:
-    return ["generate", "--base", str(base), "--controlnet", str(saved / "cn_diffusers"), "--steps", "1",
-            "--out", str(out), *extra]  # fmt: skip
+    return [
+        "generate",
+        "--base",
+        str(base),
+        "--controlnet",
+        str(saved / "cn_diffusers"),
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def one_line(capsys) -> str:
@@ -90,8 +100,10 @@ def test_bad_images_are_one_line_before_any_model_loads(
 
 def test_a_bomb_in_a_manifest_names_the_file_and_nothing_is_written_for_it(saved, bad_files, capsys):
     manifest = bad_files / "jobs.jsonl"
-    lines = [{"id": "good", "prompt": "a cat", "cond": str(saved / "cond1.png")},
-             {"id": "bomb", "prompt": "a dog", "cond": "bomb.png"}]  # fmt: skip
+    lines = [
+        {"id": "good", "prompt": "a cat", "cond": str(saved / "cond1.png")},
+        {"id": "bomb", "prompt": "a dog", "cond": "bomb.png"},
+    ]
     manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     out = bad_files / "out"
     assert main(generate(saved / "base", saved, out, "--manifest", str(manifest), "--cfg", "1")) == 2

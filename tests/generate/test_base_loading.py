@@ -101,8 +101,20 @@ def test_wrong_tokenizer_folders_are_refused_before_any_weights_are_read(
     for folder, expected in ((root, "tokenizer/ subfolder"), (tmp_path / "empty", "holds no tokenizer")):
         for base in (sd_file["path"], truncated):
             started = time.perf_counter()
-            rc = main(["generate", "a cat", "--base", str(base), "--base-config", str(base_config), "--tokenizer",
-                       str(folder), "--out", str(tmp_path / "o")])  # fmt: skip
+            rc = main(
+                [
+                    "generate",
+                    "a cat",
+                    "--base",
+                    str(base),
+                    "--base-config",
+                    str(base_config),
+                    "--tokenizer",
+                    str(folder),
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
             elapsed = time.perf_counter() - started
             lines = capsys.readouterr().err.strip().splitlines()
             assert rc == 2 and len(lines) == 1, lines
@@ -110,8 +122,17 @@ def test_wrong_tokenizer_folders_are_refused_before_any_weights_are_read(
             assert elapsed < 2, elapsed
     assert not (tmp_path / "o").exists()
     # the same through a real process (train's flag)
-    result = _cli("train", "--model.base", truncated, "--model.base_config", base_config, "--model.tokenizer",
-                  root, "--train.output_dir", tmp_path / "run")  # fmt: skip
+    result = _cli(
+        "train",
+        "--model.base",
+        truncated,
+        "--model.base_config",
+        base_config,
+        "--model.tokenizer",
+        root,
+        "--train.output_dir",
+        tmp_path / "run",
+    )
     assert result.returncode == 2 and f"--model.tokenizer {root}" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
 
@@ -143,8 +164,17 @@ def test_missing_tokenizer_names_the_flag_of_each_command(sd_file, tmp_path, cap
     rc = main(["generate", "a cat", "--base", str(sd_file["path"]), "--base-config", str(cfg)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pass --tokenizer DIR" in err[0] and "tokenizer=" not in err[0]
-    rc = main(["train", "--model.base", str(sd_file["path"]), "--model.base_config", str(cfg),
-               "--train.output_dir", str(tmp_path / "run")])  # fmt: skip
+    rc = main(
+        [
+            "train",
+            "--model.base",
+            str(sd_file["path"]),
+            "--model.base_config",
+            str(cfg),
+            "--train.output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "pass --model.tokenizer DIR" in err[-1], err
     assert not (tmp_path / "run").exists()  # refused before the run folder is written
@@ -183,8 +213,23 @@ def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
     with pytest.raises(ValueError, match="holds no EMA UNet weights"):
         load_base(sd_file["path"], ema=True, **options)
 
-    args = ["generate", "a red cat", "--base", path, "--tokenizer", sd_file["tokenizer"], "--base-config",
-            base_config, "--steps", "1", "--no-grid", "--width", "64", "--height", "64"]  # fmt: skip
+    args = [
+        "generate",
+        "a red cat",
+        "--base",
+        path,
+        "--tokenizer",
+        sd_file["tokenizer"],
+        "--base-config",
+        base_config,
+        "--steps",
+        "1",
+        "--no-grid",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]
     a = _cli(*args, "--out", tmp_path / "ema")
     b = _cli(*args, "--out", tmp_path / "raw", "--no-ema")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
@@ -200,10 +245,31 @@ def test_train_starts_from_a_checkpoint_file(sd_file, base_config, tmp_path):
 
     data = write_dataset("fill", 6, 64, tmp_path / "data", seed=0, workers=1)
     run = tmp_path / "run"
-    result = _cli("train", "--model.base", sd_file["path"], "--model.tokenizer", sd_file["tokenizer"],
-                  "--model.base_config", base_config, "--data.path", data, "--data.resolution", 64,
-                  "--train.output_dir", run, "--train.max_steps", 2, "--train.batch_size", 2,
-                  "--model.hint_channels", "4,8,8,16", "--checkpoint.every", 0, "--train.log_every", 1)  # fmt: skip
+    result = _cli(
+        "train",
+        "--model.base",
+        sd_file["path"],
+        "--model.tokenizer",
+        sd_file["tokenizer"],
+        "--model.base_config",
+        base_config,
+        "--data.path",
+        data,
+        "--data.resolution",
+        64,
+        "--train.output_dir",
+        run,
+        "--train.max_steps",
+        2,
+        "--train.batch_size",
+        2,
+        "--model.hint_channels",
+        "4,8,8,16",
+        "--checkpoint.every",
+        0,
+        "--train.log_every",
+        1,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "should be kept in float32" not in result.stderr and "Loading weights" not in result.stderr
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -219,14 +285,38 @@ def test_generate_and_evaluate_take_an_exported_folder(exported, tmp_path):
     cond = tmp_path / "cond.png"
     Image.fromarray(np.asarray(condition_image(1).resize((64, 64)))).save(cond)
     out = tmp_path / "gen"
-    result = _cli("generate", "red circle with blue background", "--base", exported / "base", "--controlnet",
-                  exported / "cn", "--cond", cond, "--out", out, "--name", "x")  # fmt: skip
+    result = _cli(
+        "generate",
+        "red circle with blue background",
+        "--base",
+        exported / "base",
+        "--controlnet",
+        exported / "cn",
+        "--cond",
+        cond,
+        "--out",
+        out,
+        "--name",
+        "x",
+    )
     assert result.returncode == 0, result.stderr
     settings = json.loads((out / "x.json").read_text())["settings"]
     assert settings["guidance_scale"] == 4.0 and settings["steps"] == 20 and settings["width"] == 64
     assert "guidance 4 (the defaults of base" in result.stderr
-    result = _cli("generate", "red circle", "--base", exported / "base", "--out", out, "--name", "y", "--cfg", 2,
-                  "--steps", 1)  # fmt: skip
+    result = _cli(
+        "generate",
+        "red circle",
+        "--base",
+        exported / "base",
+        "--out",
+        out,
+        "--name",
+        "y",
+        "--cfg",
+        2,
+        "--steps",
+        1,
+    )
     assert result.returncode == 0 and json.loads((out / "y.json").read_text())["settings"]["guidance_scale"] == 2.0
     report = tmp_path / "report.json"
     result = _cli(
@@ -257,8 +347,14 @@ def test_verbose_logs_what_is_loaded(exported, tmp_path):
 def test_progress_reports_each_component(exported):
     seen = []
     load_base(exported / "base", progress=lambda name, k, n: seen.append((name, k, n)))
-    assert seen == [("unet", 0, 5), ("vae", 1, 5), ("text_encoder", 2, 5), ("tokenizer", 3, 5),
-                    ("scheduler", 4, 5), ("done", 5, 5)]  # fmt: skip
+    assert seen == [
+        ("unet", 0, 5),
+        ("vae", 1, 5),
+        ("text_encoder", 2, 5),
+        ("tokenizer", 3, 5),
+        ("scheduler", 4, 5),
+        ("done", 5, 5),
+    ]
 
 
 def test_a_corrupt_component_is_one_line_naming_it(tmp_path, capsys):
@@ -270,7 +366,10 @@ def test_a_corrupt_component_is_one_line_naming_it(tmp_path, capsys):
     folder = tmp_path / "base"
     shutil.copytree(builtin_folder(), folder, ignore=shutil.ignore_patterns("controlnets"))
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 1000)
-    assert main(["generate", "a red circle", "--base", str(folder), "--steps", "2", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["generate", "a red circle", "--base", str(folder), "--steps", "2", "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cannot load the unet" in err and str(folder / "unet") in err
     assert not (tmp_path / "o").exists()

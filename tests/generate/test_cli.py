@@ -13,9 +13,17 @@ from controlnet.cli import main
 
 def base_args(saved, out, *extra):
     return [
-        "generate", "--base", str(saved / "base"), "--controlnet", str(saved / "cn_diffusers"),
-        "--steps", "2", "--out", str(out), *extra,
-    ]  # fmt: skip
+        "generate",
+        "--base",
+        str(saved / "base"),
+        "--controlnet",
+        str(saved / "cn_diffusers"),
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_generate_writes_pngs_with_settings_sidecar_and_grid(saved, sd_pipe, tmp_path, capsys):
@@ -39,8 +47,16 @@ def test_generate_writes_pngs_with_settings_sidecar_and_grid(saved, sd_pipe, tmp
         assert grid.size == (3 * 64, 64)  # condition | 2 outputs
     # the CLI gives exactly the library's images
     lib = sd_pipe.__class__.from_pretrained(saved / "base", controlnets=[saved / "cn_diffusers"])
-    ref = lib("a red cat", [saved / "cond1.png"], steps=2, seed=3, batch_size=2, scheduler="dpmpp_2m_karras",
-              control_scale=0.8, control_end=0.5)  # fmt: skip
+    ref = lib(
+        "a red cat",
+        [saved / "cond1.png"],
+        steps=2,
+        seed=3,
+        batch_size=2,
+        scheduler="dpmpp_2m_karras",
+        control_scale=0.8,
+        control_end=0.5,
+    )
     assert np.array_equal(np.asarray(ref.images[1]), pixels)
 
 

@@ -17,7 +17,10 @@ from torch import nn
 from controlnet.generate import cpu_packing
 from controlnet.generate.cpu_packing import packed_weights
 
-pytestmark = [pytest.mark.cpu_isa, pytest.mark.skipif(not cpu_packing.available(), reason="this torch build has no oneDNN")]
+pytestmark = [
+    pytest.mark.cpu_isa,
+    pytest.mark.skipif(not cpu_packing.available(), reason="this torch build has no oneDNN"),
+]
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # a CPU without AVX-512, on any x86 CPU
 
 
@@ -170,7 +173,10 @@ def test_an_sd_sized_block_runs_in_every_dtype(dtype):
     CPU can pack the dtype, plain otherwise; never an error."""
     torch.manual_seed(5)
     conv, linear = nn.Conv2d(320, 320, 3, padding=1).to(dtype), nn.Linear(320, 1280).to(dtype)
-    x, tokens = torch.randn(2, 320, 4, 4, dtype=dtype), torch.randn(2, 16, 320, dtype=dtype)  # (B, C, H, W), (B, L, C)
+    x, tokens = (
+        torch.randn(2, 320, 4, 4, dtype=dtype),
+        torch.randn(2, 16, 320, dtype=dtype),
+    )  # (B, C, H, W), (B, L, C)
     with torch.no_grad():
         expected = [conv(x), linear(tokens)]
         with packed_weights(conv, linear) as n:

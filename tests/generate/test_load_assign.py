@@ -85,9 +85,11 @@ def test_loaded_modules_hold_exactly_the_files_tensors_and_no_meta(tiny_file):
         tensors = [*module.parameters(), *module.buffers()]
         assert not any(t.is_meta for t in tensors), name
         assert not module.training and not any(p.requires_grad for p in module.parameters()), name
-    positions = parts["text_encoder"].get_buffer("text_model.embeddings.position_ids"
-                                                 if hasattr(parts["text_encoder"], "text_model")
-                                                 else "embeddings.position_ids")  # fmt: skip
+    positions = parts["text_encoder"].get_buffer(
+        "text_model.embeddings.position_ids"
+        if hasattr(parts["text_encoder"], "text_model")
+        else "embeddings.position_ids"
+    )
     assert torch.equal(positions, torch.arange(positions.shape[-1]).expand_as(positions))
 
 
@@ -139,12 +141,15 @@ def test_loaded_modules_compute_as_modules_filled_by_copying(tiny_file):
     context = torch.randn(1, 7, configs["unet"]["cross_attention_dim"], generator=generator)
     ids = torch.tensor([[0, 5, 9, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(parts["unet"](sample, 10, context).sample, unet(sample, 10, context).sample,
-                                   rtol=0, atol=FLOAT_NOISE)  # fmt: skip
-        torch.testing.assert_close(parts["vae"].decode(sample).sample, vae.decode(sample).sample, rtol=0,
-                                   atol=FLOAT_NOISE)  # fmt: skip
-        torch.testing.assert_close(parts["text_encoder"](ids).last_hidden_state, text(ids).last_hidden_state,
-                                   rtol=0, atol=FLOAT_NOISE)  # fmt: skip
+        torch.testing.assert_close(
+            parts["unet"](sample, 10, context).sample, unet(sample, 10, context).sample, rtol=0, atol=FLOAT_NOISE
+        )
+        torch.testing.assert_close(
+            parts["vae"].decode(sample).sample, vae.decode(sample).sample, rtol=0, atol=FLOAT_NOISE
+        )
+        torch.testing.assert_close(
+            parts["text_encoder"](ids).last_hidden_state, text(ids).last_hidden_state, rtol=0, atol=FLOAT_NOISE
+        )
 
 
 def test_load_unet_takes_the_tensors_from_safetensors_and_zip_ckpt(tiny_file, tmp_path):

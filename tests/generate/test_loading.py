@@ -75,15 +75,27 @@ def test_sdxl_diffusers_folder(sdxl_parts, tmp_path):
 
     p = sdxl_parts
     StableDiffusionXLPipeline(
-        vae=p["vae"], text_encoder=p["text_encoder"], text_encoder_2=p["text_encoder_2"], tokenizer=p["tokenizer"],
-        tokenizer_2=p["tokenizer_2"], unet=p["unet"], scheduler=p["scheduler"], add_watermarker=False,
-    ).save_pretrained(tmp_path / "xl")  # fmt: skip
+        vae=p["vae"],
+        text_encoder=p["text_encoder"],
+        text_encoder_2=p["text_encoder_2"],
+        tokenizer=p["tokenizer"],
+        tokenizer_2=p["tokenizer_2"],
+        unet=p["unet"],
+        scheduler=p["scheduler"],
+        add_watermarker=False,
+    ).save_pretrained(tmp_path / "xl")
     loaded = ControlNetPipeline.from_pretrained(tmp_path / "xl", controlnets=p["nets"])
     assert loaded.is_sdxl and loaded.force_zeros_for_empty_prompt
     direct = ControlNetPipeline(
-        p["unet"], p["vae"], p["text_encoder"], p["tokenizer"], p["scheduler"], p["nets"],
-        text_encoder_2=p["text_encoder_2"], tokenizer_2=p["tokenizer_2"],
-    )  # fmt: skip
+        p["unet"],
+        p["vae"],
+        p["text_encoder"],
+        p["tokenizer"],
+        p["scheduler"],
+        p["nets"],
+        text_encoder_2=p["text_encoder_2"],
+        tokenizer_2=p["tokenizer_2"],
+    )
     cond = [condition_image(3)]
     a = loaded("a red dog", cond, steps=2, output_type="np").array
     # 1e-4, not exact: transformers may pick another attention kernel for models loaded by from_pretrained

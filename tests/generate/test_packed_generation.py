@@ -28,7 +28,9 @@ def test_packed_and_plain_generations_agree(sd_pipe, monkeypatch):
     def generate(steps):
         seen.clear()
         kwargs = dict(steps=steps, seed=5, output_type="np", width=64, height=64, guidance_scale=5.0)
-        return sd_pipe("a red cat", conds, progress=lambda i, n: seen.append(_packed_layers(sd_pipe)), **kwargs).array
+        return sd_pipe(
+            "a red cat", conds, progress=lambda i, n: seen.append(_packed_layers(sd_pipe)), **kwargs
+        ).array
 
     packed = generate(MIN_PACKING_STEPS)
     assert min(seen) > 20 and _packed_layers(sd_pipe) == 0  # switched inside the loop only

@@ -14,16 +14,40 @@ from controlnet.settings_cli import meta
 
 
 def base_args(saved, out, *extra):
-    return ["generate", "--base", str(saved / "base"), "--controlnet", str(saved / "cn_diffusers"), "--steps", "2",
-            "--out", str(out), *extra]  # fmt: skip
+    return [
+        "generate",
+        "--base",
+        str(saved / "base"),
+        "--controlnet",
+        str(saved / "cn_diffusers"),
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_manifest_sidecar_equals_a_single_runs(saved, tmp_path):
     """The same settings through a manifest line and through one command line: the same sidecar (settings, per-unit
     model and resize mode included) and the same pixels; only the line's own bookkeeping differs."""
     cond = saved / "cond1.png"
-    settings = ["--seed", "5", "--scale", "0.7", "--control-end", "0.6", "--annotator", "canny", "--cfg", "3",
-                "--cond-resize-mode", "crop_and_resize", "--eta", "0.0"]  # fmt: skip
+    settings = [
+        "--seed",
+        "5",
+        "--scale",
+        "0.7",
+        "--control-end",
+        "0.6",
+        "--annotator",
+        "canny",
+        "--cfg",
+        "3",
+        "--cond-resize-mode",
+        "crop_and_resize",
+        "--eta",
+        "0.0",
+    ]
     single = tmp_path / "single"
     assert main([*base_args(saved, single, "a red cat", "--cond", str(cond), "--name", "one"), *settings]) == 0
     manifest = tmp_path / "jobs.jsonl"
@@ -32,12 +56,18 @@ def test_manifest_sidecar_equals_a_single_runs(saved, tmp_path):
     assert main([*base_args(saved, batch, "--manifest", str(manifest)), *settings]) == 0
     one = json.loads((single / "one.json").read_text())
     two = json.loads((batch / "one.json").read_text())
-    assert {key: two.pop(key) for key in ("line", "process", "processes")} == {"line": 0, "process": 0,
-                                                                                "processes": 1}  # fmt: skip
+    assert {key: two.pop(key) for key in ("line", "process", "processes")} == {
+        "line": 0,
+        "process": 0,
+        "processes": 1,
+    }
     assert two == one
     unit = one["settings"]["controlnets"][0]
-    assert (unit["model"], unit["resize_mode"], unit["module"]) == (str(saved / "cn_diffusers"), "crop_and_resize",
-                                                                    "canny")  # fmt: skip
+    assert (unit["model"], unit["resize_mode"], unit["module"]) == (
+        str(saved / "cn_diffusers"),
+        "crop_and_resize",
+        "canny",
+    )
     assert (single / "one.png").read_bytes() == (batch / "one.png").read_bytes()
 
 
@@ -74,8 +104,14 @@ def test_webui_table_covers_the_schema_and_only_names_the_parser_reads():
     assert set(table.values()) <= schema
     # the unit table: every unit field the web UI has is named (its other names are the unit parser's aliases)
     unit_names = {meta(f, "webui") for f in dataclasses.fields(ControlUnit) if meta(f, "webui")}
-    assert unit_names == {"weight", "guidance_start", "guidance_end", "control_mode", "resize_mode",
-                          "advanced_weighting"}  # fmt: skip
+    assert unit_names == {
+        "weight",
+        "guidance_start",
+        "guidance_end",
+        "control_mode",
+        "resize_mode",
+        "advanced_weighting",
+    }
 
 
 def test_webui_request_maps_every_named_field_into_the_schema():
@@ -86,17 +122,39 @@ def test_webui_request_maps_every_named_field_into_the_schema():
 
     service = Service(ModelRegistry(), max_units=2, device="cpu")
     try:
-        body = {"prompt": "a cat", "negative_prompt": "dog", "steps": 3, "cfg_scale": 2.5, "seed": 11, "width": 64,
-                "height": 48, "batch_size": 2, "sampler_name": "DDIM", "eta": 0.5,
-                "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "builtin"}}  # fmt: skip
+        body = {
+            "prompt": "a cat",
+            "negative_prompt": "dog",
+            "steps": 3,
+            "cfg_scale": 2.5,
+            "seed": 11,
+            "width": 64,
+            "height": 48,
+            "batch_size": 2,
+            "sampler_name": "DDIM",
+            "eta": 0.5,
+            "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_model_checkpoint": "builtin"},
+        }
         job = parse_request(body, service, img2img=False).job
     finally:
         service.close()
     o = job.options
-    assert (job.prompt, job.base, o.negative_prompt, o.steps, o.guidance_scale, o.seed) == ("a cat", "builtin", "dog",
-                                                                                             3, 2.5, 11)  # fmt: skip
-    assert (o.width, o.height, o.batch_size, o.scheduler, o.eta, getattr(o, "clip_" + "skip")) == (64, 48, 2, "ddim",
-                                                                                                   0.5, 1)  # fmt: skip
+    assert (job.prompt, job.base, o.negative_prompt, o.steps, o.guidance_scale, o.seed) == (
+        "a cat",
+        "builtin",
+        "dog",
+        3,
+        2.5,
+        11,
+    )
+    assert (o.width, o.height, o.batch_size, o.scheduler, o.eta, getattr(o, "clip_" + "skip")) == (
+        64,
+        48,
+        2,
+        "ddim",
+        0.5,
+        1,
+    )
 
 
 def test_cli_flags_come_from_the_schema(capsys):
@@ -106,8 +164,19 @@ def test_cli_flags_come_from_the_schema(capsys):
     for f in dataclasses.fields(GenerationOptions):
         if meta(f, "cli", True):
             assert (meta(f, "flags") or (f"--{f.name.replace('_', '-')}",))[0] in text, f.name
-    for flag in ("--controlnet", "--cond", "--annotator", "--scale", "--control-start", "--control-end",
-                 "--control-mode", "--block-scales", "--cond-resize-mode", "--cfg", "--guidance-scale"):  # fmt: skip
+    for flag in (
+        "--controlnet",
+        "--cond",
+        "--annotator",
+        "--scale",
+        "--control-start",
+        "--control-end",
+        "--control-mode",
+        "--block-scales",
+        "--cond-resize-mode",
+        "--cfg",
+        "--guidance-scale",
+    ):
         assert flag in text
 
 

@@ -46,7 +46,9 @@ def test_bf16_generation_with_sd_sized_layers_and_packing_on(sd_parts, monkeypat
     unet = sd_sized_unet(sd_parts["text_encoder"].config.hidden_size)
     torch.manual_seed(1)
     net = ControlNet.from_unet(unet, cond_channels=3)
-    pipe = ControlNetPipeline(unet, parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"], [net])
+    pipe = ControlNetPipeline(
+        unet, parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"], [net]
+    )
     pipe.to(dtype=torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.pack_cpu_weights
     cond = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)

@@ -41,18 +41,47 @@ def test_two_processes_equal_one(saved, tmp_path):
     manifest.write_text(
         "\n".join(json.dumps({"prompt": f"a cat {k}", "cond": conds[k % 2]}) for k in range(N_LINES))
     )
-    common = ["--base", str(saved / "base"), "--controlnet", str(saved / "cn_diffusers"), "--steps", "2",
-              "--manifest", str(manifest), "--no-grid", "--seed", "5"]  # fmt: skip
+    common = [
+        "--base",
+        str(saved / "base"),
+        "--controlnet",
+        str(saved / "cn_diffusers"),
+        "--steps",
+        "2",
+        "--manifest",
+        str(manifest),
+        "--no-grid",
+        "--seed",
+        "5",
+    ]
     # both runs in subprocesses with one thread each, so float summation order (and so every pixel) is the same
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     single_cmd = [sys.executable, "-m", "controlnet.cli", "generate", *common, "--out", str(tmp_path / "single")]
     proc = subprocess.run(single_cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "process 1/1: generated 5, skipped 0" in proc.stdout
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "controlnet.cli", "generate", *common,
-           "--out", str(tmp_path / "multi")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "controlnet.cli",
+        "generate",
+        *common,
+        "--out",
+        str(tmp_path / "multi"),
+    ]
     start = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

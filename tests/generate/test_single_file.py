@@ -58,8 +58,16 @@ def checkpoint(tmp_path_factory, shared_dir):
         if k in family_config("sd15")["text_encoders"][0]["config"]
     }
     configs = {"unet": unet_config, "vae": dict(vae.config), "text_encoder": text_config}
-    return {"path": path, "tokenizer": tokenizer_dir, "configs": configs, "vae": vae, "text_encoder": text_encoder,
-            "tokenizer_obj": tokenizer, "state": state, "unet_config": unet_config}  # fmt: skip
+    return {
+        "path": path,
+        "tokenizer": tokenizer_dir,
+        "configs": configs,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer_obj": tokenizer,
+        "state": state,
+        "unet_config": unet_config,
+    }
 
 
 def test_single_file_with_its_controlnet_matches_components(checkpoint):

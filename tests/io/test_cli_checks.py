@@ -166,8 +166,20 @@ def test_a_failure_on_a_terminal_clears_the_bar(combined, tmp_path):
 def test_no_bar_when_stderr_is_not_a_terminal(combined, tmp_path):
     weights, config = combined
     result = subprocess.run(
-        [sys.executable, "-m", "controlnet.cli", "convert", str(weights), str(tmp_path / "cn"), "--to",
-         "diffusers", "--config", str(config)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "controlnet.cli",
+            "convert",
+            str(weights),
+            str(tmp_path / "cn"),
+            "--to",
+            "diffusers",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and result.stderr == "", result.stderr

@@ -83,7 +83,17 @@ def test_init_is_reproducible_by_seed(combined, tmp_path):
     """The hint encoder starts random: the same --seed writes the same weights, another seed other ones."""
     weights, config = combined
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        run_cli("init", weights, tmp_path / f"{name}.safetensors", "--to", "original", "--config", config, "--seed", seed)
+        run_cli(
+            "init",
+            weights,
+            tmp_path / f"{name}.safetensors",
+            "--to",
+            "original",
+            "--config",
+            config,
+            "--seed",
+            seed,
+        )
     a, b, c = (load_file(tmp_path / f"{n}.safetensors") for n in "abc")
     hint = [k for k in a if "input_hint_block" in k and torch.count_nonzero(a[k])]
     assert hint and all(torch.equal(a[k], b[k]) for k in a)

@@ -258,8 +258,9 @@ def test_transfer_refuses_other_architectures_and_writes_nothing(tiny_a, tmp_pat
     other = make_tiny_unet("sd21")
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(CheckpointError, match="differ in architecture"):
-        transfer_controlnet_file(tiny_a["combined"], tiny_a["combined"], tmp_path / "other", tmp_path / "out",
-                                 config=tiny_a["config"])  # fmt: skip
+        transfer_controlnet_file(
+            tiny_a["combined"], tiny_a["combined"], tmp_path / "other", tmp_path / "out", config=tiny_a["config"]
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -19,8 +19,9 @@ def test_controlled_unet_predicts_what_the_unet_predicts_with_composed_residuals
     got = ControlledUNet(net, unet, only_mid_control)(
         x["sample"], timesteps, x["encoder_hidden_states"], x["cond"]
     )
-    residuals = compose([ControlTerm(net, cond=x["cond"])], x["sample"], timesteps, x["encoder_hidden_states"],
-                        only_mid_control)  # fmt: skip
+    residuals = compose(
+        [ControlTerm(net, cond=x["cond"])], x["sample"], timesteps, x["encoder_hidden_states"], only_mid_control
+    )
     want = unet(x["sample"], timesteps, x["encoder_hidden_states"], **unet_residual_kwargs(residuals)).sample
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     plain = unet(x["sample"], timesteps, x["encoder_hidden_states"]).sample

@@ -38,8 +38,13 @@ def test_lite_ignores_time_and_prompt_and_its_gradients_reach_every_conv():
     inputs = tiny_inputs("sd15")
     lite = randomize(ControlNetLite.from_unet(unet, hint_downscale_factor=8))
     out = lite(**inputs)
-    other = lite(**{**inputs, "timestep": inputs["timestep"] + 100,
-                    "encoder_hidden_states": torch.randn_like(inputs["encoder_hidden_states"])})  # fmt: skip
+    other = lite(
+        **{
+            **inputs,
+            "timestep": inputs["timestep"] + 100,
+            "encoder_hidden_states": torch.randn_like(inputs["encoder_hidden_states"]),
+        }
+    )
     assert all(torch.equal(x, y) for x, y in zip(out.down, other.down, strict=True))
     assert sum(t.square().sum() for t in [*out.down, out.mid]) > 0
     fresh = ControlNetLite.from_unet(unet, hint_downscale_factor=8)

@@ -29,8 +29,18 @@ LONG_STEPS = 150  # a job long enough (~5-10 s on 2 cores) to be caught running
 @pytest.fixture(scope="module")
 def server(models_folder, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "server.log"
-    srv = start_server(models_folder, log, "--max-units", str(MAX_UNITS), "--max-queue", str(MAX_QUEUE),
-                       "--max-body-mb", str(MAX_BODY_MB), "--max-pixels", "4000000")  # fmt: skip
+    srv = start_server(
+        models_folder,
+        log,
+        "--max-units",
+        str(MAX_UNITS),
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--max-body-mb",
+        str(MAX_BODY_MB),
+        "--max-pixels",
+        "4000000",
+    )
     yield srv
     # SIGTERM with a job running: the server cancels it and exits 0, promptly
     job = httpx.post(srv.url + "/v1/jobs", json={"prompt": "x", "steps": LONG_STEPS}).json()
@@ -118,8 +128,14 @@ def test_annotators_have_option_schemas_without_server_only_options(url):
 
 
 def test_annotate_canny(url):
-    response = httpx.post(url + "/v1/annotate", json={"annotator": "canny", "image": b64(circle()),
-                                                      "options": {"low_threshold": 50, "detect_resolution": 64}})  # fmt: skip
+    response = httpx.post(
+        url + "/v1/annotate",
+        json={
+            "annotator": "canny",
+            "image": b64(circle()),
+            "options": {"low_threshold": 50, "detect_resolution": 64},
+        },
+    )
     assert response.status_code == 200, response.text
     edges = pixels(response.json()["image"])
     assert edges.shape[:2] == (64, 64)
@@ -151,18 +167,66 @@ def test_same_pixels_as_controlnet_generate(url, models_folder, tmp_path):
     """One setting through `controlnet generate` (CLI subprocess) and /v1/generate: identical PNG pixels."""
     cond = tmp_path / "cond.png"
     circle(48).save(cond)
-    cmd = [sys.executable, "-m", "controlnet.cli", "generate", "a red circle", "--controlnet",
-           str(models_folder / TINY_CONTROLNET), "--cond", str(cond), "--annotator", "canny", "--steps", "3",
-           "--seed", "5", "--cfg", "3", "--scale", "0.7", "--control-end", "0.8", "--scheduler", "euler",
-           "--resize-mode", "crop_and_resize", "--width", "64", "--height", "48", "--out", str(tmp_path / "o"),
-           "--name", "cli", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "controlnet.cli",
+        "generate",
+        "a red circle",
+        "--controlnet",
+        str(models_folder / TINY_CONTROLNET),
+        "--cond",
+        str(cond),
+        "--annotator",
+        "canny",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--cfg",
+        "3",
+        "--scale",
+        "0.7",
+        "--control-end",
+        "0.8",
+        "--scheduler",
+        "euler",
+        "--resize-mode",
+        "crop_and_resize",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--out",
+        str(tmp_path / "o"),
+        "--name",
+        "cli",
+        "--device",
+        "cpu",
+    ]
     # one CPU thread, as the server (--threads 1): float sums in another order differ in the last bit
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
-    body = {"prompt": "a red circle", "steps": 3, "seed": 5, "guidance_scale": 3, "scheduler": "euler",
-            "width": 64, "height": 48, "units": [{"model": TINY_CONTROLNET, "image": b64(Image.open(cond)),
-            "annotator": "canny", "scale": 0.7, "end": 0.8, "resize_mode": "crop_and_resize"}]}  # fmt: skip
+    body = {
+        "prompt": "a red circle",
+        "steps": 3,
+        "seed": 5,
+        "guidance_scale": 3,
+        "scheduler": "euler",
+        "width": 64,
+        "height": 48,
+        "units": [
+            {
+                "model": TINY_CONTROLNET,
+                "image": b64(Image.open(cond)),
+                "annotator": "canny",
+                "scale": 0.7,
+                "end": 0.8,
+                "resize_mode": "crop_and_resize",
+            }
+        ],
+    }
     api = httpx.post(url + "/v1/generate", json=body, timeout=60)
     assert api.status_code == 200, api.text
     cli_pixels = np.asarray(Image.open(tmp_path / "o" / "cli.png").convert("RGB"))
@@ -228,18 +292,33 @@ BAD_JSON = [
     ("bad base64", _unit_image("!!!not base64!!!"), 422, "units[0].image", "not valid base64"),
     ("path as image", _unit_image("/etc/passwd"), 422, "units[0].image", "file paths are not accepted"),
     ("relative path as image", _unit_image("cond.png"), 422, "units[0].image", "file paths are not accepted"),
-    ("undecodable image", _unit_image(base64.b64encode(b"hello, not an image").decode()), 422, "units[0].image",
-     "cannot read it as an image"),
+    (
+        "undecodable image",
+        _unit_image(base64.b64encode(b"hello, not an image").decode()),
+        422,
+        "units[0].image",
+        "cannot read it as an image",
+    ),
     ("decompression bomb", _unit_image(base64.b64encode(bomb_png()).decode()), 413, "units[0].image", "pixels"),
-    ("data URI bomb", _unit_image("data:image/png;base64," + base64.b64encode(bomb_png()).decode()), 413,
-     "units[0].image", None),
+    (
+        "data URI bomb",
+        _unit_image("data:image/png;base64," + base64.b64encode(bomb_png()).decode()),
+        413,
+        "units[0].image",
+        None,
+    ),
     ("unknown model", {"units": [unit(model="nope")]}, 422, "units[0].model", "unknown controlnet 'nope'"),
     ("../ model name", {"units": [unit(model="../x")]}, 422, "units[0].model", "unknown controlnet"),
     ("absolute model path", {"units": [unit(model="/etc/passwd")]}, 422, "units[0].model", None),
     ("unknown base", {"base": "../../sd15"}, 422, "base", "unknown base"),
     ("unknown annotator", {"units": [unit(annotator="nope")]}, 422, "units[0].annotator", "unknown annotator"),
-    ("server-only annotator option", {"units": [unit(annotator_options={"weights": "/etc/passwd"})]}, 422,
-     "units[0].annotator_options.weights", None),
+    (
+        "server-only annotator option",
+        {"units": [unit(annotator_options={"weights": "/etc/passwd"})]},
+        422,
+        "units[0].annotator_options.weights",
+        None,
+    ),
     ("too many units", {"units": [unit()] * (MAX_UNITS + 1)}, 422, "units", "at most 2"),
     ("unknown native field", {"prompt": "x", "bogus": 1}, 422, "bogus", "unknown field"),
     ("unknown unit field", {"units": [unit(bogus=1)]}, 422, "units[0].bogus", "unknown field"),
@@ -255,36 +334,53 @@ def test_bad_generate_requests(url, body, status, field, text):
 
 
 def test_unknown_annotator_and_bad_image_on_annotate(url):
-    assert_problem(httpx.post(url + "/v1/annotate", json={"annotator": "nope", "image": b64(circle())}), 422,
-                   "annotator")  # fmt: skip
+    assert_problem(
+        httpx.post(url + "/v1/annotate", json={"annotator": "nope", "image": b64(circle())}), 422, "annotator"
+    )
     assert_problem(httpx.post(url + "/v1/annotate", json={"annotator": "canny", "image": "~/x.png"}), 422, "image")
-    assert_problem(httpx.post(url + "/v1/annotate", json={"annotator": "canny", "image": b64(circle()),
-                                                          "options": {"nope": 1}}), 422, "options.nope")  # fmt: skip
+    assert_problem(
+        httpx.post(
+            url + "/v1/annotate", json={"annotator": "canny", "image": b64(circle()), "options": {"nope": 1}}
+        ),
+        422,
+        "options.nope",
+    )
 
 
 def test_invalid_json_and_unknown_route(url):
-    assert_problem(httpx.post(url + "/v1/generate", content=b"{not json", headers={"content-type": "application/json"}),
-                   422)  # fmt: skip
+    assert_problem(
+        httpx.post(url + "/v1/generate", content=b"{not json", headers={"content-type": "application/json"}), 422
+    )
     assert_problem(httpx.get(url + "/v1/nothing-here"), 404)
 
 
 def test_oversize_body_refused_by_content_length_and_while_streaming(url):
     big = json.dumps({"prompt": "x" * (MAX_BODY_MB * 2**20 + 10)}).encode()
-    assert_problem(httpx.post(url + "/v1/generate", content=big, headers={"content-type": "application/json"}), 413)
+    assert_problem(
+        httpx.post(url + "/v1/generate", content=big, headers={"content-type": "application/json"}), 413
+    )
 
     def chunks():  # no Content-Length: chunked transfer, counted as it arrives
         for _ in range(40):
             yield b" " * 65536
 
-    assert_problem(httpx.post(url + "/v1/generate", content=chunks(), headers={"content-type": "application/json"}),
-                   413)  # fmt: skip
+    assert_problem(
+        httpx.post(url + "/v1/generate", content=chunks(), headers={"content-type": "application/json"}), 413
+    )
 
 
 def test_wrong_content_type(url):
-    assert_problem(httpx.post(url + "/v1/generate", content=b"prompt=x",
-                              headers={"content-type": "application/x-www-form-urlencoded"}), 415)  # fmt: skip
-    assert_problem(httpx.post(url + "/v1/generate", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"}),
-                   415)  # fmt: skip
+    assert_problem(
+        httpx.post(
+            url + "/v1/generate",
+            content=b"prompt=x",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        ),
+        415,
+    )
+    assert_problem(
+        httpx.post(url + "/v1/generate", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"}), 415
+    )
 
 
 def test_cross_site_requests_refused(url):
@@ -305,7 +401,9 @@ def test_20_concurrent_generates_get_200_or_429(server, url):
 
     def one(k: int) -> None:
         try:
-            r = httpx.post(url + "/v1/generate", json={"prompt": f"circle {k}", "steps": 2, "seed": k}, timeout=120)
+            r = httpx.post(
+                url + "/v1/generate", json={"prompt": f"circle {k}", "steps": 2, "seed": k}, timeout=120
+            )
             results.append((r.status_code, r.headers.get("retry-after")))
         except httpx.HTTPError as err:  # pragma: no cover - a failure of the test, reported below
             results.append((repr(err), None))
@@ -327,8 +425,12 @@ def test_20_concurrent_generates_get_200_or_429(server, url):
 # --------------------------------------------------------------------------------------------------------
 # checked at request time, against what the server has
 def test_annotator_is_checked_per_request_and_listed_in_openapi(url):
-    body = assert_problem(httpx.post(url + "/v1/annotate", json={"annotator": "canny2", "image": b64(circle())}),
-                          422, "annotator", "unknown annotator 'canny2'")  # fmt: skip
+    body = assert_problem(
+        httpx.post(url + "/v1/annotate", json={"annotator": "canny2", "image": b64(circle())}),
+        422,
+        "annotator",
+        "unknown annotator 'canny2'",
+    )
     assert "canny" in body["detail"].split("expected one of", 1)[1]  # the valid names
     schema = httpx.get(url + "/openapi.json").json()["components"]["schemas"]["AnnotateIn"]["properties"]
     served = [a["name"] for a in httpx.get(url + "/v1/annotators").json()]
@@ -340,15 +442,27 @@ def test_block_scales_must_match_the_nets_outputs(url, models_folder):
 
     outputs = load_controlnet(models_folder / TINY_CONTROLNET).num_control_outputs
     body = {"prompt": "x", "steps": 1, "units": [unit(block_scales=[1.0] * (outputs + 1))]}
-    assert_problem(httpx.post(url + "/v1/generate", json=body, timeout=60), 422, "units[0].block_scales",
-                   f"has {outputs} outputs")  # fmt: skip
+    assert_problem(
+        httpx.post(url + "/v1/generate", json=body, timeout=60),
+        422,
+        "units[0].block_scales",
+        f"has {outputs} outputs",
+    )
     body["units"][0]["block_scales"] = [0.5] * outputs
     assert httpx.post(url + "/v1/generate", json=body, timeout=60).status_code == 200
 
 
 def test_image_limits_by_type_with_the_servers_max_pixels(url):
     wide = Image.new("RGB", (2001, 2000))  # 4,002,000 pixels: over this server's --max-pixels 4000000
-    assert_problem(httpx.post(url + "/v1/generate", json=_unit_image(b64(wide)), timeout=60), 413,
-                   "units[0].image", "4,002,000 pixels")  # fmt: skip
-    assert_problem(httpx.post(url + "/v1/generate", json={"prompt": "x", "init_image": ""}, timeout=60), 422,
-                   "init_image", "empty")  # fmt: skip
+    assert_problem(
+        httpx.post(url + "/v1/generate", json=_unit_image(b64(wide)), timeout=60),
+        413,
+        "units[0].image",
+        "4,002,000 pixels",
+    )
+    assert_problem(
+        httpx.post(url + "/v1/generate", json={"prompt": "x", "init_image": ""}, timeout=60),
+        422,
+        "init_image",
+        "empty",
+    )

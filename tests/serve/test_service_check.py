@@ -18,8 +18,9 @@ def service():
 
 
 def _job(model: str = "Builtin:Canny", **unit) -> GenerationJob:
-    return GenerationJob(prompt="x", base="BUILTIN", units=[ControlUnit(model=model, image=Image.new("RGB", (8, 8)),
-                                                                        **unit)])  # fmt: skip
+    return GenerationJob(
+        prompt="x", base="BUILTIN", units=[ControlUnit(model=model, image=Image.new("RGB", (8, 8)), **unit)]
+    )
 
 
 def test_check_returns_a_resolved_copy_and_leaves_the_job_alone(service):

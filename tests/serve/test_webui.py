@@ -89,7 +89,11 @@ def test_controlnet_lists(api, server, model_title):
     assert model_title in canny["model_list"] and canny["default_model"] in canny["model_list"]
     assert "canny" in canny["module_list"]
     # the shipped ControlNets are served out of the box, beside the --models folder's
-    assert {t.split(" [")[0] for t in api.controlnet_model_list()} >= {"builtin:fill", "builtin:canny", TINY_CONTROLNET}
+    assert {t.split(" [")[0] for t in api.controlnet_model_list()} >= {
+        "builtin:fill",
+        "builtin:canny",
+        TINY_CONTROLNET,
+    }
     assert "controlnet m2m" in api.get_scripts()["txt2img"] and api.has_controlnet
     assert [m["title"].split(" [")[0] for m in api.get_sd_models()] == ["builtin"]
     assert "Euler a" in api.util_get_sampler_names()
@@ -124,9 +128,15 @@ def test_txt2img_one_unit(api, model_title):
 def test_txt2img_two_units(api, model_title):
     units = [
         webuiapi.ControlNetUnit(image=scene(0), module="canny", model=model_title, weight=0.8),
-        webuiapi.ControlNetUnit(image=scene(1), module="scribble_xdog", model=model_title, threshold_a=20,
-                                control_mode=2, guidance_end=0.5),
-    ]  # fmt: skip
+        webuiapi.ControlNetUnit(
+            image=scene(1),
+            module="scribble_xdog",
+            model=model_title,
+            threshold_a=20,
+            control_mode=2,
+            guidance_end=0.5,
+        ),
+    ]
     result = api.txt2img(**common(controlnet_units=units))
     assert len(result.images) == 3
     extra = result.info["extra_generation_params"]
@@ -141,12 +151,14 @@ def test_txt2img_two_units(api, model_title):
 def test_img2img_unit_takes_init_image(api, model_title):
     init = scene(2)
     unit = webuiapi.ControlNetUnit(module="canny", model=model_title)  # no image: takes init_images[0]
-    args = dict(images=[init], prompt="blue circle", width=SIZE, height=SIZE, seed=7, steps=4,
-                denoising_strength=0.8)  # fmt: skip
+    args = dict(
+        images=[init], prompt="blue circle", width=SIZE, height=SIZE, seed=7, steps=4, denoising_strength=0.8
+    )
     result = api.img2img(**args, controlnet_units=[unit])
     assert len(result.images) == 2 and result.info["denoising_strength"] == 0.8
-    explicit = api.img2img(**args, controlnet_units=[webuiapi.ControlNetUnit(image=init, module="canny",
-                                                                             model=model_title)])  # fmt: skip
+    explicit = api.img2img(
+        **args, controlnet_units=[webuiapi.ControlNetUnit(image=init, module="canny", model=model_title)]
+    )
     np.testing.assert_array_equal(pixels(result.images[0]), pixels(explicit.images[0]))
     plain = api.img2img(**args)
     assert len(plain.images) == 1
@@ -174,21 +186,56 @@ def test_detect(api):
 def test_same_pixels_as_native_generate(server, model_title):
     image = raw_b64(scene(4))
     webui = {
-        "prompt": "red circle", "negative_prompt": "blue", "seed": 11, "steps": STEPS, "cfg_scale": 5.0,
-        "width": SIZE, "height": SIZE, "sampler_name": "Euler",
-        "alwayson_scripts": {"controlnet": {"args": [
-            {"enabled": True, "image": image, "module": "canny", "model": model_title, "weight": 0.9,
-             "resize_mode": "Crop and Resize", "processor_res": 128, "threshold_a": 50, "threshold_b": 150,
-             "guidance_start": 0.0, "guidance_end": 1.0, "control_mode": "Balanced"},
-        ]}},
-    }  # fmt: skip
+        "prompt": "red circle",
+        "negative_prompt": "blue",
+        "seed": 11,
+        "steps": STEPS,
+        "cfg_scale": 5.0,
+        "width": SIZE,
+        "height": SIZE,
+        "sampler_name": "Euler",
+        "alwayson_scripts": {
+            "controlnet": {
+                "args": [
+                    {
+                        "enabled": True,
+                        "image": image,
+                        "module": "canny",
+                        "model": model_title,
+                        "weight": 0.9,
+                        "resize_mode": "Crop and Resize",
+                        "processor_res": 128,
+                        "threshold_a": 50,
+                        "threshold_b": 150,
+                        "guidance_start": 0.0,
+                        "guidance_end": 1.0,
+                        "control_mode": "Balanced",
+                    },
+                ]
+            }
+        },
+    }
     native = {
-        "prompt": "red circle", "negative_prompt": "blue", "seed": 11, "steps": STEPS, "guidance_scale": 5.0,
-        "width": SIZE, "height": SIZE, "scheduler": "euler",
-        "units": [{"model": TINY_CONTROLNET, "image": image, "annotator": "canny", "scale": 0.9,
-                   "annotator_options": {"detect_resolution": 128, "low_threshold": 50, "high_threshold": 150},
-                   "resize_mode": "crop_and_resize", "mode": "balanced"}],
-    }  # fmt: skip
+        "prompt": "red circle",
+        "negative_prompt": "blue",
+        "seed": 11,
+        "steps": STEPS,
+        "guidance_scale": 5.0,
+        "width": SIZE,
+        "height": SIZE,
+        "scheduler": "euler",
+        "units": [
+            {
+                "model": TINY_CONTROLNET,
+                "image": image,
+                "annotator": "canny",
+                "scale": 0.9,
+                "annotator_options": {"detect_resolution": 128, "low_threshold": 50, "high_threshold": 150},
+                "resize_mode": "crop_and_resize",
+                "mode": "balanced",
+            }
+        ],
+    }
     a = httpx.post(server.url + "/sdapi/v1/txt2img", json=webui, timeout=120)
     b = httpx.post(server.url + "/v1/generate", json=native, timeout=120)
     assert a.status_code == 200 and b.status_code == 200, (a.text, b.text)
@@ -203,16 +250,42 @@ def test_same_pixels_as_native_generate(server, model_title):
 def test_aliases_and_enums(server, model_title):
     image = raw_b64(scene(5))
     units = [
-        {"input_image": image.rstrip("="), "module": "canny", "model": TINY_CONTROLNET.upper(), "resize_mode": 0,
-         "control_mode": 1, "processor_res": -1, "threshold_a": -1, "threshold_b": 999, "guidance": 0.7,
-         "lowvram": True, "is_ui": False, "input_mode": "simple", "loopback": False, "output_dir": ""},
-        {"enabled": True, "image": {"image": "data:image/png;base64," + image, "mask": None}, "module": "Canny",
-         "model": model_title, "resize_mode": "Inner Fit (Scale to Fit)", "guessmode": True,
-         "save_detected_map": False, "processor_res": -100},
+        {
+            "input_image": image.rstrip("="),
+            "module": "canny",
+            "model": TINY_CONTROLNET.upper(),
+            "resize_mode": 0,
+            "control_mode": 1,
+            "processor_res": -1,
+            "threshold_a": -1,
+            "threshold_b": 999,
+            "guidance": 0.7,
+            "lowvram": True,
+            "is_ui": False,
+            "input_mode": "simple",
+            "loopback": False,
+            "output_dir": "",
+        },
+        {
+            "enabled": True,
+            "image": {"image": "data:image/png;base64," + image, "mask": None},
+            "module": "Canny",
+            "model": model_title,
+            "resize_mode": "Inner Fit (Scale to Fit)",
+            "guessmode": True,
+            "save_detected_map": False,
+            "processor_res": -100,
+        },
         {"enabled": False, "model": "no such model", "module": "no such module"},  # skipped
-    ]  # fmt: skip
-    body = {"prompt": "x", "width": SIZE, "height": SIZE, "steps": 2, "seed": 3,
-            "alwayson_scripts": {"ControlNet": {"args": units}}}  # fmt: skip
+    ]
+    body = {
+        "prompt": "x",
+        "width": SIZE,
+        "height": SIZE,
+        "steps": 2,
+        "seed": 3,
+        "alwayson_scripts": {"ControlNet": {"args": units}},
+    }
     r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
     assert len(r.json()["images"]) == 2  # one image + one map (the second unit saves none)
@@ -234,9 +307,17 @@ def test_seed_minus_one_and_n_iter(api, model_title):
 def test_inpaint_only_uses_init_image_and_mask(server, model_title):
     mask = Image.new("L", (SIZE, SIZE), 0)
     ImageDraw.Draw(mask).rectangle((16, 16, 48, 48), fill=255)
-    body = {"init_images": ["data:image/png;base64," + raw_b64(scene(6))], "mask": raw_b64(mask),
-            "prompt": "x", "width": SIZE, "height": SIZE, "steps": 2, "seed": 1, "send_images": True,
-            "alwayson_scripts": {"ControlNet": {"args": [{"module": "inpaint_only", "model": model_title}]}}}  # fmt: skip
+    body = {
+        "init_images": ["data:image/png;base64," + raw_b64(scene(6))],
+        "mask": raw_b64(mask),
+        "prompt": "x",
+        "width": SIZE,
+        "height": SIZE,
+        "steps": 2,
+        "seed": 1,
+        "send_images": True,
+        "alwayson_scripts": {"ControlNet": {"args": [{"module": "inpaint_only", "model": model_title}]}},
+    }
     r = httpx.post(server.url + "/sdapi/v1/img2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
     assert len(r.json()["images"]) == 2 and r.json()["parameters"]["init_images"] == [None]
@@ -286,8 +367,14 @@ def test_bad_unit_requests(server, model_title, unit, top, status, field, words)
     full = {"image": image, "module": "canny", "model": model_title, **unit}
     if full["image"] == "BOMB":
         full["image"] = _bomb()
-    body = {"prompt": "x", "width": SIZE, "height": SIZE, "steps": 1,
-            "alwayson_scripts": {"ControlNet": {"args": [full]}}, **top}  # fmt: skip
+    body = {
+        "prompt": "x",
+        "width": SIZE,
+        "height": SIZE,
+        "steps": 1,
+        "alwayson_scripts": {"ControlNet": {"args": [full]}},
+        **top,
+    }
     r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
@@ -298,8 +385,13 @@ def test_bad_unit_requests(server, model_title, unit, top, status, field, words)
 
 def test_too_many_units_and_bad_init(server, model_title):
     unit = {"image": raw_b64(scene()), "module": "canny", "model": model_title}
-    body = {"prompt": "x", "width": SIZE, "height": SIZE, "steps": 1,
-            "alwayson_scripts": {"ControlNet": {"args": [unit] * 3}}}  # fmt: skip
+    body = {
+        "prompt": "x",
+        "width": SIZE,
+        "height": SIZE,
+        "steps": 1,
+        "alwayson_scripts": {"ControlNet": {"args": [unit] * 3}},
+    }
     r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60)
     assert r.status_code == 422 and r.json()["field"] == ARGS and "limit of 2" in r.json()["detail"]
     r = httpx.post(server.url + "/sdapi/v1/img2img", json={"init_images": ["/srv/photo.png"]}, timeout=60)
@@ -343,8 +435,14 @@ def num_outputs(models_folder) -> int:
 
 def _weighted(model_title: str, **unit) -> dict:
     args = [{"image": raw_b64(scene(7)), "module": "canny", "model": model_title, **unit}] if unit else []
-    return {"prompt": "red circle", "width": SIZE, "height": SIZE, "steps": 2, "seed": 9,
-            "alwayson_scripts": {"ControlNet": {"args": args}}}  # fmt: skip
+    return {
+        "prompt": "red circle",
+        "width": SIZE,
+        "height": SIZE,
+        "steps": 2,
+        "seed": 9,
+        "alwayson_scripts": {"ControlNet": {"args": args}},
+    }
 
 
 def _first_image(server, body: dict) -> np.ndarray:
@@ -371,9 +469,15 @@ def test_advanced_weighting_scales_each_output(server, model_title, num_outputs)
 
 @pytest.mark.parametrize("kind", ["one too many", "one too few", "not numbers", "not a list"])
 def test_advanced_weighting_of_the_wrong_shape_is_a_422(server, model_title, num_outputs, kind):
-    value = {"one too many": [1.0] * (num_outputs + 1), "one too few": [1.0] * (num_outputs - 1),
-             "not numbers": ["a"] * num_outputs, "not a list": 1.0}[kind]  # fmt: skip
-    r = httpx.post(server.url + "/sdapi/v1/txt2img", json=_weighted(model_title, advanced_weighting=value), timeout=60)
+    value = {
+        "one too many": [1.0] * (num_outputs + 1),
+        "one too few": [1.0] * (num_outputs - 1),
+        "not numbers": ["a"] * num_outputs,
+        "not a list": 1.0,
+    }[kind]
+    r = httpx.post(
+        server.url + "/sdapi/v1/txt2img", json=_weighted(model_title, advanced_weighting=value), timeout=60
+    )
     assert r.status_code == 422, r.text
     problem = r.json()
     assert problem["field"] == f"{ARGS}[0].advanced_weighting", problem
@@ -384,7 +488,11 @@ def test_advanced_weighting_of_the_wrong_shape_is_a_422(server, model_title, num
     ("resize", "mode", "labels"),
     [
         (2, 0, ("Resize Mode: Resize and Fill", "Control Mode: Balanced")),
-        ("Outer Fit (Shrink to Fit)", "My prompt is more important", ("Resize Mode: Resize and Fill", "prompt is")),
+        (
+            "Outer Fit (Shrink to Fit)",
+            "My prompt is more important",
+            ("Resize Mode: Resize and Fill", "prompt is"),
+        ),
         ("Scale to Fit (Inner Fit)", "ControlNet is more important", ("Crop and Resize", "ControlNet is more")),
         ("Envelope (Outer Fit)", 1, ("Resize Mode: Resize and Fill", "My prompt is more important")),
         ("just resize", "balanced", ("Resize Mode: Just Resize", "Control Mode: Balanced")),

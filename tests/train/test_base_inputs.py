@@ -21,9 +21,23 @@ def _cli(*args):
 def test_resumed_training_says_so(tmp_path):
     base = save_tiny_base(tmp_path / "base")
     data = make_fill_dataset(tmp_path / "data", n=8)
-    args = ["train", "--model.base", base, "--data.path", data, "--data.resolution", TINY_SIZE,
-            "--train.output_dir", tmp_path / "run", "--train.batch_size", 2, "--model.hint_channels", "8,16",
-            "--checkpoint.every", 1]  # fmt: skip
+    args = [
+        "train",
+        "--model.base",
+        base,
+        "--data.path",
+        data,
+        "--data.resolution",
+        TINY_SIZE,
+        "--train.output_dir",
+        tmp_path / "run",
+        "--train.batch_size",
+        2,
+        "--model.hint_channels",
+        "8,16",
+        "--checkpoint.every",
+        1,
+    ]
     first = _cli(*args, "--train.max_steps", 1)
     assert first.returncode == 0 and "resuming" not in first.stderr, first.stderr[-2000:]
     again = _cli(*args, "--train.max_steps", 2)

@@ -14,8 +14,9 @@ from controlnet.train.config import DataConfig, OptimConfig, TrainConfig, config
 
 def test_file_then_flags_then_validation(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("optim:\n  lr: 0.0001\n  grad_accum: 2\ndata:\n  path: somewhere\n"
-                    "train:\n  log_with: tensorboard\n")  # fmt: skip
+    path.write_text(
+        "optim:\n  lr: 0.0001\n  grad_accum: 2\ndata:\n  path: somewhere\ntrain:\n  log_with: tensorboard\n"
+    )
     config = resolve_config(
         path, {"optim.lr": "3e-4", "data.random_flip": "true", "checkpoint.export_formats": "original"}
     )
@@ -49,17 +50,46 @@ def test_every_field_has_a_docstring_for_the_help():
 
 def test_train_command_writes_a_complete_run_folder(fill_data, base_dir, tmp_path, capsys):
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({"model": {"base": str(base_dir), "hint_channels": [8, 16]},
-                                  "data": {"path": str(fill_data), "resolution": TINY_SIZE}}))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "model": {"base": str(base_dir), "hint_channels": [8, 16]},
+                "data": {"path": str(fill_data), "resolution": TINY_SIZE},
+            }
+        )
+    )
     run = tmp_path / "run"
-    argv = ["train", str(config), "--train.output_dir", str(run), "--train.max_steps", "2", "--train.batch_size",
-            "2", "--optim.lr", "1e-3", "--validation.every", "2", "--validation.num_samples", "2",
-            "--validation.steps", "2", "--quiet"]  # fmt: skip
+    argv = [
+        "train",
+        str(config),
+        "--train.output_dir",
+        str(run),
+        "--train.max_steps",
+        "2",
+        "--train.batch_size",
+        "2",
+        "--optim.lr",
+        "1e-3",
+        "--validation.every",
+        "2",
+        "--validation.num_samples",
+        "2",
+        "--validation.steps",
+        "2",
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "finished at step 2" in out and "floor" in out and "ceiling" in out
-    for name in ("config.json", "metrics.jsonl", "report.html", "final/controlnet/config.json",
-                 "final/controlnet.safetensors", "checkpoints/step-0000002/state.json", "samples/reference.png"):  # fmt: skip
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "report.html",
+        "final/controlnet/config.json",
+        "final/controlnet.safetensors",
+        "checkpoints/step-0000002/state.json",
+        "samples/reference.png",
+    ):
         assert (run / name).exists(), name
     assert json.loads((run / "config.json").read_text())["train"]["max_steps"] == 2
     # a run folder saved before data.num_workers was retired resumes from its own config.json
@@ -115,12 +145,30 @@ def test_flags_are_the_config_fields_spelled_as_in_a_file_and_read_as_their_type
     assert "--model.sd_locked SD_LOCKED" in help_text and "--no-model" not in help_text  # bools take a value
     assert "(default: 1e-05)" in help_text  # the dataclass default, though a config file may replace it
 
-    argv = ["train", "--model.ema", "false", "--data.random_flip", "yes", "--model.hint_channels", "8,16",
-            "--checkpoint.export_formats", "diffusers,original", "--optim.lr", "3e-4", "--train.max_steps", "7"]  # fmt: skip
+    argv = [
+        "train",
+        "--model.ema",
+        "false",
+        "--data.random_flip",
+        "yes",
+        "--model.hint_channels",
+        "8,16",
+        "--checkpoint.export_formats",
+        "diffusers,original",
+        "--optim.lr",
+        "3e-4",
+        "--train.max_steps",
+        "7",
+    ]
     overrides = overrides_from(cli.build_parser().parse_args(argv))
-    assert overrides == {"model.ema": False, "data.random_flip": True, "model.hint_channels": (8, 16),
-                         "checkpoint.export_formats": ("diffusers", "original"), "optim.lr": 3e-4,
-                         "train.max_steps": 7}  # fmt: skip
+    assert overrides == {
+        "model.ema": False,
+        "data.random_flip": True,
+        "model.hint_channels": (8, 16),
+        "checkpoint.export_formats": ("diffusers", "original"),
+        "optim.lr": 3e-4,
+        "train.max_steps": 7,
+    }
     config = resolve_config(None, overrides)
     assert config.model.ema is False and config.model.hint_channels == (8, 16) and config.train.max_steps == 7
     # a flag not given leaves the config file's value
@@ -138,8 +186,9 @@ def test_demo_flags_build_the_demo_config():
     from controlnet.settings_cli import given_values
     from controlnet.train.demo import DemoConfig
 
-    args = cli.build_parser().parse_args(["demo", "--steps", "5", "--minutes", "0.5", "--tokenizer-2", "tok",
-                                          "--early-stop", "--quiet"])  # fmt: skip
+    args = cli.build_parser().parse_args(
+        ["demo", "--steps", "5", "--minutes", "0.5", "--tokenizer-2", "tok", "--early-stop", "--quiet"]
+    )
     demo = DemoConfig(**given_values(args, DemoConfig))
     assert (demo.steps, demo.minutes, demo.tokenizer_2, demo.early_stop) == (5, 0.5, "tok", True)
     assert DemoConfig(**given_values(cli.build_parser().parse_args(["demo", "--no-early-stop"]), DemoConfig)) == (

@@ -21,20 +21,34 @@ def builtin_style_base(tmp_path_factory):
     from controlnet.world.fill import FILL_VOCABULARY
 
     text = TextEncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=8)
-    config = BaseModelConfig(image_size=16, vae_channels=(8, 16), unet_channels=(8, 16), unet_attention_levels=(1,),
-                             text=text)  # fmt: skip
+    config = BaseModelConfig(
+        image_size=16, vae_channels=(8, 16), unet_channels=(8, 16), unet_attention_levels=(1,), text=text
+    )
     tokenizer = build_tokenizer(FILL_VOCABULARY, text.max_length)
     torch.manual_seed(0)
-    parts = {"unet": UNet2DConditionModel(**unet_kwargs(config)), "vae": AutoencoderKL(**vae_kwargs(config)),
-             "text_encoder": build_text_encoder(text, tokenizer), "tokenizer": tokenizer}  # fmt: skip
+    parts = {
+        "unet": UNet2DConditionModel(**unet_kwargs(config)),
+        "vae": AutoencoderKL(**vae_kwargs(config)),
+        "text_encoder": build_text_encoder(text, tokenizer),
+        "tokenizer": tokenizer,
+    }
     folder = tmp_path_factory.mktemp("base") / "builtin-style"
     save_builtin_base(parts, config, folder)
     return folder
 
 
 def test_demo_trains_reports_and_its_controlnet_reproduces_the_final_fidelity(builtin_style_base, tmp_path):
-    demo = DemoConfig(out=str(tmp_path / "demo"), base=str(builtin_style_base), samples=40, minutes=0.01,
-                      batch_size=4, validate_every=1, validation_samples=4, sampler_steps=2, threads=1)  # fmt: skip
+    demo = DemoConfig(
+        out=str(tmp_path / "demo"),
+        base=str(builtin_style_base),
+        samples=40,
+        minutes=0.01,
+        batch_size=4,
+        validate_every=1,
+        validation_samples=4,
+        sampler_steps=2,
+        threads=1,
+    )
     summary = run_demo(demo, log=lambda *a: None)
     assert summary.status == "time_limit" and summary.step >= 1
     assert summary.floor is not None and summary.ceiling > 0.9

@@ -22,10 +22,30 @@ def free_port() -> int:
 
 
 def _args(fill_data, base_dir, out, batch_size: int) -> list[str]:
-    return ["train", "--model.base", str(base_dir), "--model.hint_channels", "8,16", "--data.path", str(fill_data),
-            "--data.resolution", str(TINY_SIZE), "--train.output_dir", str(out), "--train.max_steps", "3",
-            "--train.batch_size", str(batch_size), "--train.log_every", "1", "--optim.lr", "1e-3",
-            "--checkpoint.every", "0", "--quiet"]  # fmt: skip
+    return [
+        "train",
+        "--model.base",
+        str(base_dir),
+        "--model.hint_channels",
+        "8,16",
+        "--data.path",
+        str(fill_data),
+        "--data.resolution",
+        str(TINY_SIZE),
+        "--train.output_dir",
+        str(out),
+        "--train.max_steps",
+        "3",
+        "--train.batch_size",
+        str(batch_size),
+        "--train.log_every",
+        "1",
+        "--optim.lr",
+        "1e-3",
+        "--checkpoint.every",
+        "0",
+        "--quiet",
+    ]
 
 
 def _losses(run) -> list[float]:
@@ -36,13 +56,33 @@ def _losses(run) -> list[float]:
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(fill_data, base_dir, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, "-m", "controlnet.cli", *_args(fill_data, base_dir, tmp_path / "one", 4)],
-                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    single = subprocess.run(
+        [sys.executable, "-m", "controlnet.cli", *_args(fill_data, base_dir, tmp_path / "one", 4)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "controlnet.cli",
-           *_args(fill_data, base_dir, tmp_path / "two", 2)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "controlnet.cli",
+        *_args(fill_data, base_dir, tmp_path / "two", 2),
+    ]
     start = time.time()
     multi = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stderr[-3000:]

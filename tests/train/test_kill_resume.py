@@ -24,11 +24,39 @@ KILLS = 10
 
 
 def _cmd(fill_data, base_dir, out: Path, max_steps: int = MAX_STEPS) -> list[str]:
-    return [sys.executable, "-m", "controlnet.cli", "train", "--model.base", str(base_dir), "--model.hint_channels",
-            "8,16", "--data.path", str(fill_data), "--data.resolution", str(TINY_SIZE), "--train.output_dir",
-            str(out), "--train.max_steps", str(max_steps), "--train.batch_size", "2", "--train.log_every", "1",
-            "--optim.lr", "1e-3", "--optim.ema_decay", "0.9", "--optim.grad_accum", "2",
-            "--checkpoint.every", "1", "--checkpoint.keep", "2", "--quiet"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "controlnet.cli",
+        "train",
+        "--model.base",
+        str(base_dir),
+        "--model.hint_channels",
+        "8,16",
+        "--data.path",
+        str(fill_data),
+        "--data.resolution",
+        str(TINY_SIZE),
+        "--train.output_dir",
+        str(out),
+        "--train.max_steps",
+        str(max_steps),
+        "--train.batch_size",
+        "2",
+        "--train.log_every",
+        "1",
+        "--optim.lr",
+        "1e-3",
+        "--optim.ema_decay",
+        "0.9",
+        "--optim.grad_accum",
+        "2",
+        "--checkpoint.every",
+        "1",
+        "--checkpoint.keep",
+        "2",
+        "--quiet",
+    ]
 
 
 def _logged_step(run: Path) -> int:
@@ -48,8 +76,9 @@ def _check_checkpoints(run: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_steps_ten_times_then_resume_equals_uninterrupted(fill_data, base_dir, tmp_path):
-    done = subprocess.run(_cmd(fill_data, base_dir, tmp_path / "straight"), env=ENV, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        _cmd(fill_data, base_dir, tmp_path / "straight"), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rng = random.Random(0)
     run = tmp_path / "killed"
@@ -57,8 +86,9 @@ def test_sigkill_at_random_steps_ten_times_then_resume_equals_uninterrupted(fill
     for _ in range(KILLS):
         start_step = _logged_step(run)
         target = start_step + rng.randint(0, 3)
-        proc = subprocess.Popen(_cmd(fill_data, base_dir, run), env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            _cmd(fill_data, base_dir, run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 120
         while proc.poll() is None and _logged_step(run) < target and time.time() < deadline:
             time.sleep(0.01)
@@ -85,8 +115,13 @@ def test_sigkill_at_random_steps_ten_times_then_resume_equals_uninterrupted(fill
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(fill_data, base_dir, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(fill_data, base_dir, run, max_steps=100000)[:-1] + ["--checkpoint.every", "0"],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _cmd(fill_data, base_dir, run, max_steps=100000)[:-1] + ["--checkpoint.every", "0"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while _logged_step(run) < 3 and time.time() < deadline:
         time.sleep(0.05)
@@ -96,6 +131,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(fill_data, base_dir, tmp_p
     assert "interrupted at step" in out
     stopped = int(out.split("interrupted at step ")[1].split()[0])
     assert [p.name for p in list_checkpoints(run)] == [f"step-{stopped:07d}"]
-    resumed = subprocess.run(_cmd(fill_data, base_dir, run, max_steps=stopped + 2), env=ENV, capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        _cmd(fill_data, base_dir, run, max_steps=stopped + 2), env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0 and f"finished at step {stopped + 2}" in resumed.stdout

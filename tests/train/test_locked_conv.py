@@ -45,8 +45,13 @@ def step(model: ControlledUNet, inputs: dict, channels_last: bool = False, autoc
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", enabled=autocast):
-        pred = model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["cond"],
-                     inputs.get("added_cond_kwargs"))  # fmt: skip
+        pred = model(
+            inputs["sample"],
+            inputs["timestep"],
+            inputs["encoder_hidden_states"],
+            inputs["cond"],
+            inputs.get("added_cond_kwargs"),
+        )
     for hook in hooks:
         hook.remove()
     pred.float().square().mean().backward()

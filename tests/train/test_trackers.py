@@ -28,8 +28,14 @@ def _scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
 def test_tensorboard_receives_the_losses_and_fidelities_of_metrics_jsonl(fill_data, tmp_path):
     pytest.importorskip("tensorboard")
     run = tmp_path / "run"
-    config = tiny_config(fill_data, run, train__log_with="tensorboard", validation__every=2,
-                         validation__num_samples=3, validation__steps=2)  # fmt: skip
+    config = tiny_config(
+        fill_data,
+        run,
+        train__log_with="tensorboard",
+        validation__every=2,
+        validation__num_samples=3,
+        validation__steps=2,
+    )
     train(config, make_tiny_base())
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [(e["step"], e["loss"]) for e in lines if "loss" in e]

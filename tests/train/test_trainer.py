@@ -128,8 +128,14 @@ def test_half_of_the_prompts_are_empty_by_default(fill_data, tmp_path):
 def test_unlocked_decoder_and_only_mid_control(fill_data, tmp_path):
     base = make_tiny_base()
     before = {k: v.clone() for k, v in base.unet.state_dict().items()}
-    config = tiny_config(fill_data, tmp_path / "run", train__max_steps=2, model__sd_locked=False,
-                         model__only_mid_control=True, optim__decoder_lr=1e-4)  # fmt: skip
+    config = tiny_config(
+        fill_data,
+        tmp_path / "run",
+        train__max_steps=2,
+        model__sd_locked=False,
+        model__only_mid_control=True,
+        optim__decoder_lr=1e-4,
+    )
     trainer = Trainer(config, base)
     trainer.run()
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 1e-4]
@@ -199,8 +205,14 @@ def test_sdxl_style_base_trains_through_its_micro_conditioning(fill_data, tmp_pa
     from train_tiny import make_tiny_sdxl_base
 
     base = make_tiny_sdxl_base()
-    config = tiny_config(fill_data, tmp_path / "run", train__max_steps=3, validation__every=3,
-                         validation__num_samples=2, validation__steps=2)  # fmt: skip
+    config = tiny_config(
+        fill_data,
+        tmp_path / "run",
+        train__max_steps=3,
+        validation__every=3,
+        validation__num_samples=2,
+        validation__steps=2,
+    )
     trainer = Trainer(config, base)
     summary = trainer.run()
     assert summary.status == "finished" and summary.step == 3

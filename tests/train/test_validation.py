@@ -22,9 +22,17 @@ def test_convergence_is_the_first_step_from_which_fidelity_stays_above_threshold
 def test_validation_logs_floor_ceiling_and_fidelity_and_early_stops(fill_data, tmp_path):
     from controlnet.train.trainer import train
 
-    config = tiny_config(fill_data, tmp_path / "run", train__max_steps=6, validation__every=2,
-                         validation__num_samples=3, validation__steps=2, validation__threshold=0.0,
-                         validation__early_stop=True, validation__patience=2)  # fmt: skip
+    config = tiny_config(
+        fill_data,
+        tmp_path / "run",
+        train__max_steps=6,
+        validation__every=2,
+        validation__num_samples=3,
+        validation__steps=2,
+        validation__threshold=0.0,
+        validation__early_stop=True,
+        validation__patience=2,
+    )
     summary = train(config, make_tiny_base())
     # threshold 0: converged at the first validation, stopped after `patience` of them
     assert summary.status == "early_stop" and summary.step == 4 and summary.convergence_step == 2

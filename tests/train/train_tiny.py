@@ -39,18 +39,29 @@ def make_tiny_base(seed: int = 0, latent: bool = False) -> BaseComponents:
         unet_cfg.update(in_channels=4, out_channels=4, sample_size=TINY_SIZE // 2)
         torch.manual_seed(seed + 2)
         vae = AutoencoderKL(
-            block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-        )  # fmt: skip
+            block_out_channels=[8, 16],
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+            layers_per_block=1,
+        )
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_cfg)
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=8, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
         )
-    )  # fmt: skip
+    )
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     for m in (unet, text_encoder, vae):
         if m is not None:
@@ -94,19 +105,36 @@ def make_tiny_sdxl_base(seed: int = 0) -> BaseComponents:
     tokenizers = [build_tokenizer(FILL_VOCABULARY, max_length=8) for _ in range(2)]
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=TINY_SIZE, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        block_out_channels=[16, 32], cross_attention_dim=32, attention_head_dim=[2, 4], use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16,
-    )  # fmt: skip
+        sample_size=TINY_SIZE,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+        block_out_channels=[16, 32],
+        cross_attention_dim=32,
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + 16,
+    )
     encoders = []
     for k, cls in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
         torch.manual_seed(seed + 1 + k)
         config = CLIPTextConfig(
-            vocab_size=len(tokenizers[k]), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=8, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            vocab_size=len(tokenizers[k]),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
             projection_dim=16,
-        )  # fmt: skip
+        )
         encoders.append(cls(config).eval().requires_grad_(False))
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     unet.eval().requires_grad_(False)

@@ -20,18 +20,37 @@ WEBUI_TEXT = (
     "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 3141592, Size: 512x768, Model hash: 6ce0161689, "
     'Model: v1-5-pruned-emaonly, Denoising strength: 0.55, Clip skip: 2, ControlNet 0: "Module: canny, Model: '
     "control_v11p_sd15_canny [d14c016b], Weight: 0.8, Resize Mode: Crop and Resize, Low Vram: False, Processor Res: "
-    '512, Threshold A: 100, Threshold B: 200, Guidance Start: 0.1, Guidance End: 0.9, Pixel Perfect: False, Control '
+    "512, Threshold A: 100, Threshold B: 200, Guidance Start: 0.1, Guidance End: 0.9, Pixel Perfect: False, Control "
     'Mode: My prompt is more important", Version: v1.7.0'
 )
 
 
 def form(**values):
-    base = {"prompt": "p", "steps": 5, "guidance_scale": 3.0, "seed": 7, "batch_size": 1, "width": 0, "height": 0,
-            "sampler": "base default", "init": None, "denoise": 0.75}  # fmt: skip
+    base = {
+        "prompt": "p",
+        "steps": 5,
+        "guidance_scale": 3.0,
+        "seed": 7,
+        "batch_size": 1,
+        "width": 0,
+        "height": 0,
+        "sampler": "base default",
+        "init": None,
+        "denoise": 0.75,
+    }
     for k in range(3):
-        base.update({unit_key(k, "enabled"): False, unit_key(k, "scale"): 1.0, unit_key(k, "start"): 0.0,
-                     unit_key(k, "end"): 1.0, unit_key(k, "mode"): "balanced", unit_key(k, "resize"): "just_resize",
-                     unit_key(k, "annotator"): "none", unit_key(k, "model"): "builtin:canny"})  # fmt: skip
+        base.update(
+            {
+                unit_key(k, "enabled"): False,
+                unit_key(k, "scale"): 1.0,
+                unit_key(k, "start"): 0.0,
+                unit_key(k, "end"): 1.0,
+                unit_key(k, "mode"): "balanced",
+                unit_key(k, "resize"): "just_resize",
+                unit_key(k, "annotator"): "none",
+                unit_key(k, "model"): "builtin:canny",
+            }
+        )
     base.update(values)
     return base
 
@@ -42,16 +61,26 @@ def test_parse_webui_infotext():
     assert (s["steps"], s["sampler"], s["guidance_scale"], s["seed"]) == (28, "DPM++ 2M Karras", 6.5, 3141592)
     assert (s["width"], s["height"], s["strength"], s["clip_skip"]) == (512, 768, 0.55, 1)
     unit = s["controlnets"][0]
-    assert unit == {"module": "canny", "model": "control_v11p_sd15_canny [d14c016b]", "scale": 0.8,
-                    "resize_label": "Crop and Resize", "start": 0.1, "end": 0.9,
-                    "mode_label": "My prompt is more important",
-                    "resize_mode": "crop_and_resize", "mode": "prompt"}  # fmt: skip
+    assert unit == {
+        "module": "canny",
+        "model": "control_v11p_sd15_canny [d14c016b]",
+        "scale": 0.8,
+        "resize_label": "Crop and Resize",
+        "start": 0.1,
+        "end": 0.9,
+        "mode_label": "My prompt is more important",
+        "resize_mode": "crop_and_resize",
+        "mode": "prompt",
+    }
     assert s["extra"]["Model hash"] == "6ce0161689" and s["extra"]["Version"] == "v1.7.0"
 
 
 def test_infotext_without_parameters_line_is_all_prompt():
-    assert parse_parameters("just a prompt, with a comma") == {"prompt": "just a prompt, with a comma",
-                                                               "negative_prompt": "", "controlnets": []}  # fmt: skip
+    assert parse_parameters("just a prompt, with a comma") == {
+        "prompt": "just a prompt, with a comma",
+        "negative_prompt": "",
+        "controlnets": [],
+    }
 
 
 def test_form_from_webui_settings_matches_names_and_labels():
@@ -64,10 +93,29 @@ def test_form_from_webui_settings_matches_names_and_labels():
 
 
 def test_our_png_round_trips_through_both_chunks():
-    settings = {"prompt": "x", "negative_prompt": "y", "steps": 9, "sampler": "Euler a", "guidance_scale": 5.0,
-                "width": 64, "height": 48, "base": "builtin", "strength": None, "clip_skip": 0,
-                "resize_label": "Just Resize", "controlnets": [{"scale": 0.5, "start": 0.0, "end": 0.7,
-                "mode": "controlnet", "mode_label": "ControlNet is more important", "module": "canny"}]}  # fmt: skip
+    settings = {
+        "prompt": "x",
+        "negative_prompt": "y",
+        "steps": 9,
+        "sampler": "Euler a",
+        "guidance_scale": 5.0,
+        "width": 64,
+        "height": 48,
+        "base": "builtin",
+        "strength": None,
+        "clip_skip": 0,
+        "resize_label": "Just Resize",
+        "controlnets": [
+            {
+                "scale": 0.5,
+                "start": 0.0,
+                "end": 0.7,
+                "mode": "controlnet",
+                "mode_label": "ControlNet is more important",
+                "module": "canny",
+            }
+        ],
+    }
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, format="PNG", pnginfo=png_info(settings, 11, ["builtin:canny"]))
     full = read_png_settings(buffer.getvalue())
@@ -87,16 +135,33 @@ def test_png_without_settings_is_one_clear_error():
 
 def test_build_job_uses_photo_and_annotator_else_map():
     photo, cmap = Image.new("RGB", (32, 24), "red"), Image.new("RGB", (16, 16), "white")
-    job = build_job(form(**{unit_key(0, "enabled"): True, unit_key(0, "photo"): photo, unit_key(0, "map"): cmap,
-                            unit_key(0, "annotator"): "canny", unit_key(0, "options"): {"low_threshold": 5},
-                            unit_key(1, "enabled"): True, unit_key(1, "map"): cmap, unit_key(1, "scale"): 0.3}),
-                    "builtin")  # fmt: skip
+    job = build_job(
+        form(
+            **{
+                unit_key(0, "enabled"): True,
+                unit_key(0, "photo"): photo,
+                unit_key(0, "map"): cmap,
+                unit_key(0, "annotator"): "canny",
+                unit_key(0, "options"): {"low_threshold": 5},
+                unit_key(1, "enabled"): True,
+                unit_key(1, "map"): cmap,
+                unit_key(1, "scale"): 0.3,
+            }
+        ),
+        "builtin",
+    )
     first, second = job.units
-    assert first.annotator == "canny" and first.image.size == (32, 24) and first.annotator_options == {"low_threshold": 5}
+    assert (
+        first.annotator == "canny"
+        and first.image.size == (32, 24)
+        and first.annotator_options == {"low_threshold": 5}
+    )
     assert second.annotator is None and second.image.size == (16, 16) and second.scale == 0.3
     assert job.options.scheduler is None and job.options.width is None and job.options.seed == 7
     body = api_request(job)
-    assert body["units"][0]["annotator"] == "canny" and body["units"][0]["image"].startswith("data:image/png;base64,")
+    assert body["units"][0]["annotator"] == "canny" and body["units"][0]["image"].startswith(
+        "data:image/png;base64,"
+    )
     assert "annotator" not in body["units"][1] and "init_image" not in body
 
 

@@ -93,10 +93,23 @@ def test_png_settings_back_into_the_form(page, server, photo, tmp_path):
     from controlnet.ui.form import data_uri
 
     condition = annotate_image(Image.open(photo), "canny", {})
-    body = {"prompt": "settings from a file", "seed": 4321, "steps": 3, "guidance_scale": 6.5,
-            "scheduler": "euler_a",
-            "units": [{"model": "builtin:canny", "image": data_uri(condition), "scale": 0.65, "start": 0.1,
-                       "end": 0.8, "mode": "prompt"}]}  # fmt: skip
+    body = {
+        "prompt": "settings from a file",
+        "seed": 4321,
+        "steps": 3,
+        "guidance_scale": 6.5,
+        "scheduler": "euler_a",
+        "units": [
+            {
+                "model": "builtin:canny",
+                "image": data_uri(condition),
+                "scale": 0.65,
+                "start": 0.1,
+                "end": 0.8,
+                "mode": "prompt",
+            }
+        ],
+    }
     response = httpx.post(server.url + "/v1/generate", json=body, timeout=300)
     assert response.status_code == 200, response.text
     file = tmp_path / "made-elsewhere.png"

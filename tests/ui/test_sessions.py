@@ -59,7 +59,9 @@ def test_twenty_sessions_get_images_or_busy(chromium, small_queue_server):
     assert srv.alive()
     health = httpx.get(srv.url + "/v1/health", timeout=10).json()
     assert health["status"] == "ok" and health["queue_depth"] == 0
-    print(f"outcomes: {outcomes.count('Done')} images, {outcomes.count('Busy')} busy; peak RSS {srv.peak_rss_mb():.0f} MB")
+    print(
+        f"outcomes: {outcomes.count('Done')} images, {outcomes.count('Busy')} busy; peak RSS {srv.peak_rss_mb():.0f} MB"
+    )
 
 
 def test_cancel_stops_a_running_generation(chromium, small_queue_server):

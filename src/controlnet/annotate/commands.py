@@ -34,9 +34,13 @@ def register(subparsers) -> None:
     parser.add_argument("inputs", metavar="INPUT", nargs="*", type=Path, help="image files or folders")
     parser.add_argument("-o", "--output", type=Path, metavar="DIR", help="output folder (required)")
     parser.add_argument(
-        "-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+        "-O",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="annotator option, repeatable (e.g. -O low_threshold=50); see --list-options",
-    )  # fmt: skip
+    )
     parser.add_argument("--detect-resolution", type=int, help="short side used for detection (default 512)")
     parser.add_argument("--weights", type=Path, help="local weights file or folder (learned annotators)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")

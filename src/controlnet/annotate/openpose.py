@@ -45,13 +45,47 @@ CONFIDENCE_FLOOR = 1e-3  # a found part always reads as present
 # Limbs used for assembly as COCO-18 index pairs (the reference's 19 `limbSeq` pairs, 0-based), and the
 # PAF channels (x, y) of each (its `mapIdx` minus the 19 heatmap channels).
 ASSEMBLY_LIMBS = (
-    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
-    (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (2, 16), (5, 17),
-)  # fmt: skip
+    (1, 2),
+    (1, 5),
+    (2, 3),
+    (3, 4),
+    (5, 6),
+    (6, 7),
+    (1, 8),
+    (8, 9),
+    (9, 10),
+    (1, 11),
+    (11, 12),
+    (12, 13),
+    (1, 0),
+    (0, 14),
+    (14, 16),
+    (0, 15),
+    (15, 17),
+    (2, 16),
+    (5, 17),
+)
 PAF_CHANNELS = (
-    (12, 13), (20, 21), (14, 15), (16, 17), (22, 23), (24, 25), (0, 1), (2, 3), (4, 5), (6, 7), (8, 9),
-    (10, 11), (28, 29), (30, 31), (34, 35), (32, 33), (36, 37), (18, 19), (26, 27),
-)  # fmt: skip
+    (12, 13),
+    (20, 21),
+    (14, 15),
+    (16, 17),
+    (22, 23),
+    (24, 25),
+    (0, 1),
+    (2, 3),
+    (4, 5),
+    (6, 7),
+    (8, 9),
+    (10, 11),
+    (28, 29),
+    (30, 31),
+    (34, 35),
+    (32, 33),
+    (36, 37),
+    (18, 19),
+    (26, 27),
+)
 NEW_PERSON_LIMBS = 17  # only the first 17 limbs may start a new person (the ear-shoulder ones may not)
 
 
@@ -107,9 +141,12 @@ def find_peaks(heatmaps: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         smooth = gaussian_smooth(raw, PEAK_SIGMA)
         padded = np.pad(smooth, 1)  # zeros outside, as the reference's shifted copies
         is_peak = (
-            (smooth >= padded[:-2, 1:-1]) & (smooth >= padded[2:, 1:-1])
-            & (smooth >= padded[1:-1, :-2]) & (smooth >= padded[1:-1, 2:]) & (smooth > PEAK_THRESHOLD)
-        )  # fmt: skip
+            (smooth >= padded[:-2, 1:-1])
+            & (smooth >= padded[2:, 1:-1])
+            & (smooth >= padded[1:-1, :-2])
+            & (smooth >= padded[1:-1, 2:])
+            & (smooth > PEAK_THRESHOLD)
+        )
         ys, xs = np.nonzero(is_peak)  # row-major order, as the reference
         start = sum(len(ids) for ids in part_ids)
         part_ids.append(np.arange(start, start + len(xs)))

@@ -21,12 +21,22 @@ NUM_STAGES = 6
 REFINE_CHANNELS = NUM_PAF_CHANNELS + NUM_HEATMAPS + FEATURE_CHANNELS  # 185
 # Trunk: (name, in, out, kernel) for convs, ("pool...", ) for 2x2 max-pools.
 TRUNK = (
-    ("conv1_1", 3, 64, 3), ("conv1_2", 64, 64, 3), ("pool1_stage1",),
-    ("conv2_1", 64, 128, 3), ("conv2_2", 128, 128, 3), ("pool2_stage1",),
-    ("conv3_1", 128, 256, 3), ("conv3_2", 256, 256, 3), ("conv3_3", 256, 256, 3), ("conv3_4", 256, 256, 3),
+    ("conv1_1", 3, 64, 3),
+    ("conv1_2", 64, 64, 3),
+    ("pool1_stage1",),
+    ("conv2_1", 64, 128, 3),
+    ("conv2_2", 128, 128, 3),
+    ("pool2_stage1",),
+    ("conv3_1", 128, 256, 3),
+    ("conv3_2", 256, 256, 3),
+    ("conv3_3", 256, 256, 3),
+    ("conv3_4", 256, 256, 3),
     ("pool3_stage1",),
-    ("conv4_1", 256, 512, 3), ("conv4_2", 512, 512, 3), ("conv4_3_CPM", 512, 256, 3), ("conv4_4_CPM", 256, 128, 3),
-)  # fmt: skip
+    ("conv4_1", 256, 512, 3),
+    ("conv4_2", 512, 512, 3),
+    ("conv4_3_CPM", 512, 256, 3),
+    ("conv4_4_CPM", 256, 128, 3),
+)
 # The released model applies ReLU after the final heatmap conv of stage 6 (its no-ReLU list names the
 # stage-6 PAF conv twice and omits the heatmap conv); kept so maps match the reference.
 RELU_ON_FINAL_HEATMAPS = True

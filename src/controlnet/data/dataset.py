@@ -126,8 +126,9 @@ class PixelPairs(torch.utils.data.Dataset):
     identical however the batch is split over processes or workers.
     """
 
-    def __init__(self, source, indices: list[int], buckets: list[Bucket], center_crop: bool, random_flip: bool,
-                 seed: int):  # fmt: skip
+    def __init__(
+        self, source, indices: list[int], buckets: list[Bucket], center_crop: bool, random_flip: bool, seed: int
+    ):
         self.source, self.indices, self.buckets, self.seed = source, indices, buckets, seed
         self.center_crop, self.random_flip = center_crop, random_flip
 

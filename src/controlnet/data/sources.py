@@ -211,8 +211,11 @@ class HFSource:
                 logger.info("%s: using split %r of %s", path, split, sorted(ds))
                 ds = ds[split]
             self.base = path
-        columns = {"data.image_column": image, "data.conditioning_column": conditioning,
-                   "data.caption_column": caption}  # fmt: skip
+        columns = {
+            "data.image_column": image,
+            "data.conditioning_column": conditioning,
+            "data.caption_column": caption,
+        }
         missing = [f"{arg}={name!r}" for arg, name in columns.items() if name not in ds.column_names]
         if missing:
             raise ValueError(f"dataset {path}: no column for {', '.join(missing)} (columns: {ds.column_names})")
@@ -301,8 +304,13 @@ def detect_format(path: Path) -> str:
     )
 
 
-def open_source(path: str, fmt: str = "auto", image: str = "image", conditioning: str = "conditioning_image",
-                caption: str = "text"):  # fmt: skip
+def open_source(
+    path: str,
+    fmt: str = "auto",
+    image: str = "image",
+    conditioning: str = "conditioning_image",
+    caption: str = "text",
+):
     """The source for a dataset path in format `fmt` ("auto" detects it)."""
     if not path:
         raise ValueError("data.path is empty: expected a dataset folder or file")

@@ -77,8 +77,10 @@ class PairedTransform:
         self, target: Image.Image, condition: Image.Image, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if target.size != condition.size:
-            raise ValueError(f"target is {target.size[0]}x{target.size[1]} but its condition is "
-                             f"{condition.size[0]}x{condition.size[1]}: a pair must have the same size")  # fmt: skip
+            raise ValueError(
+                f"target is {target.size[0]}x{target.size[1]} but its condition is "
+                f"{condition.size[0]}x{condition.size[1]}: a pair must have the same size"
+            )
         resized, box, flip = self.geometry(target.size, rng)
         out = []
         for image in (target, condition):

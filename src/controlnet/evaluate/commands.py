@@ -25,7 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ControlNet's score beside the floor (the base model alone on the same prompts) and the ceiling (the "
         "ground-truth images through the same metric), as in the paper's Table 2.",
     )
-    p.add_argument("controlnet", type=Path, help="the ControlNet to score (original or diffusers format, or builtin:NAME)")
+    p.add_argument(
+        "controlnet", type=Path, help="the ControlNet to score (original or diffusers format, or builtin:NAME)"
+    )
     p.add_argument("--task", default="fill", help="world task the ControlNet was trained on (default: fill)")
     add_base_arguments(p.add_argument_group("base model (as `controlnet generate`)"))
     p.add_argument("--n", type=int, default=DEFAULT_HELDOUT, help=f"held-out samples (default: {DEFAULT_HELDOUT})")
@@ -50,9 +52,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     controlnet = controlnet_path(args.controlnet)  # "builtin:NAME" or a path
 
     source = check_base(args.base, **base_options(args))
-    pipe = ControlNetPipeline.from_pretrained(source, controlnets=[controlnet],
-                                              dtype=getattr(torch, DTYPES[args.dtype]), ema=args.ema,
-                                              progress=loading_bar(), **base_options(args))  # fmt: skip
+    pipe = ControlNetPipeline.from_pretrained(
+        source,
+        controlnets=[controlnet],
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        ema=args.ema,
+        progress=loading_bar(),
+        **base_options(args),
+    )
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the base's native resolution
     heldout = heldout_set(args.task, args.n, size=size)
     settings = {"steps": args.steps, "guidance_scale": args.cfg, "seed": args.seed}

@@ -70,8 +70,15 @@ def evaluate_generator(
     )
 
 
-def generate_images(pipeline, prompts: Sequence[str], conditions: Sequence[np.ndarray], steps: int,
-                    guidance_scale: float, seed: int, control_scale: float = 1.0) -> list[np.ndarray]:  # fmt: skip
+def generate_images(
+    pipeline,
+    prompts: Sequence[str],
+    conditions: Sequence[np.ndarray],
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    control_scale: float = 1.0,
+) -> list[np.ndarray]:
     """(H, W, 3) uint8 images for prompts + conditions with the pipeline's ControlNet, image k from seed + k.
 
     One batched pipeline call (the pipeline draws image k's noise from its own generator seeded seed + k, so the

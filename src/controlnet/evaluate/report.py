@@ -148,7 +148,7 @@ def evaluate_images(
             float(floor[m.name].mean()),
             float(ceiling[m.name].mean()),
             m.higher_is_better,
-        )  # fmt: skip
+        )
         for m in TASK_METRICS[task]
     )
     return Report(task=task, n=len(conditions), rows=rows)
@@ -162,9 +162,16 @@ def format_table(reports: Sequence[Report]) -> str:
         for row in report.rows:
             arrow = "" if row.higher_is_better else " (lower is better)"
             lines.append(
-                (report.task, row.metric + arrow, str(report.n), f"{row.floor:.3f}", f"{row.model:.3f}",
-                 f"{row.ceiling:.3f}", f"{row.gap_closed:.0%}" if np.isfinite(row.gap_closed) else "-")
-            )  # fmt: skip
+                (
+                    report.task,
+                    row.metric + arrow,
+                    str(report.n),
+                    f"{row.floor:.3f}",
+                    f"{row.model:.3f}",
+                    f"{row.ceiling:.3f}",
+                    f"{row.gap_closed:.0%}" if np.isfinite(row.gap_closed) else "-",
+                )
+            )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for line in lines:

@@ -139,7 +139,9 @@ def controlnet_path(spec: str | os.PathLike) -> Path:
         return shipped[name]
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"ControlNet not found: {spec} (expected a file, a diffusers folder or builtin:NAME)")
+        raise FileNotFoundError(
+            f"ControlNet not found: {spec} (expected a file, a diffusers folder or builtin:NAME)"
+        )
     return path
 
 
@@ -172,8 +174,6 @@ def sampling_defaults(spec: str | os.PathLike) -> SamplingDefaults:
     """The base's sampling defaults, read without loading it (diffusers folders and files: the generic ones)."""
     kind, path = base_kind(spec)
     return SamplingDefaults.read(path if kind in (BUILTIN, "exported") else None)
-
-
 
 
 @dataclass
@@ -284,8 +284,17 @@ def load_base(
             from controlnet.io.single_file import read_single_file
 
             # loaded straight in `dtype`: a float file in it stays memory-mapped (no copy; the cast below is a no-op)
-            parts = read_single_file(source.path, source.tokenizer, source.tokenizer_2, family, configs, ema,
-                                     on_component=step, flags=flags, dtype=dtype)  # fmt: skip
+            parts = read_single_file(
+                source.path,
+                source.tokenizer,
+                source.tokenizer_2,
+                family,
+                configs,
+                ema,
+                on_component=step,
+                flags=flags,
+                dtype=dtype,
+            )
             base = BaseComponents(**parts, name=source.name)
         else:
             base = _load_folder(source, dtype, step)
@@ -332,8 +341,9 @@ def _load_folder(source: BaseSource, dtype: torch.dtype | None, step: Callable[[
             raise CheckpointError(f"{source.path / name}: cannot load the {name} ({first})") from None
     force_zeros = bool(index.get("_force_zeros", True))
     folder = source.path if source.kind in (BUILTIN, "exported") else None
-    return BaseComponents(**parts, force_zeros_for_empty_prompt=force_zeros, name=source.name,
-                          sampling=SamplingDefaults.read(folder))  # fmt: skip
+    return BaseComponents(
+        **parts, force_zeros_for_empty_prompt=force_zeros, name=source.name, sampling=SamplingDefaults.read(folder)
+    )
 
 
 class _DropEmptyFloat32Advice(logging.Filter):

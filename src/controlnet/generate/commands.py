@@ -57,8 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_base_arguments(p.add_argument_group("base model"))
     # the generation's settings, named once in generate/options.py: flags and help come from its fields
     add_arguments(p.add_argument_group("generation"), GenerationOptions, dest_prefix=OPTION)
-    add_arguments(p.add_argument_group("ControlNets (give once per net, in order; a setting given once is every "
-                                       "net's)"), ControlUnit, dest_prefix=UNIT, repeat=True)  # fmt: skip
+    add_arguments(
+        p.add_argument_group("ControlNets (give once per net, in order; a setting given once is every net's)"),
+        ControlUnit,
+        dest_prefix=UNIT,
+        repeat=True,
+    )
     g = p.add_argument_group("output and batch")
     g.add_argument("--out", type=Path, default=Path("outputs"), help="output folder (default: %(default)s)")
     g.add_argument("--name", default=None, help="output name stem (default: controlnet-<seed>)")
@@ -69,15 +73,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet and ControlNets (GPU)")
     g.add_argument(
-        "--no-packed-weights", dest="packed_weights", action="store_false",
+        "--no-packed-weights",
+        dest="packed_weights",
+        action="store_false",
         help="CPU: run layers on plain weights (default: pre-packed oneDNN weights in the denoising loop, same "
         "results up to float rounding, ~1.3x faster at SD1.5 size, one extra copy of the weights while it runs)",
-    )  # fmt: skip
+    )
     g.add_argument(
-        "--no-reuse-freed-memory", dest="reuse_freed_memory", action="store_false",
+        "--no-reuse-freed-memory",
+        dest="reuse_freed_memory",
+        action="store_false",
         help="CPU: glibc's default heap (default: freed activations stay in the heap for the next layer instead of "
         "being faulted back in, zero-filled; controlnet/allocator.py, as `controlnet train` does)",
-    )  # fmt: skip
+    )
     g.add_argument(
         "--cpu-offload", action="store_true", help="keep models on the CPU, move each to the GPU to run"
     )
@@ -102,32 +110,41 @@ BASE_FLAGS = {
 def add_base_arguments(group, dtype: bool = True) -> None:
     """--base, --tokenizer, --tokenizer-2, --prediction-type, --base-config, --ema/--no-ema (and --dtype)."""
     group.add_argument(
-        "--base", default="builtin",
+        "--base",
+        default="builtin",
         help="'builtin' (default), a diffusers model folder, a folder written by `controlnet world export-base`, or "
         "one SD1.x/SD2.x/SDXL checkpoint file (.safetensors/.ckpt; needs --tokenizer)",
-    )  # fmt: skip
+    )
     group.add_argument(
-        "--tokenizer", default=None, metavar="DIR",
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
         help="tokenizer folder: required for a checkpoint file (which holds none), e.g. the tokenizer/ folder of any "
         "diffusers SD model (CLIP's vocab.json + merges.txt); for a model folder it replaces the folder's own",
-    )  # fmt: skip
+    )
     group.add_argument(
         "--tokenizer-2", default=None, metavar="DIR", help="SDXL's second tokenizer folder (default: --tokenizer)"
     )
     group.add_argument(
-        "--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+        "--prediction-type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
         help="what the UNet predicts (default: the base's; a checkpoint file: epsilon; SD2.x 768 px: v_prediction)",
-    )  # fmt: skip
+    )
     group.add_argument(
-        "--base-config", default=None, metavar="FILE",
-        help="a checkpoint file of a non-standard architecture: JSON with \"family\" (sd15, sd21, sdxl) and the "
-        "diffusers configs of \"unet\", \"vae\", \"text_encoder\"",
-    )  # fmt: skip
+        "--base-config",
+        default=None,
+        metavar="FILE",
+        help='a checkpoint file of a non-standard architecture: JSON with "family" (sd15, sd21, sdxl) and the '
+        'diffusers configs of "unet", "vae", "text_encoder"',
+    )
     group.add_argument(
-        "--ema", default=None, action=argparse.BooleanOptionalAction,
+        "--ema",
+        default=None,
+        action=argparse.BooleanOptionalAction,
         help="a checkpoint file with EMA weights too (model_ema.*, e.g. v1-5-pruned): sample with the EMA UNet "
         "(default, usually better) or, with --no-ema, the raw one",
-    )  # fmt: skip
+    )
     if dtype:
         group.add_argument(
             "--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)"
@@ -157,8 +174,9 @@ def loading_bar():
 
     def progress(name: str, done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total, desc="loading base", unit="part", file=sys.stderr, leave=False,
-                             disable=None))  # fmt: skip
+            bars.append(
+                tqdm(total=total, desc="loading base", unit="part", file=sys.stderr, leave=False, disable=None)
+            )
         bars[0].set_postfix_str(name, refresh=False)
         bars[0].update(done - bars[0].n)
         if done >= total:
@@ -282,14 +300,24 @@ def _load_pipeline(args, device, source):
     warning = precision_warning(dtype, device, f"--dtype {args.dtype}")
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    pipe = ControlNetPipeline.from_pretrained(source, controlnets=controlnets(args), dtype=dtype, ema=args.ema,
-                                              progress=loading_bar(), **base_options(args))  # fmt: skip
+    pipe = ControlNetPipeline.from_pretrained(
+        source,
+        controlnets=controlnets(args),
+        dtype=dtype,
+        ema=args.ema,
+        progress=loading_bar(),
+        **base_options(args),
+    )
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device)
     else:
         pipe.to(device)
-    pipe.optimize(channels_last=args.channels_last, compile=args.compile, pack_cpu_weights=args.packed_weights,
-                  reuse_freed_memory=args.reuse_freed_memory)  # fmt: skip
+    pipe.optimize(
+        channels_last=args.channels_last,
+        compile=args.compile,
+        pack_cpu_weights=args.packed_weights,
+        reuse_freed_memory=args.reuse_freed_memory,
+    )
     return pipe
 
 

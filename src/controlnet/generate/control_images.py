@@ -63,8 +63,10 @@ def resize_mode(name: str | int) -> str:
     key = _RESIZE_ALIASES.get(key, key).replace("-", "_").replace(" ", "_")
     if key not in RESIZE_MODES:
         labels = ", ".join(repr(label) for label in RESIZE_DISPLAY_NAMES.values())
-        raise ValueError(f"unknown resize mode {name!r}; expected one of {', '.join(RESIZE_MODES)} (or the web "
-                         f"UI's 0, 1, 2 or {labels})")  # fmt: skip
+        raise ValueError(
+            f"unknown resize mode {name!r}; expected one of {', '.join(RESIZE_MODES)} (or the web "
+            f"UI's 0, 1, 2 or {labels})"
+        )
     return key
 
 

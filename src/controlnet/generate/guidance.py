@@ -89,8 +89,10 @@ def control_mode(name: str | int) -> ControlMode:
     key = _MODE_ALIASES.get(key, key).replace("-", "_").replace(" ", "_")
     if key not in CONTROL_MODES:
         labels = ", ".join(repr(CONTROL_MODES[m].display_name) for m in WEBUI_CONTROL_MODES)
-        raise ValueError(f"unknown control mode {name!r}; expected one of {', '.join(CONTROL_MODES)} (or the web "
-                         f"UI's 0, 1, 2 or {labels})")  # fmt: skip
+        raise ValueError(
+            f"unknown control mode {name!r}; expected one of {', '.join(CONTROL_MODES)} (or the web "
+            f"UI's 0, 1, 2 or {labels})"
+        )
     return CONTROL_MODES[key]
 
 

@@ -121,7 +121,9 @@ def line_job(line: ManifestLine, options: GenerationOptions, units: list[Control
         if line.annotators and any(line.annotators):
             changes["annotator"] = line.annotators[k]
         for name, value in per_net.items():
-            shared = name == "block_scales" and value is not None and all(isinstance(v, (int, float)) for v in value)
+            shared = (
+                name == "block_scales" and value is not None and all(isinstance(v, (int, float)) for v in value)
+            )
             values = [value] * n if shared or not isinstance(value, (list, tuple)) else list(value)
             if len(values) != n:
                 raise ValueError(f"line {line.number}: {len(values)} values of {name} for {n} ControlNets")

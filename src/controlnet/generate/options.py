@@ -50,11 +50,13 @@ class ControlUnit:
     """Fraction of the schedule where the net stops acting (1 = the last step); outside, the net is not run."""
     mode: str = setting("balanced", choices=tuple(CONTROL_MODES), flags=("--control-mode",), webui="control_mode")
     """balanced | prompt ("My prompt is more important") | controlnet (guess mode) | cfg_resolution (paper)."""
-    resize_mode: str = setting("just_resize", choices=RESIZE_MODES, flags=("--cond-resize-mode",),
-                               webui="resize_mode")  # fmt: skip
+    resize_mode: str = setting(
+        "just_resize", choices=RESIZE_MODES, flags=("--cond-resize-mode",), webui="resize_mode"
+    )
     """How this condition meets the output size: just_resize, crop_and_resize or resize_and_pad."""
-    block_scales: list[float] | None = setting(None, flags=("--block-scales",), metavar="S,S,...",
-                                               webui="advanced_weighting", ui=False)  # fmt: skip
+    block_scales: list[float] | None = setting(
+        None, flags=("--block-scales",), metavar="S,S,...", webui="advanced_weighting", ui=False
+    )
     """Per-output scales, one per output of the net (13 for SD1.5, 10 for SDXL)."""
 
     def __post_init__(self):
@@ -100,8 +102,9 @@ class GenerationOptions:
 
     negative_prompt: str | Sequence[str] | None = setting(None, kind=str, webui="negative_prompt", ui=False)
     """What to steer away from (the unconditional branch of CFG); none = "" (SDXL: zeros, as diffusers)."""
-    guidance_scale: float | None = setting(None, ge=0, flags=("--cfg", "--guidance-scale"), webui="cfg_scale",
-                                           ui=False)  # fmt: skip
+    guidance_scale: float | None = setting(
+        None, ge=0, flags=("--cfg", "--guidance-scale"), webui="cfg_scale", ui=False
+    )
     """Classifier-free guidance scale; 1 turns CFG off (one branch, half the work); none = the base's default."""
     steps: int | None = setting(None, ge=1, webui="steps", ui=False)
     """Sampler steps (img2img runs the last `strength` fraction of them); none = the base's default."""

@@ -105,13 +105,24 @@ class ControlNetPipeline:
         self.base_name = "custom"
         self.sampling = SamplingDefaults()  # the base's own guidance/steps/sampler (from_components sets them)
         self._offload_device: torch.device | None = None
-        self.pack_cpu_weights = True  # generate/cpu_packing.py: on a CPU, same results up to float rounding, faster
+        self.pack_cpu_weights = (
+            True  # generate/cpu_packing.py: on a CPU, same results up to float rounding, faster
+        )
 
     @classmethod
     def from_components(cls, base: BaseComponents, controlnets: Sequence[ControlNet] = ()) -> ControlNetPipeline:
         """The pipeline of a loaded base (`generate.base.load_base`) and ControlNet objects; modules are shared."""
-        pipe = cls(base.unet, base.vae, base.text_encoder, base.tokenizer, base.scheduler, controlnets,
-                   base.text_encoder_2, base.tokenizer_2, base.force_zeros_for_empty_prompt)  # fmt: skip
+        pipe = cls(
+            base.unet,
+            base.vae,
+            base.text_encoder,
+            base.tokenizer,
+            base.scheduler,
+            controlnets,
+            base.text_encoder_2,
+            base.tokenizer_2,
+            base.force_zeros_for_empty_prompt,
+        )
         pipe.base_name, pipe.sampling = base.name, base.sampling
         return pipe
 
@@ -188,9 +199,12 @@ class ControlNetPipeline:
         return self
 
     def optimize(
-        self, channels_last: bool = False, compile: bool = False, pack_cpu_weights: bool | None = None,
+        self,
+        channels_last: bool = False,
+        compile: bool = False,
+        pack_cpu_weights: bool | None = None,
         reuse_freed_memory: bool = False,
-    ) -> ControlNetPipeline:  # fmt: skip
+    ) -> ControlNetPipeline:
         """Speed options that leave results unchanged up to float rounding: channels_last, torch.compile (GPU);
         pack_cpu_weights (CPU, on by default: pre-packed oneDNN weights in the denoising loop, see
         generate/cpu_packing.py; False runs each layer's plain forward and frees the packed copy of the weights);
@@ -392,8 +406,9 @@ class ControlNetPipeline:
         if packing and not packing_fits(self.unet, *[n.net for n in nets]):
             logger.info("not packing the weights for oneDNN: their copy would not fit in free memory")
             packing = False
-        with self._placed(self.unet, *[n.net for n in nets]), packed_weights(
-            self.unet, *[n.net for n in nets], enabled=packing
+        with (
+            self._placed(self.unet, *[n.net for n in nets]),
+            packed_weights(self.unet, *[n.net for n in nets], enabled=packing),
         ):
             for i, t in enumerate(timesteps):
                 model_in = sched.scale_model_input(torch.cat([latents, latents]) if cfg else latents, t)

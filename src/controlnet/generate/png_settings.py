@@ -124,5 +124,7 @@ def read_png_settings(data: bytes, what: str = "PNG") -> dict:
             return settings
     if "parameters" in info:
         return parse_parameters(str(info["parameters"]))
-    raise ValueError(f"{what}: no generation settings in it (expected a PNG with a 'parameters' or 'controlnet' "
-                     "text chunk, as generated images carry)")  # fmt: skip
+    raise ValueError(
+        f"{what}: no generation settings in it (expected a PNG with a 'parameters' or 'controlnet' "
+        "text chunk, as generated images carry)"
+    )

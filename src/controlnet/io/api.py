@@ -243,8 +243,10 @@ def _load_lite(path, unet, dtype):
         channels, strides = encoder_skips(unet)
         own = [z.in_channels for z in net.controlnet_down_blocks]
         if (own, net.skip_strides) != (channels, strides):
-            raise ValueError(f"{path}: a ControlNet-lite for skip channels {own} (strides {net.skip_strides}); "
-                             f"this UNet has {channels} (strides {strides})")  # fmt: skip
+            raise ValueError(
+                f"{path}: a ControlNet-lite for skip channels {own} (strides {net.skip_strides}); "
+                f"this UNet has {channels} (strides {strides})"
+            )
         param = next(unet.parameters())
         net = net.to(dtype=param.dtype) if param.device.type == "meta" else net.to(param.device, param.dtype)
     return net.to(dtype) if dtype is not None else net

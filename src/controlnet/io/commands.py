@@ -34,9 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, choices=["original", "diffusers"], help="target format")
     _add_common(p)
     p.add_argument(
-        "--prefix", default=None, help="with --to original: key prefix of the written file ('' for none; default "
+        "--prefix",
+        default=None,
+        help="with --to original: key prefix of the written file ('' for none; default "
         "control_model., as the official files)",
-    )  # fmt: skip
+    )
     p.set_defaults(func=run_convert)
 
     p = subparsers.add_parser(
@@ -50,9 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--to", default="diffusers", choices=["original", "diffusers"], help="output format")
     p.add_argument("--cond-channels", type=int, default=3, help="channels of the condition image")
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the new hint encoder's random initial weights (the copy and the "
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the new hint encoder's random initial weights (the copy and the "
         "zero convolutions are not random): the same seed writes the same file",
-    )  # fmt: skip
+    )
     _add_common(p)
     p.set_defaults(func=run_init)
 

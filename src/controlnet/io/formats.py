@@ -56,7 +56,6 @@ class Inspection:
         }
 
 
-
 def detect_format(state: dict) -> str:
     keys = list(state)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731

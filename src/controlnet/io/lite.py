@@ -43,8 +43,11 @@ def load_lite(folder: str | Path, dtype: torch.dtype | None = None) -> ControlNe
     """Read a folder written by `save_lite`."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    hint = HintConfig(config["conditioning_channels"], tuple(config["conditioning_embedding_out_channels"]),
-                      config["hint_downscale_factor"])  # fmt: skip
+    hint = HintConfig(
+        config["conditioning_channels"],
+        tuple(config["conditioning_embedding_out_channels"]),
+        config["hint_downscale_factor"],
+    )
     channels = config["skip_channels"]
     with torch.device("meta"):
         conv_in = nn.Conv2d(config["in_channels"], channels[0], 3, padding=1)

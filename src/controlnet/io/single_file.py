@@ -147,8 +147,11 @@ def select_unet_weights(state: dict, ema: bool | None, what: str, flags: dict) -
         raise ValueError(f"{flags.get('ema', 'ema=True')}: {what} holds no EMA UNet weights (model_ema.*)")
     use_ema = has_ema and ema is not False
     if has_ema and ema is None:
-        logger.warning("%s holds EMA and non-EMA UNet weights: using the EMA ones (%s for the others)", what,
-                       flags.get("no_ema", "ema=False"))  # fmt: skip
+        logger.warning(
+            "%s holds EMA and non-EMA UNet weights: using the EMA ones (%s for the others)",
+            what,
+            flags.get("no_ema", "ema=False"),
+        )
     chosen = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
     if use_ema:
         chosen.update({k: state[t] for k, t in twins.items()})
@@ -223,8 +226,12 @@ def read_single_file(
     # a memory-mapped float file in `dtype` costs its page cache and no second copy. A part's keys are dropped
     # from `state` once it is loaded, so that cast originals are given back as loading goes.
     step("unet")
-    unet = load_into_empty(build_unet(config["unet"], device="meta"), convert_ldm_unet_checkpoint(state, config["unet"]),
-                           f"UNet in {path.name}", dtype)  # fmt: skip
+    unet = load_into_empty(
+        build_unet(config["unet"], device="meta"),
+        convert_ldm_unet_checkpoint(state, config["unet"]),
+        f"UNet in {path.name}",
+        dtype,
+    )
     _drop(state, UNET_PREFIX)
     step("vae")
     vae_config = {k: v for k, v in config["vae"].items() if not k.startswith("_")}

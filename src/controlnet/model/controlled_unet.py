@@ -23,8 +23,14 @@ class ControlledUNet(nn.Module):
         super().__init__()
         self.controlnet, self.unet, self.only_mid_control = controlnet, unet, only_mid_control
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, cond: torch.Tensor,
-                added_cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        cond: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """noisy: (B, C, h, w); timesteps: (B,); context: (B, L, D); cond: (B, C_cond, H, W) in [0, 1];
         added_cond: SDXL's {"text_embeds": (B, D_pooled), "time_ids": (B, 6)}, fed to both networks."""
         out = self.controlnet(noisy, timesteps, context, cond=cond, added_cond_kwargs=added_cond)

@@ -34,8 +34,14 @@ LITE_CLASS_NAME = "ControlNetLite"  # `_class_name` in a saved lite net's config
 class ControlNetLite(ControlBase):
     """One conv layer per encoder block instead of the trainable copy (paper Fig. 8c); a ControlNet's interface."""
 
-    def __init__(self, unet_config: dict, hint: HintConfig, conv_in: nn.Conv2d, skip_channels: Sequence[int],
-                 skip_strides: Sequence[int]):  # fmt: skip
+    def __init__(
+        self,
+        unet_config: dict,
+        hint: HintConfig,
+        conv_in: nn.Conv2d,
+        skip_channels: Sequence[int],
+        skip_strides: Sequence[int],
+    ):
         super().__init__()
         self.unet_config = dict(unet_config)
         self.hint_config = hint

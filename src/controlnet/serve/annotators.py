@@ -43,7 +43,9 @@ def checked_options(name: str, options: dict, annotator_field: str, field: str) 
 
     `annotator_field` / `field` name the annotator and its options as the request spells them."""
     if name not in served_annotators():
-        raise FieldError(annotator_field, f"unknown annotator {name!r}; expected one of {', '.join(served_annotators())}")
+        raise FieldError(
+            annotator_field, f"unknown annotator {name!r}; expected one of {', '.join(served_annotators())}"
+        )
     try:
         values = options_model(name).model_validate(options or {})
     except ValidationError as err:

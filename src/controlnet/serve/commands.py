@@ -62,38 +62,93 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("network")
-    g.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: %(default)s; anything but loopback needs --auth)")  # fmt: skip
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s; anything but loopback needs --auth)",
+    )
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s, the web UI's)")
-    g.add_argument("--auth", default=None, metavar="USER:PASS",
-                   help="require HTTP Basic auth with these credentials for every route (default: none on loopback)")
-    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                   help="another Host header name to accept (default: loopback names and --host); repeatable")
-    g.add_argument("--no-ui", action="store_true",
-                   help="serve only the APIs, not the web page at /ui (the page needs the ui extra)")  # fmt: skip
+    g.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASS",
+        help="require HTTP Basic auth with these credentials for every route (default: none on loopback)",
+    )
+    g.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another Host header name to accept (default: loopback names and --host); repeatable",
+    )
+    g.add_argument(
+        "--no-ui",
+        action="store_true",
+        help="serve only the APIs, not the web page at /ui (the page needs the ui extra)",
+    )
     g = p.add_argument_group("models")
-    g.add_argument("--models", action="append", default=[], metavar="DIR",
-                   help="a folder of bases and ControlNets to offer (repeatable; default: only the built-in ones)")
-    g.add_argument("--base", default="builtin",
-                   help="the base used when a request names none (a registry name; default: %(default)s)")
-    g.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="tokenizer folder for single-file SD bases (they hold none; see `controlnet generate`)")
-    g.add_argument("--max-controlnet-mb", type=float, default=2048.0, metavar="MB",
-                   help="memory for loaded ControlNets; least recently used ones are dropped (default: %(default)g)")
+    g.add_argument(
+        "--models",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder of bases and ControlNets to offer (repeatable; default: only the built-in ones)",
+    )
+    g.add_argument(
+        "--base",
+        default="builtin",
+        help="the base used when a request names none (a registry name; default: %(default)s)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="tokenizer folder for single-file SD bases (they hold none; see `controlnet generate`)",
+    )
+    g.add_argument(
+        "--max-controlnet-mb",
+        type=float,
+        default=2048.0,
+        metavar="MB",
+        help="memory for loaded ControlNets; least recently used ones are dropped (default: %(default)g)",
+    )
     g = p.add_argument_group("limits")
-    g.add_argument("--max-queue", type=int, default=16, metavar="N",
-                   help="jobs waiting at most; more are answered 429 with Retry-After (default: %(default)s)")
-    g.add_argument("--max-units", type=int, default=4, metavar="N",
-                   help="ControlNet units per request; more are a 422, never dropped (default: %(default)s)")
-    g.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
-                   help="request body size limit (default: %(default)g)")
-    g.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="pixels per uploaded image, checked before decoding (default: io/images.py MAX_IMAGE_PIXELS"
-                   ", 2**26)")  # fmt: skip
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=16,
+        metavar="N",
+        help="jobs waiting at most; more are answered 429 with Retry-After (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-units",
+        type=int,
+        default=4,
+        metavar="N",
+        help="ControlNet units per request; more are a 422, never dropped (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=DEFAULT_MAX_BODY_MB,
+        metavar="MB",
+        help="request body size limit (default: %(default)g)",
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pixels per uploaded image, checked before decoding (default: io/images.py MAX_IMAGE_PIXELS, 2**26)",
+    )
     g = p.add_argument_group("device")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)")
+    g.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype (default: %(default)s)"
+    )
+    g.add_argument(
+        "--threads", type=int, default=None, metavar="N", help="CPU threads for torch (default: torch's)"
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -150,20 +205,34 @@ def run_serve(args) -> int:
     registry = ModelRegistry(args.models, base=args.base)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     base_options = {"tokenizer": args.tokenizer} if args.tokenizer else {}
-    service = Service(registry, max_queue=args.max_queue, max_units=args.max_units, device=args.device,
-                      max_controlnet_mb=args.max_controlnet_mb, dtype=dtype, base_options=base_options,
-                      threads=args.threads, max_pixels=args.max_pixels)  # fmt: skip
+    service = Service(
+        registry,
+        max_queue=args.max_queue,
+        max_units=args.max_units,
+        device=args.device,
+        max_controlnet_mb=args.max_controlnet_mb,
+        dtype=dtype,
+        base_options=base_options,
+        threads=args.threads,
+        max_pixels=args.max_pixels,
+    )
     from controlnet.precision import precision_warning
 
     warning = precision_warning(dtype, service.device, f"--dtype {args.dtype}")
     if warning:
         print(f"controlnet serve: warning: {warning}", file=sys.stderr)
-    settings = SecuritySettings(host=args.host, port=args.port, auth=parse_auth(args.auth),
-                                allowed_hosts=args.allow_host, max_body_bytes=int(args.max_body_mb * 2**20))  # fmt: skip
+    settings = SecuritySettings(
+        host=args.host,
+        port=args.port,
+        auth=parse_auth(args.auth),
+        allowed_hosts=args.allow_host,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
     app = create_app(service, settings)
     page = _mount_page(app, service, settings, args.no_ui)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10,
-                            server_header=False)  # fmt: skip
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10, server_header=False
+    )
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -172,8 +241,11 @@ def run_serve(args) -> int:
             service.stop_accepting(cancel_running=True)
             super().handle_exit(sig, frame)
 
-    print(f"controlnet serve: http://{args.host}:{args.port} ({page}docs at /docs); models: "
-          f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets", file=sys.stderr)  # fmt: skip
+    print(
+        f"controlnet serve: http://{args.host}:{args.port} ({page}docs at /docs); models: "
+        f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets",
+        file=sys.stderr,
+    )
     # uvicorn restores the handlers it found and re-raises the signal it stopped on; a SIGTERM we have handled
     # (jobs cancelled, connections closed) then lands on this no-op, so the exit status is 0
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

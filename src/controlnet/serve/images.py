@@ -58,7 +58,9 @@ def decode_bytes(text: str, field: str, max_bytes: int | None = None) -> bytes:
     compact = re.sub(r"\s+", "", text).rstrip("=").replace("-", "+").replace("_", "/")
     size = len(compact) * 3 // 4  # 4 base64 characters carry 3 bytes
     if max_bytes is not None and size > max_bytes:
-        raise ImageTooLarge(f"{field}: {size:,} bytes of encoded image, over the limit of {max_bytes:,} bytes", field)
+        raise ImageTooLarge(
+            f"{field}: {size:,} bytes of encoded image, over the limit of {max_bytes:,} bytes", field
+        )
     try:
         if len(compact) % 4 == 1:
             raise ValueError("truncated")
@@ -69,8 +71,14 @@ def decode_bytes(text: str, field: str, max_bytes: int | None = None) -> bytes:
         raise ImageError(f"{field}: not valid base64 (expected a base64 image or a data: URI)", field) from None
 
 
-def decode_image(value: str | None, field: str, max_pixels: int | None = None, *, max_bytes: int | None = None,
-                 blank_is_none: bool = False) -> Image.Image | None:  # fmt: skip
+def decode_image(
+    value: str | None,
+    field: str,
+    max_pixels: int | None = None,
+    *,
+    max_bytes: int | None = None,
+    blank_is_none: bool = False,
+) -> Image.Image | None:
     """A decoded PIL image from a request field; None when the field is null (and when it is "" with
     `blank_is_none`: the web UI's "no image").
 

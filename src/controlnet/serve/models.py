@@ -52,9 +52,24 @@ MAX_SCAN_DEPTH = 4  # models/ControlNet/sd15/x.safetensors; deeper trees are not
 OLD_HASH_OFFSET, OLD_HASH_LENGTH = 0x100000, 0x10000
 # Condition names guessed from a ControlNet's name (control_v11p_sd15_canny, t2iadapter_depth, ...), longest first.
 CONDITIONS = (
-    "lineart_anime", "softedge", "scribble", "lineart", "openpose", "inpaint", "shuffle", "normal", "canny",
-    "depth", "mlsd", "tile", "pose", "fill", "seg", "hed", "ip2p",
-)  # fmt: skip
+    "lineart_anime",
+    "softedge",
+    "scribble",
+    "lineart",
+    "openpose",
+    "inpaint",
+    "shuffle",
+    "normal",
+    "canny",
+    "depth",
+    "mlsd",
+    "tile",
+    "pose",
+    "fill",
+    "seg",
+    "hed",
+    "ip2p",
+)
 _HASH_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]\s*$")
 
 
@@ -121,8 +136,14 @@ class ModelEntry:
 
     def describe(self) -> dict:
         """What clients see (no path)."""
-        return {"name": self.name, "kind": self.kind, "family": self.family, "condition": self.condition,
-                "sha256": self.sha256, "hash8": self.hash8}  # fmt: skip
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "family": self.family,
+            "condition": self.condition,
+            "sha256": self.sha256,
+            "hash8": self.hash8,
+        }
 
 
 def weights_of(path: Path) -> Path:
@@ -299,4 +320,3 @@ class ModelRegistry:
 
 def _condition(kind: str, name: str) -> str | None:
     return guess_condition(name) if kind == "controlnet" else None
-

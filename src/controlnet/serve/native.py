@@ -71,8 +71,10 @@ GenerateIn = request_model(
     "GenerateIn",
     OPTION_CAPS,
     prompt=(str, Field("", max_length=20000, description="What to draw.")),
-    base=(str | None, Field(None, max_length=512, description="a base's name from GET /v1/models; null = the "
-                            "current base")),  # fmt: skip
+    base=(
+        str | None,
+        Field(None, max_length=512, description="a base's name from GET /v1/models; null = the current base"),
+    ),
     units=(list[UnitIn], Field(default_factory=list, description="ControlNet units (at most --max-units)")),
 )
 
@@ -84,8 +86,9 @@ def _annotator_enum(schema: dict) -> None:
 
 
 class AnnotateIn(Strict):
-    annotator: str = Field(description="an annotator from GET /v1/annotators", max_length=64,
-                           json_schema_extra=_annotator_enum)  # fmt: skip
+    annotator: str = Field(
+        description="an annotator from GET /v1/annotators", max_length=64, json_schema_extra=_annotator_enum
+    )
     image: str = Image64
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -161,13 +164,17 @@ def decode_job(body, service: Service) -> GenerationJob:
     for k, u in enumerate(body.units):
         values = settings_from_request(ControlUnit, u, decode, f"units[{k}].")
         if u.annotator:
-            values["annotator_options"] = checked_options(u.annotator, u.annotator_options, f"units[{k}].annotator",
-                                                          f"units[{k}].annotator_options")  # fmt: skip
+            values["annotator_options"] = checked_options(
+                u.annotator, u.annotator_options, f"units[{k}].annotator", f"units[{k}].annotator_options"
+            )
         elif u.annotator_options:
-            raise ApiError(422, f"units[{k}].annotator_options: given without an annotator", f"units[{k}].annotator")
+            raise ApiError(
+                422, f"units[{k}].annotator_options: given without an annotator", f"units[{k}].annotator"
+            )
         if u.image is None and body.init_image is None:
-            raise ApiError(422, f"units[{k}].image: required without an init_image to take it from",
-                           f"units[{k}].image")  # fmt: skip
+            raise ApiError(
+                422, f"units[{k}].image: required without an init_image to take it from", f"units[{k}].image"
+            )
         units.append(ControlUnit(**values))
     options = GenerationOptions(**settings_from_request(GenerationOptions, body, decode))
     return GenerationJob(prompt=body.prompt, base=body.base or service.current_base, units=units, options=options)
@@ -216,9 +223,16 @@ def add_routes(app: FastAPI, service: Service) -> None:
     @r.get("/health", response_model=Health, summary="server status")
     def health() -> Health:
         running = service.current()
-        return Health(status="ok", version=__version__, device=str(service.device),
-                      queue_depth=service.queue_depth(), max_queue=service.max_queue, max_units=service.max_units,
-                      current_base=service.current_base, running=running.id if running else None)  # fmt: skip
+        return Health(
+            status="ok",
+            version=__version__,
+            device=str(service.device),
+            queue_depth=service.queue_depth(),
+            max_queue=service.max_queue,
+            max_units=service.max_units,
+            current_base=service.current_base,
+            running=running.id if running else None,
+        )
 
     @r.get("/models", response_model=list[ModelInfo], summary="bases and ControlNets this server can use")
     def models() -> list[ModelInfo]:
@@ -228,27 +242,41 @@ def add_routes(app: FastAPI, service: Service) -> None:
     def annotators() -> list[AnnotatorInfo]:
         return [AnnotatorInfo(**a) for a in describe_annotators()]
 
-    @r.post("/annotate", response_model=AnnotateOut, responses=_problems(409, 429, 503),
-            summary="turn an image into a condition map")  # fmt: skip
+    @r.post(
+        "/annotate",
+        response_model=AnnotateOut,
+        responses=_problems(409, 429, 503),
+        summary="turn an image into a condition map",
+    )
     async def annotate(body: AnnotateIn, request: Request) -> AnnotateOut:
         check_annotator(body.annotator, {}, "annotator")
         options = checked_options(body.annotator, body.options, "annotator", "options")
         image = decode_image(body.image, "image", service.max_pixels)
         job = service.submit(AnnotationJob(body.annotator, image, options))
         result = await wait_for(job, request, service)
-        return AnnotateOut(annotator=body.annotator, image=png_base64(result), width=result.width,
-                           height=result.height)  # fmt: skip
+        return AnnotateOut(
+            annotator=body.annotator, image=png_base64(result), width=result.width, height=result.height
+        )
 
-    @r.post("/generate", response_model=GenerateOut, responses=_problems(409, 429, 503),
-            summary="generate images (synchronous)")  # fmt: skip
+    @r.post(
+        "/generate",
+        response_model=GenerateOut,
+        responses=_problems(409, 429, 503),
+        summary="generate images (synchronous)",
+    )
     async def generate(body: GenerateIn, request: Request) -> GenerateOut:
         job = service.submit(decode_job(body, service))
         result = await wait_for(job, request, service)
         images = [png_base64(im, image_pnginfo(job, k)) for k, im in enumerate(result.images)]
         return GenerateOut(job=job.id, images=images, seeds=result.seeds, settings=result.settings)
 
-    @r.post("/jobs", response_model=JobStatus, status_code=202, responses=_problems(429, 503),
-            summary="submit a generation (asynchronous)")  # fmt: skip
+    @r.post(
+        "/jobs",
+        response_model=JobStatus,
+        status_code=202,
+        responses=_problems(429, 503),
+        summary="submit a generation (asynchronous)",
+    )
     def submit(body: GenerateIn) -> JobStatus:
         return job_status(service.submit(decode_job(body, service)))
 
@@ -261,8 +289,12 @@ def add_routes(app: FastAPI, service: Service) -> None:
         lookup(job_id)
         return job_status(service.cancel(job_id))
 
-    @r.get("/jobs/{job_id}/events", responses={**_problems(404), 200: {"content": {"text/event-stream": {}}}},
-           response_class=StreamingResponse, summary="progress as Server-Sent Events")  # fmt: skip
+    @r.get(
+        "/jobs/{job_id}/events",
+        responses={**_problems(404), 200: {"content": {"text/event-stream": {}}}},
+        response_class=StreamingResponse,
+        summary="progress as Server-Sent Events",
+    )
     async def events(job_id: str, request: Request):
         job = lookup(job_id)
 
@@ -285,11 +317,18 @@ def add_routes(app: FastAPI, service: Service) -> None:
                     yield ": keep-alive\n\n"
                 await asyncio.sleep(0)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
-    @r.get("/jobs/{job_id}/images/{index}.png", responses={**_problems(404, 409), 200: {"content": {"image/png": {}}}},
-           response_class=Response, summary="image k of a finished job, as a PNG with its settings")  # fmt: skip
+    @r.get(
+        "/jobs/{job_id}/images/{index}.png",
+        responses={**_problems(404, 409), 200: {"content": {"image/png": {}}}},
+        response_class=Response,
+        summary="image k of a finished job, as a PNG with its settings",
+    )
     def image(job_id: str, index: int):
         job = lookup(job_id)
         if job.kind != "generate":

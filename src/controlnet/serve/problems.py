@@ -31,15 +31,26 @@ TYPE_BASE = "https://controlnet.invalid/problems/"  # stable identifiers, not fe
 class ApiError(Exception):
     """A client error with its HTTP status and the request field at fault."""
 
-    def __init__(self, status: int, detail: str, field: str | None = None, headers: dict | None = None,
-                 errors: list | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        field: str | None = None,
+        headers: dict | None = None,
+        errors: list | None = None,
+    ):
         super().__init__(detail)
         self.status, self.detail, self.field, self.headers, self.errors = status, detail, field, headers, errors
 
 
 def problem_body(status: int, detail: str, field: str | None = None, errors: list | None = None) -> dict:
     title = HTTPStatus(status).phrase
-    body = {"type": TYPE_BASE + title.lower().replace(" ", "-"), "title": title, "status": status, "detail": detail}
+    body = {
+        "type": TYPE_BASE + title.lower().replace(" ", "-"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
     if field is not None:
         body["field"] = field
     if errors:
@@ -47,8 +58,9 @@ def problem_body(status: int, detail: str, field: str | None = None, errors: lis
     return body
 
 
-def problem(status: int, detail: str, field: str | None = None, errors: list | None = None,
-            headers: dict | None = None) -> Response:  # fmt: skip
+def problem(
+    status: int, detail: str, field: str | None = None, errors: list | None = None, headers: dict | None = None
+) -> Response:
     body = json.dumps(problem_body(status, detail, field, errors)).encode()
     return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
@@ -136,7 +148,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValueError)
     async def _value(request: Request, err: ValueError):
         status = error_status(err)
-        return problem(status, str(err).splitlines()[0] if str(err) else "invalid value", getattr(err, "field", None))
+        return problem(
+            status, str(err).splitlines()[0] if str(err) else "invalid value", getattr(err, "field", None)
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception):

@@ -71,7 +71,10 @@ def request_model(cls: type, name: str, caps: dict[str, dict] | None = None, **e
     docs = field_docs(cls)
     fields = dict(extra)
     for f in api_fields(cls):
-        fields[api_name(f)] = (_annotation(f, hints[f.name]), _field(f, docs.get(f.name, ""), caps.get(f.name, {})))
+        fields[api_name(f)] = (
+            _annotation(f, hints[f.name]),
+            _field(f, docs.get(f.name, ""), caps.get(f.name, {})),
+        )
     config = ConfigDict(extra="forbid", allow_inf_nan=False)
     return create_model(name, __config__=config, **fields)
 

@@ -108,7 +108,9 @@ class SecurityMiddleware:
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > limit:
-                return await _send_problem(send, 413, f"request body over the limit of {limit:,} bytes (--max-body-mb)")
+                return await _send_problem(
+                    send, 413, f"request body over the limit of {limit:,} bytes (--max-body-mb)"
+                )
             chunks.append(chunk)
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False
@@ -128,9 +130,11 @@ class SecurityMiddleware:
         if not self.open_all_hosts and _hostname(host) not in self.hosts:
             return 400, f"Host header {host!r} is not one of this server's names (--allow-host adds one)", None
         if self.credentials is not None and not self._authorized(headers.get("authorization", "")):
-            return 401, "authentication required (HTTP Basic, the --auth credentials)", {
-                "WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'
-            }
+            return (
+                401,
+                "authentication required (HTTP Basic, the --auth credentials)",
+                {"WWW-Authenticate": f'Basic realm="{REALM}", charset="UTF-8"'},
+            )
         if method in STATE_CHANGING:
             site = headers.get("sec-fetch-site", "")
             if site == "cross-site":
@@ -151,10 +155,14 @@ class SecurityMiddleware:
                 except ValueError:
                     return 400, "Content-Length is not a number", None
                 if too_big:
-                    return 413, (
-                        f"request body of {int(length):,} bytes is over the limit of "
-                        f"{self.settings.max_body_bytes:,} bytes (--max-body-mb)"
-                    ), None
+                    return (
+                        413,
+                        (
+                            f"request body of {int(length):,} bytes is over the limit of "
+                            f"{self.settings.max_body_bytes:,} bytes (--max-body-mb)"
+                        ),
+                        None,
+                    )
         return None
 
     def _authorized(self, header: str) -> bool:

@@ -78,8 +78,10 @@ def check_annotator(name, options: dict, field: str) -> None:
     valid = [k for k in annotator_options(name) if k not in SERVER_ONLY_ANNOTATOR_OPTIONS]
     for key in options:
         if key not in valid:
-            raise FieldError(f"{field}_options.{key}" if field.endswith("annotator") else f"options.{key}",
-                             f"{name} has no option {key!r}; expected some of {', '.join(valid) or '(none)'}")
+            raise FieldError(
+                f"{field}_options.{key}" if field.endswith("annotator") else f"options.{key}",
+                f"{name} has no option {key!r}; expected some of {', '.join(valid) or '(none)'}",
+            )
 
 
 class ServiceClosed(RuntimeError):
@@ -204,8 +206,11 @@ class Service:
         if not isinstance(spec, GenerationJob):
             raise TypeError(f"expected a GenerationJob or AnnotationJob, got {type(spec).__name__}")
         if len(spec.units) > self.max_units:
-            raise FieldError("units", f"{len(spec.units)} units; this server takes at most {self.max_units} "
-                             "(--max-units); none is dropped silently")  # fmt: skip
+            raise FieldError(
+                "units",
+                f"{len(spec.units)} units; this server takes at most {self.max_units} "
+                "(--max-units); none is dropped silently",
+            )
         try:
             base = self.registry.base(spec.base or self.current_base).name
         except UnknownModel as err:
@@ -222,8 +227,11 @@ class Service:
                 check_annotator(unit.annotator, unit.annotator_options, f"units[{k}].annotator")
             outputs = entry.num_control_outputs
             if unit.block_scales is not None and outputs and len(unit.block_scales) != outputs:
-                raise FieldError(f"units[{k}].block_scales", f"got {len(unit.block_scales)} values; {entry.name} "
-                                 f"has {outputs} outputs (its skips + the middle block), one scale each")  # fmt: skip
+                raise FieldError(
+                    f"units[{k}].block_scales",
+                    f"got {len(unit.block_scales)} values; {entry.name} "
+                    f"has {outputs} outputs (its skips + the middle block), one scale each",
+                )
             units.append(replace(unit, model=entry.name))
         checked = replace(spec, base=base, units=units)
         checked.check()

@@ -126,10 +126,20 @@ def sd15_parts_config(size: str) -> dict:
     vae = dict(
         family["vae"], block_out_channels=[8, 16, 16, 16], norm_num_groups=8, layers_per_block=1, sample_size=128
     )
-    text = dict(family["text_encoders"][0]["config"], hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, projection_dim=32, vocab_size=1000)  # fmt: skip
-    return {"unet": dict(TINY_UNET_CONFIGS["sd15"]), "vae": {k: v for k, v in vae.items() if not k.startswith("_")},
-            "text_encoder": text}  # fmt: skip
+    text = dict(
+        family["text_encoders"][0]["config"],
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+        vocab_size=1000,
+    )
+    return {
+        "unet": dict(TINY_UNET_CONFIGS["sd15"]),
+        "vae": {k: v for k, v in vae.items() if not k.startswith("_")},
+        "text_encoder": text,
+    }
 
 
 def meta_parts(configs: dict) -> dict:

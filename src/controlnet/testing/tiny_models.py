@@ -96,7 +96,9 @@ def tiny_inputs(family: str, batch: int = 2, seed: int = 2, downscale: int = 8) 
     inputs = {
         "sample": torch.randn(batch, cfg["in_channels"], size, size, generator=generator),  # (B, 4, h, w)
         "timestep": torch.tensor([10, 700][:batch] + [500] * max(0, batch - 2)),  # (B,)
-        "encoder_hidden_states": torch.randn(batch, 7, cfg["cross_attention_dim"], generator=generator),  # (B, 7, D)
+        "encoder_hidden_states": torch.randn(
+            batch, 7, cfg["cross_attention_dim"], generator=generator
+        ),  # (B, 7, D)
         "cond": torch.rand(batch, 3, size * downscale, size * downscale, generator=generator),  # (B, 3, H, W)
     }
     if cfg.get("addition_embed_type") == "text_time":

@@ -56,8 +56,9 @@ class TrainingBatches:
         c = config
         self.config, self.base, self.acc = config, base, acc
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
-        self.source = open_source(c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column,
-                                  c.data.caption_column)  # fmt: skip
+        self.source = open_source(
+            c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column, c.data.caption_column
+        )
         found = scan(self.source, c.data.skip_bad)  # every file decoded once: bad ones named before training
         n_val = c.validation.num_samples if c.validation.every and c.validation.metric != "none" else 0
         if n_val >= len(found.indices):
@@ -73,8 +74,9 @@ class TrainingBatches:
         multiple = BUCKET_MULTIPLE if base.vae is not None else 8
         buckets = assign_buckets(found.sizes[:cut], c.data.resolution, c.data.bucketing, multiple)
         self.plan = BatchPlan(buckets, c.train.batch_size * self.world, c.train.seed)
-        self.pixels = PixelPairs(self.source, self.train_indices, buckets, c.data.center_crop, c.data.random_flip,
-                                 c.train.seed)  # fmt: skip
+        self.pixels = PixelPairs(
+            self.source, self.train_indices, buckets, c.data.center_crop, c.data.random_flip, c.train.seed
+        )
         prompts = [self.source.prompt(i) for i in self.train_indices]
         self.unique_prompts = sorted(set(prompts) | {EMPTY_PROMPT})
         index = {p: k for k, p in enumerate(self.unique_prompts)}
@@ -100,10 +102,17 @@ class TrainingBatches:
             logger.info("random crop/flip is on: VAE latents are computed every step (no latent cache)")
             return
         vae_fp = module_fingerprint(base.vae, extra=f"vae|{self.weight_dtype}")
-        desc = json.dumps([c.data.resolution, c.data.bucketing, c.data.center_crop, sorted({(b.width, b.height)
-                           for b in buckets})])  # fmt: skip
-        self.latents = build_latent_cache(cache_dir, digests, desc, vae_fp, lambda p: self.pixels.load(p, 0),
-                                          self.encode_pixels)  # fmt: skip
+        desc = json.dumps(
+            [
+                c.data.resolution,
+                c.data.bucketing,
+                c.data.center_crop,
+                sorted({(b.width, b.height) for b in buckets}),
+            ]
+        )
+        self.latents = build_latent_cache(
+            cache_dir, digests, desc, vae_fp, lambda p: self.pixels.load(p, 0), self.encode_pixels
+        )
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:

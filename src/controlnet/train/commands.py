@@ -32,16 +32,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for section, cls in SECTIONS.items():
         # --section.field, spelled as in a config file; a flag not given leaves the file's value (or the default)
         group = train.add_argument_group(f"{section}: {cls.__doc__.splitlines()[0]}")
-        add_arguments(group, cls, prefix=f"{section}.", dest_prefix=f"override:{section}.", suppress_defaults=True,
-                      show_defaults=True, hyphens=False, switches=False)  # fmt: skip
+        add_arguments(
+            group,
+            cls,
+            prefix=f"{section}.",
+            dest_prefix=f"override:{section}.",
+            suppress_defaults=True,
+            show_defaults=True,
+            hyphens=False,
+            switches=False,
+        )
     train.set_defaults(func=run_train)
     add_demo_parser(subparsers)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
     """{"section.field": value} for the flags given (already read as the fields' types)."""
-    return {f"{section}.{name}": value for section, cls in SECTIONS.items()
-            for name, value in given_values(args, cls, f"override:{section}.").items()}  # fmt: skip
+    return {
+        f"{section}.{name}": value
+        for section, cls in SECTIONS.items()
+        for name, value in given_values(args, cls, f"override:{section}.").items()
+    }
 
 
 class ProgressBar:
@@ -61,8 +72,15 @@ class ProgressBar:
 
         if self.load_bar is None:
             # on a terminal only (disable=None), erased when done: as generate's (generate/commands.py loading_bar)
-            self.load_bar = tqdm(total=total, desc="loading base", unit="part", disable=None if self.enabled else True,
-                                 file=sys.stderr, dynamic_ncols=True, leave=False)  # fmt: skip
+            self.load_bar = tqdm(
+                total=total,
+                desc="loading base",
+                unit="part",
+                disable=None if self.enabled else True,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=False,
+            )
         self.load_bar.set_postfix_str(name, refresh=False)
         self.load_bar.update(done - self.load_bar.n)
         if done >= total:
@@ -77,8 +95,9 @@ class ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, unit="step", disable=not self.enabled, file=sys.stderr,
-                            dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(
+                total=self.total, unit="step", disable=not self.enabled, file=sys.stderr, dynamic_ncols=True
+            )
         if self.bar.n == 0 and info.step > 1:
             self.bar.update(info.step - 1)  # resumed run
         if info.fidelity is not None:
@@ -141,8 +160,11 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_arguments(parser, DemoConfig)  # --field-name per field; bools as --flag/--no-flag
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--verify", action="store_true",
-                        help="after training, reload final/controlnet through the pipeline and re-score it")  # fmt: skip
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="after training, reload final/controlnet through the pipeline and re-score it",
+    )
     parser.set_defaults(func=_run_demo_command)
 
 

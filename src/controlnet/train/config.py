@@ -152,12 +152,16 @@ class ModelConfig:
         _check_positive(self, "cond_channels")
         _check_choice("model.connection_init", self.connection_init, ("zero", "gaussian"))
         if self.connection_init != "zero" and self.controlnet:
-            raise ValueError(f"model.connection_init={self.connection_init}: only for a fresh ControlNet; "
-                             f"model.controlnet={self.controlnet} keeps its trained weights")  # fmt: skip
+            raise ValueError(
+                f"model.connection_init={self.connection_init}: only for a fresh ControlNet; "
+                f"model.controlnet={self.controlnet} keeps its trained weights"
+            )
         _check_choice("model.architecture", self.architecture, ("controlnet", "lite"))
         if self.architecture != "controlnet" and self.controlnet:
-            raise ValueError(f"model.architecture={self.architecture}: only for a fresh net; "
-                             f"model.controlnet={self.controlnet} brings its own")  # fmt: skip
+            raise ValueError(
+                f"model.architecture={self.architecture}: only for a fresh net; "
+                f"model.controlnet={self.controlnet} brings its own"
+            )
         self.hint_channels = tuple(int(c) for c in self.hint_channels)
         if any(c < 1 for c in self.hint_channels):
             raise ValueError(f"model.hint_channels={self.hint_channels}: expected positive widths")

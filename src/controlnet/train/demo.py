@@ -144,8 +144,12 @@ def run_demo(demo: DemoConfig, callback=None, log=print, on_load=None):
     from controlnet.world.dataset import write_dataset
 
     # the base's options as the training config holds them (one loader, one set of checks), named as demo flags
-    model = ModelConfig(base=demo.base, tokenizer=demo.tokenizer, tokenizer_2=demo.tokenizer_2,
-                        prediction_type=demo.prediction_type)  # fmt: skip
+    model = ModelConfig(
+        base=demo.base,
+        tokenizer=demo.tokenizer,
+        tokenizer_2=demo.tokenizer_2,
+        prediction_type=demo.prediction_type,
+    )
     options = {**base_options(model), "flags": DEMO_FLAGS}
     source = check_base(demo.base, **options)
     base = load_base(source, progress=on_load, **options)

@@ -58,8 +58,9 @@ class LockedConv2d(nn.Conv2d):
         numeric_zero_padding = self.padding_mode == "zeros" and not isinstance(self.padding, str)  # not "same"
         if not (locked and x.requires_grad and torch.is_grad_enabled() and numeric_zero_padding):
             return super().forward(x)
-        return _InputGradOnlyConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                          self.groups)  # fmt: skip
+        return _InputGradOnlyConv2d.apply(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 def lock_convolutions(module: nn.Module) -> int:

@@ -33,19 +33,26 @@ def _polyline(points: list[tuple[float, float]], xr, yr, colour: str) -> str:
     return f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>'
 
 
-def svg_chart(title: str, series: dict[str, tuple[list[tuple[float, float]], str]], y_range=None,
-              hlines: dict[str, tuple[float, str]] | None = None, vline: float | None = None) -> str:  # fmt: skip
+def svg_chart(
+    title: str,
+    series: dict[str, tuple[list[tuple[float, float]], str]],
+    y_range=None,
+    hlines: dict[str, tuple[float, str]] | None = None,
+    vline: float | None = None,
+) -> str:
     """A line chart: series name -> (points, colour); horizontal reference lines; one vertical marker."""
     xs = [x for pts, _ in series.values() for x, _ in pts] or [0, 1]
     ys = [y for pts, _ in series.values() for _, y in pts] + [v for v, _ in (hlines or {}).values()]
     xr = (min(xs), max(xs))
     yr = y_range or (min(ys or [0]), max(ys or [1]))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}">',
-             f'<text x="{MARGIN}" y="20" font-size="14">{html.escape(title)}</text>',
-             f'<rect x="{MARGIN}" y="{MARGIN}" width="{SVG_WIDTH - 2 * MARGIN}" height="{SVG_HEIGHT - 2 * MARGIN}" '
-             'fill="none" stroke="#999"/>',
-             f'<text x="{MARGIN}" y="{SVG_HEIGHT - 10}" font-size="11">step {xr[0]:g} .. {xr[1]:g}; '
-             f'y {yr[0]:.3g} .. {yr[1]:.3g}</text>']  # fmt: skip
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}">',
+        f'<text x="{MARGIN}" y="20" font-size="14">{html.escape(title)}</text>',
+        f'<rect x="{MARGIN}" y="{MARGIN}" width="{SVG_WIDTH - 2 * MARGIN}" height="{SVG_HEIGHT - 2 * MARGIN}" '
+        'fill="none" stroke="#999"/>',
+        f'<text x="{MARGIN}" y="{SVG_HEIGHT - 10}" font-size="11">step {xr[0]:g} .. {xr[1]:g}; '
+        f"y {yr[0]:.3g} .. {yr[1]:.3g}</text>",
+    ]
     for name, (value, colour) in (hlines or {}).items():
         parts.append(
             _polyline([(xr[0], value), (xr[1], value)], xr, yr, colour).replace("/>", ' stroke-dasharray="4"/>')
@@ -84,9 +91,11 @@ def write_report(run_dir: Path, config, summary) -> Path:
         smooth.append((step, ema))
     fidelity = [(r["step"], r["fidelity"]) for r in records if r.get("event") == "validation"]
     threshold = config.validation.threshold
-    body = [f"<h1>ControlNet training run: {html.escape(str(run_dir))}</h1>",
-            f"<p>status <b>{summary.status}</b> at step {summary.step}; "
-            f"final weights: {html.escape(str(summary.final_dir))}</p>"]  # fmt: skip
+    body = [
+        f"<h1>ControlNet training run: {html.escape(str(run_dir))}</h1>",
+        f"<p>status <b>{summary.status}</b> at step {summary.step}; "
+        f"final weights: {html.escape(str(summary.final_dir))}</p>",
+    ]
     if summary.floor is not None:
         last = fidelity[-1][1] if fidelity else float("nan")
         conv = summary.convergence_step
@@ -100,8 +109,11 @@ def write_report(run_dir: Path, config, summary) -> Path:
         hl = {"threshold": (threshold, "#d62728")}
         if summary.floor is not None:
             hl.update({"floor": (summary.floor, "#7f7f7f"), "ceiling": (summary.ceiling, "#2ca02c")})
-        body.append(svg_chart("held-out fidelity", {"fidelity": (fidelity, "#ff7f0e")}, (0.0, 1.0), hl,
-                              summary.convergence_step))  # fmt: skip
+        body.append(
+            svg_chart(
+                "held-out fidelity", {"fidelity": (fidelity, "#ff7f0e")}, (0.0, 1.0), hl, summary.convergence_step
+            )
+        )
     samples = run_dir / "samples"
     if (samples / "reference.png").is_file():
         body.append("<h2>held-out conditions / ground truth / base model without control</h2>")
@@ -116,8 +128,11 @@ def write_report(run_dir: Path, config, summary) -> Path:
             body.append(_img(path))
     body.append("<h2>config</h2><pre>" + html.escape(json.dumps(config.to_dict(), indent=2)) + "</pre>")
     out = run_dir / "report.html"
-    out.write_text("<!doctype html><html><head><meta charset='utf-8'><title>ControlNet run</title></head><body>"
-                   + "\n".join(body) + "</body></html>\n")  # fmt: skip
+    out.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>ControlNet run</title></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
     return out
 
 

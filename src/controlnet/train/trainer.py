@@ -109,9 +109,14 @@ class Trainer:
     validation, logging or export: those belong to `run()`).
     """
 
-    def __init__(self, config: TrainConfig, base: BaseComponents | None = None,
-                 callback: Callable[[StepInfo], None] | None = None, on_load: Progress | None = None,
-                 on_message: Callable[[str], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: TrainConfig,
+        base: BaseComponents | None = None,
+        callback: Callable[[StepInfo], None] | None = None,
+        on_load: Progress | None = None,
+        on_message: Callable[[str], None] | None = None,
+    ):
         self.config, self.callback = config, callback
         self._base = base
         self.on_load, self.on_message = on_load, on_message or (lambda line: None)
@@ -137,8 +142,12 @@ class Trainer:
         self.run_dir = Path(c.train.output_dir)
         check_trackers(c.train.log_with)
         trackers = list(c.train.log_with) or None
-        self.acc = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu, log_with=trackers,
-                               project_dir=str(self.run_dir / LOGS_DIR))  # fmt: skip
+        self.acc = Accelerator(
+            mixed_precision=c.train.mixed_precision,
+            cpu=cpu,
+            log_with=trackers,
+            project_dir=str(self.run_dir / LOGS_DIR),
+        )
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         # sharded weights (FSDP, DeepSpeed ZeRO): our checkpoints and exports are written from full ones
         if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
@@ -160,7 +169,9 @@ class Trainer:
         if self.acc.is_main_process:
             from controlnet.precision import precision_warning
 
-            warning = precision_warning(self.weight_dtype, self.device, f"train.mixed_precision={c.train.mixed_precision}")
+            warning = precision_warning(
+                self.weight_dtype, self.device, f"train.mixed_precision={c.train.mixed_precision}"
+            )
             if warning:
                 self.on_message(warning)
         for module in (base.unet, base.vae, *base.text_modules()):
@@ -194,8 +205,12 @@ class Trainer:
             torch.manual_seed(c.train.seed)  # the new hint encoder's init: the same in every process and run
             # the paper's trainable copy, or the ablation's one conv per block (same interface, model/lite.py)
             architecture = ControlNetLite if c.model.architecture == "lite" else ControlNet
-            net = architecture.from_unet(base.unet.float(), cond_channels=c.model.cond_channels,
-                                       hint_downscale_factor=self.data.vae_factor, **kwargs)  # fmt: skip
+            net = architecture.from_unet(
+                base.unet.float(),
+                cond_channels=c.model.cond_channels,
+                hint_downscale_factor=self.data.vae_factor,
+                **kwargs,
+            )
             if c.model.connection_init == "gaussian":
                 from controlnet.model.ablations import gaussian_connections
 
@@ -248,8 +263,9 @@ class Trainer:
 
     def _save(self, state: dict) -> None:
         if self.acc.is_main_process:
-            data = ckpt.CheckpointData(self._weights(), self.optimizer.state_dict(), self.scheduler.state_dict(),
-                                       state)  # fmt: skip
+            data = ckpt.CheckpointData(
+                self._weights(), self.optimizer.state_dict(), self.scheduler.state_dict(), state
+            )
             ckpt.save_checkpoint(self.run_dir, state["step"], data, self.config.checkpoint.keep)
         self.acc.wait_for_everyone()
 
@@ -267,11 +283,19 @@ class Trainer:
         self.scheduler.load_state_dict(data.scheduler)
         state = data.state
         if state.get("world_size", self.world) != self.world:
-            logger.warning("checkpoint %s was written by %d processes, resuming with %d: the global batch and data "
-                           "order change from here on", folder, state["world_size"], self.world)  # fmt: skip
+            logger.warning(
+                "checkpoint %s was written by %d processes, resuming with %d: the global batch and data "
+                "order change from here on",
+                folder,
+                state["world_size"],
+                self.world,
+            )
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        np.random.set_state(tuple(state["numpy_rng"][:1]) + (np.array(state["numpy_rng"][1], np.uint32),)
-                            + tuple(state["numpy_rng"][2:]))  # fmt: skip
+        np.random.set_state(
+            tuple(state["numpy_rng"][:1])
+            + (np.array(state["numpy_rng"][1], np.uint32),)
+            + tuple(state["numpy_rng"][2:])
+        )
         logger.info("resumed from %s at step %d", folder, state["step"])
         if self.acc.is_main_process:
             self.on_message(f"resuming from checkpoint step {state['step']} ({folder})")
@@ -364,8 +388,11 @@ class Trainer:
         ceiling = float(np.mean(val.score(self.metric, self.val[2], self.val[1])))
         values = {"floor": floor, "ceiling": ceiling, "metric": self.metric}
         self._log({"step": step, "event": "floor_ceiling", **values})
-        save_grid(self.run_dir / SAMPLES_DIR / "reference.png", [self.val[1], self.val[2], floor_images],
-                  self.config.validation.grid_samples)  # fmt: skip
+        save_grid(
+            self.run_dir / SAMPLES_DIR / "reference.png",
+            [self.val[1], self.val[2], floor_images],
+            self.config.validation.grid_samples,
+        )
         return values
 
     # ------------------------------------------------------------------------------------------------------
@@ -374,8 +401,11 @@ class Trainer:
         if self.acc.is_main_process:
             truncate_metrics(self.run_dir / METRICS_FILE, start)
         if self.config.train.log_with:
-            flat = {f"{section}.{k}": v if isinstance(v, int | float | str | bool) else str(v)
-                    for section, fields in self.config.to_dict().items() for k, v in fields.items()}  # fmt: skip
+            flat = {
+                f"{section}.{k}": v if isinstance(v, int | float | str | bool) else str(v)
+                for section, fields in self.config.to_dict().items()
+                for k, v in fields.items()
+            }
             self.acc.init_trackers(self.run_dir.name or "controlnet", config=flat)
 
     def _log(self, record: dict) -> None:
@@ -384,8 +414,11 @@ class Trainer:
         append_jsonl(self.run_dir / METRICS_FILE, record)
         if self.config.train.log_with:
             prefix = "validation/" if record.get("event") else "train/"
-            numbers = {prefix + k: v for k, v in record.items()
-                       if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"}  # fmt: skip
+            numbers = {
+                prefix + k: v
+                for k, v in record.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
+            }
             self.acc.log(numbers, step=record["step"])
 
     # ------------------------------------------------------------------------------------------------------
@@ -442,8 +475,9 @@ class Trainer:
                 if self.callback:
                     self.callback(StepInfo(step, c.train.max_steps, loss, rate, lr, skipped, fidelity))
                 stop_now = any_process(self.acc, stop.requested)
-                if c.validation.early_stop and val.should_stop_early(history, c.validation.threshold,
-                                                                     c.validation.patience):  # fmt: skip
+                if c.validation.early_stop and val.should_stop_early(
+                    history, c.validation.threshold, c.validation.patience
+                ):
                     status = "early_stop"
                 if status == "finished" and self._out_of_time():
                     status = "time_limit"
@@ -524,14 +558,20 @@ class Trainer:
         if not self.config.model.sd_locked:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in decoder_state(self.base.unet).items()},
-                      str(final / "unet_decoder.safetensors"))  # fmt: skip
+            save_file(
+                {k: v.contiguous() for k, v in decoder_state(self.base.unet).items()},
+                str(final / "unet_decoder.safetensors"),
+            )
         return final
 
 
-def train(config: TrainConfig, base: BaseComponents | None = None,
-          callback: Callable[[StepInfo], None] | None = None, on_load: Progress | None = None,
-          on_message: Callable[[str], None] | None = None) -> RunSummary:  # fmt: skip
+def train(
+    config: TrainConfig,
+    base: BaseComponents | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    on_load: Progress | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> RunSummary:
     """Train a ControlNet as `config` says; see the module docstring for the steps and `Trainer` for the hooks."""
     return Trainer(config, base, callback, on_load, on_message).run()
 

@@ -52,8 +52,9 @@ class OptionControl:
             try:
                 return json.loads(raw) if isinstance(raw, str) else raw
             except json.JSONDecodeError as err:
-                raise ValueError(f"{self.annotator} {self.name}: expected JSON such as {json.dumps(self.default)}"
-                                 f" ({err})") from None  # fmt: skip
+                raise ValueError(
+                    f"{self.annotator} {self.name}: expected JSON such as {json.dumps(self.default)} ({err})"
+                ) from None
         if self.kind in ("slider", "number") and raw is not None:
             return int(raw) if self._integer else float(raw)
         return raw

@@ -32,12 +32,32 @@ NO_ANNOTATOR = "none"
 BASE_DEFAULT = "base default"
 # annotators that turn a photo into a map (the served ones minus those that take other inputs: inpaint takes an
 # image with a mask, openpose_json takes keypoint JSON)
-PHOTO_ANNOTATORS = ("canny", "lines", "scribble", "softedge", "lineart_standard", "normal", "shuffle", "tile",
-                    "invert")  # fmt: skip
+PHOTO_ANNOTATORS = (
+    "canny",
+    "lines",
+    "scribble",
+    "softedge",
+    "lineart_standard",
+    "normal",
+    "shuffle",
+    "tile",
+    "invert",
+)
 MAX_SEED = 2**32 - 1
 
-GENERAL_KEYS = ("prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "seed", "batch_size", "width",
-                "height", "init", "denoise")  # fmt: skip
+GENERAL_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "sampler",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "batch_size",
+    "width",
+    "height",
+    "init",
+    "denoise",
+)
 UNIT_KEYS = ("enabled", "model", "photo", "annotator", "map", "scale", "start", "end", "mode", "resize")
 # plus unit{k}_options: the annotator's option values as a dict, which the page collects from its option controls
 
@@ -172,13 +192,23 @@ def _unit(values: dict, k: int, init, max_pixels: int) -> ControlUnit:
     elif init is not None:
         image, module, options = None, None, {}
     else:
-        raise FormError(label, "no condition: upload a photo and pick an annotator, upload or draw a map, or give "
-                        "an init image")  # fmt: skip
+        raise FormError(
+            label,
+            "no condition: upload a photo and pick an annotator, upload or draw a map, or give an init image",
+        )
     if not get("model"):
         raise FormError(f"{label} model", "pick a ControlNet")
-    return ControlUnit(model=get("model"), image=image, annotator=module, annotator_options=options,
-                       scale=float(get("scale")), start=float(get("start")), end=float(get("end")),
-                       mode=get("mode") or "balanced", resize_mode=get("resize") or "just_resize")  # fmt: skip
+    return ControlUnit(
+        model=get("model"),
+        image=image,
+        annotator=module,
+        annotator_options=options,
+        scale=float(get("scale")),
+        start=float(get("start")),
+        end=float(get("end")),
+        mode=get("mode") or "balanced",
+        resize_mode=get("resize") or "just_resize",
+    )
 
 
 def api_request(job: GenerationJob) -> dict:
@@ -186,7 +216,9 @@ def api_request(job: GenerationJob) -> dict:
     URIs; settings at their defaults are left out."""
     units = []
     for unit in job.units:
-        entry = _changed(unit, {"model": unit.model, "image": None if unit.image is None else data_uri(unit.image)})
+        entry = _changed(
+            unit, {"model": unit.model, "image": None if unit.image is None else data_uri(unit.image)}
+        )
         if not unit.annotator:
             entry.pop("annotator_options", None)
         units.append(entry)
@@ -261,8 +293,9 @@ def form_from_settings(settings: dict, controlnet_names: list[str]) -> dict:
         mode = _canonical(unit.get("mode") or unit.get("mode_label"), lambda name: control_mode(name).name)
         if mode:
             values[unit_key(k, "mode")] = mode
-        resize = _canonical(unit.get("resize_mode") or unit.get("resize_label") or settings.get("resize_label"),
-                            resize_mode)  # fmt: skip
+        resize = _canonical(
+            unit.get("resize_mode") or unit.get("resize_label") or settings.get("resize_label"), resize_mode
+        )
         if resize:
             values[unit_key(k, "resize")] = resize
         module = unit.get("module")

@@ -40,6 +40,17 @@ def mount_ui(app, service, max_file_bytes: int) -> None:
     def root():
         return RedirectResponse(UI_PATH + "/")
 
-    gr.mount_gradio_app(app, page, path=UI_PATH, max_file_size=max_file_bytes, footer_links=[], ssr_mode=False,
-                        mcp_server=False, enable_monitoring=False, pwa=False, show_error=True, theme=THEME,
-                        css=CSS)  # fmt: skip
+    gr.mount_gradio_app(
+        app,
+        page,
+        path=UI_PATH,
+        max_file_size=max_file_bytes,
+        footer_links=[],
+        ssr_mode=False,
+        mcp_server=False,
+        enable_monitoring=False,
+        pwa=False,
+        show_error=True,
+        theme=THEME,
+        css=CSS,
+    )

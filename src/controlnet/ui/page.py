@@ -62,8 +62,9 @@ WAIT_S = 0.5  # how often a waiting generation checks its job
 BUSY = "Busy: {n} jobs are waiting, the most this server queues (--max-queue); try again in about {s} s."
 CSS = "#status {min-height: 1.5em} footer {display: none !important}"
 # system fonts only: the default theme asks a font host for its fonts, and the page must work offline
-THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                          font_mono=["ui-monospace", "SFMono-Regular", "monospace"])  # fmt: skip
+THEME = gr.themes.Default(
+    font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "SFMono-Regular", "monospace"]
+)
 
 
 class RunningJobs:
@@ -122,20 +123,27 @@ def build_page(service: Service) -> gr.Blocks:
                 c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                 c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative_prompt")
                 with gr.Row():
-                    c["sampler"] = gr.Dropdown(sampler_choices(), value=sampling.scheduler or sampler_choices()[0][1],
-                                               label="Sampler", elem_id="sampler")  # fmt: skip
+                    c["sampler"] = gr.Dropdown(
+                        sampler_choices(),
+                        value=sampling.scheduler or sampler_choices()[0][1],
+                        label="Sampler",
+                        elem_id="sampler",
+                    )
                     c["steps"] = gr.Slider(1, 150, value=sampling.steps, step=1, label="Steps", elem_id="steps")
-                    c["guidance_scale"] = gr.Slider(0, 30, value=sampling.guidance_scale, step=0.5, label="CFG scale",
-                                                    elem_id="cfg")  # fmt: skip
+                    c["guidance_scale"] = gr.Slider(
+                        0, 30, value=sampling.guidance_scale, step=0.5, label="CFG scale", elem_id="cfg"
+                    )
                 with gr.Row():
                     c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
                     dice = gr.Button("Random seed", elem_id="random_seed", scale=0)
                     c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="batch_size")
                 with gr.Row():
-                    c["width"] = gr.Slider(0, 2048, value=0, step=8, label="Width (0 = from the condition)",
-                                           elem_id="width")  # fmt: skip
-                    c["height"] = gr.Slider(0, 2048, value=0, step=8, label="Height (0 = from the condition)",
-                                            elem_id="height")  # fmt: skip
+                    c["width"] = gr.Slider(
+                        0, 2048, value=0, step=8, label="Width (0 = from the condition)", elem_id="width"
+                    )
+                    c["height"] = gr.Slider(
+                        0, 2048, value=0, step=8, label="Height (0 = from the condition)", elem_id="height"
+                    )
                 with gr.Tabs():
                     for k in range(MAX_UNITS):
                         with gr.Tab(f"ControlNet {k + 1}", elem_id=f"unit{k}_tab"):
@@ -144,12 +152,18 @@ def build_page(service: Service) -> gr.Blocks:
                             unit_groups.append(groups)
                             unit_detect.append(detect)
                 with gr.Accordion("img2img / inpainting", open=False, elem_id="img2img"):
-                    c["init"] = gr.ImageEditor(label="Init image (paint on it to inpaint there)", type="pil",
-                                               format="png", sources=("upload", "clipboard"), layers=False,
-                                               brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                                               elem_id="init")  # fmt: skip
-                    c["denoise"] = gr.Slider(0.01, 1.0, value=0.75, step=0.01, label="Denoising strength",
-                                             elem_id="denoise")  # fmt: skip
+                    c["init"] = gr.ImageEditor(
+                        label="Init image (paint on it to inpaint there)",
+                        type="pil",
+                        format="png",
+                        sources=("upload", "clipboard"),
+                        layers=False,
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                        elem_id="init",
+                    )
+                    c["denoise"] = gr.Slider(
+                        0.01, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id="denoise"
+                    )
                 with gr.Accordion("More settings", open=False, elem_id="more_settings"):
                     for setting in more_settings():  # every other field of the schema (generate/options.py)
                         c[setting.name] = _setting_component(setting)
@@ -158,8 +172,14 @@ def build_page(service: Service) -> gr.Blocks:
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
                 status = gr.Markdown("", elem_id="status")
-                gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto",
-                                     buttons=["download", "fullscreen"], elem_id="gallery")  # fmt: skip
+                gallery = gr.Gallery(
+                    label="Images",
+                    format="png",
+                    columns=2,
+                    height="auto",
+                    buttons=["download", "fullscreen"],
+                    elem_id="gallery",
+                )
                 results = gr.State([])  # settings of each gallery image (with its own seed)
                 selected = gr.State(None)
                 settings_view = gr.JSON(label="Settings of the selected image", elem_id="settings")
@@ -167,8 +187,9 @@ def build_page(service: Service) -> gr.Blocks:
                     to_form = gr.Button("Send settings to the form", elem_id="send_to_form")
                     to_api = gr.Button("Copy as API request", elem_id="copy_api")
                 api_json = gr.Code(label="POST /v1/generate body", language="json", elem_id="api_request")
-                png_drop = gr.File(label="Read settings from a PNG", file_types=[".png"], type="binary",
-                                   elem_id="png_drop")  # fmt: skip
+                png_drop = gr.File(
+                    label="Read settings from a PNG", file_types=[".png"], type="binary", elem_id="png_drop"
+                )
 
         all_options = [comp for controls in unit_controls for _, comp in controls]
         # passed as a set: the function gets one {component: value} dict (gradio adds gr.Request only to functions
@@ -185,8 +206,9 @@ def build_page(service: Service) -> gr.Blocks:
                 own = [data[comp] for _, comp in controls]
                 annotator = values.get(unit_key(k, "annotator")) or NO_ANNOTATOR
                 if annotator != NO_ANNOTATOR:
-                    values[unit_key(k, "options")] = collect_options(annotator, [ctl for ctl, _ in controls], own,
-                                                                     data[unit_detect[k]])  # fmt: skip
+                    values[unit_key(k, "options")] = collect_options(
+                        annotator, [ctl for ctl, _ in controls], own, data[unit_detect[k]]
+                    )
             return values
 
         def job_from(data: dict):
@@ -222,15 +244,22 @@ def build_page(service: Service) -> gr.Blocks:
             result = job.result
             names = [u.model for u in job.spec.units]
             per_image = [{**result.settings, "seed": seed} for seed in result.seeds]
-            images = [_with_settings(im, result.settings, seed, names) for im, seed in zip(result.images,
-                                                                                         result.seeds, strict=True)]  # fmt: skip
+            images = [
+                _with_settings(im, result.settings, seed, names)
+                for im, seed in zip(result.images, result.seeds, strict=True)
+            ]
             took = (job.finished or 0) - (job.started or 0)
             return images, per_image, f"Done: {len(images)} image(s), seeds {result.seeds}, {took:.1f} s."
 
         # more gradio workers than the service queues, so a click always reaches the service, which answers "Busy"
         # at once when its queue is full (instead of the click waiting unseen in gradio's own queue)
-        generate.click(run_generation, inputs, [gallery, results, status],
-                       concurrency_limit=service.max_queue + 2, api_visibility="private")  # fmt: skip
+        generate.click(
+            run_generation,
+            inputs,
+            [gallery, results, status],
+            concurrency_limit=service.max_queue + 2,
+            api_visibility="private",
+        )
 
         def cancel_job(request: gr.Request):
             job_id = running.get(_session(request))
@@ -300,14 +329,30 @@ def _unit_panel(k: int, c: dict, nets: list[str], service: Service):
     c[key("enabled")] = gr.Checkbox(k == 0, label="Enable", elem_id=key("enabled"))
     c[key("model")] = gr.Dropdown(nets, value=_default_net(nets, k), label="ControlNet", elem_id=key("model"))
     with gr.Row():
-        c[key("photo")] = gr.Image(label="Photo (annotated into the map)", type="pil", format="png",
-                                   sources=("upload", "clipboard"), elem_id=key("photo"))  # fmt: skip
-        c[key("map")] = gr.Image(label="Condition map (or upload one)", type="pil", format="png",
-                                 sources=("upload", "clipboard"), elem_id=key("map"))  # fmt: skip
+        c[key("photo")] = gr.Image(
+            label="Photo (annotated into the map)",
+            type="pil",
+            format="png",
+            sources=("upload", "clipboard"),
+            elem_id=key("photo"),
+        )
+        c[key("map")] = gr.Image(
+            label="Condition map (or upload one)",
+            type="pil",
+            format="png",
+            sources=("upload", "clipboard"),
+            elem_id=key("map"),
+        )
     choices = [NO_ANNOTATOR] + [a for a in PHOTO_ANNOTATORS if a in served_annotators()]
     c[key("annotator")] = gr.Dropdown(choices, value=NO_ANNOTATOR, label="Annotator", elem_id=key("annotator"))
-    detect = gr.Slider(0, 2048, value=512, step=64, label="Detect resolution (0 = the annotator's default)",
-                       elem_id=key("detect_resolution"))  # fmt: skip
+    detect = gr.Slider(
+        0,
+        2048,
+        value=512,
+        step=64,
+        label="Detect resolution (0 = the annotator's default)",
+        elem_id=key("detect_resolution"),
+    )
     controls, groups = [], {}
     for name in choices[1:]:
         with gr.Group(visible=False) as group:
@@ -315,8 +360,13 @@ def _unit_panel(k: int, c: dict, nets: list[str], service: Service):
                 controls.append((ctl, _option_component(ctl, f"{key('opt')}_{name}_{ctl.name}")))
         groups[name] = group
     with gr.Accordion("Draw a scribble", open=False):
-        sketch = gr.Sketchpad(label="Draw (black on white; used as white on black)", type="pil", format="png",
-                              canvas_size=(512, 512), elem_id=key("sketch"))  # fmt: skip
+        sketch = gr.Sketchpad(
+            label="Draw (black on white; used as white on black)",
+            type="pil",
+            format="png",
+            canvas_size=(512, 512),
+            elem_id=key("sketch"),
+        )
         use_sketch = gr.Button("Use the drawing as the condition map", elem_id=key("use_sketch"))
     c[key("sketch")], c[key("use_sketch")] = sketch, use_sketch
     with gr.Row():
@@ -325,8 +375,9 @@ def _unit_panel(k: int, c: dict, nets: list[str], service: Service):
         c[key("end")] = gr.Slider(0, 1, value=1.0, step=0.01, label="Ending step", elem_id=key("end"))
     with gr.Row():
         c[key("mode")] = gr.Radio(mode_choices(), value="balanced", label="Control mode", elem_id=key("mode"))
-        c[key("resize")] = gr.Radio(resize_choices(), value="just_resize", label="Resize mode",
-                                    elem_id=key("resize"))  # fmt: skip
+        c[key("resize")] = gr.Radio(
+            resize_choices(), value="just_resize", label="Resize mode", elem_id=key("resize")
+        )
     return controls, groups, detect
 
 
@@ -349,8 +400,15 @@ def _setting_component(setting) -> gr.Component:
         return gr.Checkbox(bool(default), label=label, info=info, elem_id=elem_id)
     if kind in (int, float):
         low = meta(setting, "ge") if meta(setting, "ge") is not None else meta(setting, "gt")
-        return gr.Number(default, label=label, info=info, minimum=low, maximum=meta(setting, "le"),
-                         precision=0 if kind is int else None, elem_id=elem_id)  # fmt: skip
+        return gr.Number(
+            default,
+            label=label,
+            info=info,
+            minimum=low,
+            maximum=meta(setting, "le"),
+            precision=0 if kind is int else None,
+            elem_id=elem_id,
+        )
     return gr.Textbox("" if default is None else str(default), label=label, info=info, elem_id=elem_id)
 
 
@@ -395,8 +453,16 @@ def _wire_unit(k, c, controls, groups, detect, service: Service) -> None:
     ]
     # always_last: a change made while an annotation is pending (the photo still uploading when the annotator is
     # picked) runs once that one ends; gradio's default "once" would drop it and leave the map stale
-    gr.on(triggers, annotate, [photo, annotator, detect, *option_comps], cond_map, api_visibility="private",
-          concurrency_limit=4, concurrency_id="annotate", trigger_mode="always_last")  # fmt: skip
+    gr.on(
+        triggers,
+        annotate,
+        [photo, annotator, detect, *option_comps],
+        cond_map,
+        api_visibility="private",
+        concurrency_limit=4,
+        concurrency_id="annotate",
+        trigger_mode="always_last",
+    )
     cond_map.upload(lambda: None, None, photo, queue=False, api_visibility="private")
 
     def use_drawing(drawing):

@@ -50,7 +50,11 @@ def add_make_parser(subparsers: argparse._SubParsersAction) -> None:
         "(one {source, target, prompt} object per line), DIR/source/*.png (conditions) and DIR/target/*.png "
         "(images). Written into a temporary folder beside DIR and renamed when complete.",
     )
-    make.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)} (fill: outline -> filled circle; shapes: any shape, rotated, 1-3 px lines, half hand-drawn)")
+    make.add_argument(
+        "--task",
+        required=True,
+        help=f"one of: {', '.join(TASKS)} (fill: outline -> filled circle; shapes: any shape, rotated, 1-3 px lines, half hand-drawn)",
+    )
     make.add_argument("--n", type=int, required=True, help="number of samples")
     make.add_argument("--size", type=int, default=64, help="image side in px (default: %(default)s)")
     make.add_argument("--out", required=True, help="new dataset folder (must not exist)")
@@ -71,7 +75,8 @@ def run_make(args: argparse.Namespace) -> int:
     check_out(args.out)
     start = time.perf_counter()
     with tqdm(total=max(args.n, 0), unit="sample", desc=f"world {args.task}", leave=False) as bar:
-        out = write_dataset(args.task, args.n, args.size, args.out, seed=args.seed, workers=workers,
-                            progress=bar.update)  # fmt: skip
+        out = write_dataset(
+            args.task, args.n, args.size, args.out, seed=args.seed, workers=workers, progress=bar.update
+        )
     print(f"wrote {args.n} {args.task} samples ({args.size} px) to {out} in {time.perf_counter() - start:.1f} s")
     return 0

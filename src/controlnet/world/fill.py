@@ -77,7 +77,13 @@ def _rasterize(shape: str, centre: np.ndarray, radius: float, size: int) -> np.n
     if polygon is not None:
         return _rasterize_polygon(polygon, size)
     cv2.circle(
-        canvas, tuple(int(v) for v in to_big(centre)), int(round(radius * scale)), 255, -1, cv2.LINE_8, SUBPIXEL_BITS
+        canvas,
+        tuple(int(v) for v in to_big(centre)),
+        int(round(radius * scale)),
+        255,
+        -1,
+        cv2.LINE_8,
+        SUBPIXEL_BITS,
     )
     coverage = cv2.resize(canvas.astype(np.float32) / 255.0, (size, size), interpolation=cv2.INTER_AREA)
     return coverage  # (size, size)
@@ -194,8 +200,15 @@ def varied_fill_sample(seed: int, size: int = 64) -> WorldSample:
         prompt=fill_prompt(colour, shape, background),
         conditions={"fill": source},
         truth={"mask": mask},
-        info={"colour": colour, "background": background, "shape": shape, "centre": tuple(centre),
-              "radius": radius, "line_width": width, "polygon": polygon.tolist()},  # fmt: skip
+        info={
+            "colour": colour,
+            "background": background,
+            "shape": shape,
+            "centre": tuple(centre),
+            "radius": radius,
+            "line_width": width,
+            "polygon": polygon.tolist(),
+        },
     )
 
 

@@ -115,7 +115,9 @@ def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
     units = parse_units(args, ctx)
     values = from_webui(given)
     prompt, base = values.pop("prompt"), values.pop("base", service.current_base)
-    job = GenerationJob(prompt=prompt, base=base, units=[u.unit for u in units], options=GenerationOptions(**values))
+    job = GenerationJob(
+        prompt=prompt, base=base, units=[u.unit for u in units], options=GenerationOptions(**values)
+    )
     return WebUIRequest(job, units, n_iter, seed, sampler_label, key)
 
 
@@ -125,8 +127,11 @@ def _refuse_features(payload: dict) -> None:
         if payload.get(key):
             raise PayloadError(key, f"{feature} is not available on this server; send {key}: false")
     if payload.get("script_name"):
-        raise PayloadError("script_name", f"script {payload['script_name']!r} is not available; this server runs "
-                                          "no web-UI scripts (ControlNet units go in alwayson_scripts)")  # fmt: skip
+        raise PayloadError(
+            "script_name",
+            f"script {payload['script_name']!r} is not available; this server runs "
+            "no web-UI scripts (ControlNet units go in alwayson_scripts)",
+        )
     if payload.get("styles"):
         raise PayloadError("styles", "prompt styles are not available on this server; put the text in the prompt")
     strength = payload.get("subseed_strength") or 0
@@ -222,8 +227,11 @@ def _img2img(payload: dict, service):
         raise PayloadError("denoising_strength", "got 0 (nothing would be repainted); expected 0 < strength <= 1")
     mode = payload.get("resize_mode", 0)
     if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < len(RESIZE_MODES):
-        raise PayloadError("resize_mode", f"got {mode!r}; expected 0 (just resize), 1 (crop and resize) or 2 "
-                                          "(resize and fill); 3 (latent upscale) is not available")  # fmt: skip
+        raise PayloadError(
+            "resize_mode",
+            f"got {mode!r}; expected 0 (just resize), 1 (crop and resize) or 2 "
+            "(resize and fill); 3 (latent upscale) is not available",
+        )
     return init.convert("RGB") if init.mode not in ("RGB", "RGBA") else init, mask, strength, RESIZE_MODES[mode]
 
 

@@ -80,25 +80,34 @@ class Module:
 MODULES: tuple[Module, ...] = (
     Module(NONE_MODULE, None, "All", resolution=False),
     Module(
-        "canny", "canny", "Canny",
+        "canny",
+        "canny",
+        "Canny",
         threshold_a=Slider("Low Threshold", "low_threshold", 1, 255, 1, integer=True),
         threshold_b=Slider("High Threshold", "high_threshold", 1, 255, 1, integer=True),
     ),
     # M-LSD's distance threshold is the shortest segment kept (reference `pred_lines(..., dist_thr)`): our
     # min_length. M-LSD's score threshold has no counterpart in OpenCV's LSD, so threshold_a is not read.
     Module(
-        "mlsd", "lines", "MLSD", fixed={"method": "lsd"},
+        "mlsd",
+        "lines",
+        "MLSD",
+        fixed={"method": "lsd"},
         threshold_b=Slider("MLSD Distance Threshold", "min_length", 0.01, 20.0, 0.01),
     ),
     Module(
-        "scribble_xdog", "scribble", "Scribble/Sketch",
+        "scribble_xdog",
+        "scribble",
+        "Scribble/Sketch",
         threshold_a=Slider("XDoG Threshold", "threshold", 1, 64, 1, integer=True),
     ),
     Module("softedge_hed", "hed", "SoftEdge", weights="ControlNetHED.pth"),
     Module("softedge_hedsafe", "hed", "SoftEdge", fixed={"safe": True}, weights="ControlNetHED.pth"),
     Module("softedge_pidinet", "pidinet", "SoftEdge", weights="table5_pidinet.pth"),
     Module("softedge_pidisafe", "pidinet", "SoftEdge", fixed={"safe": True}, weights="table5_pidinet.pth"),
-    Module("lineart_standard", "lineart_standard", "Lineart", alias="lineart_standard (from white bg & black line)"),
+    Module(
+        "lineart_standard", "lineart_standard", "Lineart", alias="lineart_standard (from white bg & black line)"
+    ),
     Module("depth_midas", "depth", "Depth", weights="dpt-hybrid-midas"),
     Module("openpose", "openpose", "OpenPose", weights="body_pose_model.pth"),
     # Both upstream ADE20K segmenters draw the ADE20K palette our UperNet segmenter draws: same map format.
@@ -106,13 +115,16 @@ MODULES: tuple[Module, ...] = (
     Module("seg_ufade20k", "seg", "Segmentation", weights="upernet-convnext-small"),
     Module("shuffle", "shuffle", "Shuffle"),
     Module(
-        "tile_resample", "tile", "Tile/Blur", resolution=False,
+        "tile_resample",
+        "tile",
+        "Tile/Blur",
+        resolution=False,
         threshold_a=Slider("Down Sampling Rate", "down_sampling_rate", 1.0, 8.0, 0.01),
     ),
     Module("invert", "invert", "Lineart", alias="invert (from white bg & black line)", resolution=False),
     # The v1.1 inpaint condition (image in [0, 1], masked pixels -1) is built from the img2img image and mask.
     Module("inpaint_only", "inpaint", "Inpaint", resolution=False),
-)  # fmt: skip
+)
 # ModelEntry.condition (serve/models.py) -> the web UI's control type.
 CONTROL_TYPE_BY_CONDITION = {
     "canny": "Canny", "mlsd": "MLSD", "scribble": "Scribble/Sketch", "softedge": "SoftEdge", "hed": "SoftEdge",
@@ -158,8 +170,14 @@ def control_types(controlnets: list) -> dict:
     modules = available_modules()
     names = [m.name for m in modules]
     titles = [e.title for e in controlnets]
-    out = {"All": {"module_list": names, "model_list": ["None", *titles], "default_option": NONE_MODULE,
-                   "default_model": "None"}}  # fmt: skip
+    out = {
+        "All": {
+            "module_list": names,
+            "model_list": ["None", *titles],
+            "default_option": NONE_MODULE,
+            "default_model": "None",
+        }
+    }
     for module in modules:
         if module.control_type == "All":
             continue
@@ -207,13 +225,15 @@ def module_detail(module: Module) -> dict:
     """`module_detail` entry of `/controlnet/module_list`: model_free and the sliders with our defaults."""
     sliders = []
     for _, slider in module.sliders():
-        sliders.append({
-            "name": slider.label,
-            "value": option_default(module, slider),
-            "min": slider.minimum,
-            "max": slider.maximum,
-            "step": slider.step,
-        })  # fmt: skip
+        sliders.append(
+            {
+                "name": slider.label,
+                "value": option_default(module, slider),
+                "min": slider.minimum,
+                "max": slider.maximum,
+                "step": slider.step,
+            }
+        )
     return {"model_free": False, "sliders": sliders}
 
 

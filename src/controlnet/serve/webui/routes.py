@@ -87,15 +87,19 @@ def add_routes(app: FastAPI, service) -> None:
                 "sha256": e.sha256,
                 "filename": e.name,
                 "config": None,
-            }  # fmt: skip
+            }
             for e in service.registry.bases()
         ]
 
     @app.get("/sdapi/v1/options", tags=["web-UI API"])
     def get_options() -> dict:
         base = service.registry.base(service.current_base)
-        return {"sd_model_checkpoint": base.title, "sd_checkpoint_hash": base.sha256, "CLIP_stop_at_last_layers": 1,
-                "control_net_unit_count": service.max_units}  # fmt: skip
+        return {
+            "sd_model_checkpoint": base.title,
+            "sd_checkpoint_hash": base.sha256,
+            "CLIP_stop_at_last_layers": 1,
+            "control_net_unit_count": service.max_units,
+        }
 
     @app.post("/sdapi/v1/options", tags=["web-UI API"])
     def set_options(payload: JsonBody) -> dict:
@@ -105,8 +109,12 @@ def add_routes(app: FastAPI, service) -> None:
         current = get_options()
         for key, value in payload.items():
             if key != "sd_model_checkpoint" and (key not in current or current[key] != value):
-                raise ApiError(422, f"{key}: this setting is not available here; POST /sdapi/v1/options changes "
-                                    "only sd_model_checkpoint", key)  # fmt: skip
+                raise ApiError(
+                    422,
+                    f"{key}: this setting is not available here; POST /sdapi/v1/options changes "
+                    "only sd_model_checkpoint",
+                    key,
+                )
         if "sd_model_checkpoint" in payload:
             try:
                 service.set_base(payload["sd_model_checkpoint"])
@@ -124,15 +132,28 @@ def add_routes(app: FastAPI, service) -> None:
     def progress(skip_current_image: bool = False) -> dict:
         job = service.current()
         depth = service.queue_depth()
-        state = {"skipped": False, "interrupted": False, "job": "", "job_count": depth, "job_timestamp": "0",
-                 "job_no": 0, "sampling_step": 0, "sampling_steps": 0}  # fmt: skip
+        state = {
+            "skipped": False,
+            "interrupted": False,
+            "job": "",
+            "job_count": depth,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
         if job is None:
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
         fraction = job.step / job.total if job.total else 0.0
         elapsed = time.time() - (job.started or time.time())
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-        state.update(job=job.id, interrupted=job.cancel_requested, sampling_step=job.step,
-                     sampling_steps=job.total, job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)))  # fmt: skip
+        state.update(
+            job=job.id,
+            interrupted=job.cancel_requested,
+            sampling_step=job.step,
+            sampling_steps=job.total,
+            job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+        )
         return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None}
 
     @app.post("/sdapi/v1/interrupt", tags=["web-UI API"])

@@ -285,7 +285,9 @@ def _block_scales(value, where: str, model: ModelEntry) -> list[float] | None:
         or not value
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
     ):
-        raise PayloadError(where, f"expected a list of {expected} (13 for SD1.5, 10 for SDXL), got {value!r}"[:300])
+        raise PayloadError(
+            where, f"expected a list of {expected} (13 for SD1.5, 10 for SDXL), got {value!r}"[:300]
+        )
     if outputs and len(value) != outputs:
         raise PayloadError(where, f"got {len(value)} numbers; expected {expected} (its skips + the middle block)")
     return [float(v) for v in value]
@@ -303,8 +305,15 @@ def pixel_perfect_resolution(source: tuple[int, int], target: tuple[int, int], r
     return int(round(k * min(src_h, src_w)))
 
 
-def _annotator_options(module: Module, unit: dict, where: str, pixel_perfect: bool, resize: str,
-                       source: Image.Image | None, ctx: UnitContext) -> tuple[dict, dict]:  # fmt: skip
+def _annotator_options(
+    module: Module,
+    unit: dict,
+    where: str,
+    pixel_perfect: bool,
+    resize: str,
+    source: Image.Image | None,
+    ctx: UnitContext,
+) -> tuple[dict, dict]:
     """Our annotator's options from the unit's three numbers, and the effective values for `info`."""
     effective = {"processor_res": UNSET, "threshold_a": UNSET, "threshold_b": UNSET}
     if module.annotator is None or module.annotator == "inpaint":
