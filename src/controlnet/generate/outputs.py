@@ -55,6 +55,11 @@ def webui_clip_layer(settings: dict) -> int:
     return int(settings.get("clip_skip") or 0) + 1
 
 
+def webui_clip_field(settings: dict) -> dict[str, int]:
+    """The same as the web UI's info JSON spells it (its key happens to be our setting's name)."""
+    return {"clip_skip": webui_clip_layer(settings)}
+
+
 def png_info(settings: dict, seed: int, controlnet_names: list[str] | None = None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(settings, seed, controlnet_names))

@@ -12,7 +12,7 @@ import json
 import time
 
 from controlnet import __version__
-from controlnet.generate.outputs import webui_clip_layer
+from controlnet.generate.outputs import webui_clip_field, webui_clip_layer
 from controlnet.io.images import png_base64
 from controlnet.serve.webui.generation import WebUIRequest
 
@@ -89,7 +89,7 @@ def build_response(request: WebUIRequest, results: list, parameters: dict, base_
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
         "denoising_strength": first.get("strength"),
-        "clip_skip": clip_layer,  # the web UI's own response key (its CLIP_stop_at_last_layers, 1 = last layer)
+        **webui_clip_field(first),
         "extra_generation_params": extra,
         "index_of_first_image": 0,
         "infotexts": texts,
