@@ -194,3 +194,27 @@ def test_every_control_mode_label_our_pngs_write_reads_back():
         assert form_from_settings({"controlnets": [unit]}, NETS)[unit_key(0, "mode")] == name
     with pytest.raises(ValueError, match="unknown control mode 'loud'"):
         control_mode("loud")
+
+
+def test_every_other_schema_setting_is_a_form_value_that_reaches_the_job_and_the_api_body():
+    """The settings the page does not place by hand are generated from the schema ("More settings"): each is a form
+    key, lands in the job's options, travels in the API body and comes back from the settings."""
+    import dataclasses
+
+    from controlnet.generate.options import GenerationOptions
+    from controlnet.settings_cli import meta
+    from controlnet.ui.form import form_keys, more_settings
+
+    names = [f.name for f in more_settings()]
+    shown = {f.name for f in dataclasses.fields(GenerationOptions) if meta(f, "ui", True)}
+    assert set(names) == shown and set(names) <= set(form_keys())
+    values = {"eta": 0.3, "guess_mode_form": "diffusers", "resize_mode": "crop_and_resize"}
+    job = build_job(form(**values), "builtin")
+    options = job.options
+    assert (options.eta, options.guess_mode_form, options.resize_mode) == (0.3, "diffusers", "crop_and_resize")
+    body = api_request(job)
+    assert {k: body[k] for k in values} == values
+    back = form_from_settings(job.options.describe(len(job.units)), NETS)
+    assert {k: back[k] for k in values} == values
+    with pytest.raises(FormError, match="eta=2.0"):
+        build_job(form(eta=2.0), "builtin")
