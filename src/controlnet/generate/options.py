@@ -69,9 +69,6 @@ class ControlUnit:
             self.block_scales = [float(b) for b in self.block_scales]
         check_window(self.start, self.end, "control window (start, end)")
 
-    def net_options(self) -> NetOptions:
-        return NetOptions(self.scale, self.start, self.end, control_mode(self.mode), self.block_scales)
-
 
 @dataclass
 class NetOptions:
@@ -269,11 +266,3 @@ def _per_net(value, n: int, name: str) -> list:
             raise ValueError(f"{name}: got {len(value)} values for {n} ControlNets; expected one per net")
         return list(value)
     return [value] * n
-
-
-def unit_fields() -> list[dataclasses.Field]:
-    return list(fields(ControlUnit))
-
-
-def option_fields() -> list[dataclasses.Field]:
-    return list(fields(GenerationOptions))
