@@ -36,6 +36,7 @@ def run(script: str, out: Path, *extra: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())
 
 
+@pytest.mark.slow  # three runs of the script, 37 s on 2 cores: the default suite stays under 15 minutes
 def test_composition_rerun_gives_the_same_numbers_and_another_seed_does_not(tmp_path):
     first = run("composition.py", tmp_path / "a")
     again = run("composition.py", tmp_path / "b")
@@ -58,6 +59,7 @@ def test_guidance_rerun_gives_the_same_numbers(tmp_path):
     assert run("guidance.py", tmp_path / "a")["rows"] == run("guidance.py", tmp_path / "b")["rows"]
 
 
+@pytest.mark.slow  # a seeded fine-tune run twice, 31 s on 2 cores
 def test_transfer_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
     """The community fine-tune is seeded too: two short runs in fresh work folders agree exactly."""
     rows = []

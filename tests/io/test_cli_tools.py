@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -79,6 +80,7 @@ def test_init_copies_the_base_encoder(combined, tmp_path):
     assert all(torch.count_nonzero(got[k]) == 0 for k in zero)
 
 
+@pytest.mark.slow  # three `controlnet init` processes, 27 s on 2 cores; test_init_copies_the_base_encoder runs by default
 def test_init_is_reproducible_by_seed(combined, tmp_path):
     """The hint encoder starts random: the same --seed writes the same weights, another seed other ones."""
     weights, config = combined
