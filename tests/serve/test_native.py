@@ -325,12 +325,21 @@ BAD_JSON = [
     ("bad value", {"steps": 0}, 422, "steps", None),
     ("bad scheduler", {"scheduler": "nope", "steps": 1}, 422, None, "unknown scheduler"),
     ("size off the VAE grid", {"width": 63, "height": 64, "steps": 1}, 422, None, "63"),
+    ("NaN strength", {"units": [unit(scale=float("nan"))]}, 422, "units[0].scale", "finite"),
+    ("infinite guidance", {"guidance_scale": float("inf")}, 422, "guidance_scale", "finite"),
+    ("NaN eta", {"eta": float("nan")}, 422, "eta", "finite"),
+    ("steps past the limit", {"steps": 151}, 422, "steps", "150"),
+    ("clip_skip past the encoder", {"clip_skip": 30, "steps": 1}, 422, None, "layers"),
 ]
 
 
 @pytest.mark.parametrize("body,status,field,text", [b[1:] for b in BAD_JSON], ids=[b[0] for b in BAD_JSON])
 def test_bad_generate_requests(url, body, status, field, text):
-    assert_problem(httpx.post(url + "/v1/generate", json=body, timeout=60), status, field, text)
+    # json.dumps writes NaN and Infinity as the bare tokens a careless client sends (httpx's json= refuses them)
+    content, headers = json.dumps(body).encode(), {"content-type": "application/json"}
+    assert_problem(
+        httpx.post(url + "/v1/generate", content=content, headers=headers, timeout=60), status, field, text
+    )
 
 
 def test_unknown_annotator_and_bad_image_on_annotate(url):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 
 import httpx
@@ -360,6 +361,17 @@ ARGS = "alwayson_scripts.ControlNet.args"
         ({}, {"override_settings": {"sd_vae": "x"}}, 422, "override_settings.sd_vae", "not available"),
         ({}, {"sampler_name": "DPM++ SDE"}, 422, "sampler_name", "DPM++ SDE"),
         ({"image": "BOMB"}, {}, 413, f"{ARGS}[0].image", "pixels"),
+        # numbers that are not finite, or past the limits the native API has too (serve/limits.py)
+        ({"weight": float("nan")}, {}, 422, f"{ARGS}[0].weight", "finite"),
+        ({"weight": float("inf")}, {}, 422, f"{ARGS}[0].weight", "finite"),
+        ({"weight": 1e308}, {}, 422, f"{ARGS}[0].weight", "[0.0, 10.0]"),
+        ({"guidance_end": float("nan")}, {}, 422, f"{ARGS}[0].guidance_end", "finite"),
+        ({}, {"cfg_scale": float("nan")}, 422, "cfg_scale", "[0.0, 50.0]"),
+        ({}, {"steps": 151}, 422, "steps", "[1, 150]"),
+        ({}, {"width": 4096}, 422, "width", "[1, 2048]"),
+        ({}, {"batch_size": 9}, 422, "batch_size", "[1, 8]"),
+        ({}, {"prompt": "x" * 20_001}, 422, "prompt", "at most 20,000"),
+        ({}, {"alwayson_scripts": {"Other": 5}}, 422, "alwayson_scripts.Other", "args list"),
     ],
 )
 def test_bad_unit_requests(server, model_title, unit, top, status, field, words):
@@ -375,12 +387,29 @@ def test_bad_unit_requests(server, model_title, unit, top, status, field, words)
         "alwayson_scripts": {"ControlNet": {"args": [full]}},
         **top,
     }
-    r = httpx.post(server.url + "/sdapi/v1/txt2img", json=body, timeout=60)
+    # json.dumps writes NaN and Infinity as the bare tokens web-UI clients (Python's json) send; httpx would refuse
+    content = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    r = httpx.post(server.url + "/sdapi/v1/txt2img", content=content, headers=headers, timeout=60)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     problem = r.json()
     assert problem["field"] == field and words in problem["detail"], problem
     assert httpx.get(server.url + "/controlnet/version").json() == {"version": 3}  # still serving
+
+
+def test_no_page_or_answer_can_be_framed_by_another_site(server):
+    """Every response, the page's, the APIs', a refusal and a 404, forbids framing (clickjacking)."""
+    responses = [
+        httpx.get(server.url + "/ui/", follow_redirects=True, timeout=60),
+        httpx.get(server.url + "/v1/health"),
+        httpx.get(server.url + "/sdapi/v1/nothing-here"),
+        httpx.post(server.url + "/v1/generate", content=b"x", headers={"content-type": "text/plain"}),
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 404, 415]
+    for r in responses:
+        assert r.headers["content-security-policy"] == "frame-ancestors 'none'", r.url
+        assert r.headers["x-frame-options"] == "DENY", r.url
 
 
 def test_too_many_units_and_bad_init(server, model_title):

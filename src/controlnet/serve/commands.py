@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+from controlnet.serve.limits import describe as describe_limits
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 7860  # the web UI's, so clients find us where they look
@@ -39,7 +41,9 @@ Security:
   - request bodies over --max-body-mb are refused while they are read (413); images over --max-pixels before
     they are decoded (413); cross-site requests (foreign Origin/Referer) 403; a foreign Host header 400 (DNS
     rebinding); POST bodies other than application/json 415
-  - no route reveals the command line, the environment or the file system"""
+  - no route reveals the command line, the environment or the file system
+  - no other site may frame a page (Content-Security-Policy: frame-ancestors 'none', X-Frame-Options: DENY)
+  - the same request limits on /v1, the web-UI API and the page (serve/limits.py): {limits}"""
 
 EPILOG = """\
 examples:
@@ -57,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve generation over HTTP (native /v1 API + the web-UI compatible API)",
-        description=DESCRIPTION,
+        description=DESCRIPTION.replace("{limits}", describe_limits()),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

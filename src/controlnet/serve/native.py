@@ -28,6 +28,15 @@ from controlnet.generate.outputs import png_info
 from controlnet.io.images import png_base64, png_bytes
 from controlnet.serve.annotators import checked_options, describe_annotators
 from controlnet.serve.images import decode_image
+from controlnet.serve.limits import (
+    MAX_BLOCK_SCALES,
+    MAX_CONTROL_SCALE,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_SIDE,
+    MAX_STEPS,
+)
 from controlnet.serve.problems import PROBLEM_JSON, ApiError, error_status
 from controlnet.serve.request_models import Strict, request_model, settings_from_request
 from controlnet.serve.service import (
@@ -42,9 +51,6 @@ from controlnet.serve.service import (
     served_annotators,
 )
 
-MAX_BATCH = 8
-MAX_SIDE = 2048
-MAX_STEPS = 150
 POLL_S = 0.25  # how often a waiting request checks whether its client went away
 SSE_KEEPALIVE_S = 15.0
 Image64 = Field(description="a base64 image or a data: URI (file paths are refused)")
@@ -60,17 +66,19 @@ class Problem(BaseModel):
 
 
 # What one request may cost, on top of the schema's own bounds (generate/options.py): the server's prices.
-UNIT_CAPS = {"model": {"max_length": 512}, "annotator": {"max_length": 64}, "scale": {"le": 10},
-             "block_scales": {"max_length": 64}}  # fmt: skip
-OPTION_CAPS = {"negative_prompt": {"max_length": 20000}, "steps": {"le": MAX_STEPS}, "seed": {"le": 2**63 - 1},
-               "width": {"ge": 1, "le": MAX_SIDE}, "height": {"ge": 1, "le": MAX_SIDE}, "batch_size": {"le": MAX_BATCH},
-               "guidance_scale": {"le": 50}, "scheduler": {"max_length": 64}}  # fmt: skip
+# (the limits themselves are serve/limits.py's, shared with the web-UI API and the page)
+UNIT_CAPS = {"model": {"max_length": 512}, "annotator": {"max_length": 64}, "scale": {"le": MAX_CONTROL_SCALE},
+             "block_scales": {"max_length": MAX_BLOCK_SCALES}}  # fmt: skip
+OPTION_CAPS = {"negative_prompt": {"max_length": MAX_PROMPT_CHARS}, "steps": {"le": MAX_STEPS},
+               "seed": {"le": 2**63 - 1}, "width": {"ge": 1, "le": MAX_SIDE}, "height": {"ge": 1, "le": MAX_SIDE},
+               "batch_size": {"le": MAX_IMAGES}, "guidance_scale": {"le": MAX_GUIDANCE},
+               "scheduler": {"max_length": 64}}  # fmt: skip
 UnitIn = request_model(ControlUnit, "UnitIn", UNIT_CAPS)
 GenerateIn = request_model(
     GenerationOptions,
     "GenerateIn",
     OPTION_CAPS,
-    prompt=(str, Field("", max_length=20000, description="What to draw.")),
+    prompt=(str, Field("", max_length=MAX_PROMPT_CHARS, description="What to draw.")),
     base=(
         str | None,
         Field(None, max_length=512, description="a base's name from GET /v1/models; null = the current base"),

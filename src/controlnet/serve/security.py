@@ -12,6 +12,7 @@ One pure-ASGI middleware in front of every route (the API, /docs, the web-UI rou
    another site can only send text/plain, urlencoded or multipart without a preflight.
 5. Body size: a Content-Length over the limit is refused at once, and the bytes actually received are counted
    while the body is read, before anything parses it (uvicorn has no limit of its own): 413.
+Every response, refusals included, says that no other site may frame it (FRAME_HEADERS).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class SecurityMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = _unframeable(send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         refusal = self._refuse(scope, headers)
         if refusal is not None:
@@ -174,6 +176,23 @@ class SecurityMiddleware:
         except (binascii.Error, ValueError):
             return False
         return hmac.compare_digest(given, self.credentials)  # constant time in the length of the secret
+
+
+# No other site may show our pages in a frame (clickjacking): every response says so, in both spellings browsers read.
+FRAME_HEADERS = ((b"content-security-policy", b"frame-ancestors 'none'"), (b"x-frame-options", b"DENY"))
+
+
+def _unframeable(send):
+    """`send` with FRAME_HEADERS added to each response's start (a header the app set itself is kept)."""
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            present = {k.lower() for k, _ in message.get("headers", [])}
+            extra = [(k, v) for k, v in FRAME_HEADERS if k not in present]
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
 
 
 async def _send_problem(send, status: int, detail: str, headers: dict | None = None) -> None:

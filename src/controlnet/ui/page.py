@@ -26,6 +26,7 @@ from controlnet.generate.builtin_format import BUILTIN
 from controlnet.generate.outputs import a1111_parameters
 from controlnet.generate.png_settings import read_png_settings
 from controlnet.io.images import MAX_IMAGE_PIXELS
+from controlnet.serve.limits import MAX_IMAGES, MAX_SIDE, MAX_STEPS
 from controlnet.serve.service import (
     DONE,
     AnnotationJob,
@@ -129,20 +130,24 @@ def build_page(service: Service) -> gr.Blocks:
                         label="Sampler",
                         elem_id="sampler",
                     )
-                    c["steps"] = gr.Slider(1, 150, value=sampling.steps, step=1, label="Steps", elem_id="steps")
+                    c["steps"] = gr.Slider(
+                        1, MAX_STEPS, value=sampling.steps, step=1, label="Steps", elem_id="steps"
+                    )
                     c["guidance_scale"] = gr.Slider(
                         0, 30, value=sampling.guidance_scale, step=0.5, label="CFG scale", elem_id="cfg"
                     )
                 with gr.Row():
                     c["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="seed")
                     dice = gr.Button("Random seed", elem_id="random_seed", scale=0)
-                    c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="batch_size")
+                    c["batch_size"] = gr.Slider(
+                        1, MAX_IMAGES, value=1, step=1, label="Batch size", elem_id="batch_size"
+                    )
                 with gr.Row():
                     c["width"] = gr.Slider(
-                        0, 2048, value=0, step=8, label="Width (0 = from the condition)", elem_id="width"
+                        0, MAX_SIDE, value=0, step=8, label="Width (0 = from the condition)", elem_id="width"
                     )
                     c["height"] = gr.Slider(
-                        0, 2048, value=0, step=8, label="Height (0 = from the condition)", elem_id="height"
+                        0, MAX_SIDE, value=0, step=8, label="Height (0 = from the condition)", elem_id="height"
                     )
                 with gr.Tabs():
                     for k in range(MAX_UNITS):

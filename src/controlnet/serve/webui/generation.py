@@ -26,6 +26,7 @@ from controlnet.generate.control_images import RESIZE_MODES
 from controlnet.generate.options import GenerationJob, GenerationOptions
 from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name
 from controlnet.serve.images import decode_image
+from controlnet.serve.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS
 from controlnet.serve.models import UnknownModel
 from controlnet.serve.webui.payload import PayloadError
 from controlnet.serve.webui.units import UnitContext, WebUIUnit, find_unit_args, parse_units
@@ -36,7 +37,6 @@ DEFAULT_CFG_SCALE = 7.0
 DEFAULT_SAMPLER = "Euler"
 DEFAULT_DENOISING = 0.75
 MAX_SEED = 2**32 - 1  # the web UI draws seeds in [0, 2**32)
-MAX_IMAGES = 16  # batch_size x n_iter per request: one request must not hold the worker for hours
 # img2img resize_mode: 0 Just resize, 1 Crop and resize, 2 Resize and fill (RESIZE_MODES' order), 3 Just resize
 # (latent upscale), which we do not have
 OVERRIDE_KEYS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
@@ -82,8 +82,8 @@ def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
     given = _overrides(payload.get("override_settings"), service)
     given["prompt"] = _text(payload, "prompt")
     given["negative_prompt"] = _text(payload, "negative_prompt") or None
-    given["steps"] = _int(payload, "steps", DEFAULT_STEPS, 1, 1000)
-    given["cfg_scale"] = _float(payload, "cfg_scale", DEFAULT_CFG_SCALE, 0.0, 100.0)
+    given["steps"] = _int(payload, "steps", DEFAULT_STEPS, 1, MAX_STEPS)
+    given["cfg_scale"] = _float(payload, "cfg_scale", DEFAULT_CFG_SCALE, 0.0, MAX_GUIDANCE)
     batch_size = given["batch_size"] = _int(payload, "batch_size", 1, 1, MAX_IMAGES)
     n_iter = _int(payload, "n_iter", 1, 1, MAX_IMAGES)
     if batch_size * n_iter > MAX_IMAGES:
@@ -143,6 +143,10 @@ def _refuse_features(payload: dict) -> None:
             if name.lower() == "controlnet":
                 continue
             args = script.get("args") if isinstance(script, dict) else script
+            if args is not None and not isinstance(args, list):
+                raise PayloadError(
+                    f"alwayson_scripts.{name}", f"expected an object with an args list, got {args!r}"
+                )
             if args and args[0] is not False:
                 raise PayloadError(f"alwayson_scripts.{name}", f"script {name!r} is not available on this server")
 
@@ -239,6 +243,8 @@ def _text(payload: dict, key: str) -> str:
     value = payload.get(key) or ""
     if not isinstance(value, str):
         raise PayloadError(key, f"expected a string, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise PayloadError(key, f"{len(value):,} characters; at most {MAX_PROMPT_CHARS:,}")
     return value
 
 
@@ -266,7 +272,7 @@ def _size(payload: dict, key: str) -> int | None:
     value = payload.get(key)
     if value is None or value == 0:  # 0 / omitted: the base's native size (see the module docstring)
         return None
-    return _int(payload, key, 0, 1, 8192)
+    return _int(payload, key, 0, 1, MAX_SIDE)
 
 
 def echo_parameters(payload: dict) -> dict:

@@ -14,6 +14,7 @@ that name a model; here an omitted `enabled` counts as true when the unit names 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -23,6 +24,7 @@ from controlnet.generate.guidance import CONTROL_MODES, control_mode
 from controlnet.generate.jobs import ControlUnit
 from controlnet.generate.pipeline import INPAINT
 from controlnet.serve.images import decode_image
+from controlnet.serve.limits import MAX_CONTROL_SCALE
 from controlnet.serve.models import ModelEntry, UnknownModel
 from controlnet.serve.webui.modules import NONE_MODULE, UNSET, Module, effective_value, find_module
 from controlnet.serve.webui.payload import PayloadError
@@ -144,7 +146,7 @@ def _parse_unit(k: int, unit: dict, ctx: UnitContext) -> WebUIUnit:
     model = _model(unit.get("model"), ctx.registry, f"{where}.model")
     image, mask = _images(unit, where, ctx.max_pixels)
     resize = _resize_mode(unit.get("resize_mode", DEFAULT_RESIZE), f"{where}.resize_mode")
-    weight = _number(unit.get("weight", 1.0), f"{where}.weight", low=0.0)
+    weight = _number(unit.get("weight", 1.0), f"{where}.weight", 0.0, MAX_CONTROL_SCALE)
     start = _number(unit.get("guidance_start", 0.0), f"{where}.guidance_start", 0.0, 1.0)
     end_key = "guidance_end" if "guidance_end" in unit else "guidance"
     end = _number(unit.get(end_key, 1.0), f"{where}.{end_key}", 0.0, 1.0)
@@ -259,6 +261,8 @@ def _control_mode(unit: dict, where: str) -> str:
 def _number(value, where: str, low: float | None = None, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PayloadError(where, f"expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise PayloadError(where, f"got {value}; expected a finite number")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise PayloadError(where, f"got {value}; expected a number {bounds}")
