@@ -342,6 +342,35 @@ def test_bad_generate_requests(url, body, status, field, text):
     )
 
 
+def unit_fields() -> dict:
+    return {"model": TINY_CONTROLNET, "image": b64(circle())}
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "text"),
+    [
+        ({"gaussian_sigma": float("inf")}, "options.gaussian_sigma", "finite"),  # grew the server to ~21 GB
+        ({"gaussian_sigma": float("nan")}, "options.gaussian_sigma", "finite"),  # was a 500
+        ({"detect_resolution": 16384}, "options.detect_resolution", "2048"),  # cost 4.4 GB
+    ],
+)
+def test_annotator_options_are_finite_and_bounded(url, options, field, text):
+    """Refused before any work, as /v1/annotate options and as a generation unit's annotator options."""
+    headers = {"content-type": "application/json"}
+    body = {"annotator": "lineart_standard", "image": b64(circle()), "options": options}
+    started = time.monotonic()
+    response = httpx.post(url + "/v1/annotate", content=json.dumps(body).encode(), headers=headers, timeout=30)
+    assert_problem(response, 422, field, text)
+    unit = {**unit_fields(), "annotator": "lineart_standard", "annotator_options": options}
+    unit_body = {"units": [unit], "steps": 1}
+    response = httpx.post(
+        url + "/v1/generate", content=json.dumps(unit_body).encode(), headers=headers, timeout=30
+    )
+    assert_problem(response, 422, f"units[0].annotator_{field}", text)
+    assert time.monotonic() - started < 10  # refused, not computed
+    assert httpx.get(url + "/v1/health").status_code == 200
+
+
 def test_unknown_annotator_and_bad_image_on_annotate(url):
     assert_problem(
         httpx.post(url + "/v1/annotate", json={"annotator": "nope", "image": b64(circle())}), 422, "annotator"

@@ -11,14 +11,21 @@ import dataclasses
 import typing
 from functools import cache
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from controlnet.annotate.registry import annotator_class, annotator_options
+from controlnet.serve.limits import MAX_SIDE
 from controlnet.serve.service import SERVER_ONLY_ANNOTATOR_OPTIONS, FieldError, served_annotators
+
+# What a request may ask of an annotator, on top of the option's own checks: the short side it works at costs
+# memory and time with its square (16384 took 4.4 GB), so it is capped like an output side (serve/limits.py).
+OPTION_CAPS = {"detect_resolution": {"le": MAX_SIDE}}
 
 
 @cache
 def options_model(name: str) -> type[BaseModel]:
+    """The annotator's client-settable options; numbers must be finite (NaN passed range checks written as
+    `not value < low`, and an infinite blur sigma grew the server until the kernel killed it)."""
     cls = annotator_class(name)
     hints = typing.get_type_hints(cls)
     fields = {}
@@ -26,8 +33,9 @@ def options_model(name: str) -> type[BaseModel]:
         if key in SERVER_ONLY_ANNOTATOR_OPTIONS:
             continue
         default = f.default if f.default is not dataclasses.MISSING else ...
-        fields[key] = (hints.get(key, typing.Any), default)
-    return create_model(f"{name}_options", __config__=ConfigDict(extra="forbid"), **fields)
+        fields[key] = (hints.get(key, typing.Any), Field(default, **OPTION_CAPS.get(key, {})))
+    config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    return create_model(f"{name}_options", __config__=config, **fields)
 
 
 def options_schema(name: str) -> dict:
