@@ -200,26 +200,24 @@ def controlnets(args) -> list[str]:
     return getattr(args, UNIT + "model") or []
 
 
-def options_from_args(args, decode: bool = True):
+def options_from_args(args):
     """The `GenerationOptions` of the command line; the init image and mask decoded (a missing, truncated or too
     large file stops us here, before any model loads)."""
     from controlnet.generate.options import GenerationOptions
+    from controlnet.io.images import open_image
     from controlnet.settings_cli import given_values
 
-    values = {k: v for k, v in given_values(args, GenerationOptions, OPTION).items()}
-    if decode:
-        from controlnet.io.images import open_image
-
-        for key in ("image", "mask"):
-            if values.get(key) is not None:
-                values[key] = open_image(values[key], f"--{key}")
+    values = given_values(args, GenerationOptions, OPTION)
+    for key in ("image", "mask"):
+        if values.get(key) is not None:
+            values[key] = open_image(values[key], f"--{key}")
     return GenerationOptions(**values)
 
 
-def units_from_args(args, options, conds: list | None = None) -> list:
-    """One `ControlUnit` per --controlnet; each per-net flag given once (every net's) or once per net.
-
-    A unit's resize mode defaults to --resize-mode (so that one flag still resizes every image)."""
+def units_from_args(args, options) -> list:
+    """One `ControlUnit` per --controlnet (its condition image set later); each per-net flag given once (every
+    net's) or once per net. A unit's resize mode defaults to --resize-mode (so that one flag still resizes every
+    image)."""
     import dataclasses
 
     from controlnet.generate.options import UNIT_LISTS, ControlUnit
@@ -227,20 +225,19 @@ def units_from_args(args, options, conds: list | None = None) -> list:
 
     paths = controlnets(args)
     n = len(paths)
-    per_field = {}
-    for f in dataclasses.fields(ControlUnit):
-        values = given_values(args, ControlUnit, UNIT).get(f.name)
-        if f.name in ("model", "image") or values is None:
-            continue
-        per_field[f.name] = _per_net(values, flag_names(f)[0], n)
+    given = given_values(args, ControlUnit, UNIT)
+    per_field = {
+        f.name: _per_net(given[f.name], flag_names(f)[0], n)
+        for f in dataclasses.fields(ControlUnit)
+        if f.name not in ("model", "image") and given.get(f.name) is not None
+    }
     per_field.setdefault("resize_mode", [options.resize_mode] * n)
     # checked as the pipeline's per-net lists first, so that a message names the net: control_scale[1]=-1.0
     lists = {key: per_field[name] for key, name in UNIT_LISTS.items() if name in per_field}
     dataclasses.replace(options, **lists).per_net(n)
-    images = conds if conds is not None else [None] * n
     return [
-        ControlUnit(model=str(path), image=image, **{name: values[k] for name, values in per_field.items()})
-        for k, (path, image) in enumerate(zip(paths, images, strict=True))
+        ControlUnit(model=str(path), **{name: values[k] for name, values in per_field.items()})
+        for k, path in enumerate(paths)
     ]
 
 
@@ -374,8 +371,7 @@ class StepBar:
 def run_generate(args) -> int:
     check_before_loading(args)
     options = options_from_args(args)
-    units = units_from_args(args, options)
-    options.with_units(units).per_net(len(units))  # every per-net list checked before any model loads
+    units = units_from_args(args, options)  # every per-net setting checked before any model loads
     _check_annotators(units)
     names = [Path(p).name for p in controlnets(args)]
     if args.manifest is not None:

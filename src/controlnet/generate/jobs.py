@@ -19,6 +19,7 @@ the CLI by path, the server through its model registry).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
@@ -41,12 +42,11 @@ def annotate_image(image: Image.Image, name: str, options: dict | None = None) -
 
 
 def job_conditions(job: GenerationJob) -> list:
-    """Step 1: one condition per unit (an RGB PIL image, or INPAINT), annotated where the unit names an annotator."""
+    """Step 1: one condition per unit (an RGB PIL image, or INPAINT), annotated where the unit names an annotator;
+    the job has passed `GenerationJob.check`."""
     conds = []
     for k, unit in enumerate(job.units):
-        image = unit.image if unit.image is not None else job.options.image
-        if image is None:
-            raise ValueError(f"units[{k}].image: no condition image and no init image to take it from")
+        image = unit.image if unit.image is not None else job.options.image  # GenerationJob.check: not both None
         if isinstance(image, str) and image == INPAINT:
             conds.append(INPAINT)
             continue
@@ -75,8 +75,6 @@ def run_job(pipe, job: GenerationJob, progress: Progress | None = None, on_size=
         c if isinstance(c, str) else resize_image(c, size.width, size.height, u.resize_mode)
         for c, u in zip(conds, job.units, strict=True)
     ]
-    from dataclasses import replace
-
     options = replace(options.with_units(job.units), width=size.width, height=size.height)
     result = pipe(job.prompt, conds, options=options, progress=progress)
     result.settings["base"] = job.base

@@ -112,22 +112,20 @@ def line_job(line: ManifestLine, options: GenerationOptions, units: list[Control
     for key in ("image", "mask"):
         if isinstance(overrides.get(key), str):
             overrides[key] = open_image(overrides[key], f"line {line.number}: {key}")
-    per_net = {UNIT_LISTS[k]: overrides.pop(k) for k in list(overrides) if k in UNIT_LISTS}
-    n = len(units)
+    per_net = {k: overrides.pop(k) for k in list(overrides) if k in UNIT_LISTS}
+    try:  # one value for every net or one per net, read as the pipeline's Python API reads them
+        nets = GenerationOptions(**per_net).per_net(len(units)) if per_net else None
+    except ValueError as err:
+        raise ValueError(f"line {line.number}: {err}") from None
     line_units = []
     for k, (unit, path) in enumerate(zip(units, line.conditions, strict=True)):
         image = "inpaint" if path.name == "inpaint" and not path.is_file() else open_image(path, "condition image")
         changes = {"image": image}
         if line.annotators and any(line.annotators):
             changes["annotator"] = line.annotators[k]
-        for name, value in per_net.items():
-            shared = (
-                name == "block_scales" and value is not None and all(isinstance(v, (int, float)) for v in value)
-            )
-            values = [value] * n if shared or not isinstance(value, (list, tuple)) else list(value)
-            if len(values) != n:
-                raise ValueError(f"line {line.number}: {len(values)} values of {name} for {n} ControlNets")
-            changes[name] = values[k]
+        for key in per_net:
+            value = getattr(nets[k], UNIT_LISTS[key])  # NetOptions names its fields as ControlUnit does
+            changes[UNIT_LISTS[key]] = value.name if key == "control_mode" else value
         line_units.append(replace(unit, **changes))
     return GenerationJob(prompt=line.prompt, base=base, units=line_units, options=replace(options, **overrides))
 

@@ -25,7 +25,7 @@ from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOp
 from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name
 from controlnet.io.images import MAX_IMAGE_PIXELS, check_pixels
 from controlnet.io.images import png_data_uri as data_uri
-from controlnet.settings_cli import meta, scalar_type
+from controlnet.settings_cli import field_default, meta, scalar_type
 
 MAX_UNITS = 3  # units on the page (the API takes up to --max-units)
 NO_ANNOTATOR = "none"
@@ -238,10 +238,7 @@ def _changed(settings, fixed: dict) -> dict:
         if not meta(f, "api", True) or meta(f, "image") or f.name in fixed:
             continue
         value = getattr(settings, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        if value != default:
+        if value != field_default(f):
             out[meta(f, "api_name") or f.name] = value
     return out
 
