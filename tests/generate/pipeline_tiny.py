@@ -56,3 +56,19 @@ def save_random_builtin_base(folder: Path, words) -> dict:
     }
     builtin_base.save_builtin_base(parts, config, folder)
     return parts
+
+
+def base_args(saved, out, *extra):
+    """`controlnet generate` on the saved tiny base and ControlNet (the `saved` fixture), 2 steps, into `out`."""
+    return [
+        "generate",
+        "--base",
+        str(saved / "base"),
+        "--controlnet",
+        str(saved / "cn_diffusers"),
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]

@@ -7,23 +7,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from pipeline_tiny import base_args
 
 from controlnet.cli import main
-
-
-def base_args(saved, out, *extra):
-    return [
-        "generate",
-        "--base",
-        str(saved / "base"),
-        "--controlnet",
-        str(saved / "cn_diffusers"),
-        "--steps",
-        "2",
-        "--out",
-        str(out),
-        *extra,
-    ]
 
 
 def test_generate_writes_pngs_with_settings_sidecar_and_grid(saved, sd_pipe, tmp_path, capsys):

@@ -7,25 +7,11 @@ import dataclasses
 import json
 
 import pytest
+from pipeline_tiny import base_args
 
 from controlnet.cli import main
 from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOptions
 from controlnet.settings_cli import meta
-
-
-def base_args(saved, out, *extra):
-    return [
-        "generate",
-        "--base",
-        str(saved / "base"),
-        "--controlnet",
-        str(saved / "cn_diffusers"),
-        "--steps",
-        "2",
-        "--out",
-        str(out),
-        *extra,
-    ]
 
 
 def test_manifest_sidecar_equals_a_single_runs(saved, tmp_path):
@@ -198,3 +184,27 @@ def test_a_prepared_condition_is_not_converted_again(saved, sd_pipe):
     job = GenerationJob(prompt="x", units=units, options=GenerationOptions(steps=1, width=64, height=64))
     resized = run_job(sd_pipe, job).control_images[0]
     assert resized.size == (64, 64) and resized is not smaller
+
+
+def test_a_manifest_lines_per_net_settings_equal_the_same_flags(saved, tmp_path):
+    """`control_scale`, `control_mode`, `block_scales` in a line (the pipeline's Python spelling) set the units as
+    --scale, --control-mode and --block-scales do on one command line; a list of the wrong length names the line."""
+    cond = saved / "cond1.png"
+    blocks = ",".join(["0.5"] * 7)
+    flags = ["--seed", "2", "--scale", "0.4", "--control-mode", "prompt", "--block-scales", blocks]
+    single = tmp_path / "single"
+    assert main([*base_args(saved, single, "a cat", "--cond", str(cond), "--name", "one"), *flags]) == 0
+    per_net = {"control_scale": 0.4, "control_mode": ["prompt"], "block_scales": [0.5] * 7}
+    line = {"id": "one", "prompt": "a cat", "cond": str(cond), "seed": 2, **per_net}
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps(line) + "\n")
+    batch = tmp_path / "batch"
+    assert main(base_args(saved, batch, "--manifest", str(manifest))) == 0
+    one, two = (json.loads((folder / "one.json").read_text()) for folder in (single, batch))
+    assert one["settings"]["controlnets"] == two["settings"]["controlnets"]
+    assert (
+        one["settings"]["controlnets"][0]["scale"] == 0.4 and one["settings"]["controlnets"][0]["mode"] == "prompt"
+    )
+    assert (single / "one.png").read_bytes() == (batch / "one.png").read_bytes()
+    manifest.write_text(json.dumps({**line, "id": "two", "control_scale": [0.4, 0.5]}) + "\n")
+    assert main(base_args(saved, batch, "--manifest", str(manifest))) == 2
