@@ -13,11 +13,10 @@ GET  /v1/jobs/{id}/images/{k}.png  image k as a PNG with the settings embedded (
 
 from __future__ import annotations
 
-import asyncio
 import json
+import weakref
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
@@ -50,9 +49,10 @@ from controlnet.serve.service import (
     check_annotator,
     served_annotators,
 )
+from controlnet.serve.waiting import off_loop, wait_done
 
-POLL_S = 0.25  # how often a waiting request checks whether its client went away
 SSE_KEEPALIVE_S = 15.0
+MAX_STREAMS_PER_JOB = 8  # event streams open on one job at once; more are a 429 (polling the job still works)
 Image64 = Field(description="a base64 image or a data: URI (file paths are refused)")
 
 
@@ -194,11 +194,8 @@ def image_pnginfo(job: Job, k: int):
 
 
 async def wait_for(job: Job, request: Request, service: Service):
-    """Wait for a job while its client is there; a client that goes away cancels its job (the queue moves on)."""
-    while not await anyio.to_thread.run_sync(job.wait, POLL_S):
-        if await request.is_disconnected():
-            service.cancel(job.id)
-            raise ApiError(409, f"job {job.id}: the client disconnected; cancelled")
+    """The job's result once it is done (its client gone: cancelled, 409; failed: its error as a problem)."""
+    await wait_done(job, request, service)
     if job.state == DONE:
         return job.result
     raise_job_error(job)
@@ -214,6 +211,9 @@ def raise_job_error(job: Job):
 
 
 def add_routes(app: FastAPI, service: Service) -> None:
+    # job id -> its open event streams, weakly held: a finished or abandoned stream drops out by itself (an empty
+    # set is pruned at the next stream's start)
+    streams: dict[str, weakref.WeakSet] = {}
     r = APIRouter(prefix="/v1", tags=["native"], responses=_problems(*COMMON_ERRORS))
 
     def lookup(job_id: str) -> Job:
@@ -259,12 +259,11 @@ def add_routes(app: FastAPI, service: Service) -> None:
     async def annotate(body: AnnotateIn, request: Request) -> AnnotateOut:
         check_annotator(body.annotator, {}, "annotator")
         options = checked_options(body.annotator, body.options, "annotator", "options")
-        image = decode_image(body.image, "image", service.max_pixels)
+        image = await off_loop(decode_image, body.image, "image", service.max_pixels)
         job = service.submit(AnnotationJob(body.annotator, image, options))
         result = await wait_for(job, request, service)
-        return AnnotateOut(
-            annotator=body.annotator, image=png_base64(result), width=result.width, height=result.height
-        )
+        encoded = await off_loop(png_base64, result)
+        return AnnotateOut(annotator=body.annotator, image=encoded, width=result.width, height=result.height)
 
     @r.post(
         "/generate",
@@ -273,9 +272,13 @@ def add_routes(app: FastAPI, service: Service) -> None:
         summary="generate images (synchronous)",
     )
     async def generate(body: GenerateIn, request: Request) -> GenerateOut:
-        job = service.submit(decode_job(body, service))
+        job = service.submit(await off_loop(decode_job, body, service))
         result = await wait_for(job, request, service)
-        images = [png_base64(im, image_pnginfo(job, k)) for k, im in enumerate(result.images)]
+
+        def encode() -> list[str]:
+            return [png_base64(im, image_pnginfo(job, k)) for k, im in enumerate(result.images)]
+
+        images = await off_loop(encode)
         return GenerateOut(job=job.id, images=images, seeds=result.seeds, settings=result.settings)
 
     @r.post(
@@ -285,8 +288,8 @@ def add_routes(app: FastAPI, service: Service) -> None:
         responses=_problems(429, 503),
         summary="submit a generation (asynchronous)",
     )
-    def submit(body: GenerateIn) -> JobStatus:
-        return job_status(service.submit(decode_job(body, service)))
+    async def submit(body: GenerateIn) -> JobStatus:
+        return job_status(service.submit(await off_loop(decode_job, body, service)))
 
     @r.get("/jobs/{job_id}", response_model=JobStatus, responses=_problems(404), summary="a job's status")
     def status(job_id: str) -> JobStatus:
@@ -305,31 +308,43 @@ def add_routes(app: FastAPI, service: Service) -> None:
     )
     async def events(job_id: str, request: Request):
         job = lookup(job_id)
-
-        async def stream():
-            version, sent = -1, None
-            while True:
-                version = await anyio.to_thread.run_sync(job.wait_change, version, SSE_KEEPALIVE_S)
-                status = job.status()
-                if job.done:
-                    data = {**status, "images": len(job.result.images) if job.state == DONE else 0}
-                    yield f"event: {job.state}\ndata: {json.dumps(data)}\n\n"
-                    return
-                if await request.is_disconnected():
-                    return
-                key = (status["state"], status["step"])
-                if key != sent:
-                    sent = key
-                    yield f"event: progress\ndata: {json.dumps(status)}\n\n"
-                else:
-                    yield ": keep-alive\n\n"
-                await asyncio.sleep(0)
-
+        for key in [k for k, v in streams.items() if not v]:
+            del streams[key]
+        open_streams = streams.setdefault(job_id, weakref.WeakSet())
+        if len(open_streams) >= MAX_STREAMS_PER_JOB:
+            raise ApiError(
+                429,
+                f"job {job_id} already has {MAX_STREAMS_PER_JOB} event streams open; poll GET /v1/jobs/{job_id}",
+                "job_id",
+                headers={"Retry-After": "5"},
+            )
+        stream = job_events(job, request)
+        open_streams.add(stream)  # leaves the set when the stream is finished or dropped (a weak reference)
         return StreamingResponse(
-            stream(),
+            stream,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+
+    async def job_events(job: Job, request: Request):
+        """A job's Server-Sent Events: `progress` on each change, a keep-alive comment while nothing changes,
+        then one `done` / `failed` / `cancelled`."""
+        version, sent = -1, None
+        while True:
+            version = await job.changed(version, SSE_KEEPALIVE_S)
+            status = job.status()
+            if job.done:
+                data = {**status, "images": len(job.result.images) if job.state == DONE else 0}
+                yield f"event: {job.state}\ndata: {json.dumps(data)}\n\n"
+                return
+            if await request.is_disconnected():
+                return
+            key = (status["state"], status["step"])
+            if key != sent:
+                sent = key
+                yield f"event: progress\ndata: {json.dumps(status)}\n\n"
+            else:
+                yield ": keep-alive\n\n"
 
     @r.get(
         "/jobs/{job_id}/images/{index}.png",

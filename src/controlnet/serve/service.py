@@ -13,6 +13,7 @@ step, so a cancelled generation stops within one step and the worker moves on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -112,6 +113,7 @@ class Job:
         self.version = 0  # +1 on every change: SSE sends what changed since the version it last saw
         self._cancel = threading.Event()
         self._changed = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     @property
     def done(self) -> bool:
@@ -127,6 +129,9 @@ class Job:
                 setattr(self, key, value)
             self.version += 1
             self._changed.notify_all()
+            waiters, self._async_waiters = self._async_waiters, []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_wake, future)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the job is finished (True) or `timeout` passes (False)."""
@@ -138,6 +143,23 @@ class Job:
         with self._changed:
             self._changed.wait_for(lambda: self.version != version or self.done, timeout)
             return self.version
+
+    async def changed(self, version: int, timeout: float) -> int:
+        """`wait_change` for the event loop: waits without holding a thread (60 event streams on a queued job
+        held 60 of the thread pool's 40 workers and froze every synchronous route), returns the current version."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._changed:
+            if self.version != version or self.done:
+                return self.version
+            self._async_waiters.append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            with self._changed:
+                if (loop, future) in self._async_waiters:
+                    self._async_waiters.remove((loop, future))
+        return self.version
 
     def status(self) -> dict:
         """JSON-able state (no result payloads, no paths)."""
@@ -153,6 +175,11 @@ class Job:
             "finished": self.finished,
             "error": None if self.error is None else str(self.error),
         }
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Service:

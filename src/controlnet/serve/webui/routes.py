@@ -13,12 +13,14 @@ import re
 import time
 from typing import Annotated
 
-from fastapi import Body, FastAPI
+from fastapi import Body, FastAPI, Request
 
 from controlnet.io.images import png_base64
 from controlnet.serve.images import decode_image
+from controlnet.serve.native import wait_for
 from controlnet.serve.problems import ApiError
 from controlnet.serve.service import AnnotationJob, FieldError
+from controlnet.serve.waiting import off_loop
 from controlnet.serve.webui import modules as mods
 from controlnet.serve.webui.generation import echo_parameters, parse_request
 from controlnet.serve.webui.info import build_response
@@ -41,36 +43,31 @@ def _api_error(err: PayloadError) -> ApiError:
 def add_routes(app: FastAPI, service) -> None:
     """Add the web-UI compatible routes to `app`, backed by `service` (serve/service.py `Service`)."""
 
-    def generate(payload: dict, img2img: bool) -> dict:
+    async def generate(payload: dict, img2img: bool, request: Request) -> dict:
         try:
-            request = parse_request(payload, service, img2img)
+            parsed = await off_loop(parse_request, payload, service, img2img)
         except PayloadError as err:
             raise _api_error(err) from None
         results = []
-        for job in request.jobs():
+        for job in parsed.jobs():
             try:
-                results.append(service.run(job))
+                submitted = service.submit(job)
             except FieldError as err:  # a unit's field in the job's numbering -> the request's
-                match = _UNIT_FIELD.match(err.field)
-                if match and int(match.group(1)) < len(request.units):
-                    unit = request.units[int(match.group(1))]
-                    where = f"alwayson_scripts.{request.script_key or 'ControlNet'}.args[{unit.index}]"
-                    field = where + err.field[match.end() :]
-                    raise ApiError(422, str(err).replace(err.field, field, 1), field) from None
-                raise
-        base = service.registry.base(request.job.base)
+                raise _request_field(err, parsed) from None
+            results.append(await wait_for(submitted, request, service))
+        base = service.registry.base(parsed.job.base)
         send = payload.get("send_images", True) is not False
-        return build_response(request, results, echo_parameters(payload), base, send)
+        return await off_loop(build_response, parsed, results, echo_parameters(payload), base, send)
 
     @app.post("/sdapi/v1/txt2img", tags=["web-UI API"])
-    def txt2img(payload: JsonBody) -> dict:
+    async def txt2img(payload: JsonBody, request: Request) -> dict:
         """Text to image with ControlNet units in `alwayson_scripts.ControlNet.args` (AUTOMATIC1111's API)."""
-        return generate(payload, img2img=False)
+        return await generate(payload, False, request)
 
     @app.post("/sdapi/v1/img2img", tags=["web-UI API"])
-    def img2img(payload: JsonBody) -> dict:
+    async def img2img(payload: JsonBody, request: Request) -> dict:
         """Image to image / inpainting; a unit without an image takes `init_images[0]`."""
-        return generate(payload, img2img=True)
+        return await generate(payload, True, request)
 
     @app.get("/sdapi/v1/scripts", tags=["web-UI API"])
     def scripts() -> dict:
@@ -188,15 +185,35 @@ def add_routes(app: FastAPI, service) -> None:
         return {"control_net_unit_count": service.max_units}
 
     @app.post("/controlnet/detect", tags=["web-UI API"])
-    def detect(payload: JsonBody) -> dict:
+    async def detect(payload: JsonBody, request: Request) -> dict:
         """Run a module on images (`controlnet_input_images` or webuiapi's `controlnet_images`)."""
         try:
-            return _detect(payload, service)
+            module, options, images = await off_loop(_detect_request, payload, service)
         except PayloadError as err:
             raise _api_error(err) from None
+        maps = []
+        for image in images:
+            if module.annotator is None:
+                maps.append(image)
+                continue
+            job = service.submit(AnnotationJob(module.annotator, image, options))
+            maps.append(await wait_for(job, request, service))
+        return {"images": await off_loop(lambda: [png_base64(m) for m in maps]), "info": "Success"}
 
 
-def _detect(payload: dict, service) -> dict:
+def _request_field(err: FieldError, parsed) -> Exception:
+    """A job's FieldError (units[k]...) as the request spelled the field (alwayson_scripts.ControlNet.args[i]...)."""
+    match = _UNIT_FIELD.match(err.field)
+    if not (match and int(match.group(1)) < len(parsed.units)):
+        return err
+    unit = parsed.units[int(match.group(1))]
+    where = f"alwayson_scripts.{parsed.script_key or 'ControlNet'}.args[{unit.index}]"
+    field = where + err.field[match.end() :]
+    return ApiError(422, str(err).replace(err.field, field, 1), field)
+
+
+def _detect_request(payload: dict, service) -> tuple:
+    """The module, its options and the decoded RGB images of a detect request (PayloadError naming the field)."""
     key = "controlnet_input_images" if "controlnet_input_images" in payload else "controlnet_images"
     images = payload.get(key)
     if not isinstance(images, list) or not images:
@@ -217,11 +234,4 @@ def _detect(payload: dict, service) -> dict:
     for field, slider in module.sliders():
         value, _ = mods.effective_value(module, slider, payload.get(f"controlnet_{field}", UNSET))
         options[slider.option] = value
-    out = []
-    for image in decoded:
-        if module.annotator is None:
-            out.append(png_base64(image.convert("RGB")))
-            continue
-        result = service.run(AnnotationJob(module.annotator, image.convert("RGB"), options))
-        out.append(png_base64(result))
-    return {"images": out, "info": "Success"}
+    return module, options, [image.convert("RGB") for image in decoded]
