@@ -389,6 +389,8 @@ class Service:
                 raise JobCancelled(job.id)
 
         pipe = self.pipeline(spec.base, [u.model for u in spec.units])
+        if job.cancel_requested:  # cancelled while its models loaded: do not start sampling
+            raise JobCancelled(job.id)
         import torch
 
         with torch.inference_mode():
