@@ -206,7 +206,8 @@ def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
     raw = load_base(path, ema=False, **options)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "extract_ema" not in messages and "--no-ema" not in messages  # library wording: ema=False
-    assert "using the EMA ones (ema=False for the others)" in messages
+    assert "tiny_ema.safetensors: using the EMA UNet weights (model_ema.*); ema=False for the raw ones" in messages
+    assert (ema.ema, raw.ema) == (True, False)
     key = "conv_in.weight"
     assert torch.equal(ema.unet.state_dict()[key], twins["model_ema.diffusion_modelinput_blocks00weight"])
     assert not torch.equal(raw.unet.state_dict()[key], ema.unet.state_dict()[key])
@@ -234,7 +235,8 @@ def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
     b = _cli(*args, "--out", tmp_path / "raw", "--no-ema")
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert "extract_ema" not in a.stderr + b.stderr
-    assert "using the EMA ones (--no-ema for the others)" in a.stderr and "EMA" not in b.stderr
+    assert "using the EMA UNet weights (model_ema.*); --no-ema for the raw ones" in a.stderr
+    assert "using the raw UNet weights (model.diffusion_model.*), not the EMA ones; --ema for those" in b.stderr
     img = lambda d: np.asarray(Image.open(next(d.glob("*.png"))), dtype=int)  # noqa: E731
     assert np.abs(img(tmp_path / "ema") - img(tmp_path / "raw")).max() > 0
 

@@ -15,3 +15,13 @@ def combined(shared_dir, tmp_path):
     config = tmp_path / "unet_config.json"
     config.write_text(json.dumps(json.loads((folder / "diffusers_config.json").read_text())["unet"]))
     return weights, config
+
+
+@pytest.fixture
+def unet_config(tmp_path):
+    """The tiny SD1.x UNet's diffusers config as a file (`--config`: its family is not recognised from its width)."""
+    from controlnet.testing.tiny_models import TINY_UNET_CONFIGS
+
+    path = tmp_path / "unet_config.json"
+    path.write_text(json.dumps(TINY_UNET_CONFIGS["sd15"]))
+    return path

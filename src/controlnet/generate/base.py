@@ -71,6 +71,9 @@ class BaseComponents:
     force_zeros_for_empty_prompt: bool = True  # SDXL: the unconditional branch is zeros when no negative prompt
     name: str = "custom"
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    # which UNet of a checkpoint file holding EMA weights too was loaded: True the EMA one, False the raw one; None
+    # when the base holds one UNet (io/ema.py). Recorded in every generated image's settings.
+    ema: bool | None = None
 
     @property
     def is_sdxl(self) -> bool:

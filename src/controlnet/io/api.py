@@ -21,6 +21,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from controlnet.errors import CheckpointError
 from controlnet.io import original_keys
+from controlnet.io.ema import select_unet_weights
 from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
@@ -94,11 +95,16 @@ def locate_unet(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return path, folder
 
 
-def unet_file_layout(path: Path, state: dict, config: dict | None) -> tuple[dict, dict]:
+def unet_file_layout(
+    path: Path, state: dict, config: dict | None, ema: bool | None = None, flags: dict | None = None
+) -> tuple[dict, dict]:
     """A single UNet file's tensors under diffusers' names, and its config: original (LDM) keys are renamed by
-    diffusers' converter, diffusers keys kept; any other content is refused. `config` as `load_unet` takes it."""
+    diffusers' converter, diffusers keys kept; any other content is refused. `config` as `load_unet` takes it;
+    `ema` (and `flags`, the option's names in messages): which UNet of a file holding EMA weights too
+    (`io.ema.select_unet_weights`: None = the EMA one)."""
     fmt = detect_format(state)
     if fmt in ("original-sd", "original-combined"):
+        state, _ = select_unet_weights(state, ema, path.name, flags)
         unet_part = {k: v for k, v in state.items() if k.startswith(ORIGINAL_UNET_PREFIX)}
         config = unet_config_for(unet_part, config, path.name)
         try:
@@ -114,13 +120,18 @@ def unet_file_layout(path: Path, state: dict, config: dict | None) -> tuple[dict
 
 
 def load_unet(
-    path: str | os.PathLike, config: dict | str | os.PathLike | None = None, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    config: dict | str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    ema: bool | None = None,
 ) -> UNet2DConditionModel:
     """Load a locked base UNet from a diffusers folder (model dir or its `unet/`) or one original checkpoint file.
 
     `config` (dict or json path, a diffusers `UNet2DConditionModel` config) is needed when a single file's family
     cannot be recognised (SD1.x, SD2.x and SDXL are recognised from the cross-attention width). A file's tensors
     are memory-mapped and taken by the module as they are (float32, or `dtype`): no second copy in memory.
+    `ema`: a file holding EMA weights too (`model_ema.*`, e.g. v1-5-pruned) gives its EMA UNet when True or None,
+    the raw one when False; a log line names the weights used.
     """
     path, folder = locate_unet(path)
     config = _read_config(config)
@@ -128,7 +139,7 @@ def load_unet(
         unet = UNet2DConditionModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
         return unet.eval().requires_grad_(False)
     # memory-mapped: the UNet takes the file's tensors, no copy when dtypes agree
-    state, config = unet_file_layout(path, map_state_dict(path), config)
+    state, config = unet_file_layout(path, map_state_dict(path), config, ema)
     # built on the meta device and given the tensors themselves (float32 unless `dtype`: only a cast copies)
     unet = build_unet(config, device="meta")
     return load_into_empty(unet, state, f"UNet in {path.name}", dtype or torch.float32)

@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("base", type=Path, help="base model: diffusers folder or original SD checkpoint file")
     p.add_argument("dst", type=Path, help="output: folder (diffusers) or .safetensors file (original)")
     p.add_argument("--to", default="diffusers", choices=["original", "diffusers"], help="output format")
+    add_ema_argument(p, RAW_BY_DEFAULT)
     p.add_argument("--cond-channels", type=int, default=3, help="channels of the condition image")
     p.add_argument(
         "--seed",
@@ -71,8 +72,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("community", type=Path, help="a model fine-tuned from BASE")
     p.add_argument("dst", type=Path, help="output: folder (diffusers) or .safetensors file (original)")
     p.add_argument("--to", default="diffusers", choices=["original", "diffusers"], help="output format")
+    add_ema_argument(p, RAW_BY_DEFAULT + "; one choice for BASE and COMMUNITY")
     _add_common(p)
     p.set_defaults(func=run_transfer)
+
+
+# How --ema/--no-ema are spelled in the library's messages (io/ema.py), for every command that has them.
+EMA_FLAGS = {"ema": "--ema", "no_ema": "--no-ema"}
+RAW_BY_DEFAULT = (
+    "default: the raw ones, which the reference tool_add_control.py copies and fine-tuning continues from"
+)
+
+
+def add_ema_argument(group, default_text: str) -> None:
+    """--ema/--no-ema: which UNet of a checkpoint file holding EMA weights too (the one definition, for every command
+    that reads such a file; `default_text` says the command's default)."""
+    group.add_argument(
+        "--ema",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="a checkpoint file with EMA weights too (model_ema.*, e.g. v1-5-pruned): use its EMA UNet or, with "
+        f"--no-ema, the raw one ({default_text}); a line on stderr says which was used",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -87,13 +108,13 @@ def _dtype(name: str, fallback):
 
 
 def _source_dtype(path: Path):
-    """The source's one dtype (to keep it), or None when it mixes several."""
+    """The source's one floating dtype (to keep it), or None when it mixes several (header only)."""
     import torch
 
     from controlnet.io.inspect import weights_dtypes
 
-    dtypes = weights_dtypes(path)
-    return getattr(torch, dtypes[0], None) if len(dtypes) == 1 else None
+    floats = {d for d in (getattr(torch, name) for name in weights_dtypes(path)) if d.is_floating_point}
+    return floats.pop() if len(floats) == 1 else None
 
 
 # Names an original-format file may have (safe_load.write_state_dict writes these; .safetensors preferred).
@@ -214,8 +235,10 @@ def run_init(args) -> int:
             args.dst,
             args.to,
             args.config,
-            _dtype(args.dtype, None),
+            _dtype(args.dtype, None),  # keep: the base UNet's own dtype
             phase,
+            ema=bool(args.ema),
+            flags=EMA_FLAGS,
             cond_channels=args.cond_channels,
         )
     print(
@@ -233,7 +256,16 @@ def run_transfer(args) -> int:
     with _phases("transfer", 4) as phase:
         dtype = _dtype(args.dtype, _source_dtype(args.control))
         transfer_controlnet_file(
-            args.control, args.base, args.community, args.dst, args.to, args.config, dtype, phase
+            args.control,
+            args.base,
+            args.community,
+            args.dst,
+            args.to,
+            args.config,
+            dtype,
+            phase,
+            ema=bool(args.ema),
+            flags=EMA_FLAGS,
         )
     print(f"wrote the transferred ControlNet to {args.dst}")
     return 0

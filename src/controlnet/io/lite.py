@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from controlnet.atomic import atomic_path
+from controlnet.io.safe_load import write_state_dict
 from controlnet.model.controlnet import HintConfig
 from controlnet.model.lite import LITE_CLASS_NAME, ControlNetLite
 
@@ -34,7 +35,7 @@ def save_lite(net: ControlNetLite, folder: str | Path) -> Path:
     folder = Path(folder)
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp / LITE_WEIGHTS))
+        write_state_dict(net.state_dict(), tmp / LITE_WEIGHTS)
         (tmp / "config.json").write_text(json.dumps(net.lite_config(), indent=2, default=str) + "\n")
     return folder
 

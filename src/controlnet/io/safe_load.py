@@ -29,7 +29,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load_bytes
 from safetensors.torch import load_file as safetensors_load_file
-from safetensors.torch import save_file as safetensors_save_file
 
 from controlnet.atomic import atomic_path
 from controlnet.errors import CheckpointError
@@ -166,17 +165,23 @@ def _first_line(err: BaseException) -> str:
 def write_state_dict(
     state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
 ) -> None:
-    """Write weights atomically: `.safetensors` (preferred) or `.pth` (a plain tensor dict, still safe to load)."""
+    """Write weights: `.safetensors` (preferred) or `.pth` (a plain tensor dict, still safe to load).
+
+    Every weights file we write goes through here or `write_safetensors_streamed`: written beside `path`, flushed
+    to disk, renamed into place (atomic), and created with the user's umask (0644 by default; safetensors' own
+    `save_file` creates 0600 files, which a web UI running as another user cannot read).
+    """
     path = Path(path)
     suffix = _suffix(path)
     if suffix not in SAFETENSORS_SUFFIXES + (".pth", ".pt", ".ckpt"):
         raise CheckpointError(f"cannot write {path.name}: expected a .safetensors or .pth file name")
+    if suffix in SAFETENSORS_SUFFIXES:
+        # one tensor at a time, as save_file would write them (same bytes), each made contiguous only when written
+        write_safetensors_streamed(state, lambda name: state[name], path, metadata or {})
+        return
     contiguous = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        if suffix in SAFETENSORS_SUFFIXES:
-            safetensors_save_file(contiguous, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        else:
-            torch.save(contiguous, tmp)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(contiguous, tmp)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -325,7 +330,8 @@ def write_safetensors_streamed(
     path: str | os.PathLike,
     metadata: dict | None = None,
 ) -> None:
-    """Write a `.safetensors` file one tensor at a time, atomically; the same bytes as `safetensors.save_file`.
+    """Write a `.safetensors` file one tensor at a time, atomically (flushed to disk, then renamed into place), with
+    the user's umask; the same bytes as `safetensors.save_file`.
 
     layout: name -> a (meta) tensor with the shape and dtype the file will hold; produce(name): that tensor's
     values (called once per name, in file order; each result is written and dropped before the next call).
@@ -347,7 +353,7 @@ def write_safetensors_streamed(
         offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % SAFETENSORS_ALIGNMENT)
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as out:  # open(): the user's umask
         out.write(struct.pack("<Q", len(text)))
         out.write(text)
         for name in names:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from controlnet.errors import CheckpointError
+from controlnet.io.ema import select_unet_weights
 from controlnet.io.safe_load import load_into_empty
 
 logger = logging.getLogger(__name__)
@@ -132,33 +133,6 @@ def _tokenizer(folder, pad_token: str | None, max_length: int):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)  # every SD family: CLIP BPE
 
 
-def select_unet_weights(state: dict, ema: bool | None, what: str, flags: dict) -> dict:
-    """`state` with the UNet weights chosen: EMA (`model_ema.*`) when `ema` is True or None and the file has them.
-
-    Original training checkpoints (e.g. v1-5-pruned) hold both: `model.diffusion_model.<key>` (the raw weights,
-    the ones to continue fine-tuning) and `model_ema.diffusion_model<key without dots>` (the EMA weights, usually
-    better for sampling). The EMA keys are dropped either way, so diffusers' converter sees one UNet (and gives
-    no advice about command-line flags that are not ours).
-    """
-    unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]
-    twins = {k: "model_ema." + "".join(k.split(".")[1:]) for k in unet_keys}
-    has_ema = bool(unet_keys) and all(t in state for t in twins.values())
-    if ema and not has_ema:
-        raise ValueError(f"{flags.get('ema', 'ema=True')}: {what} holds no EMA UNet weights (model_ema.*)")
-    use_ema = has_ema and ema is not False
-    if has_ema and ema is None:
-        logger.warning(
-            "%s holds EMA and non-EMA UNet weights: using the EMA ones (%s for the others)",
-            what,
-            flags.get("no_ema", "ema=False"),
-        )
-    chosen = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
-    if use_ema:
-        chosen.update({k: state[t] for k, t in twins.items()})
-    logger.info("%s: %s UNet weights", what, "EMA" if use_ema else "non-EMA")
-    return chosen
-
-
 def _drop(state: dict, prefix: str) -> None:
     """Forget the loaded part's entries, so that tensors the part did not keep (cast originals) are freed."""
     for key in [k for k in state if k.startswith(prefix)]:
@@ -183,7 +157,8 @@ def read_single_file(
     tokenizer / tokenizer_2: folders (see the module docstring; tokenizer_2 defaults to tokenizer). family: sd15,
     sd21 or sdxl (default: recognised, or configs' "family"). configs: per-component overrides {"unet": {...},
     "vae": {...}, "text_encoder": {...}} or a JSON file of them (custom or tiny models). ema: see
-    `select_unet_weights`. `on_component(name)` is called as each part starts. The scheduler's prediction type is
+    `io.ema.select_unet_weights` (default: the EMA weights when the file has them); "ema" in the result says which
+    were loaded (None: the file holds one UNet). `on_component(name)` is called as each part starts. The scheduler's prediction type is
     the family's (set another on the loaded bundle). Tensors already in `dtype` are not copied: from a
     `.safetensors` or zip `.ckpt` they stay memory-mapped (file-backed pages, not anonymous memory).
     """
@@ -218,7 +193,7 @@ def read_single_file(
                     enc["config"] = dict(override)
         else:
             config[name] = dict(override)
-    state = select_unet_weights(state, ema, path.name, flags)
+    state, used_ema = select_unet_weights(state, ema, path.name, flags)
     dtype = dtype or torch.float32
 
     # Each part is built on the meta device and takes the file's tensors themselves (diffusers' converters only
@@ -241,7 +216,7 @@ def read_single_file(
     vae = load_into_empty(vae, convert_ldm_vae_checkpoint(state, vae_config), f"VAE in {path.name}", vae_dtype)
     _drop(state, "first_stage_model.")
 
-    parts = {"unet": unet, "vae": vae}
+    parts = {"unet": unet, "vae": vae, "ema": used_ema}
     for enc in config["text_encoders"]:
         step(enc["name"])
         model_cls = getattr(transformers, enc["class"])

@@ -69,8 +69,14 @@ class UNetSource:
         self.weights.close()
 
 
-def open_unet(path: str | os.PathLike, config: dict | str | os.PathLike | None = None) -> UNetSource:
-    """Open what `load_unet(path, config)` loads, without reading its tensors; the same checks and errors."""
+def open_unet(
+    path: str | os.PathLike,
+    config: dict | str | os.PathLike | None = None,
+    ema: bool | None = None,
+    flags: dict | None = None,
+) -> UNetSource:
+    """Open what `load_unet(path, config, ema=ema)` loads, without reading its tensors; the same checks and errors
+    (`flags`: how the EMA option is spelled in messages, see `io.ema`)."""
     path, folder = locate_unet(path)
     config = _read_config(config)
     if folder is not None:
@@ -84,7 +90,7 @@ def open_unet(path: str | os.PathLike, config: dict | str | os.PathLike | None =
             # diffusers' converter, run on meta tensors: it only renames (were it to build new tensors, the
             # streamed path could not find their data)
             known = {id(v) for v in state.values()}
-            state, config = unet_file_layout(path, state, config)
+            state, config = unet_file_layout(path, state, config, ema, flags)
             assert all(id(v) in known for v in state.values()), "convert_ldm_unet_checkpoint made tensors"
         check_strict(build_unet(config, device="meta").state_dict(), state, f"UNet in {path.name}")
     except BaseException:

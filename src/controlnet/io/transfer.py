@@ -90,15 +90,22 @@ def init_controlnet_file(
     config: dict | str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     phase: Phase = _no_phase,
+    ema: bool | None = None,
+    flags: dict | None = None,
     **hint_options,
 ) -> ControlNet:
-    """`save_controlnet(init_controlnet(load_unet(base, config), **hint_options), dst, format, dtype)`, streamed.
+    """`save_controlnet(init_controlnet(load_unet(base, config, ema=ema), **hint_options), dst, format, dtype)`,
+    streamed (`flags`: the EMA option's names in messages). `dtype` None keeps the base UNet's own dtype (an fp16
+    base gives an fp16 ControlNet, as convert and transfer keep their source's; float32 when the UNet mixes dtypes).
 
     The base UNet's encoder tensors are read and written one at a time; the new layers are drawn as `from_unet`
     draws them. Returns the network's template (meta device).
     """
     phase(f"reading the UNet of {Path(base).name}")
-    with open_unet(base, config) as unet:
+    with open_unet(base, config, ema, flags) as unet:
+        if dtype is None:
+            floats = {v.dtype for v in unet.state.values() if v.dtype.is_floating_point}
+            dtype = floats.pop() if len(floats) == 1 else None
         phase("copying its encoder")
         template = ControlNet.from_unet(build_unet(unet.config, device="meta"), **hint_options)
         fresh = fresh_layers(template)
@@ -121,15 +128,18 @@ def transfer_controlnet_file(
     config: dict | str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     phase: Phase = _no_phase,
+    ema: bool | None = None,
+    flags: dict | None = None,
 ) -> ControlNet:
     """`save_controlnet(transfer_controlnet(load_controlnet(control, unet=b), b, c), dst, format, dtype)` with
-    b, c = `load_unet(base, config)`, `load_unet(community, config)`, one tensor at a time: for every name, the
-    three files' tensors are read, combined and written before the next. Returns the result's template (meta).
+    b, c = `load_unet(base, config, ema=ema)`, `load_unet(community, config, ema=ema)` (one choice for both: the
+    difference is taken between weights of one kind), one tensor at a time: for every name, the three files'
+    tensors are read, combined and written before the next. Returns the result's template (meta).
     """
     phase(f"reading the base UNet of {Path(base).name}")
-    with open_unet(base, config) as b:
+    with open_unet(base, config, ema, flags) as b:
         phase(f"reading the community UNet of {Path(community).name}")
-        with open_unet(community, config) as c:
+        with open_unet(community, config, ema, flags) as c:
             phase(f"reading the ControlNet {Path(control).name}")
             with open_controlnet(control, config=b.config) as source:
                 _check_transfer(source.state, b.state, c.state)

@@ -186,3 +186,24 @@ def write_controlnet_file(path: Path, unet_config: dict, seed: int = 3, dtype=to
     path.parent.mkdir(parents=True, exist_ok=True)
     save_controlnet(net, path, format="original")
     return path
+
+
+def write_unet_file(path: Path, unet_config: dict, seed: int = 0, dtype=torch.float32, ema: bool = False) -> Path:
+    """A random UNet alone as an original-layout single file (`model.diffusion_model.*`), as `load_unet`, `init` and
+    `transfer` read; `ema`: with EMA twins of every weight (`model_ema.<key without dots>` = the raw weight + 0.5),
+    as training checkpoints such as v1-5-pruned hold."""
+    from diffusers import UNet2DConditionModel
+
+    from controlnet.io.safe_load import write_state_dict
+
+    with torch.device("meta"):
+        meta = UNet2DConditionModel(**unet_config)
+    state = unet_to_ldm(random_state(meta, seed, dtype=dtype), unet_config)
+    if ema:
+        state.update({"model_ema." + "".join(k.split(".")[1:]): v + EMA_TWIN_OFFSET for k, v in state.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_state_dict(state, path)
+    return path
+
+
+EMA_TWIN_OFFSET = 0.5  # write_unet_file's EMA weights: the raw ones + this

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from controlnet.atomic import atomic_path
+from controlnet.io.safe_load import write_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,7 @@ def save_checkpoint(run_dir: Path, step: int, data: CheckpointData, keep: int) -
     with atomic_path(final, prefix=f"{PARTIAL_PREFIX}{final.name}-", fsync=True) as tmp:
         tmp.mkdir()
         for stem, state in data.weights.items():
-            tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-            save_file(tensors, str(tmp / f"{stem}.safetensors"))
+            write_state_dict(state, tmp / f"{stem}.safetensors")  # the user's umask, as every weights file
         torch.save(data.optimizer, tmp / "optimizer.pt")
         torch.save(data.scheduler, tmp / "scheduler.pt")
         (tmp / STATE_FILE).write_text(json.dumps(data.state, indent=1) + "\n")
