@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from importlib import import_module
 
@@ -24,6 +25,7 @@ COMMAND_MODULES: list[str] = [
 ]
 
 EXIT_USER_ERROR = 2
+QUIET_PHASES = {"serve"}  # commands whose library calls print no phase lines (controlnet/progress.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # under accelerate/torchrun the first process speaks for all; a server's log keeps its one line per request
+    if os.environ.get("RANK", "0") == "0" and args.command not in QUIET_PHASES:
+        from controlnet.progress import show_phases
+
+        show_phases(args.verbose)  # phase lines (ControlNet load, caching, saving...) on a terminal or with -v
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR

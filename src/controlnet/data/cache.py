@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from controlnet.atomic import atomic_path
+from controlnet.progress import phase
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,9 @@ def build_latent_cache(
         (tmp / "cache.json").write_text(json.dumps({"count": len(digests), "transform": transform_desc}) + "\n")
 
     logger.info("building latent cache for %d samples in %s", len(digests), folder)
-    _write_atomically(folder, write)
+    # the VAE encoder at SD size: ~4 s per 256 px image on 2 cores
+    with phase(f"caching the VAE latents of {len(digests)} samples"):
+        _write_atomically(folder, write)
     return LatentCache(folder, len(digests))
 
 
@@ -157,7 +160,8 @@ def build_text_cache(
             tensors = {name: torch.cat([c[name].detach().float().cpu() for c in chunks]) for name in chunks[0]}
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "text.safetensors"))
 
-        _write_atomically(folder, write)
+        with phase(f"caching the text embeddings of {len(prompts)} prompts"):
+            _write_atomically(folder, write)
     from safetensors.torch import load_file
 
     return load_file(str(folder / "text.safetensors"))

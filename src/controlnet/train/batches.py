@@ -28,6 +28,7 @@ from controlnet.data.sources import decode_image, open_source
 from controlnet.data.transforms import BUCKET_MULTIPLE, condition_to_unit
 from controlnet.generate.base import BaseComponents, normalize_latents
 from controlnet.generate.prompts import encode_dual, encode_single
+from controlnet.progress import phase
 from controlnet.train.config import TrainConfig
 from controlnet.train.loop import step_generator
 
@@ -59,7 +60,8 @@ class TrainingBatches:
         self.source = open_source(
             c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column, c.data.caption_column
         )
-        found = scan(self.source, c.data.skip_bad)  # every file decoded once: bad ones named before training
+        with phase("checking the training data"):
+            found = scan(self.source, c.data.skip_bad)  # every file decoded once: bad ones named before training
         n_val = c.validation.num_samples if c.validation.every and c.validation.metric != "none" else 0
         if n_val >= len(found.indices):
             raise ValueError(
@@ -84,24 +86,35 @@ class TrainingBatches:
         self.empty_id = index[EMPTY_PROMPT]
         self.weight_dtype = weight_dtype
         self.latents = self.text = None
+        self._fingerprints: tuple[str, str] | None = None
         if c.data.cache:
             if acc.is_main_process:
                 self._build_caches(cache_dir, found.digests[:cut], buckets)
             acc.wait_for_everyone()
             self._build_caches(cache_dir, found.digests[:cut], buckets)  # now a cache hit on every process
 
+    def _cache_keys(self) -> tuple[str, str]:
+        """The fingerprints of the text encoders and the VAE (every weight hashed: seconds at SD size), once."""
+        if self._fingerprints is None:
+            base = self.base
+            with phase("hashing the VAE and text encoder weights (cache keys)"):
+                text_fp = "|".join(
+                    module_fingerprint(m, extra=tokenizer_fingerprint(t))
+                    for m, t in ((base.text_encoder, base.tokenizer), (base.text_encoder_2, base.tokenizer_2))
+                    if m is not None
+                )
+                augmented = self.config.data.random_augmentation  # no latent cache: no VAE key
+                vae_fp = "" if augmented else module_fingerprint(base.vae, extra=f"vae|{self.weight_dtype}")
+            self._fingerprints = text_fp, vae_fp
+        return self._fingerprints
+
     def _build_caches(self, cache_dir: Path, digests, buckets) -> None:
-        c, base = self.config, self.base
-        text_fp = "|".join(
-            module_fingerprint(m, extra=tokenizer_fingerprint(t))
-            for m, t in ((base.text_encoder, base.tokenizer), (base.text_encoder_2, base.tokenizer_2))
-            if m is not None
-        )
+        c = self.config
+        text_fp, vae_fp = self._cache_keys()
         self.text = build_text_cache(cache_dir, self.unique_prompts, text_fp, self.encode_text)
         if c.data.random_augmentation:
             logger.info("random crop/flip is on: VAE latents are computed every step (no latent cache)")
             return
-        vae_fp = module_fingerprint(base.vae, extra=f"vae|{self.weight_dtype}")
         desc = json.dumps(
             [
                 c.data.resolution,
