@@ -3,7 +3,9 @@ annotator resolutions, client disconnects. Each test names the defect it guards 
 
 from __future__ import annotations
 
+import base64
 import http.client
+import io
 import json
 import socket
 import threading
@@ -11,8 +13,9 @@ import time
 
 import httpx
 import pytest
+from PIL import Image
 
-from controlnet.testing.live_server import start_server
+from controlnet.testing.live_server import TINY_CONTROLNET, start_server
 
 LONG_STEPS = 150  # a job long enough (~5-10 s on 2 cores) to be caught running
 STREAMS_PER_JOB = 8  # serve/native.py MAX_STREAMS_PER_JOB
@@ -150,3 +153,115 @@ def test_many_streams_then_health_under_a_second_while_generating(url):
     for sock in socks:
         sock.close()
     assert latencies and max(latencies) < 1.0, max(latencies)
+
+
+def b64_png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def post_json(url: str, path: str, body: dict, timeout: float = 60) -> httpx.Response:
+    # json.dumps writes NaN and Infinity as the bare tokens a careless client sends (httpx's json= refuses them)
+    return httpx.post(
+        url + path,
+        content=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+        timeout=timeout,
+    )
+
+
+def assert_refused(response: httpx.Response, status: int, field: str, text: str) -> None:
+    assert response.status_code == status, response.text
+    problem = response.json()
+    assert problem["field"] == field, problem
+    assert text in problem["detail"], problem
+
+
+def test_a_thin_image_is_refused_before_any_annotator_runs(url, server):
+    """Defect: a 91-byte 1x1024 PNG cost over 4 GB and 11-28 s in any annotator (the short side scaled to 512 made
+    a 512x524288 image). Refused on every door, within a second, the server's peak memory unchanged."""
+    thin = b64_png(Image.new("RGB", (1024, 1), "white"))
+    peak_before = server.peak_rss_mb()
+    started = time.monotonic()
+    response = post_json(url, "/v1/annotate", {"annotator": "canny", "image": thin})
+    assert_refused(response, 422, "image", "512x524288")
+    unit = {"model": TINY_CONTROLNET, "image": thin, "annotator": "canny"}
+    response = post_json(url, "/v1/generate", {"prompt": "x", "steps": 2, "units": [unit]})
+    assert_refused(response, 422, "units[0].image", "512x524288")
+    response = post_json(
+        url, "/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": [thin]}
+    )
+    assert_refused(response, 422, "controlnet_input_images[0]", "512x524288")
+    webui_unit = {"enabled": True, "module": "canny", "model": TINY_CONTROLNET, "image": thin}
+    body = {"prompt": "x", "steps": 2, "alwayson_scripts": {"ControlNet": {"args": [webui_unit]}}}
+    response = post_json(url, "/sdapi/v1/txt2img", body)
+    assert_refused(response, 422, "alwayson_scripts.ControlNet.args[0].image", "512x524288")
+    assert time.monotonic() - started < 5
+    assert server.peak_rss_mb() < peak_before + 100  # nothing was resized
+
+
+def test_all_images_of_a_request_share_one_pixel_budget(url, server):
+    """Defect: 16 images of 64 Mpx in a 4 MB detect request went past 9 GB. Every image is under --max-pixels,
+    but together they are over the request's budget (serve/limits.py MAX_REQUEST_PIXELS): 413 naming the image
+    that crossed it, read from its header before it is decoded."""
+    side = 4096  # 16.8 Mpx; MAX_REQUEST_PIXELS = 2**26 holds exactly four
+    big = b64_png(Image.new("L", (side, side), 0))  # ~17 KB of PNG
+    started = time.monotonic()
+    response = post_json(
+        url, "/controlnet/detect", {"controlnet_module": "none", "controlnet_input_images": [big] * 6}
+    )
+    assert_refused(response, 413, "controlnet_input_images[4]", "all of a request's images")
+    unit = {"model": TINY_CONTROLNET, "image": big}
+    response = post_json(url, "/v1/jobs", {"prompt": "x", "steps": 2, "init_image": big, "units": [unit] * 4})
+    assert_refused(response, 413, "init_image", "all of a request's images")  # the units are read first
+    assert time.monotonic() - started < 30
+    assert server.peak_rss_mb() < 2048  # four decoded greyscale images at most, never six
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "text"),
+    [
+        ({"width": 2048, "height": 2048, "steps": 150, "batch_size": 8}, "steps", "pixel-steps"),
+        (
+            {"width": 2048, "height": 2048, "steps": 60, "batch_size": 4},
+            "steps",
+            "1024x1024 px, 50 steps, 8 images",
+        ),
+    ],
+)
+def test_a_generation_is_priced_before_it_is_queued(url, body, field, text):
+    """Each factor under its own cap can multiply to hours of work: pixels x steps x images is refused at once."""
+    started = time.monotonic()
+    assert_refused(post_json(url, "/v1/jobs", {"prompt": "x", **body}), 422, field, text)
+    webui = {"prompt": "x", "steps": body["steps"], "width": body["width"], "height": body["height"]}
+    webui["batch_size"] = body["batch_size"]
+    response = post_json(url, "/sdapi/v1/txt2img", webui)
+    assert response.status_code == 422 and text in response.json()["detail"], response.text
+    assert time.monotonic() - started < 5
+    assert httpx.get(url + "/v1/health").json()["queue_depth"] == 0
+
+
+@pytest.mark.parametrize(
+    ("annotator", "options", "field", "text"),
+    [
+        ("softedge", {"sigmas": [1.0, 1e9]}, "options.sigmas.1", "64"),
+        ("softedge", {"sigmas": [1.0] * 17}, "options.sigmas", "16"),
+        ("canny", {"low_threshold": 300, "high_threshold": 200}, "options.high_threshold", "low_threshold"),
+        ("canny", {"low_threshold": 1e9}, "options.low_threshold", ""),
+        ("scribble", {"stroke_width": 100000}, "options.stroke_width", "64"),
+        ("tile", {"blur_sigma": 1e5}, "options.blur_sigma", "64"),
+        ("shuffle", {"seed": -1}, "options.seed", "0"),
+    ],
+)
+def test_every_annotator_option_has_a_range(url, annotator, options, field, text):
+    """The ranges come from the annotators' own fields (annotate/: `setting(ge=, le=)`), published in
+    GET /v1/annotators and checked before anything is queued."""
+    schema = {a["name"]: a["options"] for a in httpx.get(url + "/v1/annotators").json()}[annotator]
+    key = next(iter(options))
+    prop = schema["properties"][key]
+    bounded = prop.get("items", prop) if prop.get("type") == "array" else prop
+    assert "maximum" in json.dumps(bounded) or "maxItems" in json.dumps(prop), prop
+    image = b64_png(Image.new("RGB", (64, 64), "white"))
+    response = post_json(url, "/v1/annotate", {"annotator": annotator, "image": image, "options": options})
+    assert_refused(response, 422, field, text)

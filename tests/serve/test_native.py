@@ -352,6 +352,9 @@ def unit_fields() -> dict:
         ({"gaussian_sigma": float("inf")}, "options.gaussian_sigma", "finite"),  # grew the server to ~21 GB
         ({"gaussian_sigma": float("nan")}, "options.gaussian_sigma", "finite"),  # was a 500
         ({"detect_resolution": 16384}, "options.detect_resolution", "2048"),  # cost 4.4 GB
+        ({"gaussian_sigma": 1e4}, "options.gaussian_sigma", "64"),  # burned 34 s of CPU on a 64 px image
+        ({"gaussian_sigma": 1e6}, "options.gaussian_sigma", "64"),  # was a 500
+        ({"intensity_threshold": -1}, "options.intensity_threshold", "0"),
     ],
 )
 def test_annotator_options_are_finite_and_bounded(url, options, field, text):

@@ -12,27 +12,27 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import Annotator
+from controlnet.settings_cli import setting
 
 DEFAULT_LOW_THRESHOLD = 100  # reference gradio_canny2image / controlnet_aux defaults
 DEFAULT_HIGH_THRESHOLD = 200
+MAX_GRADIENT = 2040  # OpenCV's L1 Sobel magnitude of an 8-bit image stays below this: no edge lies above it
 
 
 @dataclass
 class Canny(Annotator):
     """Canny edge map: (H, W, 3) uint8, 255 on edges."""
 
-    low_threshold: int = DEFAULT_LOW_THRESHOLD
+    low_threshold: int = setting(DEFAULT_LOW_THRESHOLD, ge=0, le=MAX_GRADIENT)
     """Hysteresis low threshold on the gradient magnitude."""
-    high_threshold: int = DEFAULT_HIGH_THRESHOLD
+    high_threshold: int = setting(DEFAULT_HIGH_THRESHOLD, ge=0, le=MAX_GRADIENT)
     """Hysteresis high threshold; must be >= low_threshold."""
 
     name = "canny"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("low_threshold", self.low_threshold, 0)
-        check_range("high_threshold", self.high_threshold, 0)
         if self.high_threshold < self.low_threshold:
             raise ValueError(
                 f"high_threshold: got {self.high_threshold}; expected >= low_threshold ({self.low_threshold})"

@@ -38,6 +38,11 @@ def to_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     raise ValueError(f"{name}: unsupported dtype {image.dtype}; expected uint8, uint16 (scaled down) or bool")
 
 
+# Pixels an annotator may be asked to work at (8192 x 8192): past any real photo at any resolution the reference
+# offers; the server caps lower (serve/limits.py MAX_DETECT_PIXELS).
+MAX_DETECT_PIXELS = 2**26
+
+
 def hwc3(image: np.ndarray, background: int = WHITE, name: str = "image") -> np.ndarray:
     """Return an (H, W, 3) uint8 RGB image, as the reference HWC3 does.
 
@@ -61,8 +66,11 @@ def hwc3(image: np.ndarray, background: int = WHITE, name: str = "image") -> np.
     return np.repeat(composited, 3, axis=2) if channels == 2 else composited
 
 
-def detect_size(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """(h, w) after scaling the short side to `resolution` and rounding both to multiples of 64 (reference)."""
+def detect_size(height: int, width: int, resolution: int, max_pixels: int = MAX_DETECT_PIXELS) -> tuple[int, int]:
+    """(h, w) after scaling the short side to `resolution` and rounding both to multiples of 64 (reference).
+
+    The reference puts no limit on the long side: a 1x1024 image at 512 becomes 512x524288 (268 Mpx, over 4 GB in
+    any annotator). A size over `max_pixels` is refused here, before any resizing, naming both sizes."""
     scale = float(resolution) / min(height, width)
     h = int(np.round(height * scale / LATENT_MULTIPLE)) * LATENT_MULTIPLE
     w = int(np.round(width * scale / LATENT_MULTIPLE)) * LATENT_MULTIPLE
@@ -70,6 +78,12 @@ def detect_size(height: int, width: int, resolution: int) -> tuple[int, int]:
         raise ValueError(
             f"detect_resolution: {resolution} turns a {height}x{width} image into {h}x{w}; "
             f"expected a resolution that keeps both sides >= {LATENT_MULTIPLE}"
+        )
+    if h * w > max_pixels:
+        raise ValueError(
+            f"detect_resolution: {resolution} turns a {height}x{width} (height x width) image into {h}x{w}, "
+            f"{h * w:,} pixels; expected at most {max_pixels:,} (a lower detect_resolution, or an image closer "
+            "to square)"
         )
     return h, w
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import Annotator
 from controlnet.annotate.image import hwc3, to_uint8
+from controlnet.settings_cli import setting
 
 DEFAULT_THRESHOLD = 128  # alpha below / brightness at or above this marks a pixel to repaint
 MASKED_VALUE = -1.0  # the inpaint ControlNet's value for pixels to repaint
@@ -24,14 +25,10 @@ class InpaintMask(Annotator):
     """Binary mask: (H, W, 3) uint8, 255 where the model must repaint, 0 where the image is kept."""
 
     detect_resolution: int | None = None
-    threshold: int = DEFAULT_THRESHOLD
+    threshold: int = setting(DEFAULT_THRESHOLD, ge=1, le=255)
     """Alpha < threshold (RGBA input) or brightness >= threshold (mask image) marks a pixel to repaint."""
 
     name = "inpaint"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("threshold", self.threshold, 1, 255)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         image = to_uint8(image)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import MAX_SIGMA, Annotator
+from controlnet.settings_cli import setting
 
 DEFAULT_GAUSSIAN_SIGMA = 6.0  # reference default `guassian_sigma`
 DEFAULT_INTENSITY_THRESHOLD = 8  # reference: responses above this define the median used to normalise
@@ -25,18 +26,13 @@ LINE_GAIN = 127.0  # reference: a median-strength stroke maps to grey 127
 class LineartStandard(Annotator):
     """Line-art map: (H, W, 3) uint8, white strokes on black."""
 
-    gaussian_sigma: float = DEFAULT_GAUSSIAN_SIGMA
+    gaussian_sigma: float = setting(DEFAULT_GAUSSIAN_SIGMA, ge=1e-3, le=MAX_SIGMA)
     """Blur sigma (pixels at the detect resolution) of the surround each pixel is compared with."""
-    intensity_threshold: float = DEFAULT_INTENSITY_THRESHOLD
+    intensity_threshold: float = setting(DEFAULT_INTENSITY_THRESHOLD, ge=0, le=255)
     """Responses above this are the strokes whose median normalises the map."""
 
     name = "lineart_standard"
     output_interpolation = cv2.INTER_CUBIC
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("gaussian_sigma", self.gaussian_sigma, 1e-3)
-        check_range("intensity_threshold", self.intensity_threshold, 0, 255)
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         pixels = image.astype(np.float32)  # (h, w, 3)

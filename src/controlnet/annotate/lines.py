@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import MAX_DETECT_RESOLUTION, Annotator
+from controlnet.settings_cli import setting
 
 MLSD_MIN_LENGTH = 20.0  # M-LSD `pred_lines(..., dist_thr=20.0)`: shortest segment kept, in pixels
 MLSD_LINE_WIDTH = 1  # the reference draws `cv2.line(..., [255, 255, 255], 1)`
@@ -30,7 +31,7 @@ HOUGH_MAX_GAP = 4  # largest gap (px) bridged inside a segment
 class Lines(Annotator):
     """Map of straight segments: (H, W, 3) uint8, 255 on 1-px lines, 0 elsewhere."""
 
-    min_length: float = MLSD_MIN_LENGTH
+    min_length: float = setting(MLSD_MIN_LENGTH, ge=0, le=MAX_DETECT_RESOLUTION * 2)
     """Shortest segment kept, in pixels at the detect resolution."""
     method: str = "lsd"
     """Segment detector: "lsd" (OpenCV line segment detector) or "hough" (probabilistic Hough on Canny edges)."""
@@ -39,7 +40,6 @@ class Lines(Annotator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("min_length", self.min_length, 0)
         if self.method not in METHODS:
             raise ValueError(f"method: got {self.method!r}; expected one of {', '.join(METHODS)}")
 

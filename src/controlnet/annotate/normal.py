@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import Annotator
 from controlnet.annotate.image import UINT16_TO_UINT8, hwc3
+from controlnet.settings_cli import setting
 
 DEFAULT_FLATNESS = 2.0 * np.pi  # reference `a=np.pi * 2.0`: the z component before normalisation
 DEFAULT_BACKGROUND_THRESHOLD = 0.1  # reference `bg_th=0.1` on the min-max normalised depth
@@ -53,9 +54,9 @@ def encode_normals(normals: np.ndarray) -> np.ndarray:
 class NormalFromDepth(Annotator):
     """Normal map from a depth image (near = bright): (H, W, 3) uint8."""
 
-    flatness: float = DEFAULT_FLATNESS
+    flatness: float = setting(DEFAULT_FLATNESS, ge=1e-6, le=1e6)
     """z component before normalisation (reference `a`); larger values give flatter-looking normals."""
-    background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD
+    background_threshold: float = setting(DEFAULT_BACKGROUND_THRESHOLD, ge=0, le=1)
     """Normalised depth below which normals face the camera (reference `bg_th`)."""
     channel_order: str = "rgb"
     """"rgb": (left, up, front), ControlNet 1.1 protocol; "bgr": controlnet_aux MiDaS order."""
@@ -64,8 +65,6 @@ class NormalFromDepth(Annotator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("flatness", self.flatness, 1e-6)
-        check_range("background_threshold", self.background_threshold, 0, 1)
         if self.channel_order not in CHANNEL_ORDERS:
             raise ValueError(f"channel_order: got {self.channel_order!r}; expected one of {CHANNEL_ORDERS}")
 

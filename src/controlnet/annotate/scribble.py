@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import Annotator
+from controlnet.settings_cli import setting
 
 XDOG_FINE_SIGMA = 0.5  # scribble_xdog: g1 = GaussianBlur(img, sigma=0.5)
 XDOG_COARSE_SIGMA = 5.0  # scribble_xdog: g2 = GaussianBlur(img, sigma=5.0)
@@ -22,6 +23,7 @@ XDOG_THRESHOLD = 32  # scribble_xdog default thr_a, applied to 2 x (coarse - fin
 XDOG_GAIN = 2.0  # scribble_xdog compares 2 * (coarse - fine) with the threshold
 DEFAULT_MIN_AREA = 16  # pixels at the detect resolution; smaller blobs are texture, not strokes
 DEFAULT_STROKE_WIDTH = 3  # pixels at the detect resolution
+MAX_STROKE_WIDTH = 64  # a dilation's cost grows with its side; wider strokes cover the map
 BINARY_CUT = 128  # re-binarise after the resize back to the input size
 
 
@@ -29,20 +31,18 @@ BINARY_CUT = 128  # re-binarise after the resize back to the input size
 class Scribble(Annotator):
     """Binary scribble map: (H, W, 3) uint8 with values in {0, 255}, white strokes on black."""
 
-    threshold: float = XDOG_THRESHOLD
+    threshold: float = setting(XDOG_THRESHOLD, ge=0, le=510)
     """XDoG threshold on 2 x (coarse blur - fine blur), 0..510; lower keeps fainter edges."""
-    min_area: int = DEFAULT_MIN_AREA
+    min_area: int = setting(DEFAULT_MIN_AREA, ge=0, le=2**31 - 1)
     """Connected stroke pieces with fewer pixels than this (before thickening) are removed."""
-    stroke_width: int = DEFAULT_STROKE_WIDTH
+    stroke_width: int = setting(DEFAULT_STROKE_WIDTH, ge=1, le=MAX_STROKE_WIDTH)
     """Strokes are dilated by a square of this side (1 keeps the raw XDoG lines)."""
 
     name = "scribble"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range("threshold", self.threshold, 0, 510)
-        check_range("min_area", self.min_area, 0)
-        if not isinstance(self.stroke_width, int) or self.stroke_width < 1:
+        if not isinstance(self.stroke_width, int) or isinstance(self.stroke_width, bool):
             raise ValueError(f"stroke_width: got {self.stroke_width!r}; expected an integer >= 1")
 
     def detect(self, image: np.ndarray) -> np.ndarray:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import MAX_DETECT_RESOLUTION, Annotator
+from controlnet.settings_cli import setting
 
 DEFAULT_NOISE_PERIOD = 256  # reference `f=256`: pixels between random control points of the flow
 
@@ -30,19 +31,17 @@ def noise_disk(height: int, width: int, period: int, rng: np.random.Generator) -
 class Shuffle(Annotator):
     """Shuffled image: (H, W, 3) uint8 with the input's colours in a scrambled layout."""
 
-    noise_period: int = DEFAULT_NOISE_PERIOD
+    noise_period: int = setting(DEFAULT_NOISE_PERIOD, ge=1, le=MAX_DETECT_RESOLUTION)
     """Pixels between the flow field's random control points (reference `f`)."""
-    seed: int | None = None
+    seed: int | None = setting(None, ge=0, le=2**32 - 1)
     """Random seed; None draws a fresh shuffle every call."""
 
     name = "shuffle"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.noise_period, int) or self.noise_period < 1:
+        if not isinstance(self.noise_period, int) or isinstance(self.noise_period, bool):
             raise ValueError(f"noise_period: got {self.noise_period!r}; expected an integer >= 1")
-        if self.seed is not None:
-            check_range("seed", self.seed, 0)
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]

@@ -8,15 +8,17 @@ fused from several scales. This annotator fuses scale-normalised Gaussian-deriva
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import MAX_SIGMA, Annotator
+from controlnet.settings_cli import check_bounds, setting
 
 DEFAULT_SIGMAS = (1.0, 2.0, 4.0)  # pixels at the detect resolution: fine to coarse boundaries
 DEFAULT_PERCENTILE = 99.0  # the fused response at this percentile maps to 255
+MAX_SIGMAS = 8  # each scale is one more blur of the whole image
 SOBEL_GAIN = 8.0  # a 3x3 Sobel returns 8x the derivative of a linear ramp
 
 
@@ -24,9 +26,9 @@ SOBEL_GAIN = 8.0  # a 3x3 Sobel returns 8x the derivative of a linear ramp
 class SoftEdge(Annotator):
     """Soft boundary map: (H, W, 3) uint8 grey levels, white on strong boundaries."""
 
-    sigmas: tuple[float, ...] = field(default=DEFAULT_SIGMAS)
+    sigmas: tuple[float, ...] = setting(DEFAULT_SIGMAS, gt=0, le=MAX_SIGMA)
     """Gaussian scales (pixels at the detect resolution) whose gradient magnitudes are averaged."""
-    percentile: float = DEFAULT_PERCENTILE
+    percentile: float = setting(DEFAULT_PERCENTILE, ge=50, le=100)
     """Percentile of the fused response that maps to white (higher: darker, sparser map)."""
 
     name = "softedge"
@@ -34,11 +36,11 @@ class SoftEdge(Annotator):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.sigmas = tuple(self.sigmas)
-        if not self.sigmas or any(
-            isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0 for s in self.sigmas
+        if not 0 < len(self.sigmas) <= MAX_SIGMAS or any(
+            isinstance(s, bool) or not isinstance(s, (int, float)) for s in self.sigmas
         ):
-            raise ValueError(f"sigmas: got {self.sigmas!r}; expected one or more positive numbers")
-        check_range("percentile", self.percentile, 50, 100)
+            raise ValueError(f"sigmas: got {self.sigmas!r}; expected 1 to {MAX_SIGMAS} positive numbers")
+        check_bounds(self)  # again: the sigmas are a tuple only now
 
     def response(self, image: np.ndarray) -> np.ndarray:
         """(h, w, 3) uint8 -> (h, w) float32 fused gradient magnitude (intensity units per pixel)."""

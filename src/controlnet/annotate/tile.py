@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from controlnet.annotate.base import Annotator, check_range
+from controlnet.annotate.base import MAX_DETECT_RESOLUTION, MAX_SIGMA, Annotator
+from controlnet.settings_cli import setting
 
 DEFAULT_DOWN_SAMPLING_RATE = 4.0  # 512 px -> 128 px of real detail, a typical tile-upscaling condition
 
@@ -22,17 +23,12 @@ class Tile(Annotator):
     """Low-detail image: (H, W, 3) uint8 at the input size."""
 
     detect_resolution: int | None = None
-    down_sampling_rate: float = DEFAULT_DOWN_SAMPLING_RATE
+    down_sampling_rate: float = setting(DEFAULT_DOWN_SAMPLING_RATE, ge=1, le=MAX_DETECT_RESOLUTION)
     """Shrink factor (>= 1); 1 keeps the image."""
-    blur_sigma: float = 0.0
+    blur_sigma: float = setting(0.0, ge=0, le=MAX_SIGMA)
     """Extra Gaussian blur in pixels of the output; 0 disables it."""
 
     name = "tile"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("down_sampling_rate", self.down_sampling_rate, 1)
-        check_range("blur_sigma", self.blur_sigma, 0)
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]

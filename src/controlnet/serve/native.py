@@ -26,7 +26,7 @@ from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOp
 from controlnet.generate.outputs import png_info
 from controlnet.io.images import png_base64, png_bytes
 from controlnet.serve.annotators import checked_options, describe_annotators
-from controlnet.serve.images import decode_image
+from controlnet.serve.images import RequestImages, decode_image
 from controlnet.serve.limits import (
     MAX_BLOCK_SCALES,
     MAX_CONTROL_SCALE,
@@ -165,8 +165,10 @@ COMMON_ERRORS = (400, 401, 403, 413, 415, 422)
 def decode_job(body, service: Service) -> GenerationJob:
     """The request as a GenerationJob: images decoded (bombs refused), annotator options checked."""
 
+    images = RequestImages(service.max_pixels)  # every image of this request draws on one pixel budget
+
     def decode(value, where):
-        return decode_image(value, where, service.max_pixels)
+        return images.decode(value, where)
 
     units = []
     for k, u in enumerate(body.units):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
+from controlnet.serve.limits import MAX_DETECT_PIXELS, MAX_PIXEL_STEPS, describe_budget
 from controlnet.serve.models import ModelRegistry, UnknownModel
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ MAX_KEPT_JOBS = 64  # finished jobs kept for GET /v1/jobs/{id} and image downloa
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_UNITS = 4
 DEFAULT_MAX_CONTROLNET_MB = 2048
+NATIVE_SIDE_ESTIMATE = 1024  # an unset output side is priced at the largest native size (SDXL's)
+STEPS_ESTIMATE = 50  # unset steps are priced at the web UI's default
 SECONDS_PER_QUEUED_JOB = 2.0  # Retry-After estimate per job ahead when no job has finished yet
 
 
@@ -83,6 +86,38 @@ def check_annotator(name, options: dict, field: str) -> None:
                 f"{field}_options.{key}" if field.endswith("annotator") else f"options.{key}",
                 f"{name} has no option {key!r}; expected some of {', '.join(valid) or '(none)'}",
             )
+
+
+def check_detect_size(name: str, options: dict, image, field: str) -> None:
+    """Refuse an annotation whose working size (the image's short side scaled to detect_resolution, the long side
+    following) is over MAX_DETECT_PIXELS, before it is queued: a 91-byte 1x1024 PNG asked for 512x524288."""
+    from controlnet.annotate.image import detect_size
+    from controlnet.annotate.registry import annotator_options
+
+    f = annotator_options(name).get("detect_resolution")
+    resolution = options.get("detect_resolution", f.default if f is not None else None)
+    if resolution is None or not hasattr(image, "size"):
+        return
+    width, height = image.size
+    try:
+        detect_size(height, width, resolution, MAX_DETECT_PIXELS)
+    except ValueError as err:
+        raise FieldError(field, str(err).removeprefix("detect_resolution: ")) from None
+
+
+def check_generation_cost(options, field: str = "steps") -> None:
+    """Refuse a generation whose work (output pixels x sampler steps x images) is over MAX_PIXEL_STEPS, before it
+    is queued; each factor is capped on its own too (serve/limits.py). An unset size is priced at the largest
+    native size (1024 px a side), unset steps at the web UI's default (50)."""
+    width, height = options.width or NATIVE_SIDE_ESTIMATE, options.height or NATIVE_SIDE_ESTIMATE
+    steps = options.steps or STEPS_ESTIMATE
+    work = width * height * steps * options.batch_size
+    if work > MAX_PIXEL_STEPS:
+        raise FieldError(
+            field,
+            f"{width}x{height} px x {steps} steps x {options.batch_size} images = {work:,} pixel-steps, over this "
+            f"server's {MAX_PIXEL_STEPS:,} per job ({describe_budget()}); fewer steps, images or pixels",
+        )
 
 
 class ServiceClosed(RuntimeError):
@@ -229,6 +264,7 @@ class Service:
         refuses a job that cannot run (ValueError / UnknownModel naming the field) before it is queued."""
         if isinstance(spec, AnnotationJob):
             check_annotator(spec.annotator, spec.options, "annotator")
+            check_detect_size(spec.annotator, spec.options, spec.image, "image")
             return spec
         if not isinstance(spec, GenerationJob):
             raise TypeError(f"expected a GenerationJob or AnnotationJob, got {type(spec).__name__}")
@@ -252,6 +288,8 @@ class Service:
                 raise
             if unit.annotator:
                 check_annotator(unit.annotator, unit.annotator_options, f"units[{k}].annotator")
+                image = unit.image if unit.image is not None else spec.options.image
+                check_detect_size(unit.annotator, unit.annotator_options, image, f"units[{k}].image")
             outputs = entry.num_control_outputs
             if unit.block_scales is not None and outputs and len(unit.block_scales) != outputs:
                 raise FieldError(
@@ -262,6 +300,7 @@ class Service:
             units.append(replace(unit, model=entry.name))
         checked = replace(spec, base=base, units=units)
         checked.check()
+        check_generation_cost(checked.options)
         return checked
 
     def submit(self, spec) -> Job:

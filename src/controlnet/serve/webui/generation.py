@@ -25,7 +25,7 @@ from PIL import ImageOps
 from controlnet.generate.control_images import RESIZE_MODES
 from controlnet.generate.options import GenerationJob, GenerationOptions
 from controlnet.generate.samplers import SAMPLERS, canonical_sampler_name
-from controlnet.serve.images import decode_image
+from controlnet.serve.images import RequestImages
 from controlnet.serve.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS
 from controlnet.serve.models import UnknownModel
 from controlnet.serve.webui.payload import PayloadError
@@ -97,8 +97,9 @@ def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
     given["sampler_name"], sampler_label = _sampler(payload)
     given["eta"] = _float(payload, "eta", 0.0, 0.0, 1.0) if payload.get("eta") is not None else 0.0
     init_image = mask = None
+    images = RequestImages(service.max_pixels)  # every image of this request draws on one pixel budget
     if img2img:
-        init_image, mask, given["denoising_strength"], given["resize_mode"] = _img2img(payload, service)
+        init_image, mask, given["denoising_strength"], given["resize_mode"] = _img2img(payload, images)
         given["init_images"], given["mask"] = init_image, mask
 
     key, args = find_unit_args(payload.get("alwayson_scripts"))
@@ -109,7 +110,7 @@ def parse_request(payload: dict, service, img2img: bool) -> WebUIRequest:
         height=height,
         init_image=init_image,
         has_mask=mask is not None,
-        max_pixels=service.max_pixels,
+        images=images,
         where=f"alwayson_scripts.{key or 'ControlNet'}.args",
     )
     units = parse_units(args, ctx)
@@ -214,16 +215,16 @@ def _sampler(payload: dict) -> tuple[str, str]:
     return key, SAMPLERS[key].display_name
 
 
-def _img2img(payload: dict, service):
+def _img2img(payload: dict, images: RequestImages):
     inits = payload.get("init_images") or []
     if not isinstance(inits, list) or not inits:
         raise PayloadError("init_images", "expected a list with one base64 image")
     if len(inits) > 1:
         raise PayloadError("init_images", f"got {len(inits)} images; this server takes one init image per request")
-    init = decode_image(inits[0], "init_images[0]", service.max_pixels)
+    init = images.decode(inits[0], "init_images[0]")
     if init is None:
         raise PayloadError("init_images[0]", "expected a base64 image or a data: URI, got null")
-    mask = decode_image(payload.get("mask"), "mask", service.max_pixels, blank_is_none=True)
+    mask = images.decode(payload.get("mask"), "mask", blank_is_none=True)
     if mask is not None and payload.get("inpainting_mask_invert"):
         mask = ImageOps.invert(mask.convert("L"))  # 1 = repaint the black part
     strength = _float(payload, "denoising_strength", DEFAULT_DENOISING, 0.0, 1.0)

@@ -16,7 +16,7 @@ from typing import Annotated
 from fastapi import Body, FastAPI, Request
 
 from controlnet.io.images import png_base64
-from controlnet.serve.images import decode_image
+from controlnet.serve.images import RequestImages
 from controlnet.serve.native import wait_for
 from controlnet.serve.problems import ApiError
 from controlnet.serve.service import AnnotationJob, FieldError
@@ -188,15 +188,19 @@ def add_routes(app: FastAPI, service) -> None:
     async def detect(payload: JsonBody, request: Request) -> dict:
         """Run a module on images (`controlnet_input_images` or webuiapi's `controlnet_images`)."""
         try:
-            module, options, images = await off_loop(_detect_request, payload, service)
+            key, module, options, images = await off_loop(_detect_request, payload, service)
         except PayloadError as err:
             raise _api_error(err) from None
         maps = []
-        for image in images:
+        for i, image in enumerate(images):
             if module.annotator is None:
                 maps.append(image)
                 continue
-            job = service.submit(AnnotationJob(module.annotator, image, options))
+            try:
+                job = service.submit(AnnotationJob(module.annotator, image, options))
+            except FieldError as err:  # the job's `image` is the request's i-th image
+                field = f"{key}[{i}]" if err.field == "image" else err.field
+                raise ApiError(422, f"{field}: {str(err).removeprefix(err.field + ': ')}", field) from None
             maps.append(await wait_for(job, request, service))
         return {"images": await off_loop(lambda: [png_base64(m) for m in maps]), "info": "Success"}
 
@@ -213,7 +217,8 @@ def _request_field(err: FieldError, parsed) -> Exception:
 
 
 def _detect_request(payload: dict, service) -> tuple:
-    """The module, its options and the decoded RGB images of a detect request (PayloadError naming the field)."""
+    """The images' field, the module, its options and the decoded RGB images of a detect request (PayloadError
+    naming the field)."""
     key = "controlnet_input_images" if "controlnet_input_images" in payload else "controlnet_images"
     images = payload.get(key)
     if not isinstance(images, list) or not images:
@@ -226,7 +231,8 @@ def _detect_request(payload: dict, service) -> tuple:
         raise PayloadError("controlnet_module", str(err)) from None
     if module.annotator == "inpaint":
         raise PayloadError("controlnet_module", "inpaint_only has no detected map; it runs inside img2img")
-    decoded = [decode_image(v, f"{key}[{i}]", service.max_pixels) for i, v in enumerate(images)]
+    budget = RequestImages(service.max_pixels)
+    decoded = [budget.decode(v, f"{key}[{i}]") for i, v in enumerate(images)]
     for i, image in enumerate(decoded):
         if image is None:
             raise PayloadError(f"{key}[{i}]", "expected a base64 image or a data: URI, got null")
@@ -234,4 +240,4 @@ def _detect_request(payload: dict, service) -> tuple:
     for field, slider in module.sliders():
         value, _ = mods.effective_value(module, slider, payload.get(f"controlnet_{field}", UNSET))
         options[slider.option] = value
-    return module, options, [image.convert("RGB") for image in decoded]
+    return key, module, options, [image.convert("RGB") for image in decoded]

@@ -23,7 +23,7 @@ from controlnet.generate.control_images import RESIZE_DISPLAY_NAMES, resize_mode
 from controlnet.generate.guidance import CONTROL_MODES, control_mode
 from controlnet.generate.jobs import ControlUnit
 from controlnet.generate.pipeline import INPAINT
-from controlnet.serve.images import decode_image
+from controlnet.serve.images import RequestImages
 from controlnet.serve.limits import MAX_CONTROL_SCALE
 from controlnet.serve.models import ModelEntry, UnknownModel
 from controlnet.serve.webui.modules import NONE_MODULE, UNSET, Module, effective_value, find_module
@@ -109,8 +109,8 @@ class UnitContext:
     """img2img: the first init image (units without an image take it)."""
     has_mask: bool = False
     """img2img with an inpainting mask."""
-    max_pixels: int | None = None
-    """The server's limit on an image's pixels (None: io/images.py MAX_IMAGE_PIXELS)."""
+    images: RequestImages = field(default_factory=RequestImages)
+    """The request's image decoder: the server's per-image limit and the request's total (serve/images.py)."""
     where: str = "alwayson_scripts.ControlNet.args"
 
 
@@ -144,7 +144,7 @@ def _parse_unit(k: int, unit: dict, ctx: UnitContext) -> WebUIUnit:
     except ValueError as err:
         raise PayloadError(f"{where}.module", str(err)) from None
     model = _model(unit.get("model"), ctx.registry, f"{where}.model")
-    image, mask = _images(unit, where, ctx.max_pixels)
+    image, mask = _images(unit, where, ctx.images)
     resize = _resize_mode(unit.get("resize_mode", DEFAULT_RESIZE), f"{where}.resize_mode")
     weight = _number(unit.get("weight", 1.0), f"{where}.weight", 0.0, MAX_CONTROL_SCALE)
     start = _number(unit.get("guidance_start", 0.0), f"{where}.guidance_start", 0.0, 1.0)
@@ -221,9 +221,9 @@ def _titles(registry) -> str:
     return ", ".join(e.title for e in registry.controlnets()) or "(none: start the server with --models DIR)"
 
 
-def _images(unit: dict, where: str, max_pixels: int | None) -> tuple[Image.Image | None, Image.Image | None]:
+def _images(unit: dict, where: str, images: RequestImages) -> tuple[Image.Image | None, Image.Image | None]:
     def decode(value, field: str) -> Image.Image | None:  # "" and null: no image
-        return decode_image(value, field, max_pixels, blank_is_none=True)
+        return images.decode(value, field, blank_is_none=True)
 
     key = "image" if "image" in unit else "input_image"
     value = unit.get(key)
