@@ -74,8 +74,21 @@ def test_wrong_architecture_is_named(tmp_path):
     state = controlnet_state_to_original(ControlNet.from_unet(make_tiny_unet("sd15")).state_dict(), 2)
     path = tmp_path / "control.safetensors"
     save_file(state, path)
-    with pytest.raises(CheckpointError, match="does not match the expected architecture: .*shape mismatches"):
+    # another family (here: another context width) is one line naming both, before any key is compared
+    with pytest.raises(
+        CheckpointError,
+        match=r"control.safetensors is a ControlNet for a custom SD1.x/2.x-style model \(cross-attention width 32\), "
+        r"but the UNet given is a custom SD1.x/2.x-style model \(cross-attention width 24\)",
+    ):
         load_controlnet(path, unet=make_tiny_unet("sd21"))
+    # the same family with other widths: the key-by-key comparison names the mismatches
+    from diffusers import UNet2DConditionModel
+
+    from controlnet.testing.tiny_models import TINY_UNET_CONFIGS
+
+    narrower = UNet2DConditionModel(**dict(TINY_UNET_CONFIGS["sd15"], block_out_channels=[16, 32]))
+    with pytest.raises(CheckpointError, match="does not match the expected architecture: .*shape mismatches"):
+        load_controlnet(path, unet=narrower)
     with pytest.raises(CheckpointError, match="cannot tell the architecture"):
         load_controlnet(path)  # tiny cross-attention width: no known family, no config given
     with pytest.raises(CheckpointError, match="not a UNet"):

@@ -225,6 +225,48 @@ def check_base(
     return BaseSource(kind, path, BUILTIN if kind == BUILTIN else str(path), tokenizer, tokenizer_2, components)
 
 
+def check_controlnet_families(
+    source: BaseSource, controlnets, configs: dict | str | os.PathLike | None = None, flags: dict | None = None
+) -> None:
+    """Refuse a ControlNet made for another base family (an SDXL ControlNet on an SD1.5 base, or the reverse) in one
+    line naming both families, from the files' headers and configs alone: milliseconds, before the base is loaded
+    (and before an fp16 base is cast to another dtype). `controlnets`: paths or "builtin:NAME" (ControlNet objects
+    are skipped: `load_controlnet` checks files). Nothing is refused where a family cannot be told from the files.
+    """
+    from controlnet.io.formats import check_family
+    from controlnet.io.inspect import inspect_path
+    from controlnet.io.lite import is_lite_folder
+
+    paths = [controlnet_path(c) for c in controlnets if isinstance(c, (str, os.PathLike))]
+    if not paths:
+        return
+    family = base_family(source, configs, flags)
+    if family is None:
+        return
+    what = f"base {BUILTIN if source.kind == BUILTIN else source.path.name}"
+    for path in paths:
+        if not is_lite_folder(path):  # ControlNet-lite (the ablation) folders hold their own config
+            check_family(inspect_path(path).base_family, family, f"ControlNet {path.name}", what)
+
+
+def base_family(source: BaseSource, configs=None, flags: dict | None = None):
+    """The base UNet's `io.formats.Family` from its files alone (a checkpoint file's header, a folder's
+    unet/config.json); None when they do not tell."""
+    if source.kind == "file":
+        from controlnet.io.single_file import base_family as file_family
+
+        return file_family(source.path, configs, {**KEYWORDS, **(flags or {})})
+    config = source.path / "unet" / "config.json"
+    if not config.is_file():
+        return None
+    from controlnet.io.formats import family_of_unet_config
+
+    try:
+        return family_of_unet_config(json.loads(config.read_text()))
+    except (ValueError, AttributeError):
+        return None  # an unreadable config is reported by the loader, in its own words
+
+
 def _folder_index(kind: str, path: Path) -> dict:
     """{component: (library, class)} of a model folder: its model_index.json, or the exported layout's classes."""
     if kind == "diffusers":

@@ -28,7 +28,10 @@ from controlnet.io.formats import (
     FORMAT_PHRASES,
     ORIGINAL_UNET_PREFIX,
     cast_state,
+    check_family,
     detect_format,
+    family_of_state,
+    family_of_unet_config,
     unet_config_for,
 )
 from controlnet.io.lite import is_lite_folder, load_lite
@@ -321,10 +324,13 @@ def open_controlnet(
             raise CheckpointError(f"{path}: holds {FORMAT_PHRASES[fmt]}, not a ControlNet")
 
         unet_config = dict(unet.config) if unet is not None else config
+        control = original_keys.strip_control_prefix(state) if fmt != "diffusers-controlnet" else state
+        if unet_config is not None:  # a ControlNet of another family: one line now, not a key-by-key mismatch
+            base_what = "the UNet given" if unet is not None else "the UNet config given"
+            check_family(family_of_state(control), family_of_unet_config(unet_config), path.name, base_what)
         if unet_config is None and folder_config is not None:
             unet_config = unet_config_from_controlnet_config(folder_config)
         if fmt != "diffusers-controlnet":
-            control = original_keys.strip_control_prefix(state)
             unet_config = unet_config_for(control, unet_config, path.name)
             state = controlnet_state_from_original(state, unet_config["layers_per_block"])
         else:

@@ -37,6 +37,59 @@ FORMAT_PHRASES = {
 FAMILY_NAMES = {"sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
 
 
+@dataclass(frozen=True)
+class Family:
+    """What a ControlNet and its base must share, as read from names and shapes (a header) or a UNet config: the
+    width of the text context the model cross-attends to, and SDXL's added text_time embedding."""
+
+    context_dim: int | None
+    text_time: bool = False
+
+    @property
+    def name(self) -> str | None:
+        """sd15 | sd21 | sdxl, or None for a custom (e.g. tiny) architecture."""
+        return FAMILY_BY_CONTEXT_DIM.get(self.context_dim)
+
+    def describe(self) -> str:
+        if self.name is not None:
+            return FAMILY_NAMES[self.name]
+        style = "SDXL-style" if self.text_time else "SD1.x/2.x-style"
+        return f"a custom {style} model (cross-attention width {self.context_dim})"
+
+    def matches(self, other: Family) -> bool:
+        """False only when both are known and differ (an unknown width cannot be refused from a header)."""
+        if self.context_dim is None or other.context_dim is None:
+            return True
+        return (self.context_dim, self.text_time) == (other.context_dim, other.text_time)
+
+
+# SDXL's added embedding (time ids + pooled text): `label_emb.*` in original files, `add_embedding.*` in diffusers'.
+TEXT_TIME_KEYS = ("label_emb.", "add_embedding.")
+
+
+def family_of_state(state: dict) -> Family:
+    """The family of a ControlNet's or UNet's tensors (meta tensors will do: names and shapes only)."""
+    return Family(context_dim(state), any(part in k for k in state for part in TEXT_TIME_KEYS))
+
+
+def family_of_unet_config(config: dict) -> Family:
+    """The family of a diffusers `UNet2DConditionModel` config."""
+    dim = config.get("cross_attention_dim")
+    if isinstance(dim, (list, tuple)):
+        dim = dim[0] if len(set(dim)) == 1 else None
+    return Family(dim, config.get("addition_embed_type") == "text_time")
+
+
+def check_family(control: Family, base: Family, control_what: str, base_what: str) -> None:
+    """Refuse a ControlNet made for another base family, in one line naming both (from headers: milliseconds,
+    before any weights are read; the alternative is a key-by-key mismatch after the whole load)."""
+    if not control.matches(base):
+        raise CheckpointError(
+            f"{control_what} is a ControlNet for {control.describe()}, but {base_what} is {base.describe()}: a "
+            "ControlNet works only with a base of the family it was trained on"
+        )
+
+
 @dataclass
 class Inspection:
     format: str
@@ -45,6 +98,12 @@ class Inspection:
     dtypes: list[str]
     num_control_outputs: int | None  # ControlNets only
     context_dim: int | None
+    text_time: bool = False  # SDXL's added embedding (label_emb / add_embedding)
+
+    @property
+    def base_family(self) -> Family:
+        """What the file's model shares with its base (`check_family`)."""
+        return Family(self.context_dim, self.text_time)
 
     def describe(self) -> dict:
         return {
@@ -100,15 +159,15 @@ def inspect_state_dict(state: dict) -> Inspection:
         counted = {k: v for k, v in state.items() if k.startswith("control_model.")}
     else:
         counted = state
-    dim = context_dim(counted)
-    family = FAMILY_BY_CONTEXT_DIM.get(dim)
+    family = family_of_state(counted)
     return Inspection(
         format=fmt,
-        family=family,
+        family=family.name,
         num_parameters=sum(v.numel() for v in counted.values()),
         dtypes=sorted({str(v.dtype).removeprefix("torch.") for v in counted.values()}),
         num_control_outputs=count_control_outputs(counted, fmt),
-        context_dim=dim,
+        context_dim=family.context_dim,
+        text_time=family.text_time,
     )
 
 

@@ -74,17 +74,39 @@ def read_configs(configs: dict | str | os.PathLike | None, flag: str = "configs"
 
 
 def _header(path: Path) -> dict | None:
-    """{key: meta tensor of its shape} of a .safetensors file, reading only its header; None for other formats."""
-    if path.suffix.lower() != ".safetensors":
-        return None
-    from safetensors import safe_open
+    """{key: meta tensor of its shape} of a .safetensors file (its header) or a zip-format .ckpt (its pickle,
+    memory-mapped: no tensor data read); None for other formats, whose tensors would have to be read."""
+    from controlnet.io.safe_load import PICKLE_SUFFIXES, ZIP_MAGIC, LazyWeights
 
+    suffix = path.suffix.lower()
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        if suffix in PICKLE_SUFFIXES:
+            with path.open("rb") as handle:
+                if not handle.read(4).startswith(ZIP_MAGIC):
+                    return None
+        elif suffix != ".safetensors":
+            return None
+        with LazyWeights(path) as weights:
+            return weights.meta
     except Exception as err:  # noqa: BLE001 - any unreadable header: read_state_dict reports it in its own words
         logger.debug("%s: header not readable (%s)", path, err)
         return None
+
+
+def base_family(path: Path, configs=None, flags: dict | None = None):
+    """The `formats.Family` of a checkpoint file's UNet, from its header (or, for a file whose header cannot be read
+    without its tensors, the --base-config overrides / family); None when neither tells."""
+    from controlnet.io.formats import family_of_state, family_of_unet_config
+
+    header = _header(path)
+    if header is not None and any(k.startswith(UNET_PREFIX) for k in header):
+        return family_of_state({k: v for k, v in header.items() if k.startswith(UNET_PREFIX)})
+    overrides = read_configs(configs, (flags or {}).get("base_config", "configs"))
+    if "unet" in overrides:
+        return family_of_unet_config(overrides["unet"])
+    if overrides.get("family"):
+        return family_of_unet_config(family_config(overrides["family"])["unet"])
+    return None
 
 
 def _family(state: dict, path: Path, family: str | None, overrides: dict, flags: dict) -> str:
