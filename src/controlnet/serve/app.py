@@ -7,8 +7,12 @@ runs it under uvicorn. Nothing here reveals the command line, the environment or
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controlnet import __version__
 from controlnet.serve import native, webui
@@ -30,10 +34,68 @@ def create_app(service: Service, settings: SecuritySettings | None = None) -> Fa
         yield
         service.close(cancel_running=True)
 
-    app = FastAPI(title="controlnet", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # FastAPI's own /docs and /redoc load their scripts from a CDN: off; /docs is served below from a package
+    app = FastAPI(
+        title="controlnet",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.service = service
+    app.state.docs = add_docs(app)
     install_handlers(app)
     native.add_routes(app, service)
     webui.add_routes(app, service)
     app.add_middleware(SecurityMiddleware, settings=settings)
     return app
+
+
+DOCS_PATH = "/docs"
+DOCS_ASSETS = {  # name served under /docs/assets/ -> (file in swagger-ui's folder, media type); nothing else
+    "swagger-ui-bundle.js": ("swagger-ui-bundle.js", "text/javascript"),
+    "swagger-ui.css": ("swagger-ui.css", "text/css"),
+    "favicon.png": ("favicon-32x32.png", "image/png"),
+}
+DOCS_HINT = 'the /docs page needs swagger-ui-bundle-v2 (in the serve extra: pip install -e ".[serve]")'
+
+
+def swagger_ui_folder():
+    """The folder of Swagger UI's files shipped by the swagger-ui-bundle-v2 package, or None without it."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    folder = Path(str(swagger_ui_path))
+    return folder if all((folder / name).is_file() for name, _ in DOCS_ASSETS.values()) else None
+
+
+def add_docs(app: FastAPI) -> bool:
+    """Serve the interactive API docs at /docs from Swagger UI's files on this machine (no CDN, nothing fetched
+    from another host); False, with no /docs, when they are not installed (/openapi.json is served either way)."""
+    folder = swagger_ui_folder()
+    if folder is None:
+        return False
+    assets = f"{DOCS_PATH}/assets"
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon.png",
+            # Swagger UI would otherwise send the schema's address to validator.swagger.io for its badge
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get(assets + "/{name}", include_in_schema=False)
+    def docs_asset(name: str):
+        if name not in DOCS_ASSETS:
+            raise StarletteHTTPException(404)
+        file, media_type = DOCS_ASSETS[name]
+        return FileResponse(folder / file, media_type=media_type, headers={"Cache-Control": "max-age=86400"})
+
+    return True

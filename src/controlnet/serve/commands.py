@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
 from controlnet.serve.limits import describe as describe_limits
+from controlnet.serve.logs import DEFAULT_BURST as LOG_BURST
+
+# the values shown in --help, without importing the server's dependencies (uvicorn) to build the parser
+DEFAULT_MAX_CONNECTIONS = 8192  # serve/connections.py's, checked by tests/serve/test_connections.py
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 30.0
+FD_RESERVE = 256
+AUTH_ENV = "CONTROLNET_AUTH"
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +25,8 @@ DEFAULT_MAX_BODY_MB = 32.0
 INSTALL_HINT = 'controlnet serve needs the serve extra: pip install -e ".[serve]"'
 
 DESCRIPTION = """\
-Serve ControlNet generation over HTTP: a native JSON API under /v1 (OpenAPI at /docs and /openapi.json) and the
+Serve ControlNet generation over HTTP: a native JSON API under /v1 (OpenAPI at /openapi.json, browsable at /docs
+from the swagger-ui-bundle-v2 package's files: no page loads anything from another host) and the
 web-UI compatible API that existing clients (the `webuiapi` package, image-editor plug-ins, scripts written for
 AUTOMATIC1111 + sd-webui-controlnet) speak: /sdapi/v1/* and /controlnet/*.
 
@@ -33,8 +43,10 @@ A job's progress is polled (GET /v1/jobs/{id}) or streamed (GET /v1/jobs/{id}/ev
 next sampler step. SIGTERM (or Ctrl-C) stops accepting requests, cancels queued and running jobs and exits 0.
 
 Security:
-  - binds 127.0.0.1 by default; a non-loopback --host refuses to start without --auth USER:PASS (HTTP Basic:
-    one credential for the API, /docs and the UI; use TLS in front of it, Basic sends the password in clear)
+  - binds 127.0.0.1 by default; a non-loopback --host refuses to start without credentials (HTTP Basic: one for
+    the API, /docs and the UI; use TLS in front of it, Basic sends the password in clear). Give them in a file
+    only you can read (--auth-file, mode 600) or in the CONTROLNET_AUTH=USER:PASS environment variable: every
+    local user can read a command line (ps), so --auth USER:PASS shows the password to them
   - no client-supplied file paths anywhere: images are base64 or data: URIs (a path string is a 422), model
     names are the registry's names (never looked up on disk; symlinks out of the --models folders are not listed)
   - weights load through safe loaders only (safetensors; .pth/.ckpt with torch.load(weights_only=True))
@@ -43,14 +55,21 @@ Security:
     rebinding); POST bodies other than application/json 415
   - no route reveals the command line, the environment or the file system
   - no other site may frame a page (Content-Security-Policy: frame-ancestors 'none', X-Frame-Options: DENY)
-  - the same request limits on /v1, the web-UI API and the page (serve/limits.py): {limits}"""
+  - the same request limits on /v1, the web-UI API and the page (serve/limits.py): {limits}
+  - connections: a request's line and headers must arrive within --header-timeout s of connecting (or of the
+    last response), and its body may pause at most --body-timeout s, or the connection is closed (408); at
+    --max-connections open connections the oldest one still waiting for its headers is closed to make room, or
+    the new one is answered 503 (requests under way and event streams are never cut). The open-files limit
+    (ulimit -n) is raised towards its hard limit to fit the cap.
+  - the log keeps at most {log_burst} lines of each kind a minute, then one line saying how many it left out"""
 
 EPILOG = """\
 examples:
   controlnet serve                                   built-in models on http://127.0.0.1:7860
   controlnet serve --models ~/sd/models/ControlNet --models ~/sd/models/Stable-diffusion \\
       --base v1-5-pruned-emaonly --tokenizer ~/sd/tokenizer --device cuda
-  controlnet serve --host 0.0.0.0 --auth alice:s3cret --allow-host gpu-box.lan
+  install -m 600 /dev/null ~/.controlnet-auth && echo 'alice:s3cret' > ~/.controlnet-auth
+  controlnet serve --host 0.0.0.0 --auth-file ~/.controlnet-auth --allow-host gpu-box.lan
   curl -s localhost:7860/v1/health
   curl -s localhost:7860/v1/generate -H 'Content-Type: application/json' \\
       -d '{"prompt": "a red circle", "steps": 10}' | python -c 'import json,sys; print(json.load(sys.stdin)["seeds"])'
@@ -61,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve generation over HTTP (native /v1 API + the web-UI compatible API)",
-        description=DESCRIPTION.replace("{limits}", describe_limits()),
+        description=DESCRIPTION.replace("{limits}", describe_limits()).replace("{log_burst}", str(LOG_BURST)),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -69,14 +88,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind (default: %(default)s; anything but loopback needs --auth)",
+        help="address to bind (default: %(default)s; anything but loopback needs --auth-file or --auth)",
     )
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s, the web UI's)")
+    g.add_argument(
+        "--auth-file",
+        default=None,
+        metavar="PATH",
+        help="require HTTP Basic auth for every route with the USER:PASS on the one line of this file, which other "
+        f"users may not read (chmod 600); or set {AUTH_ENV}=USER:PASS (default: no auth on loopback)",
+    )
     g.add_argument(
         "--auth",
         default=None,
         metavar="USER:PASS",
-        help="require HTTP Basic auth with these credentials for every route (default: none on loopback)",
+        help="as --auth-file, on the command line: other local users can read it there (ps); prefer --auth-file",
     )
     g.add_argument(
         "--allow-host",
@@ -84,6 +110,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="NAME",
         help="another Host header name to accept (default: loopback names and --host); repeatable",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"open client connections at most (default: {DEFAULT_MAX_CONNECTIONS}, or fewer if the open-files "
+        f"hard limit minus {FD_RESERVE} is lower)",
+    )
+    g.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        metavar="S",
+        help="seconds a client has to send a request's line and headers (default: %(default)g)",
+    )
+    g.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        metavar="S",
+        help="longest pause in seconds while a request body is being sent (default: %(default)g)",
     )
     g.add_argument(
         "--no-ui",
@@ -156,15 +204,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def check_arguments(args) -> None:
-    """Refuse unsafe or impossible settings before anything loads."""
-    from controlnet.serve.security import is_loopback, parse_auth
+def check_arguments(args, environ=None) -> None:
+    """Refuse unsafe or impossible settings before anything loads; sets args.credentials (None: no auth)."""
+    from controlnet.serve.security import is_loopback, load_credentials
 
-    parse_auth(args.auth)
-    if not is_loopback(args.host) and args.auth is None:
+    args.credentials, _ = load_credentials(args.auth, args.auth_file, os.environ if environ is None else environ)
+    if not is_loopback(args.host) and args.credentials is None:
         raise ValueError(
-            f"--host {args.host}: serving beyond this machine needs --auth USER:PASS (anyone on the network could "
-            "use the GPU and read every job); add --auth, or keep the default --host 127.0.0.1"
+            f"--host {args.host}: serving beyond this machine needs credentials (anyone on the network could use "
+            f"the GPU and read every job): --auth-file PATH or {AUTH_ENV}=USER:PASS, or keep --host 127.0.0.1"
         )
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: expected 1..65535")
@@ -175,6 +223,14 @@ def check_arguments(args) -> None:
         raise ValueError("--max-body-mb and --max-controlnet-mb: expected positive numbers")
     if args.max_pixels is not None and args.max_pixels < 64 * 64:
         raise ValueError(f"--max-pixels {args.max_pixels}: expected at least 4096")
+    from controlnet.serve.connections import ConnectionLimits, connection_cap
+
+    # raises the open-files limit to fit the cap, or says why it cannot
+    args.connection_limits = ConnectionLimits(
+        max_connections=connection_cap(args.max_connections),
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+    )
 
 
 def _mount_page(app, service, settings, no_ui: bool) -> str:
@@ -201,10 +257,15 @@ def run_serve(args) -> int:
     check_arguments(args)
     import torch
 
-    from controlnet.serve.app import create_app
+    from controlnet.serve import logs
+    from controlnet.serve.app import DOCS_HINT, create_app
+    from controlnet.serve.connections import protocol_class
     from controlnet.serve.models import ModelRegistry
-    from controlnet.serve.security import SecuritySettings, parse_auth
+    from controlnet.serve.security import SecuritySettings
     from controlnet.serve.service import Service
+
+    limits = args.connection_limits
+    logs.install(burst=LOG_BURST)
 
     registry = ModelRegistry(args.models, base=args.base)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -228,14 +289,21 @@ def run_serve(args) -> int:
     settings = SecuritySettings(
         host=args.host,
         port=args.port,
-        auth=parse_auth(args.auth),
+        auth=args.credentials,
         allowed_hosts=args.allow_host,
         max_body_bytes=int(args.max_body_mb * 2**20),
     )
     app = create_app(service, settings)
     page = _mount_page(app, service, settings, args.no_ui)
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10, server_header=False
+        app,
+        host=args.host,
+        port=args.port,
+        http=protocol_class(limits),
+        log_config=None,  # uvicorn's loggers propagate to the rate-limited handler that logs.install set up
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+        server_header=False,
     )
 
     class Server(uvicorn.Server):
@@ -245,9 +313,11 @@ def run_serve(args) -> int:
             service.stop_accepting(cancel_running=True)
             super().handle_exit(sig, frame)
 
+    docs = "docs at /docs" if app.state.docs else f"no /docs page: {DOCS_HINT}"
     print(
-        f"controlnet serve: http://{args.host}:{args.port} ({page}docs at /docs); models: "
-        f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets",
+        f"controlnet serve: http://{args.host}:{args.port} ({page}{docs}); models: "
+        f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets; at most "
+        f"{limits.max_connections} connections",
         file=sys.stderr,
     )
     # uvicorn restores the handlers it found and re-raises the signal it stopped on; a SIGTERM we have handled

@@ -3,7 +3,7 @@
 One pure-ASGI middleware in front of every route (the API, /docs, the web-UI routes), in this order:
 1. Host header: only the server's own names (loopback names, the bound host, `--allow-host`): a page on another
    site that rebinds its DNS name to 127.0.0.1 still sends its own Host, and is refused (400).
-2. HTTP Basic auth when `--auth USER:PASS` is set: one credential for everything, compared in constant time
+2. HTTP Basic auth when credentials are set (`--auth-file`, the CONTROLNET_AUTH variable or `--auth`): one credential for everything, compared in constant time
    (hmac.compare_digest); 401 with `WWW-Authenticate: Basic` otherwise.
 3. Cross-site: a state-changing request (POST, PUT, PATCH, DELETE) whose Origin (or, without it, Referer) is not
    this server's own host, or whose `Sec-Fetch-Site` says cross-site, is refused (403). No CORS headers are sent,
@@ -22,7 +22,11 @@ import binascii
 import hmac
 import ipaddress
 import json
+import os
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from controlnet.serve.problems import PROBLEM_JSON, problem_body
@@ -45,14 +49,54 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    """'USER:PASS' -> (user, password); ValueError naming --auth when malformed."""
+def parse_auth(text: str | None, source: str = "--auth") -> tuple[str, str] | None:
+    """'USER:PASS' -> (user, password); ValueError naming `source` (never echoing the text) when malformed."""
     if text is None:
         return None
     user, sep, password = text.partition(":")
     if not sep or not user or not password:
-        raise ValueError("--auth: expected USER:PASS (both non-empty)")
+        raise ValueError(f"{source}: expected USER:PASS (both non-empty)")
     return user, password
+
+
+AUTH_ENV = "CONTROLNET_AUTH"
+# group and other users may neither read nor write the credentials file (as ssh requires of private keys)
+AUTH_FILE_FORBIDDEN_MODE = 0o066
+
+
+def load_credentials(
+    auth: str | None, auth_file: str | None, environ: Mapping[str, str]
+) -> tuple[tuple[str, str] | None, str | None]:
+    """The HTTP Basic credentials and where they came from: --auth, --auth-file or the CONTROLNET_AUTH variable.
+
+    A command line is readable by every local user (ps, /proc/PID/cmdline); a file only its owner may read and the
+    environment (/proc/PID/environ is the owner's alone) are not. A flag wins over the variable; both flags at once,
+    a missing, unreadable, shared or malformed file are one ValueError naming it (the secret is never echoed)."""
+    if auth is not None and auth_file is not None:
+        raise ValueError("--auth and --auth-file: give the credentials one way")
+    if auth is not None:
+        return parse_auth(auth, "--auth"), "--auth"
+    if auth_file is not None:
+        source = f"--auth-file {auth_file}"
+        path = Path(auth_file)
+        if not path.is_file():
+            raise ValueError(f"{source}: no such file")
+        mode = path.stat().st_mode
+        if os.name == "posix" and mode & AUTH_FILE_FORBIDDEN_MODE:
+            raise ValueError(
+                f"{source}: other users may read or change it (mode {stat.S_IMODE(mode):o}); chmod 600 {auth_file}"
+            )
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"{source}: cannot read it ({type(err).__name__})") from None
+        if len(lines) != 1:
+            raise ValueError(f"{source}: expected one line USER:PASS, found {len(lines)} non-empty lines")
+        return parse_auth(lines[0], source), "--auth-file"
+    text = environ.get(AUTH_ENV)
+    if text:
+        return parse_auth(text, f"the {AUTH_ENV} environment variable"), AUTH_ENV
+    return None, None
 
 
 @dataclass

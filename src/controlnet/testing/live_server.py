@@ -64,6 +64,16 @@ class Server:
                 return int(line.split()[1]) / 1024
         raise RuntimeError("no VmHWM")
 
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    def open_fds(self) -> int:
+        """File descriptors the server holds now (client sockets among them)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -79,13 +89,21 @@ class Server:
             raise
 
 
-def start_server(models: Path | None, log: Path, *args: str, auth: tuple[str, str] | None = None) -> Server:
+def start_server(
+    models: Path | None,
+    log: Path,
+    *args: str,
+    auth: tuple[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """`controlnet serve --port FREE --threads 1 ARGS [--models MODELS]`, its output in `log`, once /v1/health
+    answers 200 (with `auth`). `env`: variables to set for it on top of this process's environment."""
     port = free_port()
     cmd = [sys.executable, "-m", "controlnet.cli", "serve", "--port", str(port), "--threads", "1", *args]
     if models is not None:
         cmd += ["--models", str(models)]
     fh = open(log, "wb")  # noqa: SIM115 - stays open for the server's life
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
