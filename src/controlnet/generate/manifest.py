@@ -105,6 +105,11 @@ def shard(jobs: list[ManifestLine], rank: int, world: int) -> list[ManifestLine]
     return jobs[rank::world]
 
 
+def pending_lines(jobs: list[ManifestLine], out_dir: str | os.PathLike) -> list[ManifestLine]:
+    """The lines whose sidecar is not written yet (a rerun has only these to do; none: nothing to load)."""
+    return [line for line in jobs if not is_done(out_dir, line.stem)]
+
+
 def line_job(line: ManifestLine, options: GenerationOptions, units: list[ControlUnit], base: str) -> GenerationJob:
     """A manifest line as a job: the command line's units with this line's conditions (decoded here, so that a
     missing, truncated or too-large file is refused by name) and annotators, its overrides applied."""

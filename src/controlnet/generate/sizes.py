@@ -44,15 +44,26 @@ class OutputSize:
         )
 
 
-def check_size(width: int | None, height: int | None, factor: int) -> None:
-    """Refuse a given width/height (None = not given) that is not a positive multiple of the VAE factor."""
+def check_size(width: int | None, height: int | None, factor: int, option: str | None = None) -> None:
+    """Refuse a given width/height (None = not given) that is not a positive multiple of the VAE factor.
+
+    `option`: one setting gives both sides (training's square `data.resolution`): the message names it."""
     bad = [v for v in (width, height) if v is not None and (v < factor or v % factor)]
-    if bad:
+    if not bad:
+        return
+    if option is not None:
+        near = sorted({max(factor, bad[0] // factor * factor), (bad[0] // factor + 1) * factor})
+        subject, rule, example = f"{option}={bad[0]}", "must be a positive multiple", " or ".join(map(str, near))
+    else:
         shown = " x ".join("auto" if v is None else str(v) for v in (width, height))
-        raise ValueError(
-            f"width x height = {shown}: both must be positive multiples of {factor} (the VAE's {factor}x "
-            f"downscaling; any multiple works, e.g. {75 * factor} x {50 * factor})"
+        subject, rule, example = (
+            f"width x height = {shown}",
+            "both must be positive multiples",
+            f"{75 * factor} x {50 * factor}",
         )
+    raise ValueError(
+        f"{subject}: {rule} of {factor} (the VAE's {factor}x downscaling; any multiple works, e.g. {example})"
+    )
 
 
 def round_to(value: float, factor: int) -> int:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 SVG_WIDTH, SVG_HEIGHT, MARGIN = 640, 240, 40
+REPORT_FILE = "report.html"  # written last by a run that ends (train/preflight.py: a finished run has one)
 LOSS_SMOOTHING = 0.9  # exponential moving average shown beside the raw loss
 
 
@@ -127,7 +128,7 @@ def write_report(run_dir: Path, config, summary) -> Path:
             body.append(f"<p>step {step}" + (f", fidelity {score:.3f}" if score is not None else "") + "</p>")
             body.append(_img(path))
     body.append("<h2>config</h2><pre>" + html.escape(json.dumps(config.to_dict(), indent=2)) + "</pre>")
-    out = run_dir / "report.html"
+    out = run_dir / REPORT_FILE
     out.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>ControlNet run</title></head><body>"
         + "\n".join(body)

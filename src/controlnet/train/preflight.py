@@ -1,0 +1,92 @@
+"""What a training run settles before it loads or writes anything.
+
+`check_run`: every option that can be checked without weights (the base's files and tokenizer, a ControlNet's
+base family from the headers, the training size against the VAE's factor, the dataset's path and layout, the
+trackers, an explicit resume folder), so that a bad option costs a second and leaves no run folder behind, not a
+minute of loading and a `config.json`. `finished_state`: a rerun of a run that has nothing left to do (trained to
+`train.max_steps` or stopped for good, exported, reported) is answered from its newest checkpoint's state.json,
+without loading the base.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+from controlnet.generate.base import BaseSource, check_base, check_controlnet_families, controlnet_path
+from controlnet.generate.sizes import check_size, vae_factor_on_disk
+from controlnet.train import checkpoint as ckpt
+from controlnet.train.config import BASE_FLAGS, TrainConfig, base_options
+from controlnet.train.loop import check_trackers
+from controlnet.train.report import REPORT_FILE
+
+FINAL_DIR = "final"  # the run folder's export: the trained ControlNet in each of checkpoint.export_formats
+DECODER_FILE = "unet_decoder.safetensors"  # beside it when model.sd_locked is false
+
+
+def export_path(final: Path, fmt: str) -> Path:
+    """Where the export of format `fmt` goes: a diffusers folder or one original-format file."""
+    return final / "controlnet" if fmt == "diffusers" else final / "controlnet.safetensors"
+
+
+def check_run(config: TrainConfig, base_given: bool = False) -> BaseSource | None:
+    """Check everything `config` says that needs no weights; the checked base (None when `base_given`: the caller
+    brings its loaded base). One ValueError / FileNotFoundError line per problem, naming the option."""
+    c = config
+    # the size rule of generation (generate/sizes.py), from the base's config files (a checkpoint file: 8x)
+    if not c.data.bucketing and not base_given:  # bucketing: sizes of area resolution ** 2, multiples of 64
+        factor = vae_factor_on_disk(c.model.base)
+        if factor is not None:
+            check_size(c.data.resolution, c.data.resolution, factor, option="data.resolution")
+    source = None if base_given else check_base(c.model.base, **base_options(c.model))
+    if c.model.controlnet:
+        path = controlnet_path(c.model.controlnet)
+        if source is not None:  # the ControlNet's family against the base's, from the headers
+            check_controlnet_families(source, [str(path)], c.model.base_config or None, BASE_FLAGS)
+    _check_data_path(c)
+    check_trackers(c.train.log_with)
+    ckpt.find_resume(Path(c.train.output_dir), c.checkpoint.resume)  # an explicit folder must exist
+    return source
+
+
+def _check_data_path(c: TrainConfig) -> None:
+    """The dataset's path exists and holds a known layout (its files are scanned later, with the base loaded)."""
+    from controlnet.data.sources import detect_format
+
+    if not c.data.path:
+        raise ValueError("data.path is empty: expected a dataset folder or file")
+    path = Path(c.data.path)
+    if c.data.format == "auto":
+        detect_format(path)
+    elif not path.exists() and not glob.glob(str(path)):
+        raise FileNotFoundError(f"data.path={str(path)!r}: no such folder or file")
+
+
+def finished_state(config: TrainConfig) -> dict | None:
+    """The newest checkpoint's state when rerunning `config` has nothing to do, else None (nothing is loaded).
+
+    Nothing to do: the checkpoint reached `train.max_steps`, or stopped early, or used up `train.max_minutes`
+    (as `Trainer.run` decides from the same state), and the run's export and report are in place (a run killed
+    between its last checkpoint and its export is rerun: it exports).
+    """
+    c = config
+    run_dir = Path(c.train.output_dir)
+    folder = ckpt.find_resume(run_dir, c.checkpoint.resume)
+    if folder is None or not (folder / ckpt.STATE_FILE).is_file():
+        return None
+    state = json.loads((folder / ckpt.STATE_FILE).read_text())
+    step, status = int(state.get("step", 0)), state.get("status")
+    out_of_time = bool(c.train.max_minutes) and state.get("elapsed_s", 0.0) / 60 >= c.train.max_minutes
+    if not (step >= c.train.max_steps or status == "early_stop" or (status == "time_limit" and out_of_time)):
+        return None
+    final = run_dir / FINAL_DIR
+    if c.model.architecture == "lite":  # its own folder format, in place of the diffusers folder
+        exports = [export_path(final, "diffusers")]
+    else:
+        exports = [export_path(final, f) for f in c.checkpoint.export_formats]
+        if not c.model.sd_locked:
+            exports.append(final / DECODER_FILE)
+    if not all(p.exists() for p in [*exports, run_dir / REPORT_FILE]):
+        return None
+    return state
