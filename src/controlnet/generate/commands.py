@@ -402,7 +402,10 @@ def run_generate(args) -> int:
     # after the run, so that an input error found by the pipeline stays the only line
     print(sampling_line(options, pipe), file=sys.stderr)
     stem = args.name or f"controlnet-{options.seed}"
-    record = save_generation(result, args.out, stem, names, grid=not args.no_grid)
+    from controlnet.progress import phase
+
+    with phase(f"saving {len(result.images)} image{'s' if len(result.images) > 1 else ''} to {args.out}"):
+        record = save_generation(result, args.out, stem, names, grid=not args.no_grid)
     for name in record["images"]:
         print(args.out / name)
     return 0

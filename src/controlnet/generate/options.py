@@ -253,6 +253,15 @@ class GenerationJob:
 
     def check(self) -> None:
         """The checks that need no model, so that a server refuses a bad job before queueing it."""
+        for name, text in (("prompt", self.prompt), ("negative_prompt", self.options.negative_prompt)):
+            for item in text if isinstance(text, (list, tuple)) else [text]:
+                if isinstance(item, str) and not item.isascii():
+                    try:
+                        item.encode("utf-8")
+                    except UnicodeEncodeError as err:  # a lone surrogate: the tokenizer fails on it mid-job
+                        raise ValueError(
+                            f"{name}: not valid Unicode text (a lone surrogate at {err.start})"
+                        ) from None
         for k, unit in enumerate(self.units):
             if unit.image is None and self.options.image is None:
                 raise ValueError(f"units[{k}].image: no condition image and no init image to take it from")

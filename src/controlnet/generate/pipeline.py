@@ -21,6 +21,7 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,14 @@ import torch
 from controlnet.generate import control_images as ci
 from controlnet.generate.base import BaseComponents, denormalize_latents, normalize_latents
 from controlnet.generate.builtin_format import SamplingDefaults
-from controlnet.generate.cpu_packing import compiled, holds_packs, packed_weights, packing_fits, release_packed
+from controlnet.generate.cpu_packing import (
+    compiled,
+    holds_packs,
+    packed_bytes,
+    packed_weights,
+    packing_fits,
+    release_packed,
+)
 from controlnet.generate.guidance import apply_cfg, block_profile, in_window
 from controlnet.generate.guidance import pad_unconditional as pad_uncond
 from controlnet.generate.options import GenerationOptions
@@ -37,6 +45,7 @@ from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlBase, ControlNet, ControlNetOutput
+from controlnet.progress import phase
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +159,8 @@ class ControlNetPipeline:
         )
         controlnets = [c if isinstance(c, ControlBase) else controlnet_path(c) for c in controlnets]
         components = load_base(source, device=device, dtype=dtype, **base_options)
-        pipe = cls.from_components(components, [_load_controlnet(c, components.unet) for c in controlnets])
+        nets = [_load_controlnet(c, components.unet, k, len(controlnets)) for k, c in enumerate(controlnets)]
+        pipe = cls.from_components(components, nets)
         for module in pipe._modules():
             module.eval().requires_grad_(False)
         return pipe.to(device, dtype)
@@ -406,9 +416,15 @@ class ControlNetPipeline:
         if packing and not packing_fits(self.unet, *[n.net for n in nets]):
             logger.info("not packing the weights for oneDNN: their copy would not fit in free memory")
             packing = False
+        # the packs are made as the first step meets each layer: that step takes 2-3 plain steps' time at SD size
+        first_step = contextlib.ExitStack()
+        models = [self.unet, *[n.net for n in nets]]
+        if packing and any(packed_bytes(m) and not holds_packs(m) for m in models):  # a model still to pack
+            first_step.enter_context(phase("packing the weights for the CPU (during step 1)"))
         with (
             self._placed(self.unet, *[n.net for n in nets]),
             packed_weights(self.unet, *[n.net for n in nets], enabled=packing),
+            first_step,
         ):
             for i, t in enumerate(timesteps):
                 model_in = sched.scale_model_input(torch.cat([latents, latents]) if cfg else latents, t)
@@ -443,6 +459,8 @@ class ControlNetPipeline:
                     if i < n_steps - 1:
                         known = sched.add_noise(init_latents, noise, timesteps[i + 1 : i + 2].repeat(num_images))
                     latents = latent_mask * latents + (1 - latent_mask) * known
+                if i == 0:
+                    first_step.close()
                 if progress is not None:
                     progress(i + 1, n_steps)
 
@@ -452,7 +470,7 @@ class ControlNetPipeline:
         settings.update(sampler=sampler_display_name(sched), inpaint_condition=[c == INPAINT for c in control])
         if opt.output_type == "latent":
             return GenerationResult([], latents, seeds, settings, control_pils)
-        with self._placed(self.vae):
+        with self._placed(self.vae), phase(f"decoding {len(latents)} image{'s' if len(latents) > 1 else ''}"):
             pixels = self._decode(latents)  # (N, 3, H, W) in [-1, 1]
         unit = (pixels.float() / 2 + 0.5).clamp(0, 1)  # (N, 3, H, W)
         if opt.inpaint_paste:  # keep the source pixels exactly where nothing was to be repainted
@@ -554,9 +572,10 @@ def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
     return x.repeat_interleave(times, dim=0)
 
 
-def _load_controlnet(entry, unet) -> ControlNet:
+def _load_controlnet(entry, unet, k: int = 0, n: int = 1) -> ControlNet:
     if isinstance(entry, ControlBase):  # a ControlNet, or the ablation's ControlNetLite
         return entry
     from controlnet.io.api import load_controlnet
 
-    return load_controlnet(entry, unet=unet)
+    with phase(f"loading ControlNet {Path(entry).name} ({k + 1}/{n})"):  # 5-15 s at SD size
+        return load_controlnet(entry, unet=unet)

@@ -12,6 +12,7 @@ through it to fill a meta-device module with the (memory-mapped) tensors themsel
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import io
@@ -22,7 +23,7 @@ import os
 import pickle
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -322,6 +323,45 @@ def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's memory-mapped files (/proc/self/maps: an inode and a path)."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    spans.append((start, end))
+    except OSError:
+        return []
+    return sorted(spans)
+
+
+def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
+    """Give back the resident pages of memory-mapped tensors that nothing uses any more; returns the bytes covered.
+
+    A tensor taken from a mapped file (`map_state_dict`: safetensors maps the whole file, privately, and every
+    tensor is a view of it) keeps its touched pages resident after its module replaced it with a copy (a dtype
+    cast, channels_last): the mapping lives while any tensor of the file does, so the old pages count in the
+    process's resident set beside the copies (the SD1.5 UNet's convolutions, 2.3 GB, in `controlnet train`).
+    Only tensors inside a file mapping are touched, and only whole pages within them (never a neighbour's);
+    reading them again would re-read the file, so call this for tensors no module holds. Linux; elsewhere a no-op.
+    """
+    spans = _file_mappings() if _libc() is not None else []
+    starts = [start for start, _ in spans]
+    released = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.device.type != "cpu" or nbytes == 0:
+            continue
+        k = bisect.bisect_right(starts, tensor.data_ptr()) - 1
+        if k >= 0 and tensor.data_ptr() + nbytes <= spans[k][1]:
+            _drop_mapped_pages(tensor)
+            released += nbytes
+    return released
 
 
 def write_safetensors_streamed(

@@ -11,8 +11,13 @@ names; for .safetensors only the header is read, so a scan of many GB costs mill
 - ControlNets: diffusers ControlNet folders (config.json + diffusion_pytorch_model.safetensors) and original
   or diffusers ControlNet files (.safetensors, .pth, .ckpt; pickles through the safe loader only).
 
-Hashes are the web UI's: `sha256` over the whole file and the old short hash `hash8` (first 8 hex digits of the
-sha256 of the 64 KiB at offset 1 MiB: what `control_v11p_sd15_canny [d14c016b]` carries), computed on first use.
+Hashes are the web UI's: `sha256` over the whole file (computed in the background and cached on disk by file
+version: serve/model_hashes.py; null until known) and the old short hash `hash8` (first 8 hex digits of the sha256
+of the 64 KiB at offset 1 MiB: what `control_v11p_sd15_canny [d14c016b]` carries). A client may name a model by
+its registry name, `name [hash8]`, A1111's checkpoint title `file.safetensors [sha256[:10]]`, or the file name.
+
+A model whose files disappear after the scan is no longer listed; naming it is a `ModelGone` (HTTP 409 naming it).
+A model folder with a file that is a symlink leading out of every models folder is not listed at all.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import hashlib
 import json
 import logging
 import re
-import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +45,7 @@ from controlnet.io.formats import (
     count_control_outputs,
     detect_format,
 )
+from controlnet.serve.model_hashes import BackgroundHasher, HashCache
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,17 @@ CONDITIONS = (
 _HASH_SUFFIX = re.compile(r"^(?P<stem>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]\s*$")
 
 
+class ModelGone(LookupError):
+    """A listed model whose file is no longer there (deleted or moved since the server scanned its folders)."""
+
+    def __init__(self, name: str, kind: str = "model"):
+        self.name, self.kind = name, kind
+        super().__init__(
+            f"{kind} {name!r}: its file is no longer in the models folder (deleted or moved since the server "
+            "started); restart the server to rescan"
+        )
+
+
 class UnknownModel(ValueError):
     """A model name the registry does not know (never a path: names are not looked up on disk)."""
 
@@ -91,30 +107,50 @@ class ModelEntry:
     family: str | None
     condition: str | None
     path: Path = field(repr=False)
-    _sha256: str | None = field(default=None, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    hashes: HashCache | None = field(default=None, repr=False, compare=False)
+    _hash8: str | None = field(default=None, repr=False)
 
     @property
     def weights(self) -> Path:
-        """The file the hashes are computed over (a folder's weights file)."""
-        return weights_of(self.path)
+        """The file the hashes are computed over (a folder's weights file); ModelGone once it is not there."""
+        try:
+            return weights_of(self.path)
+        except FileNotFoundError:
+            raise ModelGone(self.name, self.kind) from None
+
+    def present(self) -> bool:
+        try:
+            weights_of(self.path)
+        except FileNotFoundError:
+            return False
+        return True
 
     @property
-    def sha256(self) -> str:
-        with self._lock:
-            if self._sha256 is None:
-                digest = hashlib.sha256()
-                with open(self.weights, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(block)
-                self._sha256 = digest.hexdigest()
-            return self._sha256
+    def sha256(self) -> str | None:
+        """The full-file sha256 once the background hasher (or a client naming it) has computed it, else None."""
+        if self.hashes is None:
+            self.hashes = HashCache()
+        return self.hashes.get(self.weights)
+
+    def sha256_now(self) -> str:
+        """The sha256, computed now if it is not known yet (reads the whole file once; cached on disk)."""
+        if self.hashes is None:
+            self.hashes = HashCache()
+        try:
+            return self.hashes.compute(self.weights)
+        except FileNotFoundError:
+            raise ModelGone(self.name, self.kind) from None
 
     @property
     def hash8(self) -> str:
-        with open(self.weights, "rb") as fh:
-            fh.seek(OLD_HASH_OFFSET)
-            return hashlib.sha256(fh.read(OLD_HASH_LENGTH)).hexdigest()[:8]
+        if self._hash8 is None:
+            try:
+                with open(self.weights, "rb") as fh:
+                    fh.seek(OLD_HASH_OFFSET)
+                    self._hash8 = hashlib.sha256(fh.read(OLD_HASH_LENGTH)).hexdigest()[:8]
+            except FileNotFoundError:
+                raise ModelGone(self.name, self.kind) from None
+        return self._hash8
 
     @cached_property
     def num_control_outputs(self) -> int | None:
@@ -128,6 +164,11 @@ class ModelEntry:
     @property
     def stem(self) -> str:
         return self.name.rsplit("/", 1)[-1].removeprefix(BUILTIN_CONTROLNET)
+
+    @property
+    def file_name(self) -> str:
+        """The weights file's own name (A1111 titles checkpoints by it: `v1-5-pruned-emaonly.safetensors`)."""
+        return self.path.name
 
     @property
     def title(self) -> str:
@@ -224,10 +265,23 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(real == r or r in real.parents for r in roots)
 
 
+def _leaves(folder: Path, roots: list[Path]) -> Path | None:
+    """A file or folder inside a model folder that is a symlink leading out of every models folder, if any (its
+    weights would be read from anywhere on the server)."""
+    for path in folder.rglob("*"):
+        if path.is_symlink() and not _inside(path, roots):
+            return path
+    return None
+
+
 class ModelRegistry:
     """The built-in models plus every base and ControlNet found in `model_dirs` (see the module docstring)."""
 
-    def __init__(self, model_dirs=(), base: str = BUILTIN):
+    def __init__(self, model_dirs=(), base: str = BUILTIN, hashes: HashCache | None = None, hash_now: bool = True):
+        """`hashes`: the sha256 cache (default: the user's cache folder); `hash_now`: start hashing every listed
+        file in a background thread (the listings do not wait for it)."""
+        self.hashes = hashes or HashCache()
+        self.roots = [Path(folder).resolve() for folder in model_dirs]  # to cut from messages: clients see names
         self._entries: dict[str, ModelEntry] = {}
         self._add_builtin()
         for folder in model_dirs:
@@ -236,9 +290,18 @@ class ModelRegistry:
                 raise FileNotFoundError(f"--models {folder}: not a folder")
             self._scan(folder)
         self.default_base = self.base(base).name
+        if hash_now:
+            hasher = BackgroundHasher(self.hashes)
+            for entry in self._entries.values():  # the default base first: clients ask for it first
+                if entry.name == self.default_base:
+                    hasher.add(entry.weights)
+            for entry in self._entries.values():
+                if entry.name != self.default_base:
+                    hasher.add(entry.weights)
 
     # ---------------------------------------------------------------------------------------------------
     def _add(self, entry: ModelEntry) -> None:
+        entry.hashes = self.hashes
         if entry.name in self._entries:
             logger.warning("models: %s found twice; keeping the first", entry.name)
             return
@@ -264,7 +327,12 @@ class ModelRegistry:
                 rel = path.relative_to(root).as_posix()
                 if path.is_dir():
                     found = classify_folder(path)
-                    if found is not None:
+                    escaping = _leaves(path, roots) if found is not None else None
+                    if escaping is not None:
+                        logger.warning(
+                            "models: skipping %s: %s is a symlink out of the models folder", rel, escaping.name
+                        )
+                    elif found is not None:
                         kind, family = found
                         self._add(ModelEntry(rel, kind, family, _condition(kind, path.name), path))
                     elif depth < MAX_SCAN_DEPTH:
@@ -280,13 +348,14 @@ class ModelRegistry:
 
     # ---------------------------------------------------------------------------------------------------
     def all(self) -> list[ModelEntry]:
-        return list(self._entries.values())
+        """The models whose files are still there (one stat each)."""
+        return [e for e in self._entries.values() if e.present()]
 
     def bases(self) -> list[ModelEntry]:
-        return [e for e in self._entries.values() if e.kind == "base"]
+        return [e for e in self.all() if e.kind == "base"]
 
     def controlnets(self) -> list[ModelEntry]:
-        return [e for e in self._entries.values() if e.kind == "controlnet"]
+        return [e for e in self.all() if e.kind == "controlnet"]
 
     def base(self, name: str | None = None) -> ModelEntry:
         """The base called `name` (None = the server's default base)."""
@@ -296,7 +365,15 @@ class ModelRegistry:
         return self._resolve(name, "controlnet")
 
     def _resolve(self, name: str, kind: str) -> ModelEntry:
-        """Exact name, then `name [hash8]` (the hash must match), then a case-insensitive name or stem."""
+        """Exact name, then `name [hash]` (the hash must match: the old hash8, or a prefix of the sha256 as in
+        A1111's `file.safetensors [sha256[:10]]`), then a case-insensitive name, stem or file name.
+        ModelGone when the model's file has disappeared since the scan."""
+        entry = self._find(name, kind)
+        if not entry.present():
+            raise ModelGone(entry.name, kind)
+        return entry
+
+    def _find(self, name: str, kind: str) -> ModelEntry:
         entries = [e for e in self._entries.values() if e.kind == kind]
         if not isinstance(name, str) or not name.strip():
             raise UnknownModel(str(name), kind, [e.name for e in entries])
@@ -308,14 +385,23 @@ class ModelRegistry:
         if match:
             wanted, digest = match.group("stem"), match.group("hash").lower()
         lowered = wanted.lower()
-        candidates = [e for e in entries if e.name.lower() == lowered] or [
-            e for e in entries if e.stem.lower() == lowered
-        ]
+        candidates = (
+            [e for e in entries if e.name.lower() == lowered]
+            or [e for e in entries if e.stem.lower() == lowered]
+            or [e for e in entries if e.file_name.lower() == lowered or e.name.lower() + e.path.suffix == lowered]
+        )
         if digest is not None:
-            candidates = [e for e in candidates if e.hash8 == digest[:8] or e.sha256.startswith(digest)]
+            candidates = [e for e in candidates if e.present() and _hash_matches(e, digest)]
         if len(candidates) == 1:
             return candidates[0]
         raise UnknownModel(name, kind, [e.name for e in entries])
+
+
+def _hash_matches(entry: ModelEntry, digest: str) -> bool:
+    """`digest` is the entry's old hash8 or a prefix (10+ digits: A1111's short hash) of its sha256."""
+    if len(digest) == 8 and entry.hash8 == digest:
+        return True
+    return len(digest) >= 8 and entry.sha256_now().startswith(digest)
 
 
 def _condition(kind: str, name: str) -> str | None:

@@ -36,6 +36,7 @@ from controlnet.serve.limits import (
     MAX_SIDE,
     MAX_STEPS,
 )
+from controlnet.serve.models import ModelGone
 from controlnet.serve.problems import PROBLEM_JSON, ApiError, error_status
 from controlnet.serve.request_models import Strict, request_model, settings_from_request
 from controlnet.serve.service import (
@@ -117,7 +118,7 @@ class ModelInfo(BaseModel):
     kind: str
     family: str | None
     condition: str | None
-    sha256: str
+    sha256: str | None = Field(description="the full file's sha256; null until the server has hashed it")
     hash8: str
 
 
@@ -151,6 +152,7 @@ class JobStatus(BaseModel):
     started: float | None
     finished: float | None
     error: str | None
+    error_type: str | None = Field(None, description="invalid | model_gone | cancelled | internal")
     images: int = 0
     settings: dict[str, Any] | None = None
 
@@ -207,9 +209,11 @@ def raise_job_error(job: Job):
     err = job.error
     if job.state == CANCELLED or isinstance(err, JobCancelled):
         raise ApiError(409, f"job {job.id} was cancelled")
-    if isinstance(err, (ValueError, FileNotFoundError)):
-        raise ApiError(error_status(err), str(err).splitlines()[0], getattr(err, "field", None))
-    raise RuntimeError(f"job {job.id} failed: {err}") from err
+    if isinstance(err, ModelGone):
+        raise ApiError(409, job.error_text, getattr(err, "field", None) or err.kind)
+    if isinstance(err, ValueError):
+        raise ApiError(error_status(err), job.error_text, getattr(err, "field", None))
+    raise RuntimeError(f"job {job.id} failed: {err}") from err  # a bug: the app's 500 handler logs it
 
 
 def add_routes(app: FastAPI, service: Service) -> None:

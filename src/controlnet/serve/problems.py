@@ -2,7 +2,7 @@
 
 The anchors answer a broken ControlNet unit with HTTP 200 and uncontrolled images; here a request that cannot be
 served as asked is refused with one of: 400 (bad Host), 401 (auth, with WWW-Authenticate), 403 (cross-site),
-404 (unknown job or route), 409 (job not finished), 413 (body or image too large), 415 (not JSON), 422 (a bad
+404 (unknown job or route), 409 (job not finished, or a model whose file has gone), 413 (body or image too large), 415 (not JSON), 422 (a bad
 value, naming `field`), 429 (queue full, with Retry-After), 503 (shutting down). A 500 is a bug of ours.
 """
 
@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from controlnet.errors import ImageTooLarge
-from controlnet.serve.models import UnknownModel
+from controlnet.serve.models import ModelGone, UnknownModel
 from controlnet.serve.service import JobCancelled, QueueFull, ServiceClosed
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownModel)
     async def _unknown(request: Request, err: UnknownModel):
         return problem(422, str(err), getattr(err, "field", None) or err.kind)
+
+    @app.exception_handler(ModelGone)
+    async def _gone(request: Request, err: ModelGone):
+        return problem(409, str(err), getattr(err, "field", None) or err.kind)
 
     @app.exception_handler(QueueFull)
     async def _full(request: Request, err: QueueFull):

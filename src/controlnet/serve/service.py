@@ -24,11 +24,13 @@ from typing import Any
 
 from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
 from controlnet.serve.limits import MAX_DETECT_PIXELS, MAX_PIXEL_STEPS, describe_budget
-from controlnet.serve.models import ModelRegistry, UnknownModel
+from controlnet.serve.models import ModelGone, ModelRegistry, UnknownModel
 
 logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+# why a job failed, as clients are told: their value was refused, a model's file has gone, cancelled, or our bug
+INVALID, MODEL_GONE, CANCELLED_ERROR, INTERNAL = "invalid", "model_gone", "cancelled", "internal"
 FINISHED = (DONE, FAILED, CANCELLED)
 MAX_BASES = 2  # bases kept loaded (a switch back and forth costs no reload); each can be GBs
 MAX_KEPT_JOBS = 64  # finished jobs kept for GET /v1/jobs/{id} and image downloads, oldest dropped first
@@ -144,6 +146,8 @@ class Job:
         self.step, self.total = 0, (1 if self.kind == "annotate" else 0)
         self.result = None
         self.error: BaseException | None = None
+        self.error_type: str | None = None  # ERROR_TYPES: what a client may be told of a failure
+        self.error_text: str | None = None  # the failure in words fit for a client (no paths, no internals)
         self.created, self.started, self.finished = time.time(), None, None
         self.version = 0  # +1 on every change: SSE sends what changed since the version it last saw
         self._cancel = threading.Event()
@@ -208,7 +212,8 @@ class Job:
             "created": self.created,
             "started": self.started,
             "finished": self.finished,
-            "error": None if self.error is None else str(self.error),
+            "error": self.error_text,
+            "error_type": self.error_type,
         }
 
 
@@ -402,11 +407,12 @@ class Service:
             try:
                 result = self._execute(job)
             except JobCancelled as err:
-                job._update(state=CANCELLED, error=err, finished=time.time())
+                job._update(state=CANCELLED, error=err, finished=time.time(), **self.public_error(err))
             except Exception as err:  # noqa: BLE001 - the job fails, the worker and the queue live on
-                if not isinstance(err, (ValueError, FileNotFoundError)):
+                public = self.public_error(err)
+                if public["error_type"] == INTERNAL:
                     logger.exception("job %s failed", job.id)
-                job._update(state=FAILED, error=err, finished=time.time())
+                job._update(state=FAILED, error=err, finished=time.time(), **public)
             else:
                 job._update(state=DONE, result=result, step=job.total, finished=time.time())
                 self._durations.append(job.finished - job.started)
@@ -414,6 +420,21 @@ class Service:
                 with self._lock:
                     self._running = None
                     self._forget_old()
+
+    def public_error(self, err: BaseException) -> dict:
+        """`error_type` and `error_text` of a failed job: the error's own line for a client's mistake or a model
+        that has gone (the models folders' paths cut to the names clients know), nothing of the server's internals
+        for anything else (the log has it)."""
+        if isinstance(err, JobCancelled):
+            return {"error_type": CANCELLED_ERROR, "error_text": "cancelled"}
+        if isinstance(err, ModelGone):
+            return {"error_type": MODEL_GONE, "error_text": str(err)}
+        if isinstance(err, ValueError):
+            text = str(err).splitlines()[0] if str(err) else "invalid value"
+            for root in self.registry.roots:
+                text = text.replace(f"{root}/", "").replace(str(root), "the models folder")
+            return {"error_type": INVALID, "error_text": text}
+        return {"error_type": INTERNAL, "error_text": "internal error (a bug: the server's log has the details)"}
 
     def _execute(self, job: Job):
         if job.cancel_requested:
@@ -427,7 +448,14 @@ class Service:
             if job.cancel_requested:
                 raise JobCancelled(job.id)
 
-        pipe = self.pipeline(spec.base, [u.model for u in spec.units])
+        try:
+            pipe = self.pipeline(spec.base, [u.model for u in spec.units])
+        except FileNotFoundError:  # a file went away between the check and the load: name the model, not the path
+            for name, kind in [(spec.base, "base")] + [(u.model, "controlnet") for u in spec.units]:
+                entry = self.registry.base(name) if kind == "base" else self.registry.controlnet(name)
+                if not entry.present():
+                    raise ModelGone(name, kind) from None
+            raise
         if job.cancel_requested:  # cancelled while its models loaded: do not start sampling
             raise JobCancelled(job.id)
         import torch

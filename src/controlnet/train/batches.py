@@ -93,6 +93,11 @@ class TrainingBatches:
             acc.wait_for_everyone()
             self._build_caches(cache_dir, found.digests[:cut], buckets)  # now a cache hit on every process
 
+    def encoders_done(self, validation: bool) -> bool:
+        """Whether training needs the VAE and text encoders no more: every latent and text embedding is cached (and
+        no validation will generate)."""
+        return self.latents is not None and self.text is not None and not validation
+
     def _cache_keys(self) -> tuple[str, str]:
         """The fingerprints of the text encoders and the VAE (every weight hashed: seconds at SD size), once."""
         if self._fingerprints is None:

@@ -56,16 +56,23 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
 
 
 class ProgressBar:
-    """tqdm bar with loss, samples/s and (tqdm's) ETA; fidelity when validation ran.
+    """tqdm bar with loss, samples/s, time per step and the time left; fidelity when validation ran.
 
-    The step bar opens at the first step (not during loading: a 0/N bar would sit there while the base loads);
+    The step bar opens at the first step (not during loading: a 0/N bar would sit there while the base loads) and
+    closes at the last one, so that the checkpoint and export after it (phase lines, controlnet/progress.py) do not
+    re-render it. Its time per step and time left count only the optimizer steps run in this process (the trainer
+    times each one: `StepInfo.step_seconds`), not the steps of a run resumed from, nor validation or checkpoints.
     `loading` shows the base's components as they load, `message` prints one line above the bars.
     """
+
+    # tqdm's own rate and time left would divide by the bar's lifetime (checkpoints and validation included)
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt}{postfix}"  # tqdm starts the postfix with ", "
 
     def __init__(self, total: int | None, enabled: bool = True):
         self.total, self.enabled = total, enabled
         self.bar = self.load_bar = None
         self.fidelity = None
+        self.steps, self.step_seconds = 0, 0.0  # optimizer steps run in this process, and their time
 
     def loading(self, name: str, done: int, total: int) -> None:
         from tqdm import tqdm
@@ -96,24 +103,43 @@ class ProgressBar:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=self.total, unit="step", disable=not self.enabled, file=sys.stderr, dynamic_ncols=True
+                total=self.total,
+                initial=info.step - 1,  # a resumed run: the steps done before count as done, not as this run's
+                unit="step",
+                disable=not self.enabled,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format=self.BAR_FORMAT if self.total else None,
             )
-        if self.bar.n == 0 and info.step > 1:
-            self.bar.update(info.step - 1)  # resumed run
+        self.steps += 1
+        self.step_seconds += info.step_seconds
         if info.fidelity is not None:
             self.fidelity = info.fidelity
+        per_step = self.step_seconds / self.steps
         postfix = {"loss": f"{info.loss:.4f}", "samples/s": f"{info.samples_per_s:.1f}"}
+        if self.total:
+            postfix["s/step"] = f"{per_step:.2f}"
+            postfix["left"] = _minutes(per_step * (self.total - info.step))
         if self.fidelity is not None:
             postfix["fidelity"] = f"{self.fidelity:.3f}"
         if info.skipped:
             postfix["skipped"] = "non-finite"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
+        if self.total and info.step >= self.total:
+            self.bar.close()
 
     def close(self) -> None:
         for bar in (self.load_bar, self.bar):
             if bar is not None:
                 bar.close()
+
+
+def _minutes(seconds: float) -> str:
+    """h:mm:ss or m:ss, as tqdm writes times."""
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def print_summary(summary, started: float) -> None:

@@ -33,7 +33,9 @@ import torch.nn.functional as F
 
 from controlnet.allocator import reuse_freed_memory
 from controlnet.generate.base import BaseComponents, Progress, check_base, load_base
+from controlnet.io.safe_load import release_file_pages
 from controlnet.model.controlled_unet import ControlledUNet
+from controlnet.progress import phase
 from controlnet.train import checkpoint as ckpt
 from controlnet.train import validation as val
 from controlnet.train.batches import TrainingBatches
@@ -85,6 +87,7 @@ class StepInfo:
     lr: float
     skipped: bool = False
     fidelity: float | None = None
+    step_seconds: float = 0.0  # wall time of this optimizer step alone (no validation, checkpoint or logging)
 
 
 @dataclass
@@ -185,12 +188,23 @@ class Trainer:
         cache_dir = Path(c.data.cache_dir) if c.data.cache_dir else self.run_dir / "cache"
         # data: every file scanned before training; the last samples are held out for validation
         self.data = TrainingBatches(c, base, self.acc, cache_dir, self.weight_dtype)
+        if self._base is None and self.data.encoders_done(validation=_validates(c)):
+            _release_encoders(base)
 
     # ------------------------------------------------------------------------------------------------------
     # 3. the trainable model
     def build_model(self) -> None:
         """Step 3 (after `setup`): the trainable ControlNet (`self.controlnet`), the locked UNet in the compute dtype,
         the optimizer (`self.optimizer`), the LR schedule and the EMA."""
+        with phase("building the trainable ControlNet"):  # a copy of the UNet's encoder: seconds at SD size
+            before = _tensors(self.base.modules())
+            self._build_model()
+            # the locked modules' tensors replaced by a cast or a channels_last copy: a base memory-mapped from its
+            # file (generate/base.py) kept their pages resident beside the copies, 2.3 GB at SD1.5 size
+            held = {t.data_ptr() for t in _tensors(self.base.modules())}
+            release_file_pages(t for t in before if t.data_ptr() not in held)
+
+    def _build_model(self) -> None:
         c, base = self.config, self.base
         from controlnet.model.controlnet import ControlNet
         from controlnet.model.lite import ControlNetLite
@@ -266,14 +280,16 @@ class Trainer:
             data = ckpt.CheckpointData(
                 self._weights(), self.optimizer.state_dict(), self.scheduler.state_dict(), state
             )
-            ckpt.save_checkpoint(self.run_dir, state["step"], data, self.config.checkpoint.keep)
+            with phase(f"saving the checkpoint of step {state['step']}"):
+                ckpt.save_checkpoint(self.run_dir, state["step"], data, self.config.checkpoint.keep)
         self.acc.wait_for_everyone()
 
     def _resume(self) -> dict | None:
         folder = ckpt.find_resume(self.run_dir, self.config.checkpoint.resume)
         if folder is None:
             return None
-        data = ckpt.load_checkpoint(folder)
+        with phase(f"reading the checkpoint {folder.name}"):
+            data = ckpt.load_checkpoint(folder)
         self.controlnet.load_state_dict(data.weights["controlnet"])
         if "decoder" in data.weights:
             self.base.unet.load_state_dict(data.weights["decoder"], strict=False)
@@ -374,7 +390,8 @@ class Trainer:
         """Validate on the main process: append to `history`, log the score, save the sample grid."""
         if not self.acc.is_main_process:
             return None
-        fidelity, images = self._validate(step)
+        with phase(f"validating at step {step} ({len(self.val[0])} images)"):
+            fidelity, images = self._validate(step)
         history.append((step, fidelity))
         self._log({"step": step, "event": "validation", "fidelity": fidelity, "metric": self.metric})
         save_grid(
@@ -384,7 +401,8 @@ class Trainer:
 
     def _floor_and_ceiling(self, step: int) -> dict:
         """Fidelity of the base alone (floor) and of the held-out targets themselves (ceiling), main process."""
-        floor, floor_images = self._validate(0, with_control=False)
+        with phase(f"validation floor: the base alone ({len(self.val[0])} images)"):
+            floor, floor_images = self._validate(0, with_control=False)
         ceiling = float(np.mean(val.score(self.metric, self.val[2], self.val[1])))
         values = {"floor": floor, "ceiling": ceiling, "metric": self.metric}
         self._log({"step": step, "event": "floor_ceiling", **values})
@@ -439,7 +457,7 @@ class Trainer:
             status = "early_stop"
         self.started = run_started - state.get("elapsed_s", 0.0)  # max_minutes counts set-up too
         self.metric = val.metric_for(c)
-        do_val = c.validation.every > 0 and c.validation.metric != "none"
+        do_val = _validates(c)
         if do_val:
             self.val = self.data.held_out()
         self._start_logging(start)
@@ -451,7 +469,9 @@ class Trainer:
             if state.get("status") == "time_limit" and self._out_of_time():
                 status = "time_limit"
             while step < c.train.max_steps and status == "finished":
+                step_started = time.perf_counter()
                 loss, skipped = self.step(step)
+                step_seconds = time.perf_counter() - step_started
                 step += 1
                 window_steps += 1
                 streak = streak + 1 if skipped else 0
@@ -473,7 +493,9 @@ class Trainer:
                 ):
                     self._log({"step": step, "loss": loss, "lr": lr, "samples_per_s": rate, "skipped": skipped})
                 if self.callback:
-                    self.callback(StepInfo(step, c.train.max_steps, loss, rate, lr, skipped, fidelity))
+                    self.callback(
+                        StepInfo(step, c.train.max_steps, loss, rate, lr, skipped, fidelity, step_seconds)
+                    )
                 stop_now = any_process(self.acc, stop.requested)
                 if c.validation.early_stop and val.should_stop_early(
                     history, c.validation.threshold, c.validation.patience
@@ -525,7 +547,8 @@ class Trainer:
             summary.floor, summary.ceiling = floor_ceiling["floor"], floor_ceiling["ceiling"]
         summary.convergence_step = val.convergence_step(history, c.validation.threshold)
         if status != "interrupted":
-            summary.final_dir = self._export()
+            with phase(f"exporting the trained ControlNet to {self.run_dir / FINAL_DIR}"):
+                summary.final_dir = self._export()
         if self.acc.is_main_process:
             from controlnet.train.report import write_report
 
@@ -563,6 +586,28 @@ class Trainer:
                 str(final / "unet_decoder.safetensors"),
             )
         return final
+
+
+def _tensors(modules) -> list[torch.Tensor]:
+    """The tensors behind `modules`' parameters and buffers now (detached aliases: a conversion that swaps a
+    parameter's data, as `Module.to` does, leaves them on the old memory)."""
+    return [t.detach() for m in modules if m is not None for t in (*m.parameters(), *m.buffers())]
+
+
+def _validates(c: TrainConfig) -> bool:
+    return c.validation.every > 0 and c.validation.metric != "none"
+
+
+def _release_encoders(base: BaseComponents) -> None:
+    """Free the VAE's and text encoders' weights once every latent and text embedding is cached (0.8 GB at SD1.5
+    size): their modules stay, on the meta device, for their configs (the latents' scaling factor)."""
+    modules = [base.vae, *base.text_modules()]
+    tensors = _tensors(modules)
+    for module in modules:
+        if module is not None:
+            module.to("meta")
+    release_file_pages(tensors)  # a memory-mapped base: the mapping outlives these tensors (the UNet's remain)
+    logger.info("VAE and text encoders released: every latent and text embedding is cached")
 
 
 def train(

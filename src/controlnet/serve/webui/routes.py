@@ -24,7 +24,7 @@ from controlnet.serve.waiting import off_loop
 from controlnet.serve.webui import modules as mods
 from controlnet.serve.webui.generation import echo_parameters, parse_request
 from controlnet.serve.webui.info import build_response
-from controlnet.serve.webui.payload import PayloadError
+from controlnet.serve.webui.payload import PayloadError, check_body
 from controlnet.serve.webui.units import UNSET
 
 CONTROLNET_API_VERSION = 3  # sd-webui-controlnet's API version (1.1.455)
@@ -45,6 +45,7 @@ def add_routes(app: FastAPI, service) -> None:
 
     async def generate(payload: dict, img2img: bool, request: Request) -> dict:
         try:
+            check_body(payload)
             parsed = await off_loop(parse_request, payload, service, img2img)
         except PayloadError as err:
             raise _api_error(err) from None
@@ -188,6 +189,7 @@ def add_routes(app: FastAPI, service) -> None:
     async def detect(payload: JsonBody, request: Request) -> dict:
         """Run a module on images (`controlnet_input_images` or webuiapi's `controlnet_images`)."""
         try:
+            check_body(payload)
             key, module, options, images = await off_loop(_detect_request, payload, service)
         except PayloadError as err:
             raise _api_error(err) from None
