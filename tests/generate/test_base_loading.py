@@ -239,6 +239,12 @@ def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
     assert "using the raw UNet weights (model.diffusion_model.*), not the EMA ones; --ema for those" in b.stderr
     img = lambda d: np.asarray(Image.open(next(d.glob("*.png"))), dtype=int)  # noqa: E731
     assert np.abs(img(tmp_path / "ema") - img(tmp_path / "raw")).max() > 0
+    # the weights used are part of every output's settings: two different images never carry the same ones
+    for folder, used in (("ema", True), ("raw", False)):
+        with Image.open(next((tmp_path / folder).glob("*.png"))) as png:
+            assert json.loads(png.text["controlnet"])["ema"] is used
+        sidecar = json.loads(next((tmp_path / folder).glob("*.json")).read_text())
+        assert sidecar["settings"]["ema"] is used
 
 
 def test_train_starts_from_a_checkpoint_file(sd_file, base_config, tmp_path):

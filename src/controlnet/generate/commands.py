@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from controlnet.io.commands import EMA_FLAGS, add_ema_argument
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 DESCRIPTION = """\
@@ -102,8 +104,7 @@ BASE_FLAGS = {
     "tokenizer": "--tokenizer",
     "tokenizer_2": "--tokenizer-2",
     "base_config": "--base-config",
-    "ema": "--ema",
-    "no_ema": "--no-ema",
+    **EMA_FLAGS,
 }
 
 
@@ -138,13 +139,7 @@ def add_base_arguments(group, dtype: bool = True) -> None:
         help='a checkpoint file of a non-standard architecture: JSON with "family" (sd15, sd21, sdxl) and the '
         'diffusers configs of "unet", "vae", "text_encoder"',
     )
-    group.add_argument(
-        "--ema",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="a checkpoint file with EMA weights too (model_ema.*, e.g. v1-5-pruned): sample with the EMA UNet "
-        "(default, usually better) or, with --no-ema, the raw one",
-    )
+    add_ema_argument(group, "default: the EMA one, usually better for sampling; recorded in the outputs' settings")
     if dtype:
         group.add_argument(
             "--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)"
@@ -414,16 +409,21 @@ def run_generate(args) -> int:
 def _run_manifest(args, options, units, names) -> int:
     from tqdm import tqdm
 
-    from controlnet.generate.manifest import read_manifest, run_manifest, shard
+    from controlnet.generate.manifest import pending_lines, read_manifest, run_manifest, shard
 
     if args.prompt is not None or conditions(args):
         raise ValueError(
             "with --manifest, prompts and condition images come from the manifest: drop the prompt/--cond"
         )
     jobs = read_manifest(args.manifest, len(units))
-    source = check_base_arguments(args)
     rank, world, device, state = _distributed()
     mine = shard(jobs, rank, world)
+    if not pending_lines(mine, args.out):  # a rerun with nothing to do says so before loading anything
+        print(f"process {rank + 1}/{world}: nothing to do: all {len(mine)} of its lines are done ({args.out})")
+        if state is not None:
+            state.wait_for_everyone()
+        return 0
+    source = check_base_arguments(args)
     pipe = _load_pipeline(args, device, source)
     if rank == 0:
         print(sampling_line(options, pipe), file=sys.stderr)

@@ -112,6 +112,7 @@ class ControlNetPipeline:
         self.controlnets = list(controlnets)
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.base_name = "custom"
+        self.base_ema: bool | None = None  # BaseComponents.ema: which UNet of a file holding EMA weights too
         self.sampling = SamplingDefaults()  # the base's own guidance/steps/sampler (from_components sets them)
         self._offload_device: torch.device | None = None
         self.pack_cpu_weights = (
@@ -132,7 +133,7 @@ class ControlNetPipeline:
             base.tokenizer_2,
             base.force_zeros_for_empty_prompt,
         )
-        pipe.base_name, pipe.sampling = base.name, base.sampling
+        pipe.base_name, pipe.sampling, pipe.base_ema = base.name, base.sampling, base.ema
         return pipe
 
     @classmethod
@@ -149,7 +150,13 @@ class ControlNetPipeline:
         `controlnets`: ControlNet objects or paths (original or diffusers format). `base_options` go to
         `generate.base.load_base` (tokenizer=, tokenizer_2=, prediction_type=, ema=, configs=, family=, progress=).
         """
-        from controlnet.generate.base import BaseSource, check_base, controlnet_path, load_base
+        from controlnet.generate.base import (
+            BaseSource,
+            check_base,
+            check_controlnet_families,
+            controlnet_path,
+            load_base,
+        )
 
         known = ("tokenizer", "tokenizer_2", "prediction_type", "configs", "family", "flags")
         source = (
@@ -158,6 +165,8 @@ class ControlNetPipeline:
             else check_base(base, **{k: v for k, v in base_options.items() if k in known})
         )
         controlnets = [c if isinstance(c, ControlBase) else controlnet_path(c) for c in controlnets]
+        # a ControlNet of another family is refused from the headers, before the base is loaded (or cast)
+        check_controlnet_families(source, controlnets, base_options.get("configs"), base_options.get("flags"))
         components = load_base(source, device=device, dtype=dtype, **base_options)
         nets = [_load_controlnet(c, components.unet, k, len(controlnets)) for k, c in enumerate(controlnets)]
         pipe = cls.from_components(components, nets)
@@ -466,6 +475,8 @@ class ControlNetPipeline:
 
         # 7. decode ----------------------------------------------------------------------------------------
         settings = {"base": self.base_name, "prompt": prompts[0] if len(prompts) == 1 else prompts}
+        if self.base_ema is not None:  # a base file holding two UNets: which one drew these images
+            settings["ema"] = self.base_ema
         settings.update(opt.describe(len(self.controlnets)), width=width, height=height, seeds=seeds)
         settings.update(sampler=sampler_display_name(sched), inpaint_condition=[c == INPAINT for c in control])
         if opt.output_type == "latent":

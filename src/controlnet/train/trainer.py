@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from controlnet.allocator import reuse_freed_memory
-from controlnet.generate.base import BaseComponents, Progress, check_base, load_base
+from controlnet.generate.base import BaseComponents, Progress, load_base
 from controlnet.io.safe_load import release_file_pages
 from controlnet.model.controlled_unet import ControlledUNet
 from controlnet.progress import phase
@@ -47,7 +47,6 @@ from controlnet.train.loop import (
     append_jsonl,
     broadcast_history,
     build_optimizer,
-    check_trackers,
     lr_lambda,
     numpy_state,
     rank_digests,
@@ -55,6 +54,7 @@ from controlnet.train.loop import (
     truncate_metrics,
 )
 from controlnet.train.model import decoder_parameters, decoder_state
+from controlnet.train.preflight import DECODER_FILE, FINAL_DIR, check_run, export_path, finished_state
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"  # accelerate trackers (train.log_with) write here, e.g. TensorBoard event files
-FINAL_DIR = "final"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,9 +131,9 @@ class Trainer:
         from accelerate import Accelerator
 
         c = self.config
-        # the base's arguments and files first (tokenizer folders, checkpoint header): nothing is written or loaded
-        # before they are known to be right
-        source = None if self._base is not None else check_base(c.model.base, **base_options(c.model))
+        # every option that needs no weights first (train/preflight.py): nothing is written or loaded before they
+        # are known to be right
+        source = check_run(c, base_given=self._base is not None)
         # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
         # Accelerator is told cpu=True (otherwise every process believes it is alone)
         if c.train.threads:
@@ -143,7 +142,6 @@ class Trainer:
         if cpu and c.train.reuse_freed_memory:
             reuse_freed_memory()
         self.run_dir = Path(c.train.output_dir)
-        check_trackers(c.train.log_with)
         trackers = list(c.train.log_with) or None
         self.acc = Accelerator(
             mixed_precision=c.train.mixed_precision,
@@ -158,11 +156,6 @@ class Trainer:
                 f"accelerate launch with {self.acc.distributed_type.name}: training supports DDP "
                 "(`accelerate launch --multi_gpu`), whose checkpoints and exports hold every weight"
             )
-        if self.acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
-            ckpt.remove_partial(self.run_dir)
-        self.acc.wait_for_everyone()
         base = self._base or load_base(source, ema=c.model.ema, progress=self.on_load, **base_options(c.model))
         self.base = base
         self.device = self.acc.device
@@ -188,6 +181,13 @@ class Trainer:
         cache_dir = Path(c.data.cache_dir) if c.data.cache_dir else self.run_dir / "cache"
         # data: every file scanned before training; the last samples are held out for validation
         self.data = TrainingBatches(c, base, self.acc, cache_dir, self.weight_dtype)
+        # the run folder's config.json once the data has passed its checks too (a run that fails on an option
+        # leaves no run folder behind)
+        if self.acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
+            ckpt.remove_partial(self.run_dir)
+        self.acc.wait_for_everyone()
         if self._base is None and self.data.encoders_done(validation=_validates(c)):
             _release_encoders(base)
 
@@ -443,6 +443,9 @@ class Trainer:
     # the run
     def run(self) -> RunSummary:
         run_started = time.time()
+        done = finished_state(self.config)  # a rerun with nothing to do says so before loading anything
+        if done is not None:
+            return self._nothing_to_do(done)
         self.setup()
         self.build_model()
         c = self.config
@@ -523,6 +526,22 @@ class Trainer:
                     status = "interrupted"
         return self._finish(status, step, history, floor_ceiling, do_val)
 
+    def _nothing_to_do(self, state: dict) -> RunSummary:
+        """The summary of a finished run from its newest checkpoint's state (`preflight.finished_state`)."""
+        c = self.config
+        run_dir, step = Path(c.train.output_dir), int(state["step"])
+        status = "finished" if step >= c.train.max_steps else state["status"]
+        history = [tuple(h) for h in state.get("validation", [])]
+        summary = RunSummary(run_dir, status, step, final_dir=run_dir / FINAL_DIR, validation=history)
+        if state.get("floor_ceiling"):
+            summary.floor, summary.ceiling = state["floor_ceiling"]["floor"], state["floor_ceiling"]["ceiling"]
+        summary.convergence_step = val.convergence_step(history, c.validation.threshold)
+        self.on_message(
+            f"nothing to do: {run_dir} is already {status.replace('_', ' ')} at step {step} "
+            f"(train.max_steps={c.train.max_steps}) with its export and report; raise train.max_steps to train on"
+        )
+        return summary
+
     def _out_of_time(self) -> bool:
         """train.max_minutes is used up (on any process: all of them stop together)."""
         minutes = self.config.train.max_minutes
@@ -576,15 +595,11 @@ class Trainer:
             save_lite(net, final / "controlnet")
             return final
         for fmt in self.config.checkpoint.export_formats:
-            path = final / "controlnet" if fmt == "diffusers" else final / "controlnet.safetensors"
-            save_controlnet(net, path, format=fmt)
+            save_controlnet(net, export_path(final, fmt), format=fmt)
         if not self.config.model.sd_locked:
-            from safetensors.torch import save_file
+            from controlnet.io.safe_load import write_state_dict
 
-            save_file(
-                {k: v.contiguous() for k, v in decoder_state(self.base.unet).items()},
-                str(final / "unet_decoder.safetensors"),
-            )
+            write_state_dict(decoder_state(self.base.unet), final / DECODER_FILE)
         return final
 
 
