@@ -265,3 +265,24 @@ def test_every_annotator_option_has_a_range(url, annotator, options, field, text
     image = b64_png(Image.new("RGB", (64, 64), "white"))
     response = post_json(url, "/v1/annotate", {"annotator": annotator, "image": image, "options": options})
     assert_refused(response, 422, field, text)
+
+
+def test_bodies_that_would_fail_only_after_the_job_are_refused_before_it(url):
+    """Defects: a 500-deep nested web-UI field ran the job, then the response failed (500); a lone-surrogate
+    prompt reached the tokenizer mid-job (500). Both are a 422 naming the field, with nothing queued."""
+    deep = 1
+    for _ in range(500):
+        deep = [deep]
+    started = time.monotonic()
+    response = post_json(url, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "comments": deep})
+    assert response.status_code == 422 and response.json()["field"].startswith("comments[0]"), response.text
+    for path, body in [
+        ("/sdapi/v1/txt2img", {"prompt": "a \ud800 b", "steps": 2}),
+        ("/v1/generate", {"prompt": "a \ud800 b", "steps": 2}),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "negative_prompt": "\udfff", "steps": 2}),
+    ]:
+        response = post_json(url, path, body)
+        assert response.status_code == 422, (path, response.text)
+        assert response.json()["field"] in ("prompt", "negative_prompt"), response.text
+    assert time.monotonic() - started < 5
+    assert httpx.get(url + "/v1/health").json()["queue_depth"] == 0

@@ -139,6 +139,20 @@ def test_bad_png_is_one_clear_message(page, server, tmp_path):
     assert "no generation settings in it" in toast.inner_text()
 
 
+def test_the_page_annotator_has_the_api_limits(page, server, tmp_path):
+    """Defect: the page's annotator skipped the API's limits; a 1x1024 photo asked canny for 512x524288 pixels
+    (over 4 GB). Refused in one message, before any annotator runs."""
+    file = tmp_path / "thin.png"
+    Image.new("RGB", (1024, 1), "white").save(file)
+    open_page(page, server.url)
+    choose(page, "unit0_annotator", "canny")
+    upload(page, "unit0_photo", file)
+    toast = page.locator(".toast-body, [data-testid=toast-body]").first
+    toast.wait_for()
+    assert "512x524288" in toast.inner_text()
+    assert server.peak_rss_mb() < 2048
+
+
 def test_drawn_scribble_becomes_the_map_and_painted_strokes_the_mask(page, server, photo):
     open_page(page, server.url)
     page.get_by_text("Draw a scribble").first.click()

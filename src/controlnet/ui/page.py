@@ -25,7 +25,7 @@ from controlnet.generate.base import sampling_defaults
 from controlnet.generate.builtin_format import BUILTIN
 from controlnet.generate.outputs import a1111_parameters
 from controlnet.generate.png_settings import read_png_settings
-from controlnet.io.images import MAX_IMAGE_PIXELS
+from controlnet.io.images import MAX_IMAGE_PIXELS, check_pixels
 from controlnet.serve.limits import MAX_IMAGES, MAX_SIDE, MAX_STEPS
 from controlnet.serve.service import (
     DONE,
@@ -446,6 +446,9 @@ def _wire_unit(k, c, controls, groups, detect, service: Service) -> None:
         if image is None or not name or name == NO_ANNOTATOR:
             return gr.skip()
         try:
+            # the API's limits (serve/images.py, Service.check): gradio has decoded the upload, but no annotator
+            # runs on more pixels than the API would decode (a 144 Mpx photo was annotated where the API said 413)
+            check_pixels(*image.size, f"unit {k + 1} photo", service.max_pixels or MAX_IMAGE_PIXELS)
             options = collect_options(name, [ctl for ctl, _ in controls], list(raw), resolution)
             return service.run(AnnotationJob(name, image.convert("RGB"), options), timeout=ANNOTATE_TIMEOUT_S)
         except QueueFull as err:
