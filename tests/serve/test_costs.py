@@ -286,3 +286,25 @@ def test_bodies_that_would_fail_only_after_the_job_are_refused_before_it(url):
         assert response.json()["field"] in ("prompt", "negative_prompt"), response.text
     assert time.monotonic() - started < 5
     assert httpx.get(url + "/v1/health").json()["queue_depth"] == 0
+
+
+def test_block_scales_are_finite_and_bounded_on_both_apis(url, models_folder):
+    """Defect (silent garbage): a per-output scale of NaN, Infinity or 1e308 made a 200 with a black image."""
+    from controlnet.serve.models import ModelRegistry
+
+    outputs = ModelRegistry([models_folder], hash_now=False).controlnet(TINY_CONTROLNET).num_control_outputs
+    image = b64_png(Image.new("RGB", (64, 64), "white"))
+    for bad in (float("nan"), float("inf"), 1e308):
+        scales = [1.0] * (outputs - 1) + [bad]  # the right count: only the value is wrong
+        unit = {"enabled": True, "module": "none", "model": TINY_CONTROLNET, "image": image}
+        body = {
+            "prompt": "x",
+            "steps": 2,
+            "alwayson_scripts": {"ControlNet": {"args": [{**unit, "advanced_weighting": scales}]}},
+        }
+        response = post_json(url, "/sdapi/v1/txt2img", body)
+        assert_refused(response, 422, f"alwayson_scripts.ControlNet.args[0].advanced_weighting[{outputs - 1}]", "")
+        native = {"model": TINY_CONTROLNET, "image": image, "block_scales": scales}
+        response = post_json(url, "/v1/jobs", {"prompt": "x", "steps": 2, "units": [native]})
+        assert response.status_code == 422 and "block_scales" in response.json()["field"], response.text
+    assert httpx.get(url + "/v1/health").json()["queue_depth"] == 0

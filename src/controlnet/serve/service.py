@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
-from controlnet.serve.limits import MAX_DETECT_PIXELS, MAX_PIXEL_STEPS, describe_budget
+from controlnet.serve.limits import MAX_CONTROL_SCALE, MAX_DETECT_PIXELS, MAX_PIXEL_STEPS, describe_budget
 from controlnet.serve.models import ModelGone, ModelRegistry, UnknownModel
 
 logger = logging.getLogger(__name__)
@@ -296,6 +296,12 @@ class Service:
                 image = unit.image if unit.image is not None else spec.options.image
                 check_detect_size(unit.annotator, unit.annotator_options, image, f"units[{k}].image")
             outputs = entry.num_control_outputs
+            for i, value in enumerate(unit.block_scales or []):
+                if not abs(value) <= MAX_CONTROL_SCALE:  # 1e308 overflowed the residuals into a black image
+                    raise FieldError(
+                        f"units[{k}].block_scales[{i}]",
+                        f"got {value}; expected a number in [-{MAX_CONTROL_SCALE:g}, {MAX_CONTROL_SCALE:g}]",
+                    )
             if unit.block_scales is not None and outputs and len(unit.block_scales) != outputs:
                 raise FieldError(
                     f"units[{k}].block_scales",

@@ -24,7 +24,7 @@ from controlnet.generate.guidance import CONTROL_MODES, control_mode
 from controlnet.generate.jobs import ControlUnit
 from controlnet.generate.pipeline import INPAINT
 from controlnet.serve.images import RequestImages
-from controlnet.serve.limits import MAX_CONTROL_SCALE
+from controlnet.serve.limits import MAX_BLOCK_SCALES, MAX_CONTROL_SCALE
 from controlnet.serve.models import ModelEntry, UnknownModel
 from controlnet.serve.webui.modules import NONE_MODULE, UNSET, Module, effective_value, find_module
 from controlnet.serve.webui.payload import PayloadError
@@ -294,7 +294,10 @@ def _block_scales(value, where: str, model: ModelEntry) -> list[float] | None:
         )
     if outputs and len(value) != outputs:
         raise PayloadError(where, f"got {len(value)} numbers; expected {expected} (its skips + the middle block)")
-    return [float(v) for v in value]
+    if len(value) > MAX_BLOCK_SCALES:
+        raise PayloadError(where, f"got {len(value)} numbers; at most {MAX_BLOCK_SCALES}")
+    # each scale multiplies one output as the weight multiplies all: the same finite range (NaN made a black image)
+    return [_number(v, f"{where}[{i}]", -MAX_CONTROL_SCALE, MAX_CONTROL_SCALE) for i, v in enumerate(value)]
 
 
 def pixel_perfect_resolution(source: tuple[int, int], target: tuple[int, int], resize: str) -> int:
