@@ -308,3 +308,30 @@ def test_block_scales_are_finite_and_bounded_on_both_apis(url, models_folder):
         response = post_json(url, "/v1/jobs", {"prompt": "x", "steps": 2, "units": [native]})
         assert response.status_code == 422 and "block_scales" in response.json()["field"], response.text
     assert httpx.get(url + "/v1/health").json()["queue_depth"] == 0
+
+
+def test_checks_that_need_the_base_run_before_queueing_once_it_is_loaded(url):
+    """Defect: some validation ran only after queueing (a 202 job that then failed). Once the base is loaded, a size
+    off its VAE factor and a clip_skip past its text encoder's depth are refused before anything is queued."""
+    assert post_json(url, "/v1/generate", {"prompt": "x", "steps": 1}).status_code == 200  # the base is loaded
+    for body, field in [({"width": 66, "height": 64}, "width"), ({"clip_skip": 100}, "clip_skip")]:
+        response = post_json(url, "/v1/jobs", {"prompt": "x", "steps": 1, **body})
+        assert_refused(response, 422, field, "")
+    webui = {"prompt": "x", "steps": 1, "override_settings": {"CLIP_stop_at_last_layers": 100}}
+    response = post_json(url, "/sdapi/v1/txt2img", webui)
+    assert response.status_code == 422 and "layers" in response.json()["detail"], response.text
+    assert httpx.get(url + "/v1/health").json()["queue_depth"] == 0
+
+
+def test_a_web_ui_response_stays_proportionate_to_its_prompt(url):
+    """Defect: a 1 MB web-UI prompt gave a 55 MB response (the prompt echoed per image in several fields). Prompts
+    are capped (serve/limits.py MAX_PROMPT_CHARS) and the largest allowed one gives a bounded response."""
+    from controlnet.serve.limits import MAX_PROMPT_CHARS
+
+    response = post_json(url, "/sdapi/v1/txt2img", {"prompt": "a" * 2**20, "steps": 1})
+    assert_refused(response, 422, "prompt", f"{MAX_PROMPT_CHARS:,}")
+    prompt = "a " * (MAX_PROMPT_CHARS // 2)
+    body = {"prompt": prompt, "steps": 1, "batch_size": 4, "n_iter": 2, "width": 64, "height": 64}
+    response = post_json(url, "/sdapi/v1/txt2img", body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert len(response.content) < 60 * len(prompt), len(response.content)  # 8 images; ~30 copies at most

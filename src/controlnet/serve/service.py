@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
+from controlnet.generate.sizes import check_size
 from controlnet.serve.limits import MAX_CONTROL_SCALE, MAX_DETECT_PIXELS, MAX_PIXEL_STEPS, describe_budget
 from controlnet.serve.models import ModelGone, ModelRegistry, UnknownModel
 
@@ -257,6 +258,7 @@ class Service:
         self._lock = threading.Condition()
         self._closed = False
         self._bases: OrderedDict[str, Any] = OrderedDict()
+        self._facts: dict[str, tuple[int, int]] = {}  # base name -> (VAE factor, text encoder layers), once loaded
         self._nets: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
         self._durations: deque[float] = deque(maxlen=8)
         self._worker = threading.Thread(target=self._work, name=f"controlnet-worker-{self.device}", daemon=True)
@@ -312,7 +314,28 @@ class Service:
         checked = replace(spec, base=base, units=units)
         checked.check()
         check_generation_cost(checked.options)
+        self._check_against_base(checked)
         return checked
+
+    def _check_against_base(self, job: GenerationJob) -> None:
+        """The checks that need the base's own numbers (its VAE factor, its text encoders' depth), before queueing
+        once the base has been loaded (the first job of a base meets them in the worker, as a 422 all the same)."""
+        facts = self._facts.get(job.base)
+        if facts is None:
+            return
+        factor, layers = facts
+        opts = job.options
+        try:
+            check_size(opts.width, opts.height, factor)
+        except ValueError as err:
+            raise FieldError(
+                "width" if opts.width is not None and opts.width % factor else "height", str(err)
+            ) from None
+        if opts.clip_skip is not None and opts.clip_skip >= layers:
+            raise FieldError(
+                "clip_skip",
+                f"got {opts.clip_skip}; this base's text encoder has {layers} layers, expected < {layers}",
+            )
 
     def submit(self, spec) -> Job:
         """Check and queue a job (its checked copy: `spec` is not changed); raises QueueFull when `max_queue` jobs
@@ -495,6 +518,8 @@ class Service:
         base = load_base(spec, device=self.device, dtype=self.dtype, **self.base_options)
         base.name = entry.name  # the registry's name: settings and responses never carry a path
         self._bases[name] = base
+        layers = min(m.config.num_hidden_layers for m in base.text_modules())
+        self._facts[name] = (base.vae_scale_factor, layers)
         return base
 
     def _controlnet(self, base_name: str, base, name: str, needed: set[str]):
