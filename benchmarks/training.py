@@ -354,6 +354,8 @@ def child(
     allocator: str,
     mode: str = "time",
     dtype_name: str = "float32",
+    batch: int | None = None,
+    checkpointing: bool = False,
 ) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -365,8 +367,8 @@ def child(
     spec = SIZES[size]
     dtype = getattr(torch, dtype_name)
     pure_bf16 = dtype == torch.bfloat16
-    batch, total = spec["batch"], WARMUP_STEPS + steps
-    data = workdir / f"data-{size}"
+    batch, total = batch or spec["batch"], WARMUP_STEPS + steps
+    data = workdir / f"data-{size}-{batch * total}"
     if not data.exists():
         write_dataset("fill", batch * total, spec["resolution"], data, workers=1)
     base = build_base(size)
@@ -376,7 +378,7 @@ def child(
             "data.path": str(data),
             "data.resolution": str(spec["resolution"]),
             "data.cache_dir": str(workdir / "cache"),
-            "train.output_dir": str(workdir / f"run-{size}-{'-'.join(variants)}"),
+            "train.output_dir": str(workdir / f"run-{size}-{'-'.join(variants)}-{batch}-{checkpointing}"),
             "train.batch_size": str(batch),
             "train.max_steps": str(total),
             "train.mixed_precision": "bf16" if pure_bf16 else "no",
@@ -385,6 +387,7 @@ def child(
             "checkpoint.every": "0",
             "model.hint_channels": spec["hint"],
             "train.reuse_freed_memory": str(allocator == "reuse"),
+            "model.gradient_checkpointing": str(checkpointing),
         },
     )
     # every variant uses the trainer's set-up: same data, same cached latents/text, same per-step random draws
@@ -472,6 +475,8 @@ def run_child(
     allocator: str = "reuse",
     mode: str = "time",
     dtype: str = "float32",
+    batch: int | None = None,
+    checkpointing: bool = False,
 ) -> dict:
     cmd = [
         sys.executable,
@@ -492,6 +497,8 @@ def run_child(
         mode,
         "--dtype",
         dtype,
+        *(["--batch", str(batch)] if batch else []),
+        *(["--gradient-checkpointing"] if checkpointing else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -515,6 +522,9 @@ def main() -> int:
     parser.add_argument("--allocator", choices=["default", "reuse"], default="reuse", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["time", "tensors"], default="time", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    # batch and checkpointing other than the size's: benchmarks/train_command_memory.py
+    parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
@@ -530,6 +540,8 @@ def main() -> int:
                     args.allocator,
                     args.mode,
                     args.dtype,
+                    args.batch,
+                    args.gradient_checkpointing,
                 )
             )
         )
