@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from controlnet.serve.model_hashes import HashCache
 from controlnet.testing.live_server import TINY_CONTROLNET, start_server
+from controlnet.testing.tiny_models import write_clip_vocab
 
 BIG_BYTES = 2**31  # a sparse 2 GiB "base": hashing it reads 2 GiB, listing it must not
 
@@ -66,7 +67,8 @@ def folder(models_folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(folder, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "server.log"
-    srv = start_server(None, log, "--models", str(folder))
+    tokenizer = write_clip_vocab(tmp_path_factory.mktemp("tokenizer"))
+    srv = start_server(None, log, "--models", str(folder), "--tokenizer", str(tokenizer))
     yield srv
     assert srv.stop(timeout=60) == 0, log.read_text()
 
@@ -168,3 +170,21 @@ def test_a_model_file_that_vanishes_is_a_409_naming_it(server, folder):
     assert response.status_code == 409, response.text
     problem = response.json()
     assert "control_doomed_canny" in problem["detail"] and str(folder) not in problem["detail"]
+
+
+def test_a_single_file_base_without_a_tokenizer_is_refused_at_start_up(folder, tmp_path):
+    """Defect: a single-file default base without --tokenizer started, then answered every request with a 422
+    telling the API client to "pass tokenizer DIR". Now the server refuses to start, in one line naming the flag."""
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "controlnet.cli", "serve", "--models", str(folder), "--base", "v1-5-pruned-emaonly",
+         "--port", "1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if "error" in line]  # the scan's warnings aside
+    assert len(errors) == 1 and "--tokenizer" in errors[0] and "Traceback" not in done.stderr, done.stderr
+    assert time.monotonic() - started < 60

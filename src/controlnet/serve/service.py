@@ -252,6 +252,9 @@ class Service:
         self.max_controlnet_bytes = int(max_controlnet_mb * 2**20)
         self.base_options = dict(base_options or {})
         self.current_base = registry.default_base
+        # what would fail every request is refused now, naming the server's flag (a server that started and then
+        # answered each request "pass tokenizer DIR" told API clients to fix what only the operator can)
+        self.check_base(registry.base(registry.default_base), "--base")
         self._queue: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._running: Job | None = None
@@ -282,10 +285,12 @@ class Service:
                 "(--max-units); none is dropped silently",
             )
         try:
-            base = self.registry.base(spec.base or self.current_base).name
+            entry = self.registry.base(spec.base or self.current_base)
         except UnknownModel as err:
             err.field = "base"
             raise
+        self.check_base(entry, "base")
+        base = entry.name
         units = []
         for k, unit in enumerate(spec.units):
             try:
@@ -335,6 +340,15 @@ class Service:
             raise FieldError(
                 "clip_skip",
                 f"got {opts.clip_skip}; this base's text encoder has {layers} layers, expected < {layers}",
+            )
+
+    def check_base(self, entry, field: str) -> None:
+        """A single-file base needs the server's --tokenizer (checkpoint files hold none); FieldError without it."""
+        if entry.path.is_file() and not self.base_options.get("tokenizer"):
+            raise FieldError(
+                field,
+                f"{entry.name} is a single checkpoint file, which holds no tokenizer, and this server was started "
+                "without --tokenizer DIR (a server flag: the tokenizer/ folder of any diffusers SD model)",
             )
 
     def submit(self, spec) -> Job:
@@ -393,7 +407,9 @@ class Service:
 
     def set_base(self, name: str) -> str:
         """Make `name` the base of jobs that name none (the web UI's checkpoint switch); returns its name."""
-        self.current_base = self.registry.base(name).name
+        entry = self.registry.base(name)
+        self.check_base(entry, "sd_model_checkpoint")
+        self.current_base = entry.name
         return self.current_base
 
     def close(self, cancel_running: bool = True, timeout: float | None = 30.0) -> None:
