@@ -75,3 +75,27 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def umask() -> int:
+    """The process's file-creation mask, read without changing it where Linux tells it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only read here)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_modes(root: str | os.PathLike) -> None:
+    """Give `root` (a file) or every file under it the mode a file created by open() gets (0o666 & ~umask: 0644
+    by default). For writers that create their files 0600 (safetensors' `save_file`, which diffusers'
+    `save_pretrained` calls), whose weights another user (a web UI's) could not read."""
+    root = Path(root)
+    mode = 0o666 & ~umask()
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from controlnet.atomic import give_umask_modes
+
 BUILTIN = "builtin"  # the base spec that names the shipped base
 BUILTIN_CONTROLNET = "builtin:"  # names a shipped ControlNet on any command line: builtin:canny, builtin:fill, ...
 CONTROLNETS_FOLDER = "controlnets"  # the shipped ControlNets, inside the shipped folder
@@ -113,6 +115,7 @@ def write_builtin_folder(
         if weights_dtype is not None:
             module = copy.deepcopy(module).to(weights_dtype)  # the caller's module keeps its dtype
         module.save_pretrained(folder / name, safe_serialization=True)
+        give_umask_modes(folder / name)  # safetensors creates its files 0600
     parts["tokenizer"].save_pretrained(folder / "tokenizer")
     scheduler.save_pretrained(folder / "scheduler")
     sampling.write(folder)
