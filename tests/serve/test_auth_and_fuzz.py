@@ -5,8 +5,10 @@ match the schema."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
-import re
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -16,14 +18,40 @@ import httpx
 import pytest
 
 from controlnet import cli
-from controlnet.testing.live_server import start_server
+from controlnet.serve.limits import MAX_IMAGES, MAX_SIDE, MAX_STEPS
+from controlnet.testing.live_server import TINY_CONTROLNET, start_server
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
 AUTH = ("alice", "s3cret-pass")
-FUZZ_EXAMPLES = 8  # per operation; the cheap operations only (no generation: a fuzzer would queue real work)
+FUZZ_EXAMPLES = 8  # per operation of the OpenAPI document
+WEBUI_EXAMPLES = 60  # web-UI bodies built from the field names the server reads
+GENERATION = {"/v1/generate", "/v1/jobs", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"}
+SHRUNK = {  # field -> (lowest and highest valid value, the value sent instead of a valid one)
+    "width": (64, MAX_SIDE, 64),
+    "height": (64, MAX_SIDE, 64),
+    "steps": (1, MAX_STEPS, 2),
+    "batch_size": (1, MAX_IMAGES, 1),
+    "n_iter": (1, MAX_IMAGES, 1),
+}
+
+
+def _cheap(body):
+    """A generation body whose valid (or absent) sizes, steps and image counts are replaced by a tiny job's (values
+    out of range are kept: their refusal is what is tested), so that a request the server accepts costs a fraction of a
+    second instead of minutes of CPU."""
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    for name, (low, high, cheap) in SHRUNK.items():
+        value = body.get(name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is None or (number and low <= value <= high):  # None or absent: the server's default, not tiny
+            body[name] = cheap
+    return body
 
 
 def _auth_file(folder, text: str, mode: int = 0o600):
@@ -136,12 +164,11 @@ def test_non_loopback_host_without_auth_refuses_to_start():
 
 @pytest.fixture(scope="module")
 def api_schema(server):
-    # the native API's cheap operations only, cut from the served document itself: schemathesis' own include()
-    # filter was not applied under pytest's from_fixture here (the web-UI routes, which generate, were fuzzed too)
+    # every operation of the served document: the native API and the web-UI API (generation included, made
+    # cheap by `_cheap`); the page's gradio routes are not in it
     spec = httpx.get(server.url + "/openapi.json", auth=AUTH, timeout=60).json()
-    wanted = re.compile(r"^/v1/(health|models|annotators|annotate|jobs/\{job_id\})$")
-    spec["paths"] = {path: item for path, item in spec["paths"].items() if wanted.match(path)}
-    assert len(spec["paths"]) == 5, sorted(spec["paths"])
+    paths = set(spec["paths"])
+    assert paths >= GENERATION | {"/v1/annotate", "/controlnet/detect", "/sdapi/v1/options"}, paths
     schema = schemathesis.openapi.from_dict(spec)
     schema.config.update(base_url=server.url)
     return schema
@@ -152,7 +179,141 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 @schema.parametrize()
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-def test_fuzz_native_api(case):
+def test_fuzz_native_and_webui_api(case):
+    if case.operation.path in GENERATION:
+        case.body = _cheap(case.body)
     # every check but "schema-valid data is accepted": a schema cannot say "a decodable image" (any string is
     # valid base64 to it), and refusing those with 422 is the point
-    case.call_and_validate(auth=AUTH, timeout=60, excluded_checks=[positive_data_acceptance])
+    case.call_and_validate(auth=AUTH, timeout=120, excluded_checks=[positive_data_acceptance])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The web-UI bodies are free-form objects in the OpenAPI document (clients send many spellings), so a schema-driven
+# fuzzer almost never sends a field the server reads. These bodies use the field names the parsers read: valid
+# values for most of them (so that requests get past the first check, and some run), and one or two fields, in the
+# body or in a ControlNet unit, given any JSON value at all (NaN and Infinity included).
+HOSTILE = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.sampled_from([0, -1, 2, 8, 64, 150, 151, 2048, 2049, 10**6, 1e308, -1e308, 0.5, 1e-300]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=20),
+        st.sampled_from(
+            ["", "none", "depth", "openpose", "ip-adapter_clip", "inpaint_only", "/etc/passwd", "\ud800"]
+        ),
+    ),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _mostly_valid(valid: dict, most_bad: int = 2) -> st.SearchStrategy:
+    """Objects with any of `valid`'s fields (valid values), then up to `most_bad` of them set to HOSTILE values."""
+    bad = st.lists(st.tuples(st.sampled_from(sorted(valid)), HOSTILE), max_size=most_bad)
+    return st.tuples(st.fixed_dictionaries({}, optional=valid), bad).map(lambda pair: {**pair[0], **dict(pair[1])})
+
+
+def _tiny_png() -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+TINY_PNG = _tiny_png()
+IMAGE = st.sampled_from([TINY_PNG, "data:image/png;base64," + TINY_PNG])
+UNIT = _mostly_valid(
+    {
+        "enabled": st.just(True),
+        "module": st.sampled_from(["none", "canny"]),
+        "model": st.sampled_from([TINY_CONTROLNET, "None"]),
+        "weight": st.floats(0, 2),
+        "image": IMAGE,
+        "mask": IMAGE,
+        "resize_mode": st.sampled_from([0, 1, 2, "Just Resize", "Crop and Resize", "Resize and Fill"]),
+        "lowvram": st.booleans(),
+        "processor_res": st.integers(64, 256),
+        "threshold_a": st.floats(1, 255),
+        "threshold_b": st.floats(1, 255),
+        "guidance_start": st.floats(0, 0.5),
+        "guidance_end": st.floats(0.5, 1),
+        "control_mode": st.sampled_from([0, 1, 2, "Balanced", "My prompt is more important"]),
+        "pixel_perfect": st.booleans(),
+        "save_detected_map": st.booleans(),
+        "advanced_weighting": st.none(),
+    },
+    most_bad=1,
+)
+GENERATION_FIELDS = {
+    "prompt": st.text(max_size=30),
+    "negative_prompt": st.text(max_size=10),
+    "steps": st.integers(1, 3),
+    "cfg_scale": st.floats(0, 30),
+    "batch_size": st.integers(1, 2),
+    "n_iter": st.integers(1, 2),
+    "width": st.sampled_from([64, 72]),
+    "height": st.sampled_from([64, 72]),
+    "seed": st.integers(-1, 2**32 - 1),
+    "sampler_name": st.sampled_from(["Euler", "Euler a", "DDIM", "DPM++ 2M Karras", "UniPC"]),
+    "scheduler": st.sampled_from(["Automatic", "Karras"]),
+    "eta": st.floats(0, 1),
+    "denoising_strength": st.floats(0.1, 1),
+    "init_images": st.lists(IMAGE, min_size=1, max_size=1),
+    "mask": IMAGE,
+    "resize_mode": st.integers(0, 2),
+    "enable_hr": st.just(False),
+    "restore_faces": st.just(False),
+    "tiling": st.just(False),
+    "styles": st.just([]),
+    "script_name": st.none(),
+    "subseed_strength": st.just(0),
+    "send_images": st.booleans(),
+    "save_images": st.booleans(),
+    "override_settings": st.fixed_dictionaries(
+        {}, optional={"sd_model_checkpoint": st.just("builtin"), "CLIP_stop_at_last_layers": st.integers(1, 2)}
+    ),
+    "alwayson_scripts": st.fixed_dictionaries(
+        {"ControlNet": st.fixed_dictionaries({"args": st.lists(UNIT, max_size=2)})}
+    ),
+}
+DETECT_FIELDS = {
+    "controlnet_module": st.sampled_from(["none", "canny"]),
+    "controlnet_input_images": st.lists(IMAGE, min_size=1, max_size=2),
+    "controlnet_processor_res": st.integers(64, 256),
+    "controlnet_threshold_a": st.floats(1, 255),
+    "controlnet_threshold_b": st.floats(1, 255),
+}
+OPTIONS_FIELDS = {"sd_model_checkpoint": st.just("builtin"), "CLIP_stop_at_last_layers": st.integers(1, 2)}
+WEBUI_BODIES = st.one_of(
+    st.tuples(st.sampled_from(["/sdapi/v1/txt2img", "/sdapi/v1/img2img"]), _mostly_valid(GENERATION_FIELDS)),
+    st.tuples(st.just("/controlnet/detect"), _mostly_valid(DETECT_FIELDS)),
+    st.tuples(st.just("/sdapi/v1/options"), _mostly_valid(OPTIONS_FIELDS)),
+)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, auth=AUTH, timeout=120) as c:
+        yield c
+
+
+@given(request=WEBUI_BODIES)
+@settings(max_examples=WEBUI_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzz_webui_fields(client, request):
+    path, body = request
+    if path in GENERATION:
+        body = _cheap(body)
+    # json.dumps writes NaN and Infinity as bare words (not JSON, but what Python clients send): the server must
+    # refuse them, not compute with them
+    response = client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+    assert response.status_code < 500, (path, body, response.status_code, response.text[:2000])
+    assert response.status_code in (200, 413, 422, 429), (path, body, response.status_code, response.text[:500])
+    payload = response.json()
+    if response.status_code == 200:
+        assert isinstance(payload, dict)
+    else:
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert payload["status"] == response.status_code and payload["detail"], payload

@@ -12,12 +12,13 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controlnet import __version__
 from controlnet.serve import native, webui
-from controlnet.serve.problems import install_handlers
-from controlnet.serve.security import SecurityMiddleware, SecuritySettings
+from controlnet.serve.problems import PROBLEM_JSON, install_handlers
+from controlnet.serve.security import BODY_METHODS, STATE_CHANGING, SecurityMiddleware, SecuritySettings
 from controlnet.serve.service import Service
 
 DESCRIPTION = """\
@@ -49,7 +50,33 @@ def create_app(service: Service, settings: SecuritySettings | None = None) -> Fa
     native.add_routes(app, service)
     webui.add_routes(app, service)
     app.add_middleware(SecurityMiddleware, settings=settings)
+    document_refusals(app)
     return app
+
+
+def document_refusals(app: FastAPI) -> None:
+    """Document on every operation the problem responses that come from outside its handler (each one a
+    handler has documented itself is kept): the security middleware's 400 (Host) and 401 (auth) on any route,
+    403 (cross-site) on state-changing ones, 413/415 (body size, content type) where a body is read, and the
+    422 (application/problem+json, not FastAPI's default application/json) that every validation error becomes."""
+    problem = {
+        "description": "problem details",
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        codes = [400, 401]
+        if route.methods & STATE_CHANGING:
+            codes.append(403)
+        if route.methods & BODY_METHODS:
+            codes += [413, 415]
+        params = route.dependant
+        if route.body_field is not None or params.path_params or params.query_params or params.header_params:
+            codes.append(422)
+        for code in codes:
+            if code not in route.responses and str(code) not in route.responses:
+                route.responses[code] = problem
 
 
 DOCS_PATH = "/docs"
