@@ -106,3 +106,15 @@ def test_rerunning_a_finished_run_says_so_without_loading(fill_data, base_dir, t
     # more steps asked: it resumes (and loads)
     assert cli.main([*args[:-3], "--train.max_steps", "3", "--quiet"]) == 0
     assert "finished at step 3" in capsys.readouterr().out
+
+
+def test_the_library_s_trainer_checks_the_size_against_the_base_it_is_given(fill_data, tmp_path):
+    from train_helpers import tiny_config
+    from train_tiny import make_tiny_base
+
+    from controlnet.train.trainer import train
+
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"data.resolution=17: must be a positive multiple of 2 \(the VAE's 2x"):
+        train(tiny_config(fill_data, run, data__resolution=17), base=make_tiny_base(latent=True))
+    assert not run.exists()

@@ -14,7 +14,13 @@ import glob
 import json
 from pathlib import Path
 
-from controlnet.generate.base import BaseSource, check_base, check_controlnet_families, controlnet_path
+from controlnet.generate.base import (
+    BaseComponents,
+    BaseSource,
+    check_base,
+    check_controlnet_families,
+    controlnet_path,
+)
 from controlnet.generate.sizes import check_size, vae_factor_on_disk
 from controlnet.train import checkpoint as ckpt
 from controlnet.train.config import BASE_FLAGS, TrainConfig, base_options
@@ -30,16 +36,16 @@ def export_path(final: Path, fmt: str) -> Path:
     return final / "controlnet" if fmt == "diffusers" else final / "controlnet.safetensors"
 
 
-def check_run(config: TrainConfig, base_given: bool = False) -> BaseSource | None:
-    """Check everything `config` says that needs no weights; the checked base (None when `base_given`: the caller
-    brings its loaded base). One ValueError / FileNotFoundError line per problem, naming the option."""
+def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSource | None:
+    """Check everything `config` says that needs no weights; the checked base source (None when the caller brings
+    its loaded `base`). One ValueError / FileNotFoundError line per problem, naming the option."""
     c = config
     # the size rule of generation (generate/sizes.py), from the base's config files (a checkpoint file: 8x)
-    if not c.data.bucketing and not base_given:  # bucketing: sizes of area resolution ** 2, multiples of 64
-        factor = vae_factor_on_disk(c.model.base)
+    if not c.data.bucketing:  # bucketing: sizes of area resolution ** 2, multiples of 64
+        factor = vae_factor_on_disk(c.model.base) if base is None else base.vae_scale_factor
         if factor is not None:
             check_size(c.data.resolution, c.data.resolution, factor, option="data.resolution")
-    source = None if base_given else check_base(c.model.base, **base_options(c.model))
+    source = None if base is not None else check_base(c.model.base, **base_options(c.model))
     if c.model.controlnet:
         path = controlnet_path(c.model.controlnet)
         if source is not None:  # the ControlNet's family against the base's, from the headers

@@ -133,7 +133,7 @@ class Trainer:
         c = self.config
         # every option that needs no weights first (train/preflight.py): nothing is written or loaded before they
         # are known to be right
-        source = check_run(c, base_given=self._base is not None)
+        source = check_run(c, self._base)
         # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
         # Accelerator is told cpu=True (otherwise every process believes it is alone)
         if c.train.threads:
