@@ -19,8 +19,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from controlnet.serve.model_hashes import HashCache
+from controlnet.testing.ldm_files import sd15_parts_config, write_controlnet_file, write_sd_file
 from controlnet.testing.live_server import TINY_CONTROLNET, start_server
-from controlnet.testing.tiny_models import write_clip_vocab
+from controlnet.testing.tiny_models import TINY_UNET_CONFIGS, write_clip_vocab
 
 BIG_BYTES = 2**31  # a sparse 2 GiB "base": hashing it reads 2 GiB, listing it must not
 
@@ -59,6 +60,9 @@ def folder(models_folder, tmp_path_factory):
     state = load_file(models_folder / TINY_CONTROLNET / "diffusion_pytorch_model.safetensors")
     key = next(k for k in state if k.endswith("conv_in.weight"))
     state[key] = torch.zeros(3, 3, 3, 3)
+    # a tiny SD1.5 single-file base and a ControlNet made for SDXL: another family, told from the headers
+    write_sd_file(root / "tiny15.safetensors", sd15_parts_config("tiny"))
+    write_controlnet_file(root / "control_sdxl_canny.safetensors", TINY_UNET_CONFIGS["sdxl"])
     (root / "broken").mkdir()
     save_file(state, root / "broken" / "control_broken_canny.safetensors")
     return root
@@ -170,6 +174,21 @@ def test_a_model_file_that_vanishes_is_a_409_naming_it(server, folder):
     assert response.status_code == 409, response.text
     problem = response.json()
     assert "control_doomed_canny" in problem["detail"] and str(folder) not in problem["detail"]
+
+
+def test_a_controlnet_of_another_family_is_refused_before_queueing(server):
+    """Defect (issue 28): in serve, a unit's ControlNet of the wrong family was a 422 after 13 s of loading (a
+    key-by-key mismatch). Now it is refused from the headers, naming both, before anything is queued or loaded."""
+    unit = {"model": "control_sdxl_canny", "image": small_image()}
+    started = time.monotonic()
+    response = httpx.post(
+        server.url + "/v1/jobs", json={"prompt": "x", "base": "tiny15", "steps": 1, "units": [unit]}
+    )
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert problem["field"] == "units[0].model" and "SDXL" in problem["detail"], problem
+    assert "tiny15" in problem["detail"] and time.monotonic() - started < 2
+    assert httpx.get(server.url + "/v1/health").json()["queue_depth"] == 0
 
 
 def test_a_single_file_base_without_a_tokenizer_is_refused_at_start_up(folder, tmp_path):

@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from controlnet.generate.builtin_format import BUILTIN
 from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
 from controlnet.generate.sizes import check_size
 from controlnet.serve.limits import MAX_CONTROL_SCALE, MAX_DETECT_PIXELS, MAX_PIXEL_STEPS, describe_budget
@@ -261,7 +262,10 @@ class Service:
         self._lock = threading.Condition()
         self._closed = False
         self._bases: OrderedDict[str, Any] = OrderedDict()
-        self._facts: dict[str, tuple[int, int]] = {}  # base name -> (VAE factor, text encoder layers), once loaded
+        self._facts: dict[str, tuple[int, int]] = {}
+        self._families_checked: dict[
+            tuple[str, str], str | None
+        ] = {}  # (controlnet, base) -> refusal or None  # base name -> (VAE factor, text encoder layers), once loaded
         self._nets: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
         self._durations: deque[float] = deque(maxlen=8)
         self._worker = threading.Thread(target=self._work, name=f"controlnet-worker-{self.device}", daemon=True)
@@ -298,6 +302,7 @@ class Service:
             except UnknownModel as err:
                 err.field = f"units[{k}].model"
                 raise
+            self._check_family(entry, self.registry.base(base), f"units[{k}].model")
             if unit.annotator:
                 check_annotator(unit.annotator, unit.annotator_options, f"units[{k}].annotator")
                 image = unit.image if unit.image is not None else spec.options.image
@@ -341,6 +346,34 @@ class Service:
                 "clip_skip",
                 f"got {opts.clip_skip}; this base's text encoder has {layers} layers, expected < {layers}",
             )
+
+    def _check_family(self, controlnet, base, field: str) -> None:
+        """A ControlNet of another base family (an SDXL one with an SD1.5 base) is refused before queueing, from
+        the files' headers (generate/base.py check_controlnet_families: milliseconds; the load it spares took 13 s
+        and ended in a key-by-key mismatch). The answer is kept per pair: a file's family does not change."""
+        key = (controlnet.name, base.name)
+        if key not in self._families_checked:
+            from controlnet.generate.base import BaseSource, base_family, base_kind
+            from controlnet.io.formats import check_family
+            from controlnet.io.inspect import inspect_path
+            from controlnet.io.lite import is_lite_folder
+
+            try:
+                kind, path = base_kind(BUILTIN if base.name == BUILTIN else base.path)
+                family = base_family(BaseSource(kind, path, base.name), flags={"base": "base"})
+                if family is not None and not is_lite_folder(controlnet.path):
+                    check_family(
+                        inspect_path(controlnet.path).base_family,
+                        family,
+                        f"{controlnet.name}",
+                        f"base {base.name}",
+                    )
+                self._families_checked[key] = None
+            except ValueError as err:
+                self._families_checked[key] = str(err).splitlines()[0]
+        refusal = self._families_checked[key]
+        if refusal is not None:
+            raise FieldError(field, refusal)
 
     def check_base(self, entry, field: str) -> None:
         """A single-file base needs the server's --tokenizer (checkpoint files hold none); FieldError without it."""
