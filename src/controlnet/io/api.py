@@ -27,6 +27,7 @@ from controlnet.io.formats import (
     DIFFUSERS_WEIGHT_NAMES,
     FORMAT_PHRASES,
     ORIGINAL_UNET_PREFIX,
+    TRANSFORMER_FORMATS,
     cast_state,
     check_family,
     detect_format,
@@ -44,6 +45,7 @@ from controlnet.io.safe_load import (
     map_state_dict,
     write_state_dict,
 )
+from controlnet.io.transformer_layouts import load_transformer_controlnet, transformer_controlnet_format
 from controlnet.model.controlnet import ControlNet, encoder_skips
 from controlnet.model.hint_encoder import SD_LATENT_DOWNSCALE
 
@@ -221,6 +223,10 @@ def load_controlnet(
 ) -> ControlNet:
     """Load a ControlNet in original (`.pth/.safetensors`, any prefix, combined v1.0) or diffusers format.
 
+    A transformer ControlNet (SD3/SD3.5, Flux: any published layout) loads as diffusers' `SD3ControlNetModel` /
+    `FluxControlNetModel` through `transformer_layouts.load_transformer_controlnet` (`unet` is then its base, or None;
+    `config` the ControlNet's config); given a UNet it is refused in one line naming both families.
+
     The network has `unet`'s architecture and dtype (its weights are not copied: the network is built on the meta
     device and the file's tensors are assigned to it); without `unet`, from `config` or the shipped config of the
     family recognised in the file (float32). The hint encoder's stride is not in the weights: it comes from
@@ -230,6 +236,9 @@ def load_controlnet(
     """
     if is_lite_folder(path):  # the ablation's ControlNet-lite (model/lite.py): its own folder format, io/lite.py
         return _load_lite(path, unet, dtype)
+    transformer_base = unet is not None and not isinstance(unet, UNet2DConditionModel)  # an SD3 / Flux transformer
+    if transformer_base or (unet is None and transformer_controlnet_format(path) is not None):
+        return load_transformer_controlnet(path, base=unet, config=config, dtype=dtype)
     with open_controlnet(path, unet, config, hint_downscale_factor) as source:
         param = next(unet.parameters()) if unet is not None else None
         device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
@@ -320,10 +329,19 @@ def open_controlnet(
             downscale = hint_downscale_factor
         state = weights.meta
         fmt = detect_format(state)
+        unet_config = dict(unet.config) if unet is not None else config
+        if fmt in TRANSFORMER_FORMATS:  # a transformer base's ControlNet: refused by family, from the header
+            control = family_of_state(state)
+            if unet_config is not None:
+                base_what = "the UNet given" if unet is not None else "the UNet config given"
+                check_family(control, family_of_unet_config(unet_config), path.name, base_what)
+            raise CheckpointError(
+                f"{path.name} is a ControlNet for {control.describe()} ({FORMAT_PHRASES[fmt]}), but a UNet ControlNet "
+                "(SD1.x/2.x/XL) is expected here"
+            )
         if fmt not in ("original-controlnet", "original-combined", "diffusers-controlnet"):
             raise CheckpointError(f"{path}: holds {FORMAT_PHRASES[fmt]}, not a ControlNet")
 
-        unet_config = dict(unet.config) if unet is not None else config
         control = original_keys.strip_control_prefix(state) if fmt != "diffusers-controlnet" else state
         if unet_config is not None:  # a ControlNet of another family: one line now, not a key-by-key mismatch
             base_what = "the UNet given" if unet is not None else "the UNet config given"

@@ -41,6 +41,7 @@ WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 WRAPPER_KEYS = ("state_dict", "model", "module")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6 writes a zip archive
 PICKLE_PROTOCOL_OPCODE = b"\x80"  # legacy torch.save: a pickle stream starting with PROTO
+GGUF_MAGIC = b"GGUF"  # the first 4 bytes of every GGUF file (quantised models; refused by name)
 
 
 def _suffix(path: Path) -> str:
@@ -65,6 +66,13 @@ def _check_weights_path(path: Path) -> str:
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; expected a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    with open(path, "rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic == GGUF_MAGIC or path.name.lower().endswith(".gguf"):  # a renamed one too: 4 bytes, no weights read
+        raise CheckpointError(
+            f"{path.name}: a GGUF file (quantised weights, as ComfyUI-GGUF and llama.cpp write them), which we do not "
+            f"read; expected the .safetensors release of the model ({', '.join(WEIGHT_SUFFIXES)})"
+        )
     suffix = _suffix(path)
     if suffix not in WEIGHT_SUFFIXES:
         raise CheckpointError(
