@@ -121,6 +121,33 @@ def test_from_transformer_is_a_trainable_copy_and_leaves_the_base_alone(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_from_transformer_keeps_the_base_dtype_and_device(family):
+    """A bf16 base gives a bf16 copy (no float32 detour), equal to the base's blocks; a meta base a meta net."""
+    ours, _, make_base, _, fewer = FAMILIES[family]
+    base = make_base().to(torch.bfloat16)
+    net = ours.from_transformer(base, **fewer)
+    assert {p.dtype for p in net.parameters()} == {torch.bfloat16}
+    assert torch.equal(
+        net.transformer_blocks[0].norm1.linear.weight, base.transformer_blocks[0].norm1.linear.weight
+    )
+    with torch.device("meta"):
+        meta_base = type(base)(**base.config)
+    meta_net = ours.from_transformer(meta_base, **fewer)
+    assert {p.device.type for p in meta_net.parameters()} == {"meta"}
+    assert sum(p.numel() for p in meta_net.parameters()) == sum(p.numel() for p in net.parameters())
+
+
+def test_fresh_parts_are_initialised_and_the_hint_zero_layer_is_zero():
+    """XLabs' hint encoder and x embedder and a union net's mode embedding: torch's default init (materialised
+    from the meta device, so never left as uninitialised memory); the hint encoder's last conv is zero."""
+    net = FluxControlNet.from_transformer(make_flux_transformer(), num_layers=1, pixel_hint=True, num_mode=3)
+    for module in (net.input_hint_block.conv_in, net.controlnet_x_embedder, net.controlnet_mode_embedder):
+        assert module.weight.isfinite().all() and module.weight.std() > 0.01
+        assert module.weight.abs().max() < 10
+    assert not net.input_hint_block.conv_out.weight.any() and not net.input_hint_block.conv_out.bias.any()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_same_weights_same_residuals_as_diffusers(family):
     """Ours -> diffusers' class and diffusers' -> ours (strict), then the residuals and the controlled base: exact."""

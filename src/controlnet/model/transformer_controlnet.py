@@ -120,27 +120,51 @@ def _diffusers_json(json_string: str, class_name: str) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def _copy_part(name: str, target: nn.Module, source: nn.Module) -> None:
-    """target <- source's weights, every key (a copy, not shared storage: the copy trains, the base stays locked)."""
-    try:
-        target.load_state_dict(source.state_dict(), strict=True)
-    except RuntimeError as error:  # an invariant: the ControlNet was built from this base's own configuration
-        raise AssertionError(f"copying the base's {name} failed: {error}") from error
-
-
 def _layer_count(name: str, value: int, low: int, high: int, why: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise ValueError(f"{name} must be an integer in {low}..{high} ({why}), got {value!r}")
     return value
 
 
-def _base_param(base: nn.Module) -> torch.Tensor:
-    return next(base.parameters())
+def _trainable_copy(
+    cls: type[nn.Module], config: dict, base: nn.Module, copied: list[str], zero: tuple[str, ...]
+) -> nn.Module:
+    """A `cls(**config)` whose `copied` parts hold copies of `base`'s weights and whose `zero` parts start at 0.
+
+    Built on the meta device and materialised once in the base's dtype and device: a bf16 base gives a bf16 net with
+    no float32 copy and no random initialisation of parts about to be overwritten; a meta base gives a meta net. The
+    parts that are neither copied nor zero (XLabs' hint encoder and x embedder, a union net's mode embedding) get
+    torch's default initialisation, as diffusers' constructor gives them.
+    """
+    param = next(base.parameters())
+    with torch.device("meta"):
+        net = cls(**config)
+    nn.Module.to(net, dtype=param.dtype)  # still meta (diffusers' `ModelMixin.to` would warn about dtype casts)
+    net.to_empty(device=param.device)
+    stray = [name for name, _ in net.named_buffers() if not _within(name.rsplit(".", 1)[0], copied)]
+    assert not stray, f"buffers outside the copied parts would stay uninitialised: {stray}"
+    if param.device.type != "meta":
+        with torch.no_grad():
+            for name, module in net.named_modules():
+                if not list(module.parameters(recurse=False)) or _within(name, copied):
+                    continue
+                if _within(name, zero):  # Z(.; Theta_z1), Z(.; Theta_z2) of Eq. 2
+                    for p in module.parameters(recurse=False):
+                        p.zero_()
+                else:
+                    assert hasattr(module, "reset_parameters"), f"{name}: {type(module).__name__} has no init"
+                    module.reset_parameters()
+    for part in copied:
+        try:
+            net.get_submodule(part).load_state_dict(base.get_submodule(part).state_dict(), strict=True)
+        except RuntimeError as error:  # an invariant: the net was built from this base's own configuration
+            raise AssertionError(f"copying the base's {part} failed: {error}") from error
+    # The copy is the trainable part even when the locked base was frozen before copying.
+    return net.requires_grad_(True)
 
 
-def _to_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """net in the base's dtype (diffusers' `ModelMixin.to` warns on every dtype argument, so only when it differs)."""
-    return net if next(net.parameters()).dtype == dtype else net.to(dtype=dtype)
+def _within(name: str, parts) -> bool:
+    return any(name == part or name.startswith(part + ".") for part in parts)
 
 
 class SD3ControlNet(SD3ControlNetModel):
@@ -188,16 +212,9 @@ class SD3ControlNet(SD3ControlNetModel):
             extra_conditioning_channels=extra_conditioning_channels,
             force_zeros_for_pooled_projection=force_zeros_for_pooled_projection,
         )
-        param = _base_param(base)
-        with torch.device(param.device):
-            net = cls(**config)  # pos_embed_input and controlnet_blocks are zero-initialised here (Z, Eq. 2)
-        net = _to_dtype(net, param.dtype)
-        for name in ("pos_embed", "time_text_embed", "context_embedder"):
-            _copy_part(name, getattr(net, name), getattr(base, name))
-        for i, block in enumerate(net.transformer_blocks):
-            _copy_part(f"transformer_blocks.{i}", block, base.transformer_blocks[i])
-        # The copy is the trainable part even when the locked base was frozen before copying.
-        return net.requires_grad_(True)
+        copied = ["pos_embed", "time_text_embed", "context_embedder"]
+        copied += [f"transformer_blocks.{i}" for i in range(num_layers)]
+        return _trainable_copy(cls, config, base, copied, zero=("pos_embed_input", "controlnet_blocks"))
 
     def control_index(self, base_index: int, n_base: int) -> int:
         """The output of this net that base block `base_index` (of n_base) adds (SD3's interval rule)."""
@@ -288,17 +305,13 @@ class FluxControlNet(FluxControlNetModel):
             config.update(
                 conditioning_embedding_channels=base.config.in_channels // packed, patch_size=FLUX_LATENT_PACKING
             )
-        param = _base_param(base)
-        with torch.device(param.device):
-            net = cls(**config)  # controlnet_blocks, controlnet_single_blocks (and the x embedder) start at zero
-        net = _to_dtype(net, param.dtype)
-        for name in ("time_text_embed", "context_embedder", "x_embedder"):
-            _copy_part(name, getattr(net, name), getattr(base, name))
-        for i, block in enumerate(net.transformer_blocks):
-            _copy_part(f"transformer_blocks.{i}", block, base.transformer_blocks[i])
-        for i, block in enumerate(net.single_transformer_blocks):
-            _copy_part(f"single_transformer_blocks.{i}", block, base.single_transformer_blocks[i])
-        return net.requires_grad_(True)
+        copied = ["time_text_embed", "context_embedder", "x_embedder"]
+        copied += [f"transformer_blocks.{i}" for i in range(num_layers)]
+        copied += [f"single_transformer_blocks.{i}" for i in range(num_single_layers)]
+        # XLabs' condition enters through its hint encoder, whose last conv is the zero layer; its x embedder is plain
+        hint_zero = ("input_hint_block.conv_out",) if pixel_hint else ("controlnet_x_embedder",)
+        zero = ("controlnet_blocks", "controlnet_single_blocks", *hint_zero)
+        return _trainable_copy(cls, config, base, copied, zero)
 
     @property
     def blocks_repeat(self) -> bool:
