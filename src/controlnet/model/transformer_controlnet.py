@@ -182,15 +182,17 @@ class SD3ControlNet(SD3ControlNetModel):
         base: SD3Transformer2DModel,
         num_layers: int = 12,
         extra_conditioning_channels: int = 0,
-        force_zeros_for_pooled_projection: bool = True,
+        force_zeros_for_pooled_projection: bool = False,
     ) -> SD3ControlNet:
         """Copy `base`'s patch embedding, time/text embeddings, context embedder and first `num_layers` joint blocks
         (weights included) and add the zero-initialised `pos_embed_input` and `controlnet_blocks`.
 
         num_layers: copied blocks, 1..n_base - 1 (the base's last block is `context_pre_only` and takes no residual;
         InstantX's SD3 canny copies 6 of 24, tensorart's SD3.5 Medium 23 of 24). extra_conditioning_channels: channels
-        beside the condition latents (1 for an inpainting mask). force_zeros_for_pooled_projection: diffusers' pipeline
-        then feeds the net zeros for the pooled text vector (its default; what InstantX's nets expect).
+        beside the condition latents (1 for an inpainting mask). force_zeros_for_pooled_projection: False (ours) has
+        diffusers' pipeline feed the copy the base's pooled text vector and VAE-encode the condition like the latent
+        (shift and scale), the copy reading what the locked blocks read (Sec. 3.1); True is InstantX's convention
+        (zeros for the pooled vector, no VAE shift), the default of diffusers' own `from_transformer`.
         `base` is left untouched; the result is on its device and dtype (the meta device gives a meta net), every
         parameter requiring grad.
         """
