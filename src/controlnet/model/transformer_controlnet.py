@@ -49,9 +49,13 @@ import torch
 from diffusers import FluxControlNetModel, FluxTransformer2DModel, SD3ControlNetModel, SD3Transformer2DModel
 from torch import nn
 
-# How a ControlNet with fewer blocks than its base feeds the base's blocks (see the module docstring).
-INTERVAL = "interval"
+# How a ControlNet with fewer blocks than its base feeds the base's blocks (see the module docstring): the rules as
+# each base computes them, and the mappings a Flux net offers (its interval rule, or XLabs' repeat).
+SD3_INTERVAL = "sd3-interval"
+FLUX_INTERVAL = "flux-interval"
 REPEAT = "repeat"
+RULES = (SD3_INTERVAL, FLUX_INTERVAL, REPEAT)
+INTERVAL = "interval"
 BLOCK_MAPPINGS = (INTERVAL, REPEAT)
 
 # Flux packs 2x2 latent pixels into one token (16 VAE channels -> 64 features); an XLabs-style pixel-space hint is
@@ -88,18 +92,18 @@ _FLUX_BASE_KEYS = (
 def control_index(base_index: int, n_base: int, n_ctrl: int, rule: str) -> int:
     """Which of a ControlNet's n_ctrl block outputs base block `base_index` (of n_base) adds.
 
-    rule: "sd3-interval", "flux-interval" or "repeat" (module docstring). Written as diffusers' base transformers
+    rule: one of RULES (module docstring). Written as diffusers' base transformers
     compute it, float division included, so the index is the one they use, not merely equal in exact arithmetic.
     """
     if not 0 <= base_index < n_base or n_ctrl < 1:
         raise ValueError(f"need 0 <= base_index < n_base and n_ctrl >= 1, got {base_index}, {n_base}, {n_ctrl}")
-    if rule == "sd3-interval":
+    if rule == SD3_INTERVAL:
         return int(base_index / (n_base / n_ctrl))
-    if rule == "flux-interval":
+    if rule == FLUX_INTERVAL:
         return base_index // int(math.ceil(n_base / n_ctrl))
     if rule == REPEAT:
         return base_index % n_ctrl
-    raise ValueError(f"rule must be 'sd3-interval', 'flux-interval' or 'repeat', got {rule!r}")
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
 
 
 def per_base_block(samples: list[torch.Tensor] | None, n_base: int, rule: str) -> list[torch.Tensor] | None:
@@ -220,7 +224,7 @@ class SD3ControlNet(SD3ControlNetModel):
 
     def control_index(self, base_index: int, n_base: int) -> int:
         """The output of this net that base block `base_index` (of n_base) adds (SD3's interval rule)."""
-        return control_index(base_index, n_base, len(self.controlnet_blocks), "sd3-interval")
+        return control_index(base_index, n_base, len(self.controlnet_blocks), SD3_INTERVAL)
 
     def residual_kwargs(self, out: Any, base_blocks: int | None = None) -> dict:
         """Keyword arguments for `SD3Transformer2DModel.forward` from this net's output (`None`: no control).
@@ -231,7 +235,7 @@ class SD3ControlNet(SD3ControlNetModel):
             return {}
         samples = list(out.controlnet_block_samples)
         if base_blocks is not None:
-            samples = per_base_block(samples, base_blocks, "sd3-interval")
+            samples = per_base_block(samples, base_blocks, SD3_INTERVAL)
         return {"block_controlnet_hidden_states": samples}
 
     def forward(self, hidden_states: torch.Tensor, controlnet_cond: torch.Tensor, *args, **kwargs):
@@ -324,7 +328,7 @@ class FluxControlNet(FluxControlNetModel):
     def control_index(self, base_index: int, n_base: int, single: bool = False) -> int:
         """The output of this net that base (double, or `single`) block `base_index` of n_base adds."""
         n_ctrl = len(self.controlnet_single_blocks if single else self.controlnet_blocks)
-        rule = REPEAT if self.blocks_repeat and not single else "flux-interval"
+        rule = REPEAT if self.blocks_repeat and not single else FLUX_INTERVAL
         return control_index(base_index, n_base, n_ctrl, rule)
 
     def residual_kwargs(
@@ -352,9 +356,9 @@ class FluxControlNet(FluxControlNetModel):
         n_double, n_single = base_blocks
         return {
             "controlnet_block_samples": per_base_block(
-                double, n_double, REPEAT if mapping == REPEAT else "flux-interval"
+                double, n_double, REPEAT if mapping == REPEAT else FLUX_INTERVAL
             ),
-            "controlnet_single_block_samples": per_base_block(single, n_single, "flux-interval"),
+            "controlnet_single_block_samples": per_base_block(single, n_single, FLUX_INTERVAL),
             "controlnet_blocks_repeat": False,
         }
 
