@@ -377,3 +377,39 @@ def test_a_unet_controlnet_where_a_transformer_one_is_expected_is_refused_by_fam
     flux_base = dict(FLUX_TINY, _class_name="FluxTransformer2DModel")
     with pytest.raises(CheckpointError, match="but the base given is Flux"):
         load_transformer_controlnet(tmp_path / "unet-cn", base=flux_base)
+
+
+# --- the command line, as a user runs it ---
+
+
+def test_cli_inspects_converts_and_refuses(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "controlnet.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+        )
+
+    model = tiny(FluxControlNetModel, XLABS_TINY)
+    src = xlabs_file(tmp_path / "flux-canny-controlnet-v3.safetensors", model)
+    (tmp_path / "config.json").write_text(json.dumps(dict(model.config)))
+    out = run("inspect", src)
+    assert out.returncode == 0, out.stderr
+    for text in (
+        "xlabs-flux-controlnet",
+        "XLabs",
+        "Flux",
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        "2 (",
+    ):
+        assert text in out.stdout, out.stdout
+    out = run("convert", src, tmp_path / "folder", "--to", "diffusers", "--config", tmp_path / "config.json")
+    assert out.returncode == 0, out.stderr
+    assert "wrote diffusers flux ControlNet (2 control outputs)" in out.stdout
+    out = run("convert", tmp_path / "folder", tmp_path / "back.safetensors", "--to", "xlabs")
+    assert out.returncode == 0, out.stderr
+    assert_same_bytes(file_tensors(tmp_path / "back.safetensors"), file_tensors(src))
+    out = run("convert", tmp_path / "folder", tmp_path / "x.safetensors", "--to", "original", "--dtype", "bf16")
+    assert out.returncode != 0 and "original (cldm) format is the UNet ControlNets'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.safetensors").exists()

@@ -8,30 +8,43 @@ import sys
 from pathlib import Path
 
 DTYPES = {"keep": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Layouts a transformer ControlNet converts to besides a diffusers folder (io/transformer_layouts.py LAYOUTS): one
+# .safetensors file each.
+TRANSFORMER_FILE_LAYOUTS = ("diffusers-file", "xlabs", "stability")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
         help="tell what a weights file or folder holds",
-        description="Print the format (original / diffusers, ControlNet / UNet / combined), base family, "
-        "parameter count, dtype and number of control outputs of a checkpoint.",
+        description="Print the format (original / diffusers, ControlNet / UNet / combined; for SD3/SD3.5 and Flux "
+        "ControlNets the publisher's layout: diffusers names, InstantX/Shakker file, XLabs, Stability), base family, "
+        "parameter count, dtype and number of control outputs of a checkpoint, from its header alone.",
     )
     p.add_argument("path", type=Path, help="a .safetensors/.pth/.ckpt file or a diffusers folder")
     p.set_defaults(func=run_inspect)
 
     p = subparsers.add_parser(
         "convert",
-        help="convert a ControlNet between the original and diffusers formats",
+        help="convert a ControlNet between the original and diffusers formats (or a transformer one's layouts)",
         description="Convert a ControlNet checkpoint. Original files (control_*.pth/.safetensors, with or without "
         "the control_model. prefix, or v1.0 combined files) become diffusers folders and back; the round trip "
-        "is exact. Nothing is written if conversion fails.",
+        "is exact. SD3/SD3.5 and Flux ControlNets convert between their published layouts: a diffusers folder, one "
+        "file in diffusers names (as InstantX and Shakker publish), XLabs' (Flux) and Stability's (SD3.5); the "
+        "tensors are the source's bytes, renamed (a fused qkv split or joined). Nothing is written if conversion "
+        "fails.",
     )
     p.add_argument("src", type=Path, help="source ControlNet: file or diffusers folder")
     p.add_argument(
         "dst", type=Path, help="destination: a folder (diffusers) or a .safetensors/.pth file (original)"
     )
-    p.add_argument("--to", required=True, choices=["original", "diffusers"], help="target format")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["original", "diffusers", *TRANSFORMER_FILE_LAYOUTS],
+        help="target format: original or diffusers (a folder); for SD3/SD3.5 and Flux ControlNets also "
+        "diffusers-file (one .safetensors in diffusers names), xlabs (Flux) or stability (SD3.5)",
+    )
     _add_common(p)
     p.add_argument(
         "--prefix",
@@ -97,7 +110,12 @@ def add_ema_argument(group, default_text: str) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="diffusers UNet config.json, when the family cannot be recognised")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="diffusers config.json when the file cannot tell its architecture: the UNet's for a UNet ControlNet, "
+        "the ControlNet's own for an SD3/Flux one",
+    )
     p.add_argument("--dtype", default="keep", choices=list(DTYPES), help="dtype of the written weights")
 
 
@@ -139,6 +157,8 @@ def _check_arguments(args, sources: dict[str, Path]) -> None:
             f"{args.dst}: --to diffusers writes a folder, but the name ends in {suffix}; drop the suffix or use "
             "--to original"
         )
+    if args.to in TRANSFORMER_FILE_LAYOUTS and suffix != ".safetensors":
+        raise ValueError(f"{args.dst}: --to {args.to} writes one file; expected a name ending in .safetensors")
     if args.to == "original" and suffix not in ORIGINAL_FILE_SUFFIXES:
         raise ValueError(
             f"{args.dst}: --to original writes one file; expected a name ending in .safetensors (or .pth), got "
@@ -212,6 +232,16 @@ def run_inspect(args) -> int:
 
 def run_convert(args) -> int:
     _check_arguments(args, {"ControlNet": args.src})
+    from controlnet.io.transformer_layouts import transformer_controlnet_format
+
+    fmt = transformer_controlnet_format(args.src)  # the header only
+    if fmt is not None:
+        return _convert_transformer(args, fmt)
+    if args.to in TRANSFORMER_FILE_LAYOUTS:
+        raise ValueError(
+            f"--to {args.to} is a layout of SD3/SD3.5 and Flux ControlNets; {args.src} is not one (a UNet ControlNet "
+            "converts --to original or --to diffusers)"
+        )
     from controlnet.io.streaming import convert_controlnet_file
 
     with _phases("convert", 2) as phase:
@@ -220,6 +250,29 @@ def run_convert(args) -> int:
         net = convert_controlnet_file(args.src, args.dst, args.to, args.config, dtype, prefix, phase=phase)
     print(f"wrote {args.to} ControlNet ({net.num_control_outputs} control outputs) to {args.dst}")
     return 0
+
+
+def _convert_transformer(args, fmt: str) -> int:
+    """`convert` for an SD3/SD3.5 or Flux ControlNet: any published layout to any other it fits, tensors untouched."""
+    from controlnet.io.formats import FORMAT_PHRASES
+    from controlnet.io.transformer_layouts import convert_transformer_controlnet_file
+
+    if args.to == "original":
+        raise ValueError(
+            f"{args.src} holds {FORMAT_PHRASES[fmt]}; the original (cldm) format is the UNet ControlNets': use --to "
+            f"diffusers, {', '.join(TRANSFORMER_FILE_LAYOUTS)}"
+        )
+    with _phases("convert", 2) as phase:
+        source = convert_transformer_controlnet_file(
+            args.src, args.dst, args.to, args.config, _dtype(args.dtype, None), phase
+        )
+    outputs = sum(1 for name in source.meta if ".weight" in name and name.startswith(CONTROL_OUTPUT_PREFIXES))
+    print(f"wrote {args.to} {source.family} ControlNet ({outputs} control outputs) to {args.dst}")
+    return 0
+
+
+# A transformer ControlNet's outputs: one zero-initialised linear per copied block.
+CONTROL_OUTPUT_PREFIXES = ("controlnet_blocks.", "controlnet_single_blocks.")
 
 
 def run_init(args) -> int:

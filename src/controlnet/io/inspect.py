@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from controlnet.io.formats import DIFFUSERS_WEIGHT_NAMES, Inspection, inspect_st
 from controlnet.io.safe_load import LazyWeights
 
 DIFFUSERS_SUBFOLDERS = ("", "controlnet", "unet")
+DIFFUSERS_FOLDER_LAYOUT = "diffusers folder (config.json + diffusion_pytorch_model.safetensors)"
 
 
 def weights_file(path: str | os.PathLike) -> Path:
@@ -31,7 +33,10 @@ def inspect_path(path: str | os.PathLike) -> Inspection:
     """What a file or folder holds, from names, shapes and dtypes only: a `.safetensors` header, a zip `.pth`'s
     pickle (memory-mapped, no tensor data read); legacy pickles and `.xz` files are read whole."""
     with LazyWeights(weights_file(path)) as weights:
-        return inspect_state_dict(weights.meta)
+        found = inspect_state_dict(weights.meta)
+    if found.layout is not None and Path(path).is_dir():  # a transformer ControlNet in diffusers names
+        found = dataclasses.replace(found, layout=DIFFUSERS_FOLDER_LAYOUT)
+    return found
 
 
 def weights_dtypes(path: str | os.PathLike) -> list[str]:
