@@ -12,7 +12,8 @@ Starts the real server (built-in models, loopback, --max-queue 128 so that every
   a slowloris client does), so that HALF_OPEN are held throughout. They are opened at --half-open-rate a second
   (0: as fast as this process can);
 - a prober process asks GET /v1/health on a new connection every 0.2 s.
-The run ends when every stream has its final event and --min-duration has passed (at least one header timeout,
+Unless --cold, one generation runs before the clock starts (the first loads the base). The run ends when every
+stream has its final event and --min-duration has passed (at least one header timeout,
 so that the server's closing of stalled connections is seen). The prober and the half-open sockets live in
 processes of their own, so that this process's threads do not delay what they measure.
 
@@ -27,6 +28,7 @@ import argparse
 import collections
 import json
 import multiprocessing as mp
+import os
 import resource
 import selectors
 import socket
@@ -40,6 +42,7 @@ from pathlib import Path
 import httpx
 
 HEALTH_LIMIT_S = 1.0
+LOAD_NICENESS = 10
 PROBE_EVERY_S = 0.2
 PARTIAL_REQUEST = b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slow\r\nX-Wait: "
 JOB = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2}
@@ -48,11 +51,18 @@ JOB = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 2}
 def get_health(address: tuple[str, int]) -> int | str:
     """GET /v1/health on a new connection; the status code (a raw socket: an httpx client would spend more time
     building its TLS context than the server spends answering)."""
+    t0 = time.monotonic()
     with socket.create_connection(address, timeout=30) as sock:
+        connected = time.monotonic() - t0
         sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
+    if time.monotonic() - t0 >= HEALTH_LIMIT_S:
+        print(
+            f"slow health: connected after {connected:.3f} s, answered after {time.monotonic() - t0:.3f} s",
+            flush=True,
+        )
     return int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else "no answer"
 
 
@@ -190,6 +200,11 @@ def main() -> int:
     )
     parser.add_argument("--min-duration", type=float, default=30.0, help="seconds at least (default: %(default)g)")
     parser.add_argument("--no-ui", action="store_true", help="start the server without the web page")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="start the load on a server that has not generated yet (its first job loads the base meanwhile)",
+    )
     parser.add_argument("server_flags", nargs="*", help="more flags for controlnet serve (after --)")
     args = parser.parse_args()
 
@@ -199,12 +214,22 @@ def main() -> int:
     flags = ["--max-queue", "128", *(["--no-ui"] if args.no_ui else []), *args.server_flags]
     server = start_server(None, log, *flags)
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    print(f"server {server.url} (log {log}), flags: {' '.join(flags)}")
+    print(f"server {server.url} (pid {server.pid}, log {log}), flags: {' '.join(flags)}", flush=True)
+    if not args.cold:
+        # the base is loaded on the first job (about 1-2 s of the worker thread holding the interpreter lock in
+        # diffusers' loader): once, before the clock starts, unless --cold
+        warm = time.monotonic()
+        status = httpx.post(server.url + "/v1/generate", json=JOB, timeout=600).status_code
+        print(f"warm-up generate: {status} in {time.monotonic() - warm:.1f} s", flush=True)
     rss_start, fds_start = server.rss_mb(), server.open_fds()
 
     ctx = mp.get_context("fork")  # the children need nothing of torch: this process never imported it
     stop_children, probes_out, half_open_out = ctx.Event(), ctx.Queue(), ctx.Queue()
     prober = ctx.Process(target=probe_health, args=((host, int(port)), stop_children, probes_out))
+    prober.start()
+    # the load generators yield the CPU to the server and the prober: on a machine of few cores they would
+    # otherwise delay the server by competing with it, which is not what is measured here (threads inherit it)
+    os.nice(LOAD_NICENESS)
     holder = ctx.Process(
         target=hold_half_open,
         args=((host, int(port)), args.half_open, args.half_open_rate, stop_children, half_open_out),
@@ -221,7 +246,7 @@ def main() -> int:
     sampler = threading.Thread(target=sample_server, args=(server, stop_threads, samples))
 
     start = time.monotonic()
-    for worker in (prober, holder, sampler, *streams, *generators):
+    for worker in (holder, sampler, *streams, *generators):
         worker.start()
     for thread in streams:
         thread.join()
