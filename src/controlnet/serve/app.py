@@ -1,7 +1,8 @@
 """The FastAPI app: native /v1 routes, the web-UI compatible routes, problem details, the security middleware.
 
 `create_app(service, settings)` builds it around a running `Service`; `controlnet serve` (serve/commands.py)
-runs it under uvicorn. Nothing here reveals the command line, the environment or the file system.
+runs it under uvicorn. Nothing here reveals the command line, the environment or the file system. The interactive
+docs (/docs) come from Swagger UI's files on this machine, never a CDN; FastAPI's /redoc (CDN only) is off.
 """
 
 from __future__ import annotations

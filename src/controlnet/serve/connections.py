@@ -186,6 +186,10 @@ class GuardedH11Protocol(H11Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         phase, guard = self._phase, self.guard
+        if phase == "body" and self.flow.read_paused:
+            # the server, not the client, has stopped the body (back-pressure while the app catches up): wait again
+            self._timer = self.loop.call_later(guard.limits.body_timeout_s, self._timed_out)
+            return
         if phase == "headers":
             guard.header_timeouts += 1
             limit, answer = guard.limits.header_timeout_s, self._partial
