@@ -6,6 +6,8 @@ same tokenizer checks, the same latent space and the same sampling defaults. Fou
 - a diffusers model folder (`model_index.json` names each component's class);
 - an exported folder (`controlnet world export-base`): the built-in folder format, generate/builtin_format.py;
 - one SD1.x/SD2.x/SDXL checkpoint file (read by `controlnet.io.single_file`; it holds no tokenizer).
+A diffusers folder may hold a transformer base (SD3 / SD3.5, Flux: model_index.json names its pipeline); what such a
+base adds (its components, family, dtype, sampling defaults) is generate/transformer_base.py's, dispatched from here.
 
 Arguments and files are checked first (`check_base`: cheap, no weights read), then the weights are loaded.
 Nothing is downloaded (docs/architecture.md#nothing-downloaded-nothing-unpickled): every `from_pretrained` call
@@ -33,6 +35,16 @@ from controlnet.generate.builtin_format import (
     builtin_controlnets,
     builtin_folder,
     folder_classes,
+)
+from controlnet.generate.transformer_base import (
+    TransformerBase,
+    check_transformer_folder,
+    load_transformer_folder,
+    refuse_transformer_file,
+    transformer_arch,
+    transformer_family,
+    transformer_file_arch,
+    transformer_sampling,
 )
 from controlnet.io.tokenizers import load_tokenizer
 
@@ -176,7 +188,15 @@ def base_kind(spec: str | os.PathLike, flag: str = KEYWORDS["base"]) -> tuple[st
 def sampling_defaults(spec: str | os.PathLike) -> SamplingDefaults:
     """The base's sampling defaults, read without loading it (diffusers folders and files: the generic ones)."""
     kind, path = base_kind(spec)
+    arch = _folder_arch(kind, path)
+    if arch is not None:
+        return transformer_sampling(path, arch)
     return SamplingDefaults.read(path if kind in (BUILTIN, "exported") else None)
+
+
+def _folder_arch(kind: str, path: Path) -> str | None:
+    """ "sd3" | "flux" for a diffusers folder of a transformer base, else None."""
+    return transformer_arch(json.loads((path / MODEL_INDEX).read_text())) if kind == "diffusers" else None
 
 
 @dataclass
@@ -189,6 +209,7 @@ class BaseSource:
     tokenizer: str | None = None  # checked override folders
     tokenizer_2: str | None = None
     components: list[str] = field(default_factory=list)  # what loading will go through, for progress
+    arch: str = "unet"  # "unet" | "sd3" | "flux": the base network (io.formats.Family.arch)
 
 
 def check_base(
@@ -211,6 +232,19 @@ def check_base(
     kind, path = base_kind(spec, flags["base"])
     tokenizer = str(tokenizer) if tokenizer else None
     tokenizer_2 = str(tokenizer_2) if tokenizer_2 else None
+    arch = transformer_file_arch(path) if kind == "file" else _folder_arch(kind, path)
+    if arch is not None:
+        if kind == "file":
+            refuse_transformer_file(path, arch, flags["base"])
+        if prediction_type:
+            raise ValueError(f"prediction_type={prediction_type!r}: {path} is a flow-matching base; it has none")
+        if configs:
+            raise ValueError(f"{flags['base_config']}: only for a checkpoint file; {path} is a model folder")
+        for folder, key in ((tokenizer, "tokenizer"), (tokenizer_2, "tokenizer_2")):
+            if folder is not None:
+                load_tokenizer(folder, flags[key])
+        components = check_transformer_folder(path, json.loads((path / MODEL_INDEX).read_text()), arch)
+        return BaseSource(kind, path, str(path), tokenizer, tokenizer_2, components, arch)
     if kind == "file":
         from controlnet.io.single_file import check_single_file
 
@@ -252,6 +286,8 @@ def check_controlnet_families(
 def base_family(source: BaseSource, configs=None, flags: dict | None = None):
     """The base UNet's `io.formats.Family` from its files alone (a checkpoint file's header, a folder's
     unet/config.json); None when they do not tell."""
+    if source.arch != "unet":
+        return transformer_family(source.path, source.arch)
     if source.kind == "file":
         from controlnet.io.single_file import base_family as file_family
 
@@ -302,8 +338,11 @@ def load_base(
     dtype: torch.dtype | None = None,
     progress: Progress | None = None,
     flags: dict | None = None,
-) -> BaseComponents:
+) -> BaseComponents | TransformerBase:
     """The base named by `spec`, offline, every module in eval mode with no gradients, on `device` in `dtype`.
+
+    A transformer base (SD3 / Flux diffusers folder) gives a `TransformerBase`, each module in its files' dtype
+    when `dtype` is None (generate/transformer_base.py).
 
     tokenizer / tokenizer_2: tokenizer folders (required for a checkpoint file, which holds none; for a folder
     they replace its own). prediction_type: epsilon or v_prediction (default: the base's; for a checkpoint file
@@ -324,6 +363,17 @@ def load_base(
         if progress is not None:
             progress(name, source.components.index(name) if name in source.components else 0, total)
 
+    if source.arch != "unet":
+        with quiet_libraries():
+            base = load_transformer_folder(
+                source.path, source.arch, source.components, source.name, dtype, device, step
+            )
+            for key in ("tokenizer", "tokenizer_2"):
+                if getattr(source, key) is not None:
+                    setattr(base, key, load_tokenizer(getattr(source, key), flags[key]))
+        if progress is not None:
+            progress("done", total, total)
+        return base
     with quiet_libraries():
         if source.kind == "file":
             from controlnet.io.single_file import read_single_file
