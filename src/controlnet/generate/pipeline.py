@@ -20,10 +20,9 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from controlnet.generate import control_images as ci
@@ -41,6 +40,7 @@ from controlnet.generate.guidance import apply_cfg, block_profile, in_window
 from controlnet.generate.guidance import pad_unconditional as pad_uncond
 from controlnet.generate.options import GenerationOptions
 from controlnet.generate.prompts import PromptEmbeddings, encode_dual, encode_single
+from controlnet.generate.results import INPAINT, GenerationResult
 from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
@@ -50,19 +50,6 @@ from controlnet.progress import phase
 logger = logging.getLogger(__name__)
 
 MIN_PACKING_STEPS = 8  # denoising steps from which packing the weights for oneDNN pays on its own (CPU)
-# Marks a control entry whose condition is built from `image` + `mask` (ControlNet v1.1 inpaint model).
-INPAINT = "inpaint"
-
-
-@dataclass
-class GenerationResult:
-    """Images plus everything needed to reproduce them."""
-
-    images: list  # PIL images, or [] for output_type="latent"
-    array: np.ndarray | torch.Tensor  # (N, H, W, 3) float in [0, 1]; latents (N, C, h, w) for output_type="latent"
-    seeds: list[int]  # one per image: image k was drawn from torch.Generator().manual_seed(seeds[k])
-    settings: dict = field(default_factory=dict)
-    control_images: list = field(default_factory=list)  # the resized conditions, one PIL image per net
 
 
 @dataclass
@@ -121,7 +108,16 @@ class ControlNetPipeline:
 
     @classmethod
     def from_components(cls, base: BaseComponents, controlnets: Sequence[ControlNet] = ()) -> ControlNetPipeline:
-        """The pipeline of a loaded base (`generate.base.load_base`) and ControlNet objects; modules are shared."""
+        """The pipeline of a loaded base (`generate.base.load_base`) and ControlNet objects; modules are shared.
+
+        A transformer base (SD3 / Flux) gives a `TransformerControlNetPipeline` (generate/transformer_pipeline.py),
+        which runs the same jobs through diffusers' pipelines of that family."""
+        from controlnet.generate.transformer_base import TransformerBase
+
+        if isinstance(base, TransformerBase):
+            from controlnet.generate.transformer_pipeline import TransformerControlNetPipeline
+
+            return TransformerControlNetPipeline.from_components(base, controlnets)
         pipe = cls(
             base.unet,
             base.vae,
@@ -149,6 +145,7 @@ class ControlNetPipeline:
 
         `controlnets`: ControlNet objects or paths (original or diffusers format). `base_options` go to
         `generate.base.load_base` (tokenizer=, tokenizer_2=, prediction_type=, ema=, configs=, family=, progress=).
+        A transformer base (SD3 / Flux diffusers folder) gives a `TransformerControlNetPipeline`.
         """
         from controlnet.generate.base import (
             BaseSource,
@@ -167,6 +164,12 @@ class ControlNetPipeline:
         controlnets = [c if isinstance(c, ControlBase) else controlnet_path(c) for c in controlnets]
         # a ControlNet of another family is refused from the headers, before the base is loaded (or cast)
         check_controlnet_families(source, controlnets, base_options.get("configs"), base_options.get("flags"))
+        if source.arch != "unet":  # SD3 / Flux: generate/transformer_pipeline.py
+            from controlnet.generate.transformer_pipeline import TransformerControlNetPipeline
+
+            return TransformerControlNetPipeline.from_pretrained(
+                source, controlnets, device, dtype, **base_options
+            )
         components = load_base(source, device=device, dtype=dtype, **base_options)
         nets = [_load_controlnet(c, components.unet, k, len(controlnets)) for k, c in enumerate(controlnets)]
         pipe = cls.from_components(components, nets)
