@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -323,6 +324,11 @@ def run_serve(args) -> int:
     # uvicorn restores the handlers it found and re-raises the signal it stopped on; a SIGTERM we have handled
     # (jobs cancelled, connections closed) then lands on this no-op, so the exit status is 0
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # A full collection of the cyclic garbage collector walks every object with the event loop stopped: with torch,
+    # diffusers and the page loaded, ~630,000 objects and 0.4-0.5 s (2-3 s on a busy machine, the longest health
+    # answers under load). What exists now lives as long as the server: the collector's walks leave it out.
+    gc.collect()
+    gc.freeze()
     Server(config).run()
     service.close(cancel_running=True)
     return 0
