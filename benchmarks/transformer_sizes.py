@@ -27,6 +27,13 @@ AdamW's two fp32 moments (diffusers' train_controlnet_flux.py with --mixed_preci
 gradients with fp32 moments; activations from the bytes autograd saves per token and hidden unit in one Flux double /
 single block, measured here on small-width blocks in bf16 (saved_tensors_hooks; trainable and frozen), extrapolated
 to width 3072 as a + b/width. Latents and text embeddings are taken as cached (VAE and T5/CLIP not on the GPU).
+
+Measured at 2a1c095's parent on a shared, loaded 2-core AMD EPYC VM (torch 2.13.0 CPU, diffusers 0.42.1):
+    SD3.5 Large (Stability) 2.154 B, 4.31 GB: inspect 0.24 GiB; convert to diffusers 0.55 GiB, back 0.51 GiB; exact
+    Flux Union-Pro 3.302 B, 6.60 GB: inspect 0.24 GiB; convert 0.55 GiB, back 0.55 GiB; exact
+    XLabs 0.744 B, 1.49 GB: inspect 0.24 GiB; convert 0.64 GiB, back 0.55 GiB; exact
+    init on an SD3.5-Medium-sized base (2.243 B, 4.94 GB), 12 blocks (1.261 B): 5.91 GiB (computed 5.80 once the
+    position table buffers were counted; 4.95 before)
 """
 
 from __future__ import annotations
@@ -206,7 +213,14 @@ INIT_LAYERS = 12  # SD3ControlNet.from_transformer's default (diffusers' too)
 
 
 def copied_params(base, prefixes: tuple[str, ...]) -> int:
-    return sum(p.numel() for n, p in base.named_parameters() if n.startswith(prefixes))
+    """Values of `base`'s state dict under `prefixes`: parameters and stored buffers (SD3's sin-cos position table,
+    0.45 GB in SD3.5 Medium, is read and copied too)."""
+    return sum(t.numel() for n, t in base.state_dict().items() if n.startswith(prefixes))
+
+
+def stored(model) -> int:
+    """Values a model's file holds (parameters and persistent buffers)."""
+    return sum(t.numel() for t in model.state_dict().values())
 
 
 def init_on_paper(baseline_gib: float) -> list[tuple[str, int, float]]:
@@ -220,13 +234,15 @@ def init_on_paper(baseline_gib: float) -> list[tuple[str, int, float]]:
     read = copied_params(
         sd3, ("pos_embed.", "time_text_embed.", "context_embedder.", *_blocks("transformer", INIT_LAYERS))
     )
-    rows.append(("SD3.5 Large base, 12 joint blocks", count(net), baseline_gib + (read + count(net)) * BF16 / GiB))
+    rows.append(
+        ("SD3.5 Large base, 12 joint blocks", count(net), baseline_gib + (read + stored(net)) * BF16 / GiB)
+    )
     flux = build("flux", FLUX_DEV_BASE, base=True)
     net = FluxControlNet.from_transformer(flux, num_layers=5, num_single_layers=10)
     prefixes = ("time_text_embed.", "context_embedder.", "x_embedder.", *_blocks("transformer", 5))
     read = copied_params(flux, (*prefixes, *_blocks("single_transformer", 10)))
     rows.append(
-        ("Flux.1-dev base, 5 double + 10 single", count(net), baseline_gib + (read + count(net)) * BF16 / GiB)
+        ("Flux.1-dev base, 5 double + 10 single", count(net), baseline_gib + (read + stored(net)) * BF16 / GiB)
     )
     return rows
 
@@ -357,7 +373,8 @@ def main(argv=None) -> int:
                 ["convert", str(folder), str(back), "--to", layout],
             ):
                 rss, seconds = peak_rss([*cli, *argv], env)
-                print(f"  controlnet {' '.join(argv[:1] + argv[2:] if argv[0] == 'convert' else argv[:1]):42s}"
+                label = " ".join(Path(a).name if os.sep in a else a for a in argv)
+                print(f"  controlnet {label:58s}"
                       f" peak RSS {rss:5.2f} GiB  {seconds:6.1f} s", flush=True)  # fmt: skip
             same = tensor_hashes(path) == tensor_hashes(back)
             exact &= same
@@ -375,7 +392,8 @@ def main(argv=None) -> int:
         out = work / "init"
         argv = [sys.executable, "-c", INIT, str(base), str(out), repr(SD35_MEDIUM_BASE), str(INIT_LAYERS)]
         rss, seconds = peak_rss(argv, env)
-        net_params = count(build("sd3", json.loads((out / "config.json").read_text())))
+        net = build("sd3", json.loads((out / "config.json").read_text()))
+        net_params = count(net)
         print(f"  init (from_transformer, {INIT_LAYERS} joint blocks): net {net_params / 1e9:.3f} B params, "
               f"{size_of(out) / GB:.2f} GB; peak RSS {rss:5.2f} GiB  {seconds:6.1f} s", flush=True)  # fmt: skip
         rss_idle, _ = peak_rss([sys.executable, "-c", "import torch, diffusers, controlnet.io.safe_load"], env)
@@ -383,7 +401,7 @@ def main(argv=None) -> int:
             build("sd3", SD35_MEDIUM_BASE, base=True),
             ("pos_embed.", "time_text_embed.", "context_embedder.", *_blocks("transformer", INIT_LAYERS)),
         )
-        print(f"  computed the same way as below: {rss_idle + (read + net_params) * BF16 / GiB:5.2f} GiB "
+        print(f"  computed the same way as below: {rss_idle + (read + stored(net)) * BF16 / GiB:5.2f} GiB "
               f"(baseline: importing torch + diffusers {rss_idle:.2f} GiB)")  # fmt: skip
         base.unlink()
         shutil.rmtree(out)
