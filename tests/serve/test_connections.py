@@ -5,6 +5,7 @@ mounted page has no dev-reload stream and logs one line (not ~200) for an unknow
 
 from __future__ import annotations
 
+import io
 import logging
 import resource
 import socket
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from controlnet import cli
-from controlnet.serve import commands, connections
+from controlnet.serve import commands, connections, logs
 from controlnet.serve.logs import RateLimitedHandler
 from controlnet.testing.live_server import start_server
 
@@ -305,3 +306,36 @@ def test_page_has_no_dev_reload_stream_and_client_errors_are_not_tracebacks(serv
     new_lines = [line for line in _log_lines(server)[log_before:] if "suppressed" not in line]
     assert len(new_lines) <= 3 and not any("Traceback" in line for line in new_lines), new_lines[:40]
     assert _health_seconds(server) < HEALTH_LIMIT_S
+
+
+def test_tracebacks_gradio_prints_for_malformed_page_requests_are_bounded(server):
+    pytest.importorskip("gradio")
+    config = httpx.get(server.url + "/ui/config", timeout=30)
+    if config.status_code != 200:
+        pytest.skip("the server runs without the page")
+    event = next(d for d in config.json()["dependencies"] if len(d.get("inputs", [])) > 50)  # the generate button
+    log_before = len(_log_lines(server))
+    join = server.url + "/ui/gradio_api/queue/join"
+    for k in range(12):  # the right number of values, all null: gradio prints a ~40-line traceback for each
+        body = {"data": [None] * len(event["inputs"]), "fn_index": event["id"], "session_hash": f"junk{k}"}
+        assert httpx.post(join, json=body, timeout=30).status_code == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "more are suppressed" not in "\n".join(_log_lines(server)[log_before:]):
+        time.sleep(0.2)
+    new_lines = _log_lines(server)[log_before:]
+    assert "more are suppressed" in "\n".join(new_lines), new_lines[-5:]
+    assert len(new_lines) <= logs.DEFAULT_STDERR_LINES + 20, len(new_lines)
+    assert _health_seconds(server) < HEALTH_LIMIT_S
+
+
+def test_line_limited_stream_keeps_a_budget_of_lines_then_says_how_many_it_dropped():
+    now = [0.0]
+    out = io.StringIO()
+    stream = logs.LineLimitedStream(out, max_lines=5, window_s=60, clock=lambda: now[0])
+    for i in range(20):
+        stream.write(f"line {i}\n")
+    assert out.getvalue().splitlines()[:5] == [f"line {i}" for i in range(5)]
+    assert out.getvalue().splitlines()[5:] == ["[5 lines on stderr in 60 s: more are suppressed]"]
+    now[0] = 61.0
+    stream.write("later\n")
+    assert out.getvalue().splitlines()[6:] == ["[suppressed 15 lines on stderr in 60 s]", "later"]

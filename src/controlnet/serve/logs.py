@@ -6,18 +6,25 @@ accept loop (~120 MB a minute under a half-open-connection flood). A log that gr
 buries the lines that matter. `RateLimitedHandler` keeps, per kind of record (logger, level, message template and
 exception type: the same warning for different clients is one kind), the first `burst` records of each `window_s`;
 the last one it keeps says that more will be suppressed, and once the window is over one line says how many were.
+
+What bypasses logging and writes to stderr itself (gradio prints the traceback of every event that fails on a
+malformed request: 25-40 lines each, as often as a client sends one) goes through `LineLimitedStream`: at most
+`DEFAULT_STDERR_LINES` lines a minute, then one line saying how many it left out.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DEFAULT_BURST = 10
 DEFAULT_WINDOW_S = 60.0
+DEFAULT_STDERR_LINES = 200
 
 
 @dataclass
@@ -98,9 +105,57 @@ def _with_note(record: logging.LogRecord, note: str) -> logging.LogRecord:
     return copy
 
 
+class LineLimitedStream:
+    """A text stream that writes at most `max_lines` lines per `window_s` to `stream`, then drops lines until the
+    window is over and says how many it dropped (at the next write, or at close). Other attributes pass through."""
+
+    def __init__(
+        self, stream, max_lines: int = DEFAULT_STDERR_LINES, window_s: float = DEFAULT_WINDOW_S, clock=None
+    ):
+        self.stream, self.max_lines, self.window_s = stream, max_lines, window_s
+        self.clock = clock or time.monotonic
+        self.start, self.lines, self.dropped = self.clock(), 0, 0
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            now = self.clock()
+            if now - self.start >= self.window_s:
+                self._report()
+                self.start, self.lines = now, 0
+            if self.lines >= self.max_lines:
+                self.dropped += text.count("\n")
+                return len(text)
+            self.lines += text.count("\n")
+            self.stream.write(text)
+            if self.lines >= self.max_lines:
+                self.stream.write(
+                    f"[{self.max_lines} lines on stderr in {self.window_s:g} s: more are suppressed]\n"
+                )
+            return len(text)
+
+    def _report(self) -> None:
+        if self.dropped:
+            self.stream.write(f"[suppressed {self.dropped} lines on stderr in {self.window_s:g} s]\n")
+            self.stream.flush()
+            self.dropped = 0
+
+    def close(self) -> None:
+        with self.lock:
+            self._report()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def install(burst: int = DEFAULT_BURST, window_s: float = DEFAULT_WINDOW_S, stream=None) -> RateLimitedHandler:
-    """Make a RateLimitedHandler on stderr the root logger's only handler (every logger propagates to it)."""
-    handler = RateLimitedHandler(stream or sys.stderr, burst=burst, window_s=window_s)
+    """Make a RateLimitedHandler on stderr the root logger's only handler (every logger propagates to it), and send
+    what else writes to sys.stderr through a LineLimitedStream."""
+    stream = stream or sys.stderr
+    if not isinstance(sys.stderr, LineLimitedStream):
+        sys.stderr = LineLimitedStream(stream, window_s=window_s)
+        atexit.register(sys.stderr.close)
+    handler = RateLimitedHandler(stream, burst=burst, window_s=window_s)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
