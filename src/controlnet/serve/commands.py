@@ -11,6 +11,7 @@ import sys
 
 from controlnet.serve.limits import describe as describe_limits
 from controlnet.serve.logs import DEFAULT_BURST as LOG_BURST
+from controlnet.serve.logs import DEFAULT_STDERR_LINES as STDERR_LINES
 
 # the values shown in --help, without importing the server's dependencies (uvicorn) to build the parser
 DEFAULT_MAX_CONNECTIONS = 8192  # serve/connections.py's, checked by tests/serve/test_connections.py
@@ -59,10 +60,11 @@ Security:
   - the same request limits on /v1, the web-UI API and the page (serve/limits.py): {limits}
   - connections: a request's line and headers must arrive within --header-timeout s of connecting (or of the
     last response), and its body may pause at most --body-timeout s, or the connection is closed (408); at
-    --max-connections open connections the oldest one still waiting for its headers is closed to make room, or
-    the new one is answered 503 (requests under way and event streams are never cut). The open-files limit
-    (ulimit -n) is raised towards its hard limit to fit the cap.
-  - the log keeps at most {log_burst} lines of each kind a minute, then one line saying how many it left out"""
+    --max-connections open connections the oldest one that has waited over a second for its headers is closed
+    to make room, or else the new one is answered 503 (requests under way and event streams are never cut). The
+    open-files limit (ulimit -n) is raised towards its hard limit to fit the cap.
+  - the log keeps at most {log_burst} lines of each kind a minute, then one line saying how many it left out (what
+    writes to stderr without logging, such as gradio's tracebacks: {stderr_lines} lines a minute)"""
 
 EPILOG = """\
 examples:
@@ -81,7 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve generation over HTTP (native /v1 API + the web-UI compatible API)",
-        description=DESCRIPTION.replace("{limits}", describe_limits()).replace("{log_burst}", str(LOG_BURST)),
+        description=DESCRIPTION.replace("{limits}", describe_limits())
+        .replace("{log_burst}", str(LOG_BURST))
+        .replace("{stderr_lines}", str(STDERR_LINES)),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
