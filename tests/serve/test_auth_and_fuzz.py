@@ -1,7 +1,7 @@
 """HTTP Basic auth on a REAL server (credentials from a file only its owner may read, or the environment; never on
-its command line), the refusal to serve the network without it, /docs served from this machine only, and
-schemathesis fuzzing of the native API from its own /openapi.json (bounded, loopback only): no 5xx, responses
-match the schema."""
+its command line), the refusal to serve the network without it, /docs served from this machine only, and fuzzing
+(bounded, loopback only): schemathesis over every operation of the served /openapi.json, native and web-UI, and
+hypothesis bodies built from the web-UI field names: no 5xx, responses match the schema."""
 
 from __future__ import annotations
 
