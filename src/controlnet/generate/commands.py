@@ -10,6 +10,9 @@ from pathlib import Path
 from controlnet.io.commands import EMA_FLAGS, add_ema_argument
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# generate's --dtype default: a transformer base (SD3 / Flux) in its own files' dtype (a bf16 transformer never passes
+# through a float32 copy), a UNet base in float32 as before
+AUTO_DTYPE = "auto"
 
 DESCRIPTION = """\
 Generate images from a text prompt plus one condition image per ControlNet (paper: "Adding Conditional Control
@@ -56,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompt", nargs="?", help="what to draw (omit with --manifest)")
-    add_base_arguments(p.add_argument_group("base model"))
+    add_base_arguments(p.add_argument_group("base model"), auto_dtype=True)
     # the generation's settings, named once in generate/options.py: flags and help come from its fields
     add_arguments(p.add_argument_group("generation"), GenerationOptions, dest_prefix=OPTION)
     add_arguments(
@@ -108,8 +111,9 @@ BASE_FLAGS = {
 }
 
 
-def add_base_arguments(group, dtype: bool = True) -> None:
-    """--base, --tokenizer, --tokenizer-2, --prediction-type, --base-config, --ema/--no-ema (and --dtype)."""
+def add_base_arguments(group, dtype: bool = True, auto_dtype: bool = False) -> None:
+    """--base, --tokenizer, --tokenizer-2, --prediction-type, --base-config, --ema/--no-ema (and --dtype; with
+    auto_dtype its default is AUTO_DTYPE)."""
     group.add_argument(
         "--base",
         default="builtin",
@@ -141,9 +145,17 @@ def add_base_arguments(group, dtype: bool = True) -> None:
     )
     add_ema_argument(group, "default: the EMA one, usually better for sampling; recorded in the outputs' settings")
     if dtype:
-        group.add_argument(
-            "--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)"
-        )
+        if auto_dtype:
+            group.add_argument(
+                "--dtype",
+                default=AUTO_DTYPE,
+                choices=[AUTO_DTYPE, *DTYPES],
+                help="model dtype (default: auto: an SD3/Flux base in the dtype of its files, a UNet base fp32)",
+            )
+        else:
+            group.add_argument(
+                "--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default: %(default)s)"
+            )
 
 
 def base_options(args) -> dict:
@@ -284,7 +296,10 @@ def _load_pipeline(args, device, source):
 
     from controlnet.generate.pipeline import ControlNetPipeline
 
-    dtype = getattr(torch, DTYPES[args.dtype])
+    if args.dtype == AUTO_DTYPE:
+        dtype = None if source.arch != "unet" else torch.float32
+    else:
+        dtype = getattr(torch, DTYPES[args.dtype])
     if device is None:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     from controlnet.precision import precision_warning
