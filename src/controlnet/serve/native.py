@@ -192,6 +192,11 @@ def decode_job(body, service: Service) -> GenerationJob:
     return GenerationJob(prompt=body.prompt, base=body.base or service.current_base, units=units, options=options)
 
 
+def submit_request(body, service: Service) -> Job:
+    """Decode, check and queue a generation request; off the event loop (decoding, and the checks' file reads)."""
+    return service.submit(decode_job(body, service))
+
+
 def image_pnginfo(job: Job, k: int):
     result = job.result
     return png_info(result.settings, result.seeds[k], [u.model for u in job.spec.units])
@@ -266,7 +271,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
         check_annotator(body.annotator, {}, "annotator")
         options = checked_options(body.annotator, body.options, "annotator", "options")
         image = await off_loop(decode_image, body.image, "image", service.max_pixels)
-        job = service.submit(AnnotationJob(body.annotator, image, options))
+        job = await off_loop(service.submit, AnnotationJob(body.annotator, image, options))
         result = await wait_for(job, request, service)
         encoded = await off_loop(png_base64, result)
         return AnnotateOut(annotator=body.annotator, image=encoded, width=result.width, height=result.height)
@@ -278,7 +283,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
         summary="generate images (synchronous)",
     )
     async def generate(body: GenerateIn, request: Request) -> GenerateOut:
-        job = service.submit(await off_loop(decode_job, body, service))
+        job = await off_loop(submit_request, body, service)
         result = await wait_for(job, request, service)
 
         def encode() -> list[str]:
@@ -295,7 +300,7 @@ def add_routes(app: FastAPI, service: Service) -> None:
         summary="submit a generation (asynchronous)",
     )
     async def submit(body: GenerateIn) -> JobStatus:
-        return job_status(service.submit(await off_loop(decode_job, body, service)))
+        return job_status(await off_loop(submit_request, body, service))
 
     @r.get("/jobs/{job_id}", response_model=JobStatus, responses=_problems(404), summary="a job's status")
     def status(job_id: str) -> JobStatus:

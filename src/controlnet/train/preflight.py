@@ -46,6 +46,12 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
         if factor is not None:
             check_size(c.data.resolution, c.data.resolution, factor, option="data.resolution")
     source = None if base is not None else check_base(c.model.base, **base_options(c.model))
+    arch = source.arch if source is not None else getattr(base, "arch", "unet")
+    if arch != "unet":  # generation runs on SD3/Flux bases; their trainer (issue 29, item 5) is not built yet
+        raise ValueError(
+            f"model.base={c.model.base}: a {arch.upper()} transformer base; training ControlNets for transformer "
+            "bases is not available yet (expected a UNet base: SD1.x, SD2.x, SDXL or builtin)"
+        )
     if c.model.controlnet:
         path = controlnet_path(c.model.controlnet)
         if source is not None:  # the ControlNet's family against the base's, from the headers

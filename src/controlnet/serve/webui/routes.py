@@ -17,7 +17,7 @@ from fastapi import Body, FastAPI, Request
 
 from controlnet.io.images import png_base64
 from controlnet.serve.images import RequestImages
-from controlnet.serve.native import wait_for
+from controlnet.serve.native import _problems, wait_for
 from controlnet.serve.problems import ApiError
 from controlnet.serve.service import AnnotationJob, FieldError
 from controlnet.serve.waiting import off_loop
@@ -33,6 +33,7 @@ CONTROLNET_API_VERSION = 3  # sd-webui-controlnet's API version (1.1.455)
 SCRIPTS = {"txt2img": ["controlnet m2m"], "img2img": ["controlnet m2m"]}
 MAX_DETECT_IMAGES = 16
 JsonBody = Annotated[dict, Body()]  # the web UI's bodies are untyped objects; routes parse them
+JOB_ERRORS = _problems(409, 429, 503)  # cancelled or client gone, queue full, shutting down (as /v1's job routes)
 _UNIT_FIELD = re.compile(r"^units\[(\d+)\]")
 
 
@@ -52,7 +53,7 @@ def add_routes(app: FastAPI, service) -> None:
         results = []
         for job in parsed.jobs():
             try:
-                submitted = service.submit(job)
+                submitted = await off_loop(service.submit, job)
             except FieldError as err:  # a unit's field in the job's numbering -> the request's
                 raise _request_field(err, parsed) from None
             results.append(await wait_for(submitted, request, service))
@@ -60,12 +61,12 @@ def add_routes(app: FastAPI, service) -> None:
         send = payload.get("send_images", True) is not False
         return await off_loop(build_response, parsed, results, echo_parameters(payload), base, send)
 
-    @app.post("/sdapi/v1/txt2img", tags=["web-UI API"])
+    @app.post("/sdapi/v1/txt2img", tags=["web-UI API"], responses=JOB_ERRORS)
     async def txt2img(payload: JsonBody, request: Request) -> dict:
         """Text to image with ControlNet units in `alwayson_scripts.ControlNet.args` (AUTOMATIC1111's API)."""
         return await generate(payload, False, request)
 
-    @app.post("/sdapi/v1/img2img", tags=["web-UI API"])
+    @app.post("/sdapi/v1/img2img", tags=["web-UI API"], responses=JOB_ERRORS)
     async def img2img(payload: JsonBody, request: Request) -> dict:
         """Image to image / inpainting; a unit without an image takes `init_images[0]`."""
         return await generate(payload, True, request)
@@ -185,7 +186,7 @@ def add_routes(app: FastAPI, service) -> None:
     def settings() -> dict:
         return {"control_net_unit_count": service.max_units}
 
-    @app.post("/controlnet/detect", tags=["web-UI API"])
+    @app.post("/controlnet/detect", tags=["web-UI API"], responses=JOB_ERRORS)
     async def detect(payload: JsonBody, request: Request) -> dict:
         """Run a module on images (`controlnet_input_images` or webuiapi's `controlnet_images`)."""
         try:
@@ -199,7 +200,7 @@ def add_routes(app: FastAPI, service) -> None:
                 maps.append(image)
                 continue
             try:
-                job = service.submit(AnnotationJob(module.annotator, image, options))
+                job = await off_loop(service.submit, AnnotationJob(module.annotator, image, options))
             except FieldError as err:  # the job's `image` is the request's i-th image
                 field = f"{key}[{i}]" if err.field == "image" else err.field
                 raise ApiError(422, f"{field}: {str(err).removeprefix(err.field + ': ')}", field) from None
