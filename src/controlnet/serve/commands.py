@@ -252,6 +252,11 @@ def _mount_page(app, service, settings, no_ui: bool) -> str:
     return f"web page at {UI_PATH}/, "
 
 
+def _stop_while_starting(signum, frame):
+    print("controlnet serve: stopped while starting (SIGTERM)", file=sys.stderr, flush=True)
+    raise SystemExit(0)
+
+
 def run_serve(args) -> int:
     try:
         import fastapi  # noqa: F401
@@ -260,6 +265,9 @@ def run_serve(args) -> int:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
     check_arguments(args)
+    # SIGTERM while starting (the scan, the imports, the page) stops at once and cleanly: exit 0 and one line, not
+    # the default termination by signal; uvicorn installs its own handlers once it runs
+    signal.signal(signal.SIGTERM, _stop_while_starting)
     import torch
 
     from controlnet.serve import logs
@@ -311,20 +319,25 @@ def run_serve(args) -> int:
         server_header=False,
     )
 
+    docs = "docs at /docs" if app.state.docs else f"no /docs page: {DOCS_HINT}"
+    banner = (
+        f"controlnet serve: http://{args.host}:{args.port} ({page}{docs}); models: "
+        f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets; at most "
+        f"{limits.max_connections} connections"
+    )
+
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # the banner once the port is bound: a client that reads it can connect at once
+                print(banner, file=sys.stderr, flush=True)
+
         def handle_exit(self, sig, frame):
             # SIGTERM/SIGINT: refuse new jobs and cancel running ones now, so that open requests end promptly and
             # uvicorn's graceful shutdown does not wait for a long generation
             service.stop_accepting(cancel_running=True)
             super().handle_exit(sig, frame)
 
-    docs = "docs at /docs" if app.state.docs else f"no /docs page: {DOCS_HINT}"
-    print(
-        f"controlnet serve: http://{args.host}:{args.port} ({page}{docs}); models: "
-        f"{len(registry.bases())} bases, {len(registry.controlnets())} ControlNets; at most "
-        f"{limits.max_connections} connections",
-        file=sys.stderr,
-    )
     # uvicorn restores the handlers it found and re-raises the signal it stopped on; a SIGTERM we have handled
     # (jobs cancelled, connections closed) then lands on this no-op, so the exit status is 0
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
