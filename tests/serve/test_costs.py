@@ -23,7 +23,10 @@ STREAMS_PER_JOB = 8  # serve/native.py MAX_STREAMS_PER_JOB
 
 @pytest.fixture(scope="module")
 def server(models_folder, tmp_path_factory):
-    srv = start_server(models_folder, tmp_path_factory.mktemp("log") / "server.log", "--max-queue", "16")
+    # the watchdog turns a regression of the memory bounds tested here (a thin image resized to 268 Mpx took >4 GB)
+    # into a failed test (the server killed), not a machine out of memory
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    srv = start_server(models_folder, log, "--max-queue", "16", max_rss_mb=3000)
     yield srv
     assert srv.stop(timeout=60) == 0, srv.log.read_text()
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,15 +90,42 @@ class Server:
             raise
 
 
+def watch_memory(proc: subprocess.Popen, max_rss_mb: float, log: Path, every_s: float = 0.05) -> threading.Thread:
+    """A daemon thread that SIGKILLs `proc` when its resident memory passes `max_rss_mb` (and notes it in `log`)."""
+
+    def watch():
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                rss = next(int(x.split()[1]) for x in status.read_text().splitlines() if x.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                return
+            if rss / 1024 > max_rss_mb:
+                proc.kill()
+                with open(log, "a") as fh:
+                    fh.write(
+                        f"\nwatchdog: killed the server at {rss / 1024:.0f} MB resident (limit {max_rss_mb:g} MB)\n"
+                    )
+                return
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=watch, name="live-server-memory-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
 def start_server(
     models: Path | None,
     log: Path,
     *args: str,
     auth: tuple[str, str] | None = None,
     env: dict[str, str] | None = None,
+    max_rss_mb: float | None = None,
 ) -> Server:
     """`controlnet serve --port FREE --threads 1 ARGS [--models MODELS]`, its output in `log`, once /v1/health
-    answers 200 (with `auth`). `env`: variables to set for it on top of this process's environment."""
+    answers 200 (with `auth`). `env`: variables to set for it on top of this process's environment.
+    `max_rss_mb`: a watchdog kills the server once its resident memory passes this (tests of memory bounds: a
+    regression fails the test instead of swapping or killing the machine; the log says so)."""
     port = free_port()
     cmd = [sys.executable, "-m", "controlnet.cli", "serve", "--port", str(port), "--threads", "1", *args]
     if models is not None:
@@ -111,6 +139,8 @@ def start_server(
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
         try:
             if httpx.get(url + "/v1/health", auth=auth, timeout=2).status_code == 200:
+                if max_rss_mb is not None:
+                    watch_memory(proc, max_rss_mb, log)
                 return Server(url, proc, log)
         except httpx.HTTPError:
             pass
