@@ -25,21 +25,9 @@ from controlnet.io.transformer_layouts import (
     save_transformer_controlnet,
 )
 from controlnet.testing.tiny_models import make_tiny_unet
+from controlnet.testing.tiny_transformers import TINY_FLUX_CONFIG, TINY_SD3_CONFIG
 
-SD3_TINY = dict(
-    sample_size=32,
-    patch_size=1,
-    in_channels=8,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=32,
-    caption_projection_dim=32,
-    pooled_projection_dim=64,
-    out_channels=8,
-    qk_norm="rms_norm",
-    dual_attention_layers=(),
-)
+SD3_TINY = dict(TINY_SD3_CONFIG, num_layers=3)  # diffusers' test config (testing/tiny_transformers.py)
 # Stability's SD3.5 nets: single (non-joint) blocks, no pos_embed / context_embedder (diffusers' conversion script)
 SD35_STABILITY_TINY = {
     **SD3_TINY,
@@ -51,17 +39,7 @@ SD35_STABILITY_TINY = {
     "use_pos_embed": False,
     "force_zeros_for_pooled_projection": False,
 }
-FLUX_TINY = dict(
-    patch_size=1,
-    in_channels=16,
-    num_layers=1,
-    num_single_layers=1,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    axes_dims_rope=[4, 4, 8],
-)
+FLUX_TINY = dict(TINY_FLUX_CONFIG, num_layers=1, num_single_layers=1)
 # XLabs: 2 double blocks, no single blocks, guidance embedding (flux-dev), pixel hint packed 2x2 into 16 inputs
 XLABS_TINY = {**FLUX_TINY, "patch_size": 2, "num_layers": 2, "num_single_layers": 0, "guidance_embeds": True}
 XLABS_TINY["conditioning_embedding_channels"] = 4
