@@ -44,6 +44,7 @@ def dry_run(tmp_path_factory):
     return done, time.perf_counter() - started, out
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_dry_mode_runs_every_section_and_prints_its_numbers(dry_run):
     done, seconds, _ = dry_run
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

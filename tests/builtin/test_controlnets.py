@@ -48,6 +48,7 @@ def test_a_shipped_controlnet_beats_the_base_alone_on_held_out_conditions(task):
     assert row.model > row.floor + 0.2, report.table()
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_generate_takes_a_builtin_controlnet_by_name(tmp_path):
     from PIL import Image
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from controlnet import ControlNet, save_controlnet
@@ -15,6 +16,7 @@ def _run(*args):
     )
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_fresh_controlnet_scores_like_the_floor(tmp_path):
     """A fresh ControlNet's zero convolutions leave the base unchanged (paper Eq. 3): model == floor exactly."""
     from controlnet.builtin.base import load_builtin_base

@@ -192,6 +192,7 @@ def test_base_not_found_names_every_kind(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoint files: EMA weights, training
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
     sd_file,
     ema_file,
@@ -288,6 +289,7 @@ def test_train_starts_from_a_checkpoint_file(sd_file, base_config, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # exported folders and the base's own sampling defaults
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_generate_and_evaluate_take_an_exported_folder(exported, tmp_path):
     """Acceptance: `controlnet generate/evaluate --base DIR` on an export-base folder; its defaults (guidance 4)."""
     cond = tmp_path / "cond.png"

@@ -36,6 +36,7 @@ def test_inspect_reports_format_parameters_and_outputs(combined):
     assert "control outputs:  5" in out
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_convert_both_ways_is_exact(combined, tmp_path):
     weights, config = combined
     run_cli("convert", weights, tmp_path / "diffusers", "--to", "diffusers", "--config", config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from train_helpers import tiny_config
 from train_tiny import TINY_SIZE, make_fill_dataset, make_tiny_base, save_tiny_base
@@ -18,6 +19,7 @@ def _cli(*args):
     )
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_resumed_training_says_so(tmp_path):
     base = save_tiny_base(tmp_path / "base")
     data = make_fill_dataset(tmp_path / "data", n=8)

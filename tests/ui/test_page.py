@@ -153,6 +153,7 @@ def test_the_page_annotator_has_the_api_limits(page, server, tmp_path):
     assert server.peak_rss_mb() < 2048
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_drawn_scribble_becomes_the_map_and_painted_strokes_the_mask(page, server, photo):
     open_page(page, server.url)
     page.get_by_text("Draw a scribble").first.click()

@@ -34,6 +34,7 @@ def small_queue_server(tmp_path_factory):
     assert srv.stop() == 0, log.read_text()
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget; run with -m slow
 def test_twenty_sessions_get_images_or_busy(chromium, small_queue_server):
     srv = small_queue_server
     contexts = [chromium.new_context() for _ in range(SESSIONS)]  # a context each: 20 separate sessions

@@ -253,8 +253,11 @@ def _mount_page(app, service, settings, no_ui: bool) -> str:
 
 
 def _stop_while_starting(signum, frame):
+    # os._exit, not SystemExit: an exception raised from a signal handler lands wherever start-up is, and a bare
+    # `except:` in a library being imported swallowed it (the server then started anyway). Nothing is open for
+    # writing while starting (the hash cache is written by rename), so there is nothing to flush but stderr.
     print("controlnet serve: stopped while starting (SIGTERM)", file=sys.stderr, flush=True)
-    raise SystemExit(0)
+    os._exit(0)
 
 
 def run_serve(args) -> int:
