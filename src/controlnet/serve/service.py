@@ -353,21 +353,13 @@ class Service:
         and ended in a key-by-key mismatch). The answer is kept per pair: a file's family does not change."""
         key = (controlnet.name, base.name)
         if key not in self._families_checked:
-            from controlnet.generate.base import BaseSource, base_family, base_kind
-            from controlnet.io.formats import check_family
-            from controlnet.io.inspect import inspect_path
-            from controlnet.io.lite import is_lite_folder
+            from controlnet.generate.base import BaseSource, base_kind, check_controlnet_families
 
             try:
                 kind, path = base_kind(BUILTIN if base.name == BUILTIN else base.path)
-                family = base_family(BaseSource(kind, path, base.name), flags={"base": "base"})
-                if family is not None and not is_lite_folder(controlnet.path):
-                    check_family(
-                        inspect_path(controlnet.path).base_family,
-                        family,
-                        f"{controlnet.name}",
-                        f"base {base.name}",
-                    )
+                check_controlnet_families(
+                    BaseSource(kind, path, base.name), [controlnet.path], flags={"base": "base"}
+                )
                 self._families_checked[key] = None
             except ValueError as err:
                 self._families_checked[key] = str(err).splitlines()[0]
