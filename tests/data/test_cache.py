@@ -58,3 +58,19 @@ def test_random_augmentation_bypasses_the_latent_cache(tmp_path):
     trainer = Trainer(tiny_config(data, tmp_path / "run", data__random_flip=True), make_tiny_base())
     trainer.setup()
     assert trainer.data.latents is None and trainer.data.text is not None
+
+
+def test_cache_files_take_the_users_umask(tmp_path):
+    """safetensors writes 0600; a cache folder shared with a process of another user (a web UI's) must be readable."""
+    import os
+
+    data = make_fill_dataset(tmp_path / "data", n=2)
+    cache = tmp_path / "cache"
+    old = os.umask(0o022)
+    try:
+        _setup(data, tmp_path / "run", cache, make_tiny_base(latent=True))
+    finally:
+        os.umask(old)
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o644)}

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from controlnet.atomic import atomic_path
+from controlnet.atomic import atomic_path, give_umask_modes
 from controlnet.progress import phase
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
     with atomic_path(folder, exists="keep") as tmp:
         tmp.mkdir()
         write(tmp)
+        give_umask_modes(
+            tmp
+        )  # safetensors writes 0600: a cache shared with another user's process must be readable
 
 
 class LatentCache:
