@@ -18,6 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +51,19 @@ class MicroBatch:
     added_cond: dict[str, torch.Tensor] | None = None
 
 
+class Samples(NamedTuple):
+    """This process's rows of one global micro-batch, before any random draw (`TrainingBatches.samples`)."""
+
+    positions: list[int]  # this process's dataset positions
+    n: int  # rows of the global micro-batch (every process draws for all of them, keeping rows lo:hi)
+    lo: int
+    hi: int
+    generator: torch.Generator  # the micro-step's generator (loop.step_generator)
+    mean: torch.Tensor  # VAE posterior mean (b, C, h, w) float32, or pixels in pixel space
+    std: torch.Tensor | None  # VAE posterior std (b, C, h, w), None in pixel space
+    cond: torch.Tensor  # condition (b, C_cond, H, W) uint8
+
+
 class TrainingBatches:
     """Dataset -> (z_t, t, c_t, c_i, target) per micro-step; see the module docstring. `acc` is an Accelerator."""
 
@@ -70,9 +84,10 @@ class TrainingBatches:
         cut = len(found.indices) - n_val
         self.train_indices, self.val_indices = found.indices[:cut], found.indices[cut:]
         self.vae_factor = base.vae_scale_factor
-        from diffusers import DDPMScheduler
+        if getattr(base, "arch", "unet") == "unet":  # a transformer base's flow objective: transformer_step.py
+            from diffusers import DDPMScheduler
 
-        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+            self.noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
         multiple = BUCKET_MULTIPLE if base.vae is not None else 8
         buckets = assign_buckets(found.sizes[:cut], c.data.resolution, c.data.bucketing, multiple)
         self.plan = BatchPlan(buckets, c.train.batch_size * self.world, c.train.seed)
@@ -105,7 +120,11 @@ class TrainingBatches:
             with phase("hashing the VAE and text encoder weights (cache keys)"):
                 text_fp = "|".join(
                     module_fingerprint(m, extra=tokenizer_fingerprint(t))
-                    for m, t in ((base.text_encoder, base.tokenizer), (base.text_encoder_2, base.tokenizer_2))
+                    for m, t in (
+                        (base.text_encoder, base.tokenizer),
+                        (base.text_encoder_2, base.tokenizer_2),
+                        (getattr(base, "text_encoder_3", None), getattr(base, "tokenizer_3", None)),  # SD3's T5
+                    )
                     if m is not None
                 )
                 augmented = self.config.data.random_augmentation  # no latent cache: no VAE key
@@ -156,8 +175,9 @@ class TrainingBatches:
         dist = self.base.vae.encode(pixels.to(self.device, self.base.vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
-    def micro_batch(self, micro_step: int) -> MicroBatch:
-        """This process's slice of global micro-batch `micro_step` (a pure function of seed and micro_step)."""
+    def samples(self, micro_step: int) -> Samples:
+        """This process's samples of global micro-batch `micro_step`: posteriors, conditions, and the step's generator
+        (nothing drawn from it yet)."""
         c = self.config
         epoch, positions = self.plan.batch(micro_step)
         g = step_generator(c.train.seed, micro_step)
@@ -173,7 +193,21 @@ class TrainingBatches:
             cond = torch.stack([k for _, k in loaded])
             mean, std = self.encode_pixels(torch.stack([t for t, _ in loaded]))
             mean = mean.to(self.device)
-        n = len(positions)
+        return Samples(mine, len(positions), lo, hi, g, mean, std, cond)
+
+    def prompt_rows(self, samples: Samples, drop: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The text embeddings of `samples` (cached or encoded now), "" where `drop` (b,) is set (paper Sec. 3.3)."""
+        ids = torch.where(drop, torch.tensor(self.empty_id), self.prompt_ids[torch.tensor(samples.positions)])
+        if self.text is not None:
+            return {k: v[ids].to(self.device) for k, v in self.text.items()}  # context (b, L, D)
+        encoded = self.encode_text([self.unique_prompts[i] for i in ids.tolist()])
+        return {k: v.to(self.device) for k, v in encoded.items()}
+
+    def micro_batch(self, micro_step: int) -> MicroBatch:
+        """This process's slice of global micro-batch `micro_step` (a pure function of seed and micro_step)."""
+        c = self.config
+        got = self.samples(micro_step)
+        mine, n, lo, hi, g, mean, std, cond = got
         shape = (n, *mean.shape[1:])
         # draws for the whole global micro-batch, in a fixed order; this process keeps rows lo:hi
         posterior_eps = torch.randn(shape, generator=g)[lo:hi].to(self.device)
@@ -183,12 +217,7 @@ class TrainingBatches:
         latents = mean if std is None else mean + std * posterior_eps
         # the UNet's latent space exactly as the pipeline decodes it (scaling_factor, latents_mean/std)
         latents = normalize_latents(self.base.vae, latents)
-        ids = torch.where(drop, torch.tensor(self.empty_id), self.prompt_ids[torch.tensor(mine)])
-        if self.text is not None:
-            text = {k: v[ids].to(self.device) for k, v in self.text.items()}  # context (b, L, D)
-        else:
-            encoded = self.encode_text([self.unique_prompts[i] for i in ids.tolist()])
-            text = {k: v.to(self.device) for k, v in encoded.items()}
+        text = self.prompt_rows(got, drop)
         added = None
         if self.base.is_sdxl:
             # micro-conditioning as diffusers' train_controlnet_sdxl.py: the training size as original and target

@@ -26,6 +26,8 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 EXPORT_FORMATS = ("diffusers", "original")
 METRICS = ("auto", "fill_iou", "edge_f1", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# diffusers' SD3/Flux trainers' --weighting_scheme (training_utils: sampling density and loss weighting)
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "uniform", "none")
 # How the base options are spelled on `controlnet train`'s command line, for the loader's error messages.
 BASE_FLAGS = {
     "base": "--model.base",
@@ -145,6 +147,12 @@ class ModelConfig:
     # CPU with NHWC tensors, and with NCHW it was slower than eager NHWC here (0.060 vs 0.054 s per tiny step)
     channels_last: bool = True
     """keep conv weights and activations NHWC (oneDNN on CPU and tensor cores on GPU prefer it; see benchmarks)"""
+    transformer_layers: int = 0
+    """an SD3/Flux base: its joint (SD3) / double-stream (Flux) blocks that a fresh ControlNet copies (0 = the
+    family's default as diffusers' trainers: SD3 12, Flux 4, each at most what the base has; SD3 at most n - 1)"""
+    transformer_single_layers: int = -1
+    """a Flux base: its single-stream blocks that a fresh ControlNet copies (-1 = 10, as diffusers' Flux trainer, at
+    most what the base has; 0 = none)"""
 
     def __post_init__(self) -> None:
         if self.prediction_type:
@@ -165,6 +173,38 @@ class ModelConfig:
         self.hint_channels = tuple(int(c) for c in self.hint_channels)
         if any(c < 1 for c in self.hint_channels):
             raise ValueError(f"model.hint_channels={self.hint_channels}: expected positive widths")
+        _check_positive(self, "transformer_layers", allow_zero=True)
+        if self.transformer_single_layers < -1:
+            raise ValueError(
+                f"model.transformer_single_layers={self.transformer_single_layers}: expected -1 (default), 0 or more"
+            )
+
+
+@dataclass
+class FlowConfig:
+    """The rectified-flow objective of an SD3/Flux base (SD3 paper, Esser et al. 2024, Sec. 2-3; train/flow_matching.py)."""
+
+    weighting_scheme: str = "logit_normal"
+    """timestep sampling and loss weighting as diffusers' SD3/Flux trainers' --weighting_scheme: logit_normal | mode
+    (sampled so, unweighted) | sigma_sqrt | cosmap (sampled uniformly, weighted so) | uniform | none (both plain)"""
+    logit_mean: float = 0.0
+    """logit_normal: mean m of u ~ N(m, s), sigma = sigmoid(u) (SD3 paper Eq. 19; diffusers' default 0)"""
+    logit_std: float = 1.0
+    """logit_normal: standard deviation s (SD3 paper Eq. 19; diffusers' default 1)"""
+    mode_scale: float = 1.29
+    """mode: the scale of mode sampling with heavy tails (SD3 paper Eq. 20; diffusers' default 1.29)"""
+    shift: float = 0.0
+    """timestep shift: sigma' = shift * sigma / (1 + (shift - 1) * sigma) (SD3 paper Sec. 5.3.2); 0 = the base
+    scheduler's own (SD3's 3.0; a base with dynamic shifting, Flux dev, the resolution's exp(mu) as its pipeline)"""
+    guidance: float = 3.5
+    """a guidance-distilled Flux base (dev): the guidance value embedded at training (diffusers' Flux trainer: 3.5)"""
+    max_sequence_length: int = 77
+    """T5 tokens per training prompt (diffusers' SD3/Flux ControlNet trainers: 77)"""
+
+    def __post_init__(self) -> None:
+        _check_choice("flow.weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        _check_positive(self, "logit_std", "max_sequence_length")
+        _check_positive(self, "shift", "guidance", allow_zero=True)
 
 
 @dataclass
@@ -301,6 +341,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -319,6 +360,7 @@ SECTIONS: dict[str, type] = {
     "train": LoopConfig,
     "checkpoint": CheckpointConfig,
     "validation": ValidationConfig,
+    "flow": FlowConfig,
 }
 
 

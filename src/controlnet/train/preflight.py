@@ -47,11 +47,20 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
             check_size(c.data.resolution, c.data.resolution, factor, option="data.resolution")
     source = None if base is not None else check_base(c.model.base, **base_options(c.model))
     arch = source.arch if source is not None else getattr(base, "arch", "unet")
-    if arch != "unet":  # generation runs on SD3/Flux bases; their trainer (issue 29, item 5) is not built yet
-        raise ValueError(
-            f"model.base={c.model.base}: a {arch.upper()} transformer base; training ControlNets for transformer "
-            "bases is not available yet (expected a UNet base: SD1.x, SD2.x, SDXL or builtin)"
-        )
+    if (
+        arch != "unet"
+    ):  # SD3/Flux: what their trainer cannot do, from config files and headers (transformer_step.py)
+        from controlnet.train.transformer_step import check_transformer_run, size_multiple_on_disk
+
+        path = source.path if source is not None else None
+        if path is not None and not c.data.bucketing:
+            multiple = size_multiple_on_disk(path, arch, vae_factor_on_disk(path))
+            if multiple and c.data.resolution % multiple:
+                raise ValueError(
+                    f"data.resolution={c.data.resolution}: expected a multiple of {multiple} on this "
+                    f"{arch.upper()} base (VAE factor x {'2x2 packing' if arch == 'flux' else 'patch size'})"
+                )
+        check_transformer_run(c, path, arch)
     if c.model.controlnet:
         path = controlnet_path(c.model.controlnet)
         if source is not None:  # the ControlNet's family against the base's, from the headers

@@ -2,6 +2,9 @@
 
     L = E_{z_0, t, c_t, c_f, eps} || eps - eps_theta(z_t, t, c_t, c_f) ||^2                       (paper Eq. 5)
 
+On an SD3/Flux transformer base the objective is the base's rectified flow instead (velocity of x_s = (1 - s) x_0 +
+s eps; train/flow_matching.py), its data, model and loss in train/transformer_step.py; every other step is shared.
+
 1. set up: accelerate (DDP, mixed precision), run folder, resolved config
 2. base model (locked), data (scanned, held-out split, buckets), caches of latents and text embeddings
 3. ControlNet (fresh copy of the UNet encoder, or an existing one), optimizer, LR schedule, EMA
@@ -55,6 +58,13 @@ from controlnet.train.loop import (
 )
 from controlnet.train.model import decoder_parameters, decoder_state
 from controlnet.train.preflight import DECODER_FILE, FINAL_DIR, check_run, export_path, finished_state
+from controlnet.train.transformer_step import (
+    ControlledTransformer,
+    TransformerBatches,
+    build_transformer_controlnet,
+    export_layout,
+    micro_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +183,16 @@ class Trainer:
         for module in (base.unet, base.vae, *base.text_modules()):
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        kind = base.unet.config.get("addition_embed_type")
+        self.flow = getattr(base, "arch", "unet") != "unet"  # a transformer base: the rectified-flow objective
+        kind = None if self.flow else base.unet.config.get("addition_embed_type")
         if kind not in (None, "text_time"):
             raise ValueError(
                 f"model.base: UNet addition_embed_type={kind!r}; training supports SD1.x/2.x and SDXL"
             )
         cache_dir = Path(c.data.cache_dir) if c.data.cache_dir else self.run_dir / "cache"
         # data: every file scanned before training; the last samples are held out for validation
-        self.data = TrainingBatches(c, base, self.acc, cache_dir, self.weight_dtype)
+        batches = TransformerBatches if self.flow else TrainingBatches
+        self.data = batches(c, base, self.acc, cache_dir, self.weight_dtype)
         # the run folder's config.json once the data has passed its checks too (a run that fails on an option
         # leaves no run folder behind)
         if self.acc.is_main_process:
@@ -205,6 +217,8 @@ class Trainer:
             release_file_pages(t for t in before if t.data_ptr() not in held)
 
     def _build_model(self) -> None:
+        if self.flow:
+            return self._build_transformer_model()
         c, base = self.config, self.base
         from controlnet.model.controlnet import ControlNet
         from controlnet.model.lite import ControlNetLite
@@ -262,6 +276,29 @@ class Trainer:
         )
         model = ControlledUNet(net, base.unet, c.model.only_mid_control)
         # the LR scheduler is stepped by hand: accelerate's wrapper would step it once per process
+        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        self.ema = [p.detach().clone().float() for p in self.trainable] if c.optim.ema_decay else None
+
+    def _build_transformer_model(self) -> None:
+        """Step 3 on a transformer base: the copy of its first blocks (or model.controlnet), the rest locked in the
+        compute dtype; the same optimizer, schedule and EMA as the UNet's."""
+        c, base = self.config, self.base
+        torch.manual_seed(c.train.seed)  # parts of a fresh net that are neither copied nor zero (none today)
+        net = build_transformer_controlnet(c, base).float().to(self.device).requires_grad_(True).train()
+        self.controlnet = net
+        self.data.use_net(net)
+        for module in base.modules():
+            if module is not None:
+                module.to(self.weight_dtype)
+        if c.model.gradient_checkpointing:
+            net.enable_gradient_checkpointing()
+            base.transformer.enable_gradient_checkpointing()
+        self.trainable = list(net.parameters())
+        self.optimizer = build_optimizer(c.optim, [{"params": self.trainable, "lr": c.optim.lr}])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(c.optim.lr_schedule, c.optim.warmup_steps, c.train.max_steps)
+        )
+        model = ControlledTransformer(net, base.transformer, base.arch, c.flow.guidance)
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.ema = [p.detach().clone().float() for p in self.trainable] if c.optim.ema_decay else None
 
@@ -327,15 +364,12 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for k in range(accum):
             batch = self.data.micro_batch(step * accum + k)
-            noisy, cond = batch.noisy, batch.cond
-            if c.model.channels_last:
-                noisy = noisy.contiguous(memory_format=torch.channels_last)
-                cond = cond.contiguous(memory_format=torch.channels_last)
             sync = k == accum - 1
             with self.acc.no_sync(self.model) if not sync else contextlib.nullcontext(), self.acc.autocast():
-                added = batch.added_cond and {k: v.to(self.weight_dtype) for k, v in batch.added_cond.items()}
-                pred = self.model(noisy, batch.timesteps, batch.context.to(self.weight_dtype), cond, added)
-                loss = F.mse_loss(pred.float(), batch.target.float(), reduction="mean")  # paper Eq. 5
+                if self.flow:  # x_s, s, text, condition -> w(s) || v - (eps - x_0) ||^2 (transformer_step.py)
+                    loss = micro_loss(self.model, batch, self.weight_dtype, c.flow.weighting_scheme)
+                else:
+                    loss = self._unet_loss(batch)
                 self.acc.backward(loss / accum)
             total += loss.detach() / accum
         mean_loss = self.acc.reduce(total, reduction="mean")
@@ -355,6 +389,16 @@ class Trainer:
                         e.lerp_(p.detach().float(), 1 - c.optim.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(float(mean_loss), not finite)
+
+    def _unet_loss(self, batch) -> torch.Tensor:
+        """|| eps - eps_theta(z_t, t, c_t, c_f) ||^2 of one micro-batch (paper Eq. 5)."""
+        noisy, cond = batch.noisy, batch.cond
+        if self.config.model.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+            cond = cond.contiguous(memory_format=torch.channels_last)
+        added = batch.added_cond and {k: v.to(self.weight_dtype) for k, v in batch.added_cond.items()}
+        pred = self.model(noisy, batch.timesteps, batch.context.to(self.weight_dtype), cond, added)
+        return F.mse_loss(pred.float(), batch.target.float(), reduction="mean")  # paper Eq. 5
 
     # ------------------------------------------------------------------------------------------------------
     # validation
@@ -589,6 +633,12 @@ class Trainer:
             for p, e in zip(self.trainable, self.ema, strict=True):
                 p.data.copy_(e)
         net = self.controlnet
+        if self.flow:  # a diffusers folder, and the publisher's one file (transformer_step.export_layout)
+            from controlnet.io.transformer_layouts import save_transformer_controlnet
+
+            for fmt in self.config.checkpoint.export_formats:
+                save_transformer_controlnet(net, export_path(final, fmt), export_layout(net, fmt))
+            return final
         if self.config.model.architecture == "lite":  # no diffusers or original format exists for it
             from controlnet.io.lite import save_lite
 
