@@ -60,11 +60,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Make a new ControlNet whose encoder copy holds the base UNet's weights and whose zero "
         "convolutions start at zero (what the reference tool_add_control.py does).",
     )
-    p.add_argument("base", type=Path, help="base model: diffusers folder or original SD checkpoint file")
-    p.add_argument("dst", type=Path, help="output: folder (diffusers) or .safetensors file (original)")
-    p.add_argument("--to", default="diffusers", choices=["original", "diffusers"], help="output format")
+    p.add_argument(
+        "base",
+        type=Path,
+        help="base model: diffusers folder (UNet, SD3/SD3.5 or Flux) or original SD checkpoint file",
+    )
+    p.add_argument("dst", type=Path, help="output: folder (diffusers) or .safetensors file (the other layouts)")
+    p.add_argument(
+        "--to",
+        default="diffusers",
+        choices=["original", "diffusers", *TRANSFORMER_FILE_LAYOUTS],
+        help="output format (original: UNet ControlNets; diffusers-file, xlabs, stability: SD3/Flux ones)",
+    )
     add_ema_argument(p, RAW_BY_DEFAULT)
-    p.add_argument("--cond-channels", type=int, default=3, help="channels of the condition image")
+    p.add_argument("--cond-channels", type=int, default=3, help="channels of the condition image (UNet bases)")
+    dit = p.add_argument_group("SD3/SD3.5 and Flux bases (diffusers' from_transformer options)")
+    dit.add_argument(
+        "--num-layers",
+        type=int,
+        help="blocks copied: SD3 joint blocks (default 12, at most the base's minus one), Flux double blocks "
+        "(default 4)",
+    )
+    dit.add_argument("--num-single-layers", type=int, help="Flux: single blocks copied too (default 0)")
+    dit.add_argument(
+        "--extra-conditioning-channels", type=int, help="SD3: channels beside the condition latents (1: a mask)"
+    )
+    dit.add_argument(
+        "--pixel-hint",
+        action="store_true",
+        help="Flux: XLabs' layout, the condition entering as pixels through a hint encoder",
+    )
+    dit.add_argument("--num-mode", type=int, help="Flux: a union net's number of condition types")
     p.add_argument(
         "--seed",
         type=int,
@@ -275,13 +301,37 @@ def _convert_transformer(args, fmt: str) -> int:
 CONTROL_OUTPUT_PREFIXES = ("controlnet_blocks.", "controlnet_single_blocks.")
 
 
+# init's options for transformer bases (the keyword arguments of `from_transformer`)
+TRANSFORMER_INIT_OPTIONS = (
+    "num_layers",
+    "num_single_layers",
+    "extra_conditioning_channels",
+    "pixel_hint",
+    "num_mode",
+)
+
+
 def run_init(args) -> int:
     _check_arguments(args, {"base model": args.base})
     import torch
 
     from controlnet.io.transfer import init_controlnet_file
+    from controlnet.io.transformer_init import transformer_base_folder
 
     torch.manual_seed(args.seed)
+    found = transformer_base_folder(args.base)  # config files only
+    given = [k for k in TRANSFORMER_INIT_OPTIONS if getattr(args, k) not in (None, False)]
+    if found is not None:
+        return _init_transformer(args, found[0])
+    if given:
+        raise ValueError(
+            f"--{given[0].replace('_', '-')}: an option of SD3/SD3.5 and Flux bases; {args.base} is not one "
+            "(a UNet base's ControlNet copies its whole encoder)"
+        )
+    if args.to in TRANSFORMER_FILE_LAYOUTS:
+        raise ValueError(
+            f"--to {args.to} is a layout of SD3/SD3.5 and Flux ControlNets; {args.base} is a UNet base"
+        )
     with _phases("init", 3) as phase:
         net = init_controlnet_file(
             args.base,
@@ -296,6 +346,39 @@ def run_init(args) -> int:
         )
     print(
         f"wrote a new {args.to} ControlNet ({sum(p.numel() for p in net.parameters()):,} parameters) to {args.dst}"
+    )
+    return 0
+
+
+def _init_transformer(args, family: str) -> int:
+    """`init` from an SD3/SD3.5 or Flux base folder: the UNet-only options refused first, in one line each."""
+    from controlnet.io.transformer_init import init_transformer_controlnet_file
+
+    if args.to == "original":
+        raise ValueError(
+            f"--to original is the UNet ControlNets' format; {args.base} is a {family} base: use --to diffusers, "
+            f"{', '.join(TRANSFORMER_FILE_LAYOUTS)}"
+        )
+    if args.ema is not None:
+        raise ValueError(f"--ema/--no-ema: {args.base} is a {family} base folder, which holds no EMA weights")
+    if args.cond_channels != 3:
+        raise ValueError(
+            f"--cond-channels: {family} ControlNets take the condition as VAE latents (see "
+            "--extra-conditioning-channels for SD3's mask channel)"
+        )
+    with _phases("init", 3) as phase:
+        net = init_transformer_controlnet_file(
+            args.base,
+            args.dst,
+            args.to,
+            _dtype(args.dtype, None),  # keep: the base transformer's own dtype
+            phase,
+            **{k: getattr(args, k) for k in TRANSFORMER_INIT_OPTIONS},
+        )
+    outputs = len(net.controlnet_blocks) + len(getattr(net, "controlnet_single_blocks", None) or ())
+    print(
+        f"wrote a new {args.to} {family} ControlNet ({sum(p.numel() for p in net.parameters()):,} parameters, "
+        f"{outputs} control outputs) to {args.dst}"
     )
     return 0
 
