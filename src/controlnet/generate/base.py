@@ -6,8 +6,10 @@ same tokenizer checks, the same latent space and the same sampling defaults. Fou
 - a diffusers model folder (`model_index.json` names each component's class);
 - an exported folder (`controlnet world export-base`): the built-in folder format, generate/builtin_format.py;
 - one SD1.x/SD2.x/SDXL checkpoint file (read by `controlnet.io.single_file`; it holds no tokenizer).
-A diffusers folder may hold a transformer base (SD3 / SD3.5, Flux: model_index.json names its pipeline); what such a
-base adds (its components, family, dtype, sampling defaults) is generate/transformer_base.py's, dispatched from here.
+A diffusers folder may hold a transformer base (SD3 / SD3.5, Flux: model_index.json names its pipeline), and so may a
+single file (Stability's SD3 checkpoints, BFL's Flux transformer files: told from the header, with the parts a file
+lacks given as `vae`, `clip_l`, `clip_g`, `t5`); what such a base adds (its components, family, dtype, sampling
+defaults) is generate/transformer_base.py's, dispatched from here.
 
 Arguments and files are checked first (`check_base`: cheap, no weights read), then the weights are loaded.
 Nothing is downloaded (docs/architecture.md#nothing-downloaded-nothing-unpickled): every `from_pretrained` call
@@ -37,16 +39,21 @@ from controlnet.generate.builtin_format import (
     folder_classes,
 )
 from controlnet.generate.transformer_base import (
+    PART_OPTIONS,
+    FileBasePlan,
     TransformerBase,
+    check_transformer_file,
     check_transformer_folder,
+    load_transformer_file,
     load_transformer_folder,
-    refuse_transformer_file,
     transformer_arch,
     transformer_family,
     transformer_file_arch,
     transformer_sampling,
+    transformer_sampling_of_file,
 )
 from controlnet.io.tokenizers import load_tokenizer
+from controlnet.io.transformer_files import refuse_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,7 @@ KEYWORDS = {
     "base_config": "configs",
     "ema": "ema=True",
     "no_ema": "ema=False",
+    **{name: name for name in PART_OPTIONS},  # an SD3 / Flux file's parts: vae, clip_l, clip_g, t5
 }
 
 
@@ -188,6 +196,9 @@ def base_kind(spec: str | os.PathLike, flag: str = KEYWORDS["base"]) -> tuple[st
 def sampling_defaults(spec: str | os.PathLike) -> SamplingDefaults:
     """The base's sampling defaults, read without loading it (diffusers folders and files: the generic ones)."""
     kind, path = base_kind(spec)
+    if kind == "file" and transformer_file_arch(path) is not None:
+        arch = transformer_file_arch(path)
+        return transformer_sampling_of_file(path, arch)
     arch = _folder_arch(kind, path)
     if arch is not None:
         return transformer_sampling(path, arch)
@@ -210,6 +221,7 @@ class BaseSource:
     tokenizer_2: str | None = None
     components: list[str] = field(default_factory=list)  # what loading will go through, for progress
     arch: str = "unet"  # "unet" | "sd3" | "flux": the base network (io.formats.Family.arch)
+    plan: FileBasePlan | None = None  # an SD3 / Flux single file: where each component comes from
 
 
 def check_base(
@@ -220,24 +232,39 @@ def check_base(
     configs: dict | str | os.PathLike | None = None,
     family: str | None = None,
     flags: dict | None = None,
+    vae: str | os.PathLike | None = None,
+    clip_l: str | os.PathLike | None = None,
+    clip_g: str | os.PathLike | None = None,
+    t5: str | os.PathLike | None = None,
 ) -> BaseSource:
     """Check the base spec and its options (files, tokenizers, checkpoint headers), reading no weights.
 
     Cheap (well under a second plus the tokenizer's own load) so that commands refuse bad arguments before
-    spending minutes and gigabytes on a load. `flags` names the options in messages (see KEYWORDS).
+    spending minutes and gigabytes on a load. `flags` names the options in messages (see KEYWORDS). vae / clip_l /
+    clip_g / t5: the parts of an SD3 / Flux single file it does not hold (generate/options.py `BaseParts`).
     """
     flags = {**KEYWORDS, **(flags or {})}
+    parts = {"vae": vae, "clip_l": clip_l, "clip_g": clip_g, "t5": t5}
     if prediction_type not in (None, "", "epsilon", "v_prediction"):
         raise ValueError(f"prediction_type={prediction_type!r}: expected epsilon or v_prediction")
     kind, path = base_kind(spec, flags["base"])
     tokenizer = str(tokenizer) if tokenizer else None
     tokenizer_2 = str(tokenizer_2) if tokenizer_2 else None
+    if kind == "file":
+        refuse_gguf(path, flags["base"])  # a quantised file, by its first 4 bytes
     arch = transformer_file_arch(path) if kind == "file" else _folder_arch(kind, path)
+    if arch is not None and prediction_type:
+        raise ValueError(f"prediction_type={prediction_type!r}: {path} is a flow-matching base; it has none")
+    if arch is not None and kind == "file":
+        plan = check_transformer_file(path, arch, parts, tokenizer, tokenizer_2, configs, flags)
+        return BaseSource(kind, path, str(path), tokenizer, tokenizer_2, plan.components, arch, plan)
+    given = [name for name, value in parts.items() if value]
+    if given:
+        raise ValueError(
+            f"{flags[given[0]]}: only for an SD3/Flux checkpoint file, which lacks that part; {path} is "
+            f"{'a model folder' if kind != 'file' else 'an SD1.x/SD2.x/SDXL checkpoint'}"
+        )
     if arch is not None:
-        if kind == "file":
-            refuse_transformer_file(path, arch, flags["base"])
-        if prediction_type:
-            raise ValueError(f"prediction_type={prediction_type!r}: {path} is a flow-matching base; it has none")
         if configs:
             raise ValueError(f"{flags['base_config']}: only for a checkpoint file; {path} is a model folder")
         for folder, key in ((tokenizer, "tokenizer"), (tokenizer_2, "tokenizer_2")):
@@ -286,6 +313,8 @@ def check_controlnet_families(
 def base_family(source: BaseSource, configs=None, flags: dict | None = None):
     """The base UNet's `io.formats.Family` from its files alone (a checkpoint file's header, a folder's
     unet/config.json); None when they do not tell."""
+    if source.plan is not None:
+        return source.plan.family
     if source.arch != "unet":
         return transformer_family(source.path, source.arch)
     if source.kind == "file":
@@ -338,6 +367,7 @@ def load_base(
     dtype: torch.dtype | None = None,
     progress: Progress | None = None,
     flags: dict | None = None,
+    **parts,
 ) -> BaseComponents | TransformerBase:
     """The base named by `spec`, offline, every module in eval mode with no gradients, on `device` in `dtype`.
 
@@ -348,13 +378,14 @@ def load_base(
     they replace its own). prediction_type: epsilon or v_prediction (default: the base's; for a checkpoint file
     epsilon). ema: a checkpoint file holding EMA weights (`model_ema.*`) loads them when True or None, the
     non-EMA ones when False. configs / family: a checkpoint file of a non-standard architecture (see
-    io/single_file.py). `progress(name, k, n)` is called as each component starts loading.
+    io/single_file.py). `progress(name, k, n)` is called as each component starts loading. parts: vae=, clip_l=,
+    clip_g=, t5= for an SD3 / Flux single file (see `check_base`).
     """
     flags = {**KEYWORDS, **(flags or {})}
     source = (
         spec
         if isinstance(spec, BaseSource)
-        else check_base(spec, tokenizer, tokenizer_2, prediction_type, configs, family, flags)
+        else check_base(spec, tokenizer, tokenizer_2, prediction_type, configs, family, flags, **parts)
     )
     total = len(source.components)
 
@@ -363,6 +394,12 @@ def load_base(
         if progress is not None:
             progress(name, source.components.index(name) if name in source.components else 0, total)
 
+    if source.plan is not None:
+        with quiet_libraries():
+            base = load_transformer_file(source.plan, source.name, dtype, device, step)
+        if progress is not None:
+            progress("done", total, total)
+        return base
     if source.arch != "unet":
         with quiet_libraries():
             base = load_transformer_folder(

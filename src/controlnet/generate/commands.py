@@ -108,7 +108,9 @@ BASE_FLAGS = {
     "tokenizer_2": "--tokenizer-2",
     "base_config": "--base-config",
     **EMA_FLAGS,
+    **{name: "--" + name.replace("_", "-") for name in ("vae", "clip_l", "clip_g", "t5")},  # options.BaseParts
 }
+PART = "part."  # argparse dests of BaseParts' fields
 
 
 def add_base_arguments(group, dtype: bool = True, auto_dtype: bool = False) -> None:
@@ -117,8 +119,9 @@ def add_base_arguments(group, dtype: bool = True, auto_dtype: bool = False) -> N
     group.add_argument(
         "--base",
         default="builtin",
-        help="'builtin' (default), a diffusers model folder, a folder written by `controlnet world export-base`, or "
-        "one SD1.x/SD2.x/SDXL checkpoint file (.safetensors/.ckpt; needs --tokenizer)",
+        help="'builtin' (default), a diffusers model folder, a folder written by `controlnet world export-base`, "
+        "one SD1.x/SD2.x/SDXL checkpoint file (.safetensors/.ckpt; needs --tokenizer), or one SD3/SD3.5 checkpoint "
+        "or Flux transformer file (with --vae, --clip-l, --clip-g, --t5 for the parts it lacks)",
     )
     group.add_argument(
         "--tokenizer",
@@ -144,6 +147,11 @@ def add_base_arguments(group, dtype: bool = True, auto_dtype: bool = False) -> N
         'diffusers configs of "unet", "vae", "text_encoder"',
     )
     add_ema_argument(group, "default: the EMA one, usually better for sampling; recorded in the outputs' settings")
+    # an SD3 / Flux checkpoint file's other parts, named once in generate/options.py (BaseParts)
+    from controlnet.generate.options import BaseParts
+    from controlnet.settings_cli import add_arguments
+
+    add_arguments(group, BaseParts, dest_prefix=PART)
     if dtype:
         if auto_dtype:
             group.add_argument(
@@ -160,12 +168,16 @@ def add_base_arguments(group, dtype: bool = True, auto_dtype: bool = False) -> N
 
 def base_options(args) -> dict:
     """`generate.base.check_base`/`load_base` keywords from arguments added by `add_base_arguments`."""
+    from controlnet.generate.options import BaseParts
+    from controlnet.settings_cli import given_values
+
     return {
         "tokenizer": args.tokenizer,
         "tokenizer_2": args.tokenizer_2,
         "prediction_type": args.prediction_type,
         "configs": args.base_config,
         "flags": BASE_FLAGS,
+        **given_values(args, BaseParts, PART),
     }
 
 

@@ -29,6 +29,25 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 
 
 @dataclass
+class BaseParts:
+    """The parts of an SD3 / Flux base that its checkpoint file lacks (the base loader's `vae`, `clip_l`, `clip_g`,
+    `t5`; generate/transformer_base.py checks them before any weight is read)."""
+
+    vae: str | None = setting(None, metavar="PATH", api=False, ui=False)
+    """An SD3/Flux checkpoint file's VAE: a file (Flux's ae.safetensors) or a diffusers vae/ folder; needed when the
+    file holds none (Flux), else it replaces the file's own."""
+    clip_l: str | None = setting(None, metavar="DIR", api=False, ui=False)
+    """An SD3/Flux checkpoint file's CLIP-L text encoder folder (config.json + weights, its tokenizer there or in
+    the sibling tokenizer folder: text_encoder/ of a diffusers SD3/Flux model); needed when the file holds none."""
+    clip_g: str | None = setting(None, metavar="DIR", api=False, ui=False)
+    """An SD3 checkpoint file's CLIP-G text encoder folder (text_encoder_2/ of a diffusers SD3 model); needed when
+    the file holds none."""
+    t5: str | None = setting(None, metavar="DIR", api=False, ui=False)
+    """T5-XXL text encoder folder (text_encoder_3/ of SD3, text_encoder_2/ of Flux), or its tokenizer folder alone
+    when the file holds T5's weights; needed for Flux; for SD3 optional (without it long prompts follow less well)."""
+
+
+@dataclass
 class ControlUnit:
     """One ControlNet of a generation and its condition image."""
 

@@ -5,6 +5,13 @@ diffusers' own pipeline tests download `hf-internal-testing` tokenizers; these a
 word-level T5 tokenizer from `tokenizers`. Transformers are `tiny_transformers.py`'s (diffusers' test configs with 4
 blocks); the VAE is one block (factor 1), so a 32 px image is a 32x32 latent. A 2-step 32 px generation takes well
 under a second on a CPU.
+
+The same weights as the single files users have (io/transformer_files.py reads them): `write_sd3_file` writes a tiny
+folder's base as one Stability checkpoint (`model.diffusion_model.*`, optionally the VAE as `first_stage_model.*` and
+the text encoders as `text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`); `write_flux_files` writes BFL's transformer
+file (`double_blocks.N`, `single_blocks.N`) and `ae.safetensors`. Both write the base config JSON a tiny architecture
+needs (`--base-config`): what no weight says (the VAE's groups, CLIP's heads, Flux's rotary axes) differs from the
+real models' values.
 """
 
 from __future__ import annotations
@@ -136,6 +143,98 @@ def write_flux_base(folder: Path, seed: int = 0, dtype: torch.dtype | None = Non
     from diffusers import FluxPipeline
 
     return _save(FluxPipeline(**make_flux_components(Path(folder).parent / "_parts", seed)), folder, dtype)
+
+
+def _component(folder: Path, name: str, dtype: torch.dtype | None = None):
+    """One module of a diffusers folder written above (its class from model_index.json)."""
+    import importlib
+    import json
+
+    library, class_name = json.loads((Path(folder) / "model_index.json").read_text())[name]
+    cls = getattr(importlib.import_module(library), class_name)
+    return cls.from_pretrained(str(Path(folder) / name), local_files_only=True).eval()
+
+
+def _save_file(tensors: dict, path: Path, dtype: torch.dtype | None) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cast = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+        for k, v in tensors.items()
+    }
+    save_file(cast, str(path))
+    return path
+
+
+def _vae_overrides(vae) -> dict:
+    return {k: vae.config[k] for k in ("norm_num_groups", "scaling_factor", "shift_factor", "sample_size")}
+
+
+def _clip_overrides(encoder) -> dict:
+    return {k: getattr(encoder.config, k) for k in ("num_attention_heads", "hidden_act")}
+
+
+def write_sd3_file(
+    folder: Path,
+    path: Path,
+    encoders: bool = True,
+    vae: bool = True,
+    prefix: str = "model.diffusion_model.",
+    dtype: torch.dtype | None = None,
+) -> tuple[Path, Path]:
+    """The tiny SD3 base of diffusers folder `folder` as one Stability checkpoint file at `path` (the MMDiT, and the
+    VAE and text encoders unless told not to; T5 when the folder has one); returns (file, base config JSON)."""
+    import json
+
+    from controlnet.io.transformer_files import SD3_ENCODER_PREFIXES, VAE_PREFIX, to_publisher, vae_to_ldm
+
+    folder, path = Path(folder), Path(path)
+    transformer = _component(folder, "transformer")
+    tensors = {prefix + k: v for k, v in to_publisher(transformer.state_dict(), "sd3").items()}
+    overrides: dict = {"transformer": {"sample_size": transformer.config.sample_size}}
+    if vae:
+        module = _component(folder, "vae")
+        tensors.update(vae_to_ldm(module.state_dict(), VAE_PREFIX))
+        overrides["vae"] = _vae_overrides(module)
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, file_prefix in SD3_ENCODER_PREFIXES.items() if encoders else ():
+        if index.get(name, [None])[0] is None:
+            continue
+        module = _component(folder, name)
+        own = module.state_dict()
+        tensors.update({file_prefix + k: v for k, v in own.items() if k != "encoder.embed_tokens.weight"})
+        if name != "text_encoder_3":
+            overrides[name] = _clip_overrides(module)
+    _save_file(tensors, path, dtype)
+    config = path.with_suffix(".json")
+    config.write_text(json.dumps(overrides, indent=2))
+    return path, config
+
+
+def write_flux_files(
+    folder: Path, out: Path, prefix: str = "", dtype: torch.dtype | None = None
+) -> tuple[Path, Path, Path]:
+    """The tiny Flux base of diffusers folder `folder` as BFL's files in `out`: the transformer
+    (flux1-tiny.safetensors, under `prefix`) and ae.safetensors; returns (transformer file, VAE file, base config
+    JSON). The text encoders stay folders: `folder`/text_encoder (CLIP-L) and text_encoder_2 (T5)."""
+    import json
+
+    from controlnet.io.transformer_files import to_publisher, vae_to_ldm
+
+    folder, out = Path(folder), Path(out)
+    transformer = _component(folder, "transformer")
+    tensors = {prefix + k: v for k, v in to_publisher(transformer.state_dict(), "flux").items()}
+    file = _save_file(tensors, out / "flux1-tiny.safetensors", dtype)
+    vae = _component(folder, "vae")
+    ae = _save_file(vae_to_ldm(vae.state_dict()), out / "ae.safetensors", dtype)
+    config = out / "flux1-tiny.json"
+    overrides = {
+        "transformer": {"axes_dims_rope": list(transformer.config.axes_dims_rope)},
+        "vae": _vae_overrides(vae),
+    }
+    config.write_text(json.dumps(overrides, indent=2))
+    return file, ae, config
 
 
 def _save(pipe, folder: Path, dtype: torch.dtype | None) -> Path:
