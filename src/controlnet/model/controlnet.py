@@ -250,13 +250,19 @@ class ControlNet(ControlBase):
 
     # ----------------------------------------------------------------------------------------------------
     # forward
-    def _time_embedding(self, sample, timestep, encoder_hidden_states, added_cond_kwargs) -> torch.Tensor:
+    def _time_embedding(
+        self, sample, timestep, encoder_hidden_states, added_cond_kwargs, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """emb_t (+ `extra`, a union net's type embedding) (+ SDXL's pooled-text and size embedding), in the order
+        diffusers adds them (float sums are not associative: the same order gives the same bits)."""
         timesteps = torch.as_tensor(timestep, device=sample.device)
         if timesteps.ndim == 0:
             timesteps = timesteps[None]
         timesteps = timesteps.expand(sample.shape[0])
         t_emb = self.time_proj(timesteps).to(dtype=sample.dtype)  # (B, C_0)
         emb = self.time_embedding(t_emb)  # (B, 4 * C_0)
+        if extra is not None:
+            emb = emb + extra
         if self.class_embedding is not None:
             raise ValueError("class-conditioned UNets (class_embed_type) are not supported by ControlNet")
         if getattr(self, "add_embedding", None) is not None:  # SDXL: pooled text + size/crop ids
