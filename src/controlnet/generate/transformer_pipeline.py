@@ -37,33 +37,66 @@ from controlnet.generate.transformer_base import ARCH_NAMES, TransformerBase
 
 logger = logging.getLogger(__name__)
 
-# What each setting must be on this path (its default: no effect), with why, for `unsupported`.
+# What each setting must be on this path (its default: no effect), with why, for `refusals`.
 NOT_YET = "not supported on a transformer base yet"
+# The samplers a transformer base runs: its own flow-matching Euler (None = the base's; "euler" names the same
+# method, Euler steps on the flow ODE, as the web UI's "Euler" does for these models in Forge/ComfyUI).
+OWN_SAMPLERS = (None, "euler")
 
 
-def unsupported(opt: GenerationOptions, arch: str, n_nets: int) -> list[str]:
-    """One message per setting of `opt` (as given, before the base's defaults) this path cannot honour."""
+def refusals(
+    opt: GenerationOptions, arch: str, n_nets: int, guidance_embeds: bool = True
+) -> list[tuple[str, str]]:
+    """(field, message) for each setting of `opt` (as given, before the base's defaults; the units' settings in its
+    per-net lists) this path cannot honour. `field` is the job's name for it (GenerationJob / GenerationOptions /
+    units[k].*), so a server answers 422 naming it before queueing (serve/service.py `Service.check`);
+    `guidance_embeds`: the Flux transformer's config (False for schnell)."""
     problems = []
     if opt.image is not None or opt.mask is not None:
-        problems.append(f"image/mask (img2img, inpainting): {NOT_YET}")
-    if opt.scheduler is not None:
+        problems.append(("image", f"image/mask (img2img, inpainting): {NOT_YET}"))
+    if opt.scheduler not in OWN_SAMPLERS:
         problems.append(
-            f"scheduler={opt.scheduler!r}: a transformer base samples with its flow-matching Euler only"
+            (
+                "scheduler",
+                f"scheduler={opt.scheduler!r}: a transformer base samples with its flow-matching Euler only",
+            )
         )
     if opt.eta:
-        problems.append(f"eta={opt.eta}: DDIM's; the flow-matching sampler takes none")
+        problems.append(("eta", f"eta={opt.eta}: DDIM's; the flow-matching sampler takes none"))
     if opt.clip_skip:
-        problems.append(f"clip_skip={opt.clip_skip}: {NOT_YET}")
+        problems.append(("clip_skip", f"clip_skip={opt.clip_skip}: {NOT_YET}"))
     if opt.output_type == "latent":
-        problems.append(f"output_type='latent': {NOT_YET}")
+        problems.append(("output_type", f"output_type='latent': {NOT_YET}"))
     for k, o in enumerate(opt.per_net(n_nets)):
         if o.mode.name != "balanced":
-            problems.append(f"control_mode[{k}]={o.mode.name!r}: only balanced on a transformer base ({NOT_YET})")
+            problems.append(
+                (
+                    f"units[{k}].mode",
+                    f"control_mode[{k}]={o.mode.name!r}: only balanced on a transformer base ({NOT_YET})",
+                )
+            )
         if o.block_scales is not None:
-            problems.append(f"block_scales[{k}]: {NOT_YET}")
+            problems.append((f"units[{k}].block_scales", f"block_scales[{k}]: {NOT_YET}"))
     if arch == "flux" and opt.negative_prompt:
-        problems.append("negative_prompt: Flux uses embedded guidance; true CFG with a negative prompt " + NOT_YET)
+        problems.append(
+            (
+                "negative_prompt",
+                "negative_prompt: Flux uses embedded guidance; true CFG with a negative prompt " + NOT_YET,
+            )
+        )
+    if arch == "flux" and opt.guidance_scale and not guidance_embeds:
+        problems.append(
+            (
+                "guidance_scale",
+                f"guidance_scale={opt.guidance_scale}: this Flux base has no guidance embedding (schnell)",
+            )
+        )
     return problems
+
+
+def unsupported(opt: GenerationOptions, arch: str, n_nets: int, guidance_embeds: bool = True) -> list[str]:
+    """One message per setting of `opt` this path cannot honour (`refusals` without the fields)."""
+    return [message for _, message in refusals(opt, arch, n_nets, guidance_embeds)]
 
 
 class TransformerControlNetPipeline:
@@ -235,11 +268,8 @@ class TransformerControlNetPipeline:
             raise ValueError(
                 f"controlnets: none given; a ControlNet generation on a transformer base needs one ({NOT_YET})"
             )
-        problems = unsupported(given, self.base.arch, len(self.controlnets))
-        if self.base.arch == "flux" and given.guidance_scale and not self.base.transformer.config.guidance_embeds:
-            problems.append(
-                f"guidance_scale={given.guidance_scale}: this Flux base has no guidance embedding (schnell)"
-            )
+        embeds = bool(self.base.transformer.config.get("guidance_embeds", True))
+        problems = unsupported(given, self.base.arch, len(self.controlnets), embeds)
         if problems:
             raise ValueError("; ".join(problems))
         opt = given.with_defaults(self.sampling)

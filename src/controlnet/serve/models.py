@@ -6,10 +6,13 @@ whose target lies outside every models folder are not listed.
 
 What a file holds is recognised by the same logic as `controlnet inspect` (io/formats.py `detect_format` on key
 names; for .safetensors only the header is read, so a scan of many GB costs milliseconds per file):
-- bases: diffusers model folders (model_index.json), exported folders (base_config.json), and original SD
+- bases: diffusers model folders (model_index.json; a UNet base, or an SD3/SD3.5 or Flux transformer base, told
+  apart by generate/transformer_base.py `transformer_arch`), exported folders (base_config.json), and original SD
   checkpoint files (`model.diffusion_model.*` keys);
-- ControlNets: diffusers ControlNet folders (config.json + diffusion_pytorch_model.safetensors) and original
-  or diffusers ControlNet files (.safetensors, .pth, .ckpt; pickles through the safe loader only).
+- ControlNets: diffusers ControlNet folders (config.json + diffusion_pytorch_model.safetensors: UNet, SD3 or Flux
+  ControlNets) and ControlNet files in any layout `detect_format` reads (.safetensors, .pth, .ckpt; pickles through
+  the safe loader only): original or diffusers UNet ControlNets; SD3/Flux ControlNets in diffusers names
+  (InstantX, Shakker), XLabs' or Stability's layout. A transformer ControlNet's family is "sd3" or "flux".
 
 Hashes are the web UI's: `sha256` over the whole file (computed in the background and cached on disk by file
 version: serve/model_hashes.py; null until known) and the old short hash `hash8` (first 8 hex digits of the sha256
@@ -38,10 +41,12 @@ from controlnet.generate.builtin_format import (
     EXPORTED_CONFIG,
     builtin_folder,
 )
+from controlnet.generate.transformer_base import transformer_arch
 from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
     FAMILY_BY_CONTEXT_DIM,
+    TRANSFORMER_FORMATS,
     count_control_outputs,
     detect_format,
 )
@@ -50,7 +55,8 @@ from controlnet.serve.model_hashes import BackgroundHasher, HashCache
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".ckpt", ".pt", ".bin")
-CONTROLNET_FORMATS = ("original-controlnet", "original-combined", "diffusers-controlnet")
+CONTROLNET_FORMATS = ("original-controlnet", "original-combined", "diffusers-controlnet", *TRANSFORMER_FORMATS)
+TRANSFORMER_FAMILIES = ("sd3", "flux")  # a transformer base or ControlNet's family is its network
 BASE_FORMATS = ("original-sd",)
 MAX_SCAN_DEPTH = 4  # models/ControlNet/sd15/x.safetensors; deeper trees are not model folders
 # A1111's old short hash (modules/sd_models.py model_hash): sha256 of 64 KiB read at offset 1 MiB.
@@ -188,10 +194,10 @@ class ModelEntry:
 
 
 def weights_of(path: Path) -> Path:
-    """A file itself, or the weights file of a diffusers folder (a base folder: its unet's)."""
+    """A file itself, or the weights file of a diffusers folder (a base folder: its unet's or transformer's)."""
     if path.is_file():
         return path
-    for sub in ("", "controlnet", "unet"):
+    for sub in ("", "controlnet", "unet", "transformer"):
         for name in DIFFUSERS_WEIGHT_NAMES:
             if (path / sub / name).is_file():
                 return path / sub / name
@@ -223,14 +229,18 @@ def _header_keys(file: Path) -> tuple[list[str], int | None]:
     return list(state), context_dim(state)
 
 
-def classify_file(file: Path) -> tuple[str, str | None] | None:
-    """("base" | "controlnet", family) of a weights file, or None when it holds neither."""
+def classify_file(file: Path, warn: bool = True) -> tuple[str, str | None] | None:
+    """("base" | "controlnet", family) of a weights file, or None when it holds neither (`warn`: log why a file
+    that cannot be read is skipped)."""
     try:
         keys, dim = _header_keys(file)
         fmt = detect_format(dict.fromkeys(keys))
     except Exception as err:  # noqa: BLE001 - a file we cannot read is skipped, not fatal to the scan
-        logger.warning("models: skipping %s (%s)", file.name, str(err).splitlines()[0] if str(err) else err)
+        if warn:
+            logger.warning("models: skipping %s (%s)", file.name, str(err).splitlines()[0] if str(err) else err)
         return None
+    if fmt in TRANSFORMER_FORMATS:
+        return "controlnet", TRANSFORMER_FORMATS[fmt]
     if fmt in CONTROLNET_FORMATS:
         return "controlnet", FAMILY_BY_CONTEXT_DIM.get(dim)
     if fmt in BASE_FORMATS:
@@ -240,16 +250,28 @@ def classify_file(file: Path) -> tuple[str, str | None] | None:
 
 def classify_folder(folder: Path) -> tuple[str, str | None] | None:
     """("base" | "controlnet", family) of a model folder, or None when it is not one."""
+    if (folder / MODEL_INDEX).is_file():
+        try:
+            arch = transformer_arch(json.loads((folder / MODEL_INDEX).read_text()))
+        except (OSError, ValueError, AttributeError):
+            arch = None  # an unreadable index: the loader reports it, in its own words
+        if arch is not None:
+            return "base", arch
     if (folder / MODEL_INDEX).is_file() or (folder / EXPORTED_CONFIG).is_file():
         return "base", _folder_family(folder / "unet" / CONFIG_NAME)
     config = folder / CONFIG_NAME
-    if config.is_file() and any((folder / n).is_file() for n in DIFFUSERS_WEIGHT_NAMES):
+    weights = next((folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file()), None)
+    if config.is_file() and weights is not None:
         try:
             values = json.loads(config.read_text())
         except (OSError, ValueError):
             return None
         if values.get("_class_name", "ControlNetModel") == "ControlNetModel" and "down_block_types" in values:
             return "controlnet", FAMILY_BY_CONTEXT_DIM.get(values.get("cross_attention_dim"))
+        if "down_block_types" not in values:  # an SD3 / Flux ControlNet folder: its weights' key names say
+            found = classify_file(weights, warn=False)
+            if found is not None and found[1] in TRANSFORMER_FAMILIES:
+                return found
     return None
 
 

@@ -14,6 +14,7 @@ step, so a cancelled generation stops within one step and the worker moves on.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -25,8 +26,9 @@ from typing import Any
 from controlnet.generate.builtin_format import BUILTIN
 from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
 from controlnet.generate.sizes import check_size
+from controlnet.generate.transformer_pipeline import refusals
 from controlnet.serve.limits import MAX_CONTROL_SCALE, MAX_DETECT_PIXELS, MAX_PIXEL_STEPS, describe_budget
-from controlnet.serve.models import ModelGone, ModelRegistry, UnknownModel
+from controlnet.serve.models import TRANSFORMER_FAMILIES, ModelGone, ModelRegistry, UnknownModel
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +265,7 @@ class Service:
         self._closed = False
         self._bases: OrderedDict[str, Any] = OrderedDict()
         self._facts: dict[str, tuple[int, int]] = {}
+        self._guidance_embeds: dict[str, bool] = {}  # transformer base name -> its transformer config's
         self._families_checked: dict[
             tuple[str, str], str | None
         ] = {}  # (controlnet, base) -> refusal or None  # base name -> (VAE factor, text encoder layers), once loaded
@@ -289,7 +292,7 @@ class Service:
                 "(--max-units); none is dropped silently",
             )
         try:
-            entry = self.registry.base(spec.base or self.current_base)
+            base_entry = entry = self.registry.base(spec.base or self.current_base)
         except UnknownModel as err:
             err.field = "base"
             raise
@@ -324,8 +327,29 @@ class Service:
         checked = replace(spec, base=base, units=units)
         checked.check()
         check_generation_cost(checked.options)
+        if base_entry.family in TRANSFORMER_FAMILIES:
+            self._check_transformer_job(checked, base_entry)
         self._check_against_base(checked)
         return checked
+
+    def _check_transformer_job(self, job: GenerationJob, base) -> None:
+        """What the transformer pipeline refuses (generate/transformer_pipeline.py `refusals`: img2img, other
+        samplers, non-balanced modes, ...) is a FieldError naming the setting before queueing, not a failed job."""
+        if not job.units:
+            raise FieldError(
+                "units", f"none given; a generation on {base.name} (an SD3/Flux base) needs a ControlNet unit"
+            )
+        if base.name not in self._guidance_embeds:
+            try:
+                config = json.loads((base.path / "transformer" / "config.json").read_text())
+                self._guidance_embeds[base.name] = bool(config.get("guidance_embeds", True))
+            except (OSError, ValueError):
+                self._guidance_embeds[base.name] = True  # unreadable: the loader reports it in its own words
+        problems = refusals(
+            job.options.with_units(job.units), base.family, len(job.units), self._guidance_embeds[base.name]
+        )
+        if problems:
+            raise FieldError(problems[0][0], "; ".join(message for _, message in problems))
 
     def _check_against_base(self, job: GenerationJob) -> None:
         """The checks that need the base's own numbers (its VAE factor, its text encoders' depth), before queueing
@@ -357,8 +381,9 @@ class Service:
 
             try:
                 kind, path = base_kind(BUILTIN if base.name == BUILTIN else base.path)
+                arch = base.family if base.family in TRANSFORMER_FAMILIES else "unet"
                 check_controlnet_families(
-                    BaseSource(kind, path, base.name), [controlnet.path], flags={"base": "base"}
+                    BaseSource(kind, path, base.name, arch=arch), [controlnet.path], flags={"base": "base"}
                 )
                 self._families_checked[key] = None
             except ValueError as err:
@@ -560,7 +585,8 @@ class Service:
         base.name = entry.name  # the registry's name: settings and responses never carry a path
         self._bases[name] = base
         layers = min(m.config.num_hidden_layers for m in base.text_modules())
-        self._facts[name] = (base.vae_scale_factor, layers)
+        # output sides: multiples of the VAE factor (a transformer base: times its patch / 2x2 packing)
+        self._facts[name] = (getattr(base, "size_multiple", base.vae_scale_factor), layers)
         return base
 
     def _controlnet(self, base_name: str, base, name: str, needed: set[str]):
@@ -571,7 +597,10 @@ class Service:
         from controlnet.io.api import load_controlnet
 
         entry = self.registry.controlnet(name)
-        net = load_controlnet(entry.path, unet=base.unet, dtype=self.dtype)
+        dtype = self.dtype
+        if dtype is None and hasattr(base, "transformer"):  # as `controlnet generate`: in the base's dtype
+            dtype = base.transformer.dtype
+        net = load_controlnet(entry.path, unet=base.unet, dtype=dtype)
         net = net.to(self.device).eval().requires_grad_(False)
         size = sum(p.numel() * p.element_size() for p in net.parameters())
         used = sum(s for _, s in self._nets.values())

@@ -22,7 +22,7 @@ from controlnet.serve.problems import ApiError
 from controlnet.serve.service import AnnotationJob, FieldError
 from controlnet.serve.waiting import off_loop
 from controlnet.serve.webui import modules as mods
-from controlnet.serve.webui.generation import echo_parameters, parse_request
+from controlnet.serve.webui.generation import echo_parameters, parse_request, webui_names
 from controlnet.serve.webui.info import build_response
 from controlnet.serve.webui.payload import PayloadError, check_body
 from controlnet.serve.webui.units import UNSET
@@ -209,10 +209,15 @@ def add_routes(app: FastAPI, service) -> None:
 
 
 def _request_field(err: FieldError, parsed) -> Exception:
-    """A job's FieldError (units[k]...) as the request spelled the field (alwayson_scripts.ControlNet.args[i]...)."""
+    """A job's FieldError as the request spelled the field: units[k]... -> alwayson_scripts.ControlNet.args[i]...,
+    a setting -> its web-UI name."""
     match = _UNIT_FIELD.match(err.field)
     if not (match and int(match.group(1)) < len(parsed.units)):
-        return err
+        # a setting's field (e.g. guidance_scale refused on a Flux base) under its web-UI name (cfg_scale)
+        name = {f: w for w, f in webui_names().items()}.get(err.field)
+        if name is None:
+            return err
+        return ApiError(422, str(err).replace(err.field, name, 1), name)
     unit = parsed.units[int(match.group(1))]
     where = f"alwayson_scripts.{parsed.script_key or 'ControlNet'}.args[{unit.index}]"
     field = where + err.field[match.end() :]
