@@ -34,6 +34,7 @@ from controlnet.io.formats import (
     family_of_state,
     family_of_unet_config,
     unet_config_for,
+    union_types,
 )
 from controlnet.io.lite import is_lite_folder, load_lite
 from controlnet.io.safe_load import (
@@ -355,9 +356,7 @@ def open_controlnet(
             unet_config = unet_config_for(state, unet_config, path.name)
 
         try:
-            template = ControlNet.from_unet(
-                build_unet(unet_config, device="meta"), **_hint_args_from_state(state, downscale)
-            )
+            template = _template(state, unet_config, _hint_args_from_state(state, downscale), folder_config, path)
         except KeyError as err:
             raise CheckpointError(f"{path}: ControlNet weights lack {err.args[0]}") from None
         check_strict(template.state_dict(), state, f"ControlNet in {path.name}")
@@ -365,6 +364,41 @@ def open_controlnet(
         weights.close()
         raise
     return ControlNetSource(weights, state, template)
+
+
+# xinsir publishes no head count in the weights (attn.in_proj_weight is (3C, C) for any): every Union/ProMax file
+# has 8 heads (its config.json and diffusers' ControlNetUnionModel default)
+UNION_DEFAULT_HEADS = 8
+UNION_CONFIG_KEYS = (
+    "num_control_type",
+    "num_trans_channel",
+    "num_trans_head",
+    "num_trans_layer",
+    "num_proj_channel",
+)
+
+
+def _template(
+    state: dict, unet_config: dict, hint_args: dict, folder_config: dict | None, path: Path
+) -> ControlNet:
+    """The network `state` fills, on the meta device: a ControlNet, or a union ControlNet sized from the file."""
+    unet = build_unet(unet_config, device="meta")
+    count = union_types(state)
+    if count is None:
+        return ControlNet.from_unet(unet, **hint_args)
+    from controlnet.model.union_controlnet import UnionControlNet
+
+    layers = {k.split(".")[1] for k in state if k.startswith("transformer_layes.")}
+    type_width = state["control_add_embedding.linear_1.weight"].shape[1]  # (time_embed, T * d)
+    heads = (folder_config or {}).get("num_trans_head", UNION_DEFAULT_HEADS)
+    return UnionControlNet.from_unet(
+        unet,
+        count,
+        **hint_args,
+        num_trans_head=heads,
+        num_trans_layer=len(layers),
+        type_embed_dim=type_width // count,
+    )
 
 
 def unet_config_from_controlnet_config(config: dict) -> dict:
@@ -377,6 +411,7 @@ def unet_config_from_controlnet_config(config: dict) -> dict:
         "controlnet_conditioning_channel_order",
         "global_pool_conditions",
         HINT_DOWNSCALE_KEY,
+        *UNION_CONFIG_KEYS,
     ):
         unet_config.pop(key, None)
     try:
@@ -436,6 +471,12 @@ def controlnet_file_layout(
     Refuses a bad `format` / file name for it before anything is written.
     """
     ours = list(cnet.state_dict())
+    union = getattr(cnet, "union_config", None) is not None
+    if format == "original" and union:
+        raise ValueError(
+            "a union ControlNet has no original (cldm) format: its publishers write diffusers names; use "
+            "format='diffusers' (--to diffusers)"
+        )
     if format == "original":
         names = controlnet_state_to_original(
             dict(zip(ours, ours, strict=True)), cnet.unet_config["layers_per_block"], prefix
@@ -452,7 +493,7 @@ def controlnet_file_layout(
     if format == "diffusers":
         if path.suffix.lower() in WEIGHT_SUFFIXES:
             raise ValueError(f"format='diffusers' writes a folder; got a file name {path.name}")
-        config = {"_class_name": "ControlNetModel", **cnet.diffusers_config()}
+        config = {"_class_name": "ControlNetUnionModel" if union else "ControlNetModel", **cnet.diffusers_config()}
         if cnet.hint_config.downscale_factor != SD_LATENT_DOWNSCALE:
             config[HINT_DOWNSCALE_KEY] = cnet.hint_config.downscale_factor
         return ControlNetFileLayout(format, {name: name for name in ours}, {"format": "pt"}, config)

@@ -6,7 +6,8 @@ Formats users have on disk:
 - `original-combined`: v1.0 files with `control_model.*` plus the whole SD model (`model.diffusion_model.*`,
   `first_stage_model.*`, `cond_stage_model.*`);
 - `original-sd`: an LDM/SD checkpoint (`model.diffusion_model.*`), e.g. a base or community model;
-- `diffusers-controlnet`: `controlnet_cond_embedding.*`, `controlnet_down_blocks.*` keys;
+- `diffusers-controlnet`: `controlnet_cond_embedding.*`, `controlnet_down_blocks.*` keys (a union ControlNet,
+  xinsir's Union/ProMax, is one with `task_embedding` and its fusion front end: `union_types`);
 - `diffusers-unet`: `down_blocks.*` + `up_blocks.*` keys.
 
 Transformer (SD3/SD3.5, Flux) ControlNets, one format per published layout (key maps: `transformer_keys.py`):
@@ -162,6 +163,17 @@ def check_family(control: Family, base: Family, control_what: str, base_what: st
         )
 
 
+# A union ControlNet (xinsir's Union/ProMax, model/union_controlnet.py) is a diffusers ControlNet with a front end;
+# its task embedding (num_control_type, C_0) says how many condition types it knows.
+UNION_TASK_KEY = "task_embedding"
+
+
+def union_types(state: dict) -> int | None:
+    """A union ControlNet's number of condition types (from the task embedding's shape); None for any other file."""
+    value = state.get(UNION_TASK_KEY)
+    return int(value.shape[0]) if value is not None and value.dim() == 2 else None
+
+
 @dataclass
 class Inspection:
     format: str
@@ -174,6 +186,7 @@ class Inspection:
     arch: str = "unet"  # "unet" | "sd3" | "flux"
     layout: str | None = None  # who publishes this layout (transformer ControlNets)
     outputs_detail: str | None = None  # which base blocks the outputs feed (transformer ControlNets)
+    condition_types: int | None = None  # a union ControlNet's number of condition types
 
     @property
     def base_family(self) -> Family:
@@ -188,13 +201,27 @@ class Inspection:
         if self.outputs_detail is not None:
             outputs = f"{outputs} ({self.outputs_detail})"
         family = {**FAMILY_NAMES, **TRANSFORMER_FAMILY_NAMES}.get(self.family, "unknown (pass a UNet config)")
-        return {
+        described = {
             **lines,
             "base family": family,
             "parameters": f"{self.num_parameters:,}",
             "dtype": ", ".join(self.dtypes),
             "control outputs": outputs,
         }
+        if self.condition_types is not None:
+            described["union types"] = _union_types_line(self.condition_types)
+        return described
+
+
+def _union_types_line(count: int) -> str:
+    """'8: openpose 0, depth 1, hed/pidi/scribble/ted/softedge 2, ...' (the publishers' names per id)."""
+    from controlnet.model.union_controlnet import UNION_TYPES  # the names' one table (light: no weights)
+
+    names: dict[int, list[str]] = {}
+    for name, ident in UNION_TYPES.items():
+        names.setdefault(ident, []).append(name)
+    known = ", ".join(f"{'/'.join(names[i])} {i}" for i in range(count) if i in names)
+    return f"{count}: {known}" if known else str(count)
 
 
 def detect_format(state: dict) -> str:
@@ -352,6 +379,7 @@ def inspect_state_dict(state: dict) -> Inspection:
         num_control_outputs=count_control_outputs(counted, fmt),
         context_dim=family.context_dim,
         text_time=family.text_time,
+        condition_types=union_types(counted) if fmt == "diffusers-controlnet" else None,
     )
 
 

@@ -157,12 +157,13 @@ class UnionControlNet(ControlNet):
         hint_downscale_factor: int = SD_LATENT_DOWNSCALE,
         num_trans_head: int = 8,
         num_trans_layer: int = 1,
+        type_embed_dim: int | None = None,
     ) -> UnionControlNet:
         """Copy `unet`'s encoder (as `ControlNet.from_unet`) and add the union front end, sized from the UNet (the
         token width is its first block's channels: diffusers' `from_unet` keeps 320, right for SDXL only).
 
-        The type vector's features take the UNet's `addition_time_embed_dim` where it has one (SDXL: 256), else
-        `DEFAULT_TYPE_EMBED_DIM`. num_trans_head must divide the first block's channels."""
+        The type vector's features take `type_embed_dim`, else the UNet's `addition_time_embed_dim` where it has one
+        (SDXL: 256), else `DEFAULT_TYPE_EMBED_DIM`. num_trans_head must divide the first block's channels."""
         if unet.config.get("mid_block_type", UNION_MID_BLOCK) != UNION_MID_BLOCK:
             raise ValueError(
                 f"unet mid_block_type={unet.config['mid_block_type']!r}: a union ControlNet's middle block is "
@@ -175,7 +176,7 @@ class UnionControlNet(ControlNet):
             num_trans_head=num_trans_head,
             num_trans_layer=num_trans_layer,
             num_proj_channel=c0,
-            type_embed_dim=unet.config.get("addition_time_embed_dim") or DEFAULT_TYPE_EMBED_DIM,
+            type_embed_dim=type_embed_dim or unet.config.get("addition_time_embed_dim") or DEFAULT_TYPE_EMBED_DIM,
         )
         plain = ControlNet.from_unet(unet, cond_channels, hint_block_channels, hint_downscale_factor)
         parts = {name: module for name, module in plain.named_children()}
