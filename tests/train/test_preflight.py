@@ -120,16 +120,16 @@ def test_the_library_s_trainer_checks_the_size_against_the_base_it_is_given(fill
     assert not run.exists()
 
 
-def test_a_transformer_base_is_refused_until_its_trainer_exists(fill_data, tmp_path, capsys, no_loading):
-    """An SD3 base generates (issue 29) but its ControlNet trainer is not built: one line, before any loading,
-    instead of a failure deep in a UNet-only trainer."""
+def test_a_unet_setting_on_a_transformer_base_is_refused_before_loading(fill_data, tmp_path, capsys, no_loading):
+    """An SD3 base trains (train/transformer_step.py), but a UNet-only setting on it is one line, before any loading,
+    instead of a failure deep in the trainer."""
     from controlnet.testing.tiny_transformer_bases import write_sd3_base
 
     base = write_sd3_base(tmp_path / "sd3", t5=False)
     capsys.readouterr()  # what building the base printed
     run = tmp_path / "run"
     args = ["train", "--model.base", str(base), "--data.path", str(fill_data), "--train.output_dir", str(run)]
-    assert cli.main(args) == 2
+    assert cli.main([*args, "--model.sd_locked", "false"]) == 2
     line = one_error(capsys)
-    assert "SD3 transformer base" in line and "expected a UNet base" in line, line
+    assert "model.sd_locked=false" in line and "SD3 transformer base" in line, line
     assert not run.exists()
