@@ -335,3 +335,14 @@ def test_parts_refused_for_other_bases_and_bad_configs(world, tmp_path):
     with pytest.raises(CheckpointError, match="rotary axes for 16-wide heads") as error:
         check_base(str(world["flux_file"]), **{k: v for k, v in flux_options(world).items() if k != "configs"})
     assert "base_config" in _one_line(error) or "configs" in str(error.value)
+
+
+@pytest.mark.parametrize("key", ["model.diffusion_model.joint_blocks.0.x", "double_blocks.0.x"])
+def test_an_incomplete_transformer_file_is_refused_in_one_line(tmp_path, key):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({key: torch.zeros(2)}, str(path))
+    with pytest.raises(CheckpointError, match="not a complete checkpoint") as error:
+        check_base(str(path))
+    _one_line(error)

@@ -334,7 +334,13 @@ def check_transformer_file(
     meta = tf.read_header(path, flags["base"])
     prefix, tensors = tf.transformer_part(meta, arch)
     ours = tf.to_ours(tensors, arch, path.name)
-    config = {**tf.transformer_config(ours, arch, path.name, flags["base_config"]), **constants["transformer"]}
+    try:
+        derived = tf.transformer_config(ours, arch, path.name, flags["base_config"])
+    except KeyError as err:
+        raise CheckpointError(
+            f"{path.name}: no {err} in {ARCH_NAMES[arch]}'s weights; not a complete checkpoint"
+        ) from None
+    config = {**derived, **constants["transformer"]}
     config.update(overrides.get("transformer", {}))
     if arch == "flux" and "axes_dims_rope" not in overrides.get("transformer", {}):
         head = config["attention_head_dim"]

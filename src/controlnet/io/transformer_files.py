@@ -165,7 +165,10 @@ def to_ours(state: dict, arch: str, what: str) -> dict:
     """A transformer's tensors in the publisher's names (no prefix) -> diffusers' names; meta tensors will do.
 
     CheckpointError in one line for a key the layout has no place for."""
-    inner = int(state["img_in.weight" if arch == "flux" else "x_embedder.proj.weight"].shape[0])
+    embedder = "img_in.weight" if arch == "flux" else "x_embedder.proj.weight"
+    if embedder not in state:
+        raise CheckpointError(f"{what}: no {embedder}; not a complete checkpoint of {ARCH_WORDS[arch]}")
+    inner = int(state[embedder].shape[0])
     rules = _rules(arch, {p: count_blocks(state, p) for p, _, _ in BLOCKS[arch]})
     out, used = {}, set()
     for key, names, swap in rules:
