@@ -265,3 +265,47 @@ def test_transformer_single_file_refused_by_name(tmp_path, key, family):
     with pytest.raises(ValueError, match=f"{family}.*one checkpoint file is not supported yet") as error:
         check_base(str(path))
     assert "\n" not in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# (e) Flux's true CFG (a negative prompt, a second transformer pass per step) equals diffusers'
+def test_flux_true_cfg_equals_diffusers(world):
+    from diffusers import FluxControlNetPipeline
+
+    pipe = _pipe(world, "flux", ["net"])
+    ours = run_job(
+        pipe, _job(world, "flux", [("net", {"scale": 0.7})], true_cfg_scale=2.5, negative_prompt="a dog")
+    )
+    b = pipe.base
+    scheduler = type(b.scheduler).from_config(b.scheduler.config)
+    reference = FluxControlNetPipeline(
+        scheduler,
+        b.vae,
+        b.text_encoder,
+        b.tokenizer,
+        b.text_encoder_2,
+        b.tokenizer_2,
+        b.transformer,
+        pipe.controlnets[0],
+    )
+    expected = reference(
+        prompt="a red cat on a blue circle",
+        negative_prompt="a dog",
+        true_cfg_scale=2.5,
+        guidance_scale=0.0,
+        control_image=Image.open(world["cond0"]).convert("RGB"),
+        controlnet_conditioning_scale=0.7,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="np",
+    ).images
+    assert np.array_equal(ours.array, expected)  # the bound: exact
+    assert ours.settings["true_cfg_scale"] == 2.5
+    without = run_job(pipe, _job(world, "flux", [("net", {"scale": 0.7})]))
+    assert np.abs(without.array - ours.array).max() > 1e-3  # true CFG acts
+    from controlnet.generate.transformer_pipeline import refusals
+
+    assert refusals(GenerationOptions(true_cfg_scale=2.0), "sd3", 1)[0][0] == "true_cfg_scale"  # Flux's only
+    assert refusals(GenerationOptions(negative_prompt="a dog"), "flux", 1)[0][0] == "negative_prompt"  # needs it

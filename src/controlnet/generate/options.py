@@ -122,6 +122,9 @@ class GenerationOptions:
         None, ge=0, flags=("--cfg", "--guidance-scale"), webui="cfg_scale", ui=False
     )
     """Classifier-free guidance scale; 1 turns CFG off (one branch, half the work); none = the base's default."""
+    true_cfg_scale: float = setting(1.0, ge=1, flags=("--true-cfg",), metavar="S")
+    """Flux only: true classifier-free guidance with the negative prompt (none = ""), a second transformer pass per
+    step, as diffusers' FluxPipeline `true_cfg_scale`; 1 = off (guidance_scale is then Flux's embedded guidance)."""
     steps: int | None = setting(None, ge=1, webui="steps", ui=False)
     """Sampler steps (img2img runs the last `strength` fraction of them); none = the base's default."""
     seed: int = setting(0, ge=0, webui="seed", ui=False)

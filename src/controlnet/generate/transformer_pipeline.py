@@ -10,7 +10,8 @@ family's condition convention: VAE-encoded, shifted/scaled as the net's config s
 hint); our `SD3ControlNet` / `FluxControlNet` subclass diffusers' nets, so the pipelines take them as they are.
 
 The mapping (one place):
-    prompt, negative_prompt        -> prompt, negative_prompt (Flux: none; true CFG is not offered yet)
+    prompt, negative_prompt        -> prompt, negative_prompt (Flux: only with true CFG)
+    true_cfg_scale (Flux)          -> true_cfg_scale, the negative prompt "" when none (FluxPipeline's true CFG)
     steps, guidance_scale          -> num_inference_steps, guidance_scale (Flux: the embedded guidance)
     seed, batch_size               -> one torch.Generator per image, manual_seed(seed + k), as the UNet pipeline draws;
                                       torch's global generator seeded with `seed` for the call (SD3's condition latents)
@@ -77,11 +78,19 @@ def refusals(
             )
         if o.block_scales is not None:
             problems.append((f"units[{k}].block_scales", f"block_scales[{k}]: {NOT_YET}"))
-    if arch == "flux" and opt.negative_prompt:
+    if arch == "flux" and opt.negative_prompt and opt.true_cfg_scale <= 1:
         problems.append(
             (
                 "negative_prompt",
-                "negative_prompt: Flux uses embedded guidance; true CFG with a negative prompt " + NOT_YET,
+                "negative_prompt: on Flux it needs true_cfg_scale > 1 (true CFG; guidance_scale is Flux's embedded "
+                "guidance, which takes no negative prompt)",
+            )
+        )
+    if arch != "flux" and opt.true_cfg_scale != 1:
+        problems.append(
+            (
+                "true_cfg_scale",
+                f"true_cfg_scale={opt.true_cfg_scale}: Flux's true CFG; this base guides with guidance_scale (CFG)",
             )
         )
     if arch == "flux" and opt.guidance_scale and not guidance_embeds:
@@ -309,7 +318,12 @@ class TransformerControlNetPipeline:
             generator=generators,
             output_type="np",
         )
-        if opt.negative_prompt is not None:
+        if (
+            self.base.arch == "flux" and opt.true_cfg_scale > 1
+        ):  # true CFG: none = "" (as CFG's unconditional branch)
+            call["true_cfg_scale"] = opt.true_cfg_scale
+            call["negative_prompt"] = _per_prompt(opt.negative_prompt or "", len(prompts))
+        elif opt.negative_prompt is not None:
             call["negative_prompt"] = _per_prompt(opt.negative_prompt, len(prompts))
         if progress is not None:
 
