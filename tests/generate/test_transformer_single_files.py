@@ -153,7 +153,7 @@ def test_each_file_form_loads_the_folders_weights(world, folder_bases, form):
 
 
 # The weights are bit-identical (above); the images agree to float32 rounding: a memory-mapped tensor is not
-# aligned as a freshly allocated one is, and the CPU kernels may sum in another order (measured: <= 1e-6).
+# aligned as a freshly allocated one is, and the CPU kernels may sum in another order (seen: a few 1e-8).
 IMAGE_BOUND = 1e-5
 
 
