@@ -78,7 +78,7 @@ def test_native_request_models_have_exactly_the_schemas_fields():
 # Settings of ours that the web UI's txt2img/img2img API has no field for (its ControlNet units are parsed by
 # serve/webui/units.py, against the unit's own names; A1111's API has no true CFG for Flux).
 NOT_IN_WEBUI = {"guess_mode_form", "inpaint_paste", "output_type", "control_scale", "block_scales",
-                "control_start", "control_end", "control_mode", "units", "options", "true_cfg_scale"}  # fmt: skip
+                "control_start", "control_end", "control_mode", "control_type", "units", "options", "true_cfg_scale"}  # fmt: skip
 
 
 def test_webui_table_covers_the_schema_and_only_names_the_parser_reads():
@@ -97,6 +97,7 @@ def test_webui_table_covers_the_schema_and_only_names_the_parser_reads():
         "control_mode",
         "resize_mode",
         "advanced_weighting",
+        "union_control_type",
     }
 
 

@@ -81,8 +81,8 @@ def test_a_single_file_in_diffusers_names_loads_with_its_unet(promax, tmp_path):
     assert isinstance(net, UnionControlNet) and net.union_config.num_trans_layer == 1
     assert net.union_config.num_trans_head == 8  # not in the weights: a file alone takes xinsir's 8
     described = inspect_path(file).describe()
-    assert described["union types"].startswith("8: openpose 0, depth 1, hed/pidi/scribble/ted/softedge 2")
-    assert described["union types"].endswith("tile 6, repaint 7")
+    assert described["union types"].startswith("8: openpose/pose 0, depth 1, hed/pidi/scribble/ted/softedge/soft_edge 2")
+    assert described["union types"].endswith("tile 6, repaint/inpaint 7")
 
 
 def test_save_and_convert_are_exact_and_original_is_refused(promax, tmp_path, capsys):

@@ -90,7 +90,7 @@ def test_at_initialisation_the_controlled_unet_is_the_base():
 def test_type_names_and_ids_are_checked_against_the_net():
     assert type_id("canny", 6) == 3 == type_id("MLSD", 6) == type_id(3, 6)
     assert type_id("repaint", 8) == 7 and UNION_TYPES["segment"] == 5
-    with pytest.raises(ValueError, match=r"this net has 6 types \(ids 0..5: openpose"):
+    with pytest.raises(ValueError, match=r"this net has 6 types \(openpose/pose 0, depth 1"):
         type_id("tile", 6)
     with pytest.raises(ValueError, match="unknown union control type 'edges'"):
         type_id("edges", 8)

@@ -27,6 +27,7 @@ from PIL import Image
 from controlnet.generate.control_images import resize_image, to_pil
 from controlnet.generate.options import ControlUnit, GenerationJob
 from controlnet.generate.pipeline import INPAINT, GenerationResult
+from controlnet.model.union_controlnet import UnionControlNet, type_id
 
 Progress = Callable[[int, int], None]  # (sampler steps done, total)
 
@@ -57,6 +58,18 @@ def job_conditions(job: GenerationJob) -> list:
     return conds
 
 
+def union_type_from_annotator(unit: ControlUnit, net) -> ControlUnit:
+    """A union net's unit that names no type takes its annotator's, where that names one (canny, depth, openpose,
+    ...): the web UIs send the preprocessor and often no type. Any other unit is returned as it is."""
+    if unit.control_type is not None or not unit.annotator or not isinstance(net, UnionControlNet):
+        return unit
+    try:
+        type_id(unit.annotator, net.union_config.num_control_type)
+    except ValueError:
+        return unit  # the pipeline asks for the type in one line
+    return replace(unit, control_type=unit.annotator)
+
+
 def run_job(pipe, job: GenerationJob, progress: Progress | None = None, on_size=None) -> GenerationResult:
     """Run `job` on `pipe` (which holds one ControlNet per unit, in order); see the module docstring.
 
@@ -75,7 +88,8 @@ def run_job(pipe, job: GenerationJob, progress: Progress | None = None, on_size=
         c if isinstance(c, str) else resize_image(c, size.width, size.height, u.resize_mode)
         for c, u in zip(conds, job.units, strict=True)
     ]
-    options = replace(options.with_units(job.units), width=size.width, height=size.height)
+    units = [union_type_from_annotator(u, net) for u, net in zip(job.units, pipe.controlnets, strict=True)]
+    options = replace(options.with_units(units), width=size.width, height=size.height)
     result = pipe(job.prompt, conds, options=options, progress=progress)
     result.settings["base"] = job.base
     for unit, settings in zip(job.units, result.settings["controlnets"], strict=True):

@@ -77,11 +77,21 @@ class ControlUnit:
         None, flags=("--block-scales",), metavar="S,S,...", webui="advanced_weighting", ui=False
     )
     """Per-output scales, one per output of the net (13 for SD1.5, 10 for SDXL)."""
+    control_type: str | None = setting(
+        None, flags=("--control-type",), metavar="TYPE", webui="union_control_type", ui=False
+    )
+    """A union ControlNet's condition type (xinsir's Union/ProMax): openpose, depth, hed/scribble/softedge,
+    canny/lineart/mlsd, normal, segment, tile, repaint, the web UI's names (Hard Edge, Soft Edge, ...) or an id; none =
+    from the unit's annotator. Plain ControlNets take none."""
 
     def __post_init__(self):
         check_bounds(self)
         self.resize_mode = resize_mode(self.resize_mode)
         self.mode = control_mode(self.mode).name
+        if self.control_type is not None:
+            self.control_type = str(self.control_type).strip()
+            if self.control_type.lower() in NO_CONTROL_TYPE:  # the web UI's "Unknown": no type named
+                self.control_type = None
         if self.annotator is not None and self.annotator.lower() == "none":
             self.annotator = None
         if self.block_scales is not None:
@@ -98,6 +108,7 @@ class NetOptions:
     end: float
     mode: ControlMode
     block_scales: list[float] | None
+    control_type: str | None = None  # a union net's condition type, as given (resolved against the net)
 
 
 # The pipeline's Python API spells the units' settings as lists over the nets (`pipe(..., control_scale=[1, 0.5])`,
@@ -108,7 +119,10 @@ UNIT_LISTS = {
     "control_end": "end",
     "control_mode": "mode",
     "block_scales": "block_scales",
+    "control_type": "control_type",
 }
+# What the web UIs send for "no union type" (sd-webui-controlnet's ControlNetUnionControlType.UNKNOWN; ComfyUI's auto)
+NO_CONTROL_TYPE = ("", "unknown", "auto", "none")
 PYTHON_ONLY = {"cli": False, "api": False, "ui": False}
 
 
@@ -169,6 +183,8 @@ class GenerationOptions:
     """Python API: where each net stops acting (ControlUnit.end), one value or one per net."""
     control_mode: str | Sequence[str] = setting("balanced", **PYTHON_ONLY)
     """Python API: each net's control mode (ControlUnit.mode), one value or one per net."""
+    control_type: str | int | Sequence | None = setting(None, **PYTHON_ONLY)
+    """Python API: each union net's condition type (ControlUnit.control_type), one value or one per net."""
 
     def __post_init__(self):
         check_bounds(self)
@@ -207,6 +223,8 @@ class GenerationOptions:
         lists = {key: [getattr(u, name) for u in units] for key, name in UNIT_LISTS.items()}
         if not any(u.block_scales for u in units):
             lists["block_scales"] = None
+        if all(u.control_type is None for u in units):
+            lists["control_type"] = None
         return dataclasses.replace(self, **lists)
 
     def per_net(self, n: int) -> list[NetOptions]:
@@ -216,11 +234,13 @@ class GenerationOptions:
         ends = [float(e) for e in _per_net(self.control_end, n, "control_end")]
         modes = [control_mode(m) for m in _per_net(self.control_mode, n, "control_mode")]
         blocks = self._block_scales(n)
+        types = _per_net(self.control_type, n, "control_type")
+        types = [None if t is None or str(t).strip().lower() in NO_CONTROL_TYPE else str(t) for t in types]
         for k, (scale, start, end) in enumerate(zip(scales, starts, ends, strict=True)):
             if scale < 0:
                 raise ValueError(f"control_scale[{k}]={scale}: expected >= 0 (0 switches the net off)")
             check_window(start, end, f"control window of ControlNet {k}")
-        return [NetOptions(*args) for args in zip(scales, starts, ends, modes, blocks, strict=True)]
+        return [NetOptions(*args) for args in zip(scales, starts, ends, modes, blocks, types, strict=True)]
 
     def _block_scales(self, n: int) -> list:
         value = self.block_scales
@@ -250,6 +270,7 @@ class GenerationOptions:
                 "mode": o.mode.name,
                 "mode_label": o.mode.display_name,
                 "block_scales": o.block_scales,
+                **({"control_type": o.control_type} if o.control_type is not None else {}),
             }
             for o in self.per_net(n_nets)
         ]

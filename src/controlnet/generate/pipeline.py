@@ -45,6 +45,7 @@ from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
 from controlnet.model.controlnet import ControlBase, ControlNet, ControlNetOutput
+from controlnet.model.union_controlnet import UnionControlNet, describe_types, type_id
 from controlnet.progress import phase
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,33 @@ class _Net:
     start: float
     end: float
     conditional_only: bool
+    union_type: int | None = None  # a union net's condition type id (model/union_controlnet.py)
+
+    def __call__(self, *args, **kwargs) -> ControlNetOutput:
+        if self.union_type is None:
+            return self.net(*args, **kwargs)
+        return self.net.forward_unit(*args, control_type=self.union_type, **kwargs)
+
+
+def union_type_of(net: ControlNet, control_type: str | None, k: int) -> int | None:
+    """Net k's condition type id: a union net must have one (by name or id), any other net none."""
+    if not isinstance(net, UnionControlNet):
+        if control_type is not None:
+            raise ValueError(
+                f"control_type[{k}]={control_type!r}: ControlNet {k} is not a union ControlNet (only union nets, "
+                "such as xinsir's Union/ProMax, take a condition type)"
+            )
+        return None
+    count = net.union_config.num_control_type
+    if control_type is None:
+        raise ValueError(
+            f"control_type[{k}]: ControlNet {k} is a union ControlNet; name the condition's type by name or id "
+            f"({describe_types(count)})"
+        )
+    try:
+        return type_id(control_type, count)
+    except ValueError as err:
+        raise ValueError(f"control_type[{k}]: {err}") from None
 
 
 def output_heights(net: ControlNet, latent_height: int) -> list[int]:
@@ -155,7 +183,18 @@ class ControlNetPipeline:
             load_base,
         )
 
-        known = ("tokenizer", "tokenizer_2", "prediction_type", "configs", "family", "flags")
+        known = (
+            "tokenizer",
+            "tokenizer_2",
+            "prediction_type",
+            "configs",
+            "family",
+            "flags",
+            "vae",
+            "clip_l",
+            "clip_g",
+            "t5",
+        )
         source = (
             base
             if isinstance(base, BaseSource)
@@ -171,7 +210,17 @@ class ControlNetPipeline:
                 source, controlnets, device, dtype, **base_options
             )
         components = load_base(source, device=device, dtype=dtype, **base_options)
-        nets = [_load_controlnet(c, components.unet, k, len(controlnets)) for k, c in enumerate(controlnets)]
+        # a file named by several units (a union net, one type each) is loaded once and shared
+        loaded: dict[Path, ControlBase] = {}
+        nets = []
+        for k, entry in enumerate(controlnets):
+            if isinstance(entry, ControlBase):
+                nets.append(entry)
+                continue
+            key = Path(entry).resolve()
+            if key not in loaded:
+                loaded[key] = _load_controlnet(entry, components.unet, k, len(controlnets))
+            nets.append(loaded[key])
         pipe = cls.from_components(components, nets)
         for module in pipe._modules():
             module.eval().requires_grad_(False)
@@ -308,6 +357,10 @@ class ControlNetPipeline:
             logger.info(size.note())
         width, height = size.width, size.height
         factor = self.vae_scale_factor
+        union_types = [
+            union_type_of(net, o.control_type, k)
+            for k, (net, o) in enumerate(zip(self.controlnets, per_net, strict=True))
+        ]
         for k, (net, o) in enumerate(zip(self.controlnets, per_net, strict=True)):
             if net.hint_config.downscale_factor != factor:
                 raise ValueError(
@@ -367,7 +420,7 @@ class ControlNetPipeline:
         latent_h, latent_w = height // factor, width // factor
         nets: list[_Net] = []
         with self._placed(*self.controlnets):
-            for net, cond, o in zip(self.controlnets, conds, per_net, strict=True):
+            for net, cond, o, union_type in zip(self.controlnets, conds, per_net, union_types, strict=True):
                 profile = block_profile(o.mode, output_heights(net, latent_h), opt.guess_mode_form)
                 blocks = o.block_scales or [1.0] * net.num_control_outputs
                 out_scales = [o.scale * p * b for p, b in zip(profile, blocks, strict=True)]
@@ -381,7 +434,15 @@ class ControlNetPipeline:
                 )
                 both = cfg and not o.mode.conditional_only
                 nets.append(
-                    _Net(net, torch.cat([hint, hint]) if both else hint, out_scales, o.start, o.end, not both)
+                    _Net(
+                        net,
+                        torch.cat([hint, hint]) if both else hint,
+                        out_scales,
+                        o.start,
+                        o.end,
+                        not both,
+                        union_type,
+                    )
                 )
 
         # 4. timesteps: a fresh sampler (the pipeline's own is never mutated); img2img skips the first steps -------
@@ -445,7 +506,7 @@ class ControlNetPipeline:
                     if not in_window(i, n_steps, item.start, item.end):
                         continue  # outside its window the net is not run (diffusers runs it with scale 0)
                     half = item.conditional_only and cfg
-                    out = item.net(
+                    out = item(
                         model_in[num_images:] if half else model_in,
                         t,
                         context[num_images:] if half else context,

@@ -116,7 +116,8 @@ def family_of_state(state: dict) -> Family:
     arch = transformer_arch(state)
     if arch is not None:
         return Family(transformer_context_dim(state), arch=arch)
-    return Family(context_dim(state), any(part in k for k in state for part in TEXT_TIME_KEYS))
+    # a whole name component: a union net's `control_add_embedding` is its type embedding, not SDXL's
+    return Family(context_dim(state), any("." + part in "." + k for k in state for part in TEXT_TIME_KEYS))
 
 
 def transformer_arch(state: dict) -> str | None:
@@ -214,13 +215,10 @@ class Inspection:
 
 
 def _union_types_line(count: int) -> str:
-    """'8: openpose 0, depth 1, hed/pidi/scribble/ted/softedge 2, ...' (the publishers' names per id)."""
-    from controlnet.model.union_controlnet import UNION_TYPES  # the names' one table (light: no weights)
+    """'8: openpose/pose 0, depth 1, ...' (the publishers' names per id)."""
+    from controlnet.model.union_controlnet import describe_types  # the names' one table (light: no weights)
 
-    names: dict[int, list[str]] = {}
-    for name, ident in UNION_TYPES.items():
-        names.setdefault(ident, []).append(name)
-    known = ", ".join(f"{'/'.join(names[i])} {i}" for i in range(count) if i in names)
+    known = describe_types(count)
     return f"{count}: {known}" if known else str(count)
 
 

@@ -35,7 +35,7 @@ from diffusers.models.controlnets.controlnet_union import ResidualAttentionBlock
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from controlnet.model.controlnet import ControlNet, ControlNetOutput, encoder_skips
+from controlnet.model.controlnet import ControlNet, ControlNetOutput, encoder_skips, scaled
 from controlnet.model.hint_encoder import REFERENCE_HINT_CHANNELS, SD_LATENT_DOWNSCALE
 
 # Condition types by id, as xinsir's model cards and ComfyUI's SetUnionControlNetType name them; Union has the first
@@ -56,6 +56,14 @@ UNION_TYPES: dict[str, int] = {
     "segment": 5,
     "tile": 6,
     "repaint": 7,
+    # sd-webui-controlnet's union types (its API client's ControlNetUnionControlType values), and our annotators'
+    "pose": 0,
+    "soft_edge": 2,
+    "hard_edge": 3,
+    "normal_map": 4,
+    "segmentation": 5,
+    "seg": 5,
+    "inpaint": 7,
 }
 # When the UNet has no SDXL size embedding to borrow its width from (SD1.x/2.x), the type vector's sinusoidal features
 # get SDXL's width (256 per type), so that the same architecture and config keys serve every UNet base.
@@ -63,22 +71,31 @@ DEFAULT_TYPE_EMBED_DIM = 256
 UNION_MID_BLOCK = "UNetMidBlock2DCrossAttn"
 
 
+def describe_types(count: int) -> str:
+    """'openpose/pose 0, depth 1, hed/pidi/scribble/ted/softedge/soft_edge 2, ...' for a net of `count` types."""
+    names: dict[int, list[str]] = {}
+    for name, ident in UNION_TYPES.items():
+        names.setdefault(ident, []).append(name)
+    return ", ".join(f"{'/'.join(names[i])} {i}" for i in range(count) if i in names)
+
+
 def type_id(name_or_id: str | int, num_control_type: int) -> int:
     """The id of a condition type given by name (`UNION_TYPES`) or id, checked against the net's number of types."""
-    if isinstance(name_or_id, str) and not name_or_id.isdigit():
-        key = name_or_id.strip().lower().replace("-", "_").replace(" ", "_")
-        if key not in UNION_TYPES:
+    if isinstance(name_or_id, str) and not name_or_id.strip().isdigit():
+        # ComfyUI's names join the annotators of one id: "canny/lineart/anime_lineart/mlsd"
+        keys = [k.strip().lower().replace("-", "_").replace(" ", "_") for k in name_or_id.split("/")]
+        ids = {UNION_TYPES.get(k) for k in keys}
+        if None in ids or len(ids) != 1:
             raise ValueError(
                 f"unknown union control type {name_or_id!r}; expected one of {', '.join(UNION_TYPES)}"
             )
-        ident = UNION_TYPES[key]
+        ident = ids.pop()
     else:
         ident = int(name_or_id)
     if not 0 <= ident < num_control_type:
-        known = sorted({n for n, i in UNION_TYPES.items() if i < num_control_type}, key=UNION_TYPES.get)
         raise ValueError(
-            f"union control type {name_or_id!r} (id {ident}): this net has {num_control_type} types (ids 0.."
-            f"{num_control_type - 1}: {', '.join(known)})"
+            f"union control type {name_or_id!r} (id {ident}): this net has {num_control_type} types "
+            f"({describe_types(num_control_type)})"
         )
     return ident
 
@@ -272,6 +289,35 @@ class UnionControlNet(ControlNet):
                 h = self.mid_block(h, emb)
         outputs = [scales[0] if one_scale else 1.0] * self.num_control_outputs
         return self._residuals(skips, h, outputs)
+
+    def forward_unit(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        encoder_hidden_states: torch.Tensor,
+        control_type: int | str,
+        cond: torch.Tensor | None = None,
+        conditioning_scale: float | Sequence[float] = 1.0,
+        added_cond_kwargs: dict | None = None,
+        hint: torch.Tensor | None = None,
+    ) -> ControlNetOutput:
+        """One condition of one type, called as a plain ControlNet is (one generation unit): `conditioning_scale` is
+        one float or one per output, applied to the outputs. With one float it is diffusers' single-condition call
+        (the outputs times the scale), so per-output scales (control modes, block scales) work as for any net."""
+        hint = self._hint(sample, cond, hint)
+        scales = self._output_scales(conditioning_scale)
+        out = self(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            types=[control_type],
+            hints=[hint],
+            added_cond_kwargs=added_cond_kwargs,
+        )
+        return ControlNetOutput(
+            down=[scaled(d, s) for d, s in zip(out.down, scales[:-1], strict=True)],
+            mid=scaled(out.mid, scales[-1]),
+        )
 
     def diffusers_config(self) -> dict:
         """Keyword arguments of diffusers' `ControlNetUnionModel` that build an identical network."""

@@ -126,6 +126,16 @@ def parse_units(args: list, ctx: UnitContext) -> list[WebUIUnit]:
     return [_parse_unit(k, u, ctx) for k, u in raw]
 
 
+def _union_type(value, where: str) -> str | None:
+    """sd-webui-controlnet's `union_control_type` ("OpenPose", "Hard Edge", ..., "Unknown"): a union net's condition
+    type, checked against the net when the job runs (a 422 naming this field); "Unknown" = none named."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise PayloadError(where, f"expected a union type name such as 'Hard Edge' or 'Depth', got {value!r}")
+    return str(value)
+
+
 def _enabled(unit, where: str) -> bool:
     if not isinstance(unit, dict):
         raise PayloadError(where, f"expected a unit object, got {type(unit).__name__}")
@@ -158,6 +168,7 @@ def _parse_unit(k: int, unit: dict, ctx: UnitContext) -> WebUIUnit:
     pixel_perfect = _bool(unit.get("pixel_perfect", False), f"{where}.pixel_perfect")
     save_map = _bool(unit.get("save_detected_map", True), f"{where}.save_detected_map")
     blocks = _block_scales(unit.get("advanced_weighting"), f"{where}.advanced_weighting", model)
+    union_type = _union_type(unit.get("union_control_type"), f"{where}.union_control_type")
 
     if module.annotator == "inpaint":
         if ctx.init_image is None or not ctx.has_mask:
@@ -196,6 +207,7 @@ def _parse_unit(k: int, unit: dict, ctx: UnitContext) -> WebUIUnit:
         mode=mode,
         resize_mode=resize,
         block_scales=blocks,
+        control_type=union_type,
     )
     return WebUIUnit(k, module, model, control, effective, weight, start, end, pixel_perfect, save_map)
 

@@ -1,0 +1,151 @@
+"""Union ControlNets in generation: diffusers' SDXL union pipeline's pixels, one file loaded once for several types,
+the type from the CLI / a job's annotator, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controlnet.cli import main
+from controlnet.generate.jobs import run_job
+from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOptions
+from controlnet.generate.pipeline import ControlNetPipeline
+from controlnet.io.api import save_controlnet
+from controlnet.model.union_controlnet import UnionControlNet
+from controlnet.testing.tiny_models import condition_image, randomize
+
+PROMPT = "a blue dog on the red circle"
+
+
+def _union(unet, seed: int, types: int = 8) -> UnionControlNet:
+    torch.manual_seed(seed)
+    return randomize(UnionControlNet.from_unet(unet, num_control_type=types, num_trans_head=4), seed=seed).eval()
+
+
+def test_sdxl_union_matches_diffusers_union_pipeline(sdxl_parts):
+    from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
+
+    p = sdxl_parts
+    net = _union(p["unet"], 21)
+    cond = condition_image(40)
+    text = {k: p[k] for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    ours = ControlNetPipeline(p["unet"], p["vae"], p["text_encoder"], p["tokenizer"], p["scheduler"], [net], **{
+        k: text[k] for k in ("text_encoder_2", "tokenizer_2")
+    })  # fmt: skip
+    a = ours(
+        PROMPT,
+        [cond],
+        steps=2,
+        seed=3,
+        output_type="np",
+        guidance_scale=5.0,
+        control_scale=0.8,
+        control_type="canny",
+    ).array
+    theirs_net = ControlNetUnionModel(**net.diffusers_config()).eval()
+    theirs_net.load_state_dict(net.state_dict(), strict=True)
+    ref = StableDiffusionXLControlNetUnionPipeline(
+        vae=p["vae"],
+        unet=p["unet"],
+        controlnet=theirs_net,
+        scheduler=p["scheduler"],
+        add_watermarker=False,
+        **text,
+    )
+    ref.set_progress_bar_config(disable=True)
+    b = ref(
+        PROMPT,
+        control_image=[cond],
+        control_mode=[3],
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+        guidance_scale=5.0,
+        controlnet_conditioning_scale=0.8,
+    ).images
+    assert a.shape == b.shape == (1, 64, 64, 3)
+    diff = float(np.abs(a - b).max())
+    assert diff <= 1e-4, f"max abs difference {diff:.2e}"  # the bound of the plain SDXL parity test
+    # another type is another image: the type reaches the net
+    c = ours(PROMPT, [cond], steps=2, seed=3, output_type="np", guidance_scale=5.0, control_type="depth").array
+    assert np.abs(a - c).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def union_folder(saved, sd_parts, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("union") / "union-6"
+    save_controlnet(_union(sd_parts["unet"], 31, types=6), folder)
+    return folder
+
+
+def test_one_file_for_two_types_is_loaded_once_and_each_unit_has_its_type(saved, union_folder, tmp_path):
+    pipe = ControlNetPipeline.from_pretrained(saved / "base", controlnets=[union_folder, union_folder])
+    assert pipe.controlnets[0] is pipe.controlnets[1]  # one net in memory for both units
+    cond = Image.open(saved / "cond1.png").convert("RGB")
+    units = [
+        ControlUnit(model="u", image=cond, annotator="canny"),  # the type from the annotator
+        ControlUnit(model="u", image=cond, control_type="Soft Edge", scale=0.5),  # the web UI's name
+    ]
+    job = GenerationJob(prompt="a red cat", units=units, options=GenerationOptions(steps=2, seed=1))
+    result = run_job(pipe, job)
+    assert [n["control_type"] for n in result.settings["controlnets"]] == ["canny", "Soft Edge"]
+    # the second unit's type changes the image: each unit's type reaches the shared net
+    other = [units[0], ControlUnit(model="u", image=cond, control_type="depth", scale=0.5)]
+    moved = run_job(pipe, GenerationJob(prompt="a red cat", units=other, options=job.options)).array
+    assert np.abs(result.array - moved).max() > 1e-3
+
+
+def test_cli_generates_with_a_union_net_and_records_the_type(saved, union_folder, tmp_path):
+    args = ["generate", "--base", str(saved / "base"), "--controlnet", str(union_folder), "--cond"]
+    args += [
+        str(saved / "cond1.png"),
+        "--control-type",
+        "segment",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+        "a cat",
+    ]
+    assert main(args) == 0
+    with Image.open(next(tmp_path.glob("*-0.png"))) as img:
+        meta = json.loads(img.text["controlnet"])
+    assert meta["controlnets"][0]["control_type"] == "segment"
+
+
+@pytest.mark.parametrize(
+    "net, extra, message",
+    [
+        (
+            "union",
+            [],
+            "ControlNet 0 is a union ControlNet; name the condition's type by name or id (openpose/pose 0, depth 1,",
+        ),
+        (
+            "union",
+            ["--control-type", "tile"],
+            "control_type[0]: union control type 'tile' (id 6): this net has 6 types (openpose/pose 0",
+        ),
+        ("union", ["--control-type", "edges"], "unknown union control type 'edges'"),
+        ("plain", ["--control-type", "canny"], "control_type[0]='canny': ControlNet 0 is not a union ControlNet"),
+    ],
+)
+def test_bad_types_are_one_line(saved, union_folder, tmp_path, capsys, net, extra, message):
+    path = union_folder if net == "union" else saved / "cn_diffusers"
+    args = [
+        "generate",
+        "--base",
+        str(saved / "base"),
+        "--controlnet",
+        str(path),
+        "--cond",
+        str(saved / "cond1.png"),
+    ]
+    assert main([*args, "--steps", "2", "--out", str(tmp_path / "out"), *extra, "a cat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
