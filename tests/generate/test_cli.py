@@ -71,6 +71,7 @@ def test_annotator_turns_a_photo_into_the_condition(saved, tmp_path):
         (["--width", "50"], "width x height = 50 x auto: both must be positive multiples of 8"),
         (["--cond", "COND"], "--cond given 2 times for 1 --controlnet"),
         (["--annotator", "nope"], "unknown name 'nope'"),
+        (["--ema"], "base holds one set of weights, no EMA UNet (model_ema.*)"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(saved, tmp_path, capsys, extra, message):

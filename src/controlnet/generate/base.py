@@ -387,6 +387,12 @@ def load_base(
         if isinstance(spec, BaseSource)
         else check_base(spec, tokenizer, tokenizer_2, prediction_type, configs, family, flags, **parts)
     )
+    if ema and not (source.kind == "file" and source.arch == "unet"):
+        # only an SD checkpoint file holds two UNets (model_ema.*); elsewhere the choice would be ignored silently
+        raise ValueError(
+            f"{flags['ema']}: {source.name} holds one set of weights, no EMA UNet (model_ema.*); the choice applies "
+            "to an SD checkpoint file holding both (e.g. v1-5-pruned.safetensors)"
+        )
     total = len(source.components)
 
     def step(name: str) -> None:
