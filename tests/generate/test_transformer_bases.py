@@ -225,7 +225,7 @@ def test_refusals_name_the_setting(world):
     pipe = _pipe(world, "sd3", ["net"])
     image = Image.open(world["cond0"]).convert("RGB")
     cases = {
-        "image/mask": {"image": image},
+        "image .img2img.: on an SD3 base": {"image": image},
         "scheduler='ddim'": {"scheduler": "ddim"},
         "clip_skip=1": {"clip_skip": 1},
     }

@@ -18,6 +18,8 @@ The mapping (one place):
     width, height                  -> width, height
     unit scale / start / end       -> controlnet_conditioning_scale, control_guidance_start / _end (same window rule)
     several units                  -> SD3MultiControlNetModel / FluxMultiControlNetModel (residuals added, Sec. 3.4)
+    image, strength (Flux)         -> FluxControlNetImg2ImgPipeline's image (at the output size by resize_mode),
+                                      strength; SD3 img2img is refused (diffusers has no SD3 ControlNet img2img)
 What this path cannot do yet is refused in one line naming the setting (`unsupported`), never ignored.
 """
 
@@ -53,8 +55,23 @@ def refusals(
     units[k].*), so a server answers 422 naming it before queueing (serve/service.py `Service.check`);
     `guidance_embeds`: the Flux transformer's config (False for schnell)."""
     problems = []
-    if opt.image is not None or opt.mask is not None:
-        problems.append(("image", f"image/mask (img2img, inpainting): {NOT_YET}"))
+    if opt.mask is not None:
+        problems.append(("mask", f"mask (inpainting): {NOT_YET}"))
+    elif opt.image is not None and arch != "flux":
+        problems.append(
+            (
+                "image",
+                "image (img2img): on an SD3 base not supported yet (diffusers has no SD3 ControlNet img2img pipeline "
+                "to keep parity with); Flux bases take one",
+            )
+        )
+    if arch == "flux" and opt.image is not None and opt.true_cfg_scale > 1:
+        problems.append(
+            (
+                "true_cfg_scale",
+                "true_cfg_scale with an image (img2img): diffusers' Flux ControlNet img2img has none",
+            )
+        )
     if opt.scheduler not in OWN_SAMPLERS:
         problems.append(
             (
@@ -220,9 +237,11 @@ class TransformerControlNetPipeline:
         return choose_size(width, height, size, self.native_size, self.base.size_multiple)
 
     # ----------------------------------------------------------------------------------------------------
-    def diffusers_pipeline(self):
-        """diffusers' ControlNet pipeline over these very modules (a fresh scheduler: ours is never mutated)."""
+    def diffusers_pipeline(self, img2img: bool = False):
+        """diffusers' ControlNet pipeline over these very modules (a fresh scheduler: ours is never mutated);
+        `img2img`: Flux's FluxControlNetImg2ImgPipeline (SD3 has none in diffusers)."""
         from diffusers import (
+            FluxControlNetImg2ImgPipeline,
             FluxControlNetPipeline,
             FluxMultiControlNetModel,
             SD3MultiControlNetModel,
@@ -248,7 +267,7 @@ class TransformerControlNetPipeline:
             )
         else:
             net = nets[0] if len(nets) == 1 else FluxMultiControlNetModel(nets)
-            pipe = FluxControlNetPipeline(
+            pipe = (FluxControlNetImg2ImgPipeline if img2img else FluxControlNetPipeline)(
                 scheduler=scheduler,
                 vae=b.vae,
                 text_encoder=b.text_encoder,
@@ -302,7 +321,7 @@ class TransformerControlNetPipeline:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
 
         # 2. diffusers' pipeline, the settings mapped once
-        pipe = self.diffusers_pipeline()
+        pipe = self.diffusers_pipeline(img2img=opt.image is not None)
         single = len(self.controlnets) == 1
         call = dict(
             prompt=prompts,
@@ -325,6 +344,11 @@ class TransformerControlNetPipeline:
             call["negative_prompt"] = _per_prompt(opt.negative_prompt or "", len(prompts))
         elif opt.negative_prompt is not None:
             call["negative_prompt"] = _per_prompt(opt.negative_prompt, len(prompts))
+        if (
+            opt.image is not None
+        ):  # img2img (Flux): the init image at the output size, the last `strength` of the steps
+            call["image"] = ci.condition_image(opt.image, width, height, opt.resize_mode)
+            call["strength"] = opt.strength
         if progress is not None:
 
             def on_step(pipe_, i, t, tensors):
