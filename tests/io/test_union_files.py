@@ -81,7 +81,9 @@ def test_a_single_file_in_diffusers_names_loads_with_its_unet(promax, tmp_path):
     assert isinstance(net, UnionControlNet) and net.union_config.num_trans_layer == 1
     assert net.union_config.num_trans_head == 8  # not in the weights: a file alone takes xinsir's 8
     described = inspect_path(file).describe()
-    assert described["union types"].startswith("8: openpose/pose 0, depth 1, hed/pidi/scribble/ted/softedge/soft_edge 2")
+    assert described["union types"].startswith(
+        "8: openpose/pose 0, depth 1, hed/pidi/scribble/ted/softedge/soft_edge 2"
+    )
     assert described["union types"].endswith("tile 6, repaint/inpaint 7")
 
 
@@ -114,3 +116,19 @@ def test_a_union_net_of_another_family_is_refused_from_the_header(promax, tmp_pa
     save_file(state, file)
     with pytest.raises(Exception, match="ControlNet for .* but the UNet given is"):
         load_controlnet(file, unet=make_tiny_unet("sd21"))
+
+
+def test_inspect_names_a_flux_union_nets_modes(tmp_path):
+    """InstantX/Shakker Flux union nets: `FluxControlNetModel(num_mode=...)`; their modes by the model cards' names."""
+    from diffusers import FluxControlNetModel
+
+    from controlnet.testing.tiny_transformers import TINY_FLUX_CONFIG
+
+    FluxControlNetModel(**{**TINY_FLUX_CONFIG, "num_mode": 7}).save_pretrained(tmp_path / "flux-union")
+    described = inspect_path(tmp_path / "flux-union").describe()
+    assert (
+        described["union types"]
+        == "7: canny 0, tile 1, depth 2, blur 3, pose/openpose 4, gray 5, lq/low_quality 6"
+    )
+    FluxControlNetModel(**TINY_FLUX_CONFIG).save_pretrained(tmp_path / "flux-plain")
+    assert "union types" not in inspect_path(tmp_path / "flux-plain").describe()

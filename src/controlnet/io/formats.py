@@ -169,6 +169,15 @@ def check_family(control: Family, base: Family, control_what: str, base_what: st
 UNION_TASK_KEY = "task_embedding"
 
 
+FLUX_MODE_KEY = "controlnet_mode_embedder.weight"  # (num_mode, width): a Flux union net (InstantX, Shakker)
+
+
+def flux_union_modes(state: dict) -> int | None:
+    """A Flux union ControlNet's number of modes; None for any other file."""
+    value = state.get(FLUX_MODE_KEY)
+    return int(value.shape[0]) if value is not None else None
+
+
 def union_types(state: dict) -> int | None:
     """A union ControlNet's number of condition types (from the task embedding's shape); None for any other file."""
     value = state.get(UNION_TASK_KEY)
@@ -210,15 +219,19 @@ class Inspection:
             "control outputs": outputs,
         }
         if self.condition_types is not None:
-            described["union types"] = _union_types_line(self.condition_types)
+            described["union types"] = _union_types_line(self.condition_types, self.arch)
         return described
 
 
-def _union_types_line(count: int) -> str:
-    """'8: openpose/pose 0, depth 1, ...' (the publishers' names per id)."""
-    from controlnet.model.union_controlnet import describe_types  # the names' one table (light: no weights)
+def _union_types_line(count: int, arch: str = "unet") -> str:
+    """'8: openpose/pose 0, depth 1, ...' (the publishers' names per id; Flux union nets have their own)."""
+    from controlnet.model.union_controlnet import (  # light: no weights
+        FLUX_UNION_MODES,
+        UNION_TYPES,
+        describe_types,
+    )
 
-    known = describe_types(count)
+    known = describe_types(count, FLUX_UNION_MODES if arch == "flux" else UNION_TYPES)
     return f"{count}: {known}" if known else str(count)
 
 
@@ -363,6 +376,7 @@ def inspect_state_dict(state: dict) -> Inspection:
             arch=TRANSFORMER_FORMATS[fmt],
             layout=LAYOUT_PHRASES[fmt],
             outputs_detail=_outputs_detail(fmt, *count_transformer_outputs(state)),
+            condition_types=flux_union_modes(state),
         )
     if fmt == "original-combined":
         counted = {k: v for k, v in state.items() if k.startswith("control_model.")}

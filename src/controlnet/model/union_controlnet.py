@@ -65,37 +65,49 @@ UNION_TYPES: dict[str, int] = {
     "seg": 5,
     "inpaint": 7,
 }
+# The Flux union ControlNets' modes (InstantX's and Shakker's FLUX.1-dev-Controlnet-Union model cards; ComfyUI's
+# SetShakkerLabsUnionControlNetType): `FluxControlNetModel(num_mode=...)`'s `controlnet_mode_embedder` rows.
+FLUX_UNION_MODES: dict[str, int] = {
+    "canny": 0,
+    "tile": 1,
+    "depth": 2,
+    "blur": 3,
+    "pose": 4,
+    "openpose": 4,
+    "gray": 5,
+    "lq": 6,
+    "low_quality": 6,
+}
 # When the UNet has no SDXL size embedding to borrow its width from (SD1.x/2.x), the type vector's sinusoidal features
 # get SDXL's width (256 per type), so that the same architecture and config keys serve every UNet base.
 DEFAULT_TYPE_EMBED_DIM = 256
 UNION_MID_BLOCK = "UNetMidBlock2DCrossAttn"
 
 
-def describe_types(count: int) -> str:
-    """'openpose/pose 0, depth 1, hed/pidi/scribble/ted/softedge/soft_edge 2, ...' for a net of `count` types."""
+def describe_types(count: int, table: dict[str, int] = UNION_TYPES) -> str:
+    """'openpose/pose 0, depth 1, hed/pidi/scribble/ted/softedge/soft_edge 2, ...' for a net of `count` types
+    (`table`: UNION_TYPES for the UNet union nets, FLUX_UNION_MODES for Flux's)."""
     names: dict[int, list[str]] = {}
-    for name, ident in UNION_TYPES.items():
+    for name, ident in table.items():
         names.setdefault(ident, []).append(name)
     return ", ".join(f"{'/'.join(names[i])} {i}" for i in range(count) if i in names)
 
 
-def type_id(name_or_id: str | int, num_control_type: int) -> int:
-    """The id of a condition type given by name (`UNION_TYPES`) or id, checked against the net's number of types."""
+def type_id(name_or_id: str | int, num_control_type: int, table: dict[str, int] = UNION_TYPES) -> int:
+    """The id of a condition type given by name (`table`) or id, checked against the net's number of types."""
     if isinstance(name_or_id, str) and not name_or_id.strip().isdigit():
         # ComfyUI's names join the annotators of one id: "canny/lineart/anime_lineart/mlsd"
         keys = [k.strip().lower().replace("-", "_").replace(" ", "_") for k in name_or_id.split("/")]
-        ids = {UNION_TYPES.get(k) for k in keys}
+        ids = {table.get(k) for k in keys}
         if None in ids or len(ids) != 1:
-            raise ValueError(
-                f"unknown union control type {name_or_id!r}; expected one of {', '.join(UNION_TYPES)}"
-            )
+            raise ValueError(f"unknown union control type {name_or_id!r}; expected one of {', '.join(table)}")
         ident = ids.pop()
     else:
         ident = int(name_or_id)
     if not 0 <= ident < num_control_type:
         raise ValueError(
             f"union control type {name_or_id!r} (id {ident}): this net has {num_control_type} types "
-            f"({describe_types(num_control_type)})"
+            f"({describe_types(num_control_type, table)})"
         )
     return ident
 
