@@ -303,6 +303,14 @@ class ControlNet(ControlBase):
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
 
         h = self.conv_in(sample) + hint  # x + Z(c) in Eq. 2, with E(c) ending in a zero conv
+        skips, h = self._encode(h, emb, encoder_hidden_states)
+        return self._residuals(skips, h, scales)
+
+    def _encode(
+        self, h: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """F(.; Theta_c): the copied encoder from its input h (B, C_0, h, w) -> (every skip tensor, the middle's
+        output), the skips in push order starting with h."""
         skips = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
@@ -315,8 +323,7 @@ class ControlNet(ControlBase):
                 h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
             else:
                 h = self.mid_block(h, emb)
-
-        return self._residuals(skips, h, scales)
+        return skips, h
 
     # ----------------------------------------------------------------------------------------------------
     # configuration

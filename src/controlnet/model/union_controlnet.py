@@ -287,18 +287,7 @@ class UnionControlNet(ControlNet):
             fused = fused + (hint + alpha if one_scale else hint * s + alpha * s)
         h = h + fused
 
-        skips = [h]
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                h, res = block(hidden_states=h, temb=emb)
-            skips.extend(res)
-        if self.mid_block is not None:
-            if getattr(self.mid_block, "has_cross_attention", False):
-                h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                h = self.mid_block(h, emb)
+        skips, h = self._encode(h, emb, encoder_hidden_states)
         outputs = [scales[0] if one_scale else 1.0] * self.num_control_outputs
         return self._residuals(skips, h, outputs)
 
