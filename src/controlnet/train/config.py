@@ -28,6 +28,10 @@ METRICS = ("auto", "fill_iou", "edge_f1", "none")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # diffusers' SD3/Flux trainers' --weighting_scheme (training_utils: sampling density and loss weighting)
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "uniform", "none")
+# The parts of an SD3 / Flux checkpoint file given beside it: generate/options.py `BaseParts`' fields, repeated in
+# `ModelConfig` with BaseParts' docstrings (generate/options.py imports torch, which `controlnet --help` must not;
+# tests/train/test_transformer_single_file_training.py checks that both agree).
+BASE_PARTS = ("vae", "clip_l", "clip_g", "t5")
 # How the base options are spelled on `controlnet train`'s command line, for the loader's error messages.
 BASE_FLAGS = {
     "base": "--model.base",
@@ -36,6 +40,7 @@ BASE_FLAGS = {
     "base_config": "--model.base_config",
     "ema": "--model.ema true",
     "no_ema": "--model.ema false",
+    **{name: f"--model.{name}" for name in BASE_PARTS},
 }
 # Paper Sec. 3.3 / Sec. 4: "we randomly replace 50% text prompts c_t with empty strings".
 PAPER_EMPTY_PROMPT_PROB = 0.5
@@ -113,7 +118,7 @@ class ModelConfig:
     """The locked base model and the trainable ControlNet (paper Sec. 3.2)."""
 
     base: str = "builtin"
-    """base text-to-image model: "builtin", a diffusers model folder, a folder written by `controlnet world export-base`, or one SD1.x/SD2.x/SDXL checkpoint file (.safetensors/.ckpt; needs model.tokenizer)"""
+    """base text-to-image model: "builtin", a diffusers model folder, a folder written by `controlnet world export-base`, one SD1.x/SD2.x/SDXL checkpoint file (.safetensors/.ckpt; needs model.tokenizer), or one SD3/SD3.5 checkpoint or Flux transformer file (with model.vae, model.clip_l, model.clip_g, model.t5 for the parts it lacks)"""
     tokenizer: str = ""
     """tokenizer folder (CLIP's vocab.json + merges.txt, e.g. a diffusers SD model's tokenizer/): required for a checkpoint file, which holds none; for a folder it replaces the folder's own"""
     tokenizer_2: str = ""
@@ -124,6 +129,19 @@ class ModelConfig:
     """a checkpoint file holding EMA weights too (model_ema.*, e.g. v1-5-pruned): train on those instead of the non-EMA ones (the weights fine-tuning continues from)"""
     base_config: str = ""
     """a checkpoint file of a non-standard architecture: JSON file with "family" (sd15, sd21, sdxl) and the diffusers configs of unet, vae and text_encoder"""
+    # BASE_PARTS: generate/options.py BaseParts' fields and docstrings ("" = none given)
+    vae: str = ""
+    """An SD3/Flux checkpoint file's VAE: a file (Flux's ae.safetensors) or a diffusers vae/ folder; needed when the
+    file holds none (Flux), else it replaces the file's own."""
+    clip_l: str = ""
+    """An SD3/Flux checkpoint file's CLIP-L text encoder folder (config.json + weights, its tokenizer there or in
+    the sibling tokenizer folder: text_encoder/ of a diffusers SD3/Flux model); needed when the file holds none."""
+    clip_g: str = ""
+    """An SD3 checkpoint file's CLIP-G text encoder folder (text_encoder_2/ of a diffusers SD3 model); needed when
+    the file holds none."""
+    t5: str = ""
+    """T5-XXL text encoder folder (text_encoder_3/ of SD3, text_encoder_2/ of Flux), or its tokenizer folder alone
+    when the file holds T5's weights; needed for Flux; for SD3 optional (without it long prompts follow less well)."""
     controlnet: str = ""
     """start from this ControlNet (original or diffusers format, or builtin:NAME) instead of a fresh copy of the UNet
     encoder"""
@@ -312,7 +330,8 @@ class ValidationConfig:
     steps: int = 20
     """sampler steps per validation image"""
     guidance_scale: float = 1.0
-    """classifier-free guidance scale at validation (1 = off)"""
+    """classifier-free guidance scale at validation (1 = off); on a Flux base, whose guidance is embedded, not CFG:
+    flow.guidance where the base has a guidance embedding (dev), none where it has not (schnell)"""
     metric: str = "auto"
     """auto (a world dataset's task metric, else edge_f1) | fill_iou | edge_f1 | task:NAME (a world task's metric) | none"""
     threshold: float = 0.8
@@ -443,4 +462,5 @@ def base_options(model: ModelConfig) -> dict:
         "prediction_type": model.prediction_type or None,
         "configs": model.base_config or None,
         "flags": BASE_FLAGS,
+        **{name: getattr(model, name) or None for name in BASE_PARTS},  # an SD3 / Flux file's other parts
     }

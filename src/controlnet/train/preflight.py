@@ -40,27 +40,32 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
     """Check everything `config` says that needs no weights; the checked base source (None when the caller brings
     its loaded `base`). One ValueError / FileNotFoundError line per problem, naming the option."""
     c = config
-    # the size rule of generation (generate/sizes.py), from the base's config files (a checkpoint file: 8x)
-    if not c.data.bucketing:  # bucketing: sizes of area resolution ** 2, multiples of 64
+    # the size rule of generation (generate/sizes.py), from the base's config files (an SD checkpoint file: 8x; an
+    # SD3 / Flux file: its VAE's, known once its header is checked, below)
+    if not c.data.bucketing and not _transformer_file(c.model.base, base):  # bucketing: multiples of 64
         factor = vae_factor_on_disk(c.model.base) if base is None else base.vae_scale_factor
         if factor is not None:
             check_size(c.data.resolution, c.data.resolution, factor, option="data.resolution")
     source = None if base is not None else check_base(c.model.base, **base_options(c.model))
     arch = source.arch if source is not None else getattr(base, "arch", "unet")
-    if (
-        arch != "unet"
-    ):  # SD3/Flux: what their trainer cannot do, from config files and headers (transformer_step.py)
-        from controlnet.train.transformer_step import check_transformer_run, size_multiple_on_disk
+    geometry = (None, None)  # (VAE factor, transformer config) of a transformer base, from its files
+    if source is not None and arch != "unet":
+        from controlnet.train.transformer_step import base_geometry
 
-        path = source.path if source is not None else None
-        if path is not None and not c.data.bucketing:
-            multiple = size_multiple_on_disk(path, arch, vae_factor_on_disk(path))
-            if multiple and c.data.resolution % multiple:
-                raise ValueError(
-                    f"data.resolution={c.data.resolution}: expected a multiple of {multiple} on this "
-                    f"{arch.upper()} base (VAE factor x {'2x2 packing' if arch == 'flux' else 'patch size'})"
-                )
-        check_transformer_run(c, path, arch)
+        geometry = base_geometry(source)
+        if source.plan is not None and geometry[0] is not None and not c.data.bucketing:
+            check_size(c.data.resolution, c.data.resolution, geometry[0], option="data.resolution")
+    # SD3/Flux: what their trainer cannot do, from config files and headers (transformer_step.py)
+    if arch != "unet":
+        from controlnet.train.transformer_step import check_transformer_run, size_multiple
+
+        multiple = size_multiple(arch, *geometry)
+        if multiple and not c.data.bucketing and c.data.resolution % multiple:
+            raise ValueError(
+                f"data.resolution={c.data.resolution}: expected a multiple of {multiple} on this "
+                f"{arch.upper()} base (VAE factor x {'2x2 packing' if arch == 'flux' else 'patch size'})"
+            )
+        check_transformer_run(c, geometry[1], arch)
     if c.model.controlnet:
         path = controlnet_path(c.model.controlnet)
         if source is not None:  # the ControlNet's family against the base's, from the headers
@@ -69,6 +74,14 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
     check_trackers(c.train.log_with)
     ckpt.find_resume(Path(c.train.output_dir), c.checkpoint.resume)  # an explicit folder must exist
     return source
+
+
+def _transformer_file(spec: str, base: BaseComponents | None) -> bool:
+    """`spec` is an SD3 / Flux checkpoint file (its header alone; the base loader's test)."""
+    from controlnet.generate.transformer_base import transformer_file_arch
+
+    path = Path(spec)
+    return base is None and path.is_file() and transformer_file_arch(path) is not None
 
 
 def _check_data_path(c: TrainConfig) -> None:

@@ -405,11 +405,23 @@ class Trainer:
     def _pipeline(self, with_control: bool):
         from controlnet.generate.pipeline import ControlNetPipeline
 
-        return ControlNetPipeline.from_components(self.base, [self.controlnet] if with_control else [])
+        # a transformer base's pipeline runs with a net only: its floor is the net at scale 0 (`_generate`)
+        return ControlNetPipeline.from_components(
+            self.base, [self.controlnet] if with_control or self.flow else []
+        )
+
+    def _generate(self, pipe, prompts, conds, with_control: bool) -> list:
+        """The validation images of `pipe` (`_pipeline`); on a transformer base one call per prompt, with the
+        guidance its family takes (validation.transformer_guidance)."""
+        v = self.config.validation
+        if not self.flow:
+            return val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0)
+        guidance = val.transformer_guidance(self.config, dict(self.base.transformer.config), self.base.arch)
+        scale = 1.0 if with_control else 0.0
+        return val.generate_on_transformer(pipe, prompts, conds, v.steps, guidance, seed=0, control_scale=scale)
 
     @torch.no_grad()
     def _validate(self, step: int, with_control: bool = True) -> tuple[float, list]:
-        v = self.config.validation
         prompts, conds, _ = self.val
         was_training = self.controlnet.training
         self.controlnet.eval()
@@ -420,8 +432,7 @@ class Trainer:
                 p.data.copy_(e)
         try:
             with self.acc.autocast():
-                pipe = self._pipeline(with_control)
-                images = val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0)
+                images = self._generate(self._pipeline(with_control), prompts, conds, with_control)
         finally:
             if backup is not None:
                 for p, b in zip(self.trainable, backup, strict=True):

@@ -70,8 +70,11 @@ def default_layers(model: ModelConfig, arch: str, transformer_config: dict) -> t
     )
 
 
-def check_transformer_run(c: TrainConfig, base_path: Path | None, arch: str) -> None:
-    """What a transformer base cannot train, one line each, from config files and headers only (no weights)."""
+def check_transformer_run(c: TrainConfig, transformer_config: dict | None, arch: str) -> None:
+    """What a transformer base cannot train, one line each, from config files and headers only (no weights).
+
+    `transformer_config`: the base transformer's config (`base_geometry`; None when the caller brought a loaded
+    base, whose blocks are then not counted here)."""
     m = c.model
     refused = {
         "model.sd_locked=false": not m.sd_locked,
@@ -92,9 +95,8 @@ def check_transformer_run(c: TrainConfig, base_path: Path | None, arch: str) -> 
             f"model.transformer_single_layers={m.transformer_single_layers}: SD3 has no single-stream blocks "
             "(expected -1 or 0)"
         )
-    config_file = base_path / "transformer" / "config.json" if base_path is not None else None
-    if config_file is not None and config_file.is_file() and not m.controlnet:
-        config = json.loads(config_file.read_text())
+    if transformer_config is not None and not m.controlnet:
+        config = transformer_config
         n = int(config.get("num_layers", 0))
         layers, single = default_layers(m, arch, config)
         high = n - 1 if arch == "sd3" else n
@@ -375,17 +377,36 @@ def export_layout(net: nn.Module, fmt: str) -> str:
     return "xlabs" if getattr(net, "input_hint_block", None) is not None else "diffusers-file"
 
 
-def size_multiple_on_disk(base_path: Path, arch: str, vae_factor: int | None) -> int | None:
-    """What a training side must be a multiple of on this base (VAE factor x patch, Flux x 2), from config files."""
+def base_geometry(source) -> tuple[int | None, dict | None]:
+    """(VAE factor, transformer config) of a checked transformer base (`generate.base.BaseSource`), no weights read:
+    a diffusers folder's vae/ and transformer/ config.json; a single file's (`source.plan`) configs derived from its
+    headers, or the config.json of a VAE folder given beside it. None where the files do not tell."""
+    from controlnet.generate.sizes import vae_factor_on_disk
+
+    def read(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    if source.plan is None:
+        return vae_factor_on_disk(source.path), read(source.path / "transformer" / "config.json")
+    vae = source.plan.parts["vae"]
+    vae_config = read(vae.path / "config.json") if vae.source == "folder" else vae.config
+    blocks = (vae_config or {}).get("block_out_channels")
+    factor = 2 ** (len(blocks) - 1) if blocks else None
+    return factor, dict(source.plan.parts["transformer"].config)
+
+
+def size_multiple(arch: str, vae_factor: int | None, transformer_config: dict | None) -> int | None:
+    """What a training side must be a multiple of on this base (VAE factor x patch, Flux x 2 for its packing)."""
     if vae_factor is None:
         return None
     if arch == "flux":
         return vae_factor * fm.FLUX_PACKING
-    try:
-        patch = json.loads((base_path / "transformer" / "config.json").read_text()).get("patch_size", 1)
-    except (OSError, ValueError):
+    if transformer_config is None:
         return None
-    return vae_factor * int(patch)
+    return vae_factor * int(transformer_config.get("patch_size", 1))
 
 
 __all__ = [

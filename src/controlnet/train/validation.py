@@ -24,7 +24,57 @@ from controlnet.evaluate.heldout import generate_images as generate
 from controlnet.evaluate.report import score_by_name as score
 
 # generate and score are evaluate's, named here as the trainer and the demo call them
-__all__ = ["convergence_step", "generate", "grid", "metric_for", "score", "should_stop_early"]
+__all__ = [
+    "convergence_step",
+    "generate",
+    "generate_on_transformer",
+    "grid",
+    "metric_for",
+    "score",
+    "should_stop_early",
+    "transformer_guidance",
+]
+
+
+def transformer_guidance(config, transformer_config: dict, arch: str) -> float | None:
+    """The guidance value validation passes on an SD3 / Flux base.
+
+    SD3: `validation.guidance_scale` (CFG, 1 = off). Flux's guidance_scale is no CFG but a value embedded in the
+    transformer: a guidance-distilled base (dev, `guidance_embeds`) is validated at `flow.guidance`, the value it was
+    trained with; a base without the embedding (schnell) takes none (its pipeline refuses one: None = the base's)."""
+    if arch == "sd3":
+        return config.validation.guidance_scale
+    return config.flow.guidance if transformer_config.get("guidance_embeds") else None
+
+
+def generate_on_transformer(
+    pipeline,
+    prompts: Sequence[str],
+    conditions: Sequence[np.ndarray],
+    steps: int,
+    guidance_scale,
+    seed: int,
+    control_scale: float = 1.0,
+) -> list[np.ndarray]:
+    """`generate` on an SD3 / Flux base: one call per prompt and its condition (the transformer pipeline takes one
+    condition image per net, not one per prompt), image k from seed + k as in `generate`'s one batched call. The
+    floor (the base alone) is `control_scale=0`: the net's residuals are multiplied by 0, the locked transformer runs
+    as it is. `guidance_scale` None: the base's default (`transformer_guidance`)."""
+    images = []
+    for k, (prompt, condition) in enumerate(zip(prompts, conditions, strict=True)):
+        result = pipeline(
+            [prompt],
+            [condition],
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed + k,
+            control_scale=control_scale,
+            width=condition.shape[1],  # the condition's size (the training size), not the base's native one
+            height=condition.shape[0],
+            output_type="np",
+        )
+        images.append((result.array[0] * 255).round().astype(np.uint8))  # as `generate` (evaluate/heldout.py)
+    return images
 
 
 def metric_for(config) -> str:
