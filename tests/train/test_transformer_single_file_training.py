@@ -33,6 +33,7 @@ from controlnet.testing.tiny_transformer_bases import (
 from controlnet.train import trainer as trainer_module
 from controlnet.train.config import BASE_FLAGS, BASE_PARTS, ModelConfig, resolve_config
 from controlnet.train.trainer import Trainer
+from controlnet.train.transformer_step import ControlledTransformer, micro_loss
 
 SIZE = 8  # px; the tiny bases' VAE has factor 1 (Flux: 16 packed tokens)
 
@@ -125,34 +126,41 @@ def test_part_options_are_generates_base_parts():
 # training on the file forms through the command line
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
 def test_cli_trains_on_the_single_file_as_on_the_folder(world, arch, tmp_path, capsys):
-    """The CLI on the file form finishes and exports a net that loads back onto the file's transformer; its first
-    step's loss equals the folder form's exactly (same weights, same draws), and the folder form shares the file
-    form's text cache (its key hashes the encoders' weights, not where they came from)."""
-    from controlnet.generate.base import check_base, load_base
+    """The CLI on the file form finishes, its loss falls and its export loads back; its first step's loss equals the
+    folder form's exactly (same weights, same draws), and the folder form shares the file form's text cache (its key
+    hashes the encoders' weights, not where they came from)."""
     from controlnet.io.api import load_controlnet
-    from controlnet.train.config import base_options
 
     cache = tmp_path / "cache"
-    values = settings(world, arch, tmp_path / "file-run", **{"data.cache_dir": str(cache)})
+    run = tmp_path / "file-run"
+    extra = {"data.cache_dir": str(cache), "train.max_steps": "8", "train.batch_size": "4", "optim.lr": "3e-3"}
+    values = settings(world, arch, run, **extra)
     assert cli.main(argv(values)) == 0
-    out = capsys.readouterr()
-    assert "finished at step 2" in out.out
-    losses = logged_losses(tmp_path / "file-run")
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    config = json.loads((tmp_path / "file-run" / "config.json").read_text())
-    assert config["model"]["t5"] == values["model.t5"]  # the run folder says which parts it trained with
-    # the export loads back onto the base it was trained on
-    model = resolve_config(None, values).model
-    base = load_base(check_base(model.base, **base_options(model)), **base_options(model))
-    net = load_controlnet(tmp_path / "file-run" / "final" / "controlnet", unet=base.transformer.float())
-    assert sum(p.numel() for p in net.parameters()) > 0
+    assert "finished at step 8" in capsys.readouterr().out
+    losses = logged_losses(run)
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert (
+        json.loads((run / "config.json").read_text())["model"]["t5"] == values["model.t5"]
+    )  # the parts, recorded
     texts = sorted(p.name for p in cache.glob("text-*"))
-    # the folder form: the same first loss, and a cache hit on the same encoders' embeddings
-    folder = resolve_config(
-        None, settings(world, arch, tmp_path / "folder-run", "folder", **{"data.cache_dir": str(cache)})
-    )
-    assert first_loss(folder) == losses[0]
+    # the folder form: the same draws; a cache hit on the same encoders' embeddings; the same first loss
+    trainer = Trainer(resolve_config(None, settings(world, arch, tmp_path / "folder-run", "folder", **extra)))
+    trainer.setup()
+    trainer.build_model()
     assert sorted(p.name for p in cache.glob("text-*")) == texts
+    batches = [trainer.data.micro_batch(k) for k in range(4)]  # the file run's first micro-batches
+
+    @torch.no_grad()
+    def loss(net) -> float:  # the mean flow loss of `net` on them (fixed noise and s)
+        model = ControlledTransformer(net, trainer.base.transformer, arch, 3.5)
+        return float(torch.stack([micro_loss(model, b, torch.float32, "logit_normal") for b in batches]).mean())
+
+    before = loss(trainer.controlnet)  # the fresh net: zero layers, the base alone (Eq. 3)
+    assert trainer.step(0).loss == losses[0]
+    exported = load_controlnet(run / "final" / "controlnet", unet=trainer.base.transformer.float())
+    after = loss(exported)
+    print(f"{arch} file: flow loss {before:.3f} at step 0 -> {after:.3f} after 8 steps")
+    assert after < 0.9 * before, (before, after)
 
 
 def test_a_different_t5_is_a_different_text_cache(world, tmp_path):
