@@ -15,9 +15,8 @@ Measured: every command runs in a fresh process and reports its own peak RSS (Vm
 benchmarks/convert.py's `peak_rss`). Round trips: layout -> `--to diffusers` -> `--to <layout>`; every tensor's
 bytes are hashed (sha256) in the source and the result; exit 1 if one differs.
 
-Init: `controlnet init` makes UNet ControlNets only; the transformer path measured here is the library's
-(`SD3ControlNet.from_transformer` on a base built on the meta device with only the copied parts read from the file,
-then a streamed write). A Flux.1-dev base (11.9 B parameters, 23.8 GB in bf16) or an SD3.5 Large one (16.1 GB) does
+Init: `controlnet init` on a base folder as diffusers writes it (the transformer's file memory-mapped, only the
+copied blocks' pages read, `SD3ControlNet.from_transformer`, then the write). A Flux.1-dev base (11.9 B parameters, 23.8 GB in bf16) or an SD3.5 Large one (16.1 GB) does
 not fit this benchmark's disk and memory budget, so the measured init uses an SD3.5-Medium-sized base file (4.5 GB);
 the large ones are counted on the meta device and their peak is computed from the same terms (copied parts + net +
 the process's baseline), checked against the measured SD3.5 Medium case.
@@ -164,6 +163,18 @@ def write_base(family: str, config: dict, path: Path) -> Path:
     return path
 
 
+def write_base_folder(folder: Path) -> Path:
+    """An SD3.5-Medium-sized base as `controlnet init` takes it: model_index.json naming the transformer, and
+    transformer/{config.json, diffusion_pytorch_model.safetensors} (random bf16, streamed)."""
+    (folder / "transformer").mkdir(parents=True)
+    write_base("sd3", SD35_MEDIUM_BASE, folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    config = {"_class_name": "SD3Transformer2DModel", **SD35_MEDIUM_BASE}
+    (folder / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
+    index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
+
+
 def tensor_hashes(path: Path) -> dict[str, str]:
     """sha256 of every tensor's bytes, from the safetensors header's offsets (file or diffusers folder)."""
     if path.is_dir():
@@ -189,26 +200,8 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-# The init measured: a base built on the meta device, only the parts the ControlNet copies read from the file
-# (pread, one tensor at a time), `SD3ControlNet.from_transformer`, then a streamed write in diffusers' layout.
-INIT = """import sys, torch
-from controlnet.io.safe_load import LazyWeights
-from controlnet.io.transformer_layouts import save_transformer_controlnet
-from controlnet.model.transformer_controlnet import SD3ControlNet
-from diffusers import SD3Transformer2DModel
-config, layers = eval(sys.argv[3]), int(sys.argv[4])
-with torch.device("meta"):
-    base = SD3Transformer2DModel(**config)
-copied = ("pos_embed.", "time_text_embed.", "context_embedder.", *(f"transformer_blocks.{i}." for i in range(layers)))
-with LazyWeights(sys.argv[1]) as weights:
-    state = {k: weights.read(k) for k in weights.meta if k.startswith(copied)}
-base.load_state_dict(state, strict=False, assign=True)
-del state
-torch.manual_seed(0)
-net = SD3ControlNet.from_transformer(base, num_layers=layers)
-del base
-save_transformer_controlnet(net, sys.argv[2], "diffusers")
-"""
+# The init measured is the command's: `controlnet init <base folder> <out> --num-layers 12` (io/transformer_init.py:
+# the base's file memory-mapped, only the copied blocks' pages touched, `SD3ControlNet.from_transformer`, a write).
 INIT_LAYERS = 12  # SD3ControlNet.from_transformer's default (diffusers' too)
 
 
@@ -351,6 +344,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()), help="where temporary files go")
     parser.add_argument("--paper-only", action="store_true", help="only the computed tables (no files)")
+    parser.add_argument(
+        "--init-only", action="store_true", help="only the measured init (and the computed tables)"
+    )
     args = parser.parse_args(argv)
     if args.paper_only:
         paper_tables(None)
@@ -362,7 +358,7 @@ def main(argv=None) -> int:
     exact = True
     print("measured: peak RSS (GiB, VmHWM of a fresh process) and wall time per command; files bf16", flush=True)
     try:
-        for name, family, config, layout in STANDINS:
+        for name, family, config, layout in [] if args.init_only else STANDINS:
             path = write_standin(family, config, layout, work / f"{layout}.safetensors")
             print(f"{name}: {count(build(family, config)) / 1e9:.3f} B params, {size_of(path) / GB:.2f} GB "
                   f"({layout} layout)", flush=True)  # fmt: skip
@@ -384,14 +380,13 @@ def main(argv=None) -> int:
             shutil.rmtree(folder)
             back.unlink()
             path.unlink()
-        base = write_base("sd3", SD35_MEDIUM_BASE, work / "sd35m.safetensors")
+        base = write_base_folder(work / "sd35m")
         base_params = count(build("sd3", SD35_MEDIUM_BASE, base=True))
         print(
             f"SD3.5 Medium-sized base: {base_params / 1e9:.3f} B params, {size_of(base) / GB:.2f} GB", flush=True
         )
         out = work / "init"
-        argv = [sys.executable, "-c", INIT, str(base), str(out), repr(SD35_MEDIUM_BASE), str(INIT_LAYERS)]
-        rss, seconds = peak_rss(argv, env)
+        rss, seconds = peak_rss([*cli, "init", str(base), str(out), "--num-layers", str(INIT_LAYERS)], env)
         net = build("sd3", json.loads((out / "config.json").read_text()))
         net_params = count(net)
         print(f"  init (from_transformer, {INIT_LAYERS} joint blocks): net {net_params / 1e9:.3f} B params, "
@@ -403,7 +398,7 @@ def main(argv=None) -> int:
         )
         print(f"  computed the same way as below: {rss_idle + (read + stored(net)) * BF16 / GiB:5.2f} GiB "
               f"(baseline: importing torch + diffusers {rss_idle:.2f} GiB)")  # fmt: skip
-        base.unlink()
+        shutil.rmtree(base)
         shutil.rmtree(out)
         paper_tables(rss_idle)
     finally:
