@@ -46,6 +46,17 @@ BASE_FLAGS = {
 PAPER_EMPTY_PROMPT_PROB = 0.5
 # The reference training script (tutorial_train.py) uses AdamW with learning rate 1e-5.
 PAPER_LEARNING_RATE = 1e-5
+# The conditions the consistency reward has a differentiable detector for (train/detectors.py).
+REWARD_DETECTORS = ("canny", "fill", "seg")
+
+
+def check_reward_detector(name: str, field: str = "train.reward_detector") -> None:
+    """Refuse, in one line, a condition that has no differentiable detector (train/detectors.py)."""
+    if name not in REWARD_DETECTORS:
+        raise ValueError(
+            f"{field}={name!r}: no differentiable detector for the {name!r} condition; the reward has detectors "
+            f"for {', '.join(REWARD_DETECTORS)}"
+        )
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -290,8 +301,21 @@ class LoopConfig:
     """write a metrics.jsonl line every this many steps"""
     log_with: tuple[str, ...] = ()
     """also log to these accelerate trackers, e.g. tensorboard (event files in the run folder's logs/) or wandb"""
+    reward: bool = False
+    """add ControlNet++'s consistency reward to the diffusion loss (Li et al. 2024; train/reward.py): one-step x0,
+    VAE decode, a frozen differentiable detector, its loss against the condition (needs the VAE in memory)"""
+    reward_weight: float = 0.5
+    """the reward's weight lambda against the diffusion loss"""
+    reward_max_timestep: int = 200
+    """the reward applies to samples with t <= this of the base's training timesteps (ControlNet++: 200 of 1000;
+    a flow base: sigma <= this / 1000)"""
+    reward_detector: str = "auto"
+    """the condition's differentiable detector: auto (a world dataset's task) | canny | fill | seg"""
 
     def __post_init__(self) -> None:
+        if self.reward_detector != "auto":
+            check_reward_detector(self.reward_detector)
+        _check_positive(self, "reward_weight", "reward_max_timestep", allow_zero=True)
         _check_positive(self, "max_steps", "batch_size", "max_nonfinite", "log_every")
         _check_positive(self, "max_minutes", "threads", allow_zero=True)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)

@@ -144,6 +144,10 @@ class Trainer:
         # every option that needs no weights first (train/preflight.py): nothing is written or loaded before they
         # are known to be right
         source = check_run(c, self._base)
+        if c.train.reward:  # ControlNet++'s consistency reward (train/reward.py): its detector known before loading
+            from controlnet.train.reward import resolve_detector
+
+            resolve_detector(c)
         # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
         # Accelerator is told cpu=True (otherwise every process believes it is alone)
         if c.train.threads:
@@ -200,7 +204,7 @@ class Trainer:
             (self.run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=2) + "\n")
             ckpt.remove_partial(self.run_dir)
         self.acc.wait_for_everyone()
-        if self._base is None and self.data.encoders_done(validation=_validates(c)):
+        if self._base is None and not c.train.reward and self.data.encoders_done(validation=_validates(c)):
             _release_encoders(base)
 
     # ------------------------------------------------------------------------------------------------------
@@ -211,6 +215,11 @@ class Trainer:
         with phase("building the trainable ControlNet"):  # a copy of the UNet's encoder: seconds at SD size
             before = _tensors(self.base.modules())
             self._build_model()
+            self.reward = None
+            if self.config.train.reward:  # the VAE decoder and detector of the consistency term (train/reward.py)
+                from controlnet.train.reward import Reward
+
+                self.reward = Reward(self.config, self.base, getattr(self.data, "noise_scheduler", None))
             # the locked modules' tensors replaced by a cast or a channels_last copy: a base memory-mapped from its
             # file (generate/base.py) kept their pages resident beside the copies, 2.3 GB at SD1.5 size
             held = {t.data_ptr() for t in _tensors(self.base.modules())}
@@ -398,7 +407,10 @@ class Trainer:
             cond = cond.contiguous(memory_format=torch.channels_last)
         added = batch.added_cond and {k: v.to(self.weight_dtype) for k, v in batch.added_cond.items()}
         pred = self.model(noisy, batch.timesteps, batch.context.to(self.weight_dtype), cond, added)
-        return F.mse_loss(pred.float(), batch.target.float(), reduction="mean")  # paper Eq. 5
+        loss = F.mse_loss(pred.float(), batch.target.float(), reduction="mean")  # paper Eq. 5
+        if self.reward is not None:  # + lambda * ControlNet++'s consistency term (train/reward.py)
+            loss = loss + self.reward.unet_term(pred, batch.noisy, batch.timesteps, batch.cond)
+        return loss
 
     # ------------------------------------------------------------------------------------------------------
     # validation
