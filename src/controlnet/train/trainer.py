@@ -141,13 +141,13 @@ class Trainer:
         from accelerate import Accelerator
 
         c = self.config
-        # every option that needs no weights first (train/preflight.py): nothing is written or loaded before they
-        # are known to be right
-        source = check_run(c, self._base)
         if c.train.reward:  # ControlNet++'s consistency reward (train/reward.py): its detector known before loading
             from controlnet.train.reward import resolve_detector
 
             resolve_detector(c)
+        # every option that needs no weights first (train/preflight.py): nothing is written or loaded before they
+        # are known to be right
+        source = check_run(c, self._base)
         # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
         # Accelerator is told cpu=True (otherwise every process believes it is alone)
         if c.train.threads:
