@@ -72,6 +72,7 @@ def test_annotator_turns_a_photo_into_the_condition(saved, tmp_path):
         (["--cond", "COND"], "--cond given 2 times for 1 --controlnet"),
         (["--annotator", "nope"], "unknown name 'nope'"),
         (["--ema"], "base holds one set of weights, no EMA UNet (model_ema.*)"),
+        (["--true-cfg", "2"], "true_cfg_scale=2.0: true CFG is for guidance-distilled Flux bases"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(saved, tmp_path, capsys, extra, message):

@@ -296,3 +296,45 @@ def test_flux_true_cfg_equals_diffusers(world):
 
     assert refusals(GenerationOptions(true_cfg_scale=2.0), "sd3", 1)[0][0] == "true_cfg_scale"  # Flux's only
     assert refusals(GenerationOptions(negative_prompt="a dog"), "flux", 1)[0][0] == "negative_prompt"  # needs it
+
+
+# ------------------------------------------------------------------------------------------------------------
+# (f) publishers' hint conventions: Stability's SD3.5 canny and depth nets take the condition as ComfyUI's loader
+# feeds them (written out here: canny x * 255 * 0.5 + 0.5, depth 1 - x, on the [0, 1] image; blur as is)
+CONVENTIONS = {1.0: lambda x: x * 255 * 0.5 + 0.5, 2.0: lambda x: 1.0 - x, 0.0: None}
+
+
+def _stability_net(world, tmp_path, control_type: float):
+    from diffusers import SD3ControlNetModel
+
+    net = SD3ControlNetModel.from_pretrained(world["sd3_net"])
+    net.register_to_config(stability_control_type={"value": control_type, "dtype": "float32", "shape": []})
+    net.save_pretrained(tmp_path / f"stability-{control_type}")
+    return tmp_path / f"stability-{control_type}"
+
+
+def test_a_stability_nets_condition_follows_its_publishers_convention(world, tmp_path):
+    from controlnet.generate.transformer_pipeline import publisher_hint
+    from controlnet.io.api import load_controlnet
+
+    image = Image.open(world["cond0"]).convert("RGB")
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    for control_type, convention in CONVENTIONS.items():
+        net = load_controlnet(_stability_net(world, tmp_path, control_type))  # the type survives loading
+        hint = publisher_hint(net, image)
+        if convention is None:
+            assert hint is image
+        else:
+            assert torch.equal(hint, convention(x))
+    assert publisher_hint(load_controlnet(world["sd3_net"]), image) is image  # other publishers: the image
+
+
+def test_the_convention_reaches_the_pipeline(world, tmp_path):
+    """A canny-typed net draws another image than the same weights untyped; a blur-typed one the same image."""
+    images = {}
+    for control_type in (1.0, 0.0):
+        path = _stability_net(world, tmp_path, control_type)
+        pipe = ControlNetPipeline.from_pretrained(str(world["sd3"]), controlnets=[path])
+        images[control_type] = run_job(pipe, _job({**world, "sd3_typed": path}, "sd3", [("typed", {})])).array
+    plain = run_job(_pipe(world, "sd3", ["net"]), _job(world, "sd3", [("net", {})])).array
+    assert np.array_equal(images[0.0], plain) and np.abs(images[1.0] - plain).max() > 1e-3

@@ -350,6 +350,11 @@ class ControlNetPipeline:
                 "one per net"
             )
         per_net = opt.per_net(len(self.controlnets))
+        if opt.true_cfg_scale != 1.0:
+            raise ValueError(
+                f"true_cfg_scale={opt.true_cfg_scale}: true CFG is for guidance-distilled Flux bases; a UNet base's "
+                "classifier-free guidance is guidance_scale"
+            )
         if any(isinstance(c, str) and c == INPAINT for c in control) and opt.mask is None:
             raise ValueError('control "inpaint" needs `image` and `mask` (the masked pixels become -1)')
         size = self.output_size(opt.width, opt.height, control, opt.image)

@@ -37,6 +37,7 @@ from controlnet.generate.results import INPAINT, GenerationResult
 from controlnet.generate.samplers import sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.generate.transformer_base import ARCH_NAMES, TransformerBase
+from controlnet.io.transformer_layouts import STABILITY_CONTROL_TYPE_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +317,7 @@ class TransformerControlNetPipeline:
         size = self.output_size(opt.width, opt.height, control)
         width, height = size.width, size.height
         images = [ci.condition_image(c, width, height, opt.resize_mode) for c in control]  # RGB at the output size
+        hints = [publisher_hint(net, image) for net, image in zip(self.controlnets, images, strict=True)]
         num_images = len(prompts) * opt.batch_size
         seeds = [opt.seed + k for k in range(num_images)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -329,7 +331,7 @@ class TransformerControlNetPipeline:
             width=width,
             num_inference_steps=opt.steps,
             guidance_scale=opt.guidance_scale,
-            control_image=images[0] if single else images,
+            control_image=hints[0] if single else hints,
             controlnet_conditioning_scale=per_net[0].scale if single else [o.scale for o in per_net],
             control_guidance_start=per_net[0].start if single else [o.start for o in per_net],
             control_guidance_end=per_net[0].end if single else [o.end for o in per_net],
@@ -375,6 +377,28 @@ class TransformerControlNetPipeline:
         unit = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)  # (N, 3, H, W)
         pils = ci.tensor_to_pil(unit) if opt.output_type == "pil" else []
         return GenerationResult(pils, array, seeds, settings, images)
+
+
+# Stability's SD3.5 ControlNets were trained on conditions that are not plain [0, 1] pixels; the file says which
+# (its `control_type` scalar: 0 blur, 1 canny, 2 depth; kept as `stability_control_type` in the net's config).
+# The convention is ComfyUI's loader for these files (load_controlnet_sd35), the reference their users have: canny
+# x -> x * 255 * 0.5 + 0.5 and depth x -> 1 - x on the [0, 1] image before its VAE encoding (2y - 1), blur as is.
+STABILITY_HINTS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    1: lambda x: x * 255 * 0.5 + 0.5,
+    2: lambda x: 1.0 - x,
+}
+
+
+def publisher_hint(net, image):
+    """The condition as `net`'s publisher fed it in training: `image` (RGB PIL) itself, or for a Stability SD3.5 canny /
+    depth net a (1, 3, H, W) tensor of its convention, which diffusers' image processor maps by 2y - 1 as it maps
+    an image (the values leave [0, 1] for canny, as in ComfyUI). XLabs' pixel hint needs nothing here: diffusers'
+    Flux pipeline feeds an XLabs net (one with `input_hint_block`) the normalised pixels instead of VAE latents."""
+    control_type = (net.config.get(STABILITY_CONTROL_TYPE_CONFIG) or {}).get("value")
+    convention = STABILITY_HINTS.get(round(control_type)) if control_type is not None else None
+    if convention is None:
+        return image
+    return convention(ci.pil_to_unit_tensor(image))  # (1, 3, H, W)
 
 
 def _per_prompt(value, n: int) -> list[str]:

@@ -141,7 +141,9 @@ class Trainer:
         from accelerate import Accelerator
 
         c = self.config
-        if c.train.reward:  # ControlNet++'s consistency reward (train/reward.py): its detector known before loading
+        if (
+            c.train.reward
+        ):  # ControlNet++'s consistency reward (train/reward.py): its detector known before loading
             from controlnet.train.reward import resolve_detector
 
             resolve_detector(c)
