@@ -141,9 +141,8 @@ class Trainer:
         from accelerate import Accelerator
 
         c = self.config
-        if (
-            c.train.reward
-        ):  # ControlNet++'s consistency reward (train/reward.py): its detector known before loading
+        # ControlNet++'s consistency reward (train/reward.py): its detector is known before anything loads
+        if c.train.reward:
             from controlnet.train.reward import resolve_detector
 
             resolve_detector(c)
