@@ -139,19 +139,13 @@ def add_base_arguments(group, dtype: bool = True, auto_dtype: bool = False) -> N
         choices=["epsilon", "v_prediction"],
         help="what the UNet predicts (default: the base's; a checkpoint file: epsilon; SD2.x 768 px: v_prediction)",
     )
-    group.add_argument(
-        "--base-config",
-        default=None,
-        metavar="FILE",
-        help='a checkpoint file of a non-standard architecture: JSON with "family" (sd15, sd21, sdxl) and the '
+    add_base_config_argument(
+        group,
+        'a checkpoint file of a non-standard architecture: JSON with "family" (sd15, sd21, sdxl) and the '
         'diffusers configs of "unet", "vae", "text_encoder"',
     )
     add_ema_argument(group, "default: the EMA one, usually better for sampling; recorded in the outputs' settings")
-    # an SD3 / Flux checkpoint file's other parts, named once in generate/options.py (BaseParts)
-    from controlnet.generate.options import BaseParts
-    from controlnet.settings_cli import add_arguments
-
-    add_arguments(group, BaseParts, dest_prefix=PART)
+    add_part_arguments(group)
     if dtype:
         if auto_dtype:
             group.add_argument(
@@ -179,6 +173,28 @@ def base_options(args) -> dict:
         "flags": BASE_FLAGS,
         **given_values(args, BaseParts, PART),
     }
+
+
+def add_base_config_argument(group, help: str) -> None:
+    """--base-config FILE (`check_base`'s `configs`); `help` says which files the command applies it to."""
+    group.add_argument("--base-config", default=None, metavar="FILE", help=help)
+
+
+def add_part_arguments(group) -> None:
+    """--vae, --clip-l, --clip-g, --t5: an SD3 / Flux checkpoint file's other parts, named once in
+    generate/options.py (BaseParts); `part_options` reads them back."""
+    from controlnet.generate.options import BaseParts
+    from controlnet.settings_cli import add_arguments
+
+    add_arguments(group, BaseParts, dest_prefix=PART)
+
+
+def part_options(args) -> dict:
+    """{vae, clip_l, clip_g, t5: path} of the parts given on the command line (`check_base`'s keywords)."""
+    from controlnet.generate.options import BaseParts
+    from controlnet.settings_cli import given_values
+
+    return {name: value for name, value in given_values(args, BaseParts, PART).items() if value is not None}
 
 
 def loading_bar():

@@ -162,6 +162,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="tokenizer folder for single-file SD bases (they hold none; see `controlnet generate`)",
     )
+    # an SD3 / Flux checkpoint file's parts, as `controlnet generate` takes them (one schema: options.BaseParts);
+    # given to every SD3 / Flux single-file base of the server
+    from controlnet.generate.commands import add_base_config_argument, add_part_arguments
+
+    add_part_arguments(g)
+    add_base_config_argument(
+        g,
+        "SD3/Flux single-file bases of a non-standard (tiny) architecture: JSON of the configs their weights do not "
+        "give (see `controlnet generate`)",
+    )
     g.add_argument(
         "--max-controlnet-mb",
         type=float,
@@ -238,6 +248,15 @@ def check_arguments(args, environ=None) -> None:
     )
 
 
+def file_base_options(args) -> dict:
+    """The loader's keywords for single-file bases (generate/base.py `check_base`): --tokenizer, the SD3 / Flux
+    parts and --base-config as given, and `flags` naming them as this command spells them."""
+    from controlnet.generate.commands import BASE_FLAGS, part_options
+
+    options = {"tokenizer": args.tokenizer, "configs": args.base_config, **part_options(args)}
+    return {**{key: value for key, value in options.items() if value}, "flags": BASE_FLAGS}
+
+
 def _mount_page(app, service, settings, no_ui: bool) -> str:
     """Mount the web page unless --no-ui; without the ui extra the APIs still run (one line says so)."""
     if no_ui:
@@ -285,7 +304,7 @@ def run_serve(args) -> int:
 
     registry = ModelRegistry(args.models, base=args.base)
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    base_options = {"tokenizer": args.tokenizer} if args.tokenizer else {}
+    base_options = file_base_options(args)
     service = Service(
         registry,
         max_queue=args.max_queue,

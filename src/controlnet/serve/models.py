@@ -7,8 +7,10 @@ whose target lies outside every models folder are not listed.
 What a file holds is recognised by the same logic as `controlnet inspect` (io/formats.py `detect_format` on key
 names; for .safetensors only the header is read, so a scan of many GB costs milliseconds per file):
 - bases: diffusers model folders (model_index.json; a UNet base, or an SD3/SD3.5 or Flux transformer base, told
-  apart by generate/transformer_base.py `transformer_arch`), exported folders (base_config.json), and original SD
-  checkpoint files (`model.diffusion_model.*` keys);
+  apart by generate/transformer_base.py `transformer_arch`), exported folders (base_config.json), original SD
+  checkpoint files (`model.diffusion_model.*` keys), and SD3/SD3.5 checkpoint and Flux transformer files (family
+  "sd3" / "flux": `transformer_file_arch`, from the header's `joint_blocks` / `double_blocks`, never the name: an
+  SD3 checkpoint has the `model.diffusion_model.` prefix of an SD file too);
 - ControlNets: diffusers ControlNet folders (config.json + diffusion_pytorch_model.safetensors: UNet, SD3 or Flux
   ControlNets) and ControlNet files in any layout `detect_format` reads (.safetensors, .pth, .ckpt; pickles through
   the safe loader only): original or diffusers UNet ControlNets; SD3/Flux ControlNets in diffusers names
@@ -41,7 +43,7 @@ from controlnet.generate.builtin_format import (
     EXPORTED_CONFIG,
     builtin_folder,
 )
-from controlnet.generate.transformer_base import transformer_arch
+from controlnet.generate.transformer_base import transformer_arch, transformer_file_arch
 from controlnet.io.formats import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
@@ -232,6 +234,9 @@ def _header_keys(file: Path) -> tuple[list[str], int | None]:
 def classify_file(file: Path, warn: bool = True) -> tuple[str, str | None] | None:
     """("base" | "controlnet", family) of a weights file, or None when it holds neither (`warn`: log why a file
     that cannot be read is skipped)."""
+    arch = transformer_file_arch(file)  # an SD3 / Flux base file (by its header's joint_blocks / double_blocks)
+    if arch is not None:
+        return "base", arch
     try:
         keys, dim = _header_keys(file)
         fmt = detect_format(dict.fromkeys(keys))

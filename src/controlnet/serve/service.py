@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from controlnet.generate.builtin_format import BUILTIN
@@ -44,6 +45,16 @@ DEFAULT_MAX_CONTROLNET_MB = 2048
 NATIVE_SIDE_ESTIMATE = 1024  # an unset output side is priced at the largest native size (SDXL's)
 STEPS_ESTIMATE = 50  # unset steps are priced at the web UI's default
 SECONDS_PER_QUEUED_JOB = 2.0  # Retry-After estimate per job ahead when no job has finished yet
+# the server flags an SD3 / Flux single-file base may need (generate/commands.py BASE_FLAGS' keys), as a refusal
+# names the one it lacks: `--t5 DIR`
+FILE_BASE_FLAGS = (
+    ("vae", "PATH"),
+    ("clip_l", "DIR"),
+    ("clip_g", "DIR"),
+    ("t5", "DIR"),
+    ("base_config", "FILE"),
+    ("tokenizer", "DIR"),
+)
 
 
 class JobCancelled(Exception):
@@ -255,6 +266,8 @@ class Service:
         self.max_controlnet_bytes = int(max_controlnet_mb * 2**20)
         self.base_options = dict(base_options or {})
         self.current_base = registry.default_base
+        # SD3 / Flux single-file bases as check_base found them: name -> (file version, BaseSource or None, refusal)
+        self._file_bases: dict[str, tuple[tuple[int, int], Any, str | None]] = {}
         # what would fail every request is refused now, naming the server's flag (a server that started and then
         # answered each request "pass tokenizer DIR" told API clients to fix what only the operator can)
         self.check_base(registry.base(registry.default_base), "--base")
@@ -339,6 +352,9 @@ class Service:
             raise FieldError(
                 "units", f"none given; a generation on {base.name} (an SD3/Flux base) needs a ControlNet unit"
             )
+        if base.name not in self._guidance_embeds and base.path.is_file():
+            source, _ = self._file_base(base)  # checked by check_base: a refusal was raised there
+            self._guidance_embeds[base.name] = source is None or source.plan.guidance
         if base.name not in self._guidance_embeds:
             try:
                 config = json.loads((base.path / "transformer" / "config.json").read_text())
@@ -380,11 +396,12 @@ class Service:
             from controlnet.generate.base import BaseSource, base_kind, check_controlnet_families
 
             try:
-                kind, path = base_kind(BUILTIN if base.name == BUILTIN else base.path)
-                arch = base.family if base.family in TRANSFORMER_FAMILIES else "unet"
-                check_controlnet_families(
-                    BaseSource(kind, path, base.name, arch=arch), [controlnet.path], flags={"base": "base"}
-                )
+                source = self._file_base(base)[0] if self._is_transformer_file(base) else None
+                if source is None:
+                    kind, path = base_kind(BUILTIN if base.name == BUILTIN else base.path)
+                    arch = base.family if base.family in TRANSFORMER_FAMILIES else "unet"
+                    source = BaseSource(kind, path, base.name, arch=arch)
+                check_controlnet_families(source, [controlnet.path], flags={"base": "base"})
                 self._families_checked[key] = None
             except ValueError as err:
                 self._families_checked[key] = str(err).splitlines()[0]
@@ -393,13 +410,76 @@ class Service:
             raise FieldError(field, refusal)
 
     def check_base(self, entry, field: str) -> None:
-        """A single-file base needs the server's --tokenizer (checkpoint files hold none); FieldError without it."""
-        if entry.path.is_file() and not self.base_options.get("tokenizer"):
+        """A single-file base that cannot load with the server's flags is a FieldError naming the flag: an SD3 / Flux
+        file as the loader checks it (generate/base.py `check_base`: headers and tokenizers, no weights; once per
+        file version), a UNet checkpoint file without --tokenizer (it holds none)."""
+        if self._is_transformer_file(entry):
+            refusal = self._file_base(entry)[1]
+            if refusal is not None:
+                raise FieldError(field, refusal)
+        elif entry.path.is_file() and not self.base_options.get("tokenizer"):
             raise FieldError(
                 field,
                 f"{entry.name} is a single checkpoint file, which holds no tokenizer, and this server was started "
                 "without --tokenizer DIR (a server flag: the tokenizer/ folder of any diffusers SD model)",
             )
+
+    @staticmethod
+    def _is_transformer_file(entry) -> bool:
+        return entry.family in TRANSFORMER_FAMILIES and entry.path.is_file()
+
+    def _load_options(self, entry) -> dict:
+        """The loader's keywords for this base: every base option for an SD3 / Flux file (its parts, --base-config),
+        only --tokenizer for the others (a part or --base-config given for a folder is refused by the loader)."""
+        if self._is_transformer_file(entry):
+            flags = {**self._flags(), "base": "base"}
+            return {**self.base_options, "flags": flags}
+        return {k: v for k, v in self.base_options.items() if k == "tokenizer"}
+
+    def _flags(self) -> dict:
+        """The loader's option names as this server's flags (`serve` passes generate/commands.py BASE_FLAGS)."""
+        return {key: "--" + key.replace("_", "-") for key, _ in FILE_BASE_FLAGS} | self.base_options.get(
+            "flags", {}
+        )
+
+    def _file_base(self, entry) -> tuple[Any, str | None]:
+        """(BaseSource, None) of an SD3 / Flux single-file base as `check_base` found it, or (None, the refusal in
+        one line for clients); checked once per file version (size, mtime), as family checks are kept per pair."""
+        try:
+            stat = entry.path.stat()
+        except FileNotFoundError:
+            raise ModelGone(entry.name, "base") from None
+        version = (stat.st_size, stat.st_mtime_ns)
+        cached = self._file_bases.get(entry.name)
+        if cached is None or cached[0] != version:
+            from controlnet.generate.base import check_base
+
+            try:
+                source, refusal = check_base(entry.path, **self._load_options(entry)), None
+            except (ValueError, OSError) as err:
+                source, refusal = None, self._file_refusal(entry, err)
+            cached = self._file_bases[entry.name] = (version, source, refusal)
+        return cached[1], cached[2]
+
+    def _file_refusal(self, entry, err: BaseException) -> str:
+        """The loader's line for a file base it refused, as a client may read it: the server flag it lacks named
+        first (only the operator can give it), paths cut to names."""
+        flags = self._flags()
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        text = text.replace(str(entry.path), entry.name)
+        for root in self.registry.roots:
+            text = text.replace(f"{root}/", "").replace(str(root), "the models folder")
+        for value in self.base_options.values():
+            if isinstance(value, str):  # a server flag's path: its last name only
+                text = text.replace(value.rstrip("/"), Path(value).name)
+        for key, metavar in FILE_BASE_FLAGS:
+            flag = flags[key]
+            if not self.base_options.get("configs" if key == "base_config" else key) and flag in text:
+                return (
+                    f"{entry.name} (a single {entry.family} file) cannot be loaded: this server was started "
+                    f"without {flag} {metavar} (a server flag); {text}"
+                )
+        return f"{entry.name} (a single {entry.family} file) cannot be loaded: {text}"
 
     def submit(self, spec) -> Job:
         """Check and queue a job (its checked copy: `spec` is not changed); raises QueueFull when `max_queue` jobs
@@ -577,11 +657,17 @@ class Service:
 
         entry = self.registry.base(name)
         spec = BUILTIN if entry.name == BUILTIN else entry.path
+        options = self._load_options(entry)
+        if self._is_transformer_file(entry):
+            spec, refusal = self._file_base(entry)  # the checked source: its parts, configs and tokenizers
+            if refusal is not None:
+                raise ValueError(refusal)
+            options = {"flags": options["flags"]} if "flags" in options else {}
         while len(self._bases) >= MAX_BASES:
             evicted, _ = self._bases.popitem(last=False)
             self._nets = OrderedDict((k, v) for k, v in self._nets.items() if k[0] != evicted)
         logger.info("loading base %s", entry.name)
-        base = load_base(spec, device=self.device, dtype=self.dtype, **self.base_options)
+        base = load_base(spec, device=self.device, dtype=self.dtype, **options)
         base.name = entry.name  # the registry's name: settings and responses never carry a path
         self._bases[name] = base
         layers = min(m.config.num_hidden_layers for m in base.text_modules())
