@@ -338,3 +338,47 @@ def test_the_convention_reaches_the_pipeline(world, tmp_path):
         images[control_type] = run_job(pipe, _job({**world, "sd3_typed": path}, "sd3", [("typed", {})])).array
     plain = run_job(_pipe(world, "sd3", ["net"]), _job(world, "sd3", [("net", {})])).array
     assert np.array_equal(images[0.0], plain) and np.abs(images[1.0] - plain).max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# (g) a Flux union net (InstantX/Shakker: num_mode) takes its condition's type as diffusers' control_mode
+def test_flux_union_net_takes_its_mode(world, tmp_path):
+    from diffusers import FluxControlNetPipeline
+
+    transformer = load_base(str(world["flux"])).transformer
+    torch.manual_seed(0)
+    net = FluxControlNet.from_transformer(transformer, num_layers=2, num_single_layers=1, num_mode=7)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_", "pos_embed_input")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    net.save_pretrained(tmp_path / "union")
+    world = {**world, "flux_union": tmp_path / "union"}
+    pipe = _pipe(world, "flux", ["union"])
+    ours = run_job(pipe, _job(world, "flux", [("union", {"control_type": "depth", "scale": 0.8})]))
+    b = pipe.base
+    reference = FluxControlNetPipeline(
+        type(b.scheduler).from_config(b.scheduler.config), b.vae, b.text_encoder, b.tokenizer, b.text_encoder_2,
+        b.tokenizer_2, b.transformer, pipe.controlnets[0],
+    )  # fmt: skip
+    expected = reference(
+        prompt="a red cat on a blue circle",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        generator=[torch.Generator().manual_seed(3)],
+        output_type="np",
+        guidance_scale=0.0,
+        control_image=Image.open(world["cond0"]).convert("RGB"),
+        control_mode=2,  # depth in InstantX's ids, written out here
+        controlnet_conditioning_scale=0.8,
+    ).images
+    assert np.array_equal(ours.array, expected) and ours.settings["controlnets"][0]["control_type"] == "depth"
+    canny = run_job(pipe, _job(world, "flux", [("union", {"control_type": "canny", "scale": 0.8})]))
+    assert np.abs(canny.array - ours.array).max() > 1e-5  # the mode reaches the net (ours is exact: 0 noise)
+    with pytest.raises(ValueError, match=r"control_type\[0\]: ControlNet 0 is a Flux union ControlNet; name") as e:
+        run_job(pipe, _job(world, "flux", [("union", {})]))
+    assert "canny 0, tile 1, depth 2" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"control_type\[0\]='canny': ControlNet 0 is not a union ControlNet"):
+        run_job(_pipe(world, "flux", ["net"]), _job(world, "flux", [("net", {"control_type": "canny"})]))

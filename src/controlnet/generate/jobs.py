@@ -27,7 +27,7 @@ from PIL import Image
 from controlnet.generate.control_images import resize_image, to_pil
 from controlnet.generate.options import ControlUnit, GenerationJob
 from controlnet.generate.pipeline import INPAINT, GenerationResult
-from controlnet.model.union_controlnet import UnionControlNet, type_id
+from controlnet.model.union_controlnet import FLUX_UNION_MODES, UNION_TYPES, UnionControlNet, type_id
 
 Progress = Callable[[int, int], None]  # (sampler steps done, total)
 
@@ -61,10 +61,14 @@ def job_conditions(job: GenerationJob) -> list:
 def union_type_from_annotator(unit: ControlUnit, net) -> ControlUnit:
     """A union net's unit that names no type takes its annotator's, where that names one (canny, depth, openpose,
     ...): the web UIs send the preprocessor and often no type. Any other unit is returned as it is."""
-    if unit.control_type is not None or not unit.annotator or not isinstance(net, UnionControlNet):
+    if isinstance(net, UnionControlNet):
+        count, table = net.union_config.num_control_type, UNION_TYPES
+    else:  # a Flux union net (diffusers' FluxControlNetModel with num_mode), or a plain net (none)
+        count, table = dict(getattr(net, "config", None) or {}).get("num_mode"), FLUX_UNION_MODES
+    if unit.control_type is not None or not unit.annotator or count is None:
         return unit
     try:
-        type_id(unit.annotator, net.union_config.num_control_type)
+        type_id(unit.annotator, count, table)
     except ValueError:
         return unit  # the pipeline asks for the type in one line
     return replace(unit, control_type=unit.annotator)

@@ -177,10 +177,6 @@ class TransformerControlNetPipeline:
                     f"ControlNet {k} ({type(net).__name__}) is no {kind.__name__}: {self.base_name} is "
                     f"{ARCH_NAMES[self.base.arch]}"
                 )
-            if net.config.get("num_mode") is not None:
-                raise ValueError(
-                    f"ControlNet {k} is a union net (num_mode): its condition type setting is {NOT_YET}"
-                )
         if (
             self.base.arch == "sd3"
             and len({n.config.force_zeros_for_pooled_projection for n in self.controlnets}) > 1
@@ -314,6 +310,10 @@ class TransformerControlNetPipeline:
         if any(isinstance(c, (list, tuple)) for c in control):
             raise ValueError(f"control: one condition image per net (per-prompt images are {NOT_YET})")
         per_net = opt.per_net(len(self.controlnets))
+        modes = [
+            union_mode(net, o.control_type, k)
+            for k, (net, o) in enumerate(zip(self.controlnets, per_net, strict=True))
+        ]
         size = self.output_size(opt.width, opt.height, control)
         width, height = size.width, size.height
         images = [ci.condition_image(c, width, height, opt.resize_mode) for c in control]  # RGB at the output size
@@ -339,6 +339,8 @@ class TransformerControlNetPipeline:
             generator=generators,
             output_type="np",
         )
+        if any(m is not None for m in modes):  # Flux union nets: diffusers' control_mode (None: a plain net)
+            call["control_mode"] = modes[0] if single else modes
         if (
             self.base.arch == "flux" and opt.true_cfg_scale > 1
         ):  # true CFG: none = "" (as CFG's unconditional branch)
@@ -387,6 +389,27 @@ STABILITY_HINTS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     1: lambda x: x * 255 * 0.5 + 0.5,
     2: lambda x: 1.0 - x,
 }
+
+
+def union_mode(net, control_type: str | None, k: int) -> int | None:
+    """Net k's mode id: a Flux union net (`num_mode`: InstantX's, Shakker's) must be given its condition's type, by
+    the model cards' names (model/union_controlnet.py FLUX_UNION_MODES) or id; any other net none."""
+    from controlnet.model.union_controlnet import FLUX_UNION_MODES, describe_types, type_id
+
+    count = net.config.get("num_mode")
+    if count is None:
+        if control_type is not None:
+            raise ValueError(f"control_type[{k}]={control_type!r}: ControlNet {k} is not a union ControlNet")
+        return None
+    if control_type is None:
+        raise ValueError(
+            f"control_type[{k}]: ControlNet {k} is a Flux union ControlNet; name the condition's type by name or id "
+            f"({describe_types(count, FLUX_UNION_MODES)})"
+        )
+    try:
+        return type_id(control_type, count, FLUX_UNION_MODES)
+    except ValueError as err:
+        raise ValueError(f"control_type[{k}]: {err}") from None
 
 
 def publisher_hint(net, image):
