@@ -182,6 +182,7 @@ def test_flux_file_generates_as_in_process(flux_server, world):
     assert refused.json()["field"] == "units[0].model", refused.json()
 
 
+@pytest.mark.slow  # a server of its own (13-15 s); the default suite's 15-minute budget
 def test_a_server_without_t5_refuses_a_flux_file_job_naming_the_flag(world, tmp_path):
     """Started without --t5 (default base: the built-in one), a job naming the Flux file is a 422 naming --t5 before
     queueing, and no path of the server's."""
@@ -199,6 +200,7 @@ def test_a_server_without_t5_refuses_a_flux_file_job_naming_the_flag(world, tmp_
         assert srv.stop() == 0, srv.log.read_text()
 
 
+@pytest.mark.slow  # a server of its own (13-15 s); the default suite's 15-minute budget
 def test_a_default_flux_file_base_without_t5_is_refused_at_start_up(world):
     """Exit 2 with one line naming --t5, before the port is bound."""
     done = subprocess.run(
