@@ -68,10 +68,11 @@ def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:
 
 
 class LatentCache:
-    """Per-sample latent posterior (mean, std) and condition image, read lazily from safetensors shards."""
+    """Per-sample latent posterior (mean, std) and condition image, read lazily from safetensors shards; a union
+    dataset's samples hold one condition per type (`types`: the names, `cond.{position}.{type}` keys)."""
 
-    def __init__(self, folder: Path, count: int):
-        self.folder, self.count = folder, count
+    def __init__(self, folder: Path, count: int, types: Sequence[str] = ()):
+        self.folder, self.count, self.types = folder, count, tuple(types)
         self._handles: dict[int, tuple[object, frozenset[str]]] = {}
 
     def _shard(self, position: int) -> tuple[object, frozenset[str]]:
@@ -83,14 +84,22 @@ class LatentCache:
             self._handles[shard] = handle, frozenset(handle.keys())
         return self._handles[shard]
 
-    def get(self, position: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(mean (C, h, w), std (C, h, w) or None for pixel space, condition (C, H, W) uint8)."""
+    def get(
+        self, position: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | dict[str, torch.Tensor]]:
+        """(mean (C, h, w), std (C, h, w) or None for pixel space, condition (C, H, W) uint8, or a union sample's
+        {type: condition} of the types it holds)."""
         shard, keys = self._shard(position)
         std = shard.get_tensor(f"std.{position}") if f"std.{position}" in keys else None
-        return shard.get_tensor(f"mean.{position}"), std, shard.get_tensor(f"cond.{position}")
+        if self.types:
+            names = [t for t in self.types if f"cond.{position}.{t}" in keys]
+            cond = {t: shard.get_tensor(f"cond.{position}.{t}") for t in names}
+        else:
+            cond = shard.get_tensor(f"cond.{position}")
+        return shard.get_tensor(f"mean.{position}"), std, cond
 
     def __getstate__(self):  # file handles do not cross process boundaries
-        return {"folder": self.folder, "count": self.count, "_handles": {}}
+        return {"folder": self.folder, "count": self.count, "types": self.types, "_handles": {}}
 
 
 def build_latent_cache(
@@ -101,16 +110,18 @@ def build_latent_cache(
     load: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
     progress: Callable[[int], None] | None = None,
+    types: Sequence[str] = (),
 ) -> LatentCache:
     """The cache for these samples under this transform and model; built (once) if missing.
 
-    load(position) -> (target (3, H, W) in [-1, 1], condition uint8); encode(pixels (B, 3, H, W)) -> (mean, std).
+    load(position) -> (target (3, H, W) in [-1, 1], condition uint8, or with `types` (a union dataset's names) a
+    {type: condition uint8} of the types the sample holds); encode(pixels (B, 3, H, W)) -> (mean, std).
     """
-    key = _key("latents", model_fp, transform_desc, *digests)
+    key = _key("latents", model_fp, transform_desc, *types, *digests)
     folder = Path(cache_dir) / f"latents-{key}"
     if folder.is_dir():
         logger.info("latent cache hit: %s", folder)
-        return LatentCache(folder, len(digests))
+        return LatentCache(folder, len(digests), types)
 
     def write(tmp: Path) -> None:
         for start in range(0, len(digests), SHARD_SIZE):
@@ -131,7 +142,11 @@ def build_latent_cache(
                         tensors[f"mean.{p}"] = mean[j].detach().float().cpu().contiguous()
                         if std is not None:
                             tensors[f"std.{p}"] = std[j].detach().float().cpu().contiguous()
-                        tensors[f"cond.{p}"] = loaded[k][1].contiguous()
+                        cond = loaded[k][1]
+                        if isinstance(cond, dict):  # a union sample: one condition per type it holds
+                            tensors.update({f"cond.{p}.{t}": c.contiguous() for t, c in cond.items()})
+                        else:
+                            tensors[f"cond.{p}"] = cond.contiguous()
                 if progress:
                     progress(len(positions))
             save_file(tensors, str(tmp / f"shard-{start // SHARD_SIZE:05d}.safetensors"))
@@ -141,7 +156,7 @@ def build_latent_cache(
     # the VAE encoder at SD size: ~4 s per 256 px image on 2 cores
     with phase(f"caching the VAE latents of {len(digests)} samples"):
         _write_atomically(folder, write)
-    return LatentCache(folder, len(digests))
+    return LatentCache(folder, len(digests), types)
 
 
 def build_text_cache(

@@ -4,6 +4,10 @@
 in size, is reported by path (all of them, not just the first) and training refuses to start unless the user
 asked to skip them. Nothing is ever silently dropped or shifted, so targets and conditions stay aligned.
 
+A union dataset (data/sources.py `union_source`: one condition file per type per sample) reads as a pair whose
+condition is a mapping {type: image}; every one of a sample's conditions is checked against its target, and
+`PixelPairs.load` gives them the same crop and flip.
+
 `BatchPlan` fixes the data order as a pure function of (seed, epoch): the position in the data is one integer
 (the micro-batch counter), which is what makes resumed runs equal uninterrupted ones and lets N processes
 split one global batch exactly like one process would see it.
@@ -40,9 +44,15 @@ def scan(source, skip_bad: bool = False) -> ScanResult:
     for i in range(len(source)):
         try:
             target_bytes, cond_bytes = source.read(i)
-            target, cond = decode_image(target_bytes, "target"), decode_image(cond_bytes, "condition")
-            if target.size != cond.size:
-                raise ValueError(f"target is {target.size} but condition is {cond.size}")
+            target = decode_image(target_bytes, "target")
+            named = (
+                cond_bytes if isinstance(cond_bytes, dict) else {"": cond_bytes}
+            )  # a union dataset's {type: ...}
+            for name, data in named.items():
+                what = f"{name} condition" if name else "condition"
+                cond = decode_image(data, what)
+                if target.size != cond.size:
+                    raise ValueError(f"target is {target.size} but {what} is {cond.size}")
             prompt = source.prompt(i)
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt is {type(prompt).__name__}, expected a string")
@@ -139,10 +149,19 @@ class PixelPairs(torch.utils.data.Dataset):
         bucket = self.buckets[position]
         return PairedTransform(bucket.width, bucket.height, self.center_crop, self.random_flip)
 
-    def load(self, position: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, position: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+        """(target (3, H, W) in [-1, 1], condition (C, H, W) uint8); a union dataset's condition is {type: (C, H,
+        W) uint8}, every one cropped and flipped as the target (the same draws, from a fresh rng each)."""
         target_bytes, cond_bytes = self.source.read(self.indices[position])
-        rng = np.random.default_rng([self.seed, epoch, position])
-        return self.transform(position)(decode_image(target_bytes), decode_image(cond_bytes), rng)
+        transform, target = self.transform(position), decode_image(target_bytes)
+        if not isinstance(cond_bytes, dict):
+            rng = np.random.default_rng([self.seed, epoch, position])
+            return transform(target, decode_image(cond_bytes), rng)
+        conds = {}
+        for name, data in cond_bytes.items():
+            rng = np.random.default_rng([self.seed, epoch, position])
+            pixels, conds[name] = transform(target, decode_image(data), rng)
+        return pixels, conds
 
     def __getitem__(self, key: tuple[int, int]):
         position, epoch = key

@@ -9,6 +9,12 @@
 - webdataset: `.tar` shards whose members share a key (`0001.jpg`, `0001.cond.png`, `0001.txt`), read with
   the standard library's `tarfile` (no extra dependency).
 
+- union (several condition types per image, for a union ControlNet, `controlnet train --model.architecture union`):
+  the original layout's `prompt.json` whose lines name one condition file per type in a `sources` mapping,
+  {"target": "target/0.png", "prompt": "...", "sources": {"canny": "canny/0.png", "depth": "depth/0.png"}}, types
+  by the union nets' names (model/union_controlnet.py UNION_TYPES); a line may hold any non-empty subset of the
+  types (`union_source`).
+
 Every source exposes the same small interface: `len()`, `prompt(i)`, `read(i) -> (target bytes or PIL,
 condition bytes or PIL)`, `where(i)` (a path for error messages) and `content_key(i)` (bytes identifying the
 sample's content, for the latent cache).
@@ -68,6 +74,74 @@ class FileSource:
     def content_key(self, i: int) -> bytes:
         target, condition = self.read(i)
         return _digest(target, condition, self.prompt(i).encode())
+
+
+@dataclass(frozen=True)
+class UnionRecord:
+    """One sample of a union dataset: its target, one condition file per type name, its prompt."""
+
+    target: Path
+    conditions: dict[str, Path]
+    prompt: str
+
+
+class UnionSource:
+    """A union dataset (the module docstring's union layout): `read(i)` -> (target bytes, {type: condition bytes})."""
+
+    layout = "union"
+
+    def __init__(self, root: Path, records: list[UnionRecord]):
+        self.root, self.records = root, records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def prompt(self, i: int) -> str:
+        return self.records[i].prompt
+
+    def types(self, i: int) -> list[str]:
+        """The condition types sample `i` holds, in its line's order."""
+        return list(self.records[i].conditions)
+
+    def read(self, i: int) -> tuple[bytes, dict[str, bytes]]:
+        record = self.records[i]
+        return record.target.read_bytes(), {name: path.read_bytes() for name, path in record.conditions.items()}
+
+    def where(self, i: int) -> str:
+        record = self.records[i]
+        return " / ".join([str(record.target), *(f"{k}: {v}" for k, v in record.conditions.items())])
+
+    def content_key(self, i: int) -> bytes:
+        target, conditions = self.read(i)
+        parts = [part for name, data in sorted(conditions.items()) for part in (name.encode(), data)]
+        return _digest(target, *parts, self.prompt(i).encode())
+
+
+def union_source(root: Path) -> UnionSource:
+    """The union layout: root/prompt.json lines {"target", "prompt", "sources": {type: condition file}}. Raises a
+    one-line ValueError naming the line for a line without a non-empty `sources` mapping of names to paths."""
+    index = root / ORIGINAL_INDEX
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"data.path={str(root)!r}: a union dataset is a folder with {ORIGINAL_INDEX} whose lines name "
+            'their condition files by type, {"target": ..., "prompt": ..., "sources": {"canny": ..., ...}}'
+        )
+    records = []
+    for n, e in enumerate(_read_jsonl(index), 1):
+        sources = _field(e, "sources", index, n)
+        if not isinstance(sources, dict) or not sources or not all(isinstance(v, str) for v in sources.values()):
+            raise ValueError(
+                f"{index}: line {n}: 'sources' is {sources!r}; expected a non-empty mapping of condition types "
+                'to files, e.g. {"canny": "canny/0.png"}'
+            )
+        records.append(
+            UnionRecord(
+                root / _field(e, "target", index, n),
+                {str(name): root / path for name, path in sources.items()},
+                _field(e, "prompt", index, n),
+            )
+        )
+    return UnionSource(root, records)
 
 
 def _digest(*parts: bytes) -> bytes:

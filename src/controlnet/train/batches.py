@@ -25,7 +25,7 @@ import torch
 
 from controlnet.data.cache import build_latent_cache, build_text_cache, module_fingerprint, tokenizer_fingerprint
 from controlnet.data.dataset import BatchPlan, PixelPairs, assign_buckets, scan
-from controlnet.data.sources import decode_image, open_source
+from controlnet.data.sources import decode_image, open_source, union_source
 from controlnet.data.transforms import BUCKET_MULTIPLE, condition_to_unit
 from controlnet.generate.base import BaseComponents, normalize_latents
 from controlnet.generate.prompts import encode_dual, encode_single
@@ -49,6 +49,9 @@ class MicroBatch:
     target: torch.Tensor  # eps (or v for v-prediction bases) (b, C, h, w)
     # SDXL: {"text_embeds": pooled (b, D_pooled), "time_ids": (b, 6) original size, crop top-left, target size}
     added_cond: dict[str, torch.Tensor] | None = None
+    # a union net: cond is (b, K, C_cond, H, W), one per type (zeros where a sample has none), keep (b, K) bool the
+    # conditions each row uses this step (train/union.py draw_subsets)
+    keep: torch.Tensor | None = None
 
 
 class Samples(NamedTuple):
@@ -61,7 +64,8 @@ class Samples(NamedTuple):
     generator: torch.Generator  # the micro-step's generator (loop.step_generator)
     mean: torch.Tensor  # VAE posterior mean (b, C, h, w) float32, or pixels in pixel space
     std: torch.Tensor | None  # VAE posterior std (b, C, h, w), None in pixel space
-    cond: torch.Tensor  # condition (b, C_cond, H, W) uint8
+    cond: torch.Tensor  # condition (b, C_cond, H, W) uint8; a union net's (b, K, C_cond, H, W), zeros where absent
+    available: torch.Tensor | None = None  # a union net: (b, K) bool, the types each sample holds
 
 
 class TrainingBatches:
@@ -71,9 +75,16 @@ class TrainingBatches:
         c = config
         self.config, self.base, self.acc = config, base, acc
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
-        self.source = open_source(
-            c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column, c.data.caption_column
-        )
+        self.union_names: tuple[str, ...] = ()  # a union net's condition types, in its order (train/union.py)
+        if c.model.architecture == "union":
+            from controlnet.train.union import union_names
+
+            self.source = union_source(Path(c.data.path))
+            self.union_names = union_names(c, self.source)
+        else:
+            self.source = open_source(
+                c.data.path, c.data.format, c.data.image_column, c.data.conditioning_column, c.data.caption_column
+            )
         with phase("checking the training data"):
             found = scan(self.source, c.data.skip_bad)  # every file decoded once: bad ones named before training
         n_val = c.validation.num_samples if c.validation.every and c.validation.metric != "none" else 0
@@ -148,7 +159,13 @@ class TrainingBatches:
             ]
         )
         self.latents = build_latent_cache(
-            cache_dir, digests, desc, vae_fp, lambda p: self.pixels.load(p, 0), self.encode_pixels
+            cache_dir,
+            digests,
+            desc,
+            vae_fp,
+            lambda p: self.pixels.load(p, 0),
+            self.encode_pixels,
+            types=self.union_names,
         )
 
     @torch.no_grad()
@@ -187,13 +204,27 @@ class TrainingBatches:
             got = [self.latents.get(p) for p in mine]
             mean = torch.stack([m for m, _, _ in got]).to(self.device)  # (b, C, h, w)
             std = None if got[0][1] is None else torch.stack([s for _, s, _ in got]).to(self.device)
-            cond = torch.stack([k for _, _, k in got])  # (b, C_cond, H, W) uint8
+            conds = [k for _, _, k in got]
         else:
             loaded = [self.pixels.load(p, epoch) for p in mine]
-            cond = torch.stack([k for _, k in loaded])
+            conds = [k for _, k in loaded]
             mean, std = self.encode_pixels(torch.stack([t for t, _ in loaded]))
             mean = mean.to(self.device)
-        return Samples(mine, len(positions), lo, hi, g, mean, std, cond)
+        if not self.union_names:
+            return Samples(
+                mine, len(positions), lo, hi, g, mean, std, torch.stack(conds)
+            )  # (b, C_cond, H, W) uint8
+        cond, available = self.stack_union(conds)
+        return Samples(mine, len(positions), lo, hi, g, mean, std, cond, available)
+
+    def stack_union(self, conds: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Union samples' {type: (C, H, W) uint8} -> (b, K, C, H, W) uint8 in the net's type order (zeros where a
+        sample has none) and (b, K) bool, the types each holds."""
+        shape = next(iter(conds[0].values())).shape
+        zero = torch.zeros(shape, dtype=torch.uint8)
+        cond = torch.stack([torch.stack([c.get(t, zero) for t in self.union_names]) for c in conds])
+        available = torch.tensor([[t in c for t in self.union_names] for c in conds])
+        return cond, available
 
     def prompt_rows(self, samples: Samples, drop: torch.Tensor) -> dict[str, torch.Tensor]:
         """The text embeddings of `samples` (cached or encoded now), "" where `drop` (b,) is set (paper Sec. 3.3)."""
@@ -207,13 +238,19 @@ class TrainingBatches:
         """This process's slice of global micro-batch `micro_step` (a pure function of seed and micro_step)."""
         c = self.config
         got = self.samples(micro_step)
-        mine, n, lo, hi, g, mean, std, cond = got
+        mine, n, lo, hi, g, mean, std, cond = got[:8]
         shape = (n, *mean.shape[1:])
         # draws for the whole global micro-batch, in a fixed order; this process keeps rows lo:hi
         posterior_eps = torch.randn(shape, generator=g)[lo:hi].to(self.device)
         noise = torch.randn(shape, generator=g)[lo:hi].to(self.device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (n,), generator=g)[lo:hi]
         drop = (torch.rand(n, generator=g) < c.data.empty_prompt_prob)[lo:hi]
+        keep = None
+        if got.available is not None:  # a union net's type dropout: the whole global batch's availability
+            from controlnet.train.union import draw_subsets
+
+            available = self.global_available(micro_step, n, lo, got.available)
+            keep = draw_subsets(available, c.train.union_keep_prob, g, lo, hi)
         latents = mean if std is None else mean + std * posterior_eps
         # the UNet's latent space exactly as the pipeline decodes it (scaling_factor, latents_mean/std)
         latents = normalize_latents(self.base.vae, latents)
@@ -232,8 +269,17 @@ class TrainingBatches:
         else:
             target = noise
         return MicroBatch(
-            noisy, timesteps, text["context"], condition_to_unit(cond).to(self.device), target, added
+            noisy, timesteps, text["context"], condition_to_unit(cond).to(self.device), target, added, keep
         )
+
+    def global_available(self, micro_step: int, n: int, lo: int, mine: torch.Tensor) -> torch.Tensor:
+        """(n, K) bool: the types every sample of global micro-batch `micro_step` holds (from the index: the same on
+        every process), checked against this process's rows `mine` (b, K)."""
+        _, positions = self.plan.batch(micro_step)
+        held = [set(self.source.types(self.train_indices[p])) for p in positions]
+        available = torch.tensor([[t in h for t in self.union_names] for h in held])
+        assert torch.equal(available[lo : lo + len(mine)], mine), "the cache's conditions differ from the index"
+        return available
 
     def held_out(self) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
         """(prompts, conditions, targets) of the validation samples, conditions/targets (S, S, 3) uint8."""

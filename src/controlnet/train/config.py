@@ -46,6 +46,9 @@ BASE_FLAGS = {
 PAPER_EMPTY_PROMPT_PROB = 0.5
 # The reference training script (tutorial_train.py) uses AdamW with learning rate 1e-5.
 PAPER_LEARNING_RATE = 1e-5
+# A union net's default chance of keeping each of a sample's conditions (train/union.py): half of the time, so that
+# every subset of the types is trained, at least one kept per sample.
+UNION_KEEP_PROB = 0.5
 # The conditions the consistency reward has a differentiable detector for (train/detectors.py).
 REWARD_DETECTORS = ("canny", "fill", "seg")
 
@@ -161,7 +164,12 @@ class ModelConfig:
     (the paper's ablation: N(0, 1/fan_in) weights, model/ablations.py)"""
     architecture: str = "controlnet"
     """a fresh net's architecture: controlnet (the paper's trainable copy of the encoder) | lite (the ablation's
-    ControlNet-lite, paper Fig. 8c: one conv layer per encoder block, model/lite.py; exported as its own folder)"""
+    ControlNet-lite, paper Fig. 8c: one conv layer per encoder block, model/lite.py; exported as its own folder) |
+    union (one net for several condition types, xinsir's Union/ProMax, model/union_controlnet.py; its data names a
+    condition per type: data/sources.py `union_source`; exported as diffusers' ControlNetUnionModel)"""
+    union_types: tuple[str, ...] = ()
+    """a union net's condition types by name (e.g. canny,depth; xinsir's/ComfyUI's names, ids as theirs, 8 types):
+    every type the data holds must be one of them (empty = the types the data names)"""
     cond_channels: int = 3
     """channels of the condition image"""
     hint_channels: tuple[int, ...] = ()
@@ -193,7 +201,16 @@ class ModelConfig:
                 f"model.connection_init={self.connection_init}: only for a fresh ControlNet; "
                 f"model.controlnet={self.controlnet} keeps its trained weights"
             )
-        _check_choice("model.architecture", self.architecture, ("controlnet", "lite"))
+        _check_choice("model.architecture", self.architecture, ("controlnet", "lite", "union"))
+        self.union_types = tuple(
+            str(t).strip()
+            for t in (self.union_types.split(",") if isinstance(self.union_types, str) else self.union_types)
+        )
+        if self.union_types and self.architecture != "union":
+            raise ValueError(
+                f"model.union_types={','.join(self.union_types)}: only for model.architecture=union "
+                f"(got {self.architecture})"
+            )
         if self.architecture != "controlnet" and self.controlnet:
             raise ValueError(
                 f"model.architecture={self.architecture}: only for a fresh net; "
@@ -311,11 +328,16 @@ class LoopConfig:
     a flow base: sigma <= this / 1000)"""
     reward_detector: str = "auto"
     """the condition's differentiable detector: auto (a world dataset's task) | canny | fill | seg"""
+    union_keep_prob: float = UNION_KEEP_PROB
+    """a union net (model.architecture=union): each sample keeps each of its conditions with this probability, at
+    least one (drawn uniformly when none was kept), so every subset of the types is trained; 1 = always all"""
 
     def __post_init__(self) -> None:
         if self.reward_detector != "auto":
             check_reward_detector(self.reward_detector)
         _check_positive(self, "reward_weight", "reward_max_timestep", allow_zero=True)
+        if not 0.0 < self.union_keep_prob <= 1.0:
+            raise ValueError(f"train.union_keep_prob={self.union_keep_prob}: expected a probability in (0, 1]")
         _check_positive(self, "max_steps", "batch_size", "max_nonfinite", "log_every")
         _check_positive(self, "max_minutes", "threads", allow_zero=True)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)

@@ -36,6 +36,12 @@ def export_path(final: Path, fmt: str) -> Path:
     return final / "controlnet" if fmt == "diffusers" else final / "controlnet.safetensors"
 
 
+def export_formats(c: TrainConfig) -> tuple[str, ...]:
+    """The formats a UNet-base run exports: checkpoint.export_formats; a union net has the diffusers layout only
+    (xinsir's files are that layout; there is no original one)."""
+    return ("diffusers",) if c.model.architecture == "union" else c.checkpoint.export_formats
+
+
 def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSource | None:
     """Check everything `config` says that needs no weights; the checked base source (None when the caller brings
     its loaded `base`). One ValueError / FileNotFoundError line per problem, naming the option."""
@@ -71,6 +77,10 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
         if source is not None:  # the ControlNet's family against the base's, from the headers
             check_controlnet_families(source, [str(path)], c.model.base_config or None, BASE_FLAGS)
     _check_data_path(c)
+    if c.model.architecture == "union" and arch == "unet":  # the data index against model.union_types
+        from controlnet.train.union import check_union_data
+
+        check_union_data(c)
     check_trackers(c.train.log_with)
     ckpt.find_resume(Path(c.train.output_dir), c.checkpoint.resume)  # an explicit folder must exist
     return source
@@ -118,7 +128,7 @@ def finished_state(config: TrainConfig) -> dict | None:
     if c.model.architecture == "lite":  # its own folder format, in place of the diffusers folder
         exports = [export_path(final, "diffusers")]
     else:
-        exports = [export_path(final, f) for f in c.checkpoint.export_formats]
+        exports = [export_path(final, f) for f in export_formats(c)]
         if not c.model.sd_locked:
             exports.append(final / DECODER_FILE)
     if not all(p.exists() for p in [*exports, run_dir / REPORT_FILE]):

@@ -57,7 +57,14 @@ from controlnet.train.loop import (
     truncate_metrics,
 )
 from controlnet.train.model import decoder_parameters, decoder_state
-from controlnet.train.preflight import DECODER_FILE, FINAL_DIR, check_run, export_path, finished_state
+from controlnet.train.preflight import (
+    DECODER_FILE,
+    FINAL_DIR,
+    check_run,
+    export_formats,
+    export_path,
+    finished_state,
+)
 from controlnet.train.transformer_step import (
     ControlledTransformer,
     TransformerBatches,
@@ -241,8 +248,14 @@ class Trainer:
         else:
             kwargs = {"hint_block_channels": c.model.hint_channels} if c.model.hint_channels else {}
             torch.manual_seed(c.train.seed)  # the new hint encoder's init: the same in every process and run
-            # the paper's trainable copy, or the ablation's one conv per block (same interface, model/lite.py)
-            architecture = ControlNetLite if c.model.architecture == "lite" else ControlNet
+            # the paper's trainable copy, or the ablation's one conv per block (same interface, model/lite.py), or
+            # the copy with a union front end for several condition types (train/union.py)
+            if c.model.architecture == "union":
+                from controlnet.model.union_controlnet import UnionControlNet
+                from controlnet.train.union import type_ids
+
+                kwargs["num_control_type"] = type_ids(self.data.union_names)[1]
+            architecture = {"lite": ControlNetLite, "union": UnionControlNet}.get(c.model.architecture, ControlNet)
             net = architecture.from_unet(
                 base.unet.float(),
                 cond_channels=c.model.cond_channels,
@@ -284,7 +297,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(c.optim.lr_schedule, c.optim.warmup_steps, c.train.max_steps)
         )
-        model = ControlledUNet(net, base.unet, c.model.only_mid_control)
+        if c.model.architecture == "union":
+            from controlnet.train.union import UnionControlledUNet, type_ids
+
+            ids = type_ids(self.data.union_names)[0]
+            model = UnionControlledUNet(net, base.unet, ids, c.model.only_mid_control, c.model.channels_last)
+        else:
+            model = ControlledUNet(net, base.unet, c.model.only_mid_control)
         # the LR scheduler is stepped by hand: accelerate's wrapper would step it once per process
         self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.ema = [p.detach().clone().float() for p in self.trainable] if c.optim.ema_decay else None
@@ -405,9 +424,11 @@ class Trainer:
         noisy, cond = batch.noisy, batch.cond
         if self.config.model.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-            cond = cond.contiguous(memory_format=torch.channels_last)
+            if batch.keep is None:  # a union net's (b, K, C, H, W) conditions: per condition (train/union.py)
+                cond = cond.contiguous(memory_format=torch.channels_last)
         added = batch.added_cond and {k: v.to(self.weight_dtype) for k, v in batch.added_cond.items()}
-        pred = self.model(noisy, batch.timesteps, batch.context.to(self.weight_dtype), cond, added)
+        union = {} if batch.keep is None else {"keep": batch.keep}  # the conditions each row uses this step
+        pred = self.model(noisy, batch.timesteps, batch.context.to(self.weight_dtype), cond, added, **union)
         loss = F.mse_loss(pred.float(), batch.target.float(), reduction="mean")  # paper Eq. 5
         if self.reward is not None:  # + lambda * ControlNet++'s consistency term (train/reward.py)
             loss = loss + self.reward.unet_term(pred, batch.noisy, batch.timesteps, batch.cond)
@@ -668,7 +689,7 @@ class Trainer:
 
             save_lite(net, final / "controlnet")
             return final
-        for fmt in self.config.checkpoint.export_formats:
+        for fmt in export_formats(self.config):
             save_controlnet(net, export_path(final, fmt), format=fmt)
         if not self.config.model.sd_locked:
             from controlnet.io.safe_load import write_state_dict

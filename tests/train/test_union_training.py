@@ -1,0 +1,165 @@
+"""Training a union ControlNet (model.architecture=union; train/union.py) on a tiny base and a tiny dataset with
+two condition types per image: the loss falls, resume is exact, the export loads here and in diffusers, type dropout
+draws reproducible non-empty subsets, bad data and settings are refused in one line before anything loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from train_helpers import checkpoint_weights, final_weights, tiny_config
+from train_tiny import make_tiny_base
+
+from controlnet.io.api import load_controlnet
+from controlnet.model.union_controlnet import UnionControlNet
+from controlnet.train.checkpoint import list_checkpoints
+from controlnet.train.loop import step_generator
+from controlnet.train.trainer import Trainer, train
+from controlnet.train.union import draw_subsets
+
+
+def make_union_dataset(fill_data: Path, folder: Path, n: int = 12) -> Path:
+    """The fill samples with two conditions each: "canny" (the fill task's outline) and "depth" (the target in grey);
+    every third sample holds its outline only."""
+    folder.mkdir(parents=True)
+    (folder / "canny").mkdir()
+    (folder / "depth").mkdir()
+    lines = [json.loads(x) for x in (fill_data / "prompt.json").read_text().splitlines()][:n]
+    out = []
+    for k, line in enumerate(lines):
+        target = Image.open(fill_data / line["target"]).convert("RGB")
+        target.save(folder / f"target-{k}.png")
+        Image.open(fill_data / line["source"]).convert("RGB").save(folder / "canny" / f"{k}.png")
+        sources = {"canny": f"canny/{k}.png"}
+        if k % 3:
+            target.convert("L").convert("RGB").save(folder / "depth" / f"{k}.png")
+            sources["depth"] = f"depth/{k}.png"
+        out.append({"target": f"target-{k}.png", "prompt": line["prompt"], "sources": sources})
+    (folder / "prompt.json").write_text("".join(json.dumps(x) + "\n" for x in out))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def union_data(fill_data, tmp_path_factory):
+    return make_union_dataset(fill_data, tmp_path_factory.mktemp("union") / "data")
+
+
+def _config(data, out, **overrides):
+    return tiny_config(data, out, model__architecture="union", **overrides)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_union_net_trains_and_its_export_loads_here_and_in_diffusers(union_data, tmp_path):
+    from diffusers import ControlNetUnionModel
+
+    base = make_tiny_base()
+    losses = []
+    # no weight decay: the task embeddings of the types never trained keep their initial values
+    config = _config(
+        union_data,
+        tmp_path / "run",
+        train__max_steps=16,
+        optim__lr="3e-3",
+        train__batch_size=4,
+        optim__weight_decay=0,
+    )
+    summary = train(config, base, callback=lambda info: losses.append(info.loss))
+    assert summary.status == "finished" and summary.step == 16
+    assert sum(losses[-4:]) < sum(losses[:4])  # the loss falls
+    final = tmp_path / "run" / "final"
+    assert (final / "controlnet").is_dir() and not (final / "controlnet.safetensors").exists()  # diffusers only
+    weights = final_weights(tmp_path / "run")
+    net = load_controlnet(final / "controlnet", unet=make_tiny_base().unet)
+    assert isinstance(net, UnionControlNet) and net.union_config.num_control_type == 8
+    assert _equal(net.state_dict(), weights)
+    assert weights["controlnet_mid_block.weight"].abs().sum() > 0  # trained away from zero
+    assert weights["spatial_ch_projs.weight"].abs().sum() > 0  # the fusion's projection too
+    # canny (id 3) and depth (id 1) were trained, other types' task embeddings were not (fresh init kept)
+    unet = make_tiny_base().unet
+    torch.manual_seed(config.train.seed)  # the fresh net's init, as the trainer draws it
+    init = UnionControlNet.from_unet(
+        unet, num_control_type=8, hint_block_channels=(8, 16), hint_downscale_factor=1
+    ).state_dict()["task_embedding"]
+    moved = (weights["task_embedding"] - init).abs().sum(dim=1) > 0
+    assert moved.tolist() == [False, True, False, True, False, False, False, False]
+    theirs = ControlNetUnionModel.from_pretrained(final / "controlnet")
+    assert json.loads((final / "controlnet" / "config.json").read_text())["_class_name"] == "ControlNetUnionModel"
+    assert _equal({k: v for k, v in theirs.state_dict().items()}, weights)
+
+
+def test_resumed_union_run_ends_bitwise_equal_to_an_uninterrupted_one(union_data, tmp_path):
+    extra = dict(optim__grad_accum=2, optim__ema_decay=0.9, checkpoint__every=2, train__max_steps=4)
+    train(_config(union_data, tmp_path / "full", **extra), make_tiny_base())
+    trainer = Trainer(
+        _config(union_data, tmp_path / "resumed", **extra), make_tiny_base(), callback=lambda i: _stop_at(i, 2)
+    )
+    assert trainer.run().status == "interrupted"
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step-0000002"]
+    assert train(_config(union_data, tmp_path / "resumed", **extra), make_tiny_base()).step == 4
+    assert _equal(final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed"))
+    last = "checkpoints/step-0000004"
+    assert _equal(checkpoint_weights(tmp_path / "full" / last), checkpoint_weights(tmp_path / "resumed" / last))
+
+
+def _stop_at(info, step: int) -> None:
+    """Act like SIGTERM arriving during `step`: the loop saves and exits after it."""
+    if info.step == step:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_type_dropout_draws_reproducible_non_empty_subsets_of_what_each_sample_holds():
+    available = torch.tensor([[True, True, True], [True, False, True], [False, True, False]] * 100)  # (300, 3)
+    draws = [draw_subsets(available, 0.5, step_generator(0, s), 0, 300) for s in range(4)]
+    again = draw_subsets(available, 0.5, step_generator(0, 2), 0, 300)
+    assert torch.equal(draws[2], again)  # a function of (seed, micro-step)
+    assert not torch.equal(draws[0], draws[1])
+    for keep in draws:
+        assert keep.any(dim=1).all() and not (keep & ~available).any()  # non-empty, of the held types only
+    full_rows = torch.stack(draws)[:, ::3]  # rows holding all three types: every non-empty subset appears
+    assert len({tuple(r) for r in full_rows.reshape(-1, 3).tolist()}) == 7
+    assert draws[0][2::3].sum(dim=1).eq(1).all()  # a sample of one type always keeps it
+    # a process's rows lo:hi equal the same rows of the whole global batch's draw
+    assert torch.equal(draw_subsets(available, 0.5, step_generator(0, 1), 4, 9), draws[1][4:9])
+    assert draw_subsets(available, 1.0, step_generator(0, 0), 0, 300).eq(available).all()  # keep 1: all
+
+
+def _refusal(config) -> str:
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        Trainer(config).setup()  # model.base builtin: nothing loads before the checks
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_union_data_and_settings_are_refused_in_one_line_before_loading(union_data, fill_data, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(union_data, broken)
+    (broken / "depth" / "4.png").unlink()
+    assert _refusal(_config(broken, tmp_path / "a")).endswith(
+        f"line 5: the 'depth' condition file {broken / 'depth' / '4.png'} is missing"
+    )
+    message = _refusal(_config(union_data, tmp_path / "b", model__union_types="canny"))
+    assert "line 2: condition type 'depth' is not one of model.union_types=canny" in message
+    message = _refusal(_config(union_data, tmp_path / "c", model__union_types="canny,depth,openpose"))
+    assert "no sample" in message and "'openpose'" in message
+    assert "unknown type 'sketch'" in _refusal(_config(union_data, tmp_path / "d", model__union_types="sketch"))
+    assert "'sources'" in _refusal(_config(fill_data, tmp_path / "e"))  # a single-condition dataset
+    message = _refusal(_config(union_data, tmp_path / "f", checkpoint__export_formats="original"))
+    assert "diffusers layout only" in message
+    assert "validation.every=5" in _refusal(_config(union_data, tmp_path / "g", validation__every=5))
+    with pytest.raises(ValueError, match="only for model.architecture=union"):
+        tiny_config(union_data, tmp_path / "h", model__union_types="canny")
+    with pytest.raises(ValueError, match="train.union_keep_prob=0.0"):
+        _config(union_data, tmp_path / "i", train__union_keep_prob=0)
+    assert not any((tmp_path / name).exists() for name in "abcdefg")  # no run folder left behind
