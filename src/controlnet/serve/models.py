@@ -253,6 +253,10 @@ def classify_file(file: Path, warn: bool = True) -> tuple[str, str | None] | Non
     return None
 
 
+# diffusers' classes of a UNet ControlNet folder's config.json: a plain net, a union net (xinsir's Union/ProMax)
+UNET_CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel")
+
+
 def classify_folder(folder: Path) -> tuple[str, str | None] | None:
     """("base" | "controlnet", family) of a model folder, or None when it is not one."""
     if (folder / MODEL_INDEX).is_file():
@@ -271,7 +275,10 @@ def classify_folder(folder: Path) -> tuple[str, str | None] | None:
             values = json.loads(config.read_text())
         except (OSError, ValueError):
             return None
-        if values.get("_class_name", "ControlNetModel") == "ControlNetModel" and "down_block_types" in values:
+        if (
+            values.get("_class_name", "ControlNetModel") in UNET_CONTROLNET_CLASSES
+            and "down_block_types" in values
+        ):
             return "controlnet", FAMILY_BY_CONTEXT_DIM.get(values.get("cross_attention_dim"))
         if "down_block_types" not in values:  # an SD3 / Flux ControlNet folder: its weights' key names say
             found = classify_file(weights, warn=False)

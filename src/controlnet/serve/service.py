@@ -282,6 +282,8 @@ class Service:
         self._families_checked: dict[
             tuple[str, str], str | None
         ] = {}  # (controlnet, base) -> refusal or None  # base name -> (VAE factor, text encoder layers), once loaded
+        # ControlNet name -> (file version, its union types or None, the type table): read once per file version
+        self._union_counts: dict[str, tuple[tuple[int, int], int | None, dict]] = {}
         self._nets: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
         self._durations: deque[float] = deque(maxlen=8)
         self._worker = threading.Thread(target=self._work, name=f"controlnet-worker-{self.device}", daemon=True)
@@ -323,6 +325,7 @@ class Service:
                 check_annotator(unit.annotator, unit.annotator_options, f"units[{k}].annotator")
                 image = unit.image if unit.image is not None else spec.options.image
                 check_detect_size(unit.annotator, unit.annotator_options, image, f"units[{k}].image")
+            self._check_union_type(unit, entry, f"units[{k}].control_type")
             outputs = entry.num_control_outputs
             for i, value in enumerate(unit.block_scales or []):
                 if not abs(value) <= MAX_CONTROL_SCALE:  # 1e308 overflowed the residuals into a black image
@@ -408,6 +411,59 @@ class Service:
         refusal = self._families_checked[key]
         if refusal is not None:
             raise FieldError(field, refusal)
+
+    def union_types(self, entry) -> tuple[int | None, dict]:
+        """(number of condition types, the type table) of a ControlNet (registry entry) from its file's header: a
+        UNet union net's task embedding (io/formats.py `union_types`), a Flux union net's mode embedder
+        (`flux_union_modes`); (None, {}) for a plain net. Read once per file version (size, mtime)."""
+        from controlnet.io.inspect import inspect_path
+        from controlnet.model.union_controlnet import FLUX_UNION_MODES, UNION_TYPES
+
+        weights = entry.weights
+        try:
+            stat = weights.stat()
+        except FileNotFoundError:
+            raise ModelGone(entry.name, "controlnet") from None
+        version = (stat.st_size, stat.st_mtime_ns)
+        cached = self._union_counts.get(entry.name)
+        if cached is None or cached[0] != version:
+            try:
+                found = inspect_path(weights)
+                count, table = found.condition_types, FLUX_UNION_MODES if found.arch == "flux" else UNION_TYPES
+            except (ValueError, OSError):  # unreadable: the loader refuses it in its own words
+                count, table = None, {}
+            cached = self._union_counts[entry.name] = (version, count, table if count is not None else {})
+        return cached[1], cached[2]
+
+    def _check_union_type(self, unit, entry, field: str) -> None:
+        """A union ControlNet's unit needs a condition type the net knows (its own, or its annotator's where that
+        names one, as generate/jobs.py `union_type_from_annotator` fills it); a plain net takes none. A FieldError
+        names `field` and the types the net supports, before queueing (the pipeline would refuse it at run time)."""
+        from controlnet.model.union_controlnet import describe_types, type_id
+
+        count, table = self.union_types(entry)
+        if count is None:
+            if unit.control_type is not None:
+                raise FieldError(
+                    field,
+                    f"got {unit.control_type!r}, but {entry.name} is not a union ControlNet: only union nets "
+                    "(xinsir's Union/ProMax, the Flux union nets) take a condition type; give none",
+                )
+            return
+        supported = f"{entry.name} is a union ControlNet of {count} types: {describe_types(count, table)}"
+        name = unit.control_type
+        if name is None and unit.annotator:
+            try:
+                type_id(unit.annotator, count, table)
+                name = unit.annotator
+            except ValueError:
+                pass
+        if name is None:
+            raise FieldError(field, f"none given; name the condition's type by name or id ({supported})")
+        try:
+            type_id(name, count, table)
+        except ValueError:
+            raise FieldError(field, f"got {name!r}, a type this net does not have; {supported}") from None
 
     def check_base(self, entry, field: str) -> None:
         """A single-file base that cannot load with the server's flags is a FieldError naming the flag: an SD3 / Flux

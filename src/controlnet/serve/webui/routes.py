@@ -34,7 +34,7 @@ SCRIPTS = {"txt2img": ["controlnet m2m"], "img2img": ["controlnet m2m"]}
 MAX_DETECT_IMAGES = 16
 JsonBody = Annotated[dict, Body()]  # the web UI's bodies are untyped objects; routes parse them
 JOB_ERRORS = _problems(409, 429, 503)  # cancelled or client gone, queue full, shutting down (as /v1's job routes)
-_UNIT_FIELD = re.compile(r"^units\[(\d+)\]")
+_UNIT_FIELD = re.compile(r"^units\[(\d+)\](?:\.(\w+))?")
 
 
 def _api_error(err: PayloadError) -> ApiError:
@@ -220,8 +220,20 @@ def _request_field(err: FieldError, parsed) -> Exception:
         return ApiError(422, str(err).replace(err.field, name, 1), name)
     unit = parsed.units[int(match.group(1))]
     where = f"alwayson_scripts.{parsed.script_key or 'ControlNet'}.args[{unit.index}]"
-    field = where + err.field[match.end() :]
+    name = match.group(2)
+    # a unit's setting under its web-UI name (control_type -> union_control_type, block_scales -> advanced_weighting)
+    field = where + (f".{_unit_webui_names().get(name, name)}" if name else "") + err.field[match.end() :]
     return ApiError(422, str(err).replace(err.field, field, 1), field)
+
+
+def _unit_webui_names() -> dict[str, str]:
+    """{ControlUnit field: its web-UI unit key} (the `webui` names in generate/options.py)."""
+    from dataclasses import fields
+
+    from controlnet.generate.options import ControlUnit
+    from controlnet.settings_cli import meta
+
+    return {f.name: meta(f, "webui") for f in fields(ControlUnit) if meta(f, "webui")}
 
 
 def _detect_request(payload: dict, service) -> tuple:
