@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 from train_helpers import checkpoint_weights, final_weights, tiny_config
-from train_tiny import make_tiny_base
+from train_tiny import make_tiny_base, make_tiny_sdxl_base
 
 from controlnet.io.api import load_controlnet
+from controlnet.model.compose import unet_residual_kwargs
 from controlnet.model.union_controlnet import UnionControlNet
 from controlnet.train.checkpoint import list_checkpoints
 from controlnet.train.loop import step_generator
 from controlnet.train.trainer import Trainer, train
-from controlnet.train.union import draw_subsets
+from controlnet.train.union import UnionControlledUNet, draw_subsets
 
 
 def make_union_dataset(fill_data: Path, folder: Path, n: int = 12) -> Path:
@@ -130,6 +131,68 @@ def test_type_dropout_draws_reproducible_non_empty_subsets_of_what_each_sample_h
     # a process's rows lo:hi equal the same rows of the whole global batch's draw
     assert torch.equal(draw_subsets(available, 0.5, step_generator(0, 1), 4, 9), draws[1][4:9])
     assert draw_subsets(available, 1.0, step_generator(0, 0), 0, 300).eq(available).all()  # keep 1: all
+
+
+def test_each_row_runs_the_net_on_its_kept_pairs_in_one_fused_call_per_subset():
+    base = make_tiny_base()
+    torch.manual_seed(0)
+    net = UnionControlNet.from_unet(
+        base.unet, num_control_type=8, hint_block_channels=(8, 16), hint_downscale_factor=1
+    )
+    with torch.no_grad():  # away from the zero init, whose residuals are zero whatever the conditions
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model = UnionControlledUNet(net, base.unet, ids=[1, 3])  # depth, canny
+    calls = []
+    net.register_forward_pre_hook(lambda m, a, kw: calls.append((len(a[0]), kw["types"])), with_kwargs=True)
+    x, ctx = torch.randn(4, 3, 16, 16), torch.randn(4, 8, 16)
+    t, cond = torch.tensor([10, 200, 500, 900]), torch.rand(4, 2, 3, 16, 16)  # (B, K, C, H, W)
+    keep = torch.tensor([[True, False], [True, True], [False, True], [True, False]])
+    with torch.no_grad():
+        pred = model(x, t, ctx, cond, keep=keep)
+        assert sorted(calls) == [(1, [1, 3]), (1, [3]), (2, [1])]  # rows 0 and 3 share one call
+        for rows, types in (([0, 3], [1]), ([1], [1, 3]), ([2], [3])):  # each subset's rows as one batch
+            r = torch.tensor(rows)
+            used = [k for k in range(2) if keep[rows[0], k]]
+            out = net(x[r], t[r], ctx[r], conds=[cond[r, k] for k in used], types=types)
+            alone = base.unet(x[r], t[r], ctx[r], **unet_residual_kwargs(out)).sample
+            torch.testing.assert_close(pred[r], alone, rtol=0, atol=0)
+        other = model(x, t, ctx, cond, keep=torch.ones(4, 2, dtype=torch.bool))
+    assert not torch.allclose(pred[0], other[0])  # the kept subset matters
+
+
+def test_cached_and_uncached_union_training_agree(union_data, tmp_path):
+    for cache in ("true", "false"):
+        train(_config(union_data, tmp_path / cache, train__max_steps=2, data__cache=cache), make_tiny_base())
+    assert _equal(final_weights(tmp_path / "true"), final_weights(tmp_path / "false"))
+
+
+def test_sdxl_style_base_trains_a_union_net_through_its_micro_conditioning(union_data, tmp_path):
+    base = make_tiny_sdxl_base()
+    summary = train(_config(union_data, tmp_path / "run", train__max_steps=2), base)
+    assert summary.step == 2
+    net = load_controlnet(tmp_path / "run" / "final" / "controlnet", unet=make_tiny_sdxl_base().unet)
+    assert isinstance(net, UnionControlNet) and net.unet_config.get("addition_embed_type") == "text_time"
+    assert net.controlnet_mid_block.weight.abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_cli_trains_a_union_net_and_a_rerun_has_nothing_to_do(union_data, base_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "controlnet.cli", "train", "--model.base", str(base_dir), "--data.path",
+           str(union_data), "--data.resolution", "16", "--model.hint_channels", "8,16", "--model.architecture",
+           "union", "--model.union_types", "depth,canny", "--train.max_steps", "2", "--train.batch_size", "2",
+           "--train.output_dir", str(out)]  # fmt: skip
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert isinstance(load_controlnet(out / "final" / "controlnet", unet=make_tiny_base().unet), UnionControlNet)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "nothing to do" in again.stdout + again.stderr
 
 
 def _refusal(config) -> str:
