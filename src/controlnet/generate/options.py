@@ -77,9 +77,7 @@ class ControlUnit:
         None, flags=("--block-scales",), metavar="S,S,...", webui="advanced_weighting", ui=False
     )
     """Per-output scales, one per output of the net (13 for SD1.5, 10 for SDXL)."""
-    control_type: str | None = setting(
-        None, flags=("--control-type",), metavar="TYPE", webui="union_control_type", ui=False
-    )
+    control_type: str | None = setting(None, flags=("--control-type",), metavar="TYPE", webui="union_control_type")
     """A union ControlNet's condition type (xinsir's Union/ProMax): openpose, depth, hed/scribble/softedge,
     canny/lineart/mlsd, normal, segment, tile, repaint, the web UI's names (Hard Edge, Soft Edge, ...) or an id; none =
     from the unit's annotator. Plain ControlNets take none."""

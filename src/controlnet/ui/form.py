@@ -58,7 +58,22 @@ GENERAL_KEYS = (
     "init",
     "denoise",
 )
-UNIT_KEYS = ("enabled", "model", "photo", "annotator", "map", "scale", "start", "end", "mode", "resize")
+UNIT_KEYS = (
+    "enabled",
+    "model",
+    "photo",
+    "annotator",
+    "map",
+    "scale",
+    "start",
+    "end",
+    "mode",
+    "resize",
+    "control_type",
+)
+# the schema's unit fields the page shows (ControlUnit's ui=True fields) by their form key, where it differs
+UNIT_FIELD_KEYS = {"resize_mode": "resize"}
+NO_UNION_TYPE = "none"  # the union type dropdown's "no type named" (the unit's annotator's type, if it names one)
 # plus unit{k}_options: the annotator's option values as a dict, which the page collects from its option controls
 
 
@@ -83,6 +98,37 @@ def mode_choices() -> list[tuple[str, str]]:
 
 def resize_choices() -> list[tuple[str, str]]:
     return [(label, name) for name, label in RESIZE_DISPLAY_NAMES.items()]
+
+
+def union_type_choices() -> list[tuple[str, str]]:
+    """(label, value) pairs of a unit's union type dropdown: "none", then each condition type by its first name,
+    labelled with its other names and its ids in the UNet union nets (xinsir's Union/ProMax) and the Flux union nets
+    (model/union_controlnet.py UNION_TYPES, FLUX_UNION_MODES; the server checks the name against the net)."""
+    from controlnet.model.union_controlnet import FLUX_UNION_MODES, UNION_TYPES
+
+    groups: dict[tuple[int | None, int | None], list[str]] = {}  # (UNet union id, Flux union id) -> names
+    for name in [*UNION_TYPES, *(n for n in FLUX_UNION_MODES if n not in UNION_TYPES)]:
+        unet = UNION_TYPES.get(name)
+        flux = FLUX_UNION_MODES.get(name)
+        same = next((k for k in groups if k[0] is not None and k[0] == unet), None) if unet is not None else None
+        same = same or next((k for k in groups if k[0] is None and k[1] == flux), None)
+        if same is not None:
+            if same[1] is None and flux is not None:  # a UNet type's alias that Flux knows: the group's Flux id
+                groups[(same[0], flux)] = groups.pop(same)
+                same = (same[0], flux)
+            groups[same].append(name)
+        else:
+            groups[(unet, flux)] = [name]
+    choices = [(f"{NO_UNION_TYPE} (the annotator's type; plain ControlNets)", NO_UNION_TYPE)]
+    for (unet, flux), names in groups.items():
+        ids = [f"union {unet}" if unet is not None else "", f"Flux union {flux}" if flux is not None else ""]
+        choices.append((f"{' / '.join(names)} ({', '.join(i for i in ids if i)})", names[0]))
+    return choices
+
+
+def unit_docs() -> dict[str, str]:
+    """Each unit field's docstring (the unit controls' hints)."""
+    return field_docs(ControlUnit)
 
 
 def random_seed() -> int:
@@ -208,6 +254,7 @@ def _unit(values: dict, k: int, init, max_pixels: int) -> ControlUnit:
         end=float(get("end")),
         mode=get("mode") or "balanced",
         resize_mode=get("resize") or "just_resize",
+        control_type=None if get("control_type") in (None, "", NO_UNION_TYPE) else get("control_type"),
     )
 
 
@@ -295,10 +342,25 @@ def form_from_settings(settings: dict, controlnet_names: list[str]) -> dict:
         )
         if resize:
             values[unit_key(k, "resize")] = resize
+        union_type = unit.get("control_type")
+        values[unit_key(k, "control_type")] = _union_choice(union_type)
         module = unit.get("module")
         if module in PHOTO_ANNOTATORS:
             values[unit_key(k, "annotator")] = module
     return values
+
+
+def _union_choice(value) -> str:
+    """A settings' union type (a name or id as given) as the dropdown's value: its group's first name, or "none"
+    when none was named or the name is not one of ours."""
+    if value is None or str(value).strip().lower() in ("", NO_UNION_TYPE):
+        return NO_UNION_TYPE
+    wanted = str(value).strip().lower().replace("-", "_").replace(" ", "_")
+    for label, choice in union_type_choices()[1:]:
+        names = label.split(" (")[0].split(" / ")
+        if wanted in names:
+            return choice
+    return NO_UNION_TYPE
 
 
 def _controlnet_name(name, offered: list[str]) -> str | None:

@@ -40,6 +40,7 @@ from controlnet.ui.annotator_controls import OptionControl, collect_options, opt
 from controlnet.ui.form import (
     MAX_UNITS,
     NO_ANNOTATOR,
+    NO_UNION_TYPE,
     PHOTO_ANNOTATORS,
     FormError,
     api_request,
@@ -54,6 +55,8 @@ from controlnet.ui.form import (
     sampler_choices,
     setting_docs,
     setting_kind,
+    union_type_choices,
+    unit_docs,
     unit_key,
 )
 
@@ -333,6 +336,15 @@ def _unit_panel(k: int, c: dict, nets: list[str], service: Service):
     key = lambda name: unit_key(k, name)  # noqa: E731
     c[key("enabled")] = gr.Checkbox(k == 0, label="Enable", elem_id=key("enabled"))
     c[key("model")] = gr.Dropdown(nets, value=_default_net(nets, k), label="ControlNet", elem_id=key("model"))
+    # a union net's condition type (the schema's ControlUnit.control_type): shown for union nets only
+    c[key("control_type")] = gr.Dropdown(
+        union_type_choices(),
+        value=NO_UNION_TYPE,
+        label="Union type",
+        info=unit_docs().get("control_type", ""),
+        visible=_is_union(service, _default_net(nets, k)),
+        elem_id=key("control_type"),
+    )
     with gr.Row():
         c[key("photo")] = gr.Image(
             label="Photo (annotated into the map)",
@@ -384,6 +396,16 @@ def _unit_panel(k: int, c: dict, nets: list[str], service: Service):
             resize_choices(), value="just_resize", label="Resize mode", elem_id=key("resize")
         )
     return controls, groups, detect
+
+
+def _is_union(service: Service, name: str | None) -> bool:
+    """Whether the ControlNet `name` is a union net (from its file's header, once per file version)."""
+    if not name:
+        return False
+    try:
+        return service.union_types(service.registry.controlnet(name))[0] is not None
+    except (LookupError, ValueError, OSError):  # an unknown or vanished net: the job's check names it
+        return False
 
 
 def _default_net(nets: list[str], k: int) -> str | None:
@@ -472,6 +494,13 @@ def _wire_unit(k, c, controls, groups, detect, service: Service) -> None:
         trigger_mode="always_last",
     )
     cond_map.upload(lambda: None, None, photo, queue=False, api_visibility="private")
+
+    def show_union_type(name):
+        """The union type selector for a union net; hidden (and back to "none") for a plain one."""
+        union = _is_union(service, name)
+        return gr.update(visible=union) if union else gr.update(visible=False, value=NO_UNION_TYPE)
+
+    c[key("model")].change(show_union_type, c[key("model")], c[key("control_type")], api_visibility="private")
 
     def use_drawing(drawing):
         if not drawing or drawing.get("composite") is None:
