@@ -137,6 +137,14 @@ def check_generation_cost(options, field: str = "steps") -> None:
         )
 
 
+def union_type_tables() -> tuple[dict[str, int], dict[str, int]]:
+    """The union condition types' names -> ids: the UNet union nets' (xinsir's Union/ProMax) and the Flux union nets'
+    (model/union_controlnet.py UNION_TYPES, FLUX_UNION_MODES), for the page's selector."""
+    from controlnet.model.union_controlnet import FLUX_UNION_MODES, UNION_TYPES
+
+    return UNION_TYPES, FLUX_UNION_MODES
+
+
 class ServiceClosed(RuntimeError):
     """The service is shutting down and takes no new jobs."""
 

@@ -104,23 +104,23 @@ def union_type_choices() -> list[tuple[str, str]]:
     """(label, value) pairs of a unit's union type dropdown: "none", then each condition type by its first name,
     labelled with its other names and its ids in the UNet union nets (xinsir's Union/ProMax) and the Flux union nets
     (model/union_controlnet.py UNION_TYPES, FLUX_UNION_MODES; the server checks the name against the net)."""
-    from controlnet.model.union_controlnet import FLUX_UNION_MODES, UNION_TYPES
+    from controlnet.serve.service import union_type_tables  # the page asks serve, never the model
 
-    groups: dict[tuple[int | None, int | None], list[str]] = {}  # (UNet union id, Flux union id) -> names
-    for name in [*UNION_TYPES, *(n for n in FLUX_UNION_MODES if n not in UNION_TYPES)]:
-        unet = UNION_TYPES.get(name)
-        flux = FLUX_UNION_MODES.get(name)
-        same = next((k for k in groups if k[0] is not None and k[0] == unet), None) if unet is not None else None
-        same = same or next((k for k in groups if k[0] is None and k[1] == flux), None)
-        if same is not None:
-            if same[1] is None and flux is not None:  # a UNet type's alias that Flux knows: the group's Flux id
-                groups[(same[0], flux)] = groups.pop(same)
-                same = (same[0], flux)
-            groups[same].append(name)
-        else:
-            groups[(unet, flux)] = [name]
+    unet_table, flux_table = union_type_tables()
+    unet_groups: dict[int, list[str]] = {}  # UNet union id -> its names
+    for name, ident in unet_table.items():
+        unet_groups.setdefault(ident, []).append(name)
+    flux_only: dict[int, list[str]] = {}  # Flux union id -> its names that no UNet union net has
+    for name, ident in flux_table.items():
+        if name not in unet_table:
+            flux_only.setdefault(ident, []).append(name)
+    groups = [
+        (names, i, next((flux_table[n] for n in names if n in flux_table), None))
+        for i, names in unet_groups.items()
+    ]
+    groups += [(names, None, i) for i, names in flux_only.items()]
     choices = [(f"{NO_UNION_TYPE} (the annotator's type; plain ControlNets)", NO_UNION_TYPE)]
-    for (unet, flux), names in groups.items():
+    for names, unet, flux in groups:
         ids = [f"union {unet}" if unet is not None else "", f"Flux union {flux}" if flux is not None else ""]
         choices.append((f"{' / '.join(names)} ({', '.join(i for i in ids if i)})", names[0]))
     return choices
