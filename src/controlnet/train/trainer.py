@@ -239,6 +239,7 @@ class Trainer:
         c, base = self.config, self.base
         from controlnet.model.controlnet import ControlNet
         from controlnet.model.lite import ControlNetLite
+        from controlnet.model.union_controlnet import UnionControlNet
 
         if c.model.controlnet:
             from controlnet.generate.base import controlnet_path
@@ -250,12 +251,11 @@ class Trainer:
             torch.manual_seed(c.train.seed)  # the new hint encoder's init: the same in every process and run
             # the paper's trainable copy, or the ablation's one conv per block (same interface, model/lite.py), or
             # the copy with a union front end for several condition types (train/union.py)
+            architecture = {"lite": ControlNetLite, "union": UnionControlNet}.get(c.model.architecture, ControlNet)
             if c.model.architecture == "union":
-                from controlnet.model.union_controlnet import UnionControlNet
                 from controlnet.train.union import type_ids
 
                 kwargs["num_control_type"] = type_ids(self.data.union_names)[1]
-            architecture = {"lite": ControlNetLite, "union": UnionControlNet}.get(c.model.architecture, ControlNet)
             net = architecture.from_unet(
                 base.unet.float(),
                 cond_channels=c.model.cond_channels,
