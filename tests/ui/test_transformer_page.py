@@ -120,3 +120,30 @@ def file_server(tmp_path_factory):
 @pytest.mark.slow  # a second server: a Flux base given as a single file
 def test_flux_file_base_on_the_page_equals_the_api(page, file_server, tmp_path):
     page_equals_api(page, file_server, tmp_path, "flux1-tiny", "flux_canny", "flux", 0)
+
+
+@pytest.fixture(scope="module")
+def sd3_file_server(tmp_path_factory):
+    """A server whose base is a tiny SD3 checkpoint file (Stability's names, no text encoders inside)."""
+    from controlnet.testing.tiny_transformer_bases import write_sd3_file
+
+    root = tmp_path_factory.mktemp("sd3_file")
+    parts, models = root / "parts", root / "models"
+    write_flux_models(parts)  # tiny_sd3/ (whose weights the file holds) and sd3_canny/
+    models.mkdir()
+    file, config = write_sd3_file(parts / "tiny_sd3", models / "sd3-tiny.safetensors", encoders=False)
+    (parts / "sd3_canny").rename(models / "sd3_canny")
+    flags = [
+        "--clip-l",
+        str(parts / "tiny_sd3" / "text_encoder"),
+        "--clip-g",
+        str(parts / "tiny_sd3" / "text_encoder_2"),
+    ]
+    srv = start_server(models, root / "server.log", "--base", "sd3-tiny", *flags, "--base-config", str(config))
+    yield srv
+    assert srv.stop() == 0, srv.log.read_text()
+
+
+@pytest.mark.slow  # a third server: an SD3 base given as a single checkpoint file
+def test_sd3_file_base_on_the_page_equals_the_api(page, sd3_file_server, tmp_path):
+    page_equals_api(page, sd3_file_server, tmp_path, "sd3-tiny", "sd3_canny", "sd3", 2)
