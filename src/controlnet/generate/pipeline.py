@@ -12,6 +12,15 @@ number of ControlNets (paper Sec. 3.4 / Fig. 7: residuals are added). Speed with
 embedding is computed once per generation (it does not depend on t), CFG branches run as one batch, modes that
 control the conditional branch only run the nets on that half, and a net outside its start/end window is not
 evaluated at all (diffusers runs it with scale 0). Loading a base from disk lives in `base.py` (`load_base`).
+
+Union ControlNets (model/union_controlnet.py): units that name the same union net object (a file named by several
+units is loaded once) with the same control window (start/end) and control mode, no block scales and a strength
+above 0 run as ONE fused call of the net per step with all their (condition, type) pairs (`fused_units`): xinsir's
+multi-condition mode, as diffusers' `StableDiffusionXLControlNetUnionPipeline` runs one `ControlNetUnionModel` with
+several images. Each unit's strength is its condition's scale (features and token, not the outputs; the outputs get
+the mode's per-output profile only), so the result is not the sum of the units run apart. Any other union unit
+runs alone, as diffusers' single-condition call (`forward_unit`). A fused call takes each type once and at most
+the net's number of types (one-line ValueError naming the units and control_type); settings record `fused`.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from controlnet.generate.results import INPAINT, GenerationResult
 from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
-from controlnet.model.controlnet import ControlBase, ControlNet, ControlNetOutput
+from controlnet.model.controlnet import ControlBase, ControlNet, ControlNetOutput, scaled
 from controlnet.model.union_controlnet import UnionControlNet, describe_types, type_id
 from controlnet.progress import phase
 
@@ -54,21 +63,49 @@ MIN_PACKING_STEPS = 8  # denoising steps from which packing the weights for oneD
 
 
 @dataclass
+class _Fused:
+    """Several units of one union net run as ONE multi-condition call (xinsir's; diffusers' union pipeline with one
+    `ControlNetUnionModel` and several images): each condition's features and token carry its unit's scale."""
+
+    units: list[int]  # the units' indices, in their order
+    hints: list[torch.Tensor]  # one (B or 2B, C_0, h, w) per unit: E(c) computed once
+    types: list[int]  # one type id per unit (distinct)
+    scales: list[float]  # one per unit: its strength (the per-condition scales)
+
+
+@dataclass
 class _Net:
-    """One ControlNet during a generation (internal)."""
+    """One ControlNet call per denoising step (internal): one unit, or the fused units of one union net."""
 
     net: ControlNet
-    hint: torch.Tensor  # (B or 2B, C_0, h, w): E(c) computed once
-    scales: list[float]  # per output: strength x mode profile x block scales
+    hint: torch.Tensor | None  # (B or 2B, C_0, h, w): E(c) computed once (None: fused, the hints are there)
+    scales: list[float]  # per output: strength x mode profile x block scales (fused: the mode profile only)
     start: float
     end: float
     conditional_only: bool
     union_type: int | None = None  # a union net's condition type id (model/union_controlnet.py)
+    fused: _Fused | None = None
 
-    def __call__(self, *args, **kwargs) -> ControlNetOutput:
+    def __call__(self, sample, t, context, added_cond_kwargs) -> ControlNetOutput:
+        if self.fused is not None:  # the scales go to the conditions, the outputs get the mode's profile only
+            f = self.fused
+            out = self.net(
+                sample,
+                t,
+                context,
+                hints=f.hints,
+                types=f.types,
+                conditioning_scale=f.scales,
+                added_cond_kwargs=added_cond_kwargs,
+            )
+            return ControlNetOutput(
+                [scaled(d, s) for d, s in zip(out.down, self.scales[:-1], strict=True)],
+                scaled(out.mid, self.scales[-1]),
+            )
+        kwargs = dict(hint=self.hint, conditioning_scale=self.scales, added_cond_kwargs=added_cond_kwargs)
         if self.union_type is None:
-            return self.net(*args, **kwargs)
-        return self.net.forward_unit(*args, control_type=self.union_type, **kwargs)
+            return self.net(sample, t, context, **kwargs)
+        return self.net.forward_unit(sample, t, context, control_type=self.union_type, **kwargs)
 
 
 def union_type_of(net: ControlNet, control_type: str | None, k: int) -> int | None:
@@ -90,6 +127,43 @@ def union_type_of(net: ControlNet, control_type: str | None, k: int) -> int | No
         return type_id(control_type, count)
     except ValueError as err:
         raise ValueError(f"control_type[{k}]: {err}") from None
+
+
+def fused_units(
+    nets: Sequence[ControlNet], per_net: Sequence, union_types: Sequence[int | None]
+) -> list[list[int]]:
+    """Groups of two or more units that run as ONE call of their shared union net (the rest run one call each).
+
+    Units fuse when they name the same union net object (a file named by several units is loaded once) with the
+    same control window (start, end) and control mode, no block scales, and a strength above 0 (a unit at 0 is not
+    run at all). Their strengths become the call's per-condition scales (xinsir's multi-condition mode, diffusers'
+    `ControlNetUnionModel` with several images); the outputs get the mode's per-output profile only. A group holds
+    each type once (the type vector cannot mark a type twice) and at most the net's number of types (ValueError
+    naming `units` and `control_type`)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, (net, o, ident) in enumerate(zip(nets, per_net, union_types, strict=True)):
+        if ident is None or o.block_scales is not None or o.scale == 0:
+            continue
+        groups.setdefault((id(net), o.start, o.end, o.mode.name), []).append(k)
+    fused = [units for units in groups.values() if len(units) > 1]
+    for units in fused:
+        net, names = nets[units[0]], ", ".join(str(k) for k in units)
+        count = net.union_config.num_control_type
+        if len(units) > count:
+            raise ValueError(
+                f"units {names}: {len(units)} conditions in one fused call of their union ControlNet, which has "
+                f"{count} types ({describe_types(count)}); expected at most {count} (control_type: one each)"
+            )
+        seen: dict[int, int] = {}
+        for k in units:
+            if union_types[k] in seen:
+                raise ValueError(
+                    f"units {seen[union_types[k]]}, {k}: control_type {per_net[k].control_type!r} twice in one fused "
+                    f"call of their union ControlNet (type id {union_types[k]}; its type vector marks a type once); "
+                    "expected a different type per unit, or another control window/mode to run one apart"
+                )
+            seen[union_types[k]] = k
+    return fused
 
 
 def output_heights(net: ControlNet, latent_height: int) -> list[int]:
@@ -377,6 +451,7 @@ class ControlNetPipeline:
                     f"block_scales[{k}] has {len(o.block_scales)} values; ControlNet {k} has "
                     f"{net.num_control_outputs} outputs (skips + the middle block)"
                 )
+        fusion = fused_units(self.controlnets, per_net, union_types)  # units of one union net: one call each step
         device, dtype = self.device, self.dtype
         batch_size, cfg, image, mask = opt.batch_size, opt.cfg, opt.image, opt.mask
         num_images = len(prompts) * batch_size
@@ -424,31 +499,35 @@ class ControlNetPipeline:
             conds.append(cond)
         latent_h, latent_w = height // factor, width // factor
         nets: list[_Net] = []
+        fused = {units[0]: units for units in fusion}  # the first unit of each group runs the group
+        in_group = {k for units in fusion for k in units}
         with self._placed(*self.controlnets):
-            for net, cond, o, union_type in zip(self.controlnets, conds, per_net, union_types, strict=True):
+            for k, (net, o, union_type) in enumerate(zip(self.controlnets, per_net, union_types, strict=True)):
+                if k in in_group and k not in fused:
+                    continue  # runs in its group's call
                 profile = block_profile(o.mode, output_heights(net, latent_h), opt.guess_mode_form)
                 blocks = o.block_scales or [1.0] * net.num_control_outputs
                 out_scales = [o.scale * p * b for p, b in zip(profile, blocks, strict=True)]
                 if not any(out_scales):
                     continue  # strength 0: the net is never evaluated, the output is the base model's
-                hint = net.embed_condition(cond.to(device))  # (1 or P, C_0, h, w), once per generation
-                hint = (
-                    hint.repeat_interleave(batch_size, 0)
-                    if hint.shape[0] > 1
-                    else hint.expand(num_images, -1, -1, -1)
-                )
                 both = cfg and not o.mode.conditional_only
-                nets.append(
-                    _Net(
-                        net,
-                        torch.cat([hint, hint]) if both else hint,
-                        out_scales,
-                        o.start,
-                        o.end,
-                        not both,
-                        union_type,
+                members = fused.get(k, [k])
+                hints = []
+                for j in members:
+                    hint = net.embed_condition(conds[j].to(device))  # (1 or P, C_0, h, w), once per generation
+                    hint = (
+                        hint.repeat_interleave(batch_size, 0)
+                        if hint.shape[0] > 1
+                        else hint.expand(num_images, -1, -1, -1)
                     )
-                )
+                    hints.append(torch.cat([hint, hint]) if both else hint)
+                if k in fused:
+                    group = _Fused(
+                        members, hints, [union_types[j] for j in members], [per_net[j].scale for j in members]
+                    )
+                    nets.append(_Net(net, None, list(profile), o.start, o.end, not both, fused=group))
+                else:
+                    nets.append(_Net(net, hints[0], out_scales, o.start, o.end, not both, union_type))
 
         # 4. timesteps: a fresh sampler (the pipeline's own is never mutated); img2img skips the first steps -------
         base_config = self.scheduler.config
@@ -515,9 +594,7 @@ class ControlNetPipeline:
                         model_in[num_images:] if half else model_in,
                         t,
                         context[num_images:] if half else context,
-                        hint=item.hint,
-                        conditioning_scale=item.scales,
-                        added_cond_kwargs=added_cond if half else added,
+                        added_cond if half else added,
                     )
                     if half:
                         out = ControlNetOutput([pad_uncond(d) for d in out.down], pad_uncond(out.mid))
@@ -548,6 +625,9 @@ class ControlNetPipeline:
             settings["ema"] = self.base_ema
         settings.update(opt.describe(len(self.controlnets)), width=width, height=height, seeds=seeds)
         settings.update(sampler=sampler_display_name(sched), inpaint_condition=[c == INPAINT for c in control])
+        for k, entry in enumerate(settings["controlnets"]):
+            if union_types[k] is not None:  # a union net's unit: run in a fused call of its net, or alone
+                entry["fused"] = k in in_group
         if opt.output_type == "latent":
             return GenerationResult([], latents, seeds, settings, control_pils)
         with self._placed(self.vae), phase(f"decoding {len(latents)} image{'s' if len(latents) > 1 else ''}"):
