@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from controlnet.cli import main
+from controlnet.generate.control_calls import fused_units, union_type_of
 from controlnet.generate.jobs import run_job
 from controlnet.generate.options import ControlUnit, GenerationJob, GenerationOptions
-from controlnet.generate.pipeline import ControlNetPipeline, fused_units, union_type_of
+from controlnet.generate.pipeline import ControlNetPipeline
 from controlnet.io.api import save_controlnet
 from controlnet.model.union_controlnet import UnionControlNet
 from controlnet.testing.tiny_models import condition_image, randomize

@@ -29,7 +29,6 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ import torch
 from controlnet.generate import control_images as ci
 from controlnet.generate.base import BaseComponents, denormalize_latents, normalize_latents
 from controlnet.generate.builtin_format import SamplingDefaults
+from controlnet.generate.control_calls import FusedCall, NetCall, fused_units, union_type_of
 from controlnet.generate.cpu_packing import (
     compiled,
     holds_packs,
@@ -53,117 +53,12 @@ from controlnet.generate.results import INPAINT, GenerationResult
 from controlnet.generate.samplers import make_scheduler, sampler_display_name
 from controlnet.generate.sizes import OutputSize, choose_size
 from controlnet.model.compose import add_residuals, unet_residual_kwargs
-from controlnet.model.controlnet import ControlBase, ControlNet, ControlNetOutput, scaled
-from controlnet.model.union_controlnet import UnionControlNet, describe_types, type_id
+from controlnet.model.controlnet import ControlBase, ControlNet, ControlNetOutput
 from controlnet.progress import phase
 
 logger = logging.getLogger(__name__)
 
 MIN_PACKING_STEPS = 8  # denoising steps from which packing the weights for oneDNN pays on its own (CPU)
-
-
-@dataclass
-class _Fused:
-    """Several units of one union net run as ONE multi-condition call (xinsir's; diffusers' union pipeline with one
-    `ControlNetUnionModel` and several images): each condition's features and token carry its unit's scale."""
-
-    units: list[int]  # the units' indices, in their order
-    hints: list[torch.Tensor]  # one (B or 2B, C_0, h, w) per unit: E(c) computed once
-    types: list[int]  # one type id per unit (distinct)
-    scales: list[float]  # one per unit: its strength (the per-condition scales)
-
-
-@dataclass
-class _Net:
-    """One ControlNet call per denoising step (internal): one unit, or the fused units of one union net."""
-
-    net: ControlNet
-    hint: torch.Tensor | None  # (B or 2B, C_0, h, w): E(c) computed once (None: fused, the hints are there)
-    scales: list[float]  # per output: strength x mode profile x block scales (fused: the mode profile only)
-    start: float
-    end: float
-    conditional_only: bool
-    union_type: int | None = None  # a union net's condition type id (model/union_controlnet.py)
-    fused: _Fused | None = None
-
-    def __call__(self, sample, t, context, added_cond_kwargs) -> ControlNetOutput:
-        if self.fused is not None:  # the scales go to the conditions, the outputs get the mode's profile only
-            f = self.fused
-            out = self.net(
-                sample,
-                t,
-                context,
-                hints=f.hints,
-                types=f.types,
-                conditioning_scale=f.scales,
-                added_cond_kwargs=added_cond_kwargs,
-            )
-            return ControlNetOutput(
-                [scaled(d, s) for d, s in zip(out.down, self.scales[:-1], strict=True)],
-                scaled(out.mid, self.scales[-1]),
-            )
-        kwargs = dict(hint=self.hint, conditioning_scale=self.scales, added_cond_kwargs=added_cond_kwargs)
-        if self.union_type is None:
-            return self.net(sample, t, context, **kwargs)
-        return self.net.forward_unit(sample, t, context, control_type=self.union_type, **kwargs)
-
-
-def union_type_of(net: ControlNet, control_type: str | None, k: int) -> int | None:
-    """Net k's condition type id: a union net must have one (by name or id), any other net none."""
-    if not isinstance(net, UnionControlNet):
-        if control_type is not None:
-            raise ValueError(
-                f"control_type[{k}]={control_type!r}: ControlNet {k} is not a union ControlNet (only union nets, "
-                "such as xinsir's Union/ProMax, take a condition type)"
-            )
-        return None
-    count = net.union_config.num_control_type
-    if control_type is None:
-        raise ValueError(
-            f"control_type[{k}]: ControlNet {k} is a union ControlNet; name the condition's type by name or id "
-            f"({describe_types(count)})"
-        )
-    try:
-        return type_id(control_type, count)
-    except ValueError as err:
-        raise ValueError(f"control_type[{k}]: {err}") from None
-
-
-def fused_units(
-    nets: Sequence[ControlNet], per_net: Sequence, union_types: Sequence[int | None]
-) -> list[list[int]]:
-    """Groups of two or more units that run as ONE call of their shared union net (the rest run one call each).
-
-    Units fuse when they name the same union net object (a file named by several units is loaded once) with the
-    same control window (start, end) and control mode, no block scales, and a strength above 0 (a unit at 0 is not
-    run at all). Their strengths become the call's per-condition scales (xinsir's multi-condition mode, diffusers'
-    `ControlNetUnionModel` with several images); the outputs get the mode's per-output profile only. A group holds
-    each type once (the type vector cannot mark a type twice) and at most the net's number of types (ValueError
-    naming `units` and `control_type`)."""
-    groups: dict[tuple, list[int]] = {}
-    for k, (net, o, ident) in enumerate(zip(nets, per_net, union_types, strict=True)):
-        if ident is None or o.block_scales is not None or o.scale == 0:
-            continue
-        groups.setdefault((id(net), o.start, o.end, o.mode.name), []).append(k)
-    fused = [units for units in groups.values() if len(units) > 1]
-    for units in fused:
-        net, names = nets[units[0]], ", ".join(str(k) for k in units)
-        count = net.union_config.num_control_type
-        if len(units) > count:
-            raise ValueError(
-                f"units {names}: {len(units)} conditions in one fused call of their union ControlNet, which has "
-                f"{count} types ({describe_types(count)}); expected at most {count} (control_type: one each)"
-            )
-        seen: dict[int, int] = {}
-        for k in units:
-            if union_types[k] in seen:
-                raise ValueError(
-                    f"units {seen[union_types[k]]}, {k}: control_type {per_net[k].control_type!r} twice in one fused "
-                    f"call of their union ControlNet (type id {union_types[k]}; its type vector marks a type once); "
-                    "expected a different type per unit, or another control window/mode to run one apart"
-                )
-            seen[union_types[k]] = k
-    return fused
 
 
 def output_heights(net: ControlNet, latent_height: int) -> list[int]:
@@ -498,7 +393,7 @@ class ControlNetPipeline:
                 control_pils.append(images[0])
             conds.append(cond)
         latent_h, latent_w = height // factor, width // factor
-        nets: list[_Net] = []
+        nets: list[NetCall] = []
         fused = {units[0]: units for units in fusion}  # the first unit of each group runs the group
         in_group = {k for units in fusion for k in units}
         with self._placed(*self.controlnets):
@@ -522,12 +417,12 @@ class ControlNetPipeline:
                     )
                     hints.append(torch.cat([hint, hint]) if both else hint)
                 if k in fused:
-                    group = _Fused(
+                    group = FusedCall(
                         members, hints, [union_types[j] for j in members], [per_net[j].scale for j in members]
                     )
-                    nets.append(_Net(net, None, list(profile), o.start, o.end, not both, fused=group))
+                    nets.append(NetCall(net, None, list(profile), o.start, o.end, not both, fused=group))
                 else:
-                    nets.append(_Net(net, hints[0], out_scales, o.start, o.end, not both, union_type))
+                    nets.append(NetCall(net, hints[0], out_scales, o.start, o.end, not both, union_type))
 
         # 4. timesteps: a fresh sampler (the pipeline's own is never mutated); img2img skips the first steps -------
         base_config = self.scheduler.config

@@ -1,0 +1,122 @@
+"""One ControlNet call per denoising step: a unit's net, or the fused units of one union net (generate/pipeline.py).
+
+The pipeline turns its units into `NetCall`s once per generation (hints embedded, scales resolved) and calls each
+inside its control window every step. A union net (model/union_controlnet.py) needs each unit's condition type
+(`union_type_of`); units that share one union net with the same window and mode run as one multi-condition call
+(`fused_units`: xinsir's mode, as diffusers' `StableDiffusionXLControlNetUnionPipeline` runs one
+`ControlNetUnionModel` with several images), any other union unit as diffusers' single-condition call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from controlnet.model.controlnet import ControlNet, ControlNetOutput, scaled
+from controlnet.model.union_controlnet import UnionControlNet, describe_types, type_id
+
+
+@dataclass
+class FusedCall:
+    """Several units of one union net run as ONE multi-condition call (xinsir's; diffusers' union pipeline with one
+    `ControlNetUnionModel` and several images): each condition's features and token carry its unit's scale."""
+
+    units: list[int]  # the units' indices, in their order
+    hints: list[torch.Tensor]  # one (B or 2B, C_0, h, w) per unit: E(c) computed once
+    types: list[int]  # one type id per unit (distinct)
+    scales: list[float]  # one per unit: its strength (the per-condition scales)
+
+
+@dataclass
+class NetCall:
+    """One ControlNet call per denoising step (internal): one unit, or the fused units of one union net."""
+
+    net: ControlNet
+    hint: torch.Tensor | None  # (B or 2B, C_0, h, w): E(c) computed once (None: fused, the hints are there)
+    scales: list[float]  # per output: strength x mode profile x block scales (fused: the mode profile only)
+    start: float
+    end: float
+    conditional_only: bool
+    union_type: int | None = None  # a union net's condition type id (model/union_controlnet.py)
+    fused: FusedCall | None = None
+
+    def __call__(self, sample, t, context, added_cond_kwargs) -> ControlNetOutput:
+        if self.fused is not None:  # the scales go to the conditions, the outputs get the mode's profile only
+            f = self.fused
+            out = self.net(
+                sample,
+                t,
+                context,
+                hints=f.hints,
+                types=f.types,
+                conditioning_scale=f.scales,
+                added_cond_kwargs=added_cond_kwargs,
+            )
+            return ControlNetOutput(
+                [scaled(d, s) for d, s in zip(out.down, self.scales[:-1], strict=True)],
+                scaled(out.mid, self.scales[-1]),
+            )
+        kwargs = dict(hint=self.hint, conditioning_scale=self.scales, added_cond_kwargs=added_cond_kwargs)
+        if self.union_type is None:
+            return self.net(sample, t, context, **kwargs)
+        return self.net.forward_unit(sample, t, context, control_type=self.union_type, **kwargs)
+
+
+def union_type_of(net: ControlNet, control_type: str | None, k: int) -> int | None:
+    """Net k's condition type id: a union net must have one (by name or id), any other net none."""
+    if not isinstance(net, UnionControlNet):
+        if control_type is not None:
+            raise ValueError(
+                f"control_type[{k}]={control_type!r}: ControlNet {k} is not a union ControlNet (only union nets, "
+                "such as xinsir's Union/ProMax, take a condition type)"
+            )
+        return None
+    count = net.union_config.num_control_type
+    if control_type is None:
+        raise ValueError(
+            f"control_type[{k}]: ControlNet {k} is a union ControlNet; name the condition's type by name or id "
+            f"({describe_types(count)})"
+        )
+    try:
+        return type_id(control_type, count)
+    except ValueError as err:
+        raise ValueError(f"control_type[{k}]: {err}") from None
+
+
+def fused_units(
+    nets: Sequence[ControlNet], per_net: Sequence, union_types: Sequence[int | None]
+) -> list[list[int]]:
+    """Groups of two or more units that run as ONE call of their shared union net (the rest run one call each).
+
+    Units fuse when they name the same union net object (a file named by several units is loaded once) with the
+    same control window (start, end) and control mode, no block scales, and a strength above 0 (a unit at 0 is not
+    run at all). Their strengths become the call's per-condition scales (xinsir's multi-condition mode, diffusers'
+    `ControlNetUnionModel` with several images); the outputs get the mode's per-output profile only. A group holds
+    each type once (the type vector cannot mark a type twice) and at most the net's number of types (ValueError
+    naming `units` and `control_type`)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, (net, o, ident) in enumerate(zip(nets, per_net, union_types, strict=True)):
+        if ident is None or o.block_scales is not None or o.scale == 0:
+            continue
+        groups.setdefault((id(net), o.start, o.end, o.mode.name), []).append(k)
+    fused = [units for units in groups.values() if len(units) > 1]
+    for units in fused:
+        net, names = nets[units[0]], ", ".join(str(k) for k in units)
+        count = net.union_config.num_control_type
+        if len(units) > count:
+            raise ValueError(
+                f"units {names}: {len(units)} conditions in one fused call of their union ControlNet, which has "
+                f"{count} types ({describe_types(count)}); expected at most {count} (control_type: one each)"
+            )
+        seen: dict[int, int] = {}
+        for k in units:
+            if union_types[k] in seen:
+                raise ValueError(
+                    f"units {seen[union_types[k]]}, {k}: control_type {per_net[k].control_type!r} twice in one fused "
+                    f"call of their union ControlNet (type id {union_types[k]}; its type vector marks a type once); "
+                    "expected a different type per unit, or another control window/mode to run one apart"
+                )
+            seen[union_types[k]] = k
+    return fused
