@@ -81,6 +81,7 @@ def test_dry_mode_runs_every_section_and_prints_its_numbers(dry_run):
     assert seconds < 120
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (measured 44-135 s on a loaded run); -m slow
 def test_dry_mode_json_has_finite_positive_numbers(dry_run):
     done, _, out = dry_run
     assert done.returncode == 0, done.stderr[-3000:]

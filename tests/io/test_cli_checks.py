@@ -8,7 +8,6 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 
 import pytest
 import torch
@@ -30,12 +29,11 @@ def garbage(tmp_path):
 
 
 def refused(capsys, argv) -> str:
-    start = time.perf_counter()
+    """The one error line of a refusal; that it names the argument, not the garbage file's unreadability, is the proof
+    it came before reading (no wall-clock bound: a loaded CI machine made one flaky at 2.2 s)."""
     rc = main(argv)
-    elapsed = time.perf_counter() - start
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
-    assert elapsed < 2.0, f"refused after {elapsed:.1f} s"
     return err[0]
 
 
@@ -142,6 +140,7 @@ def run_on_terminal(*args) -> tuple[int, str, str]:
     return rc, out, b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (measured 44-135 s on a loaded run); -m slow
 def test_convert_and_init_show_their_phases_on_a_terminal(combined, tmp_path):
     weights, config = combined
     rc, out, term = run_on_terminal("convert", weights, tmp_path / "cn", "--to", "diffusers", "--config", config)
@@ -154,6 +153,7 @@ def test_convert_and_init_show_their_phases_on_a_terminal(combined, tmp_path):
         assert phase in term, term
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (measured 44-135 s on a loaded run); -m slow
 def test_a_failure_on_a_terminal_clears_the_bar(combined, tmp_path):
     weights, _ = combined
     rc, _, term = run_on_terminal("convert", weights, tmp_path / "cn", "--to", "diffusers")  # no --config

@@ -109,6 +109,7 @@ def make_tiny_unet_like(config_path):
     return build_unet(json.loads(config_path.read_text()), device="meta")
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (measured 44-135 s on a loaded run); -m slow
 def test_transfer_adds_the_community_delta(tmp_path):
     base = make_tiny_unet("sd15", seed=0)
     community = make_tiny_unet("sd15", seed=0)
