@@ -116,6 +116,11 @@ def load_checkpoint(folder: Path) -> CheckpointData:
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpoint.resume={str(folder)!r}: not a checkpoint folder (no {STATE_FILE})")
+    if (folder / "sharded").is_dir():  # train/sharding.py's SHARDED_DIR
+        raise ValueError(
+            f"checkpoint.resume={str(folder)!r}: a checkpoint of a train.distributed=fsdp run (sharded); resume it "
+            "with --train.distributed fsdp"
+        )
     weights = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
     return CheckpointData(
         weights=weights,

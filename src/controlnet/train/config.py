@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 DATA_FORMATS = ("auto", "original", "imagefolder", "hf", "webdataset")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")  # accelerate's names
 MIXED_PRECISION = ("no", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp")  # train.distributed: replicated (DDP) or sharded (FSDP2) trainable weights
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EXPORT_FORMATS = ("diffusers", "original")
 METRICS = ("auto", "fill_iou", "edge_f1", "none")
@@ -308,6 +309,9 @@ class LoopConfig:
     """no | bf16 | fp16 (fp16 needs a GPU)"""
     cpu: bool = False
     """train on the CPU even when a GPU exists"""
+    distributed: str = "ddp"
+    """under `accelerate launch --multi_gpu`: ddp (every process holds the whole trainable net) | fsdp (FSDP2: the
+    trainable ControlNet sharded across processes, the locked base replicated; train/sharding.py)"""
     threads: int = 0
     """torch intra-op CPU threads (0 = torch's default; 1 is much faster for tiny models on a busy machine)"""
     reuse_freed_memory: bool = True
@@ -341,6 +345,7 @@ class LoopConfig:
         _check_positive(self, "max_steps", "batch_size", "max_nonfinite", "log_every")
         _check_positive(self, "max_minutes", "threads", allow_zero=True)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("train.distributed", self.distributed, DISTRIBUTED)
         self.log_with = _choice_tuple("train.log_with", self.log_with, TRACKERS)
 
 

@@ -137,6 +137,7 @@ class Trainer:
         on_message: Callable[[str], None] | None = None,
     ):
         self.config, self.callback = config, callback
+        self.sharded = config.train.distributed == "fsdp"  # FSDP2: the trainable net sharded (train/sharding.py)
         self._base = base
         self.on_load, self.on_message = on_load, on_message or (lambda line: None)
 
@@ -156,6 +157,10 @@ class Trainer:
         # every option that needs no weights first (train/preflight.py): nothing is written or loaded before they
         # are known to be right
         source = check_run(c, self._base)
+        if self.sharded:
+            from controlnet.train.sharding import check_fsdp
+
+            check_fsdp(c, source.arch if source is not None else getattr(self._base, "arch", "unet"))
         # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
         # Accelerator is told cpu=True (otherwise every process believes it is alone)
         if c.train.threads:
@@ -176,8 +181,13 @@ class Trainer:
         if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
             raise ValueError(
                 f"accelerate launch with {self.acc.distributed_type.name}: training supports DDP "
-                "(`accelerate launch --multi_gpu`), whose checkpoints and exports hold every weight"
+                "(`accelerate launch --multi_gpu`), whose checkpoints and exports hold every weight; for sharding "
+                "use `accelerate launch --multi_gpu` with --train.distributed fsdp"
             )
+        if self.sharded:
+            from controlnet.train.sharding import check_world
+
+            check_world(self.world)
         base = self._base or load_base(source, ema=c.model.ema, progress=self.on_load, **base_options(c.model))
         self.base = base
         self.device = self.acc.device
@@ -287,11 +297,18 @@ class Trainer:
         if c.model.channels_last:
             # NHWC: oneDNN's convolutions (forward and backward) are ~2x faster for the hint encoder's narrow,
             # full-resolution convs on CPU, and tensor cores want it on GPU. Values are unchanged, only strides.
-            net.to(memory_format=torch.channels_last)
+            if not self.sharded:  # FSDP2 shards contiguous parameters only (NHWC conv weights are not)
+                net.to(memory_format=torch.channels_last)
             base.unet.to(memory_format=torch.channels_last)
         if c.model.gradient_checkpointing:
             net.enable_gradient_checkpointing()
             base.unet.enable_gradient_checkpointing()
+        # FSDP2: shard the trainable net, then build the optimizer over its shards (sd_locked only)
+        if self.sharded:
+            from controlnet.train.sharding import shard_controlnet
+
+            self.skeleton = shard_controlnet(net, self.device)
+            params = [{"params": list(net.parameters()), "lr": c.optim.lr}]
         self.trainable = [p for group in params for p in group["params"]]
         self.optimizer = build_optimizer(c.optim, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -305,7 +322,10 @@ class Trainer:
         else:
             model = ControlledUNet(net, base.unet, c.model.only_mid_control)
         # the LR scheduler is stepped by hand: accelerate's wrapper would step it once per process
-        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        if self.sharded:  # no DDP wrapper: the sharded net reduce-scatters its own gradients, the base has none
+            self.model = model
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.ema = [p.detach().clone().float() for p in self.trainable] if c.optim.ema_decay else None
 
     def _build_transformer_model(self) -> None:
@@ -342,6 +362,13 @@ class Trainer:
         return weights
 
     def _save(self, state: dict) -> None:
+        if self.sharded:  # every rank writes its shards (train/sharding.py)
+            from controlnet.train.sharding import save_sharded
+
+            with phase(f"saving the sharded checkpoint of step {state['step']}"):
+                net, keep = self.controlnet, self.config.checkpoint.keep
+                save_sharded(self.run_dir, state["step"], net, self.optimizer, self.scheduler, state, keep)
+            return
         if self.acc.is_main_process:
             data = ckpt.CheckpointData(
                 self._weights(), self.optimizer.state_dict(), self.scheduler.state_dict(), state
@@ -354,16 +381,22 @@ class Trainer:
         folder = ckpt.find_resume(self.run_dir, self.config.checkpoint.resume)
         if folder is None:
             return None
-        with phase(f"reading the checkpoint {folder.name}"):
-            data = ckpt.load_checkpoint(folder)
-        self.controlnet.load_state_dict(data.weights["controlnet"])
-        if "decoder" in data.weights:
-            self.base.unet.load_state_dict(data.weights["decoder"], strict=False)
-        if self.ema is not None and "ema" in data.weights:
-            self.ema = [data.weights["ema"][str(k)].to(self.device) for k in range(len(self.ema))]
-        self.optimizer.load_state_dict(data.optimizer)
-        self.scheduler.load_state_dict(data.scheduler)
-        state = data.state
+        if self.sharded:
+            from controlnet.train.sharding import load_sharded
+
+            with phase(f"reading the sharded checkpoint {folder.name}"):
+                state = load_sharded(folder, self.controlnet, self.optimizer, self.scheduler)
+        else:
+            with phase(f"reading the checkpoint {folder.name}"):
+                data = ckpt.load_checkpoint(folder)
+            self.controlnet.load_state_dict(data.weights["controlnet"])
+            if "decoder" in data.weights:
+                self.base.unet.load_state_dict(data.weights["decoder"], strict=False)
+            if self.ema is not None and "ema" in data.weights:
+                self.ema = [data.weights["ema"][str(k)].to(self.device) for k in range(len(self.ema))]
+            self.optimizer.load_state_dict(data.optimizer)
+            self.scheduler.load_state_dict(data.scheduler)
+            state = data.state
         if state.get("world_size", self.world) != self.world:
             logger.warning(
                 "checkpoint %s was written by %d processes, resuming with %d: the global batch and data "
@@ -405,6 +438,14 @@ class Trainer:
         grad_norm = torch.zeros((), device=self.device)
         if c.optim.max_grad_norm:
             grad_norm = self.acc.clip_grad_norm_(self.trainable, c.optim.max_grad_norm)
+            if self.sharded:  # a DTensor: its value on every rank
+                from controlnet.train.sharding import full_value
+
+                grad_norm = full_value(grad_norm)
+        elif self.sharded:
+            from controlnet.train.sharding import total_grad_norm
+
+            grad_norm = total_grad_norm(self.trainable)
         else:
             grads = [p.grad for p in self.trainable if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -553,6 +594,14 @@ class Trainer:
         if do_val:
             self.val = self.data.held_out()
         self._start_logging(start)
+        if self.world > 1:  # each process's bytes of trainable weights (1/world of the net's under sharding)
+            from accelerate.utils import gather_object
+
+            from controlnet.train.sharding import local_bytes
+
+            per_rank = list(gather_object([local_bytes(self.trainable)]))
+            if self.acc.is_main_process:
+                self._log({"step": start, "event": "memory", "trainable_param_bytes": per_rank})
         if self.acc.is_main_process and do_val and floor_ceiling is None:
             floor_ceiling = self._floor_and_ceiling(start)
         global_batch = c.train.batch_size * self.world * c.optim.grad_accum
@@ -645,8 +694,9 @@ class Trainer:
             # the exported weights get a score of their own: the report's final number is theirs
             self._record_validation(step, history)
             history = broadcast_history(self.acc, history)
-        digests = rank_digests(self.acc, self.trainable)
-        if self.acc.is_main_process and self.world > 1:
+        # sharded: every rank holds other weights by design (the export gathers them)
+        digests = [] if self.sharded else rank_digests(self.acc, self.trainable)
+        if self.acc.is_main_process and self.world > 1 and not self.sharded:
             self._log({"step": step, "event": "ranks", "weight_sha256": digests})
             if len(set(digests)) != 1:
                 raise RuntimeError(f"processes hold different weights after step {step}: {digests}")
@@ -669,6 +719,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------
     # 6. export
     def _export(self) -> Path | None:
+        net = self.controlnet
+        if self.sharded:  # every rank sends its shards; rank 0 holds the full weights, on the CPU
+            from controlnet.train.sharding import full_net
+
+            net = full_net(net, self.skeleton)
         if not self.acc.is_main_process:
             return None
         from controlnet.io.api import save_controlnet
@@ -677,7 +732,6 @@ class Trainer:
         if self.ema is not None:
             for p, e in zip(self.trainable, self.ema, strict=True):
                 p.data.copy_(e)
-        net = self.controlnet
         if self.flow:  # a diffusers folder, and the publisher's one file (transformer_step.export_layout)
             from controlnet.io.transformer_layouts import save_transformer_controlnet
 

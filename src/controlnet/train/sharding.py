@@ -1,0 +1,181 @@
+"""Sharded data parallel training (FSDP2, PyTorch's `fully_shard`) of the trainable ControlNet: `train.distributed=fsdp`.
+
+Launched like DDP (`accelerate launch --multi_gpu --num_processes N ... --train.distributed fsdp`): accelerate sets up
+the processes, devices and process group; the sharding is done here with torch's `fully_shard`, not through
+accelerate's FSDP plugin, because with accelerate 1.16 and no GPU `accelerate launch --use_fsdp --fsdp_version 2`
+falls back to independent single processes and a `FullyShardedDataParallelPlugin(fsdp_version=2)` given in code under
+`--multi_gpu` is ignored on CPU. `fully_shard` is the call accelerate's FSDP2 path makes on GPUs, and it runs under
+gloo on CPU, so the tests exercise what a GPU run executes.
+
+What is sharded: the trainable ControlNet, one FSDP group per hint encoder, down block and middle block, plus the root
+group (embeddings, conv_in, the zero convolutions). Its parameters become DTensors sharded on dim 0 across the ranks, and
+the optimizer is built after sharding, so Adam's moments are sharded too. The locked base is replicated: it is frozen
+(no gradient, no optimizer state) and every process holds it whole in the compute dtype.
+
+Checkpoints (`checkpoints/step-N/`): `sharded/` is torch.distributed.checkpoint's folder of every rank's shards of the
+weights and optimizer state; rank 0 writes `scheduler.pt` and `state.json` beside it, as a DDP checkpoint does. The
+folder is written under a `.partial-` name and renamed into place when complete. The export gathers the full weights on
+rank 0 (on the CPU) and writes the same files as a DDP run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from controlnet.train import checkpoint as ckpt
+from controlnet.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint's folder inside a checkpoint folder
+SCHEDULER_FILE = "scheduler.pt"
+
+
+def check_fsdp(config: TrainConfig, arch: str) -> None:
+    """One ValueError line for what `train.distributed=fsdp` does not support yet (before any weights load)."""
+    c, name = config, "train.distributed=fsdp"
+    if c.train.distributed != "fsdp":
+        return
+    if arch != "unet":
+        raise ValueError(
+            f"{name}: a {arch} base is not supported yet (UNet bases only; use train.distributed=ddp)"
+        )
+    if c.model.architecture != "controlnet":
+        raise ValueError(
+            f"{name} with model.architecture={c.model.architecture!r}: only the paper's ControlNet "
+            "(model.architecture=controlnet) is sharded yet"
+        )
+    refused = {
+        "optim.ema_decay": bool(c.optim.ema_decay),  # the EMA copy is not sharded yet
+        "model.sd_locked=false": not c.model.sd_locked,  # the trained UNet decoder is not sharded yet
+        "train.reward": c.train.reward,
+        "optim.use_8bit_adam": c.optim.use_8bit_adam,
+        # validation runs the net on rank 0 alone, and a sharded net needs every rank for its all-gathers
+        "validation.every": c.validation.every > 0 and c.validation.metric != "none",
+    }
+    for option, on in refused.items():
+        if on:
+            raise ValueError(f"{name}: {option} is not supported with sharding yet; turn it off or use ddp")
+
+
+def check_world(num_processes: int) -> None:
+    if num_processes < 2:
+        raise ValueError(
+            "train.distributed=fsdp: needs `accelerate launch --multi_gpu --num_processes N` with N >= 2 "
+            f"(got {num_processes} process)"
+        )
+
+
+def shard_controlnet(net: nn.Module, device: torch.device) -> nn.Module:
+    """Shard `net` in place across all processes (FSDP2); returns a meta-device skeleton of `net` (same classes and
+    configs, no storage) that `full_net` fills with the gathered weights for the export."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # the parameters are mapped to meta tensors instead of copied: the skeleton costs no memory (buffers are copied)
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in net.parameters()}
+    skeleton = copy.deepcopy(net, memo)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in (net.controlnet_cond_embedding, *net.down_blocks, net.mid_block):
+        fully_shard(block, mesh=mesh)
+    fully_shard(net, mesh=mesh)  # the root group: what no block holds
+    return skeleton
+
+
+def local_bytes(params) -> int:
+    """Bytes of `params` held by this process (a DTensor's local shard only)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in params:
+        t = p.to_local() if isinstance(p, DTensor) else p
+        total += t.numel() * t.element_size()
+    return total
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full (replicated) value; any other tensor as it is. Every rank calls it."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def total_grad_norm(params) -> torch.Tensor:
+    """The 2-norm of all gradients of sharded `params`, the same on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return full_value(torch.nn.utils.get_total_norm(grads))
+
+
+def full_net(net: nn.Module, skeleton: nn.Module) -> nn.Module | None:
+    """Every rank: gather `net`'s full weights; rank 0 gets `skeleton` holding them (on the CPU), others None."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    skeleton.load_state_dict(full, assign=True)
+    return skeleton
+
+
+def save_sharded(run_dir: Path, step: int, net: nn.Module, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Every rank: write checkpoint `step` (weights and optimizer state sharded, through torch.distributed.checkpoint)
+    atomically, then prune to the newest `keep`. Returns its folder."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    main = dist.get_rank() == 0
+    folder = Path(run_dir) / ckpt.CHECKPOINT_DIR
+    final = folder / ckpt.checkpoint_name(step)
+    tmp = folder / f"{ckpt.PARTIAL_PREFIX}{final.name}-sharded"  # one name every rank knows
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(net, optimizer)
+    # FileSystemWriter fsyncs its files (sync_files=True)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+    dist.barrier()
+    if main:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        for name in (SCHEDULER_FILE, ckpt.STATE_FILE):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (the final save after a periodic one): the old one goes aside first
+            ckpt._remove(final)
+        os.rename(tmp, final)
+        for old in ckpt.list_checkpoints(run_dir)[:-keep]:
+            ckpt._remove(old)
+        logger.info("saved sharded checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def load_sharded(folder: Path, net: nn.Module, optimizer, scheduler) -> dict:
+    """Every rank: read checkpoint `folder` into the sharded `net`, its `optimizer` and `scheduler`; its state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = Path(folder)
+    if not (folder / SHARDED_DIR).is_dir():
+        raise ValueError(
+            f"checkpoint.resume={str(folder)!r}: a checkpoint of a train.distributed=ddp run (full weights); "
+            "resume it with --train.distributed ddp"
+        )
+    model_state, optim_state = get_state_dict(net, optimizer)
+    states = {"model": model_state, "optim": optim_state}
+    dcp.load(states, checkpoint_id=str(folder / SHARDED_DIR))
+    set_state_dict(net, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+    return json.loads((folder / ckpt.STATE_FILE).read_text())
