@@ -47,5 +47,6 @@ def test_freed_activations_are_reused_not_faulted_back_in():
 
 
 @pytest.mark.skipif(not reuse_freed_memory(), reason="mallopt needs glibc")
+@pytest.mark.slow  # the default suite's 15-minute budget (the clean-clone run took 906 s); -m slow
 def test_pipeline_optimize_keeps_freed_memory_on_the_cpu():
     assert page_faults("pipeline") < page_faults("default") / 5

@@ -248,6 +248,7 @@ def test_ema_weights_are_offered_and_diffusers_advice_is_not_shown(
         assert sidecar["settings"]["ema"] is used
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (the clean-clone run took 906 s); -m slow
 def test_train_starts_from_a_checkpoint_file(sd_file, base_config, tmp_path):
     """Acceptance: `controlnet train --model.base FILE --model.tokenizer DIR` trains and exports."""
     from controlnet.world.dataset import write_dataset
@@ -347,6 +348,7 @@ def test_builtin_base_carries_its_model_cards_sampling():
     assert SamplingDefaults.read(builtin_folder().parent) == SamplingDefaults()  # no file: the generic ones
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (the clean-clone run took 906 s); -m slow
 def test_verbose_logs_what_is_loaded(exported, tmp_path):
     result = _cli("-v", "generate", "red circle", "--base", exported / "base", "--steps", 1, "--out", tmp_path)
     assert result.returncode == 0, result.stderr

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from train_tiny import TINY_SIZE
 
 
@@ -56,6 +57,7 @@ def _index(lines: list[str], start: str) -> int:
     return found[0]
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (the clean-clone run took 906 s); -m slow
 def test_train_names_its_phases_in_order_and_a_resumed_bar_counts_this_runs_steps(base_dir, fill_data, tmp_path):
     run = tmp_path / "run"
     first = _train(base_dir, fill_data, run, 2, "-v")
