@@ -36,16 +36,31 @@ def _ours(p, nets) -> ControlNetPipeline:
     )
 
 
-def test_sdxl_union_matches_diffusers_union_pipeline(sdxl_parts):
+def _theirs(p, net):
+    """diffusers' `StableDiffusionXLControlNetUnionPipeline` on the same tiny SDXL parts, with `net`'s weights in its
+    own `ControlNetUnionModel`."""
     from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
 
+    theirs_net = ControlNetUnionModel(**net.diffusers_config()).eval()
+    theirs_net.load_state_dict(net.state_dict(), strict=True)
+    text = {k: p[k] for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    ref = StableDiffusionXLControlNetUnionPipeline(
+        vae=p["vae"],
+        unet=p["unet"],
+        controlnet=theirs_net,
+        scheduler=p["scheduler"],
+        add_watermarker=False,
+        **text,
+    )
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def test_sdxl_union_matches_diffusers_union_pipeline(sdxl_parts):
     p = sdxl_parts
     net = _union(p["unet"], 21)
     cond = condition_image(40)
-    text = {k: p[k] for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
-    ours = ControlNetPipeline(p["unet"], p["vae"], p["text_encoder"], p["tokenizer"], p["scheduler"], [net], **{
-        k: text[k] for k in ("text_encoder_2", "tokenizer_2")
-    })  # fmt: skip
+    ours = _ours(p, [net])
     a = ours(
         PROMPT,
         [cond],
@@ -56,18 +71,7 @@ def test_sdxl_union_matches_diffusers_union_pipeline(sdxl_parts):
         control_scale=0.8,
         control_type="canny",
     ).array
-    theirs_net = ControlNetUnionModel(**net.diffusers_config()).eval()
-    theirs_net.load_state_dict(net.state_dict(), strict=True)
-    ref = StableDiffusionXLControlNetUnionPipeline(
-        vae=p["vae"],
-        unet=p["unet"],
-        controlnet=theirs_net,
-        scheduler=p["scheduler"],
-        add_watermarker=False,
-        **text,
-    )
-    ref.set_progress_bar_config(disable=True)
-    b = ref(
+    b = _theirs(p, net)(
         PROMPT,
         control_image=[cond],
         control_mode=[3],
@@ -88,27 +92,13 @@ def test_sdxl_union_matches_diffusers_union_pipeline(sdxl_parts):
 def test_two_units_on_one_union_net_are_one_fused_call_as_diffusers_union_pipeline(sdxl_parts):
     """canny + depth on ONE union net equal diffusers' union pipeline with one net and two images (xinsir's
     multi-condition call, per-condition scales), and differ from the same two units run one call each."""
-    from diffusers import ControlNetUnionModel, StableDiffusionXLControlNetUnionPipeline
-
     p = sdxl_parts
     net = _union(p["unet"], 22)
     a, b = condition_image(41), condition_image(42)
     run = dict(steps=2, seed=4, output_type="np", guidance_scale=5.0, control_scale=[0.6, 0.9])
     fused = _ours(p, [net, net])(PROMPT, [a, b], control_type=["canny", "depth"], **run)
     assert [u["fused"] for u in fused.settings["controlnets"]] == [True, True]
-    theirs_net = ControlNetUnionModel(**net.diffusers_config()).eval()
-    theirs_net.load_state_dict(net.state_dict(), strict=True)
-    text = {k: p[k] for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
-    ref = StableDiffusionXLControlNetUnionPipeline(
-        vae=p["vae"],
-        unet=p["unet"],
-        controlnet=theirs_net,
-        scheduler=p["scheduler"],
-        add_watermarker=False,
-        **text,
-    )
-    ref.set_progress_bar_config(disable=True)
-    expected = ref(
+    expected = _theirs(p, net)(
         PROMPT,
         control_image=[a, b],
         control_mode=[3, 1],
