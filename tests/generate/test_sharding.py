@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 from PIL import Image
 
 from controlnet.generate.manifest import ManifestLine, shard
+from controlnet.testing.launch import accelerate_launch
 
 N_LINES = 5
 
@@ -26,12 +26,6 @@ def test_shards_are_disjoint_and_cover_everything():
     assert [j.number for j in parts[1]] == [1, 4]
     with pytest.raises(ValueError, match="rank=3 world=3"):
         shard(jobs, 3, 3)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -61,22 +55,7 @@ def test_two_processes_equal_one(saved, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "process 1/1: generated 5, skipped 0" in proc.stdout
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "controlnet.cli",
+        *accelerate_launch(2),
         "generate",
         *common,
         "--out",

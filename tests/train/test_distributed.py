@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,7 @@ import torch
 from train_helpers import final_weights
 from train_tiny import TINY_SIZE
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from controlnet.testing.launch import accelerate_launch
 
 
 def _args(fill_data, base_dir, out, batch_size: int) -> list[str]:
@@ -65,22 +60,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(fill_da
     )
     assert single.returncode == 0, single.stderr[-3000:]
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "controlnet.cli",
+        *accelerate_launch(2),
         *_args(fill_data, base_dir, tmp_path / "two", 2),
     ]
     start = time.time()

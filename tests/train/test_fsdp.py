@@ -7,14 +7,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import _args, _losses, free_port
+from test_distributed import _args, _losses
 from train_helpers import final_weights, tiny_config
+
+from controlnet.testing.launch import accelerate_launch
 
 STEPS, LR = 3, 1e-3
 
@@ -22,22 +23,7 @@ STEPS, LR = 3, 1e-3
 def _launch(fill_data, base_dir, out, *extra: str) -> float:
     """One 2-process run of 3 steps with a per-process batch of 2; its wall time."""
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "controlnet.cli",
+        *accelerate_launch(2),
         *_args(fill_data, base_dir, out, 2),
         *extra,
     ]
