@@ -50,6 +50,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from controlnet.builtin.pretrain import pretrain
+    from controlnet.builtin.pretrain_dit import pretrain_dit
 
     config = PretrainConfig(**given_values(args, PretrainConfig))
     bars: dict[str, tqdm] = {}
@@ -62,7 +63,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         bars[stage].update(1)
         bars[stage].set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
 
-    state = pretrain(config, resume=args.resume, on_step=on_step)
+    recipe = pretrain if config.family == "unet" else pretrain_dit  # builtin-dit: its own recipe, same data
+    state = recipe(config, resume=args.resume, on_step=on_step)
     for bar in bars.values():
         bar.close()
     print(
@@ -72,9 +74,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from controlnet.builtin.pretrain import export_builtin
+    from controlnet.builtin.pretrain import export_builtin, run_family
+    from controlnet.builtin.pretrain_dit import export_dit
 
-    facts = export_builtin(args.run, args.out)
+    export = export_builtin if run_family(args.run) == "unet" else export_dit
+    facts = export(args.run, args.out)
     print(f"export-base: wrote {args.out} from {args.run} ({facts})")
     return 0
 

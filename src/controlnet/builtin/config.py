@@ -99,6 +99,46 @@ class BaseModelConfig:
 
 
 @dataclass
+class DitModelConfig:
+    """Architecture of the built-in transformer base `builtin-dit` (SD3's MMDiT layout; `--family sd3`).
+
+    Its VAE is the shipped built-in base's (64 px <-> 16x16x4 latents), so the transformer sees 8x8 = 64 patches.
+    Two CLIP text encoders as SD3 has (their penultimate hidden states joined along channels are the context, their
+    pooled projections joined are the pooled vector) and no T5: SD3 runs without one, diffusers' pipeline then adds
+    `max_sequence_length` zero tokens, 0 here (saved in the base's sampling.json so that every door uses it).
+    """
+
+    layers: int = 4
+    """MMDiT joint blocks"""
+    heads: int = 2
+    """attention heads per block"""
+    head_dim: int = 32
+    """channels per head (width = heads * head_dim)"""
+    patch_size: int = 2
+    """latent pixels per patch side"""
+    pos_embed_max_size: int = 16
+    """patches per side of the positional-embedding grid (16: up to 128 px images)"""
+    shift: float = 1.0
+    """the flow-matching sigma shift (SD3 uses 3.0 at 1024 px, 4,096 patches; 64 patches need none)"""
+    text: TextEncoderConfig = field(
+        default_factory=lambda: TextEncoderConfig(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64)
+    )
+    """each of the two CLIP text encoders (SD3 reads the penultimate layer, hence 3)"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            self.text = TextEncoderConfig(**self.text)
+        for name in ("layers", "heads", "head_dim", "patch_size", "pos_embed_max_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.shift <= 0:
+            raise ValueError(f"shift={self.shift}: expected > 0")
+
+
+FAMILIES = ("unet", "sd3")  # what `controlnet world pretrain-base --family` builds
+
+
+@dataclass
 class PretrainConfig:
     """`controlnet world pretrain-base`: train the built-in base model from scratch on world data."""
 
@@ -144,10 +184,19 @@ class PretrainConfig:
     """minutes between checkpoints"""
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     """architecture"""
+    family: str = "unet"
+    """the base's layout: unet (the built-in base: SD's UNet, VAE trained first) or sd3 (builtin-dit: SD3's MMDiT
+    with flow matching, on the shipped built-in base's VAE)"""
+    dit: DitModelConfig = field(default_factory=DitModelConfig)
+    """architecture of an sd3-family base"""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = BaseModelConfig(**self.model)
+        if isinstance(self.dit, dict):
+            self.dit = DitModelConfig(**self.dit)
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r}: expected one of {', '.join(FAMILIES)}")
         for name in ("steps", "batch_size", "fill_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected a positive integer")

@@ -407,6 +407,8 @@ def pretrain(
     """
     from diffusers import DDPMScheduler
 
+    if config.family != "unet":
+        raise ValueError(f"family={config.family!r}: builtin/pretrain_dit.py trains it (pretrain_dit)")
     if config.threads:
         torch.set_num_threads(config.threads)
     reuse_freed_memory()  # a CPU recipe: hours of steps that would fault their activations back in each time
@@ -467,6 +469,14 @@ def pretrain(
     return state
 
 
+def run_family(run_dir: str | Path) -> str:
+    """The family of the run in `run_dir` ("unet" for runs from before families existed)."""
+    config_file = Path(run_dir).expanduser() / RUN_CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"run folder {run_dir}: no {RUN_CONFIG_NAME}")
+    return json.loads(config_file.read_text()).get("family", "unet")
+
+
 def export_builtin(run_dir: str | Path, dest: str | Path) -> dict:
     """Write the EMA weights of the run's last checkpoint as a loadable base-model folder; returns run facts."""
     run_dir = Path(run_dir).expanduser()
@@ -474,6 +484,8 @@ def export_builtin(run_dir: str | Path, dest: str | Path) -> dict:
         raise FileNotFoundError(f"run folder {run_dir}: no {CHECKPOINT_NAME}")
     config = PretrainConfig(**json.loads((run_dir / RUN_CONFIG_NAME).read_text()))
     config.out = str(run_dir)
+    if config.family != "unet":
+        raise ValueError(f"{run_dir}: a family={config.family!r} run; builtin/pretrain_dit.py exports it")
     from controlnet.builtin.text import load_tokenizer
 
     state = build_state(config, load_tokenizer(run_dir / "tokenizer"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
@@ -50,6 +50,9 @@ class SamplingDefaults:
     """sampler steps"""
     scheduler: str | None = None
     """sampler name (generate/samplers.py); None = the base's own scheduler"""
+    max_sequence_length: int | None = None
+    """SD3 / Flux: T5 tokens per prompt (or, for an SD3 base without T5, the zero tokens diffusers adds in their place:
+    part of what the transformer was trained on); None = the pipeline's default"""
 
     @classmethod
     def read(cls, folder: Path | None) -> SamplingDefaults:
@@ -57,7 +60,7 @@ class SamplingDefaults:
         if file is None or not file.is_file():
             return cls()
         values = json.loads(file.read_text())
-        known = {k: v for k, v in values.items() if k in {"guidance_scale", "steps", "scheduler"}}
+        known = {k: v for k, v in values.items() if k in {f.name for f in fields(cls)}}
         return cls(**known)
 
     def write(self, folder: Path) -> None:
