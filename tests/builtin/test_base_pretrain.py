@@ -129,6 +129,7 @@ def test_config_rejects_bad_values():
 def test_pretrain_base_flags_are_the_recipe_s_fields(tmp_path):
     import dataclasses
 
+    from controlnet.builtin.config import DitModelConfig
     from controlnet.cli import build_parser
     from controlnet.settings_cli import given_values
 
@@ -148,6 +149,6 @@ def test_pretrain_base_flags_are_the_recipe_s_fields(tmp_path):
     )
     config = PretrainConfig(**given_values(args, PretrainConfig))
     assert (config.steps, config.vae_lr, config.out, config.checkpoint_minutes) == (5, 1e-4, str(tmp_path), 0.5)
-    assert config.model == BaseModelConfig()  # the architecture has no flags
-    scalar = {f.name for f in dataclasses.fields(PretrainConfig) if f.name != "model"}
+    assert config.model == BaseModelConfig() and config.dit == DitModelConfig()  # the architectures have no flags
+    scalar = {f.name for f in dataclasses.fields(PretrainConfig) if f.name not in ("model", "dit")}
     assert set(given_values(args, PretrainConfig)) == scalar  # every other field has its flag

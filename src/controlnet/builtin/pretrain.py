@@ -297,6 +297,10 @@ def open_run(config: PretrainConfig, resume: bool) -> RunState:
         )
     if resume and has_checkpoint:
         saved = json.loads((run_dir / RUN_CONFIG_NAME).read_text())
+        if saved.get("family", "unet") != config.family:  # e.g. an sd3 run resumed without its --family
+            raise ValueError(
+                f"out={run_dir}: holds a family={saved['family']!r} run; resume it with --family {saved['family']}"
+            )
         if saved["model"] != json.loads(json.dumps(asdict(config.model))):
             raise ValueError(f"out={run_dir}: its model architecture differs from the requested one")
         from controlnet.builtin.text import load_tokenizer

@@ -202,12 +202,11 @@ def open_dit_run(config: PretrainConfig, resume: bool) -> DitState:
     current = json.loads(json.dumps(asdict(config)))  # tuples as lists, as saved
     if resume and has_checkpoint:
         saved = json.loads((run_dir / RUN_CONFIG_NAME).read_text())
-        if (saved.get("family"), saved["dit"], saved["model"]) != (
-            config.family,
-            current["dit"],
-            current["model"],
-        ):
-            raise ValueError(f"out={run_dir}: its family or architecture differs from the requested one")
+        family = saved.get("family", "unet")
+        if family != config.family:  # e.g. a unet run resumed with --family sd3
+            raise ValueError(f"out={run_dir}: holds a family={family!r} run; resume it with --family {family}")
+        if (saved["dit"], saved["model"]) != (current["dit"], current["model"]):
+            raise ValueError(f"out={run_dir}: its architecture (dit, model) differs from the requested one")
         state = build_dit_state(config, load_tokenizer(run_dir / "tokenizer"))
         load_dit_checkpoint(state, run_dir)
         logger.info("resumed %s at step %d", run_dir, state.step)
