@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from controlnet.generate.builtin_format import builtin_dit_folder
 from controlnet.testing.live_server import TINY_CONTROLNET, start_server
 
 webuiapi = pytest.importorskip("webuiapi")
@@ -96,7 +97,8 @@ def test_controlnet_lists(api, server, model_title):
         TINY_CONTROLNET,
     }
     assert "controlnet m2m" in api.get_scripts()["txt2img"] and api.has_controlnet
-    assert [m["title"].split(" [")[0] for m in api.get_sd_models()] == ["builtin"]
+    shipped = ["builtin", *(["builtin-dit"] if (builtin_dit_folder() / "model_index.json").is_file() else [])]
+    assert [m["title"].split(" [")[0] for m in api.get_sd_models()] == shipped  # the shipped bases
     assert "Euler a" in api.util_get_sampler_names()
 
 

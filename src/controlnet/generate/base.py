@@ -3,7 +3,8 @@
 Generation, training, the demo and evaluation all load their locked base here, so they see the same modules, the
 same tokenizer checks, the same latent space and the same sampling defaults. Four kinds of base (`base_kind`):
 - "builtin": the shipped tiny model (the `weights/` folder of `controlnet.builtin`, found as package data);
-- a diffusers model folder (`model_index.json` names each component's class);
+- a diffusers model folder (`model_index.json` names each component's class); the spec "builtin-dit" names one,
+  the shipped tiny SD3-layout transformer base (`weights_dit/`), whose BaseSource keeps the name "builtin-dit";
 - an exported folder (`controlnet world export-base`): the built-in folder format, generate/builtin_format.py;
 - one SD1.x/SD2.x/SDXL checkpoint file (read by `controlnet.io.single_file`; it holds no tokenizer).
 A diffusers folder may hold a transformer base (SD3 / SD3.5, Flux: model_index.json names its pipeline), and so may a
@@ -31,9 +32,12 @@ import torch
 from controlnet.errors import CheckpointError
 from controlnet.generate.builtin_format import (
     BUILTIN,
-    BUILTIN_CONTROLNET,
+    BUILTIN_BASES,
+    BUILTIN_CONTROLNET_PREFIXES,
+    BUILTIN_DIT,
     EXPORTED_CONFIG,
     SamplingDefaults,
+    builtin_base_folder,
     builtin_controlnets,
     builtin_folder,
     folder_classes,
@@ -151,35 +155,48 @@ def _latent_stats(vae, latents: torch.Tensor):
 # ------------------------------------------------------------------------------------------------------------
 # what the base is, checked before any weights are read
 def controlnet_path(spec: str | os.PathLike) -> Path:
-    """The file or folder of a ControlNet given as "builtin:NAME" or a path, checked to exist (no weights read)."""
+    """The file or folder of a ControlNet given as "builtin:NAME", "builtin-dit:NAME" or a path, checked to exist
+    (no weights read)."""
     text = str(spec)
-    if text.startswith(BUILTIN_CONTROLNET):
-        shipped = builtin_controlnets()
-        name = text[len(BUILTIN_CONTROLNET) :]
+    for prefix, base in BUILTIN_CONTROLNET_PREFIXES.items():
+        if not text.startswith(prefix):
+            continue
+        shipped = builtin_controlnets(base)
+        name = text[len(prefix) :]
         if name not in shipped:
-            known = ", ".join(BUILTIN_CONTROLNET + n for n in shipped) or "none in this installation"
+            known = ", ".join(prefix + n for n in shipped) or "none in this installation"
             raise ValueError(f"unknown built-in ControlNet {text!r}; expected one of: {known}")
         return shipped[name]
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
-            f"ControlNet not found: {spec} (expected a file, a diffusers folder or builtin:NAME)"
+            f"ControlNet not found: {spec} (expected a file, a diffusers folder, builtin:NAME or builtin-dit:NAME)"
         )
     return path
 
 
 def base_kind(spec: str | os.PathLike, flag: str = KEYWORDS["base"]) -> tuple[str, Path]:
-    """("builtin" | "diffusers" | "exported" | "file", path) of a base spec; the one place that tells them apart."""
+    """("builtin" | "diffusers" | "exported" | "file", path) of a base spec; the one place that tells them apart.
+
+    "builtin-dit" is the shipped diffusers SD3 folder: ("diffusers", its folder)."""
     if str(spec) == BUILTIN:
         folder = builtin_folder()
         if not (folder / EXPORTED_CONFIG).is_file():
             raise ValueError(f"{flag} builtin: the built-in base model is not shipped in this installation")
         return BUILTIN, folder
+    if str(spec) == BUILTIN_DIT:
+        folder = builtin_base_folder(BUILTIN_DIT)
+        if not (folder / MODEL_INDEX).is_file():
+            raise ValueError(
+                f"{flag} builtin-dit: the built-in transformer base is not shipped in this installation "
+                f"(no {MODEL_INDEX} in {folder})"
+            )
+        return "diffusers", folder
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
-            f"base model not found: {path} (expected 'builtin', a diffusers model folder, a folder written by "
-            "`controlnet world export-base`, or one SD checkpoint file: .safetensors/.ckpt)"
+            f"base model not found: {path} (expected 'builtin', 'builtin-dit', a diffusers model folder, a folder "
+            "written by `controlnet world export-base`, or one SD checkpoint file: .safetensors/.ckpt)"
         )
     if path.is_file():
         return "file", path
@@ -248,6 +265,7 @@ def check_base(
     if prediction_type not in (None, "", "epsilon", "v_prediction"):
         raise ValueError(f"prediction_type={prediction_type!r}: expected epsilon or v_prediction")
     kind, path = base_kind(spec, flags["base"])
+    name = str(spec) if str(spec) in BUILTIN_BASES else str(path)  # a shipped base keeps its name
     tokenizer = str(tokenizer) if tokenizer else None
     tokenizer_2 = str(tokenizer_2) if tokenizer_2 else None
     if kind == "file":
@@ -271,7 +289,7 @@ def check_base(
             if folder is not None:
                 load_tokenizer(folder, flags[key])
         components = check_transformer_folder(path, json.loads((path / MODEL_INDEX).read_text()), arch)
-        return BaseSource(kind, path, str(path), tokenizer, tokenizer_2, components, arch)
+        return BaseSource(kind, path, name, tokenizer, tokenizer_2, components, arch)
     if kind == "file":
         from controlnet.io.single_file import check_single_file
 
@@ -283,7 +301,7 @@ def check_base(
             if folder is not None:
                 load_tokenizer(folder, flags[key])
         components = _folder_components(kind, path)
-    return BaseSource(kind, path, BUILTIN if kind == BUILTIN else str(path), tokenizer, tokenizer_2, components)
+    return BaseSource(kind, path, name, tokenizer, tokenizer_2, components)
 
 
 def check_controlnet_families(
@@ -304,7 +322,7 @@ def check_controlnet_families(
     family = base_family(source, configs, flags)
     if family is None:
         return
-    what = f"base {BUILTIN if source.kind == BUILTIN else source.path.name}"
+    what = f"base {source.name if source.name in BUILTIN_BASES else source.path.name}"
     for path in paths:
         if not is_lite_folder(path):  # ControlNet-lite (the ablation) folders hold their own config
             check_family(inspect_path(path).base_family, family, f"ControlNet {path.name}", what)

@@ -8,6 +8,10 @@ Layout (each component as its library's `save_pretrained` writes it):
     sampling.json       how the base samples when the user sets nothing (SamplingDefaults)
     controlnets/NAME/   the shipped folder only: diffusers ControlNet folders, `builtin:NAME` on any command line
 
+The shipped transformer base `builtin-dit` (`weights_dit/`, builtin/pretrain_dit.py) is a plain diffusers SD3 folder
+(model_index.json) with the same sampling.json beside it and its ControlNets in controlnets/NAME/, named
+`builtin-dit:NAME` on any command line.
+
 `write_builtin_folder` writes it (builtin/base.py `save_builtin_base` fills in the built-in model's settings); the
 base loader (generate/base.py) reads it. It lives in generate/ rather than builtin/ because builtin/ builds on
 generate/ (its sampler shares the pipeline's CFG step, it loads through the one base loader): the loader importing
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +31,12 @@ from controlnet.atomic import give_umask_modes
 
 BUILTIN = "builtin"  # the base spec that names the shipped base
 BUILTIN_CONTROLNET = "builtin:"  # names a shipped ControlNet on any command line: builtin:canny, builtin:fill, ...
+BUILTIN_DIT = "builtin-dit"  # the base spec that names the shipped transformer base (an SD3-layout MMDiT)
+BUILTIN_DIT_CONTROLNET = "builtin-dit:"  # names a ControlNet shipped for it: builtin-dit:fill, ...
+BUILTIN_BASES = (BUILTIN, BUILTIN_DIT)  # the base specs that are names, not paths
+# A shipped ControlNet's prefix -> the base it ships with ("builtin-dit:" first: neither prefix contains the other,
+# but the longer one is tried first all the same)
+BUILTIN_CONTROLNET_PREFIXES = {BUILTIN_DIT_CONTROLNET: BUILTIN_DIT, BUILTIN_CONTROLNET: BUILTIN}
 CONTROLNETS_FOLDER = "controlnets"  # the shipped ControlNets, inside the shipped folder
 EXPORTED_CONFIG = "base_config.json"  # marks the layout: the BaseModelConfig the folder was built from
 SAMPLING_FILE = "sampling.json"  # the base's own sampling defaults (SamplingDefaults), optional
@@ -55,13 +65,15 @@ class SamplingDefaults:
     part of what the transformer was trained on); None = the pipeline's default"""
 
     @classmethod
-    def read(cls, folder: Path | None) -> SamplingDefaults:
-        file = None if folder is None else folder / SAMPLING_FILE
+    def read(cls, folder: Path | None, defaults: SamplingDefaults | None = None) -> SamplingDefaults:
+        """The folder's SAMPLING_FILE, its values over `defaults` (None: the generic ones); `defaults` if none."""
+        defaults = defaults if defaults is not None else cls()
+        file = None if folder is None else Path(folder) / SAMPLING_FILE
         if file is None or not file.is_file():
-            return cls()
+            return defaults
         values = json.loads(file.read_text())
         known = {k: v for k, v in values.items() if k in {f.name for f in fields(cls)}}
-        return cls(**known)
+        return replace(defaults, **known)
 
     def write(self, folder: Path) -> None:
         (Path(folder) / SAMPLING_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -76,9 +88,19 @@ def builtin_folder() -> Path:
     return Path(str(resources.files("controlnet.builtin") / "weights"))
 
 
-def builtin_controlnets() -> dict[str, Path]:
-    """{name: folder} of the shipped ControlNets (diffusers folders under the built-in weights' controlnets/)."""
-    folder = builtin_folder() / CONTROLNETS_FOLDER
+def builtin_dit_folder() -> Path:
+    """The shipped transformer base's folder (package data `controlnet.builtin/weights_dit`, found as above)."""
+    return Path(str(resources.files("controlnet.builtin") / "weights_dit"))
+
+
+def builtin_base_folder(name: str) -> Path:
+    """The folder of the shipped base called `name` (one of BUILTIN_BASES)."""
+    return {BUILTIN: builtin_folder, BUILTIN_DIT: builtin_dit_folder}[name]()
+
+
+def builtin_controlnets(base: str = BUILTIN) -> dict[str, Path]:
+    """{name: folder} of the ControlNets shipped with the built-in base `base` (diffusers folders in controlnets/)."""
+    folder = builtin_base_folder(base) / CONTROLNETS_FOLDER
     if not folder.is_dir():
         return {}
     return {p.name: p for p in sorted(folder.iterdir()) if (p / "config.json").is_file()}

@@ -119,7 +119,8 @@ def add_base_arguments(group, dtype: bool = True, auto_dtype: bool = False) -> N
     group.add_argument(
         "--base",
         default="builtin",
-        help="'builtin' (default), a diffusers model folder, a folder written by `controlnet world export-base`, "
+        help="'builtin' (default), 'builtin-dit' (the shipped transformer base), a diffusers model folder, a folder "
+        "written by `controlnet world export-base`, "
         "one SD1.x/SD2.x/SDXL checkpoint file (.safetensors/.ckpt; needs --tokenizer), or one SD3/SD3.5 checkpoint "
         "or Flux transformer file (with --vae, --clip-l, --clip-g, --t5 for the parts it lacks)",
     )

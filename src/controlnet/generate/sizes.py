@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from controlnet.generate.builtin_format import BUILTIN, builtin_folder
+from controlnet.generate.builtin_format import BUILTIN_BASES, builtin_base_folder
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,10 @@ def choose_size(
 def vae_factor_on_disk(base: str | os.PathLike) -> int | None:
     """The VAE factor of `base` from its config files alone (no weights read); None when they cannot tell.
 
-    "builtin" and diffusers-layout folders (also those written by `world export-base`): `vae/config.json`. A single
-    checkpoint file: every SD family this package reads (io/configs/*_pipeline.json) has a 4-level VAE (8x).
+    "builtin", "builtin-dit" and diffusers-layout folders (also those written by `world export-base`):
+    `vae/config.json`. A single checkpoint file: every SD family this package reads (io/configs/*_pipeline.json) has a 4-level VAE (8x).
     """
-    folder = builtin_folder() if str(base) == BUILTIN else Path(base)
+    folder = builtin_base_folder(str(base)) if str(base) in BUILTIN_BASES else Path(base)
     if folder.is_file():
         configs = resources.files("controlnet.io").joinpath("configs")
         factors = {

@@ -138,7 +138,9 @@ def check_transformer_folder(path: Path, index: dict, arch: str) -> list[str]:
     missing = [n for n in REQUIRED[arch] if n not in present or not (path / n).is_dir()]
     if missing:
         raise ValueError(f"{path}: the {ARCH_NAMES[arch]} folder lacks {', '.join(missing)}")
-    if arch == "sd3" and "text_encoder_3" not in present:
+    # a base trained without T5 says how many zero tokens it was trained with (builtin-dit: 0); no note then
+    trained_without = SamplingDefaults.read(path).max_sequence_length is not None
+    if arch == "sd3" and "text_encoder_3" not in present and not trained_without:
         logger.warning(
             "%s: no T5 text encoder (text_encoder_3): SD3 runs on its CLIP encoders alone, with zeros in T5's place; "
             "long or detailed prompts follow less well",
@@ -161,15 +163,17 @@ def transformer_family(path: Path, arch: str):
 
 
 def transformer_sampling(path: Path, arch: str) -> SamplingDefaults:
-    """The family's sampling defaults; a Flux base without a guidance embedding (schnell) has its own."""
+    """The folder's sampling.json (SamplingDefaults.read: e.g. builtin-dit's guidance 4, 20 steps, 0 zero tokens)
+    over the family's defaults; a Flux base without a guidance embedding (schnell) has its own."""
+    family = SAMPLING[arch]
     if arch == "flux":
         try:
             config = json.loads((path / "transformer" / "config.json").read_text())
         except (OSError, ValueError):
             config = {}
         if not config.get("guidance_embeds"):
-            return SAMPLING["flux-schnell"]
-    return SAMPLING[arch]
+            family = SAMPLING["flux-schnell"]
+    return SamplingDefaults.read(path, family)
 
 
 def transformer_sampling_of_file(path: Path, arch: str) -> SamplingDefaults:
@@ -252,10 +256,7 @@ def load_transformer_folder(
     for module in parts.values():
         if isinstance(module, torch.nn.Module):
             module.to(device).eval().requires_grad_(False)
-    sampling = SAMPLING[arch]
-    if arch == "flux" and not parts["transformer"].config.get("guidance_embeds"):
-        sampling = SAMPLING["flux-schnell"]
-    return TransformerBase(arch=arch, name=name, sampling=sampling, **parts)
+    return TransformerBase(arch=arch, name=name, sampling=transformer_sampling(path, arch), **parts)
 
 
 def _entry(index: dict, component: str) -> tuple[str, str] | None:

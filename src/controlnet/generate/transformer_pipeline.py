@@ -13,6 +13,8 @@ The mapping (one place):
     prompt, negative_prompt        -> prompt, negative_prompt (Flux: only with true CFG)
     true_cfg_scale (Flux)          -> true_cfg_scale, the negative prompt "" when none (FluxPipeline's true CFG)
     steps, guidance_scale          -> num_inference_steps, guidance_scale (Flux: the embedded guidance)
+    the base's max_sequence_length -> max_sequence_length (SamplingDefaults; None: the pipeline's default): T5
+                                      tokens, or an SD3 base's zero tokens in T5's place (builtin-dit: 0)
     seed, batch_size               -> one torch.Generator per image, manual_seed(seed + k), as the UNet pipeline draws;
                                       torch's global generator seeded with `seed` for the call (SD3's condition latents)
     width, height                  -> width, height
@@ -339,6 +341,8 @@ class TransformerControlNetPipeline:
             generator=generators,
             output_type="np",
         )
+        if self.sampling.max_sequence_length is not None:  # the base's own (builtin-dit: 0 zero tokens for T5)
+            call["max_sequence_length"] = self.sampling.max_sequence_length
         if any(m is not None for m in modes):  # Flux union nets: diffusers' control_mode (None: a plain net)
             call["control_mode"] = modes[0] if single else modes
         if (

@@ -35,10 +35,11 @@ AUTOMATIC1111 + sd-webui-controlnet) speak: /sdapi/v1/* and /controlnet/*.
 The web page (gradio, at /ui/; / redirects there) calls the same job queue as the APIs, so the same settings give
 the same pixels; --no-ui leaves it out. It needs the ui extra (pip install -e ".[ui]").
 
-With no arguments it serves the built-in base model and the built-in ControlNets (names `builtin:<name>`) on
-http://127.0.0.1:7860. --models DIR adds every base and ControlNet found in DIR (original single files and
-diffusers folders, as `controlnet inspect` recognises them; names are paths relative to DIR without the suffix,
-also accepted as `name [hash8]` with the web UI's short hash, or the bare file stem).
+With no arguments it serves the built-in base models (`builtin`, and the transformer base `builtin-dit` where it is
+shipped) and the built-in ControlNets (names `builtin:<name>`, `builtin-dit:<name>`) on http://127.0.0.1:7860.
+--models DIR adds every base and ControlNet found in DIR (original single files and diffusers folders, as
+`controlnet inspect` recognises them; names are paths relative to DIR without the suffix, also accepted as
+`name [hash8]` with the web UI's short hash, or the bare file stem).
 
 Jobs run one at a time per device, in order, from one bounded queue: a full queue answers 429 with Retry-After.
 A job's progress is polled (GET /v1/jobs/{id}) or streamed (GET /v1/jobs/{id}/events); DELETE cancels it at the
@@ -154,7 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--base",
         default="builtin",
-        help="the base used when a request names none (a registry name; default: %(default)s)",
+        help="the base used when a request names none (a registry name, e.g. builtin-dit; default: %(default)s)",
     )
     g.add_argument(
         "--tokenizer",

@@ -39,9 +39,11 @@ from controlnet.generate.base import MODEL_INDEX
 from controlnet.generate.builtin_format import (
     BUILTIN,
     BUILTIN_CONTROLNET,
+    BUILTIN_DIT,
+    BUILTIN_DIT_CONTROLNET,
     CONTROLNETS_FOLDER,
     EXPORTED_CONFIG,
-    builtin_folder,
+    builtin_base_folder,
 )
 from controlnet.generate.transformer_base import transformer_arch, transformer_file_arch
 from controlnet.io.formats import (
@@ -171,7 +173,7 @@ class ModelEntry:
 
     @property
     def stem(self) -> str:
-        return self.name.rsplit("/", 1)[-1].removeprefix(BUILTIN_CONTROLNET)
+        return self.name.rsplit("/", 1)[-1].removeprefix(BUILTIN_DIT_CONTROLNET).removeprefix(BUILTIN_CONTROLNET)
 
     @property
     def file_name(self) -> str:
@@ -342,14 +344,19 @@ class ModelRegistry:
         self._entries[entry.name] = entry
 
     def _add_builtin(self) -> None:
-        folder = builtin_folder()
-        if (folder / EXPORTED_CONFIG).is_file():
-            self._add(ModelEntry(BUILTIN, "base", BUILTIN, None, folder))
-        nets = folder / CONTROLNETS_FOLDER
-        for sub in sorted(nets.iterdir()) if nets.is_dir() else []:
-            if sub.is_dir() and classify_folder(sub) is not None:
-                name = BUILTIN_CONTROLNET + sub.name
-                self._add(ModelEntry(name, "controlnet", BUILTIN, guess_condition(sub.name), sub))
+        """The shipped bases and their ControlNets: builtin (family "builtin") and, when shipped, builtin-dit (a
+        diffusers SD3 folder: family "sd3", its nets builtin-dit:NAME)."""
+        for base, prefix in ((BUILTIN, BUILTIN_CONTROLNET), (BUILTIN_DIT, BUILTIN_DIT_CONTROLNET)):
+            folder = builtin_base_folder(base)
+            found = classify_folder(folder) if folder.is_dir() else None
+            if found is None or found[0] != "base":
+                continue  # not shipped in this installation
+            family = BUILTIN if base == BUILTIN else found[1]
+            self._add(ModelEntry(base, "base", family, None, folder))
+            nets = folder / CONTROLNETS_FOLDER
+            for sub in sorted(nets.iterdir()) if nets.is_dir() else []:
+                if sub.is_dir() and classify_folder(sub) is not None:
+                    self._add(ModelEntry(prefix + sub.name, "controlnet", family, guess_condition(sub.name), sub))
 
     def _scan(self, root: Path) -> None:
         roots = [root.resolve()]

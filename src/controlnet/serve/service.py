@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from controlnet.generate.builtin_format import BUILTIN
+from controlnet.generate.builtin_format import BUILTIN_BASES
 from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
 from controlnet.generate.sizes import check_size
 from controlnet.generate.transformer_pipeline import refusals
@@ -409,7 +409,7 @@ class Service:
             try:
                 source = self._file_base(base)[0] if self._is_transformer_file(base) else None
                 if source is None:
-                    kind, path = base_kind(BUILTIN if base.name == BUILTIN else base.path)
+                    kind, path = base_kind(base.name if base.name in BUILTIN_BASES else base.path)
                     arch = base.family if base.family in TRANSFORMER_FAMILIES else "unet"
                     source = BaseSource(kind, path, base.name, arch=arch)
                 check_controlnet_families(source, [controlnet.path], flags={"base": "base"})
@@ -717,10 +717,10 @@ class Service:
             self._bases.move_to_end(name)
             return self._bases[name]
         from controlnet.generate.base import load_base
-        from controlnet.generate.builtin_format import BUILTIN
+        from controlnet.generate.builtin_format import BUILTIN_BASES
 
         entry = self.registry.base(name)
-        spec = BUILTIN if entry.name == BUILTIN else entry.path
+        spec = entry.name if entry.name in BUILTIN_BASES else entry.path
         options = self._load_options(entry)
         if self._is_transformer_file(entry):
             spec, refusal = self._file_base(entry)  # the checked source: its parts, configs and tokenizers

@@ -245,13 +245,16 @@ class FlowConfig:
     scheduler's own (SD3's 3.0; a base with dynamic shifting, Flux dev, the resolution's exp(mu) as its pipeline)"""
     guidance: float = 3.5
     """a guidance-distilled Flux base (dev): the guidance value embedded at training (diffusers' Flux trainer: 3.5)"""
-    max_sequence_length: int = 77
-    """T5 tokens per training prompt (diffusers' SD3/Flux ControlNet trainers: 77)"""
+    max_sequence_length: int | None = None
+    """T5 tokens per training prompt (for an SD3 base without T5, the zero tokens in their place; 0 = none); default:
+    the base's own (its sampling.json: builtin-dit's 0), else 77 (diffusers' SD3/Flux ControlNet trainers)"""
 
     def __post_init__(self) -> None:
         _check_choice("flow.weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
-        _check_positive(self, "logit_std", "max_sequence_length")
+        _check_positive(self, "logit_std")
         _check_positive(self, "shift", "guidance", allow_zero=True)
+        if self.max_sequence_length is not None:
+            _check_positive(self, "max_sequence_length", allow_zero=True)
 
 
 @dataclass

@@ -39,6 +39,7 @@ DEFAULT_SD3_LAYERS = 12
 DEFAULT_FLUX_DOUBLE_LAYERS = 4
 DEFAULT_FLUX_SINGLE_LAYERS = 10
 XLABS_FORMAT = "xlabs-flux-controlnet"
+DEFAULT_MAX_SEQUENCE_LENGTH = 77  # T5 tokens per training prompt: diffusers' SD3/Flux ControlNet trainers' default
 
 
 @dataclass
@@ -79,7 +80,6 @@ def check_transformer_run(c: TrainConfig, transformer_config: dict | None, arch:
     refused = {
         "model.sd_locked=false": not m.sd_locked,
         f"model.architecture={m.architecture}": m.architecture != "controlnet",
-        f"model.connection_init={m.connection_init}": m.connection_init != "zero",
         f"model.hint_channels={','.join(map(str, m.hint_channels))}": bool(m.hint_channels),
         "model.only_mid_control=true": m.only_mid_control,
         f"model.cond_channels={m.cond_channels}": m.cond_channels != 3,
@@ -180,7 +180,16 @@ class TransformerBatches(TrainingBatches):
     def _cache_keys(self) -> tuple[str, str]:
         text_fp, vae_fp = super()._cache_keys()
         # the embeddings depend on the family's encode_prompt and the T5 length too
-        return f"{text_fp}|{self.base.arch}|t5={self.config.flow.max_sequence_length}", vae_fp
+        return f"{text_fp}|{self.base.arch}|t5={self.max_sequence_length}", vae_fp
+
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens per prompt (SD3 without T5: zero tokens): flow.max_sequence_length, else the base's own
+        (SamplingDefaults from its sampling.json: what it was trained with), else diffusers' trainers' 77."""
+        for value in (self.config.flow.max_sequence_length, self.base.sampling.max_sequence_length):
+            if value is not None:
+                return value
+        return DEFAULT_MAX_SEQUENCE_LENGTH
 
     def _build_caches(self, cache_dir: Path, digests, buckets) -> None:
         super()._build_caches(cache_dir, digests, buckets)
@@ -223,7 +232,7 @@ class TransformerBatches(TrainingBatches):
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """{"context": (B, L, D), "pooled": (B, D_pooled)} float32, as the family's pipeline encodes `prompts`."""
-        pipe, length = self._text_pipeline(), self.config.flow.max_sequence_length
+        pipe, length = self._text_pipeline(), self.max_sequence_length
         if self.base.arch == "sd3":
             context, _, pooled, _ = pipe.encode_prompt(
                 prompt=prompts,

@@ -22,7 +22,7 @@ import gradio as gr
 from PIL import Image
 
 from controlnet.generate.base import sampling_defaults
-from controlnet.generate.builtin_format import BUILTIN
+from controlnet.generate.builtin_format import BUILTIN_BASES
 from controlnet.generate.outputs import a1111_parameters
 from controlnet.generate.png_settings import read_png_settings
 from controlnet.io.images import MAX_IMAGE_PIXELS, check_pixels
@@ -112,7 +112,7 @@ def build_page(service: Service) -> gr.Blocks:
     bases = [e.name for e in registry.bases()]
     nets = [e.name for e in registry.controlnets()]
     base_entry = registry.base(service.current_base)
-    sampling = sampling_defaults(BUILTIN if base_entry.name == BUILTIN else base_entry.path)
+    sampling = sampling_defaults(base_entry.name if base_entry.name in BUILTIN_BASES else base_entry.path)
     running = RunningJobs()
     c: dict[str, gr.Component] = {}  # form components by ui/form.py's keys
     unit_controls: list[list[tuple[OptionControl, gr.Component]]] = []
