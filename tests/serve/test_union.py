@@ -200,3 +200,15 @@ def test_the_web_ui_api_names_its_own_field(server):
         ({"union_control_type": "Hard Edge"}, plain, ["not a union ControlNet"]),
     ):
         assert_refused(httpx.post(server.url + "/sdapi/v1/txt2img", json=webui(unit, title)), field, *words)
+
+
+def test_a_type_twice_in_one_fused_call_is_refused_before_queueing(server):
+    """Two units of one union net with the same window and mode run as ONE call, whose type vector marks a type once:
+    the same type twice is a 422 naming the second unit's control_type, nothing queued; another window runs apart."""
+    body = native({"model": UNION, "control_type": "canny"})
+    body["units"].append({**body["units"][0], "control_type": "3"})  # canny again, by id
+    answer = httpx.post(server.url + "/v1/jobs", json=body)
+    assert_refused(answer, "units[1].control_type", "units 0, 1", "'3' twice in one fused call", "type id 3")
+    assert httpx.get(server.url + "/v1/health").json()["queue_depth"] == 0
+    body["units"][1]["end"] = 0.5  # another control window: two calls, each with its own type vector
+    assert httpx.post(server.url + "/v1/jobs", json=body).status_code in (200, 202)

@@ -9,7 +9,7 @@ inside its control window every step. A union net (model/union_controlnet.py) ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,38 +85,60 @@ def union_type_of(net: ControlNet, control_type: str | None, k: int) -> int | No
         raise ValueError(f"control_type[{k}]: {err}") from None
 
 
+class FusionError(ValueError):
+    """A fused call that cannot be: `unit` is the unit that broke the rule (for a server's field name)."""
+
+    def __init__(self, message: str, unit: int):
+        super().__init__(message)
+        self.unit = unit
+
+
 def fused_units(
     nets: Sequence[ControlNet], per_net: Sequence, union_types: Sequence[int | None]
 ) -> list[list[int]]:
-    """Groups of two or more units that run as ONE call of their shared union net (the rest run one call each).
+    """Groups of two or more units that run as ONE call of their shared union net (the rest run one call each):
+    `fusion_groups` with the net objects as keys (a file named by several units is loaded once)."""
+    counts = [n.union_config.num_control_type if isinstance(n, UnionControlNet) else None for n in nets]
+    return fusion_groups([id(n) for n in nets], per_net, union_types, counts)
 
-    Units fuse when they name the same union net object (a file named by several units is loaded once) with the
-    same control window (start, end) and control mode, no block scales, and a strength above 0 (a unit at 0 is not
-    run at all). Their strengths become the call's per-condition scales (xinsir's multi-condition mode, diffusers'
-    `ControlNetUnionModel` with several images); the outputs get the mode's per-output profile only. A group holds
-    each type once (the type vector cannot mark a type twice) and at most the net's number of types (ValueError
-    naming `units` and `control_type`)."""
+
+def fusion_groups(
+    keys: Sequence[Hashable],
+    per_net: Sequence,
+    union_types: Sequence[int | None],
+    type_counts: Sequence[int | None],
+    field: str = "control_type",
+) -> list[list[int]]:
+    """The fusion rule, on names alone (the server checks a job with it before loading any net).
+
+    Units fuse when they name the same union net (`keys[k]` equal) with the same control window (start, end) and
+    control mode, no block scales, and a strength above 0 (a unit at 0 is not run at all). Their strengths become the
+    call's per-condition scales (xinsir's multi-condition mode, diffusers' `ControlNetUnionModel` with several
+    images); the outputs get the mode's per-output profile only. A group holds each type once (the type vector cannot
+    mark a type twice) and at most the net's number of types (`type_counts[k]`): FusionError naming `units` and
+    `field`."""
     groups: dict[tuple, list[int]] = {}
-    for k, (net, o, ident) in enumerate(zip(nets, per_net, union_types, strict=True)):
+    for k, (key, o, ident) in enumerate(zip(keys, per_net, union_types, strict=True)):
         if ident is None or o.block_scales is not None or o.scale == 0:
             continue
-        groups.setdefault((id(net), o.start, o.end, o.mode.name), []).append(k)
+        groups.setdefault((key, o.start, o.end, o.mode.name), []).append(k)
     fused = [units for units in groups.values() if len(units) > 1]
     for units in fused:
-        net, names = nets[units[0]], ", ".join(str(k) for k in units)
-        count = net.union_config.num_control_type
+        names, count = ", ".join(str(k) for k in units), type_counts[units[0]]
         if len(units) > count:
-            raise ValueError(
+            raise FusionError(
                 f"units {names}: {len(units)} conditions in one fused call of their union ControlNet, which has "
-                f"{count} types ({describe_types(count)}); expected at most {count} (control_type: one each)"
+                f"{count} types ({describe_types(count)}); expected at most {count} ({field}: one each)",
+                units[count],
             )
         seen: dict[int, int] = {}
         for k in units:
             if union_types[k] in seen:
-                raise ValueError(
-                    f"units {seen[union_types[k]]}, {k}: control_type {per_net[k].control_type!r} twice in one fused "
+                raise FusionError(
+                    f"units {seen[union_types[k]]}, {k}: {field} {per_net[k].control_type!r} twice in one fused "
                     f"call of their union ControlNet (type id {union_types[k]}; its type vector marks a type once); "
-                    "expected a different type per unit, or another control window/mode to run one apart"
+                    "expected a different type per unit, or another control window/mode to run one apart",
+                    k,
                 )
             seen[union_types[k]] = k
     return fused

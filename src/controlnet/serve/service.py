@@ -353,8 +353,29 @@ class Service:
         check_generation_cost(checked.options)
         if base_entry.family in TRANSFORMER_FAMILIES:
             self._check_transformer_job(checked, base_entry)
+        else:
+            self._check_fused_types(checked)
         self._check_against_base(checked)
         return checked
+
+    def _check_fused_types(self, job: GenerationJob) -> None:
+        """Units of one union net that would run as one fused call (generate/control_calls.py `fusion_groups`) must
+        name different types, at most the net's count: a FieldError naming the later unit's `control_type` before
+        queueing (the pipeline would refuse it only after loading the nets)."""
+        from controlnet.generate.control_calls import FusionError, fusion_groups
+        from controlnet.model.union_controlnet import type_id
+
+        types, counts = [], []
+        for unit in job.units:
+            count, table = self.union_types(self.registry.controlnet(unit.model))
+            name = unit.control_type if unit.control_type is not None else unit.annotator
+            types.append(None if count is None else type_id(name, count, table))  # checked above
+            counts.append(count)
+        per_net = job.options.with_units(list(job.units)).per_net(len(job.units))
+        try:
+            fusion_groups([u.model for u in job.units], per_net, types, counts)
+        except FusionError as err:
+            raise FieldError(f"units[{err.unit}].control_type", str(err)) from None
 
     def _check_transformer_job(self, job: GenerationJob, base) -> None:
         """What the transformer pipeline refuses (generate/transformer_pipeline.py `refusals`: img2img, other
