@@ -5,6 +5,10 @@ Each script in this folder tests one claim of Zhang, Rao & Agrawala (ICCV 2023) 
 and the wall time) and `results/<claim>.png` (a matplotlib figure, the `plots` extra). docs/paper-reproduction.md
 shows them next to the paper's own numbers.
 
+Base: the claims are tested on the built-in UNet base (`--base builtin`, the default) and those that apply to a
+transformer on the built-in SD3-layout base (`--base builtin-dit`: zero_convolutions.py, convergence.py); the
+transformer's results go to `results/<claim>-dit.*` beside the UNet's (`result_name`).
+
 Determinism: every random draw comes from the --seed (held-out scenes from the world's seed streams, image k's
 noise from seed + k in the pipeline's own generator); on one machine and thread count a rerun gives the same
 numbers (tests/benchmarks/test_paper_scripts.py reruns a short setting).
@@ -19,6 +23,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +44,50 @@ FILL_RECIPE = shlex.split(
     "--validation.num_samples 16 --validation.steps 10 --validation.guidance_scale 4.0 "
     "--validation.metric auto --validation.early_stop false"
 )
+
+# the bases a claim script can test (--base): the built-in UNet base and the built-in transformer base (SD3 layout)
+BASES = ("builtin", "builtin-dit")
+DIT = "builtin-dit"
+
+
+def dit_fill_recipe() -> list[str]:
+    """FILL_RECIPE on builtin-dit: the demo's transformer recipe (train/demo.py DIT_DEMO_RECIPE's learning rate and
+    steps) in place of the UNet's, the condition through the VAE (no hint encoder), the base's joint blocks but the
+    last (SD3's rule: 3 of 4)."""
+    from controlnet.builtin.config import DitModelConfig
+    from controlnet.train.demo import DIT_DEMO_RECIPE
+
+    unet_only = {"--model.base", "--model.hint_channels", "--optim.lr", "--train.max_steps"}
+    kept = [
+        flag for k, flag in enumerate(FILL_RECIPE) if flag not in unet_only and FILL_RECIPE[k - 1] not in unet_only
+    ]
+    return [
+        "--model.base",
+        DIT,
+        "--model.transformer_layers",
+        str(DitModelConfig().layers - 1),
+        "--optim.lr",
+        str(DIT_DEMO_RECIPE["lr"]),
+        "--train.max_steps",
+        str(DIT_DEMO_RECIPE["steps"]),
+        *kept,
+    ]
+
+
+def result_name(claim: str, base: str) -> str:
+    """results/<claim>.* for the UNet base, results/<claim>-dit.* for builtin-dit (both kept)."""
+    return claim if base == "builtin" else f"{claim}-dit"
+
+
+def add_base_flag(p: argparse.ArgumentParser) -> None:
+    """--base builtin | builtin-dit, for the scripts whose claim applies to a transformer too."""
+    p.add_argument(
+        "--base",
+        choices=BASES,
+        default="builtin",
+        help="the built-in UNet base (default) or the built-in transformer base (SD3 layout, MMDiT); "
+        "builtin-dit's results go to results/<claim>-dit.*",
+    )
 
 
 def positive_int(text: str) -> int:
@@ -75,13 +124,13 @@ def parse_args(
     return args
 
 
-def pipeline(nets: Sequence):
-    """The built-in base with the ControlNets `nets`, in that order: built-in names ("seg") or folders."""
+def pipeline(nets: Sequence, base: str = "builtin"):
+    """The built-in base (`base`) with the ControlNets `nets`, in that order: built-in names ("seg") or folders."""
     from controlnet.generate.base import check_base, controlnet_path
     from controlnet.generate.pipeline import ControlNetPipeline
 
-    paths = [controlnet_path(net if isinstance(net, Path) else f"builtin:{net}") for net in nets]
-    return ControlNetPipeline.from_pretrained(check_base("builtin"), controlnets=paths)
+    paths = [controlnet_path(net if isinstance(net, Path) else f"{base}:{net}") for net in nets]
+    return ControlNetPipeline.from_pretrained(check_base(base), controlnets=paths)
 
 
 def without_control(pipe):
@@ -96,7 +145,14 @@ def without_control(pipe):
 def generate(pipe, prompts: Sequence[str], conditions: Sequence[Sequence[np.ndarray]], args, **options) -> list:
     """(H, W, 3) uint8 images, one per prompt; `conditions` holds one list per ControlNet of `pipe`.
 
-    `options` are GenerationOptions fields (control_scale, control_mode, ... as a value or one per net)."""
+    `options` are GenerationOptions fields (control_scale, control_mode, ... as a value or one per net). On a
+    transformer base (its pipeline takes one condition per net, not per prompt) one call per prompt, image k from
+    seed + k as in the one batched call (train/validation.py generate_on_transformer, as the trainer validates)."""
+    if is_transformer(pipe):
+        return [
+            _generate_one(pipe, prompt, [c[k] for c in conditions], args, args.seed + k, **options)
+            for k, prompt in enumerate(prompts)
+        ]
     with torch.inference_mode():
         result = pipe(
             list(prompts),
@@ -108,6 +164,27 @@ def generate(pipe, prompts: Sequence[str], conditions: Sequence[Sequence[np.ndar
             **options,
         )
     return [(image * 255).round().astype(np.uint8) for image in result.array]
+
+
+def is_transformer(pipe) -> bool:
+    return getattr(getattr(pipe, "base", None), "arch", "unet") != "unet"
+
+
+def _generate_one(pipe, prompt: str, conditions: list[np.ndarray], args, seed: int, **options) -> np.ndarray:
+    """One image of a transformer pipeline: `prompt` with one condition per net, at the conditions' size."""
+    with torch.inference_mode():
+        result = pipe(
+            [prompt],
+            conditions,
+            steps=args.steps,
+            guidance_scale=args.cfg,
+            seed=seed,
+            width=conditions[0].shape[1],
+            height=conditions[0].shape[0],
+            output_type="np",
+            **options,
+        )
+    return (result.array[0] * 255).round().astype(np.uint8)
 
 
 def mean_score(metric: Callable, images: Sequence[np.ndarray], conditions: Sequence[np.ndarray], prompts=None):
@@ -151,13 +228,21 @@ def write_results(
     started: float,
     figure: Callable | None = None,
     notes: str = "",
+    script: str = "",
 ) -> None:
-    """results/<name>.md, .json and (with matplotlib) .png; prints the table."""
+    """results/<name>.md, .json and (with matplotlib) .png; prints the table. `script`: the command that made them
+    when it is not benchmarks/paper/<name>.py (a --base other than builtin is named in it and in the settings)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"n": args.n, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "threads": args.threads}
+    base = getattr(args, "base", "builtin")
+    if base != "builtin":
+        settings["base"] = base
+    command = f"python benchmarks/paper/{script or name + '.py'}" + (
+        "" if base == "builtin" else f" --base {base}"
+    )
     table = markdown_table(rows, columns)
-    header = f"`python benchmarks/paper/{name}.py` ({', '.join(f'{k} {v}' for k, v in settings.items())})\n\n"
+    header = f"`{command}` ({', '.join(f'{k} {v}' for k, v in settings.items())})\n\n"
     (out / f"{name}.md").write_text(header + table + (f"\n{notes}\n" if notes else ""))
     record = {
         "claim": name,
@@ -216,9 +301,18 @@ def image_strip(plt, title_rows: list[tuple[str, list[np.ndarray]]], title: str)
     return fig
 
 
+_MAKING_DATA = threading.Lock()  # the scripts' training threads ask for the same dataset at once
+
+
 def world_data(task: str = "fill", n: int = 4000) -> Path:
     """A world dataset (`n` samples of `task`, 64 px, seed 0), made once; fill with 4000 is builtin:fill's."""
     data = WORK / "data" / (task if (task, n) == ("fill", 4000) else f"{task}-{n}")
+    with _MAKING_DATA:
+        _make_world_data(task, n, data)
+    return data
+
+
+def _make_world_data(task: str, n: int, data: Path) -> None:
     if not (data / "prompt.json").exists():
         data.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
@@ -239,18 +333,22 @@ def world_data(task: str = "fill", n: int = 4000) -> Path:
             ],
             check=True,
         )
-    return data
 
 
-def train_fill(name: str, flags: Sequence[str], threads: int, data: Path | None = None) -> Path:
-    """Train (or resume, or reuse) a fill ControlNet by FILL_RECIPE + `flags` on `data` (default: builtin:fill's
-    4000 samples); returns its run folder (the net is run/final/controlnet, the curve run/metrics.jsonl)."""
+def train_fill(
+    name: str, flags: Sequence[str], threads: int, data: Path | None = None, base: str = "builtin"
+) -> Path:
+    """Train (or resume, or reuse) a fill ControlNet by FILL_RECIPE (on builtin-dit `dit_fill_recipe()`) + `flags`
+    on `data` (default: builtin:fill's 4000 samples); returns its run folder (the net is run/final/controlnet, the
+    curve run/metrics.jsonl)."""
     run = WORK / "runs" / name
     if (run / "final" / "controlnet").exists():
         return run
     data = data or world_data()
     run.parent.mkdir(parents=True, exist_ok=True)
-    cache = WORK / "cache" / data.name  # latents are cached per dataset
+    # latents and text embeddings are cached per dataset, and per base: the transformer base's own folder
+    cache = WORK / "cache" / (data.name if base == "builtin" else f"{base}-{data.name}")
+    recipe = FILL_RECIPE if base == "builtin" else dit_fill_recipe()
     subprocess.run(
         [
             "controlnet",
@@ -263,7 +361,7 @@ def train_fill(name: str, flags: Sequence[str], threads: int, data: Path | None 
             str(run),
             "--train.threads",
             str(threads),
-            *FILL_RECIPE,
+            *recipe,
             *flags,
         ],
         check=True,

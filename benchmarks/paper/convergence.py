@@ -13,6 +13,12 @@ With --parallel 2 the 1-thread runs go two at a time (one core each; their times
 memory bus), the 2-thread runs always alone.
 
     python benchmarks/paper/convergence.py --parallel 2      # ~50 minutes on 2 cores
+
+On the built-in transformer base (`--base builtin-dit`): `controlnet demo --base builtin-dit` (the demo's
+transformer recipe, train/demo.py DIT_DEMO_RECIPE) for seeds 0-2 at 1 thread (--seeds N for more), the same
+measurements; results/convergence-dit.* beside the UNet's.
+
+    python benchmarks/paper/convergence.py --base builtin-dit --parallel 2
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    DIT,
     WORK,
+    add_base_flag,
     generate,
     mean_score,
     parse_args,
     pipeline,
     positive_int,
+    result_name,
     validation_curve,
     write_results,
 )
@@ -39,10 +48,12 @@ from outlines import other_outlines  # noqa: E402
 
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
-from controlnet.train.demo import DemoConfig  # noqa: E402
+from controlnet.train.demo import DemoConfig, demo_recipe  # noqa: E402
 from controlnet.train.validation import convergence_step  # noqa: E402
 
 THRESHOLD = 0.8  # the demo's own convergence threshold
+SEEDS = {"builtin": 5, DIT: 3}  # default --seeds per base
+THREADS = {"builtin": (1, 2), DIT: (1,)}  # thread counts per base (builtin-dit: 1 thread, the demo's time cap)
 
 
 def run_tag(extra: tuple[str, ...]) -> str:
@@ -50,18 +61,37 @@ def run_tag(extra: tuple[str, ...]) -> str:
     return "-".join(x.strip("-").replace(".", "_") for x in extra)
 
 
-def demo(seed: int, threads: int, extra: tuple[str, ...] = ()) -> dict:
-    """One `controlnet demo` run (reused when finished); `extra`: more demo flags (e.g. --task shapes)."""
-    defaults = DemoConfig()  # runs of other demo defaults (the earlier fill task) are kept apart
-    name = f"demo-{defaults.task}-{defaults.steps}steps" + (f"-{run_tag(extra)}" if extra else "")
-    out = WORK / name / f"seed{seed}-threads{threads}"
+def demo_folder(base: str = "builtin", extra: tuple[str, ...] = ()) -> str:
+    """The work folder of demo runs on `base` with more demo flags `extra`; runs of other demo defaults (the earlier
+    fill task) and of another base are kept apart: demo-shapes-1000steps, demo-dit-shapes-1000steps, ..."""
+    defaults = DemoConfig()
+    steps = demo_recipe(defaults, "unet" if base == "builtin" else "sd3")["steps"]
+    kind = "" if base == "builtin" else "dit-"
+    return f"demo-{kind}{defaults.task}-{steps}steps" + (f"-{run_tag(extra)}" if extra else "")
+
+
+def demo(seed: int, threads: int, extra: tuple[str, ...] = (), base: str = "builtin") -> dict:
+    """One `controlnet demo` run on `base` (reused when finished); `extra`: more demo flags (e.g. --task shapes)."""
+    out = WORK / demo_folder(base, extra) / f"seed{seed}-threads{threads}"
     record = out / "wall_s.txt"
+    base_flags = [] if base == "builtin" else ["--base", base]
     if not record.exists():
         started = time.time()
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f"seed{seed}-threads{threads}.log", "w") as log:
             subprocess.run(
-                ["controlnet", "demo", "--out", str(out), "--seed", str(seed), "--threads", str(threads), *extra],
+                [
+                    "controlnet",
+                    "demo",
+                    *base_flags,
+                    "--out",
+                    str(out),
+                    "--seed",
+                    str(seed),
+                    "--threads",
+                    str(threads),
+                    *extra,
+                ],
                 check=True,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -73,7 +103,10 @@ def demo(seed: int, threads: int, extra: tuple[str, ...] = ()) -> dict:
 
 def main() -> int:
     def own_flags(p):
-        p.add_argument("--seeds", type=positive_int, default=5, help="seeds 0..N-1 (default: 5)")
+        add_base_flag(p)
+        p.add_argument(
+            "--seeds", type=positive_int, default=None, help="seeds 0..N-1 (default: 5; with --base builtin-dit 3)"
+        )
         p.add_argument(
             "--parallel", type=positive_int, default=1, help="1-thread demo runs at a time (default: 1)"
         )
@@ -86,17 +119,19 @@ def main() -> int:
 
     args = parse_args(__doc__, n=50, extra=own_flags)
     started = time.time()
+    seeds = range(args.seeds or SEEDS[args.base])
     runs = []
     extra = tuple(args.demo_args.split())
     with ThreadPoolExecutor(max(1, args.parallel)) as pool:  # 1-thread runs side by side
-        runs += list(pool.map(lambda s: demo(s, 1, extra), range(args.seeds)))
-    runs += [demo(s, 2, extra) for s in range(args.seeds)]  # 2-thread runs alone
+        runs += list(pool.map(lambda s: demo(s, 1, extra, args.base), seeds))
+    if 2 in THREADS[args.base]:
+        runs += [demo(s, 2, extra, args.base) for s in seeds]  # 2-thread runs alone
 
     worlds = {task: heldout_set(task, args.n, size=64) for task in ("fill", "shapes")}
     other_prompts, other_conditions = other_outlines(args.n)
     rows = []
     for run in runs:
-        pipe = pipeline([run["out"] / "run" / "final" / "controlnet"])
+        pipe = pipeline([run["out"] / "run" / "final" / "controlnet"], base=args.base)
         world_iou = {}
         for task, world in worlds.items():
             images = generate(pipe, world.prompts, [world.conditions], args)
@@ -132,11 +167,14 @@ def main() -> int:
         ax.axhline(THRESHOLD, color="grey", lw=0.8)
         ax.set_xlabel("training step")
         ax.set_ylabel("validation filled-shape IoU")
-        ax.set_title("controlnet demo: validation curves by seed and thread count", fontsize=9)
+        on = "" if args.base == "builtin" else f" --base {args.base}"
+        ax.set_title(f"controlnet demo{on}: validation curves by seed and thread count", fontsize=9)
         ax.legend(fontsize=6, ncol=2)
         return fig
 
-    write_results("convergence" + (f"-{run_tag(extra)}" if extra else ""), args, rows, columns, started, figure)
+    name = result_name("convergence", args.base) + (f"-{run_tag(extra)}" if extra else "")
+    script = "" if args.base == "builtin" else "convergence.py"  # the UNet tables' headers as before
+    write_results(name, args, rows, columns, started, figure, script=script)
     return 0
 
 

@@ -111,3 +111,125 @@ def test_transfer_refuses_a_bad_count_before_any_work(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last == "transfer.py: error: argument --fine-tune-samples: '0': expected an integer >= 1", done.stderr
     assert not out.exists() and not (tmp_path / "work").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --base builtin | builtin-dit (zero_convolutions.py, convergence.py)
+def load_script(name: str):
+    """A script of benchmarks/paper as a module (its main() not run)."""
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"paper_{name}", SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+@pytest.mark.parametrize("script", ["zero_convolutions", "convergence"])
+def test_base_flag_defaults_to_builtin_and_takes_builtin_dit_only(monkeypatch, capsys, script):
+    common = load_common()
+    module = load_script(script)
+    parsed = []
+
+    def parse_then_stop(*args, **kwargs):  # the script's own parser (its flags), then no work
+        parsed.append(common.parse_args(*args, **kwargs))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(module, "parse_args", parse_then_stop)
+    for argv, base in (([], "builtin"), (["--base", "builtin-dit"], "builtin-dit")):
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+        with pytest.raises(SystemExit):
+            module.main()
+        assert parsed[-1].base == base
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--base", "sd3"])
+    with pytest.raises(SystemExit) as stop:
+        module.main()
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse quotes the choices on some Pythons
+    assert (
+        last.replace("'", "")
+        == f"{script}.py: error: argument --base: invalid choice: sd3 (choose from builtin, builtin-dit)"
+    )
+
+
+def test_builtin_dit_results_go_beside_the_unet_results_and_name_their_command(tmp_path):
+    import argparse
+    import time
+
+    common = load_common()
+    assert common.result_name("zero_convolutions", "builtin") == "zero_convolutions"
+    assert common.result_name("convergence", "builtin-dit") == "convergence-dit"
+    rows, columns = [{"arm": "zero", "final IoU": 0.5}], ["arm", "final IoU"]
+    for base, name in (("builtin", "zero_convolutions"), ("builtin-dit", "zero_convolutions-dit")):
+        args = argparse.Namespace(n=2, steps=2, cfg=4.0, seed=0, threads=1, out=tmp_path, base=base)
+        common.write_results(name, args, rows, columns, time.time(), script="zero_convolutions.py")
+    unet = (tmp_path / "zero_convolutions.md").read_text().splitlines()[0]
+    assert unet == "`python benchmarks/paper/zero_convolutions.py` (n 2, steps 2, cfg 4.0, seed 0, threads 1)"
+    dit = (tmp_path / "zero_convolutions-dit.md").read_text().splitlines()[0]
+    assert dit == (
+        "`python benchmarks/paper/zero_convolutions.py --base builtin-dit` "
+        "(n 2, steps 2, cfg 4.0, seed 0, threads 1, base builtin-dit)"
+    )
+    assert json.loads((tmp_path / "zero_convolutions.json").read_text())["settings"].get("base") is None
+
+
+def test_convergence_keeps_the_unet_demo_runs_and_puts_builtin_dit_runs_apart():
+    module = load_script("convergence")
+    assert module.demo_folder() == "demo-shapes-1000steps"  # the UNet runs already made are reused
+    assert module.demo_folder("builtin-dit") == "demo-dit-shapes-1000steps"
+    assert module.demo_folder("builtin-dit", ("--task", "fill")) == "demo-dit-shapes-1000steps-task-fill"
+    assert (module.SEEDS["builtin-dit"], module.THREADS["builtin-dit"]) == (3, (1,))
+
+
+def test_the_builtin_dit_fill_recipe_is_the_demo_transformer_recipe_on_fill():
+    from controlnet.train.config import resolve_config
+    from controlnet.train.demo import DIT_DEMO_RECIPE
+
+    common = load_common()
+    flags = common.dit_fill_recipe()
+    config = resolve_config(None, {k[2:]: v for k, v in zip(flags[::2], flags[1::2], strict=True)})
+    unet = common.FILL_RECIPE
+    unet_config = resolve_config(None, {k[2:]: v for k, v in zip(unet[::2], unet[1::2], strict=True)})
+    assert config.model.base == "builtin-dit" and config.model.transformer_layers == 3
+    assert config.model.hint_channels == () and config.optim.lr == DIT_DEMO_RECIPE["lr"]
+    assert config.train.max_steps == DIT_DEMO_RECIPE["steps"]
+    for section in ("data", "validation", "checkpoint", "flow"):  # the rest is builtin:fill's recipe
+        assert getattr(config, section) == getattr(unet_config, section), section
+    assert config.optim.ema_decay == unet_config.optim.ema_decay == 0.99
+    assert config.train.batch_size == unet_config.train.batch_size == 32
+
+
+def test_generate_on_a_transformer_base_is_one_call_per_prompt_as_validation(tmp_path):
+    """common.generate on an SD3 pipeline gives the trainer's validation images (image k from seed + k); at control
+    scale 0 a net with Gaussian connections gives the base alone (the floor of zero_convolutions --base builtin-dit)."""
+    import argparse
+
+    import numpy as np
+
+    from controlnet.generate.base import load_base
+    from controlnet.generate.pipeline import ControlNetPipeline
+    from controlnet.model.ablations import gaussian_connections
+    from controlnet.model.transformer_controlnet import SD3ControlNet
+    from controlnet.testing.tiny_transformer_bases import write_sd3_base
+    from controlnet.train.validation import generate_on_transformer
+
+    common = load_common()
+    base = load_base(str(write_sd3_base(tmp_path / "sd3", t5=False)))
+    zero = SD3ControlNet.from_transformer(base.transformer, num_layers=1).eval()
+    moved = gaussian_connections(SD3ControlNet.from_transformer(base.transformer, num_layers=1), seed=0).eval()
+    prompts = ["red circle", "blue square"]
+    rng = np.random.default_rng(0)
+    conds = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in prompts]
+    args = argparse.Namespace(steps=2, cfg=4.0, seed=3)
+    pipe = ControlNetPipeline.from_components(base, [moved])
+    ours = common.generate(pipe, prompts, [conds], args)
+    theirs = generate_on_transformer(pipe, prompts, conds, 2, 4.0, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True)) and ours[0].shape == (8, 8, 3)
+    floor = common.generate(pipe, prompts, [conds], args, control_scale=0.0)
+    plain = common.generate(ControlNetPipeline.from_components(base, [zero]), prompts, [conds], args)
+    assert all(np.array_equal(a, b) for a, b in zip(floor, plain, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(ours, plain, strict=True))

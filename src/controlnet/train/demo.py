@@ -15,6 +15,12 @@ ControlNet whatever else the machine is doing; the time cap (9 minutes, set-up, 
 is only a guard. Why a step budget and no early stop (docs/paper-reproduction.md, claim 2): the convergence step is
 a random variable (300-700 over seeds 0-4 at 1 and 2 threads on this task), and stopping two validations after it
 left seed 0 at 0.757 IoU on 50 held-out outlines; 300 or more steps past it scored 0.806-0.889 on every run.
+
+On a transformer base (`--base builtin-dit`, an SD3-layout MMDiT, or any SD3/Flux folder) the same story runs with
+the transformer recipe (`DIT_DEMO_RECIPE`): the condition goes through the base's VAE as SD3 ControlNets take it
+(no hint encoder: `pos_embed_input` embeds the condition latents), the net copies the base's joint blocks but its
+last (SD3's last block is context_pre_only and takes no residual), and the objective is the base's rectified flow;
+dataset, validation, convergence detection and report are the UNet demo's.
 """
 
 from __future__ import annotations
@@ -37,6 +43,20 @@ DEMO_TASKS = ("fill", "shapes", "canny", "lines", "scribble", "pose", "seg", "de
 # IoU 0.869 after 145 s; 4, 8, 16 converged at step 550 and stopped at 600 with IoU 0.860 after 128 s. On --task seg
 # (4 minutes): 0.752 vs 0.744 (floor 0.539, ceiling 0.835), within the validations' +-0.01 fluctuation.
 DEMO_HINT_CHANNELS = "4,8,16"
+# The transformer recipe: what differs from the UNet demo's on an SD3/Flux base (the other settings are the fields'
+# defaults). No hint encoder (SD3 nets take the condition's VAE latents through the zero-initialised
+# pos_embed_input); model.transformer_layers = the base's joint blocks minus 1 (all it can take: the last is
+# context_pre_only), so 3 of builtin-dit's 4. Measured ONLY on the 60-step PLACEHOLDER export of builtin-dit (same
+# architecture, not the real weights: its images are near noise, floor 0.173 IoU), shapes task, 1000 samples, batch
+# 32, 1 thread on a loaded 2-core machine, 150 steps each: lr 3e-4 / 1e-3 / 3e-3 reached mean loss 0.83 / 0.63 /
+# 0.54 over steps 105-150 and validation IoU (8 samples) 0.177 / 0.180 / 0.206 at step 150; 3e-3 stable (grad norm
+# clipped at 1). A step took 0.6-0.8 s (40-52 samples/s), a validation of 8 samples ~10 s, so 1000 steps with 16
+# validation samples every 50 steps take ~20 minutes at 1 thread under load: hence the 30-minute guard. Only a
+# check that it runs and learns: the learning rate, steps and cap are to be tuned on the real base (convergence
+# over 3 seeds: python benchmarks/paper/convergence.py --base builtin-dit).
+DIT_DEMO_RECIPE = {"lr": 3e-3, "steps": 1000, "minutes": 30.0}
+# The UNet recipe: those fields on a UNet base (the demo's defaults before transformer bases; see the fields' docs)
+UNET_DEMO_RECIPE = {"lr": 3e-3, "steps": 1000, "minutes": 9.0}
 DEMO_FLAGS = {"base": "--base", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer-2"}  # for error messages
 
 
@@ -47,7 +67,7 @@ class DemoConfig:
     out: str = "controlnet-demo"
     """folder for the dataset, the run and the report (reused: an existing run resumes)"""
     base: str = "builtin"
-    """base model: "builtin" (the shipped one), a folder written by `controlnet world export-base`, a diffusers folder or an SD checkpoint file (with --tokenizer)"""
+    """base model: "builtin" (the shipped one), "builtin-dit" (the shipped transformer base, SD3 layout), a folder written by `controlnet world export-base`, a diffusers folder or an SD checkpoint file (with --tokenizer)"""
     tokenizer: str = ""
     """tokenizer folder (required for a checkpoint file; for a folder it replaces the folder's own)"""
     tokenizer_2: str = ""
@@ -58,10 +78,12 @@ class DemoConfig:
     """world task to learn"""
     samples: int = 3000
     """dataset size (the last `validation_samples` are held out)"""
-    steps: int = 1000
-    """training steps (the convergence step ranged 300-700 over seeds and thread counts: docs/paper-reproduction.md)"""
-    minutes: float = 9.0
-    """wall-clock cap of the training run (set-up, caches, validation included; the dataset comes first)"""
+    steps: int = 0
+    """training steps (0 = the base's recipe: 1000 on a UNet base, where the convergence step ranged 300-700 over
+    seeds and thread counts, docs/paper-reproduction.md; on a transformer base DIT_DEMO_RECIPE's)"""
+    minutes: float = 0.0
+    """wall-clock cap of the training run (set-up, caches, validation included; the dataset comes first; 0 = the
+    base's recipe: 9 on a UNet base, on a transformer base DIT_DEMO_RECIPE's)"""
     threads: int = 2
     """torch CPU threads (0 = torch's default, 2 on 2 cores). 2 by default, for an otherwise idle 2-core machine:
     seeds 0-4 converged at steps 300-700 with either thread count (the seed moves the step more than the thread
@@ -71,8 +93,9 @@ class DemoConfig:
     1-thread one 0.3 s"""
     batch_size: int = 32
     """samples per step"""
-    lr: float = 3e-3
-    """AdamW learning rate (measured on a 2000-step base snapshot: 3e-3 led 1e-3 by 0.02-0.05 IoU at 200-350 steps)"""
+    lr: float = 0.0
+    """AdamW learning rate (0 = the base's recipe: on a UNet base 3e-3, measured on a 2000-step base snapshot: 3e-3
+    led 1e-3 by 0.02-0.05 IoU at 200-350 steps; on a transformer base DIT_DEMO_RECIPE's)"""
     ema_decay: float = 0.99
     """exponential moving average of the ControlNet weights, validated and exported (0 = off; measured on the
     interim base: final IoU 0.630 with 0.99 vs 0.568 without, same 9 minutes)"""
@@ -95,16 +118,27 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.task not in DEMO_TASKS:
             raise ValueError(f"task={self.task!r}: expected one of {DEMO_TASKS}")
-        for name in ("samples", "steps", "batch_size", "validate_every", "validation_samples", "sampler_steps"):
+        for name in ("samples", "batch_size", "validate_every", "validation_samples", "sampler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
-        if self.minutes <= 0:
-            raise ValueError(f"minutes={self.minutes}: expected > 0")
+        for name in UNET_DEMO_RECIPE:  # 0: the recipe of the base's kind
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected > 0 (or 0: the base's recipe)")
 
 
-def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: Path) -> dict[str, str]:
-    """The training config of the demo, as `controlnet train` flags would set it."""
-    return {
+def demo_recipe(demo: DemoConfig, arch: str = "unet") -> dict:
+    """The recipe fields (`UNET_DEMO_RECIPE` keys) of `demo` on a base of `arch`: given values, else the arch's."""
+    recipe = UNET_DEMO_RECIPE if arch == "unet" else DIT_DEMO_RECIPE
+    return {name: getattr(demo, name) or value for name, value in recipe.items()}
+
+
+def demo_overrides(
+    demo: DemoConfig, image_size: int, data_dir: Path, run_dir: Path, arch: str = "unet", blocks: int = 0
+) -> dict[str, str]:
+    """The training config of the demo, as `controlnet train` flags would set it, on a base of `arch` (unet, sd3,
+    flux) with `blocks` joint/double blocks (transformer bases)."""
+    recipe = demo_recipe(demo, arch)
+    overrides = {
         "data.path": str(data_dir),
         "data.resolution": str(image_size),
         "data.cache_dir": str(Path(demo.out) / "cache"),
@@ -113,12 +147,12 @@ def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: P
         "model.tokenizer_2": demo.tokenizer_2,
         "model.prediction_type": demo.prediction_type,
         "model.hint_channels": DEMO_HINT_CHANNELS,
-        "optim.lr": str(demo.lr),
+        "optim.lr": str(recipe["lr"]),
         "optim.max_grad_norm": "1.0",
         "optim.ema_decay": str(demo.ema_decay),
         "train.output_dir": str(run_dir),
-        "train.max_steps": str(demo.steps),
-        "train.max_minutes": str(demo.minutes),
+        "train.max_steps": str(recipe["steps"]),
+        "train.max_minutes": str(recipe["minutes"]),
         "train.batch_size": str(demo.batch_size),
         "train.seed": str(demo.seed),
         "train.threads": str(demo.threads),
@@ -134,6 +168,11 @@ def demo_overrides(demo: DemoConfig, image_size: int, data_dir: Path, run_dir: P
         "validation.early_stop": str(demo.early_stop),
         "validation.patience": "2",
     }
+    if arch != "unet":  # the condition through the base's VAE: no hint encoder; SD3 copies all but its last block
+        del overrides["model.hint_channels"]
+        if arch == "sd3":
+            overrides["model.transformer_layers"] = str(blocks - 1)
+    return overrides
 
 
 def run_demo(demo: DemoConfig, callback=None, log=print, on_load=None):
@@ -163,7 +202,9 @@ def run_demo(demo: DemoConfig, callback=None, log=print, on_load=None):
         log(
             f"wrote {demo.samples} {demo.task} samples at {image_size} px to {data_dir} in {time.time() - started:.0f} s"
         )
-    config = resolve_config(None, demo_overrides(demo, image_size, data_dir, out / "run"))
+    arch = getattr(base, "arch", "unet")
+    blocks = int(base.transformer.config.get("num_layers", 0)) if arch != "unet" else 0
+    config = resolve_config(None, demo_overrides(demo, image_size, data_dir, out / "run", arch, blocks))
     return train(config, base, callback, on_message=log)
 
 
@@ -192,9 +233,14 @@ def reproduce(run_dir: Path) -> tuple[float, float]:
     from controlnet.train.config import base_options
 
     b = load_base(config.model.base, ema=config.model.ema, **base_options(config.model))
+    arch = getattr(b, "arch", "unet")
     net = load_controlnet(run_dir / "final" / "controlnet", unet=b.unet)
     pipe = ControlNetPipeline.from_components(b, [net])
     v = config.validation
-    images = val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0)
+    if arch == "unet":
+        images = val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0)
+    else:  # as the trainer validates on a transformer base (one call per prompt, the family's guidance)
+        guidance = val.transformer_guidance(config, dict(b.transformer.config), arch)
+        images = val.generate_on_transformer(pipe, prompts, conds, v.steps, guidance, seed=0)
     metric = next(r["metric"] for r in records if "metric" in r)
     return recorded, float(np.mean(val.score(metric, images, conds)))

@@ -333,7 +333,12 @@ class Trainer:
         compute dtype; the same optimizer, schedule and EMA as the UNet's."""
         c, base = self.config, self.base
         torch.manual_seed(c.train.seed)  # parts of a fresh net that are neither copied nor zero (none today)
-        net = build_transformer_controlnet(c, base).float().to(self.device).requires_grad_(True).train()
+        net = build_transformer_controlnet(c, base)
+        if c.model.connection_init == "gaussian":  # the paper's ablation (model/ablations.py), as on a UNet base
+            from controlnet.model.ablations import gaussian_connections
+
+            gaussian_connections(net, seed=c.train.seed)
+        net = net.float().to(self.device).requires_grad_(True).train()
         self.controlnet = net
         self.data.use_net(net)
         for module in base.modules():
