@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks" / "paper"
 
@@ -115,6 +116,15 @@ def test_transfer_refuses_a_bad_count_before_any_work(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # --base builtin | builtin-dit (zero_convolutions.py, convergence.py)
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread (two contended ones were 2-3x slower here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def load_script(name: str):
     """A script of benchmarks/paper as a module (its main() not run)."""
     import importlib.util
@@ -141,7 +151,7 @@ def test_base_flag_defaults_to_builtin_and_takes_builtin_dit_only(monkeypatch, c
 
     monkeypatch.setattr(module, "parse_args", parse_then_stop)
     for argv, base in (([], "builtin"), (["--base", "builtin-dit"], "builtin-dit")):
-        monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", "--threads", str(torch.get_num_threads()), *argv])
         with pytest.raises(SystemExit):
             module.main()
         assert parsed[-1].base == base
@@ -203,7 +213,7 @@ def test_the_builtin_dit_fill_recipe_is_the_demo_transformer_recipe_on_fill():
     assert config.train.batch_size == unet_config.train.batch_size == 32
 
 
-def test_generate_on_a_transformer_base_is_one_call_per_prompt_as_validation(tmp_path):
+def test_generate_on_a_transformer_base_is_one_call_per_prompt_as_validation(tmp_path, one_thread):
     """common.generate on an SD3 pipeline gives the trainer's validation images (image k from seed + k); at control
     scale 0 a net with Gaussian connections gives the base alone (the floor of zero_convolutions --base builtin-dit)."""
     import argparse
