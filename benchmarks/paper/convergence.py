@@ -63,11 +63,16 @@ def run_tag(extra: tuple[str, ...]) -> str:
 
 def demo_folder(base: str = "builtin", extra: tuple[str, ...] = ()) -> str:
     """The work folder of demo runs on `base` with more demo flags `extra`; runs of other demo defaults (the earlier
-    fill task) and of another base are kept apart: demo-shapes-1000steps, demo-dit-shapes-1000steps, ..."""
+    fill task) and of another base are kept apart: demo-shapes-1000steps, demo-dit-shapes-1000steps-lr0.003, ...
+    (builtin-dit's recipe is still being tuned: a changed DIT_DEMO_RECIPE gets new runs, not the old ones reused)."""
     defaults = DemoConfig()
-    steps = demo_recipe(defaults, "unet" if base == "builtin" else "sd3")["steps"]
-    kind = "" if base == "builtin" else "dit-"
-    return f"demo-{kind}{defaults.task}-{steps}steps" + (f"-{run_tag(extra)}" if extra else "")
+    if base == "builtin":
+        steps = demo_recipe(defaults, "unet")["steps"]
+        name = f"demo-{defaults.task}-{steps}steps"
+    else:
+        recipe = demo_recipe(defaults, "sd3")
+        name = f"demo-dit-{defaults.task}-{recipe['steps']}steps-lr{recipe['lr']:g}"
+    return name + (f"-{run_tag(extra)}" if extra else "")
 
 
 def demo(seed: int, threads: int, extra: tuple[str, ...] = (), base: str = "builtin") -> dict:

@@ -50,6 +50,7 @@ from common import (  # noqa: E402
 
 from controlnet.evaluate.fill import fill_iou  # noqa: E402
 from controlnet.evaluate.heldout import heldout_set  # noqa: E402
+from controlnet.train.demo import DIT_DEMO_RECIPE  # noqa: E402
 
 # arm -> the training flags that make it (the run names of the first two arms are those of earlier runs, reused)
 ARMS = {
@@ -58,9 +59,11 @@ ARMS = {
     "lite": ("fill-lite-zero-connections", ["--model.architecture", "lite"]),
 }
 # on builtin-dit: its own runs, the same two connection arms (no lite: ControlNet-lite is defined on a UNet encoder)
+# run names carry the recipe's lr and steps (still being tuned: a changed recipe gets new runs, not old ones reused)
+_DIT = f"lr{DIT_DEMO_RECIPE['lr']:g}-{DIT_DEMO_RECIPE['steps']}steps"
 DIT_ARMS = {
-    "zero": ("dit-fill-zero-connections", ["--model.connection_init", "zero"]),
-    "gaussian": ("dit-fill-gaussian-connections", ["--model.connection_init", "gaussian"]),
+    "zero": (f"dit-fill-zero-connections-{_DIT}", ["--model.connection_init", "zero"]),
+    "gaussian": (f"dit-fill-gaussian-connections-{_DIT}", ["--model.connection_init", "gaussian"]),
 }
 ARM_NAMES = {"zero": "zero convolutions", "gaussian": "Gaussian connections", "lite": "ControlNet-lite"}
 DIT_ARM_NAMES = {"zero": "zero-initialised connections", "gaussian": "Gaussian connections"}

@@ -187,11 +187,19 @@ def test_builtin_dit_results_go_beside_the_unet_results_and_name_their_command(t
     assert json.loads((tmp_path / "zero_convolutions.json").read_text())["settings"].get("base") is None
 
 
-def test_convergence_keeps_the_unet_demo_runs_and_puts_builtin_dit_runs_apart():
+def test_convergence_keeps_the_unet_demo_runs_and_puts_builtin_dit_runs_apart(monkeypatch):
+    from controlnet.train.demo import DIT_DEMO_RECIPE
+
     module = load_script("convergence")
     assert module.demo_folder() == "demo-shapes-1000steps"  # the UNet runs already made are reused
-    assert module.demo_folder("builtin-dit") == "demo-dit-shapes-1000steps"
-    assert module.demo_folder("builtin-dit", ("--task", "fill")) == "demo-dit-shapes-1000steps-task-fill"
+    lr, steps = DIT_DEMO_RECIPE["lr"], DIT_DEMO_RECIPE["steps"]
+    assert module.demo_folder("builtin-dit") == f"demo-dit-shapes-{steps}steps-lr{lr:g}"
+    assert (
+        module.demo_folder("builtin-dit", ("--task", "fill")) == f"demo-dit-shapes-{steps}steps-lr{lr:g}-task-fill"
+    )
+    monkeypatch.setitem(DIT_DEMO_RECIPE, "lr", 1e-4)  # a retuned recipe: other runs
+    assert module.demo_folder("builtin-dit") == f"demo-dit-shapes-{steps}steps-lr0.0001"
+    assert module.demo_folder() == "demo-shapes-1000steps"
     assert (module.SEEDS["builtin-dit"], module.THREADS["builtin-dit"]) == (3, (1,))
 
 
@@ -243,3 +251,19 @@ def test_generate_on_a_transformer_base_is_one_call_per_prompt_as_validation(tmp
     plain = common.generate(ControlNetPipeline.from_components(base, [zero]), prompts, [conds], args)
     assert all(np.array_equal(a, b) for a, b in zip(floor, plain, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(ours, plain, strict=True))
+
+
+def test_zero_convolutions_keeps_the_unet_runs_and_names_builtin_dit_runs_by_their_recipe():
+    from controlnet.train.demo import DIT_DEMO_RECIPE
+
+    module = load_script("zero_convolutions")
+    assert [name for name, _ in module.ARMS.values()] == [
+        "fill-zero-connections",
+        "fill-gaussian-connections",
+        "fill-lite-zero-connections",
+    ]
+    recipe = f"lr{DIT_DEMO_RECIPE['lr']:g}-{DIT_DEMO_RECIPE['steps']}steps"
+    assert [name for name, _ in module.DIT_ARMS.values()] == [
+        f"dit-fill-zero-connections-{recipe}",
+        f"dit-fill-gaussian-connections-{recipe}",
+    ]
