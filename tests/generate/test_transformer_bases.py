@@ -382,3 +382,24 @@ def test_flux_union_net_takes_its_mode(world, tmp_path):
     assert "canny 0, tile 1, depth 2" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"control_type\[0\]='canny': ControlNet 0 is not a union ControlNet"):
         run_job(_pipe(world, "flux", ["net"]), _job(world, "flux", [("net", {"control_type": "canny"})]))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_one_condition_image_per_prompt(world, arch):
+    """A list of one condition image per prompt (as the UNet pipeline takes, what `controlnet evaluate` sends): the
+    same image for both prompts equals the one-image call; another image for the second prompt changes only that
+    prompt's image; a list of the wrong length is refused naming the counts."""
+    pipe = _pipe(world, arch, ["net"])
+    a, b = (Image.open(world[f"cond{k}"]).convert("RGB") for k in range(2))
+    prompts = ["a red cat", "a blue dog"]
+    flux = {"guidance_scale": 0.0} if arch == "flux" else {}
+    common = dict(steps=STEPS, width=SIZE, height=SIZE, seed=3, output_type="np", **flux)
+    with torch.inference_mode():
+        one = pipe(prompts, [a], **common).array
+        same = pipe(prompts, [[a, a]], **common).array
+        mixed = pipe(prompts, [[a, b]], **common).array
+    np.testing.assert_array_equal(same, one)
+    np.testing.assert_array_equal(mixed[0], one[0])
+    assert np.abs(mixed[1] - one[1]).max() > 1e-3
+    with pytest.raises(ValueError, match=r"control\[0\]: 1 condition images for 2 prompts"):
+        pipe(prompts, [[a]], **common)

@@ -39,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from controlnet.evaluate.heldout import evaluate_generator, generate_images, heldout_set
@@ -60,7 +61,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         progress=loading_bar(),
         **base_options(args),
     )
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the base's native resolution
+    size = pipe.native_size  # the base's native resolution
     heldout = heldout_set(args.task, args.n, size=size)
     settings = {"steps": args.steps, "guidance_scale": args.cfg, "seed": args.seed}
 
@@ -72,6 +73,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     def floor(prompts):
         return generate_images(floor_pipe, prompts, [], **settings)
+
+    if source.arch != "unet":  # diffusers' SD3/Flux ControlNet pipelines need a net: the same at strength 0 is the
+        # base alone (tests/builtin/test_dit_quality.py: equal pixels to StableDiffusion3Pipeline's)
+        def floor(prompts):
+            blank = [np.zeros((size, size, 3), np.uint8)] * len(prompts)
+            return generate_images(pipe, prompts, blank, control_scale=0.0, **settings)
 
     report = evaluate_generator(heldout, controlled, floor)
     print(report.table())

@@ -309,8 +309,12 @@ class TransformerControlNetPipeline:
                 f"control: got {len(control)} condition images for {len(self.controlnets)} ControlNets; expected one "
                 "per net"
             )
-        if any(isinstance(c, (list, tuple)) for c in control):
-            raise ValueError(f"control: one condition image per net (per-prompt images are {NOT_YET})")
+        for k, c in enumerate(control):  # one image for every prompt, or a list of one per prompt (as the UNet's)
+            if isinstance(c, (list, tuple)) and len(c) != len(prompts):
+                raise ValueError(
+                    f"control[{k}]: {len(c)} condition images for {len(prompts)} prompts; expected one image, or one "
+                    "per prompt"
+                )
         per_net = opt.per_net(len(self.controlnets))
         modes = [
             union_mode(net, o.control_type, k)
@@ -318,8 +322,16 @@ class TransformerControlNetPipeline:
         ]
         size = self.output_size(opt.width, opt.height, control)
         width, height = size.width, size.height
-        images = [ci.condition_image(c, width, height, opt.resize_mode) for c in control]  # RGB at the output size
-        hints = [publisher_hint(net, image) for net, image in zip(self.controlnets, images, strict=True)]
+        images = [
+            _each(c, lambda x: ci.condition_image(x, width, height, opt.resize_mode)) for c in control
+        ]  # RGB
+        hints = [
+            _each(image, lambda x, n=net: publisher_hint(n, x))
+            for net, image in zip(self.controlnets, images, strict=True)
+        ]
+        # per-prompt images: diffusers' ControlNet pipelines take a batch of one image per prompt (each repeated for
+        # that prompt's num_images_per_prompt, prompt-major as the latents); Stability's tensors join in one batch
+        hints = [torch.cat(h) if isinstance(h, list) and torch.is_tensor(h[0]) else h for h in hints]
         num_images = len(prompts) * opt.batch_size
         seeds = [opt.seed + k for k in range(num_images)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -426,6 +438,11 @@ def publisher_hint(net, image):
     if convention is None:
         return image
     return convention(ci.pil_to_unit_tensor(image))  # (1, 3, H, W)
+
+
+def _each(value, function):
+    """`function` of one condition image, or of each image of a per-prompt list (a list back)."""
+    return [function(v) for v in value] if isinstance(value, (list, tuple)) else function(value)
 
 
 def _per_prompt(value, n: int) -> list[str]:
