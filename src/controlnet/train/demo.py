@@ -46,15 +46,13 @@ DEMO_HINT_CHANNELS = "4,8,16"
 # The transformer recipe: what differs from the UNet demo's on an SD3/Flux base (the other settings are the fields'
 # defaults). No hint encoder (SD3 nets take the condition's VAE latents through the zero-initialised
 # pos_embed_input); model.transformer_layers = the base's joint blocks minus 1 (all it can take: the last is
-# context_pre_only), so 3 of builtin-dit's 4. Measured ONLY on the 60-step PLACEHOLDER export of builtin-dit (same
-# architecture, not the real weights: its images are near noise, floor 0.173 IoU), shapes task, 1000 samples, batch
-# 32, 1 thread on a loaded 2-core machine, 150 steps each: lr 3e-4 / 1e-3 / 3e-3 reached mean loss 0.83 / 0.63 /
-# 0.54 over steps 105-150 and validation IoU (8 samples) 0.177 / 0.180 / 0.206 at step 150; 3e-3 stable (grad norm
-# clipped at 1). A step took 0.6-0.8 s (40-52 samples/s), a validation of 8 samples ~10 s, so 1000 steps with 16
-# validation samples every 50 steps take ~20 minutes at 1 thread under load: hence the 30-minute guard. Only a
-# check that it runs and learns: the learning rate, steps and cap are to be tuned on the real base (convergence
-# over 3 seeds: python benchmarks/paper/convergence.py --base builtin-dit).
-DIT_DEMO_RECIPE = {"lr": 3e-3, "steps": 1000, "minutes": 30.0}
+# context_pre_only), so 3 of builtin-dit's 4. The learning rate is the UNet demo's (one variable between the two
+# bases' claim-2 runs: the base). Measured on a step-3,258 snapshot of builtin-dit's own run (shapes task, 3000
+# samples, batch 32, 1 thread, validation of 16 samples every 100 steps; floor 0.287): lr 3e-3 reached 0.337, 0.385,
+# 0.416, 0.462 at steps 100-400, lr 1e-3 0.327, 0.375, 0.397, 0.458: no jump within 400 steps at either, a steady
+# rise, where the UNet demo jumps at 300-700. Hence 1500 steps, not 1000. A step took 0.35 s at 1 thread (the UNet
+# demo's: 0.27-0.5), a validation ~5 s; the 30-minute cap is a guard.
+DIT_DEMO_RECIPE = {"lr": 3e-3, "steps": 1500, "minutes": 30.0}
 # The UNet recipe: those fields on a UNet base (the demo's defaults before transformer bases; see the fields' docs)
 UNET_DEMO_RECIPE = {"lr": 3e-3, "steps": 1000, "minutes": 9.0}
 DEMO_FLAGS = {"base": "--base", "tokenizer": "--tokenizer", "tokenizer_2": "--tokenizer-2"}  # for error messages
@@ -80,10 +78,10 @@ class DemoConfig:
     """dataset size (the last `validation_samples` are held out)"""
     steps: int = 0
     """training steps (0 = the base's recipe: 1000 on a UNet base, where the convergence step ranged 300-700 over
-    seeds and thread counts, docs/paper-reproduction.md; on a transformer base DIT_DEMO_RECIPE's)"""
+    seeds and thread counts, docs/paper-reproduction.md; on a transformer base 1500: DIT_DEMO_RECIPE)"""
     minutes: float = 0.0
     """wall-clock cap of the training run (set-up, caches, validation included; the dataset comes first; 0 = the
-    base's recipe: 9 on a UNet base, on a transformer base DIT_DEMO_RECIPE's)"""
+    base's recipe: 9 on a UNet base, 30 on a transformer base)"""
     threads: int = 2
     """torch CPU threads (0 = torch's default, 2 on 2 cores). 2 by default, for an otherwise idle 2-core machine:
     seeds 0-4 converged at steps 300-700 with either thread count (the seed moves the step more than the thread
