@@ -40,3 +40,21 @@ def test_bad_arguments_are_one_line(tmp_path):
     assert result.returncode == 2 and "ControlNet not found" in result.stderr and result.stderr.count("\n") == 1
     result = _run("evaluate", tmp_path / "missing", "--n", 0)
     assert result.returncode == 2 and "--n must be >= 1" in result.stderr
+
+
+def test_a_transformer_controlnet_on_builtin_dit(tmp_path, capsys):
+    """builtin-dit:fill on the built-in transformer base (in-process CLI): the floor is the base alone (the net at
+    strength 0), the shipped net fills the outlines far above it, the ceiling is the ground truth's."""
+    from controlnet.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["evaluate", "builtin-dit:fill", "--base", "builtin-dit", "--task", "fill", "--n", "4",
+                     "--steps", "10", "--json", str(tmp_path / "report.json")])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    iou = rows["disk IoU"]
+    assert iou["model"] > iou["floor"] + 0.3 and iou["ceiling"] > 0.95, iou
