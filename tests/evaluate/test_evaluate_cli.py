@@ -35,6 +35,7 @@ def test_fresh_controlnet_scores_like_the_floor(tmp_path):
     assert torch.count_nonzero(net.controlnet_mid_block.weight) == 0
 
 
+@pytest.mark.slow  # 15-minute budget: a fresh interpreter that imports the whole stack (34 s on a loaded machine)
 def test_bad_arguments_are_one_line(tmp_path):
     result = _run("evaluate", tmp_path / "missing")
     assert result.returncode == 2 and "ControlNet not found" in result.stderr and result.stderr.count("\n") == 1

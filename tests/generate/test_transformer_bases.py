@@ -84,6 +84,7 @@ def _pipe(world, arch: str, nets: list[str]):
 
 # ------------------------------------------------------------------------------------------------------------
 # (a) the command line
+@pytest.mark.slow  # 15-minute budget: a subprocess each (17-24 s); builtin-dit's CLI test covers the SD3 door in-process
 @pytest.mark.parametrize("arch", ARCHES)
 def test_generate_cli_writes_png_with_settings(world, tmp_path, arch):
     out = tmp_path / "out"

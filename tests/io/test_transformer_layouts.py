@@ -360,6 +360,7 @@ def test_a_unet_controlnet_where_a_transformer_one_is_expected_is_refused_by_fam
 # --- the command line, as a user runs it ---
 
 
+@pytest.mark.slow  # the default suite's 15-minute budget (25-38 s of subprocesses); run with -m slow
 def test_cli_inspects_converts_and_refuses(tmp_path):
     import subprocess
     import sys
