@@ -30,7 +30,7 @@ import torch
 
 from controlnet.allocator import reuse_freed_memory
 from controlnet.atomic import atomic_path
-from controlnet.builtin.config import PretrainConfig, TextEncoderConfig
+from controlnet.builtin.config import PretrainConfig
 from controlnet.builtin.pretrain import (
     CHECKPOINT_NAME,
     LOG_EVERY,
@@ -43,7 +43,7 @@ from controlnet.builtin.pretrain import (
     lr_factor,
     world_vocabulary,
 )
-from controlnet.builtin.text import build_tokenizer
+from controlnet.builtin.text import build_text_encoder, build_tokenizer
 from controlnet.train.flow_matching import interpolate, sample_sigmas, sigma_grid, velocity_target
 
 logger = logging.getLogger(__name__)
@@ -54,26 +54,6 @@ DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_SAMPLE_STEPS = 20
 SIGMA_SCHEME = "logit_normal"  # SD3 paper Eq. 19, mean 0, std 1 (its best setting, Table 1)
 TRAINED = ("transformer", "text_encoder", "text_encoder_2")
-
-
-def build_text_encoder(config: TextEncoderConfig, tokenizer):
-    """A randomly initialised `CLIPTextModelWithProjection` (SD3 reads its pooled projection) sized by `config`."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            max_position_embeddings=config.max_length,
-            projection_dim=config.hidden_size,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,  # pooled at the first eos (not the legacy argmax of id 2)
-        )
-    )
 
 
 def transformer_kwargs(config: PretrainConfig) -> dict:
@@ -152,9 +132,9 @@ def build_dit_state(config: PretrainConfig, tokenizer) -> DitState:
     torch.manual_seed(config.seed + 1)
     transformer = SD3Transformer2DModel(**transformer_kwargs(config))
     torch.manual_seed(config.seed + 2)
-    text_encoder = build_text_encoder(config.dit.text, tokenizer)
+    text_encoder = build_text_encoder(config.dit.text, tokenizer, projection=True)
     torch.manual_seed(config.seed + 3)
-    text_encoder_2 = build_text_encoder(config.dit.text, tokenizer)
+    text_encoder_2 = build_text_encoder(config.dit.text, tokenizer, projection=True)
     modules = {"transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

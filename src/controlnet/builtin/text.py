@@ -108,9 +108,11 @@ def load_tokenizer(folder: str | Path):
     return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
-def build_text_encoder(config: TextEncoderConfig, tokenizer):
-    """A randomly initialised `CLIPTextModel` sized by `config`, with the tokenizer's special-token ids."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(config: TextEncoderConfig, tokenizer, projection: bool = False):
+    """A randomly initialised `CLIPTextModel` sized by `config`, with the tokenizer's special-token ids (the eos id
+    also places the pooled output at the first eos); `projection`: a `CLIPTextModelWithProjection` (SD3 reads its
+    pooled projection, builtin-dit)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     clip_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
@@ -124,7 +126,7 @@ def build_text_encoder(config: TextEncoderConfig, tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return CLIPTextModel(clip_config)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(clip_config)
 
 
 def tokenize(tokenizer, prompts: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
