@@ -266,30 +266,74 @@ class UnionControlNet(ControlNet):
 
         if control_type is None:
             control_type = self.control_type_vector(types, sample.shape[0])
-        type_features = self.control_type_proj(control_type.flatten()).reshape(sample.shape[0], -1)  # (B, T * d)
-        type_emb = self.control_add_embedding(type_features.to(sample.dtype))  # (B, 4 * C_0)
-        emb = self._time_embedding(sample, timestep, encoder_hidden_states, added_cond_kwargs, type_emb)
+        emb = self._union_time_embedding(sample, timestep, encoder_hidden_states, added_cond_kwargs, control_type)
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
+        h = self.front_end(sample, hints, types, None if one_scale else scales)
+        skips, h = self._encode(h, emb, encoder_hidden_states)
+        outputs = [scales[0] if one_scale else 1.0] * self.num_control_outputs
+        return self._residuals(skips, h, outputs)
 
+    def _union_time_embedding(
+        self, sample, timestep, encoder_hidden_states, added_cond_kwargs, control_type: torch.Tensor
+    ) -> torch.Tensor:
+        """emb_t + the type vector's embedding (B, 4 * C_0); control_type (B, T) 0/1."""
+        type_features = self.control_type_proj(control_type.flatten()).reshape(sample.shape[0], -1)  # (B, T * d)
+        type_emb = self.control_add_embedding(type_features.to(sample.dtype))  # (B, 4 * C_0)
+        return self._time_embedding(sample, timestep, encoder_hidden_states, added_cond_kwargs, type_emb)
+
+    def front_end(
+        self,
+        sample: torch.Tensor,
+        hints: Sequence[torch.Tensor],
+        types: Sequence[int],
+        scales: Sequence[float] | None = None,
+    ) -> torch.Tensor:
+        """The encoder's input: conv_in(sample) + the K conditions' features, each shifted per channel by its token
+        after the fusion transformer (B, C_0, h, w). scales: one per condition, scaling its features and token
+        (several conditions at their own strengths); None: 1 (the outputs carry the scale)."""
         h = self.conv_in(sample)  # (B, C_0, h, w)
         tokens = [
             hint.mean(dim=(2, 3)) + self.task_embedding[t] for hint, t in zip(hints, types, strict=True)
         ]  # (B, C_0)
-        if not one_scale:
+        if scales is not None:
             tokens = [token * s for token, s in zip(tokens, scales, strict=True)]
         x = torch.stack([*tokens, h.mean(dim=(2, 3))], dim=1)  # (B, K + 1, C_0)
         for layer in self.transformer_layes:
             x = layer(x)
         fused = torch.zeros_like(h)
-        for k, (hint, s) in enumerate(zip(hints, scales, strict=True)):
+        for k, hint in enumerate(hints):
             alpha = self.spatial_ch_projs(x[:, k])[:, :, None, None]  # (B, C_0, 1, 1)
-            fused = fused + (hint + alpha if one_scale else hint * s + alpha * s)
-        h = h + fused
+            s = 1.0 if scales is None else scales[k]
+            fused = fused + (hint + alpha if scales is None else hint * s + alpha * s)
+        return h + fused
 
+    def forward_subsets(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        subsets: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[int]]],
+        added_cond_kwargs: dict | None = None,
+    ) -> ControlNetOutput:
+        """Residuals at scale 1 for a batch whose rows hold different subsets of conditions (union training, type
+        dropout): `subsets` = (rows (b,) long, K hints (b, C_0, h, w), K type ids) covering every row once. Each
+        subset's front end runs on its rows; the copied encoder, the costly part, runs once on the whole batch with
+        each row's type vector. Row for row the same arithmetic as `forward` on that row's conditions."""
+        batch = sample.shape[0]
+        control_type = torch.zeros(batch, self.union_config.num_control_type, device=sample.device)
+        h = None
+        for rows, hints, types in subsets:
+            types = [type_id(t, self.union_config.num_control_type) for t in types]
+            part = self.front_end(sample.index_select(0, rows), hints, types)  # (b, C_0, h, w)
+            h = part.new_zeros((batch, *part.shape[1:])) if h is None else h
+            h = h.index_copy(0, rows, part)
+            control_type[rows[:, None], torch.tensor(types, device=sample.device)[None, :]] = 1.0
+        emb = self._union_time_embedding(sample, timestep, encoder_hidden_states, added_cond_kwargs, control_type)
+        if self.encoder_hid_proj is not None:
+            encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
         skips, h = self._encode(h, emb, encoder_hidden_states)
-        outputs = [scales[0] if one_scale else 1.0] * self.num_control_outputs
-        return self._residuals(skips, h, outputs)
+        return self._residuals(skips, h, [1.0] * self.num_control_outputs)
 
     def forward_unit(
         self,

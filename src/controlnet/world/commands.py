@@ -53,7 +53,14 @@ def add_make_parser(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument(
         "--task",
         required=True,
-        help=f"one of: {', '.join(TASKS)} (fill: outline -> filled circle; shapes: any shape, rotated, 1-3 px lines, half hand-drawn)",
+        help=f"one of: {', '.join(TASKS)} (fill: outline -> filled circle; shapes: any shape, rotated, 1-3 px lines, "
+        "half hand-drawn), or union (several maps of each scene, for a union ControlNet: see --types)",
+    )
+    make.add_argument(
+        "--types",
+        default="",
+        help="--task union: the scene conditions each sample holds, comma-separated (e.g. canny,seg,pose,depth; "
+        "written as DIR/TYPE/i.png and named in prompt.json's 'sources'; pose only for scenes with a person)",
     )
     make.add_argument("--n", type=int, required=True, help="number of samples")
     make.add_argument("--size", type=int, default=64, help="image side in px (default: %(default)s)")
@@ -71,12 +78,20 @@ def run_make(args: argparse.Namespace) -> int:
     from controlnet.world.dataset import check_arguments, check_out, default_workers, write_dataset
 
     workers = default_workers() if args.workers is None else args.workers
-    check_arguments(args.task, args.n, args.size, workers)  # before the progress bar: errors stay one line
+    types = tuple(t.strip() for t in args.types.split(",") if t.strip())
+    check_arguments(args.task, args.n, args.size, workers, types)  # before the progress bar: errors stay one line
     check_out(args.out)
     start = time.perf_counter()
     with tqdm(total=max(args.n, 0), unit="sample", desc=f"world {args.task}", leave=False) as bar:
         out = write_dataset(
-            args.task, args.n, args.size, args.out, seed=args.seed, workers=workers, progress=bar.update
+            args.task,
+            args.n,
+            args.size,
+            args.out,
+            seed=args.seed,
+            workers=workers,
+            progress=bar.update,
+            types=types,
         )
     print(f"wrote {args.n} {args.task} samples ({args.size} px) to {out} in {time.perf_counter() - start:.1f} s")
     return 0

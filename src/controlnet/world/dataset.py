@@ -5,6 +5,11 @@
     DIR/target/i.png  the image to generate
     DIR/world.json    how it was made (task, n, size, seed), so the folder describes itself
 
+The union task (`--task union --types canny,seg,...`, for a union ControlNet: data/sources.py `union_source`)
+writes one scene per sample with one map per type, DIR/TYPE/i.png, and prompt.json lines {"target", "prompt",
+"sources": {TYPE: "TYPE/i.png", ...}}. Its scenes are drawn as the single-condition tasks draw theirs (a person only
+when the scene has one), so a sample holds a pose map only when it shows a person.
+
 The folder is written into a temporary sibling and renamed into place when complete: an interrupted or
 failed run leaves nothing behind under DIR.
 """
@@ -28,6 +33,11 @@ logger = logging.getLogger(__name__)
 
 # fill: fill50k's upright circles, 1 px lines; shapes: every shape, rotated, stretched, 1-3 px, half hand-drawn
 TASKS: tuple[str, ...] = ("fill", "shapes", *CONDITIONS)
+UNION = "union"  # several condition maps of one scene per sample (`types`)
+# a union dataset names its types as the union nets do (model/union_controlnet.py UNION_TYPES): the world's names are
+# aliases there, except Hough lines, M-LSD's kind of map; canny and mlsd share one type id, so one net takes one
+UNION_TYPE_NAMES = {"lines": "mlsd"}
+SAME_UNION_ID = ("canny", "lines")
 MIN_SIZE = {"fill": 16, "shapes": 16}  # px; scenes need at least 32
 MIN_SCENE_SIZE = 32
 CHUNK = 250  # samples per worker job: large enough to amortise inter-process overhead
@@ -71,9 +81,47 @@ def make_pair(task: str, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, 
     return source, image, caption(scene)
 
 
-def check_arguments(task: str, n: int, size: int, workers: int) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+def union_sample(types: tuple[str, ...], seed: int, size: int) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+    """({union type name: (H, W, 3) uint8 map}, target (H, W, 3) uint8, prompt) of one scene; "pose" is left out of a
+    scene without a person (an all-black map would teach the net that black means "no one here")."""
+    from controlnet.world.scene_sample import scene_sample
+
+    sample = scene_sample(seed, size, conditions=types)
+    maps = {
+        UNION_TYPE_NAMES.get(name, name): sample.conditions[name]
+        for name in types
+        if name != "pose" or len(sample.truth["keypoints"])
+    }
+    return maps, sample.image, sample.prompt
+
+
+def check_union_types(types: tuple[str, ...]) -> None:
+    """A union dataset's types: scene conditions (not fill/shapes), each once, not two of one union type id."""
+    if not types:
+        raise ValueError(
+            f"types: none given; task {UNION!r} needs some of {', '.join(CONDITIONS)} (e.g. canny,seg)"
+        )
+    unknown = [t for t in types if t not in CONDITIONS]
+    if unknown:
+        raise ValueError(
+            f"types: {unknown[0]!r} is not a scene condition; expected some of {', '.join(CONDITIONS)}"
+        )
+    if len(set(types)) != len(types):
+        raise ValueError(f"types: {','.join(types)} names a type twice; expected each once")
+    if all(t in types for t in SAME_UNION_ID):
+        raise ValueError(
+            "types: canny and lines are one union type (id 3, canny/mlsd), so one union net cannot tell them "
+            "apart; expected one of them"
+        )
+
+
+def check_arguments(task: str, n: int, size: int, workers: int, types: tuple[str, ...] = ()) -> None:
+    if task == UNION:
+        check_union_types(types)
+    elif types:
+        raise ValueError(f"types: only for task {UNION!r} (got task {task!r})")
+    elif task not in TASKS:
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)} or {UNION}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: expected a positive number of samples")
     min_size = MIN_SIZE.get(task, MIN_SCENE_SIZE)
@@ -93,17 +141,25 @@ def check_out(out: str | Path) -> Path:
     return out
 
 
-def _write_chunk(job: tuple[str, int, int, int, int, str]) -> list[str]:
-    """Render and write samples [start, stop) into `root`; return their prompts in order."""
-    task, seed, size, start, stop, root = job
-    prompts = []
+def _write_chunk(job: tuple[str, tuple[str, ...], int, int, int, int, str]) -> list[dict]:
+    """Render and write samples [start, stop) into `root`; return their prompt.json lines in order."""
+    task, types, seed, size, start, stop, root = job
+    lines = []
     params = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]
     for index in range(start, stop):
-        source, target, prompt = make_pair(task, sample_seed(seed, index), size)
-        cv2.imwrite(os.path.join(root, "source", f"{index}.png"), source[:, :, ::-1], params)
+        if task == UNION:
+            maps, target, prompt = union_sample(types, sample_seed(seed, index), size)
+            sources = {name: f"{name}/{index}.png" for name in maps}
+            line = {"target": f"target/{index}.png", "prompt": prompt, "sources": sources}
+        else:
+            source, target, prompt = make_pair(task, sample_seed(seed, index), size)
+            maps = {"source": source}
+            line = {"source": f"source/{index}.png", "target": f"target/{index}.png", "prompt": prompt}
+        for name, image in maps.items():
+            cv2.imwrite(os.path.join(root, name, f"{index}.png"), image[:, :, ::-1], params)
         cv2.imwrite(os.path.join(root, "target", f"{index}.png"), target[:, :, ::-1], params)
-        prompts.append(prompt)
-    return prompts
+        lines.append(line)
+    return lines
 
 
 def default_workers() -> int:
@@ -120,39 +176,43 @@ def write_dataset(
     seed: int = 0,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    types: tuple[str, ...] = (),
 ) -> Path:
-    """Write `n` samples of `task` at `size` px into the new folder `out`; return its path.
+    """Write `n` samples of `task` at `size` px into the new folder `out`; return its path. Task "union" writes the
+    maps named by `types` (scene conditions) of each scene (the module docstring's union layout).
 
     `progress(k)` is called as each batch of k samples is written. Sample i is made from
     `sample_seed(seed, i)`, so a dataset is reproducible and its first samples do not depend on `n`.
     """
     workers = default_workers() if workers is None else workers
-    check_arguments(task, n, size, workers)
+    types = tuple(types)
+    check_arguments(task, n, size, workers, types)
     out = check_out(out)
+    folders = [UNION_TYPE_NAMES.get(t, t) for t in types] if task == UNION else ["source"]
     # a dataset folder is complete or absent: a killed `world make` leaves only a hidden leftover
     with atomic_path(out, exists="error") as tmp:
         tmp.mkdir()
-        (tmp / "source").mkdir()
-        (tmp / "target").mkdir()
-        jobs = [(task, seed, size, start, min(start + CHUNK, n), str(tmp)) for start in range(0, n, CHUNK)]
-        prompts: list[str] = []
+        for folder in (*folders, "target"):
+            (tmp / folder).mkdir()
+        jobs = [(task, types, seed, size, start, min(start + CHUNK, n), str(tmp)) for start in range(0, n, CHUNK)]
+        lines: list[dict] = []
         if workers == 1 or len(jobs) == 1:
             for job in jobs:
-                prompts += _write_chunk(job)
+                lines += _write_chunk(job)
                 if progress:
-                    progress(job[4] - job[3])
+                    progress(job[5] - job[4])
         else:
             context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
             with context.Pool(min(workers, len(jobs))) as pool:
-                for job, chunk_prompts in zip(jobs, pool.imap(_write_chunk, jobs), strict=True):
-                    prompts += chunk_prompts
+                for job, chunk_lines in zip(jobs, pool.imap(_write_chunk, jobs), strict=True):
+                    lines += chunk_lines
                     if progress:
-                        progress(job[4] - job[3])
+                        progress(job[5] - job[4])
         with open(tmp / "prompt.json", "w") as f:
-            for index, prompt in enumerate(prompts):
-                line = {"source": f"source/{index}.png", "target": f"target/{index}.png", "prompt": prompt}
-                f.write(json.dumps(line) + "\n")
+            f.writelines(json.dumps(line) + "\n" for line in lines)
         meta = {"task": task, "n": n, "size": size, "seed": seed, "generator": "controlnet.world"}
+        if task == UNION:
+            meta["types"] = list(types)
         (tmp / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
     logger.info("wrote %d %s samples at %d px to %s", n, task, size, out)
     return out
