@@ -59,3 +59,39 @@ def test_a_transformer_controlnet_on_builtin_dit(tmp_path, capsys):
     rows = {r["metric"]: r for r in json.loads((tmp_path / "report.json").read_text())["rows"]}
     iou = rows["disk IoU"]
     assert iou["model"] > iou["floor"] + 0.3 and iou["ceiling"] > 0.95, iou
+
+
+def test_a_union_controlnet_is_scored_with_the_tasks_type_and_a_plain_net_refuses_one(tmp_path, capsys):
+    """A fresh union net (zero-initialised: the base unchanged) on the built-in base: evaluated with the task's
+    union type by default (seg -> the union name seg, id 5), model == floor exactly; --control-type on a plain
+    net is one line naming the field."""
+    from controlnet.builtin.base import load_builtin_base
+    from controlnet.cli import main
+    from controlnet.model.union_controlnet import UnionControlNet
+
+    base = load_builtin_base()
+    factor = base.image_size // base.unet.config.sample_size
+    save_controlnet(
+        UnionControlNet.from_unet(base.unet, num_control_type=8, hint_block_channels=(4, 8, 16),
+                                  hint_downscale_factor=factor, num_trans_head=4),
+        tmp_path / "union", format="diffusers",
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["evaluate", str(tmp_path / "union"), "--task", "seg", "--n", "2", "--steps", "2",
+                     "--json", str(tmp_path / "report.json")])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["control_type"] == "seg" and report["task"] == "seg"
+        row = report["rows"][0]
+        assert row["model"] == row["floor"] and row["ceiling"] > row["floor"]
+        plain = ControlNet.from_unet(base.unet, hint_block_channels=(4, 8, 16), hint_downscale_factor=factor)
+        save_controlnet(plain, tmp_path / "plain", format="diffusers")
+        capsys.readouterr()
+        code = main(["evaluate", str(tmp_path / "plain"), "--task", "seg", "--n", "2", "--steps", "2",
+                     "--control-type", "seg"])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert code != 0 and "control_type" in err and "not a union ControlNet" in err and err.count("\n") == 1, err

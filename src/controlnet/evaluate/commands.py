@@ -29,6 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "controlnet", type=Path, help="the ControlNet to score (original or diffusers format, or builtin:NAME)"
     )
     p.add_argument("--task", default="fill", help="world task the ControlNet was trained on (default: fill)")
+    p.add_argument(
+        "--control-type",
+        metavar="TYPE",
+        help="a union ControlNet's condition type, by name or id (default: the --task's, e.g. seg -> segment)",
+    )
     add_base_arguments(p.add_argument_group("base model (as `controlnet generate`)"))
     p.add_argument("--n", type=int, default=DEFAULT_HELDOUT, help=f"held-out samples (default: {DEFAULT_HELDOUT})")
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default: 20)")
@@ -45,6 +50,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from controlnet.evaluate.heldout import evaluate_generator, generate_images, heldout_set
     from controlnet.generate.commands import DTYPES, base_options, loading_bar
     from controlnet.generate.pipeline import ControlNetPipeline
+    from controlnet.model.union_controlnet import UnionControlNet
+    from controlnet.world.dataset import UNION_TYPE_NAMES
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -64,6 +71,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     size = pipe.native_size  # the base's native resolution
     heldout = heldout_set(args.task, args.n, size=size)
     settings = {"steps": args.steps, "guidance_scale": args.cfg, "seed": args.seed}
+    if args.control_type is not None or isinstance(pipe.controlnets[0], UnionControlNet):
+        # the world's task names are union type names (world/dataset.py UNION_TYPE_NAMES: lines -> mlsd); a plain
+        # net given a type is refused by the pipeline, in one line
+        settings["control_type"] = args.control_type or UNION_TYPE_NAMES.get(args.task, args.task)
 
     def controlled(prompts, conditions):
         return generate_images(pipe, prompts, conditions, **settings)
@@ -79,6 +90,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         def floor(prompts):
             blank = [np.zeros((size, size, 3), np.uint8)] * len(prompts)
             return generate_images(pipe, prompts, blank, control_scale=0.0, **settings)
+
+    elif "control_type" in settings:
+
+        def floor(prompts):  # no net: no type
+            return generate_images(
+                floor_pipe, prompts, [], **{k: v for k, v in settings.items() if k != "control_type"}
+            )
 
     report = evaluate_generator(heldout, controlled, floor)
     print(report.table())

@@ -78,12 +78,13 @@ def generate_images(
     guidance_scale: float,
     seed: int,
     control_scale: float = 1.0,
+    control_type: str | None = None,
 ) -> list[np.ndarray]:
     """(H, W, 3) uint8 images for prompts + conditions with the pipeline's ControlNet, image k from seed + k.
 
     One batched pipeline call (the pipeline draws image k's noise from its own generator seeded seed + k, so the
     images do not depend on the batch they were generated in). A pipeline without ControlNets ignores
-    `conditions` (the floor of the paper's comparison).
+    `conditions` (the floor of the paper's comparison). control_type: a union net's condition type.
     """
     control = [list(conditions)] if pipeline.controlnets else []
     result = pipeline(
@@ -94,5 +95,6 @@ def generate_images(
         seed=seed,
         control_scale=control_scale,
         output_type="np",
+        **({"control_type": control_type} if control_type is not None else {}),
     )
     return [(image * 255).round().astype(np.uint8) for image in result.array]
