@@ -62,6 +62,11 @@ def test_every_task_makes_a_sample():
         (["--task", "fill", "--n", "3", "--size", "8"], "size=8"),
         (["--task", "seg", "--n", "3", "--size", "16"], "size=16"),
         (["--task", "fill", "--n", "3", "--workers", "0"], "workers=0"),
+        (["--task", "union", "--n", "3"], "types: none given"),
+        (["--task", "union", "--types", "canny,lines", "--n", "3"], "canny and lines are one union type"),
+        (["--task", "union", "--types", "seg,fill", "--n", "3"], "'fill' is not a scene condition"),
+        (["--task", "union", "--types", "seg,seg", "--n", "3"], "names a type twice"),
+        (["--task", "seg", "--types", "seg", "--n", "3"], "types: only for task 'union'"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -108,3 +113,31 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 def test_world_without_a_subcommand_prints_its_help(capsys):
     assert main(["world"]) == 2
     assert "make" in capsys.readouterr().out
+
+
+def test_union_dataset_holds_each_scenes_maps_and_pose_only_with_a_person(tmp_path, capsys):
+    """`world make --task union`: one scene per sample, its maps under their union names (lines -> mlsd), pose only
+    when the scene shows a person; read by the union data source and accepted by the union trainer's data check."""
+    from controlnet.data.sources import union_source
+    from controlnet.train.config import DataConfig, ModelConfig, TrainConfig
+    from controlnet.train.union import check_union_data
+
+    out = tmp_path / "union"
+    argv = ["world", "make", "--task", "union", "--types", "seg,pose,lines", "--n", "12", "--size", "32"]
+    assert main([*argv, "--out", str(out), "--seed", "2", "--workers", "1"]) == 0
+    assert "wrote 12 union samples" in capsys.readouterr().out
+    lines = read_prompt_lines(out)
+    with_person = 0
+    for i, line in enumerate(lines):
+        sample = scene_sample(sample_seed(2, i), 32)
+        has_person = any(o.kind == "person" for o in sample.info["scene"].objects)
+        with_person += has_person
+        assert list(line["sources"]) == ["seg", *(["pose"] if has_person else []), "mlsd"]
+        assert line["prompt"] == sample.prompt and np.array_equal(_read(out / line["target"]), sample.image)
+        assert np.array_equal(_read(out / line["sources"]["mlsd"]), sample.conditions["lines"])
+        assert np.array_equal(_read(out / line["sources"]["seg"]), sample.conditions["seg"])
+    assert 0 < with_person < 12  # both kinds of scene occur in these 12
+    assert json.loads((out / "world.json").read_text())["types"] == ["seg", "pose", "lines"]
+    source = union_source(out)
+    assert len(source) == 12 and set(source.read(0)[1]) <= {"seg", "pose", "mlsd"}
+    check_union_data(TrainConfig(data=DataConfig(path=str(out)), model=ModelConfig(architecture="union")))
