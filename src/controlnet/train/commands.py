@@ -56,7 +56,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
 
 
 class ProgressBar:
-    """tqdm bar with loss, samples/s, time per step and the time left; fidelity when validation ran.
+    """tqdm bar with loss, samples/s, time per step and the time left; fidelity when validation ran (a union net's
+    mean and each type's).
 
     The step bar opens at the first step (not during loading: a 0/N bar would sit there while the base loads) and
     closes at the last one, so that the checkpoint and export after it (phase lines, controlnet/progress.py) do not
@@ -71,7 +72,7 @@ class ProgressBar:
     def __init__(self, total: int | None, enabled: bool = True):
         self.total, self.enabled = total, enabled
         self.bar = self.load_bar = None
-        self.fidelity = None
+        self.fidelity, self.fidelity_by_type = None, None
         self.steps, self.step_seconds = 0, 0.0  # optimizer steps run in this process, and their time
 
     def loading(self, name: str, done: int, total: int) -> None:
@@ -114,14 +115,15 @@ class ProgressBar:
         self.steps += 1
         self.step_seconds += info.step_seconds
         if info.fidelity is not None:
-            self.fidelity = info.fidelity
+            self.fidelity, self.fidelity_by_type = info.fidelity, info.fidelity_by_type
         per_step = self.step_seconds / self.steps
         postfix = {"loss": f"{info.loss:.4f}", "samples/s": f"{info.samples_per_s:.1f}"}
         if self.total:
             postfix["s/step"] = f"{per_step:.2f}"
             postfix["left"] = _minutes(per_step * (self.total - info.step))
-        if self.fidelity is not None:
-            postfix["fidelity"] = f"{self.fidelity:.3f}"
+        if self.fidelity is not None:  # a union net's: the mean over its types, then each type's
+            by_type = ", ".join(f"{t} {v:.3f}" for t, v in (self.fidelity_by_type or {}).items())
+            postfix["fidelity"] = f"{self.fidelity:.3f}" + (f" ({by_type})" if by_type else "")
         if info.skipped:
             postfix["skipped"] = "non-finite"
         self.bar.set_postfix(postfix, refresh=False)

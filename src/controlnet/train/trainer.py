@@ -104,6 +104,7 @@ class StepInfo:
     skipped: bool = False
     fidelity: float | None = None
     step_seconds: float = 0.0  # wall time of this optimizer step alone (no validation, checkpoint or logging)
+    fidelity_by_type: dict[str, float] | None = None  # a union net's: each type's (`fidelity` is their mean)
 
 
 @dataclass
@@ -490,19 +491,39 @@ class Trainer:
             self.base, [self.controlnet] if with_control or self.flow else []
         )
 
-    def _generate(self, pipe, prompts, conds, with_control: bool) -> list:
-        """The validation images of `pipe` (`_pipeline`); on a transformer base one call per prompt, with the
-        guidance its family takes (validation.transformer_guidance)."""
+    def _generate(self, pipe, prompts, conds, with_control: bool, control_type: str | None = None) -> list:
+        """The validation images of `pipe` (`_pipeline`), a union net's with `control_type` alone; on a transformer
+        base one call per prompt, with the guidance its family takes (validation.transformer_guidance)."""
         v = self.config.validation
         if not self.flow:
-            return val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0)
+            return val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0, control_type=control_type)
         guidance = val.transformer_guidance(self.config, dict(self.base.transformer.config), self.base.arch)
         scale = 1.0 if with_control else 0.0
         return val.generate_on_transformer(pipe, prompts, conds, v.steps, guidance, seed=0, control_scale=scale)
 
+    def _held_out(self) -> None:
+        """The validation sets `self.val` and their metrics `self.metrics`, keyed by a union net's types (one set per
+        type: train/validation.py `union_held_out`), else one set keyed None; `self.metric` names them for the log."""
+        c = self.config
+        names = getattr(self.data, "union_names", ())
+        if not names:
+            self.val = {None: val.HeldOut(*self.data.held_out())}
+            self.metrics = {None: val.metric_for(c)}
+            self.metric = self.metrics[None]
+            return
+        self.val = val.union_held_out(self.data.source, self.data.val_indices, names, c.data.resolution)
+        self.metrics = val.union_metrics(c, names)
+        self.metric = "mean over types of " + ", ".join(f"{t} {m}" for t, m in self.metrics.items())
+
+    @staticmethod
+    def _by_type(name: str, scores: dict) -> dict:
+        """{NAME_by_type: {type: value}} for a union net's log line; {} for a plain net's one set (key None)."""
+        return {} if None in scores else {f"{name}_by_type": scores}
+
     @torch.no_grad()
-    def _validate(self, step: int, with_control: bool = True) -> tuple[float, list]:
-        prompts, conds, _ = self.val
+    def _validate(self, with_control: bool = True) -> tuple[dict, dict]:
+        """Generate for every validation set and score each with its metric: ({key: mean fidelity}, {key: images})
+        (keys as `self.val`'s; a union net's images with their type alone, the net's one-pair call)."""
         was_training = self.controlnet.training
         self.controlnet.eval()
         backup = None
@@ -512,39 +533,66 @@ class Trainer:
                 p.data.copy_(e)
         try:
             with self.acc.autocast():
-                images = self._generate(self._pipeline(with_control), prompts, conds, with_control)
+                pipe = self._pipeline(with_control)
+                images = {
+                    key: self._generate(
+                        pipe, held.prompts, held.conditions, with_control, key if with_control else None
+                    )
+                    for key, held in self.val.items()
+                }
         finally:
             if backup is not None:
                 for p, b in zip(self.trainable, backup, strict=True):
                     p.data.copy_(b)
             self.controlnet.train(was_training)
-        scores = val.score(self.metric, images, conds)
-        return float(np.mean(scores)), images
+        scores = {
+            key: float(np.mean(val.score(self.metrics[key], images[key], held.conditions)))
+            for key, held in self.val.items()
+        }
+        return scores, images
 
-    def _record_validation(self, step: int, history: list) -> float | None:
-        """Validate on the main process: append to `history`, log the score, save the sample grid."""
+    def _record_validation(self, step: int, history: list) -> tuple[float | None, dict | None]:
+        """Validate on the main process: append the fidelity (a union net's: the mean over its types) to `history`,
+        log it (and each type's), save the sample grid (a row per type). (fidelity, {type: fidelity} or None)."""
         if not self.acc.is_main_process:
-            return None
-        with phase(f"validating at step {step} ({len(self.val[0])} images)"):
-            fidelity, images = self._validate(step)
+            return None, None
+        count = sum(len(held.prompts) for held in self.val.values())
+        with phase(f"validating at step {step} ({count} images)"):
+            scores, images = self._validate()
+        fidelity = float(np.mean(list(scores.values())))
         history.append((step, fidelity))
-        self._log({"step": step, "event": "validation", "fidelity": fidelity, "metric": self.metric})
+        by_type = self._by_type("fidelity", scores)
+        self._log({"step": step, "event": "validation", "fidelity": fidelity, **by_type, "metric": self.metric})
         save_grid(
-            self.run_dir / SAMPLES_DIR / f"step-{step:07d}.png", [images], self.config.validation.grid_samples
+            self.run_dir / SAMPLES_DIR / f"step-{step:07d}.png",
+            val.pad_rows(list(images.values())),
+            self.config.validation.grid_samples,
         )
-        return fidelity
+        return fidelity, by_type.get("fidelity_by_type")
 
     def _floor_and_ceiling(self, step: int) -> dict:
-        """Fidelity of the base alone (floor) and of the held-out targets themselves (ceiling), main process."""
-        with phase(f"validation floor: the base alone ({len(self.val[0])} images)"):
-            floor, floor_images = self._validate(0, with_control=False)
-        ceiling = float(np.mean(val.score(self.metric, self.val[2], self.val[1])))
-        values = {"floor": floor, "ceiling": ceiling, "metric": self.metric}
+        """Fidelity of the base alone (floor) and of the held-out targets themselves (ceiling), main process; a union
+        net's: the means over its types, each type's beside them."""
+        count = sum(len(held.prompts) for held in self.val.values())
+        with phase(f"validation floor: the base alone ({count} images)"):
+            floors, floor_images = self._validate(with_control=False)
+        ceilings = {
+            key: float(np.mean(val.score(self.metrics[key], held.targets, held.conditions)))
+            for key, held in self.val.items()
+        }
+        values = {
+            "floor": float(np.mean(list(floors.values()))),
+            "ceiling": float(np.mean(list(ceilings.values()))),
+            **self._by_type("floor", floors),
+            **self._by_type("ceiling", ceilings),
+            "metric": self.metric,
+        }
         self._log({"step": step, "event": "floor_ceiling", **values})
+        rows = [
+            row for key, held in self.val.items() for row in (held.conditions, held.targets, floor_images[key])
+        ]
         save_grid(
-            self.run_dir / SAMPLES_DIR / "reference.png",
-            [self.val[1], self.val[2], floor_images],
-            self.config.validation.grid_samples,
+            self.run_dir / SAMPLES_DIR / "reference.png", val.pad_rows(rows), self.config.validation.grid_samples
         )
         return values
 
@@ -567,9 +615,15 @@ class Trainer:
         append_jsonl(self.run_dir / METRICS_FILE, record)
         if self.config.train.log_with:
             prefix = "validation/" if record.get("event") else "train/"
+            # a union net's {type: value} fields as one number each: validation/fidelity_by_type/canny
+            flat = {
+                f"{k}/{t}" if isinstance(v, dict) else k: x
+                for k, v in record.items()
+                for t, x in (v.items() if isinstance(v, dict) else [(None, v)])
+            }
             numbers = {
                 prefix + k: v
-                for k, v in record.items()
+                for k, v in flat.items()
                 if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"
             }
             self.acc.log(numbers, step=record["step"])
@@ -594,10 +648,9 @@ class Trainer:
         if state.get("status") == "early_stop":
             status = "early_stop"
         self.started = run_started - state.get("elapsed_s", 0.0)  # max_minutes counts set-up too
-        self.metric = val.metric_for(c)
         do_val = _validates(c)
         if do_val:
-            self.val = self.data.held_out()
+            self._held_out()
         self._start_logging(start)
         if self.world > 1:  # each process's bytes of trainable weights (1/world of the net's under sharding)
             from accelerate.utils import gather_object
@@ -627,9 +680,9 @@ class Trainer:
                         f"{step}); lower optim.lr, enable optim.max_grad_norm, or check the data; the last "
                         "checkpoint holds the last finite weights"
                     )
-                fidelity = None
+                fidelity = by_type = None
                 if do_val and step % c.validation.every == 0:
-                    fidelity = self._record_validation(step, history)
+                    fidelity, by_type = self._record_validation(step, history)
                     history = broadcast_history(self.acc, history)
                 elapsed = time.time() - window_t
                 rate = window_steps * global_batch / elapsed if elapsed > 0 else 0.0
@@ -640,7 +693,7 @@ class Trainer:
                     self._log({"step": step, "loss": loss, "lr": lr, "samples_per_s": rate, "skipped": skipped})
                 if self.callback:
                     self.callback(
-                        StepInfo(step, c.train.max_steps, loss, rate, lr, skipped, fidelity, step_seconds)
+                        StepInfo(step, c.train.max_steps, loss, rate, lr, skipped, fidelity, step_seconds, by_type)
                     )
                 stop_now = any_process(self.acc, stop.requested)
                 if c.validation.early_stop and val.should_stop_early(

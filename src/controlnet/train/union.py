@@ -10,6 +10,9 @@ The objective is the paper's (Eq. 5); what a union net adds:
   (train/loop.py `step_generator`), for the whole global micro-batch: resume and N processes stay exact;
 - the call: the net's fused multi-condition forward on the kept (condition, type) pairs, scales 1, its type vector
   marking the kept types (`UnionControlledUNet`: rows that kept the same subset share one call).
+- validation (`validation.every`): each type alone, on the held-out samples that hold it, scored with its metric
+  (auto: the world task's of each type, from a `controlnet world make --task union` folder's world.json); the
+  fidelity is the mean over the types, logged beside each type's (train/validation.py `union_metrics`).
 
 `check_union_data` checks the data against the setting from the index alone (no image decoded, no weight loaded).
 """
@@ -49,7 +52,8 @@ def type_ids(names: Sequence[str]) -> tuple[list[int], int]:
 
 def check_union_data(c: TrainConfig) -> None:
     """A union run's settings and data index, before any weight loads: one ValueError / FileNotFoundError line
-    naming the setting, or the line, type and file at fault."""
+    naming the setting, or the line, type and file at fault; with validation, each type's metric and a held-out
+    sample holding each type."""
     from controlnet.data.sources import ORIGINAL_INDEX, union_source
     from controlnet.model.union_controlnet import UNION_TYPES
 
@@ -66,11 +70,6 @@ def check_union_data(c: TrainConfig) -> None:
     if c.train.reward:
         raise ValueError(
             "train.reward: not supported for model.architecture=union (its detectors read one condition)"
-        )
-    if c.validation.every and c.validation.metric != "none":
-        raise ValueError(
-            f"validation.every={c.validation.every}: validation of a union net is not supported yet "
-            "(set validation.every 0)"
         )
     if "diffusers" not in c.checkpoint.export_formats:
         raise ValueError(
@@ -100,6 +99,13 @@ def check_union_data(c: TrainConfig) -> None:
             f"model.union_types: no sample of data.path={str(root)!r} holds a {absent[0]!r} condition "
             f"(the data names {', '.join(sorted(held))})"
         )
+    if c.validation.every and c.validation.metric != "none":  # each type validated alone (train/validation.py)
+        from controlnet.train.validation import check_held_types, union_metrics
+
+        names = union_names(c, source)
+        union_metrics(c, names)
+        n = c.validation.num_samples
+        check_held_types([set(record.conditions) for record in source.records[-n:]], names, n)
 
 
 def draw_subsets(
