@@ -387,7 +387,8 @@ class ValidationConfig:
     """classifier-free guidance scale at validation (1 = off); on a Flux base, whose guidance is embedded, not CFG:
     flow.guidance where the base has a guidance embedding (dev), none where it has not (schnell)"""
     metric: str = "auto"
-    """auto (a world dataset's task metric, else edge_f1) | fill_iou | edge_f1 | task:NAME (a world task's metric) | none"""
+    """auto (a world dataset's task metric, else edge_f1; a union net on a world union dataset: each type's task
+    metric, train/validation.py) | fill_iou | edge_f1 | task:NAME (a world task's metric) | none"""
     threshold: float = 0.8
     """fidelity above which the model counts as following the condition (convergence)"""
     early_stop: bool = False
