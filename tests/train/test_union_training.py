@@ -233,3 +233,44 @@ def test_bad_union_data_and_settings_are_refused_in_one_line_before_loading(unio
     with pytest.raises(ValueError, match="train.union_keep_prob=0.0"):
         _config(union_data, tmp_path / "i", train__union_keep_prob=0)
     assert not any((tmp_path / name).exists() for name in "abcdefg")  # no run folder left behind
+
+
+def test_a_union_net_continues_from_a_union_file_and_mismatches_are_one_line(
+    union_data, fill_data, base_dir, tmp_path
+):
+    """model.controlnet + model.architecture=union continues a union net (as from xinsir's ProMax): the run starts
+    from the file's weights (a step at lr 1e-12 leaves them as they were); a plain net with architecture union, a
+    union net without it, or data with a type the net lacks: one line from the headers, before loading."""
+    train(_config(union_data, tmp_path / "first", train__max_steps=2, optim__weight_decay=0), make_tiny_base())
+    exported = tmp_path / "first" / "final" / "controlnet"
+    config = _config(union_data, tmp_path / "again", train__max_steps=1, optim__lr="1e-12", optim__weight_decay=0,
+                     model__controlnet=str(exported))  # fmt: skip
+    assert train(config, make_tiny_base()).step == 1
+    before, after = final_weights(tmp_path / "first"), final_weights(tmp_path / "again")
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-9)
+    assert before["spatial_ch_projs.weight"].abs().sum() > 0  # a trained union net, not a fresh one
+    # a union net of 3 types (ids 0-2) lacks canny (id 3)
+    small = UnionControlNet.from_unet(make_tiny_base().unet, num_control_type=3, hint_block_channels=(8, 16),
+                                      hint_downscale_factor=1)  # fmt: skip
+    from controlnet import ControlNet, save_controlnet
+
+    save_controlnet(small, tmp_path / "three-types", format="diffusers")
+    message = _refusal(
+        _config(
+            union_data, tmp_path / "a", model__controlnet=str(tmp_path / "three-types"), model__base=str(base_dir)
+        )
+    )
+    assert "the data's type 'canny' is not one of the net's 3 types" in message
+    plain = tmp_path / "plain"
+    fresh = ControlNet.from_unet(make_tiny_base().unet, hint_block_channels=(8, 16), hint_downscale_factor=1)
+    save_controlnet(fresh, plain, format="diffusers")
+    assert "not a union ControlNet" in _refusal(
+        _config(union_data, tmp_path / "b", model__controlnet=str(plain), model__base=str(base_dir))
+    )
+    message = _refusal(
+        tiny_config(fill_data, tmp_path / "c", model__controlnet=str(exported), model__base=str(base_dir))
+    )
+    assert "a union ControlNet (8 condition types)" in message and "model.architecture=union" in message
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 DATA_FORMATS = ("auto", "original", "imagefolder", "hf", "webdataset")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")  # accelerate's names
 MIXED_PRECISION = ("no", "bf16", "fp16")
-DISTRIBUTED = ("ddp", "fsdp")  # train.distributed: replicated (DDP) or sharded (FSDP2) trainable weights
+DISTRIBUTED = ("ddp", "fsdp", "deepspeed")  # train.distributed: replicated (DDP), sharded (FSDP2 or DeepSpeed ZeRO)
+ZERO_STAGES = (2, 3)  # train.zero_stage: DeepSpeed ZeRO-2 (gradients + optimizer state) or ZeRO-3 (+ weights)
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EXPORT_FORMATS = ("diffusers", "original")
 METRICS = ("auto", "fill_iou", "edge_f1", "none")
@@ -159,7 +160,7 @@ class ModelConfig:
     when the file holds T5's weights; needed for Flux; for SD3 optional (without it long prompts follow less well)."""
     controlnet: str = ""
     """start from this ControlNet (original or diffusers format, or builtin:NAME) instead of a fresh copy of the UNet
-    encoder"""
+    encoder; a union net (xinsir's Union/ProMax layout) with model.architecture=union, on union data"""
     connection_init: str = "zero"
     """initialisation of a fresh ControlNet's connection layers: zero (the paper's zero convolutions) | gaussian
     (the paper's ablation: N(0, 1/fan_in) weights, model/ablations.py)"""
@@ -212,7 +213,7 @@ class ModelConfig:
                 f"model.union_types={','.join(self.union_types)}: only for model.architecture=union "
                 f"(got {self.architecture})"
             )
-        if self.architecture != "controlnet" and self.controlnet:
+        if self.architecture == "lite" and self.controlnet:  # union: continues a union net (train/union.py)
             raise ValueError(
                 f"model.architecture={self.architecture}: only for a fresh net; "
                 f"model.controlnet={self.controlnet} brings its own"
@@ -314,7 +315,10 @@ class LoopConfig:
     """train on the CPU even when a GPU exists"""
     distributed: str = "ddp"
     """under `accelerate launch --multi_gpu`: ddp (every process holds the whole trainable net) | fsdp (FSDP2: the
-    trainable ControlNet sharded across processes, the locked base replicated; train/sharding.py)"""
+    trainable ControlNet sharded across processes, the locked base replicated; train/sharding.py) | deepspeed
+    (DeepSpeed ZeRO through accelerate, stage train.zero_stage, the locked base replicated; train/deepspeed_engine.py)"""
+    zero_stage: int = 2
+    """train.distributed=deepspeed: ZeRO stage 2 (gradients and optimizer state partitioned) or 3 (weights too)"""
     threads: int = 0
     """torch intra-op CPU threads (0 = torch's default; 1 is much faster for tiny models on a busy machine)"""
     reuse_freed_memory: bool = True
@@ -349,6 +353,8 @@ class LoopConfig:
         _check_positive(self, "max_minutes", "threads", allow_zero=True)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("train.distributed", self.distributed, DISTRIBUTED)
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"train.zero_stage={self.zero_stage!r}: expected one of {', '.join(map(str, ZERO_STAGES))}")
         self.log_with = _choice_tuple("train.log_with", self.log_with, TRACKERS)
 
 

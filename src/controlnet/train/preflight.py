@@ -81,6 +81,10 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
         from controlnet.train.union import check_union_data
 
         check_union_data(c)
+    if c.model.controlnet and arch == "unet":  # a union file and model.architecture agree (headers only)
+        from controlnet.train.union import check_continued_net
+
+        check_continued_net(c)
     check_trackers(c.train.log_with)
     ckpt.find_resume(Path(c.train.output_dir), c.checkpoint.resume)  # an explicit folder must exist
     return source

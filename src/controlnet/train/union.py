@@ -14,7 +14,9 @@ The objective is the paper's (Eq. 5); what a union net adds:
   (auto: the world task's of each type, from a `controlnet world make --task union` folder's world.json); the
   fidelity is the mean over the types, logged beside each type's (train/validation.py `union_metrics`).
 
-`check_union_data` checks the data against the setting from the index alone (no image decoded, no weight loaded).
+`check_union_data` checks the data against the setting from the index alone (no image decoded, no weight loaded);
+`check_continued_net` checks `model.controlnet` (continuing a published or earlier union net, e.g. xinsir's ProMax)
+against `model.architecture` and the data's types from the file's header alone.
 """
 
 from __future__ import annotations
@@ -106,6 +108,39 @@ def check_union_data(c: TrainConfig) -> None:
         union_metrics(c, names)
         n = c.validation.num_samples
         check_held_types([set(record.conditions) for record in source.records[-n:]], names, n)
+
+
+def check_continued_net(c: TrainConfig) -> None:
+    """`model.controlnet` and `model.architecture` agree (a union file needs architecture union and the reverse),
+    and a union file knows every type the run trains: one ValueError line from the header alone."""
+    if not c.model.controlnet:
+        return
+    from controlnet.data.sources import union_source
+    from controlnet.generate.base import controlnet_path
+    from controlnet.io.inspect import inspect_path
+    from controlnet.model.union_controlnet import describe_types
+
+    spec = c.model.controlnet
+    count = inspect_path(controlnet_path(spec)).condition_types
+    if c.model.architecture != "union":
+        if count is not None:
+            raise ValueError(
+                f"model.controlnet={spec}: a union ControlNet ({count} condition types); continue it with "
+                "model.architecture=union on union data (a 'sources' mapping per line)"
+            )
+        return
+    if count is None:
+        raise ValueError(
+            f"model.controlnet={spec}: not a union ControlNet (no {'task_embedding'!r}); model.architecture=union "
+            "continues a union net (xinsir's Union/ProMax layout) or starts a fresh one without model.controlnet"
+        )
+    names = union_names(c, union_source(Path(c.data.path)))
+    missing = [name for name, ident in zip(names, type_ids(names)[0], strict=True) if ident >= count]
+    if missing:
+        raise ValueError(
+            f"model.controlnet={spec}: the data's type {missing[0]!r} is not one of the net's {count} types "
+            f"({describe_types(count)})"
+        )
 
 
 def draw_subsets(
