@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from controlnet.model.controlnet import ControlNet, ControlNetOutput, scaled
-from controlnet.model.union_controlnet import UnionControlNet, describe_types, type_id
+from controlnet.model.union_controlnet import UNION_TYPES, UnionControlNet, describe_types, type_id
+
+REPAINT = "repaint"  # the union type of an inpainting unit (xinsir's ProMax: id 7, the image with masked pixels 0)
 
 
 @dataclass
@@ -64,8 +66,12 @@ class NetCall:
         return self.net.forward_unit(sample, t, context, control_type=self.union_type, **kwargs)
 
 
-def union_type_of(net: ControlNet, control_type: str | None, k: int) -> int | None:
-    """Net k's condition type id: a union net must have one (by name or id), any other net none."""
+def union_type_of(net: ControlNet, control_type: str | None, k: int, inpaint: bool = False) -> int | None:
+    """Net k's condition type id: a union net must have one (by name or id), any other net none.
+
+    `inpaint`: the unit's condition is built from the init image and mask (control "inpaint"); on a union net that
+    is the repaint type (xinsir's ProMax, id 7), which such a unit takes when it names none and must not contradict.
+    """
     if not isinstance(net, UnionControlNet):
         if control_type is not None:
             raise ValueError(
@@ -74,15 +80,22 @@ def union_type_of(net: ControlNet, control_type: str | None, k: int) -> int | No
             )
         return None
     count = net.union_config.num_control_type
-    if control_type is None:
+    if control_type is None and not inpaint:
         raise ValueError(
             f"control_type[{k}]: ControlNet {k} is a union ControlNet; name the condition's type by name or id "
             f"({describe_types(count)})"
         )
     try:
-        return type_id(control_type, count)
+        found = type_id(REPAINT if control_type is None else control_type, count)
     except ValueError as err:
-        raise ValueError(f"control_type[{k}]: {err}") from None
+        where = f'control[{k}]="inpaint" needs the repaint type' if control_type is None else f"control_type[{k}]"
+        raise ValueError(f"{where}: {err}") from None
+    if inpaint and found != UNION_TYPES[REPAINT]:
+        raise ValueError(
+            f'control_type[{k}]={control_type!r} (id {found}): control "inpaint" on union ControlNet {k} builds the '
+            f"repaint condition (masked pixels black); give control_type repaint (id {UNION_TYPES[REPAINT]}) or none"
+        )
+    return found
 
 
 class FusionError(ValueError):

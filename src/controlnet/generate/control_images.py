@@ -8,7 +8,8 @@ the ones web-UI users know:
 - "resize_and_pad": scale to fit inside the target, then pad the rest with black (nothing is cut).
 Resampling is Lanczos, as diffusers' image processor does, so "just_resize" matches diffusers' pipelines.
 
-Inpainting (ControlNet v1.1 inpaint model): the condition is the image in [0, 1] with masked pixels set to -1.
+Inpainting: the condition is the image in [0, 1] with masked pixels set to -1 (ControlNet v1.1 inpaint model) or
+to 0, black (xinsir's union ProMax, type repaint); the pipeline picks the value per unit.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ _RESIZE_ALIASES = {
 }
 # v1.1 inpaint ControlNet: masked pixels of its condition image carry this value (the rest is in [0, 1]).
 INPAINT_MASKED_VALUE = -1.0
+# xinsir's union ProMax, type repaint (id 7): masked pixels are black, 0 (xinsir6/ControlNetPlus
+# promax/controlnet_union_test_inpainting.py `controlnet_img[mask > 0] = 0`; diffusers'
+# StableDiffusionXLControlNetUnionInpaintPipeline example, `control_mode=[7]`).
+UNION_REPAINT_MASKED_VALUE = 0.0
 # Mask pixels above this (in [0, 1]) are repainted.
 MASK_THRESHOLD = 0.5
 RESAMPLE = Image.LANCZOS
@@ -156,9 +161,12 @@ def mask_tensor(mask, width: int, height: int, mode: str = "just_resize") -> tor
     return torch.from_numpy((array > MASK_THRESHOLD).astype(np.float32))[None, None]
 
 
-def inpaint_condition(image_unit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Condition of the v1.1 inpaint ControlNet: image (B, 3, H, W) in [0, 1], masked pixels set to -1."""
-    return torch.where(mask > MASK_THRESHOLD, torch.full_like(image_unit, INPAINT_MASKED_VALUE), image_unit)
+def inpaint_condition(
+    image_unit: torch.Tensor, mask: torch.Tensor, masked_value: float = INPAINT_MASKED_VALUE
+) -> torch.Tensor:
+    """An inpainting condition: image (B, 3, H, W) in [0, 1] with masked pixels set to `masked_value`
+    (INPAINT_MASKED_VALUE, -1, for the v1.1 inpaint ControlNet; UNION_REPAINT_MASKED_VALUE, 0, for a union repaint)."""
+    return torch.where(mask > MASK_THRESHOLD, torch.full_like(image_unit, masked_value), image_unit)
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -56,7 +56,8 @@ class ControlUnit:
     command line; a name from GET /v1/models on the server."""
     image: Any = setting(None, flags=("--cond",), kind=str, image=True, metavar="IMAGE", ui=False)
     """The condition image (a file on the command line, base64 on the server); none = the init image; 'inpaint' =
-    the v1.1 inpaint condition made from the init image and mask (masked pixels -1)."""
+    the inpainting condition made from the init image and mask (masked pixels -1; 0 on a union net, whose type is
+    then repaint)."""
     annotator: str | None = setting(None, flags=("--annotator",), metavar="NAME", ui=False)
     """Turn the condition image into a condition map first with this annotator (e.g. canny; none = use it as is)."""
     annotator_options: dict = setting(default_factory=dict, cli=False, ui=False)

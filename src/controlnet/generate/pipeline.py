@@ -301,7 +301,8 @@ class ControlNetPipeline:
         guidance scale and sampler left as None are the base's (`self.sampling`).
 
         control: one condition image per ControlNet (path, PIL, uint8 array or tensor in [0, 1]; or a list with one
-        per prompt; or "inpaint" to build the v1.1 inpaint condition from `image` + `mask`). Per-net settings
+        per prompt; or "inpaint" to build the inpainting condition from `image` + `mask`: masked pixels -1 for the v1.1
+        inpaint net, 0 for a union net, whose type is then repaint). Per-net settings
         (control_scale, block_scales, control_start/end, control_mode) take a value or a list with one per net.
         `progress(step, total)` is called after every sampler step.
         """
@@ -324,15 +325,19 @@ class ControlNetPipeline:
                 f"true_cfg_scale={opt.true_cfg_scale}: true CFG is for guidance-distilled Flux bases; a UNet base's "
                 "classifier-free guidance is guidance_scale"
             )
-        if any(isinstance(c, str) and c == INPAINT for c in control) and opt.mask is None:
-            raise ValueError('control "inpaint" needs `image` and `mask` (the masked pixels become -1)')
+        inpaint = [isinstance(c, str) and c == INPAINT for c in control]
+        if any(inpaint) and opt.mask is None:
+            raise ValueError(
+                'control "inpaint" needs `image` and `mask`: its condition is the image with the masked pixels set to '
+                "-1 (v1.1 inpaint net) or 0 (a union net's repaint type)"
+            )
         size = self.output_size(opt.width, opt.height, control, opt.image)
         if size.note():
             logger.info(size.note())
         width, height = size.width, size.height
         factor = self.vae_scale_factor
         union_types = [
-            union_type_of(net, o.control_type, k)
+            union_type_of(net, o.control_type, k, inpaint[k])
             for k, (net, o) in enumerate(zip(self.controlnets, per_net, strict=True))
         ]
         for k, (net, o) in enumerate(zip(self.controlnets, per_net, strict=True)):
@@ -382,8 +387,10 @@ class ControlNetPipeline:
                 mask_px = ci.mask_tensor(mask, width, height, opt.resize_mode)  # (1, 1, H, W)
         conds, control_pils = [], []
         for k, entry in enumerate(control):
-            if isinstance(entry, str) and entry == INPAINT:
-                cond = ci.inpaint_condition(init_unit, mask_px)  # (1, 3, H, W), masked pixels -1
+            # v1.1 inpaint net: masked pixels -1; a union net's unit is of type repaint here (union_type_of): 0, black
+            if inpaint[k]:
+                masked = ci.INPAINT_MASKED_VALUE if union_types[k] is None else ci.UNION_REPAINT_MASKED_VALUE
+                cond = ci.inpaint_condition(init_unit, mask_px, masked)  # (1, 3, H, W), masked pixels -1 or 0
                 control_pils.append(ci.tensor_to_pil(cond.clamp(min=0))[0])
             else:
                 entries = _per_prompt_images(entry, len(prompts), k)
@@ -519,10 +526,11 @@ class ControlNetPipeline:
         if self.base_ema is not None:  # a base file holding two UNets: which one drew these images
             settings["ema"] = self.base_ema
         settings.update(opt.describe(len(self.controlnets)), width=width, height=height, seeds=seeds)
-        settings.update(sampler=sampler_display_name(sched), inpaint_condition=[c == INPAINT for c in control])
+        settings.update(sampler=sampler_display_name(sched), inpaint_condition=inpaint)
         for k, entry in enumerate(settings["controlnets"]):
-            if union_types[k] is not None:  # a union net's unit: run in a fused call of its net, or alone
-                entry["fused"] = k in in_group
+            # a union net's unit: its type id, and whether it ran in a fused call of its net or alone
+            if union_types[k] is not None:
+                entry.update(union_type=union_types[k], fused=k in in_group)
         if opt.output_type == "latent":
             return GenerationResult([], latents, seeds, settings, control_pils)
         with self._placed(self.vae), phase(f"decoding {len(latents)} image{'s' if len(latents) > 1 else ''}"):

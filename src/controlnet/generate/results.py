@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# Marks a control entry whose condition is built from `image` + `mask` (ControlNet v1.1 inpaint model).
+# Marks a control entry whose condition is built from `image` + `mask` (ControlNet v1.1 inpaint model: masked
+# pixels -1; a union net's repaint type: 0).
 INPAINT = "inpaint"
 
 

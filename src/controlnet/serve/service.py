@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from controlnet.generate.builtin_format import BUILTIN_BASES
+from controlnet.generate.control_calls import REPAINT
 from controlnet.generate.jobs import GenerationJob, annotate_image, run_job
+from controlnet.generate.results import INPAINT
 from controlnet.generate.sizes import check_size
 from controlnet.generate.transformer_pipeline import refusals
 from controlnet.serve.limits import MAX_CONTROL_SCALE, MAX_DETECT_PIXELS, MAX_PIXEL_STEPS, describe_budget
@@ -245,6 +247,12 @@ def _wake(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+def _inpaint_unit(unit, table: dict) -> bool:
+    """A unit whose condition the pipeline builds from the init image and mask, on a net whose types include repaint:
+    it runs as type repaint when it names none (generate/control_calls.py `union_type_of`)."""
+    return isinstance(unit.image, str) and unit.image == INPAINT and REPAINT in table
+
+
 class Service:
     """Jobs in, results out; see the module docstring. `registry` says which models exist."""
 
@@ -369,6 +377,7 @@ class Service:
         for unit in job.units:
             count, table = self.union_types(self.registry.controlnet(unit.model))
             name = unit.control_type if unit.control_type is not None else unit.annotator
+            name = REPAINT if unit.control_type is None and _inpaint_unit(unit, table) else name
             types.append(None if count is None else type_id(name, count, table))  # checked above
             counts.append(count)
         per_net = job.options.with_units(list(job.units)).per_net(len(job.units))
@@ -481,6 +490,9 @@ class Service:
             return
         supported = f"{entry.name} is a union ControlNet of {count} types: {describe_types(count, table)}"
         name = unit.control_type
+        inpaint = _inpaint_unit(unit, table)
+        if name is None and inpaint:
+            name = REPAINT  # generate/control_calls.py union_type_of: a union net's inpainting unit is of type repaint
         if name is None and unit.annotator:
             try:
                 type_id(unit.annotator, count, table)
@@ -490,9 +502,15 @@ class Service:
         if name is None:
             raise FieldError(field, f"none given; name the condition's type by name or id ({supported})")
         try:
-            type_id(name, count, table)
+            found = type_id(name, count, table)
         except ValueError:
-            raise FieldError(field, f"got {name!r}, a type this net does not have; {supported}") from None
+            given = f"got {name!r}" if unit.control_type is not None else "none given (an inpaint unit: repaint)"
+            raise FieldError(field, f"{given}, a type this net does not have; {supported}") from None
+        if inpaint and found != table[REPAINT]:
+            raise FieldError(
+                field,
+                f"got {name!r} for an inpaint unit, whose condition is the repaint type's; give repaint or none",
+            )
 
     def check_base(self, entry, field: str) -> None:
         """A single-file base that cannot load with the server's flags is a FieldError naming the flag: an SD3 / Flux
