@@ -74,6 +74,27 @@ def test_transfer_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
     assert settings[:3] == ["base alone", "base + fill", "community alone"] and len(settings) == 7
 
 
+@pytest.mark.slow  # a 4-step union training, its evaluation and two timed runs, twice: about 3 minutes on 2 cores
+def test_union_rerun_gives_the_same_fidelity_and_compares_every_condition(tmp_path, monkeypatch):
+    """benchmarks/paper/union.py in fresh work folders: the fidelity table and the composition agree exactly across
+    reruns (the timed s/step are measurements, not compared); a row per type, singles where they ship."""
+    records = []
+    for k in range(2):
+        monkeypatch.setenv("CONTROLNET_PAPER_WORK", str(tmp_path / f"work{k}"))
+        args = ("--union-steps", "4", "--time-steps", "2", "--samples", "64")
+        records.append(run("union.py", tmp_path / f"out{k}", *args))
+    first, again = records
+    assert first["rows"] == again["rows"] and first["composition"] == again["composition"]
+    assert [r["condition"] for r in first["rows"]] == ["canny", "seg", "pose", "depth"]
+    assert [r["single net"] == "none ships" for r in first["rows"]] == [False, False, False, True]
+    assert [r["setting"] for r in first["composition"]][1:] == [
+        "builtin:seg + builtin:pose (composed)",
+        "union net, seg + pose (one fused call)",
+    ]
+    assert set(first["seconds_per_step"]) == {"union", "single (canny)"}
+    assert first["parameters"]["union"] > first["parameters"]["single"]
+
+
 def load_common():
     sys.path.insert(0, str(SCRIPTS))
     try:
