@@ -13,7 +13,8 @@
   the original layout's `prompt.json` whose lines name one condition file per type in a `sources` mapping,
   {"target": "target/0.png", "prompt": "...", "sources": {"canny": "canny/0.png", "depth": "depth/0.png"}}, types
   by the union nets' names (model/union_controlnet.py UNION_TYPES); a line may hold any non-empty subset of the
-  types (`union_source`).
+  types (`union_source`). Or an imagefolder / hf dataset with a column per type (`data.union_columns`
+  canny=canny_image,depth=depth_image): an empty cell (None, "") is a type the row lacks.
 
 Every source exposes the same small interface: `len()`, `prompt(i)`, `read(i) -> (target bytes or PIL,
 condition bytes or PIL)`, `where(i)` (a path for error messages) and `content_key(i)` (bytes identifying the
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,12 +88,13 @@ class UnionRecord:
 
 
 class UnionSource:
-    """A union dataset (the module docstring's union layout): `read(i)` -> (target bytes, {type: condition bytes})."""
+    """A union dataset whose images are files (the module docstring's union layout, or imagefolder lines with a column
+    per type): `read(i)` -> (target bytes, {type: condition bytes}); `index` is the file its lines come from."""
 
     layout = "union"
 
-    def __init__(self, root: Path, records: list[UnionRecord]):
-        self.root, self.records = root, records
+    def __init__(self, root: Path, records: list[UnionRecord], index: Path | None = None):
+        self.root, self.records, self.index = root, records, index or root / ORIGINAL_INDEX
 
     def __len__(self) -> int:
         return len(self.records)
@@ -112,19 +115,103 @@ class UnionSource:
         return " / ".join([str(record.target), *(f"{k}: {v}" for k, v in record.conditions.items())])
 
     def content_key(self, i: int) -> bytes:
-        target, conditions = self.read(i)
-        parts = [part for name, data in sorted(conditions.items()) for part in (name.encode(), data)]
-        return _digest(target, *parts, self.prompt(i).encode())
+        return _union_key(*self.read(i), self.prompt(i))
 
 
-def union_source(root: Path) -> UnionSource:
-    """The union layout: root/prompt.json lines {"target", "prompt", "sources": {type: condition file}}. Raises a
-    one-line ValueError naming the line for a line without a non-empty `sources` mapping of names to paths."""
+class HFUnionSource:
+    """A Hugging Face dataset with one image column per condition type (`union_source` with `columns`); a row's
+    empty cells (None, no bytes and no path) are the types it lacks. The same interface as UnionSource."""
+
+    layout = "union"
+
+    def __init__(self, path: Path, columns: dict[str, str], image: str, caption: str):
+        settings = {
+            "data.image_column": image,
+            **{f"data.union_columns[{name}]": column for name, column in columns.items()},
+            "data.caption_column": caption,
+        }
+        self.ds, self.base = open_hf_dataset(path, settings, images=(image, *columns.values()))
+        self.path, self.image, self.columns = path, image, dict(columns)
+        table = self.ds.with_format("arrow")
+        held = {name: _filled_cells(table[column]) for name, column in columns.items()}
+        self._types = [[name for name in columns if held[name][i]] for i in range(len(self.ds))]
+        for i, names in enumerate(self._types):
+            if not names:
+                raise _no_condition(f"dataset {path}: row {i}", columns)
+        self._prompts = list(self.ds[caption])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def prompt(self, i: int) -> str:
+        return self._prompts[i]
+
+    def types(self, i: int) -> list[str]:
+        """The condition types row `i` holds (its filled cells), in data.union_columns' order."""
+        return list(self._types[i])
+
+    def read(self, i: int) -> tuple[bytes, dict[str, bytes]]:
+        row = self.ds[i]
+        conditions = {name: image_cell_bytes(row[self.columns[name]], self.base) for name in self._types[i]}
+        return image_cell_bytes(row[self.image], self.base), conditions
+
+    def where(self, i: int) -> str:
+        return f"{self.path}[row {i}]"
+
+    def content_key(self, i: int) -> bytes:
+        return _union_key(*self.read(i), self.prompt(i))
+
+
+def _union_key(target: bytes, conditions: dict[str, bytes], prompt: str) -> bytes:
+    parts = [part for name, data in sorted(conditions.items()) for part in (name.encode(), data)]
+    return _digest(target, *parts, prompt.encode())
+
+
+def _filled_cells(column) -> list[bool]:
+    """Which cells of an undecoded image column (pyarrow, struct<bytes, path>) hold an image: bytes or a path."""
+    import pyarrow.compute as pc
+
+    data, name = pc.struct_field(column, "bytes"), pc.struct_field(column, "path")
+    filled = pc.or_kleene(pc.greater(pc.binary_length(data), 0), pc.greater(pc.utf8_length(name), 0))
+    return [bool(x) for x in pc.fill_null(filled, False).to_pylist()]
+
+
+def _no_condition(where: str, columns: dict[str, str]) -> ValueError:
+    return ValueError(
+        f"{where} holds no condition: its data.union_columns cells ({', '.join(columns.values())}) are all empty; "
+        "expected at least one"
+    )
+
+
+def union_source(
+    root: Path,
+    columns: dict[str, str] | None = None,
+    fmt: str = "auto",
+    image: str = "image",
+    caption: str = "text",
+) -> UnionSource | HFUnionSource:
+    """A union dataset: without `columns`, root/prompt.json lines {"target", "prompt", "sources": {type: condition
+    file}}; with `columns` ({type: column}, data.union_columns), an imagefolder (metadata.jsonl) or hf dataset
+    holding one condition column per type, `image` and `caption` as their single-condition forms. Raises a one-line
+    ValueError naming the line or row for one without a condition, or the setting for a missing column."""
+    if columns:
+        fmt = detect_format(root) if fmt == "auto" else fmt
+        if fmt == "imagefolder":
+            return imagefolder_union_source(root, columns, image, caption)
+        if fmt == "hf":
+            return HFUnionSource(root, columns, image, caption)
+        spec = ",".join(f"{name}={column}" for name, column in columns.items())
+        raise ValueError(
+            f"data.union_columns={spec}: a column per type is for the imagefolder ({IMAGEFOLDER_INDEX}) and hf "
+            f"layouts, data.path={str(root)!r} is {fmt}; the original layout names its condition files in a "
+            "'sources' mapping per line instead (leave data.union_columns empty)"
+        )
     index = root / ORIGINAL_INDEX
     if not index.is_file():
         raise FileNotFoundError(
             f"data.path={str(root)!r}: a union dataset is a folder with {ORIGINAL_INDEX} whose lines name "
-            'their condition files by type, {"target": ..., "prompt": ..., "sources": {"canny": ..., ...}}'
+            'their condition files by type, {"target": ..., "prompt": ..., "sources": {"canny": ..., ...}}, '
+            "or an imagefolder / hf dataset with a column per type (data.union_columns)"
         )
     records = []
     for n, e in enumerate(_read_jsonl(index), 1):
@@ -142,6 +229,31 @@ def union_source(root: Path) -> UnionSource:
             )
         )
     return UnionSource(root, records)
+
+
+def imagefolder_union_source(root: Path, columns: dict[str, str], image: str, caption: str) -> UnionSource:
+    """imagefolder lines with a condition file column per type ({type: column}); a missing key, null or "" is a
+    type the line lacks. A column no line holds, or a line without a condition: one ValueError line."""
+    index = root / IMAGEFOLDER_INDEX
+    entries = _read_jsonl(index)
+    present = sorted({key for e in entries for key in e})
+    for name, column in columns.items():
+        if column not in present:
+            raise ValueError(f"{index}: no column for data.union_columns[{name}]={column!r} (columns: {present})")
+    records = []
+    for n, e in enumerate(entries, 1):
+        conditions = {}
+        for name, column in columns.items():
+            cell = e.get(column)
+            if cell in (None, ""):
+                continue
+            if not isinstance(cell, str):
+                raise ValueError(f"{index}: line {n}: {column!r} is {cell!r}; expected a file path or empty")
+            conditions[name] = root / cell
+        if not conditions:
+            raise _no_condition(f"{index}: line {n}", columns)
+        records.append(UnionRecord(root / _field(e, image, index, n), conditions, _field(e, caption, index, n)))
+    return UnionSource(root, records, index)
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -267,44 +379,14 @@ class HFSource:
     """
 
     def __init__(self, path: Path, image: str, conditioning: str, caption: str):
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(
-                f"data.path={str(path)!r} is a Hugging Face dataset; reading it needs `pip install datasets` "
-                "(or `pip install 'controlnet[hf]'`)"
-            ) from None
-        shards = parquet_shards(path)
-        if shards:  # one file or a folder of shards, read in name order as one table
-            ds = datasets.load_dataset("parquet", data_files=[str(f) for f in shards], split="train")
-            self.base = path if path.is_dir() else path.parent
-        else:
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                split = "train" if "train" in ds else next(iter(ds))
-                logger.info("%s: using split %r of %s", path, split, sorted(ds))
-                ds = ds[split]
-            self.base = path
         columns = {
             "data.image_column": image,
             "data.conditioning_column": conditioning,
             "data.caption_column": caption,
         }
-        missing = [f"{arg}={name!r}" for arg, name in columns.items() if name not in ds.column_names]
-        if missing:
-            raise ValueError(f"dataset {path}: no column for {', '.join(missing)} (columns: {ds.column_names})")
+        self.ds, self.base = open_hf_dataset(path, columns, images=(image, conditioning))
         self.path, self.layout, self.keys = path, "hf", (image, conditioning, caption)
-        ds = ds.select_columns(list(dict.fromkeys(self.keys)))  # other columns are never read
-        for name in (image, conditioning):
-            try:
-                ds = ds.cast_column(name, datasets.Image(decode=False))
-            except (TypeError, ValueError, NotImplementedError) as err:  # pyarrow's cast errors subclass these
-                raise ValueError(
-                    f"dataset {path}: column {name!r} is {ds.features[name]}, expected images "
-                    f"(datasets.Image, file paths or encoded bytes): {err}"
-                ) from None
-        self.ds = ds
-        self._prompts = list(ds[caption])
+        self._prompts = list(self.ds[caption])
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -312,28 +394,9 @@ class HFSource:
     def prompt(self, i: int) -> str:
         return self._prompts[i]
 
-    def _bytes(self, value) -> bytes:
-        """Encoded image bytes from an undecoded image cell ({"bytes", "path"}, or bare bytes / path)."""
-        if isinstance(value, dict):
-            data, name = value.get("bytes"), value.get("path")
-        else:
-            data, name = (value, None) if isinstance(value, bytes) else (None, value)
-        if data is not None:
-            return bytes(data)
-        if not name:
-            raise ValueError("image cell holds neither bytes nor a path")
-        file = Path(name)
-        if not file.is_absolute():
-            beside = self.base / file
-            if beside.is_file() or not file.is_file():
-                file = beside
-        if not file.is_file():
-            raise FileNotFoundError(f"image file {str(file)!r} not found")
-        return file.read_bytes()
-
     def read(self, i: int) -> tuple[bytes, bytes]:
         row = self.ds[i]
-        return self._bytes(row[self.keys[0]]), self._bytes(row[self.keys[1]])
+        return image_cell_bytes(row[self.keys[0]], self.base), image_cell_bytes(row[self.keys[1]], self.base)
 
     def where(self, i: int) -> str:
         return f"{self.path}[row {i}]"
@@ -341,6 +404,64 @@ class HFSource:
     def content_key(self, i: int) -> bytes:
         target, condition = self.read(i)
         return _digest(target, condition, self.prompt(i).encode())
+
+
+def open_hf_dataset(path: Path, columns: dict[str, str], images: Sequence[str]):
+    """(the dataset at `path` with only the `columns` {setting: column name}, the image columns `images` cast to
+    undecoded images; the folder relative image paths are looked up in). A missing column: one ValueError line
+    naming the setting, the column and the columns present."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(
+            f"data.path={str(path)!r} is a Hugging Face dataset; reading it needs `pip install datasets` "
+            "(or `pip install 'controlnet[hf]'`)"
+        ) from None
+    shards = parquet_shards(path)
+    if shards:  # one file or a folder of shards, read in name order as one table
+        ds = datasets.load_dataset("parquet", data_files=[str(f) for f in shards], split="train")
+        base = path if path.is_dir() else path.parent
+    else:
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            split = "train" if "train" in ds else next(iter(ds))
+            logger.info("%s: using split %r of %s", path, split, sorted(ds))
+            ds = ds[split]
+        base = path
+    missing = [f"{arg}={name!r}" for arg, name in columns.items() if name not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset {path}: no column for {', '.join(missing)} (columns: {ds.column_names})")
+    ds = ds.select_columns(list(dict.fromkeys(columns.values())))  # other columns are never read
+    for name in dict.fromkeys(images):
+        try:
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        except (TypeError, ValueError, NotImplementedError) as err:  # pyarrow's cast errors subclass these
+            raise ValueError(
+                f"dataset {path}: column {name!r} is {ds.features[name]}, expected images "
+                f"(datasets.Image, file paths or encoded bytes): {err}"
+            ) from None
+    return ds, base
+
+
+def image_cell_bytes(value, base: Path) -> bytes:
+    """Encoded image bytes from an undecoded image cell ({"bytes", "path"}, or bare bytes / path); a relative path
+    is looked up in `base` first, then from the working directory."""
+    if isinstance(value, dict):
+        data, name = value.get("bytes"), value.get("path")
+    else:
+        data, name = (value, None) if isinstance(value, bytes) else (None, value)
+    if data is not None:
+        return bytes(data)
+    if not name:
+        raise ValueError("image cell holds neither bytes nor a path")
+    file = Path(name)
+    if not file.is_absolute():
+        beside = base / file
+        if beside.is_file() or not file.is_file():
+            file = beside
+    if not file.is_file():
+        raise FileNotFoundError(f"image file {str(file)!r} not found")
+    return file.read_bytes()
 
 
 def parquet_shards(path: Path) -> list[Path]:

@@ -25,7 +25,7 @@ import torch
 
 from controlnet.data.cache import build_latent_cache, build_text_cache, module_fingerprint, tokenizer_fingerprint
 from controlnet.data.dataset import BatchPlan, PixelPairs, assign_buckets, scan
-from controlnet.data.sources import decode_image, open_source, union_source
+from controlnet.data.sources import decode_image, open_source
 from controlnet.data.transforms import BUCKET_MULTIPLE, condition_to_unit
 from controlnet.generate.base import BaseComponents, normalize_latents
 from controlnet.generate.prompts import encode_dual, encode_single
@@ -77,9 +77,9 @@ class TrainingBatches:
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
         self.union_names: tuple[str, ...] = ()  # a union net's condition types, in its order (train/union.py)
         if c.model.architecture == "union":
-            from controlnet.train.union import union_names
+            from controlnet.train.union import open_union_source, union_names
 
-            self.source = union_source(Path(c.data.path))
+            self.source = open_union_source(c)
             self.union_names = union_names(c, self.source)
         else:
             self.source = open_source(

@@ -112,6 +112,8 @@ class DataConfig:
     """column or tar key of the condition image"""
     caption_column: str = "text"
     """column or tar key of the prompt"""
+    union_columns: tuple[str, ...] = ()
+    """a union net (model.architecture=union) on imagefolder or hf data: one condition column per type, TYPE=COLUMN,... (e.g. canny=canny_image,depth=depth_image; types as model.union_types); an empty cell (null, "") is a type the row lacks, every row holds one"""
     cache: bool = True
     """precompute VAE latents and text embeddings once and keep them on disk"""
     cache_dir: str = ""
@@ -122,6 +124,24 @@ class DataConfig:
         _check_positive(self, "resolution")
         if not 0.0 <= self.empty_prompt_prob <= 1.0:
             raise ValueError(f"data.empty_prompt_prob={self.empty_prompt_prob}: expected a probability in [0, 1]")
+        items = self.union_columns  # a config file may give a mapping {type: column}
+        if isinstance(items, dict):
+            items = [f"{name}={column}" for name, column in items.items()]
+        items = [str(item).strip() for item in (items.split(",") if isinstance(items, str) else items)]
+        pairs = [item.partition("=") for item in items if item]
+        for name, eq, column in pairs:
+            if not (name.strip() and eq and column.strip()):
+                raise ValueError(
+                    f"data.union_columns: {name + eq + column!r} is not TYPE=COLUMN (e.g. canny=canny_image)"
+                )
+        self.union_columns = tuple(f"{name.strip()}={column.strip()}" for name, _, column in pairs)
+        if len(self.union_column_map) < len(self.union_columns):
+            raise ValueError(f"data.union_columns={','.join(self.union_columns)}: a type is named twice")
+
+    @property
+    def union_column_map(self) -> dict[str, str]:
+        """data.union_columns as {type: column}."""
+        return dict(item.split("=", 1) for item in self.union_columns)
 
     @property
     def random_augmentation(self) -> bool:

@@ -77,7 +77,8 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
         if source is not None:  # the ControlNet's family against the base's, from the headers
             check_controlnet_families(source, [str(path)], c.model.base_config or None, BASE_FLAGS)
     _check_data_path(c)
-    if c.model.architecture == "union" and arch == "unet":  # the data index against model.union_types
+    union = c.model.architecture == "union" and arch == "unet"
+    if union or c.data.union_columns:  # the data index against model.union_types / data.union_columns
         from controlnet.train.union import check_union_data
 
         check_union_data(c)

@@ -1,5 +1,6 @@
 """Training a union ControlNet (xinsir's ControlNet-Union / ProMax; model/union_controlnet.py) on data that holds
-several condition types per image (data/sources.py `union_source`).
+several condition types per image (data/sources.py `union_source`: a 'sources' mapping per prompt.json line, or
+with `data.union_columns` an imagefolder / hf dataset's column per type).
 
 The objective is the paper's (Eq. 5); what a union net adds:
 
@@ -52,23 +53,48 @@ def type_ids(names: Sequence[str]) -> tuple[list[int], int]:
     return ids, max(PROMAX_TYPES, max(ids) + 1)
 
 
+def open_union_source(c: TrainConfig):
+    """The run's union data (data/sources.py `union_source`): the 'sources' mapping per prompt.json line, or with
+    data.union_columns an imagefolder / hf dataset's column per type."""
+    from controlnet.data.sources import union_source
+
+    d = c.data
+    return union_source(Path(d.path), d.union_column_map, d.format, d.image_column, d.caption_column)
+
+
 def check_union_data(c: TrainConfig) -> None:
     """A union run's settings and data index, before any weight loads: one ValueError / FileNotFoundError line
     naming the setting, or the line, type and file at fault; with validation, each type's metric and a held-out
-    sample holding each type."""
-    from controlnet.data.sources import ORIGINAL_INDEX, union_source
+    sample holding each type. data.union_columns: only with model.architecture=union, on imagefolder / hf data."""
+    from controlnet.data.sources import ORIGINAL_INDEX, UnionSource
     from controlnet.model.union_controlnet import UNION_TYPES
 
-    if c.data.format not in ("auto", "original"):
+    spec = f"data.union_columns={','.join(c.data.union_columns)}"
+    if c.data.union_columns and c.model.architecture != "union":
+        raise ValueError(
+            f"{spec}: only for model.architecture=union (got {c.model.architecture}); a single-condition net "
+            "reads data.conditioning_column"
+        )
+    if not c.data.union_columns and c.data.format not in ("auto", "original"):
         raise ValueError(
             f"data.format={c.data.format}: a union net trains on the union layout ({ORIGINAL_INDEX} lines with a "
-            "'sources' mapping of condition types to files); expected data.format auto or original"
+            "'sources' mapping of condition types to files); expected data.format auto or original, or "
+            "data.union_columns (a column per type) on imagefolder / hf data"
         )
     unknown = [name for name in c.model.union_types if name not in UNION_TYPES]
     if unknown:
         raise ValueError(
             f"model.union_types: unknown type {unknown[0]!r}; expected some of {', '.join(UNION_TYPES)}"
         )
+    allowed = set(c.model.union_types) if c.model.union_types else set(UNION_TYPES)
+    expected = (
+        f"model.union_types={','.join(c.model.union_types)}"
+        if c.model.union_types
+        else "the union types: " + ", ".join(UNION_TYPES)
+    )
+    for name in c.data.union_column_map:
+        if name not in allowed:
+            raise ValueError(f"{spec}: condition type {name!r} is not one of {expected}")
     if c.train.reward:
         raise ValueError(
             "train.reward: not supported for model.architecture=union (its detectors read one condition)"
@@ -79,22 +105,24 @@ def check_union_data(c: TrainConfig) -> None:
             "diffusers layout only (xinsir's files are that layout); expected diffusers"
         )
     root = Path(c.data.path)
-    source = union_source(root)
-    index = root / ORIGINAL_INDEX
-    allowed = set(c.model.union_types) if c.model.union_types else set(UNION_TYPES)
-    for i, record in enumerate(source.records):
-        for name, path in record.conditions.items():
-            if name not in allowed:
-                expected = f"model.union_types={','.join(c.model.union_types)}" if c.model.union_types else None
-                raise ValueError(
-                    f"{index}: line {i + 1}: condition type {name!r} is not one of "
-                    f"{expected or 'the union types: ' + ', '.join(UNION_TYPES)}"
+    source = open_union_source(c)
+    if isinstance(source, UnionSource):  # files: each one exists (hf cells are read by `scan`)
+        for i, record in enumerate(source.records):
+            for name, path in record.conditions.items():
+                if name not in allowed:
+                    raise ValueError(
+                        f"{source.index}: line {i + 1}: condition type {name!r} is not one of {expected}"
+                    )
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{source.index}: line {i + 1}: the {name!r} condition file {path} is missing"
+                    )
+            if not record.target.is_file():
+                raise FileNotFoundError(
+                    f"{source.index}: line {i + 1}: the target file {record.target} is missing"
                 )
-            if not path.is_file():
-                raise FileNotFoundError(f"{index}: line {i + 1}: the {name!r} condition file {path} is missing")
-        if not record.target.is_file():
-            raise FileNotFoundError(f"{index}: line {i + 1}: the target file {record.target} is missing")
-    held = {name for record in source.records for name in record.conditions}
+    held_by = [set(source.types(i)) for i in range(len(source))]
+    held = set().union(*held_by)
     absent = [name for name in c.model.union_types if name not in held]
     if absent:
         raise ValueError(
@@ -107,7 +135,7 @@ def check_union_data(c: TrainConfig) -> None:
         names = union_names(c, source)
         union_metrics(c, names)
         n = c.validation.num_samples
-        check_held_types([set(record.conditions) for record in source.records[-n:]], names, n)
+        check_held_types(held_by[-n:], names, n)
 
 
 def check_continued_net(c: TrainConfig) -> None:
@@ -115,7 +143,6 @@ def check_continued_net(c: TrainConfig) -> None:
     and a union file knows every type the run trains: one ValueError line from the header alone."""
     if not c.model.controlnet:
         return
-    from controlnet.data.sources import union_source
     from controlnet.generate.base import controlnet_path
     from controlnet.io.inspect import inspect_path
     from controlnet.model.union_controlnet import describe_types
@@ -134,7 +161,7 @@ def check_continued_net(c: TrainConfig) -> None:
             f"model.controlnet={spec}: not a union ControlNet (no {'task_embedding'!r}); model.architecture=union "
             "continues a union net (xinsir's Union/ProMax layout) or starts a fresh one without model.controlnet"
         )
-    names = union_names(c, union_source(Path(c.data.path)))
+    names = union_names(c, open_union_source(c))
     missing = [name for name, ident in zip(names, type_ids(names)[0], strict=True) if ident >= count]
     if missing:
         raise ValueError(
