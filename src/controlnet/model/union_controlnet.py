@@ -7,8 +7,8 @@ Eq. 2-3) with a front end that lets one network read several kinds of condition,
     g^k   = mean_hw(c_f^k) + T[type_k]           one token per condition: its pooled features + its type's
                                                  learned task embedding T (num_control_type, C_t)
     g^x   = mean_hw(conv_in(z_t))                one token for the noisy latent itself
-    [a^1..a^K, .] = Transformer([g^1..g^K, g^x]) a small transformer fuses the tokens (the conditions see each
-                                                 other and the latent)
+    [a^1..a^K, .] = Transformer([g^1..g^K, g^x]) a small transformer over the tokens (but see below: its attention
+                                                 runs over the batch axis)
     h_0   = conv_in(z_t) + sum_k (c_f^k + P(a^k)) P: a zero-initialised Linear, a per-channel shift of each
                                                  condition's features (broadcast over h, w)
     emb   = emb_t + emb_text + M(onehot types)   the set of types used enters the time embedding (SDXL-style
@@ -19,6 +19,13 @@ initialisation E's last conv, P and the output convolutions are zero, so the con
 (Eq. 3) whatever the conditions and types (test). With several conditions in one call each condition's features
 and token are scaled by its own scale, and the outputs are not scaled again (one condition: the outputs are, as in a
 plain ControlNet); `MultiControlNetUnionModel`-style use (`from_multi`) scales the outputs instead.
+
+The fusion transformer is diffusers' `ResidualAttentionBlock`, an `nn.MultiheadAttention` built sequence-first
+(batch_first=False) and given (B, K + 1, C_0): it attends across the B rows of the batch, token position by token
+position, not across one row's K + 1 tokens. That is what diffusers runs and what xinsir's weights were trained
+with, so we keep it for exact parity; it means a row's residuals depend on the other rows in its call (CFG's two
+halves, the other images of a batch). tests/train/test_union_training.py shows it; benchmarks/paper/union.py
+measures what it does to fidelity (batched vs one image per call).
 
 Parameter names, buffers and this arithmetic equal diffusers' `ControlNetUnionModel` (test: state dicts load
 strictly both ways and the residuals are equal), so xinsir's published files load as they are. Type ids are the
