@@ -22,8 +22,8 @@ plain ControlNet); `MultiControlNetUnionModel`-style use (`from_multi`) scales t
 
 The fusion transformer is diffusers' `ResidualAttentionBlock`, an `nn.MultiheadAttention` built sequence-first
 (batch_first=False) and given (B, K + 1, C_0): it attends across the B rows of the batch, token position by token
-position, not across one row's K + 1 tokens. That is what diffusers runs and what xinsir's weights were trained
-with, so we keep it for exact parity; it means a row's residuals depend on the other rows in its call (CFG's two
+position, not across one row's K + 1 tokens. diffusers runs it so, as xinsir's published model code does
+(xinsir6/ControlNetPlus models/controlnet_union.py, whose comment calls the input "NxLxC"), so we keep it for parity; it means a row's residuals depend on the other rows in its call (CFG's two
 halves, the other images of a batch). tests/train/test_union_training.py shows it; benchmarks/paper/union.py
 measures what it does to fidelity (batched vs one image per call).
 
