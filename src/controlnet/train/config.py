@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 DATA_FORMATS = ("auto", "original", "imagefolder", "hf", "webdataset")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")  # accelerate's names
 MIXED_PRECISION = ("no", "bf16", "fp16")
-DISTRIBUTED = ("ddp", "fsdp", "deepspeed")  # train.distributed: replicated (DDP), sharded (FSDP2 or DeepSpeed ZeRO)
+DISTRIBUTED = ("ddp", "fsdp", "deepspeed")  # train.distributed: replicated (DDP) or sharded (FSDP2, ZeRO)
 ZERO_STAGES = (2, 3)  # train.zero_stage: DeepSpeed ZeRO-2 (gradients + optimizer state) or ZeRO-3 (+ weights)
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EXPORT_FORMATS = ("diffusers", "original")
@@ -374,7 +374,9 @@ class LoopConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("train.distributed", self.distributed, DISTRIBUTED)
         if self.zero_stage not in ZERO_STAGES:
-            raise ValueError(f"train.zero_stage={self.zero_stage!r}: expected one of {', '.join(map(str, ZERO_STAGES))}")
+            raise ValueError(
+                f"train.zero_stage={self.zero_stage!r}: expected one of {', '.join(map(str, ZERO_STAGES))}"
+            )
         self.log_with = _choice_tuple("train.log_with", self.log_with, TRACKERS)
 
 

@@ -66,10 +66,10 @@ def check_fsdp(config: TrainConfig, arch: str) -> None:
             raise ValueError(f"{name}: {option} is not supported with sharding yet; turn it off or use ddp")
 
 
-def check_world(num_processes: int) -> None:
+def check_world(num_processes: int, distributed: str = "fsdp") -> None:
     if num_processes < 2:
         raise ValueError(
-            "train.distributed=fsdp: needs `accelerate launch --multi_gpu --num_processes N` with N >= 2 "
+            f"train.distributed={distributed}: needs `accelerate launch --multi_gpu --num_processes N` with N >= 2 "
             f"(got {num_processes} process)"
         )
 
@@ -81,9 +81,7 @@ def shard_controlnet(net: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    # the parameters are mapped to meta tensors instead of copied: the skeleton costs no memory (buffers are copied)
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in net.parameters()}
-    skeleton = copy.deepcopy(net, memo)
+    skeleton = meta_skeleton(net)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for block in (net.controlnet_cond_embedding, *net.down_blocks, net.mid_block):
         fully_shard(block, mesh=mesh)
@@ -91,13 +89,20 @@ def shard_controlnet(net: nn.Module, device: torch.device) -> nn.Module:
     return skeleton
 
 
+def meta_skeleton(net: nn.Module) -> nn.Module:
+    """A copy of `net` (same classes and configs) whose parameters are on the meta device: it costs no memory
+    (buffers are copied); an export loads the gathered full weights into it."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in net.parameters()}
+    return copy.deepcopy(net, memo)
+
+
 def local_bytes(params) -> int:
-    """Bytes of `params` held by this process (a DTensor's local shard only)."""
+    """Bytes of `params` held by this process (a DTensor's local shard, a ZeRO-3 parameter's partition only)."""
     from torch.distributed.tensor import DTensor
 
     total = 0
     for p in params:
-        t = p.to_local() if isinstance(p, DTensor) else p
+        t = p.to_local() if isinstance(p, DTensor) else getattr(p, "ds_tensor", p)  # ds_tensor: DeepSpeed ZeRO-3
         total += t.numel() * t.element_size()
     return total
 

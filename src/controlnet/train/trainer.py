@@ -139,6 +139,7 @@ class Trainer:
     ):
         self.config, self.callback = config, callback
         self.sharded = config.train.distributed == "fsdp"  # FSDP2: the trainable net sharded (train/sharding.py)
+        self.zero = config.train.distributed == "deepspeed"  # DeepSpeed ZeRO engine (train/deepspeed_engine.py)
         self._base = base
         self.on_load, self.on_message = on_load, on_message or (lambda line: None)
 
@@ -162,6 +163,10 @@ class Trainer:
             from controlnet.train.sharding import check_fsdp
 
             check_fsdp(c, source.arch if source is not None else getattr(self._base, "arch", "unet"))
+        if self.zero:
+            from controlnet.train.deepspeed_engine import check_deepspeed
+
+            check_deepspeed(c, source.arch if source is not None else getattr(self._base, "arch", "unet"))
         # without CUDA, `accelerate launch --multi_gpu --num_processes N` gives N gloo CPU processes only when the
         # Accelerator is told cpu=True (otherwise every process believes it is alone)
         if c.train.threads:
@@ -171,19 +176,29 @@ class Trainer:
             reuse_freed_memory()
         self.run_dir = Path(c.train.output_dir)
         trackers = list(c.train.log_with) or None
+        zero = {}
+        if self.zero:  # the DeepSpeed plugin (and gloo without CUDA: cpu=True would turn DeepSpeed off)
+            from controlnet.train.deepspeed_engine import accelerator_kwargs
+
+            zero, cpu = accelerator_kwargs(c, cpu), False
         self.acc = Accelerator(
             mixed_precision=c.train.mixed_precision,
             cpu=cpu,
             log_with=trackers,
             project_dir=str(self.run_dir / LOGS_DIR),
+            **zero,
         )
+        if self.zero:  # the locked base loads whole, not partitioned by ZeRO-3 (train/deepspeed_engine.py)
+            from controlnet.train.deepspeed_engine import keep_base_whole
+
+            keep_base_whole()
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         # sharded weights (FSDP, DeepSpeed ZeRO): our checkpoints and exports are written from full ones
-        if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        if self.acc.distributed_type.name in ("FSDP", "DEEPSPEED") and not self.zero:
             raise ValueError(
                 f"accelerate launch with {self.acc.distributed_type.name}: training supports DDP "
                 "(`accelerate launch --multi_gpu`), whose checkpoints and exports hold every weight; for sharding "
-                "use `accelerate launch --multi_gpu` with --train.distributed fsdp"
+                "use `accelerate launch --multi_gpu` with --train.distributed fsdp or deepspeed"
             )
         if self.sharded:
             from controlnet.train.sharding import check_world
@@ -298,7 +313,7 @@ class Trainer:
         if c.model.channels_last:
             # NHWC: oneDNN's convolutions (forward and backward) are ~2x faster for the hint encoder's narrow,
             # full-resolution convs on CPU, and tensor cores want it on GPU. Values are unchanged, only strides.
-            if not self.sharded:  # FSDP2 shards contiguous parameters only (NHWC conv weights are not)
+            if not (self.sharded or self.zero):  # FSDP2 and ZeRO shard contiguous parameters only
                 net.to(memory_format=torch.channels_last)
             base.unet.to(memory_format=torch.channels_last)
         if c.model.gradient_checkpointing:
@@ -324,6 +339,12 @@ class Trainer:
             model = ControlledUNet(net, base.unet, c.model.only_mid_control)
         # the LR scheduler is stepped by hand: accelerate's wrapper would step it once per process
         if self.sharded:  # no DDP wrapper: the sharded net reduce-scatters its own gradients, the base has none
+            self.model = model
+        elif self.zero:  # the engine holds the trainable net and its optimizer; the locked base stays outside
+            from controlnet.train.deepspeed_engine import prepare
+
+            self.engine, self.optimizer, self.skeleton = prepare(self.acc, net, self.optimizer)
+            model.controlnet = self.engine
             self.model = model
         else:
             self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
@@ -368,6 +389,13 @@ class Trainer:
         return weights
 
     def _save(self, state: dict) -> None:
+        if self.zero:  # every rank writes its partition through the engine (train/deepspeed_engine.py)
+            from controlnet.train.deepspeed_engine import save
+
+            with phase(f"saving the deepspeed checkpoint of step {state['step']}"):
+                main, keep = self.acc.is_main_process, self.config.checkpoint.keep
+                save(self.run_dir, state["step"], self.engine, self.scheduler, state, keep, main)
+            return
         if self.sharded:  # every rank writes its shards (train/sharding.py)
             from controlnet.train.sharding import save_sharded
 
@@ -387,7 +415,12 @@ class Trainer:
         folder = ckpt.find_resume(self.run_dir, self.config.checkpoint.resume)
         if folder is None:
             return None
-        if self.sharded:
+        if self.zero:
+            from controlnet.train.deepspeed_engine import load
+
+            with phase(f"reading the deepspeed checkpoint {folder.name}"):
+                state = load(folder, self.engine, self.scheduler, self.world)
+        elif self.sharded:
             from controlnet.train.sharding import load_sharded
 
             with phase(f"reading the sharded checkpoint {folder.name}"):
@@ -438,10 +471,22 @@ class Trainer:
                     loss = micro_loss(self.model, batch, self.weight_dtype, c.flow.weighting_scheme)
                 else:
                     loss = self._unet_loss(batch)
-                self.acc.backward(loss / accum)
+                if self.zero:  # the engine's backward and micro-step (train/deepspeed_engine.py)
+                    from controlnet.train.deepspeed_engine import backward
+
+                    backward(self.engine, loss, accum, last=sync)
+                else:
+                    self.acc.backward(loss / accum)
             total += loss.detach() / accum
         mean_loss = self.acc.reduce(total, reduction="mean")
         grad_norm = torch.zeros((), device=self.device)
+        if self.zero:  # DeepSpeed clips and updates, or skips a non-finite step; the LR schedule is ours
+            from controlnet.train.deepspeed_engine import update
+
+            finite = not update(self.engine) and bool(torch.isfinite(mean_loss))
+            if finite:
+                self.scheduler.step()
+            return StepResult(float(mean_loss), not finite)
         if c.optim.max_grad_norm:
             grad_norm = self.acc.clip_grad_norm_(self.trainable, c.optim.max_grad_norm)
             if self.sharded:  # a DTensor: its value on every rank
@@ -753,8 +798,9 @@ class Trainer:
             self._record_validation(step, history)
             history = broadcast_history(self.acc, history)
         # sharded: every rank holds other weights by design (the export gathers them)
-        digests = [] if self.sharded else rank_digests(self.acc, self.trainable)
-        if self.acc.is_main_process and self.world > 1 and not self.sharded:
+        sharded = self.sharded or self.zero
+        digests = [] if sharded else rank_digests(self.acc, self.trainable)
+        if self.acc.is_main_process and self.world > 1 and not sharded:
             self._log({"step": step, "event": "ranks", "weight_sha256": digests})
             if len(set(digests)) != 1:
                 raise RuntimeError(f"processes hold different weights after step {step}: {digests}")
@@ -782,6 +828,10 @@ class Trainer:
             from controlnet.train.sharding import full_net
 
             net = full_net(net, self.skeleton)
+        elif self.zero:  # ZeRO-3: every rank sends its partitions; rank 0 holds the full weights, on the CPU
+            from controlnet.train.deepspeed_engine import full_net
+
+            net = full_net(self.engine, self.skeleton, self.acc.is_main_process)
         if not self.acc.is_main_process:
             return None
         from controlnet.io.api import save_controlnet
