@@ -1,6 +1,6 @@
 """`--train.distributed deepspeed` (DeepSpeed ZeRO-2/3 through accelerate, train/deepspeed_engine.py) with 2 real CPU
-processes (gloo, `accelerate launch`): the same losses and export as DDP, an exact resume from the engine's checkpoint,
-and the one-line refusals. Without deepspeed installed the runs skip, unless CONTROLNET_REQUIRE_DEEPSPEED=1 (CI with
+processes (gloo, `accelerate launch`): the same losses and export as DDP, an exact resume from the engine's checkpoint
+(ZeRO-2 and ZeRO-3; bf16 ZeRO-3 close to bf16 DDP, exporting the fp32 masters), and the one-line refusals. Without deepspeed installed the runs skip, unless CONTROLNET_REQUIRE_DEEPSPEED=1 (CI with
 the `deepspeed` extra) makes that a failure; the refusal of a missing deepspeed is tested either way."""
 
 from __future__ import annotations
@@ -93,21 +93,46 @@ def test_deepspeed_matches_ddp_and_resumes_exactly(fill_data, base_dir, ddp_run,
     else:
         assert all(0.45 * b_ddp[0] <= b <= 0.55 * b_ddp[0] for b in b_ds)
 
-    # the run stopped after step 2: its folder as it was then (the step-2 engine checkpoint), rerun
+    _resumes_exactly(fill_data, base_dir, ds, resumed, options)
+
+
+def _resumes_exactly(fill_data, base_dir, ds, resumed, options) -> None:
+    """`ds` stopped after step 2: its folder as it was then (the step-2 engine checkpoint), rerun: the same step-3
+    loss and final weights."""
     shutil.copytree(ds, resumed, ignore=shutil.ignore_patterns("step-0000003", "final", "report.html"))
     assert (resumed / "checkpoints" / "step-0000002" / "deepspeed").is_dir()
     metrics = resumed / "metrics.jsonl"
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     lines = [{**x, "before_stop": True} for x in lines if x["step"] <= 2]
     metrics.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    print(f"resumed ZeRO-{stage} run (1 step): {_launch(fill_data, base_dir, resumed, *options):.1f} s")
+    print(f"resumed run {' '.join(options)} (1 step): {_launch(fill_data, base_dir, resumed, *options):.1f} s")
     again = _losses(resumed)
     assert len(again) == STEPS  # steps 1-2 kept from before the stop, step 3 trained after the resume
     logged = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [x["step"] for x in logged if "loss" in x and not x.get("before_stop")] == [3]
-    torch.testing.assert_close(torch.tensor(again), torch.tensor(two), rtol=1e-6, atol=1e-7)
-    # the weights after step 3's update: the optimizer state (Adam's moments) was resumed too
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(_losses(ds)), rtol=1e-6, atol=1e-7)
+    # the weights after step 3's update: the optimizer state (Adam's moments, the fp32 masters) was resumed too
     torch.testing.assert_close(final_weights(resumed), final_weights(ds), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_bf16_zero3_is_close_to_bf16_ddp_exports_fp32_masters_and_resumes_exactly(fill_data, base_dir, tmp_path):
+    """DeepSpeed's bf16 engine holds bf16 weights (DDP's bf16 is autocast over fp32 ones): close, not equal."""
+    _need_deepspeed()
+    ddp, ds, resumed = tmp_path / "ddp", tmp_path / "ds", tmp_path / "resumed"
+    bf16 = ("--train.mixed_precision", "bf16")
+    options = (*bf16, "--train.distributed", "deepspeed", "--train.zero_stage", "3", "--checkpoint.every", "2")
+    print(f"2-process bf16 ddp run: {_launch(fill_data, base_dir, ddp, *bf16):.1f} s")
+    print(f"2-process bf16 ZeRO-3 run: {_launch(fill_data, base_dir, ds, *options):.1f} s")
+    one, two = _losses(ddp), _losses(ds)
+    assert len(one) == len(two) == STEPS
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-2, atol=1e-3)
+    a, b = final_weights(ddp), final_weights(ds)
+    assert a.keys() == b.keys()
+    for k in a:  # fp32 masters, not the engine's bf16 copy; within AdamW's bound of 1 lr per step (+ rounding)
+        assert b[k].dtype == torch.float32, k
+        assert (b[k] - a[k]).abs().max() <= 2 * LR * STEPS, k
+    _resumes_exactly(fill_data, base_dir, ds, resumed, options)
 
 
 @pytest.mark.parametrize(
@@ -117,7 +142,7 @@ def test_deepspeed_matches_ddp_and_resumes_exactly(fill_data, base_dir, ddp_run,
         ("model.architecture", "lite"),
         ("model.sd_locked", "false"),
         ("validation.every", "2"),
-        ("train.mixed_precision", "bf16"),
+        ("train.mixed_precision", "fp16"),
     ],
 )
 def test_deepspeed_refuses_in_one_line_what_it_does_not_run_yet(fill_data, tmp_path, monkeypatch, option, value):

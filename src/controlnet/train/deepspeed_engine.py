@@ -11,7 +11,8 @@ What is partitioned: ZeRO-2 splits the gradients and the optimizer state (Adam's
 across the ranks, every rank holds the whole net's weights; ZeRO-3 splits the weights too (gathered block by block
 in forward and backward). The optimizer is the trainer's torch optimizer (AdamW), not DeepSpeed's compiled CPUAdam
 (`zero_force_ds_cpu_optimizer: false`). The locked base is outside the engine: frozen, replicated, in the compute
-dtype, as under DDP and FSDP.
+dtype, as under DDP and FSDP. With train.mixed_precision=bf16 the engine holds the net in bf16 and the optimizer
+keeps fp32 masters (DeepSpeed's bf16 mode; the forward runs under torch.autocast, accelerate's being off).
 
 A step: each micro-batch's `engine.backward` (DeepSpeed reduces the gradients), `engine.step()` after each; the last
 one is the accumulation boundary, where DeepSpeed clips (optim.max_grad_norm) and updates, or skips the update when a
@@ -22,12 +23,14 @@ Checkpoints (`checkpoints/step-N/`): `deepspeed/` is the engine's `save_checkpoi
 partition of the optimizer state; rank 0 the module weights, under ZeRO-3 each rank its partition); rank 0 writes
 `scheduler.pt` and `state.json` beside it. Written under a `.partial-` name and renamed into place when complete, as
 the other checkpoints. Resuming needs the same number of processes (DeepSpeed's checkpoints are per rank). The export
-gathers the full fp32 weights (ZeRO-3: `deepspeed.zero.GatheredParameters`) into a copy on rank 0's CPU and writes the
-same files as a DDP run.
+gathers the optimizer's full fp32 master weights (`deepspeed.utils.safe_get_full_fp32_param`, one parameter at a time)
+into a copy on rank 0's CPU and writes the same files as a DDP run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -71,8 +74,8 @@ def check_deepspeed(config: TrainConfig, arch: str) -> None:
             "(model.architecture=controlnet) is trained under DeepSpeed yet"
         )
     refused = {
-        # bf16/fp16 engines keep 16-bit weights beside fp32 masters: the export would be the 16-bit copy (untested)
-        f"train.mixed_precision={c.train.mixed_precision}": c.train.mixed_precision != "no",
+        # fp16 needs DeepSpeed's dynamic loss scaling, which is untested here (and fp16 needs a GPU anyway)
+        "train.mixed_precision=fp16": c.train.mixed_precision == "fp16",
         # the engine takes the GPUs when there are any (accelerate's cpu=True turns DeepSpeed off)
         "train.cpu on a machine with CUDA": c.train.cpu and torch.cuda.is_available(),
         "optim.ema_decay": bool(c.optim.ema_decay),
@@ -107,7 +110,8 @@ def accelerator_kwargs(config: TrainConfig, cpu: bool) -> dict:
         },
         "zero_allow_untested_optimizer": True,  # the trainer's torch AdamW
         "zero_force_ds_cpu_optimizer": False,  # not DeepSpeed's compiled CPUAdam
-        "bf16": {"enabled": False},
+        # bf16: the engine holds the net in bf16 and keeps fp32 masters in the optimizer (the export writes those)
+        "bf16": {"enabled": c.train.mixed_precision == "bf16"},
         "fp16": {"enabled": False},
         "steps_per_print": 2**31 - 1,  # the trainer logs
         "wall_clock_breakdown": False,
@@ -117,6 +121,14 @@ def accelerator_kwargs(config: TrainConfig, cpu: bool) -> dict:
     if cpu:
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     return kwargs
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The forward's autocast, as a no-argument factory: accelerate's is off under DeepSpeed, and the locked base (in
+    the compute dtype `dtype`) and a bf16 engine are given fp32 inputs."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
 
 
 def keep_base_whole() -> None:
@@ -155,15 +167,20 @@ def update(engine) -> bool:
 
 
 def full_net(engine, skeleton: nn.Module, main: bool) -> nn.Module | None:
-    """Every rank: gather the engine's full weights; rank 0 (`main`) gets `skeleton` holding them (on the CPU)."""
-    import deepspeed
+    """Every rank: gather the optimizer's fp32 master weights (ZeRO partitions them; under bf16 the net itself holds a
+    bf16 copy) one parameter at a time; rank 0 (`main`) gets `skeleton` holding them (on the CPU), others None. The
+    skeleton's buffers are the net's from before the engine (not trained; a bf16 engine casts them)."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-    net = engine.module
-    with deepspeed.zero.GatheredParameters(list(net.parameters()), modifier_rank=None):  # a no-op under ZeRO-2
-        full = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()} if main else None
+    full = {}
+    for name, p in engine.module.named_parameters():
+        value = safe_get_full_fp32_param(p)  # collective under ZeRO-3
+        if main:
+            full[name] = value.detach().to("cpu", copy=True)
     if not main:
         return None
-    skeleton.load_state_dict(full, assign=True)
+    missing, unexpected = skeleton.load_state_dict(full, strict=False, assign=True)
+    assert not unexpected and set(missing) <= {n for n, _ in skeleton.named_buffers()}, (missing, unexpected)
     return skeleton
 
 

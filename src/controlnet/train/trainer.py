@@ -463,10 +463,15 @@ class Trainer:
         c = self.config
         accum = c.optim.grad_accum
         total = torch.zeros((), device=self.device)
+        amp = self.acc.autocast
+        if self.zero:  # accelerate's autocast is off under DeepSpeed (train/deepspeed_engine.py)
+            from controlnet.train.deepspeed_engine import autocast
+
+            amp = autocast(self.device, self.weight_dtype)
         for k in range(accum):
             batch = self.data.micro_batch(step * accum + k)
             sync = k == accum - 1
-            with self.acc.no_sync(self.model) if not sync else contextlib.nullcontext(), self.acc.autocast():
+            with self.acc.no_sync(self.model) if not sync else contextlib.nullcontext(), amp():
                 if self.flow:  # x_s, s, text, condition -> w(s) || v - (eps - x_0) ||^2 (transformer_step.py)
                     loss = micro_loss(self.model, batch, self.weight_dtype, c.flow.weighting_scheme)
                 else:
