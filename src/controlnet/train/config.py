@@ -392,6 +392,10 @@ class CheckpointConfig:
     4.3 GB at SD1.5 size (13 GB at keep=3), more with optim.ema_decay or model.sd_locked=False"""
     resume: str = "auto"
     """auto (latest checkpoint in output_dir, if any) | none | a checkpoint folder"""
+    reshard: bool = False
+    """resume a checkpoint written by another number of processes (DDP, FSDP2: torch.distributed.checkpoint
+    reshards on load); the global batch and the data order change from there on. Without it such a resume is refused
+    before loading. DeepSpeed's per-rank checkpoints need their own number of processes either way"""
     export_formats: tuple[str, ...] = EXPORT_FORMATS
     """final export formats of the trained ControlNet: diffusers and/or original"""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from pathlib import Path
 
 from controlnet.generate.base import (
@@ -87,8 +88,31 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
 
         check_continued_net(c)
     check_trackers(c.train.log_with)
-    ckpt.find_resume(Path(c.train.output_dir), c.checkpoint.resume)  # an explicit folder must exist
+    check_resume_world(c, ckpt.find_resume(Path(c.train.output_dir), c.checkpoint.resume))  # a folder must exist
     return source
+
+
+def check_resume_world(c: TrainConfig, folder: Path | None, world: int | None = None) -> None:
+    """The checkpoint to resume was written by as many processes as this launch has (`world`: WORLD_SIZE, which
+    `accelerate launch` sets), or checkpoint.reshard allows another number (not for DeepSpeed): one line before any
+    weights load, since the global batch and the data order would change silently."""
+    state_file = None if folder is None else folder / ckpt.STATE_FILE
+    if state_file is None or not state_file.is_file():
+        return
+    written = json.loads(state_file.read_text()).get("world_size")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    if written is None or written == world:
+        return
+    if c.train.distributed == "deepspeed":
+        raise ValueError(
+            f"checkpoint.resume={str(folder)!r}: written by {written} processes, this launch has {world}; a DeepSpeed "
+            f"checkpoint holds one partition per rank: launch {written} processes"
+        )
+    if not c.checkpoint.reshard:
+        raise ValueError(
+            f"checkpoint.resume={str(folder)!r}: written by {written} processes, this launch has {world}; the global "
+            f"batch and the data order would change: launch {written} processes, or set checkpoint.reshard true"
+        )
 
 
 def _transformer_file(spec: str, base: BaseComponents | None) -> bool:
