@@ -41,10 +41,27 @@ def test_a_resume_on_another_process_count_is_one_line_unless_resharding(fill_da
     check_run(tiny_config(fill_data, one_process_run, checkpoint__resume="none"))  # a fresh start: no check
 
 
-def test_a_deepspeed_resume_needs_its_own_process_count_even_when_resharding(fill_data, one_process_run):
+def test_a_checkpoint_of_another_engine_or_a_deepspeed_one_on_another_count_is_one_line(
+    fill_data, one_process_run, tmp_path
+):
+    """Each engine's checkpoint says which it is (a sharded/ or deepspeed/ folder, else full weights): another engine
+    is refused before loading, naming it; a DeepSpeed checkpoint needs its own process count even when resharding."""
+    import shutil
+
     newest = list_checkpoints(one_process_run)[-1]
     config = tiny_config(fill_data, one_process_run, checkpoint__reshard="true")
+    config.train.distributed = "fsdp"
+    with pytest.raises(
+        ValueError, match="a checkpoint of a train.distributed=ddp run, this run is train.distributed=fsdp"
+    ):
+        check_resume_world(config, newest, world=2)
+    deepspeed = tmp_path / newest.name
+    shutil.copytree(newest, deepspeed)
+    (deepspeed / "deepspeed").mkdir()  # what train/deepspeed_engine.py writes its partitions into
+    config.train.distributed = "ddp"
+    with pytest.raises(ValueError, match="resume it with --train.distributed deepspeed"):
+        check_resume_world(config, deepspeed, world=1)
     config.train.distributed = "deepspeed"
     with pytest.raises(ValueError, match="one partition per rank: launch 1 processes"):
-        check_resume_world(config, newest, world=2)
-    check_resume_world(config, newest, world=1)
+        check_resume_world(config, deepspeed, world=2)
+    check_resume_world(config, deepspeed, world=1)

@@ -111,15 +111,25 @@ def save_checkpoint(run_dir: Path, step: int, data: CheckpointData, keep: int) -
     return final
 
 
+# the subfolder that marks a checkpoint of a sharded run (train/sharding.py SHARDED_DIR, train/deepspeed_engine.py)
+SHARDED_KINDS = {"sharded": "fsdp", "deepspeed": "deepspeed"}
+
+
+def checkpoint_kind(folder: Path) -> str:
+    """Which train.distributed wrote checkpoint `folder`: fsdp, deepspeed, or ddp (full weights, also one process)."""
+    return next((kind for sub, kind in SHARDED_KINDS.items() if (Path(folder) / sub).is_dir()), "ddp")
+
+
 def load_checkpoint(folder: Path) -> CheckpointData:
     """Read a checkpoint folder (tensors through safetensors; optimizer state with weights_only=True)."""
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpoint.resume={str(folder)!r}: not a checkpoint folder (no {STATE_FILE})")
-    if (folder / "sharded").is_dir():  # train/sharding.py's SHARDED_DIR
+    kind = checkpoint_kind(folder)
+    if kind != "ddp":
         raise ValueError(
-            f"checkpoint.resume={str(folder)!r}: a checkpoint of a train.distributed=fsdp run (sharded); resume it "
-            "with --train.distributed fsdp"
+            f"checkpoint.resume={str(folder)!r}: a checkpoint of a train.distributed={kind} run; resume it with "
+            f"--train.distributed {kind}"
         )
     weights = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
     return CheckpointData(

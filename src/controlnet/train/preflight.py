@@ -93,12 +93,19 @@ def check_run(config: TrainConfig, base: BaseComponents | None = None) -> BaseSo
 
 
 def check_resume_world(c: TrainConfig, folder: Path | None, world: int | None = None) -> None:
-    """The checkpoint to resume was written by as many processes as this launch has (`world`: WORLD_SIZE, which
-    `accelerate launch` sets), or checkpoint.reshard allows another number (not for DeepSpeed): one line before any
-    weights load, since the global batch and the data order would change silently."""
+    """The checkpoint to resume was written by this run's train.distributed (ddp, fsdp, deepspeed: their folders
+    differ) and by as many processes as this launch has (`world`: WORLD_SIZE, which `accelerate launch` sets), or
+    checkpoint.reshard allows another number (not for DeepSpeed): one line before any weights load, since the global
+    batch and the data order would change silently."""
     state_file = None if folder is None else folder / ckpt.STATE_FILE
     if state_file is None or not state_file.is_file():
         return
+    kind = ckpt.checkpoint_kind(folder)
+    if kind != c.train.distributed:
+        raise ValueError(
+            f"checkpoint.resume={str(folder)!r}: a checkpoint of a train.distributed={kind} run, this run is "
+            f"train.distributed={c.train.distributed}; resume it with --train.distributed {kind}"
+        )
     written = json.loads(state_file.read_text()).get("world_size")
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
     if written is None or written == world:
