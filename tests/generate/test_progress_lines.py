@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from controlnet import progress
@@ -61,6 +62,7 @@ def test_generate_prints_phase_lines_in_order_with_v_and_their_times(tmp_path):
         assert any(re.match(rf"{re.escape(phase)}: done in \d+\.\d s", line) for line in lines), lines
 
 
+@pytest.mark.slow  # 11 s (a subprocess on a pty; the -v test beside it covers the phases): 15-minute budget
 def test_generate_prints_phase_lines_on_a_terminal_without_v(tmp_path):
     """stderr a terminal (a pseudo-terminal here): the phase lines appear without -v; their times do not."""
     leader, follower = pty.openpty()

@@ -47,6 +47,7 @@ def test_convert_both_ways_is_exact(combined, tmp_path):
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in back)
 
 
+@pytest.mark.slow  # 16 s (subprocesses): the default suite's 15-minute budget; run with -m slow
 def test_failed_convert_is_one_line_and_leaves_nothing(combined, tmp_path):
     weights, _ = combined
     out_dir = tmp_path / "out"
@@ -66,6 +67,7 @@ def test_failed_convert_is_one_line_and_leaves_nothing(combined, tmp_path):
     assert "already exists" in result.stderr and existing.read_text() == "keep me"
 
 
+@pytest.mark.slow  # 10 s (a subprocess): the default suite's 15-minute budget; run with -m slow
 def test_init_copies_the_base_encoder(combined, tmp_path):
     weights, config = combined
     run_cli("init", weights, tmp_path / "new", "--config", config)

@@ -87,6 +87,7 @@ def _command_line(pid: int) -> str:
         return f.read().replace(b"\0", b" ").decode()
 
 
+@pytest.mark.slow  # 11 s (two server starts): the default suite's 15-minute budget; run with -m slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="needs /proc")
 def test_credentials_from_file_or_environment_are_not_on_the_command_line(server, tmp_path):
     assert AUTH[1] not in _command_line(server.pid)
