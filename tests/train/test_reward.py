@@ -109,7 +109,12 @@ def test_detectors_prefer_the_true_image():
     from controlnet.train.detectors import detector
     from controlnet.world.dataset import make_pair
 
-    for name, task, size in (("fill", "fill", 16), ("canny", "canny", 64), ("seg", "seg", 64)):
+    for name, task, size in (
+        ("fill", "fill", 16),
+        ("canny", "canny", 64),
+        ("seg", "seg", 64),
+        ("pose", "pose", 64),
+    ):
         cond, truth, _ = make_pair(task, 7, size)
         _, other, _ = make_pair(task, 8, size)
         images = torch.from_numpy(truth[None]).permute(0, 3, 1, 2).float() / 255
@@ -120,8 +125,8 @@ def test_detectors_prefer_the_true_image():
 
 
 def test_a_condition_without_a_detector_is_refused_by_name(tmp_path):
-    with pytest.raises(ValueError, match=r"train\.reward_detector='pose': no differentiable detector"):
-        resolve_config(None, {"train.reward": "true", "train.reward_detector": "pose"})
+    with pytest.raises(ValueError, match=r"train\.reward_detector='depth': no differentiable detector"):
+        resolve_config(None, {"train.reward": "true", "train.reward_detector": "depth"})
     data = tmp_path / "pose-world"
     data.mkdir()
     (data / "world.json").write_text(json.dumps({"task": "depth"}))

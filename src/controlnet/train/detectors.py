@@ -16,7 +16,12 @@ the gradient flows through it back to the image; none has trainable weights.
            the per-class prototypes (the image's mean colour and position in each class of the map), and the
            cross-entropy of that assignment with the map's classes.
 
-A condition without a detector here (pose, depth, normal, lines, scribble, ...) is refused by name
+    pose   the built-in world's body finder: evaluate/pose.py scores the image's foreground (pixels far from the
+           wall's and floor's colours) against the OpenPose sticks as an F1 of precision and recall within a
+           tolerance. Here: a soft foreground (a sigmoid of the colour distance at the metric's threshold, the
+           wall and floor colours read from the image as the metric reads them) in the same F1, 1 - F1 the loss.
+
+A condition without a detector here (depth, normal, lines, scribble, ...) is refused by name
 (train/config.py `check_reward_detector`) before anything is loaded.
 
 Every detector maps (images (B, 3, H, W) in [0, 1], conditions (B, C, H, W) in [0, 1]) -> loss per sample (B,).
@@ -51,7 +56,7 @@ EPS = 1e-6
 def detector(name: str):
     """The per-sample loss function of detector `name` (one of train/config.py REWARD_DETECTORS)."""
     check_detector(name)
-    return {"canny": canny_loss, "fill": fill_loss, "seg": seg_loss}[name]
+    return {"canny": canny_loss, "fill": fill_loss, "seg": seg_loss, "pose": pose_loss}[name]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,3 +142,68 @@ def seg_loss(images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
     assignment = _soft_assign(features, labels, k)  # (B, k, N)
     picked = assignment.gather(1, labels[:, None]).squeeze(1)  # (B, N)
     return -torch.log(picked + EPS).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pose
+FOREGROUND_WIDTH = 0.03  # the soft foreground's sigmoid width, in [0, 1] RGB distance (~8 of 255)
+
+
+def pose_targets(conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sticks, near, box), each (B, H, W) float, of OpenPose maps (no gradient), as evaluate/pose.py reads them:
+    the stick pixels, the pixels within the metric's tolerance of a stick, and the figure's box with its margin."""
+    import cv2
+
+    from controlnet.evaluate.common import tolerance_px
+    from controlnet.evaluate.pose import BOX_MARGIN_AT_64, POSE_TOLERANCE_AT_64
+
+    sticks = (conditions.detach().float().amax(dim=1) > 0).cpu().numpy()  # (B, H, W)
+    size = sticks.shape[1]
+    near, box = np.zeros(sticks.shape, np.float32), np.zeros(sticks.shape, np.float32)
+    margin, tolerance = int(round(tolerance_px(size, BOX_MARGIN_AT_64))), tolerance_px(size, POSE_TOLERANCE_AT_64)
+    for k, s in enumerate(sticks):
+        if not s.any():
+            continue
+        ys, xs = np.nonzero(s)
+        box[
+            k, max(0, ys.min() - margin) : ys.max() + margin + 1, max(0, xs.min() - margin) : xs.max() + margin + 1
+        ] = 1
+        near[k] = cv2.distanceTransform((~s).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= tolerance
+    return tuple(torch.from_numpy(x.astype(np.float32)).to(conditions.device) for x in (sticks, near, box))
+
+
+def soft_foreground(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) in (0, 1): how far each pixel is from the wall's (above the wall line) or floor's colour, as
+    evaluate/common.py background_distance reads them, without its blend band at the wall line (each band's
+    dominant colour, found without gradient)."""
+    from controlnet.evaluate.common import FOREGROUND_DISTANCE, dominant_colour
+    from controlnet.world.scene import WALL_LINE
+
+    b, _, h, w = images.shape
+    line = int(round(WALL_LINE * h))
+    pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    colours = [
+        [dominant_colour(p[:line].reshape(-1, 3)), dominant_colour(p[line:].reshape(-1, 3))] for p in pixels
+    ]
+    colours = torch.from_numpy(np.asarray(colours) / 255.0).to(images.device, images.dtype)  # (B, 2, 3)
+    floor_rows = (torch.arange(h, device=images.device) >= line).long()  # (H,)
+    background = colours[:, floor_rows][:, :, None]  # (B, H, 1, 3)
+    distance = torch.sqrt(((images.permute(0, 2, 3, 1) - background) ** 2).sum(-1) + EPS)  # (B, H, W)
+    return torch.sigmoid((distance - FOREGROUND_DISTANCE / 255.0) / FOREGROUND_WIDTH)
+
+
+def pose_loss(images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+    """1 - soft stick-figure F1 (B,): evaluate/pose.py's precision (foreground in the box near a stick) and
+    recall (stick pixels with foreground within the tolerance: a max-pool over the tolerance's square) on the
+    soft foreground; a map without a person: the foreground's mean (there should be none)."""
+    from controlnet.evaluate.common import tolerance_px
+
+    sticks, near, box = pose_targets(conditions)
+    foreground = soft_foreground(images.float()) * box  # (B, H, W)
+    radius = int(tolerance_px(images.shape[-1], 1.5))  # 1 at 64 px: the 3x3 square holds every offset <= 1.5 px
+    reach = F.max_pool2d(foreground[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
+    precision = (foreground * near).flatten(1).sum(1) / (foreground.flatten(1).sum(1) + EPS)
+    recall = (reach * sticks).flatten(1).sum(1) / (sticks.flatten(1).sum(1) + EPS)
+    f1 = 2 * precision * recall / (precision + recall + EPS)
+    person = sticks.flatten(1).any(1)
+    return torch.where(person, 1 - f1, soft_foreground(images.float()).flatten(1).mean(1))

@@ -36,7 +36,7 @@ from controlnet.train.detectors import check_detector, detector
 # ControlNet++'s reward threshold: timesteps t <= 200 of the 1000 training timesteps (Sec. 3.3)
 PAPER_REWARD_MAX_TIMESTEP = 200
 # world tasks whose condition is drawn like these detectors' input (world/dataset.py TASKS)
-WORLD_TASK_DETECTORS = {"fill": "fill", "shapes": "fill", "canny": "canny", "seg": "seg"}
+WORLD_TASK_DETECTORS = {"fill": "fill", "shapes": "fill", "canny": "canny", "seg": "seg", "pose": "pose"}
 
 
 def resolve_detector(config) -> str:
@@ -50,7 +50,7 @@ def resolve_detector(config) -> str:
     if not world.is_file():
         raise ValueError(
             f"train.reward_detector=auto: {config.data.path} is no world dataset (no world.json); "
-            "name the condition's detector: canny, fill or seg"
+            "name the condition's detector: canny, fill, seg or pose"
         )
     task = json.loads(world.read_text()).get("task")
     check_detector(WORLD_TASK_DETECTORS.get(task, task), field=f"train.reward_detector=auto (world task {task!r})")
