@@ -94,10 +94,8 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_its_sharded_checkpoint(fill_d
 @pytest.mark.parametrize(
     "option, value",
     [
-        ("optim.ema_decay", "0.999"),
         ("model.architecture", "lite"),
         ("model.sd_locked", "false"),
-        ("validation.every", "2"),
     ],
 )
 def test_fsdp_refuses_in_one_line_what_it_does_not_shard_yet(fill_data, tmp_path, option, value):

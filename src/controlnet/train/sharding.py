@@ -54,12 +54,9 @@ def check_fsdp(config: TrainConfig, arch: str) -> None:
             "(model.architecture=controlnet) is sharded yet"
         )
     refused = {
-        "optim.ema_decay": bool(c.optim.ema_decay),  # the EMA copy is not sharded yet
         "model.sd_locked=false": not c.model.sd_locked,  # the trained UNet decoder is not sharded yet
         "train.reward": c.train.reward,
         "optim.use_8bit_adam": c.optim.use_8bit_adam,
-        # validation runs the net on rank 0 alone, and a sharded net needs every rank for its all-gathers
-        "validation.every": c.validation.every > 0 and c.validation.metric != "none",
     }
     for option, on in refused.items():
         if on:
@@ -132,9 +129,12 @@ def full_net(net: nn.Module, skeleton: nn.Module) -> nn.Module | None:
     return skeleton
 
 
-def save_sharded(run_dir: Path, step: int, net: nn.Module, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_sharded(
+    run_dir: Path, step: int, net: nn.Module, optimizer, scheduler, state: dict, keep: int, extra=None
+) -> Path:
     """Every rank: write checkpoint `step` (weights and optimizer state sharded, through torch.distributed.checkpoint)
-    atomically, then prune to the newest `keep`. Returns its folder."""
+    atomically, then prune to the newest `keep`. Returns its folder. `extra`: more entries (the EMA's shards:
+    train/sharded_validation.py) written with them."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -149,7 +149,7 @@ def save_sharded(run_dir: Path, step: int, net: nn.Module, optimizer, scheduler,
     dist.barrier()
     model_state, optim_state = get_state_dict(net, optimizer)
     # FileSystemWriter fsyncs its files (sync_files=True)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / SHARDED_DIR))
+    dcp.save({"model": model_state, "optim": optim_state, **(extra or {})}, checkpoint_id=str(tmp / SHARDED_DIR))
     dist.barrier()
     if main:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
@@ -167,8 +167,9 @@ def save_sharded(run_dir: Path, step: int, net: nn.Module, optimizer, scheduler,
     return final
 
 
-def load_sharded(folder: Path, net: nn.Module, optimizer, scheduler) -> dict:
-    """Every rank: read checkpoint `folder` into the sharded `net`, its `optimizer` and `scheduler`; its state."""
+def load_sharded(folder: Path, net: nn.Module, optimizer, scheduler, extra: dict | None = None) -> dict:
+    """Every rank: read checkpoint `folder` into the sharded `net`, its `optimizer` and `scheduler` (and `extra`'s
+    tensors, in place: entries `save_sharded` wrote); its state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -179,7 +180,7 @@ def load_sharded(folder: Path, net: nn.Module, optimizer, scheduler) -> dict:
             "resume it with --train.distributed ddp"
         )
     model_state, optim_state = get_state_dict(net, optimizer)
-    states = {"model": model_state, "optim": optim_state}
+    states = {"model": model_state, "optim": optim_state, **(extra or {})}
     dcp.load(states, checkpoint_id=str(folder / SHARDED_DIR))
     set_state_dict(net, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))

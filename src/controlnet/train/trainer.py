@@ -400,8 +400,11 @@ class Trainer:
             from controlnet.train.sharding import save_sharded
 
             with phase(f"saving the sharded checkpoint of step {state['step']}"):
+                from controlnet.train.sharded_validation import ema_state
+
                 net, keep = self.controlnet, self.config.checkpoint.keep
-                save_sharded(self.run_dir, state["step"], net, self.optimizer, self.scheduler, state, keep)
+                extra = ema_state(self.ema) if self.ema is not None else None  # its shards, beside the weights'
+                save_sharded(self.run_dir, state["step"], net, self.optimizer, self.scheduler, state, keep, extra)
             return
         if self.acc.is_main_process:
             data = ckpt.CheckpointData(
@@ -421,10 +424,14 @@ class Trainer:
             with phase(f"reading the deepspeed checkpoint {folder.name}"):
                 state = load(folder, self.engine, self.scheduler, self.world)
         elif self.sharded:
+            from controlnet.train.sharded_validation import ema_state, saved_ema
             from controlnet.train.sharding import load_sharded
 
             with phase(f"reading the sharded checkpoint {folder.name}"):
-                state = load_sharded(folder, self.controlnet, self.optimizer, self.scheduler)
+                # the EMA's shards are read in place (a checkpoint without one leaves it as built, as DDP's does)
+                keep_ema = self.ema is not None and saved_ema(folder / "sharded")
+                extra = ema_state(self.ema) if keep_ema else None
+                state = load_sharded(folder, self.controlnet, self.optimizer, self.scheduler, extra)
         else:
             with phase(f"reading the checkpoint {folder.name}"):
                 data = ckpt.load_checkpoint(folder)
@@ -541,15 +548,20 @@ class Trainer:
             self.base, [self.controlnet] if with_control or self.flow else []
         )
 
-    def _generate(self, pipe, prompts, conds, with_control: bool, control_type: str | None = None) -> list:
+    def _generate(
+        self, pipe, prompts, conds, with_control: bool, control_type: str | None = None, seed: int = 0
+    ) -> list:
         """The validation images of `pipe` (`_pipeline`), a union net's with `control_type` alone; on a transformer
-        base one call per prompt, with the guidance its family takes (validation.transformer_guidance)."""
+        base one call per prompt, with the guidance its family takes (validation.transformer_guidance). Image k is
+        drawn from seed `seed` + k (a rank's share of a sharded validation starts at its first sample's)."""
         v = self.config.validation
         if not self.flow:
-            return val.generate(pipe, prompts, conds, v.steps, v.guidance_scale, seed=0, control_type=control_type)
+            return val.generate(
+                pipe, prompts, conds, v.steps, v.guidance_scale, seed=seed, control_type=control_type
+            )
         guidance = val.transformer_guidance(self.config, dict(self.base.transformer.config), self.base.arch)
         scale = 1.0 if with_control else 0.0
-        return val.generate_on_transformer(pipe, prompts, conds, v.steps, guidance, seed=0, control_scale=scale)
+        return val.generate_on_transformer(pipe, prompts, conds, v.steps, guidance, seed=seed, control_scale=scale)
 
     def _held_out(self) -> None:
         """The validation sets `self.val` and their metrics `self.metrics`, keyed by a union net's types (one set per
@@ -573,7 +585,17 @@ class Trainer:
     @torch.no_grad()
     def _validate(self, with_control: bool = True) -> tuple[dict, dict]:
         """Generate for every validation set and score each with its metric: ({key: mean fidelity}, {key: images})
-        (keys as `self.val`'s; a union net's images with their type alone, the net's one-pair call)."""
+        (keys as `self.val`'s; a union net's images with their type alone, the net's one-pair call).
+
+        Sharded (FSDP2): every rank calls it and generates its share of each set with the sharded net, rank 0 gets the
+        whole sets' scores and images, the others ({}, {}) (train/sharded_validation.py)."""
+        sets, seeds = self.val, dict.fromkeys(self.val, 0)
+        if self.sharded:
+            from controlnet.train.sharded_validation import rank_share, reshard
+
+            shares = {key: rank_share(held, self.world, self.rank) for key, held in self.val.items()}
+            sets, seeds = {k: s.padded for k, s in shares.items()}, {k: s.start for k, s in shares.items()}
+            reshard(self.model)  # the shards hold the weights (swapped for the EMA's below)
         was_training = self.controlnet.training
         self.controlnet.eval()
         backup = None
@@ -586,15 +608,21 @@ class Trainer:
                 pipe = self._pipeline(with_control)
                 images = {
                     key: self._generate(
-                        pipe, held.prompts, held.conditions, with_control, key if with_control else None
+                        pipe, held.prompts, held.conditions, with_control, key if with_control else None, seed
                     )
-                    for key, held in self.val.items()
+                    for (key, held), seed in zip(sets.items(), seeds.values(), strict=True)
                 }
         finally:
             if backup is not None:
                 for p, b in zip(self.trainable, backup, strict=True):
                     p.data.copy_(b)
+            if self.sharded:  # the root group's gathered weights freed: the next call gathers them from the shards
+                reshard(self.model)
             self.controlnet.train(was_training)
+        if self.sharded:
+            from controlnet.train.sharded_validation import gather_scored
+
+            return gather_scored(shares, images, self.metrics)
         scores = {
             key: float(np.mean(val.score(self.metrics[key], images[key], held.conditions)))
             for key, held in self.val.items()
@@ -603,12 +631,15 @@ class Trainer:
 
     def _record_validation(self, step: int, history: list) -> tuple[float | None, dict | None]:
         """Validate on the main process: append the fidelity (a union net's: the mean over its types) to `history`,
-        log it (and each type's), save the sample grid (a row per type). (fidelity, {type: fidelity} or None)."""
-        if not self.acc.is_main_process:
+        log it (and each type's), save the sample grid (a row per type). (fidelity, {type: fidelity} or None).
+        Sharded: every process generates its share (`_validate`), the main one logs."""
+        if not (self.acc.is_main_process or self.sharded):
             return None, None
         count = sum(len(held.prompts) for held in self.val.values())
         with phase(f"validating at step {step} ({count} images)"):
             scores, images = self._validate()
+        if not self.acc.is_main_process:
+            return None, None
         fidelity = float(np.mean(list(scores.values())))
         history.append((step, fidelity))
         by_type = self._by_type("fidelity", scores)
@@ -620,12 +651,15 @@ class Trainer:
         )
         return fidelity, by_type.get("fidelity_by_type")
 
-    def _floor_and_ceiling(self, step: int) -> dict:
+    def _floor_and_ceiling(self, step: int) -> dict | None:
         """Fidelity of the base alone (floor) and of the held-out targets themselves (ceiling), main process; a union
-        net's: the means over its types, each type's beside them."""
+        net's: the means over its types, each type's beside them. Sharded: every process generates, the others get
+        None."""
         count = sum(len(held.prompts) for held in self.val.values())
         with phase(f"validation floor: the base alone ({count} images)"):
             floors, floor_images = self._validate(with_control=False)
+        if not self.acc.is_main_process:  # sharded: the other processes generated their shares
+            return None
         ceilings = {
             key: float(np.mean(val.score(self.metrics[key], held.targets, held.conditions)))
             for key, held in self.val.items()
@@ -710,7 +744,8 @@ class Trainer:
             per_rank = list(gather_object([local_bytes(self.trainable)]))
             if self.acc.is_main_process:
                 self._log({"step": start, "event": "memory", "trainable_param_bytes": per_rank})
-        if self.acc.is_main_process and do_val and floor_ceiling is None:
+        # sharded: every process generates its share of the floor's images (a sharded base needs them all)
+        if (self.acc.is_main_process or self.sharded) and do_val and floor_ceiling is None:
             floor_ceiling = self._floor_and_ceiling(start)
         global_batch = c.train.batch_size * self.world * c.optim.grad_accum
         window_t, window_steps = time.time(), 0
@@ -829,6 +864,10 @@ class Trainer:
     # 6. export
     def _export(self) -> Path | None:
         net = self.controlnet
+        if self.ema is not None:  # the EMA weights are exported (every rank: a sharded net is gathered next)
+            from controlnet.train.sharded_validation import copy_into
+
+            copy_into(self.trainable, self.ema)
         if self.sharded:  # every rank sends its shards; rank 0 holds the full weights, on the CPU
             from controlnet.train.sharding import full_net
 
@@ -842,9 +881,6 @@ class Trainer:
         from controlnet.io.api import save_controlnet
 
         final = self.run_dir / FINAL_DIR
-        if self.ema is not None:
-            for p, e in zip(self.trainable, self.ema, strict=True):
-                p.data.copy_(e)
         if self.flow:  # a diffusers folder, and the publisher's one file (transformer_step.export_layout)
             from controlnet.io.transformer_layouts import save_transformer_controlnet
 

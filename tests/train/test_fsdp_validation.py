@@ -1,0 +1,95 @@
+"""Validation and EMA under `--train.distributed fsdp` (train/sharded_validation.py), 2 real CPU processes (gloo,
+`accelerate launch`): the same floor, ceiling, fidelity and sample images as a DDP run of the same training, each
+rank generating its share of the held-out samples with the sharded net; the EMA sharded like the net, its export
+equal to DDP's, and an exact resume of it from the sharded checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_distributed import _losses
+from test_fsdp import _close_to_ddp, _launch
+from train_helpers import final_weights
+from train_tiny import TINY_SIZE
+
+# 5 held-out samples on 2 ranks: rank 0 generates 3, rank 1 2 and a padding image (dropped)
+VALIDATION = ("--validation.every", "2", "--validation.num_samples", "5", "--validation.steps", "2")
+FSDP = ("--train.distributed", "fsdp")
+EMA_DECAY = "0.5"  # far from 1, so that after 3 steps the average differs from both the first and the last weights
+
+
+def _events(run, event: str) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x.get("event") == event]
+
+
+def _same_validation(ddp, fsdp) -> None:
+    """The floor and ceiling (no trained weights) exactly, the fidelity within a metric's jitter, images nearly."""
+    (a,), (b,) = _events(ddp, "floor_ceiling"), _events(fsdp, "floor_ceiling")
+    assert (a["floor"], a["ceiling"], a["metric"]) == (b["floor"], b["ceiling"], b["metric"]), (a, b)
+    one, two = _events(ddp, "validation"), _events(fsdp, "validation")
+    assert [x["step"] for x in one] == [x["step"] for x in two] == [2, 3]  # every 2 steps and the exported weights
+    print("fidelity ddp", [x["fidelity"] for x in one], "fsdp", [x["fidelity"] for x in two])
+    for x, y in zip(one, two, strict=True):
+        assert abs(x["fidelity"] - y["fidelity"]) <= 0.02, (x, y)
+    for name in ("reference.png", "step-0000002.png", "step-0000003.png"):
+        p, q = (np.asarray(Image.open(run / "samples" / name), dtype=np.int16) for run in (ddp, fsdp))
+        assert p.shape == q.shape, name
+        diff = np.abs(p - q)
+        print(f"{name}: max |ddp - fsdp| {diff.max()}, mean {diff.mean():.4f}")
+        assert diff.max() <= 2 and diff.mean() <= 0.05, name
+    # the comparison sees the trained net: its images are not the floor's (the base alone: reference.png's last row)
+    floor = np.asarray(Image.open(fsdp / "samples" / "reference.png"), dtype=np.int16)[-TINY_SIZE:]
+    trained = np.asarray(Image.open(fsdp / "samples" / "step-0000003.png"), dtype=np.int16)
+    assert np.abs(floor - trained).max() >= 8
+
+
+@pytest.mark.slow
+def test_fsdp_validation_on_every_rank_matches_ddp(fill_data, base_dir, tmp_path):
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    t_ddp = _launch(fill_data, base_dir, ddp, *VALIDATION)
+    t_fsdp = _launch(fill_data, base_dir, fsdp, *VALIDATION, *FSDP)
+    print(f"2-process runs validating every 2 steps: ddp {t_ddp:.1f} s, fsdp {t_fsdp:.1f} s")
+    # validation changes no weight: the training after it is DDP's
+    torch.testing.assert_close(torch.tensor(_losses(fsdp)), torch.tensor(_losses(ddp)), rtol=1e-4, atol=1e-6)
+    _same_validation(ddp, fsdp)
+
+
+@pytest.mark.slow
+def test_fsdp_ema_is_sharded_exports_as_ddp_and_resumes_exactly(fill_data, base_dir, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    ddp, fsdp, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    ema = ("--optim.ema_decay", EMA_DECAY, *VALIDATION)  # validation swaps the EMA in and out of the shards
+    t_ddp = _launch(fill_data, base_dir, ddp, *ema)
+    t_fsdp = _launch(fill_data, base_dir, fsdp, *ema, *FSDP, "--checkpoint.every", "2")
+    print(f"2-process runs with EMA: ddp {t_ddp:.1f} s, fsdp {t_fsdp:.1f} s")
+
+    # the training after a validation of the EMA weights is DDP's: the trained weights came back into the shards
+    torch.testing.assert_close(torch.tensor(_losses(fsdp)), torch.tensor(_losses(ddp)), rtol=1e-4, atol=1e-6)
+    _same_validation(ddp, fsdp)
+    # the export is the EMA, gathered from the shards, equal to DDP's EMA export (the last weights differ from it by
+    # ~lr in most weights: _close_to_ddp would fail on them)
+    _close_to_ddp(final_weights(ddp), final_weights(fsdp))
+
+    # the checkpoint holds the EMA as shards: each rank wrote its half of every tensor split across ranks
+    meta = dcp.FileSystemReader(str(fsdp / "checkpoints" / "step-0000003" / "sharded")).read_metadata()
+    ema_keys = [k for k in meta.state_dict_metadata if k.startswith("ema.")]
+    assert len(ema_keys) == len([k for k in meta.state_dict_metadata if k.startswith("model.")])
+    assert max(len(meta.state_dict_metadata[k].chunks) for k in ema_keys) == 2
+
+    # stopped after step 2: rerun from its sharded checkpoint; the EMA (and so the export) as without the stop
+    shutil.copytree(fsdp, resumed, ignore=shutil.ignore_patterns("step-0000003", "final", "report.html"))
+    metrics = resumed / "metrics.jsonl"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps(x) + "\n" for x in lines if x["step"] <= 2))
+    t_resume = _launch(fill_data, base_dir, resumed, *ema, *FSDP, "--checkpoint.every", "2")
+    print(f"resumed fsdp run with EMA (1 step): {t_resume:.1f} s")
+    torch.testing.assert_close(torch.tensor(_losses(resumed)), torch.tensor(_losses(fsdp)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(final_weights(resumed), final_weights(fsdp), rtol=1e-6, atol=1e-7)
+    assert _events(resumed, "validation")[-1]["fidelity"] == _events(fsdp, "validation")[-1]["fidelity"]
