@@ -1,4 +1,5 @@
-"""`controlnet train CONFIG [--section.field VALUE ...]` and `controlnet demo` (thin: parse, call, print).
+"""`controlnet train CONFIG [--section.field VALUE ...]`, `controlnet demo` and `controlnet export CHECKPOINT --out
+FOLDER` (thin: parse, call, print).
 
 The flags are generated from the config dataclasses by settings_cli (their field docstrings are the help), so a
 YAML/JSON file and the command line set the same typed fields. Under `accelerate launch` the same command trains
@@ -11,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from controlnet.settings_cli import add_arguments, given_values
 from controlnet.train.config import SECTIONS, resolve_config
@@ -44,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
     train.set_defaults(func=run_train)
     add_demo_parser(subparsers)
+    add_export_parser(subparsers)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
@@ -208,4 +211,37 @@ def _run_demo_command(args: argparse.Namespace) -> int:
     if args.verify and summary.final_dir:
         recorded, again = reproduce(summary.run_dir)
         print(f"reloaded through the pipeline: fidelity {again:.4f} (report: {recorded:.4f})")
+    return 0
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a training checkpoint (DDP, FSDP2 sharded, DeepSpeed) as full ControlNet weights",
+        description="Write the full weights of a training checkpoint RUN/checkpoints/step-N as the trainer's final "
+        "export does (a diffusers folder OUT/controlnet and an original-format file OUT/controlnet.safetensors): an "
+        "FSDP2 checkpoint's shards (sharded/) or a DeepSpeed one's partitions (deepspeed/, needs deepspeed) are "
+        "joined in this one process, no launcher or process group needed; a DDP checkpoint is already full. The "
+        "net is rebuilt from the run's config.json and the base's config files (no base weights are read). OUT is "
+        "written completely or not at all.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint folder: RUN/checkpoints/step-N")
+    parser.add_argument("--out", type=Path, required=True, help="the export folder to create (must not exist)")
+    parser.add_argument(
+        "--formats",
+        default=None,
+        help="comma-separated formats: diffusers, original (default: the run's checkpoint.export_formats)",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help="the run's config.json (default: RUN/config.json)"
+    )
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from controlnet.train.sharded_export import export_checkpoint
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
+    checked = export_checkpoint(args.checkpoint, args.out, formats, args.config)
+    print(f"wrote step {checked.step} of the {checked.kind} checkpoint {checked.folder} to {args.out}")
     return 0

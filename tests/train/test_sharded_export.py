@@ -1,0 +1,144 @@
+"""`controlnet export CHECKPOINT --out FOLDER` (train/sharded_export.py): a training checkpoint written as the trainer's
+final export, in one process without a process group. An FSDP2 checkpoint of 2 real gloo processes gives exactly the
+run's gathered export; a DDP checkpoint (EMA kept) its own; bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import _args
+from train_helpers import tiny_config
+
+from controlnet.cli import main
+from controlnet.testing.launch import accelerate_launch
+from controlnet.train.checkpoint import list_checkpoints
+from controlnet.train.trainer import train
+
+EXPORT_FILES = ("controlnet/diffusion_pytorch_model.safetensors", "controlnet.safetensors")
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+# 3 steps, per-process batch 2, a checkpoint at every step (keep 3: steps 1-3 stay)
+FSDP = ("--train.distributed", "fsdp", "--checkpoint.every", "1", "--checkpoint.keep", "3")
+
+
+def fsdp_command(fill_data, base_dir, out: Path, processes: int = 2, *extra: str) -> list[str]:
+    return [*accelerate_launch(processes), *_args(fill_data, base_dir, out, 2), *FSDP, *extra]
+
+
+def launch(cmd: list[str]) -> subprocess.CompletedProcess:
+    run = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def assert_same_export(a: Path, b: Path, exact: bool = True) -> None:
+    """Two export folders hold the same files, configs and tensors (bit for bit unless `exact` is False)."""
+    for rel in EXPORT_FILES:
+        x, y = load_file(str(a / rel)), load_file(str(b / rel))
+        assert x.keys() == y.keys(), rel
+        for k in x:
+            if exact:
+                assert torch.equal(x[k], y[k]), (rel, k)
+            else:
+                torch.testing.assert_close(y[k], x[k], rtol=1e-6, atol=1e-7)
+    config = "controlnet/config.json"
+    assert json.loads((a / config).read_text()) == json.loads((b / config).read_text())
+
+
+def export(capsys, checkpoint: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    code = main(["export", str(checkpoint), "--out", str(out), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(fill_data, base_dir, tmp_path_factory):
+    """A 2-process FSDP2 run of 3 steps with a sharded checkpoint at each step, and its final export."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    start = time.time()
+    launch(fsdp_command(fill_data, base_dir, out))
+    print(f"2-process fsdp run: {time.time() - start:.1f} s")
+    return out
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_exports_in_one_process_to_the_runs_gathered_export(fsdp_run, tmp_path, capsys):
+    import torch.distributed as dist
+
+    newest = list_checkpoints(fsdp_run)[-1]
+    assert newest.name == "step-0000003" and len(list((newest / "sharded").glob("*.distcp"))) == 2
+    start = time.time()
+    code, out, err = export(capsys, newest, tmp_path / "export")
+    print(f"export: {time.time() - start:.1f} s")
+    assert code == 0, err
+    assert "wrote step 3 of the fsdp checkpoint" in out
+    assert not dist.is_initialized()  # one process, no process group
+    # the same files as the trainer's final/ (gathered on rank 0 by the run), bit for bit
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["controlnet", "controlnet.safetensors"]
+    assert_same_export(fsdp_run / "final", tmp_path / "export")
+    # one format only, as asked
+    code, _, err = export(capsys, newest, tmp_path / "diffusers", "--formats", "diffusers")
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "diffusers").iterdir()] == ["controlnet"]
+
+
+def test_a_ddp_checkpoint_exports_its_ema_weights_as_the_trainer_does(fill_data, base_dir, tmp_path, capsys):
+    run = (
+        tmp_path / "run"
+    )  # the base from its folder: the run's config.json names it (the export reads its configs)
+    train(tiny_config(fill_data, run, model__base=base_dir, train__max_steps=2, optim__ema_decay=0.9))
+    (newest,) = list_checkpoints(run)
+    code, out, err = export(capsys, newest, tmp_path / "export")
+    assert code == 0, err
+    assert "wrote step 2 of the ddp checkpoint" in out
+    assert_same_export(run / "final", tmp_path / "export")
+    trained = load_file(str(newest / "controlnet.safetensors"))  # the EMA differs from the trained weights
+    exported = load_file(str(tmp_path / "export" / EXPORT_FILES[0]))
+    assert any(not torch.equal(trained[k], exported[k]) for k in trained)
+
+
+def _no_leftovers(folder: Path) -> None:
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], list(folder.iterdir())
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_written(fill_data, base_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(fill_data, run, model__base=base_dir, train__max_steps=1))
+    (good,) = list_checkpoints(run)
+    out = tmp_path / "out" / "export"
+    out.parent.mkdir()
+    cases = {}
+    cases["missing"] = (tmp_path / "nope", "checkpoint not found")
+    cases["run folder"] = (run, "not a training checkpoint")
+    sharded = tmp_path / "incomplete" / "checkpoints" / good.name
+    shutil.copytree(good, sharded)
+    (sharded / "sharded").mkdir()  # an FSDP2 checkpoint without torch.distributed.checkpoint's .metadata
+    cases["incomplete"] = (sharded, "train.distributed=fsdp checkpoint without sharded/.metadata")
+    orphan = tmp_path / "orphan" / "checkpoints" / good.name
+    shutil.copytree(good, orphan)  # no run folder config.json two folders up
+    cases["no config"] = (orphan, "run config not found")
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["hint_channels"] = [4, 8]  # a config that builds another net than the checkpoint's
+    (other / "config.json").write_text(json.dumps(config))
+    cases["other net"] = (list_checkpoints(other)[0], "do not fit the net its run config builds")
+    for name, (folder, expected) in cases.items():
+        code, printed, err = export(capsys, folder, out)
+        assert code == 2, name
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert not printed, name
+        assert not out.exists(), name
+        _no_leftovers(out.parent)
+    code, _, err = export(capsys, good, out, "--formats", "diffusers,onnx")
+    assert code == 2 and "'onnx' is not one of diffusers, original" in err
+    out.mkdir()
+    code, _, err = export(capsys, good, out)
+    assert code == 2 and "already exists" in err and not any(out.iterdir())
