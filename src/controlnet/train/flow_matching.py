@@ -116,6 +116,14 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     return FluxPipeline._pack_latents(latents, b, c, h, w)
 
 
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack_latents`: Flux's tokens (B, h/2 * w/2, 4 C) -> latents (B, C, h, w),
+    FluxPipeline._unpack_latents given the latent size (its VAE factor 1)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(tokens, h, w, 1)
+
+
 def latent_image_ids(h: int, w: int, device, dtype=torch.float32) -> torch.Tensor:
     """Flux's rotary positions of the packed tokens of an (h, w) latent: (h/2 * w/2, 3), as FluxPipeline's
     `_prepare_latent_image_ids(batch, h // 2, w // 2, ...)`."""

@@ -17,6 +17,9 @@ t_thr: `train.reward_max_timestep` of the base's training timesteps (ControlNet+
 matching sigma, s <= t_thr / N (SD3 embeds t = s N). The term is a mean over the micro-batch with zeros for the
 samples above the threshold, so its size does not depend on how many fall under it; only those are decoded.
 
+A flow base's micro-batch carries the condition image beside its latents (FlowMicroBatch.cond_unit): the detector
+compares with the image, never with a decode of the condition's latents.
+
 The locked base and the VAE get no gradient (requires_grad False); the gradient flows through the decoder and the
 detector into the ControlNet's prediction. The decoder's activations are recomputed in backward when
 `model.gradient_checkpointing` is on (the decoder at full resolution holds most of the step's activation memory).
@@ -32,6 +35,7 @@ import torch
 
 from controlnet.generate.base import denormalize_latents
 from controlnet.train.detectors import check_detector, detector
+from controlnet.train.flow_matching import unpack_latents
 
 # ControlNet++'s reward threshold: timesteps t <= 200 of the 1000 training timesteps (Sec. 3.3)
 PAPER_REWARD_MAX_TIMESTEP = 200
@@ -81,24 +85,28 @@ class Reward:
 
     def __init__(self, config, base, noise_scheduler=None):
         t = config.train
-        if getattr(base, "arch", "unet") != "unet":
-            raise ValueError(
-                f"train.reward on a {base.arch} (transformer) base: not wired yet (its micro-batch carries the "
-                "condition as VAE latents, not the image the detector compares with); train a UNet base"
-            )
+        self.arch = getattr(base, "arch", "unet")
         self.weight, self.max_timestep = t.reward_weight, t.reward_max_timestep
         self.loss = detector(resolve_detector(config))
         self.vae = base.vae
         self.scheduler = noise_scheduler
+        if self.arch != "unet":  # a flow base: s <= t_thr / N, N its scheduler's training timesteps
+            self.num_train_timesteps = base.scheduler.config.num_train_timesteps
+            self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.vae is not None and config.model.gradient_checkpointing:
             self.vae.enable_gradient_checkpointing()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] (unclamped: a clamp would stop the gradient) of UNet-space latents, in the
-        graph; pixel space (no VAE): the latents are the image in [-1, 1]."""
-        if self.vae is not None:
-            latents = self.vae.decode(denormalize_latents(self.vae, latents).to(self.vae.dtype)).sample
-        return (latents.float() + 1) / 2
+        """Images (B, 3, H, W) in [0, 1] (unclamped: a clamp would stop the gradient) of the base's latents
+        (B, C, h, w), in the graph. A UNet base: its normalised latents, or pixel space (no VAE: the latents are the
+        image in [-1, 1]); a flow base: (z - shift_factor) * scaling_factor (transformer_step.latent_space)."""
+        if self.vae is None:
+            return (latents.float() + 1) / 2
+        if self.arch == "unet":
+            z = denormalize_latents(self.vae, latents)
+        else:
+            z = latents / self.vae.config.scaling_factor + (self.vae.config.get("shift_factor") or 0.0)
+        return (self.vae.decode(z.to(self.vae.dtype)).sample.float() + 1) / 2
 
     def per_sample(self, x0: torch.Tensor, under: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Detector loss (B,) of the samples where `under` (B,) bool holds, 0 elsewhere (those are not decoded)."""
@@ -118,6 +126,23 @@ class Reward:
         """lambda * mean over the micro-batch of `unet_terms` (Eq. 9's second term)."""
         return self.weight * self.unet_terms(pred, noisy, timesteps, cond).mean()
 
-    def flow_under(self, sigmas: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    def flow_x0(self, pred: torch.Tensor, batch) -> torch.Tensor:
+        """The one-step x0' (B, C, h, w) of a flow micro-batch (transformer_step.FlowMicroBatch); Flux's packed
+        tokens unpacked to the latent grid of the condition image's size."""
+        x0 = predict_x0_flow(pred.float(), batch.noisy.float(), batch.sigmas.float())
+        if self.arch == "flux":
+            h, w = (side // self.vae_factor for side in batch.cond_unit.shape[-2:])
+            x0 = unpack_latents(x0, h, w)
+        return x0
+
+    def flow_terms(self, pred: torch.Tensor, batch) -> torch.Tensor:
+        """Per-sample reward (B,) of a flow micro-batch: the samples with s <= t_thr / N."""
+        return self.per_sample(self.flow_x0(pred, batch), self.flow_under(batch.sigmas), batch.cond_unit)
+
+    def flow_term(self, pred: torch.Tensor, batch) -> torch.Tensor:
+        """lambda * mean over the micro-batch of `flow_terms` (Eq. 9's second term on a flow base)."""
+        return self.weight * self.flow_terms(pred, batch).mean()
+
+    def flow_under(self, sigmas: torch.Tensor) -> torch.Tensor:
         """(B,) bool: s <= t_thr / N, the flow base's sigma matching the timestep threshold."""
-        return sigmas <= self.max_timestep / num_train_timesteps
+        return sigmas <= self.max_timestep / self.num_train_timesteps

@@ -480,7 +480,7 @@ class Trainer:
             sync = k == accum - 1
             with self.acc.no_sync(self.model) if not sync else contextlib.nullcontext(), amp():
                 if self.flow:  # x_s, s, text, condition -> w(s) || v - (eps - x_0) ||^2 (transformer_step.py)
-                    loss = micro_loss(self.model, batch, self.weight_dtype, c.flow.weighting_scheme)
+                    loss = micro_loss(self.model, batch, self.weight_dtype, c.flow.weighting_scheme, self.reward)
                 else:
                     loss = self._unet_loss(batch)
                 if self.zero:  # the engine's backward and micro-step (train/deepspeed_engine.py)

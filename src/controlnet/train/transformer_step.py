@@ -56,6 +56,7 @@ class FlowMicroBatch:
     cond: torch.Tensor  # condition latents shaped as x0, or an XLabs net's image (b, 3, H, W) in [-1, 1]
     img_ids: torch.Tensor | None = None  # Flux: (h/2 * w/2, 3) rotary positions of the image tokens
     txt_ids: torch.Tensor | None = None  # Flux: (L_txt, 3) zeros
+    cond_unit: torch.Tensor | None = None  # the condition image (b, 3, H, W) in [0, 1]: the reward's target
 
 
 def default_layers(model: ModelConfig, arch: str, transformer_config: dict) -> tuple[int, int]:
@@ -281,8 +282,9 @@ class TransformerBatches(TrainingBatches):
             timesteps = timesteps / fm.FLUX_TIMESTEP_DIVISOR  # Flux embeds s
         noisy = fm.interpolate(x0, noise, sigmas)
         target = fm.velocity_target(x0, noise)
+        cond_unit = condition_to_unit(got.cond).to(self.device)  # (b, 3, H, W)
         return FlowMicroBatch(
-            x0, noisy, target, sigmas, timesteps, text["context"], text["pooled"], cond, img_ids, txt_ids
+            x0, noisy, target, sigmas, timesteps, text["context"], text["pooled"], cond, img_ids, txt_ids, cond_unit
         )
 
     def _condition(self, got, cond_eps: torch.Tensor) -> torch.Tensor:
@@ -364,8 +366,11 @@ class ControlledTransformer(nn.Module):
         )[0]  # (b, L_img, 4C)
 
 
-def micro_loss(model: nn.Module, batch: FlowMicroBatch, weight_dtype: torch.dtype, scheme: str) -> torch.Tensor:
-    """w(s) || v(x_s) - (eps - x_0) ||^2 of one micro-batch (flow_matching.flow_loss)."""
+def micro_loss(
+    model: nn.Module, batch: FlowMicroBatch, weight_dtype: torch.dtype, scheme: str, reward=None
+) -> torch.Tensor:
+    """w(s) || v(x_s) - (eps - x_0) ||^2 of one micro-batch (flow_matching.flow_loss), plus `reward`'s consistency
+    term when given (train/reward.py `Reward.flow_term`)."""
     pred = model(
         batch.noisy.to(weight_dtype),
         batch.timesteps.to(weight_dtype),
@@ -375,7 +380,10 @@ def micro_loss(model: nn.Module, batch: FlowMicroBatch, weight_dtype: torch.dtyp
         batch.img_ids,
         batch.txt_ids,
     )
-    return fm.flow_loss(pred, batch.target, batch.sigmas, scheme)
+    loss = fm.flow_loss(pred, batch.target, batch.sigmas, scheme)
+    if reward is not None:  # + lambda * ControlNet++'s consistency term on the one-step x0' = x_s - s v'
+        loss = loss + reward.flow_term(pred, batch)
+    return loss
 
 
 def export_layout(net: nn.Module, fmt: str) -> str:
