@@ -52,7 +52,7 @@ PAPER_LEARNING_RATE = 1e-5
 # every subset of the types is trained, at least one kept per sample.
 UNION_KEEP_PROB = 0.5
 # The conditions the consistency reward has a differentiable detector for (train/detectors.py).
-REWARD_DETECTORS = ("canny", "fill", "seg", "pose")
+REWARD_DETECTORS = ("canny", "fill", "seg", "pose", "hed", "pidinet", "lineart_standard")
 
 
 def check_reward_detector(name: str, field: str = "train.reward_detector") -> None:
@@ -358,7 +358,11 @@ class LoopConfig:
     """the reward applies to samples with t <= this of the base's training timesteps (ControlNet++: 200 of 1000;
     a flow base: sigma <= this / 1000)"""
     reward_detector: str = "auto"
-    """the condition's differentiable detector: auto (a world dataset's task) | canny | fill | seg | pose"""
+    """the condition's differentiable detector: auto (a world dataset's task) | canny | fill | seg | pose | hed |
+    pidinet | lineart_standard (train/detectors.py, train/network_detectors.py)"""
+    reward_detector_weights: str = ""
+    """train.reward_detector=hed or pidinet: the network's weights (ControlNetHED.pth, table5_pidinet.pth; a file or
+    the folder holding it); empty: $CONTROLNET_ANNOTATORS, as `controlnet annotate` reads them"""
     union_keep_prob: float = UNION_KEEP_PROB
     """a union net (model.architecture=union): each sample keeps each of its conditions with this probability, at
     least one (drawn uniformly when none was kept), so every subset of the types is trained; 1 = always all"""

@@ -21,7 +21,9 @@ the gradient flows through it back to the image; none has trainable weights.
            tolerance. Here: a soft foreground (a sigmoid of the colour distance at the metric's threshold, the
            wall and floor colours read from the image as the metric reads them) in the same F1, 1 - F1 the loss.
 
-A condition without a detector here (depth, normal, lines, scribble, ...) is refused by name
+The soft-edge and line-art conditions (hed, pidinet, lineart_standard) have their annotators' own networks and
+operator as detectors: train/network_detectors.py. A condition without a detector (depth, normal, lines, scribble,
+...) is refused by name
 (train/config.py `check_reward_detector`) before anything is loaded.
 
 Every detector maps (images (B, 3, H, W) in [0, 1], conditions (B, C, H, W) in [0, 1]) -> loss per sample (B,).
@@ -53,9 +55,14 @@ SEG_SPATIAL_WEIGHT = 0.5  # evaluate/regions.py SPATIAL_WEIGHT: position against
 EPS = 1e-6
 
 
-def detector(name: str):
-    """The per-sample loss function of detector `name` (one of train/config.py REWARD_DETECTORS)."""
+def detector(name: str, weights: str | None = None, device="cpu"):
+    """The per-sample loss function of detector `name` (one of train/config.py REWARD_DETECTORS); the soft-edge
+    and line-art ones (train/network_detectors.py) with the network's `weights` on `device`."""
     check_detector(name)
+    from controlnet.train.network_detectors import EDGE_DETECTORS, edge_detector
+
+    if name in EDGE_DETECTORS:
+        return edge_detector(name, weights, device)
     return {"canny": canny_loss, "fill": fill_loss, "seg": seg_loss, "pose": pose_loss}[name]
 
 

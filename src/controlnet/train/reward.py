@@ -49,6 +49,9 @@ def resolve_detector(config) -> str:
     name = config.train.reward_detector
     if name != "auto":
         check_detector(name)
+        from controlnet.train.network_detectors import detector_weights
+
+        detector_weights(name, config.train.reward_detector_weights)  # a network's weights: found, or one line
         return name
     world = Path(config.data.path) / "world.json"
     if not world.is_file():
@@ -87,8 +90,9 @@ class Reward:
         t = config.train
         self.arch = getattr(base, "arch", "unet")
         self.weight, self.max_timestep = t.reward_weight, t.reward_max_timestep
-        self.loss = detector(resolve_detector(config))
         self.vae = base.vae
+        device = next(self.vae.parameters()).device if self.vae is not None else "cpu"
+        self.loss = detector(resolve_detector(config), t.reward_detector_weights, device)
         self.scheduler = noise_scheduler
         if self.arch != "unet":  # a flow base: s <= t_thr / N, N its scheduler's training timesteps
             self.num_train_timesteps = base.scheduler.config.num_train_timesteps
