@@ -4,6 +4,7 @@ run's gathered export; a DDP checkpoint (EMA kept) its own; bad input is one lin
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -58,14 +59,17 @@ def export(capsys, checkpoint: Path, out: Path, *extra: str) -> tuple[int, str, 
     return code, captured.out, captured.err
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(fill_data, base_dir, tmp_path_factory):
+def fsdp_reference_run(fill_data, base_dir, out: Path) -> Path:
     """A 2-process FSDP2 run of 3 steps with a sharded checkpoint at each step, and its final export."""
-    out = tmp_path_factory.mktemp("fsdp") / "run"
     start = time.time()
     launch(fsdp_command(fill_data, base_dir, out))
     print(f"2-process fsdp run: {time.time() - start:.1f} s")
     return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(fill_data, base_dir, tmp_path_factory):
+    return fsdp_reference_run(fill_data, base_dir, tmp_path_factory.mktemp("fsdp") / "run")
 
 
 @pytest.mark.slow
@@ -76,7 +80,8 @@ def test_an_fsdp_checkpoint_exports_in_one_process_to_the_runs_gathered_export(f
     assert newest.name == "step-0000003" and len(list((newest / "sharded").glob("*.distcp"))) == 2
     start = time.time()
     code, out, err = export(capsys, newest, tmp_path / "export")
-    print(f"export: {time.time() - start:.1f} s")
+    with capsys.disabled():
+        print(f"export: {time.time() - start:.1f} s")
     assert code == 0, err
     assert "wrote step 3 of the fsdp checkpoint" in out
     assert not dist.is_initialized()  # one process, no process group
@@ -87,6 +92,31 @@ def test_an_fsdp_checkpoint_exports_in_one_process_to_the_runs_gathered_export(f
     code, _, err = export(capsys, newest, tmp_path / "diffusers", "--formats", "diffusers")
     assert code == 0, err
     assert [p.name for p in (tmp_path / "diffusers").iterdir()] == ["controlnet"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_deepspeed_checkpoint_exports_in_one_process_to_the_runs_gathered_export(
+    fill_data, base_dir, tmp_path, capsys, stage
+):
+    """The fp32 master weights from every rank's partition (DeepSpeed's zero_to_fp32), as the trainer's export
+    gathers them (safe_get_full_fp32_param): the same files, bit for bit."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install 'controlnet[deepspeed]')")
+    run = tmp_path / "run"
+    options = ("--train.distributed", "deepspeed", "--train.zero_stage", str(stage))
+    start = time.time()
+    launch([*accelerate_launch(2), *_args(fill_data, base_dir, run, 2), *options])
+    print(f"2-process ZeRO-{stage} run: {time.time() - start:.1f} s")
+    (newest,) = list_checkpoints(run)
+    assert (newest / "deepspeed").is_dir()
+    start = time.time()
+    code, out, err = export(capsys, newest, tmp_path / "export")
+    with capsys.disabled():
+        print(f"export: {time.time() - start:.1f} s")
+    assert code == 0, err
+    assert "wrote step 3 of the deepspeed checkpoint" in out
+    assert_same_export(run / "final", tmp_path / "export")
 
 
 def test_a_ddp_checkpoint_exports_its_ema_weights_as_the_trainer_does(fill_data, base_dir, tmp_path, capsys):
@@ -116,7 +146,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(fill_data, base_dir, t
     out.parent.mkdir()
     cases = {}
     cases["missing"] = (tmp_path / "nope", "checkpoint not found")
-    cases["run folder"] = (run, "not a training checkpoint")
+    cases["run folder"] = (
+        run,
+        f"not a training checkpoint (expected a folder RUN/checkpoints/step-N holding "
+        f"state.json); this run's newest is {good}",
+    )
     sharded = tmp_path / "incomplete" / "checkpoints" / good.name
     shutil.copytree(good, sharded)
     (sharded / "sharded").mkdir()  # an FSDP2 checkpoint without torch.distributed.checkpoint's .metadata

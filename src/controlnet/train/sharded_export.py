@@ -67,9 +67,11 @@ def check_checkpoint(folder: str | Path, config: str | Path | None = None) -> Ch
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint not found: {folder}")
     if not folder.is_dir() or not (folder / ckpt.STATE_FILE).is_file():
+        found = ckpt.list_checkpoints(folder) if folder.is_dir() else []  # a run folder: name its newest
+        hint = f"; this run's newest is {found[-1]}" if found else ""
         raise ValueError(
             f"{folder}: not a training checkpoint (expected a folder RUN/checkpoints/step-N holding "
-            f"{ckpt.STATE_FILE})"
+            f"{ckpt.STATE_FILE}){hint}"
         )
     kind = ckpt.checkpoint_kind(folder)
     needs = {
