@@ -107,8 +107,8 @@ def test_fsdp_refuses_in_one_line_what_it_does_not_shard_yet(fill_data, tmp_path
     ):
         check_fsdp(c, "unet")
     check_fsdp(tiny_config(fill_data, tmp_path / "run", **{option.replace(".", "__"): value}), "unet")  # ddp: fine
-    with pytest.raises(ValueError, match="train.distributed=fsdp: a flux base"):
-        check_fsdp(tiny_config(fill_data, tmp_path / "run", train__distributed="fsdp"), "flux")
+    # transformer bases are sharded too (test_fsdp_transformer.py)
+    check_fsdp(tiny_config(fill_data, tmp_path / "run", train__distributed="fsdp"), "flux")
 
 
 def test_fsdp_needs_several_processes_and_the_option_is_checked(fill_data, tmp_path):

@@ -339,6 +339,12 @@ class LoopConfig:
     (DeepSpeed ZeRO through accelerate, stage train.zero_stage, the locked base replicated; train/deepspeed_engine.py)"""
     zero_stage: int = 2
     """train.distributed=deepspeed: ZeRO stage 2 (gradients and optimizer state partitioned) or 3 (weights too)"""
+    fsdp_shard_base: bool = False
+    """train.distributed=fsdp: shard the locked transformer base too (SD3/SD3.5, Flux; one FSDP group per block), so
+    each process holds 1/N of it and gathers one block at a time; false: every process holds it whole"""
+    fsdp_cpu_offload: bool = False
+    """train.distributed=fsdp: keep the sharded parameters, their gradients and Adam's state on the CPU (FSDP2's
+    CPUOffloadPolicy), copied to the device block by block; the optimizer steps on the CPU (slower, less memory)"""
     threads: int = 0
     """torch intra-op CPU threads (0 = torch's default; 1 is much faster for tiny models on a busy machine)"""
     reuse_freed_memory: bool = True
@@ -377,6 +383,12 @@ class LoopConfig:
         _check_positive(self, "max_minutes", "threads", allow_zero=True)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("train.distributed", self.distributed, DISTRIBUTED)
+        for option in ("fsdp_shard_base", "fsdp_cpu_offload"):
+            if getattr(self, option) and self.distributed != "fsdp":
+                raise ValueError(
+                    f"train.{option}=true: an FSDP2 option, this run has train.distributed={self.distributed} "
+                    "(expected fsdp)"
+                )
         if self.zero_stage not in ZERO_STAGES:
             raise ValueError(
                 f"train.zero_stage={self.zero_stage!r}: expected one of {', '.join(map(str, ZERO_STAGES))}"

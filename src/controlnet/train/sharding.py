@@ -7,10 +7,17 @@ falls back to independent single processes and a `FullyShardedDataParallelPlugin
 `--multi_gpu` is ignored on CPU. `fully_shard` is the call accelerate's FSDP2 path makes on GPUs, and it runs under
 gloo on CPU, so the tests exercise what a GPU run executes.
 
-What is sharded: the trainable ControlNet, one FSDP group per hint encoder, down block and middle block, plus the root
-group (embeddings, conv_in, the zero convolutions). Its parameters become DTensors sharded on dim 0 across the ranks, and
-the optimizer is built after sharding, so Adam's moments are sharded too. The locked base is replicated: it is frozen
-(no gradient, no optimizer state) and every process holds it whole in the compute dtype.
+What is sharded: the trainable ControlNet, one FSDP group per block (a UNet ControlNet's hint encoder, down blocks and
+middle block; an SD3/Flux ControlNet's joint/double and single transformer blocks), plus the root group (embeddings,
+the zero layers: what no block holds). Its parameters become DTensors sharded on dim 0 across the ranks, and the
+optimizer is built after sharding, so Adam's moments are sharded too. The locked base is frozen (no gradient, no
+optimizer state) and by default replicated: every process holds it whole in the compute dtype. With
+`train.fsdp_shard_base` a transformer base is sharded the same way (one group per block plus its root), so each rank
+holds 1/N of it and all-gathers one block at a time in the forward and backward passes. `train.fsdp_cpu_offload`
+keeps the sharded parameters, their gradients and Adam's state on the CPU (FSDP2's `CPUOffloadPolicy`): each group
+is copied to the device for its computation and the optimizer steps on the CPU. `model.gradient_checkpointing`
+recomputes each block in backward; diffusers' non-reentrant checkpoint calls the block module again, so the
+recomputation all-gathers its FSDP group as the forward did.
 
 Checkpoints (`checkpoints/step-N/`): `sharded/` is torch.distributed.checkpoint's folder of every rank's shards of the
 weights and optimizer state; rank 0 writes `scheduler.pt` and `state.json` beside it, as a DDP checkpoint does. The
@@ -39,22 +46,34 @@ SHARDED_DIR = "sharded"  # torch.distributed.checkpoint's folder inside a checkp
 SCHEDULER_FILE = "scheduler.pt"
 
 
+def check_fsdp_locked(config: TrainConfig) -> None:
+    """`model.sd_locked=false` under `train.distributed=fsdp`: one ValueError line, before the base's files are read."""
+    if config.train.distributed == "fsdp" and not config.model.sd_locked:
+        raise ValueError(
+            "train.distributed=fsdp with model.sd_locked=false: sharding is for bases too large to replicate, and "
+            "a trained decoder would need its gradients and Adam state (3x its weights) whole on every rank; keep "
+            "model.sd_locked=true (the paper's default: the ControlNet alone is trained and sharded), or use "
+            "train.distributed=ddp where the base and its decoder's optimizer state fit on one device"
+        )
+
+
 def check_fsdp(config: TrainConfig, arch: str) -> None:
     """One ValueError line for what `train.distributed=fsdp` does not support yet (before any weights load)."""
     c, name = config, "train.distributed=fsdp"
     if c.train.distributed != "fsdp":
         return
-    if arch != "unet":
-        raise ValueError(
-            f"{name}: a {arch} base is not supported yet (UNet bases only; use train.distributed=ddp)"
-        )
+    check_fsdp_locked(c)
     if c.model.architecture != "controlnet":
         raise ValueError(
             f"{name} with model.architecture={c.model.architecture!r}: only the paper's ControlNet "
             "(model.architecture=controlnet) is sharded yet"
         )
+    if c.train.fsdp_shard_base and arch == "unet":
+        raise ValueError(
+            f"{name} with train.fsdp_shard_base=true: only a transformer base (SD3/SD3.5, Flux) is sharded yet; a "
+            "UNet base (SD1.5 1.7 GB, SDXL 5.1 GB in 16 bits) stays replicated: leave it false"
+        )
     refused = {
-        "model.sd_locked=false": not c.model.sd_locked,  # the trained UNet decoder is not sharded yet
         "train.reward": c.train.reward,
         "optim.use_8bit_adam": c.optim.use_8bit_adam,
     }
@@ -71,19 +90,35 @@ def check_world(num_processes: int, distributed: str = "fsdp") -> None:
         )
 
 
-def shard_controlnet(net: nn.Module, device: torch.device) -> nn.Module:
+def shard_controlnet(net: nn.Module, device: torch.device, cpu_offload: bool = False) -> nn.Module:
     """Shard `net` in place across all processes (FSDP2); returns a meta-device skeleton of `net` (same classes and
     configs, no storage) that `full_net` fills with the gathered weights for the export."""
+    skeleton = meta_skeleton(net)
+    shard_blocks(net, device, cpu_offload)
+    return skeleton
+
+
+def shard_blocks(module: nn.Module, device: torch.device, cpu_offload: bool = False) -> None:
+    """FSDP2 in place: each of `module`'s blocks (`fsdp_blocks`) its own group, then the root group (what no block
+    holds); with `cpu_offload` the shards (and so their gradients and optimizer state) live on the CPU."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    skeleton = meta_skeleton(net)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in (net.controlnet_cond_embedding, *net.down_blocks, net.mid_block):
-        fully_shard(block, mesh=mesh)
-    fully_shard(net, mesh=mesh)  # the root group: what no block holds
-    return skeleton
+    # pinned host memory speeds the copies to a GPU; on the CPU there is nothing to pin
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    for block in fsdp_blocks(module):
+        fully_shard(block, mesh=mesh, offload_policy=offload)
+    fully_shard(module, mesh=mesh, offload_policy=offload)
+
+
+def fsdp_blocks(module: nn.Module) -> list[nn.Module]:
+    """The FSDP groups below the root: an SD3/Flux transformer's (or its ControlNet's) joint/double blocks and Flux's
+    single blocks, one each; a UNet ControlNet's hint encoder, down blocks and middle block."""
+    if hasattr(module, "transformer_blocks"):
+        return [*module.transformer_blocks, *getattr(module, "single_transformer_blocks", ())]
+    return [module.controlnet_cond_embedding, *module.down_blocks, module.mid_block]
 
 
 def meta_skeleton(net: nn.Module) -> nn.Module:
@@ -171,7 +206,7 @@ def load_sharded(folder: Path, net: nn.Module, optimizer, scheduler, extra: dict
     """Every rank: read checkpoint `folder` into the sharded `net`, its `optimizer` and `scheduler` (and `extra`'s
     tensors, in place: entries `save_sharded` wrote); its state."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     folder = Path(folder)
     if not (folder / SHARDED_DIR).is_dir():
@@ -180,8 +215,24 @@ def load_sharded(folder: Path, net: nn.Module, optimizer, scheduler, extra: dict
             "resume it with --train.distributed ddp"
         )
     model_state, optim_state = get_state_dict(net, optimizer)
+    # get_state_dict gives every parameter Adam state; one that never had a gradient (the last copied SD3 block's
+    # text-stream layers: their output feeds nothing) had none in the run that saved, and has none after the resume
+    saved = dcp.FileSystemReader(str(folder / SHARDED_DIR)).read_metadata().state_dict_metadata
+    optim_state["state"] = {
+        fqn: state
+        for fqn, state in optim_state["state"].items()
+        if all(f"optim.state.{fqn}.{key}" in saved for key in state)
+    }
     states = {"model": model_state, "optim": optim_state, **(extra or {})}
     dcp.load(states, checkpoint_id=str(folder / SHARDED_DIR))
-    set_state_dict(net, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
+    # strict=False lets those parameters go without state; every other key was read above (dcp.load raises on one
+    # missing from the checkpoint)
+    set_state_dict(
+        net,
+        optimizer,
+        model_state_dict=states["model"],
+        optim_state_dict=states["optim"],
+        options=StateDictOptions(strict=False),
+    )
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
     return json.loads((folder / ckpt.STATE_FILE).read_text())

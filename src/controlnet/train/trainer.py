@@ -158,6 +158,10 @@ class Trainer:
             resolve_detector(c)
         # every option that needs no weights first (train/preflight.py): nothing is written or loaded before they
         # are known to be right
+        if self.sharded:  # before the base's files: a transformer base refuses the option in its own words
+            from controlnet.train.sharding import check_fsdp_locked
+
+            check_fsdp_locked(c)
         source = check_run(c, self._base)
         if self.sharded:
             from controlnet.train.sharding import check_fsdp
@@ -181,6 +185,12 @@ class Trainer:
             from controlnet.train.deepspeed_engine import accelerator_kwargs
 
             zero, cpu = accelerator_kwargs(c, cpu), False
+        elif (source.arch if source is not None else getattr(self._base, "arch", "unet")) == "sd3":
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # DDP: the last copied SD3 block's text-stream output feeds nothing (the net returns image tokens), so its
+            # to_add_out and ff_context get no gradient, and DDP must be told to expect that
+            zero = {"kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)]}
         self.acc = Accelerator(
             mixed_precision=c.train.mixed_precision,
             cpu=cpu,
@@ -323,7 +333,7 @@ class Trainer:
         if self.sharded:
             from controlnet.train.sharding import shard_controlnet
 
-            self.skeleton = shard_controlnet(net, self.device)
+            self.skeleton = shard_controlnet(net, self.device, c.train.fsdp_cpu_offload)
             params = [{"params": list(net.parameters()), "lr": c.optim.lr}]
         self.trainable = [p for group in params for p in group["params"]]
         self.optimizer = build_optimizer(c.optim, params)
@@ -369,13 +379,24 @@ class Trainer:
         if c.model.gradient_checkpointing:
             net.enable_gradient_checkpointing()
             base.transformer.enable_gradient_checkpointing()
+        # FSDP2 (train/sharding.py): each transformer block of the net its own group plus the root, the base's too
+        # with train.fsdp_shard_base; the optimizer is built after sharding, over the shards
+        if self.sharded:
+            from controlnet.train.sharding import shard_blocks, shard_controlnet
+
+            self.skeleton = shard_controlnet(net, self.device, c.train.fsdp_cpu_offload)
+            if c.train.fsdp_shard_base:
+                shard_blocks(base.transformer, self.device, c.train.fsdp_cpu_offload)
         self.trainable = list(net.parameters())
         self.optimizer = build_optimizer(c.optim, [{"params": self.trainable, "lr": c.optim.lr}])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(c.optim.lr_schedule, c.optim.warmup_steps, c.train.max_steps)
         )
         model = ControlledTransformer(net, base.transformer, base.arch, c.flow.guidance)
-        self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
+        if self.sharded:  # no DDP wrapper: the sharded net reduce-scatters its own gradients, the base has none
+            self.model = model
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.ema = [p.detach().clone().float() for p in self.trainable] if c.optim.ema_decay else None
 
     # ------------------------------------------------------------------------------------------------------
@@ -741,9 +762,17 @@ class Trainer:
 
             from controlnet.train.sharding import local_bytes
 
-            per_rank = list(gather_object([local_bytes(self.trainable)]))
+            locked = self.base.transformer if self.flow else self.base.unet
+            per_rank = list(gather_object([(local_bytes(self.trainable), local_bytes(locked.parameters()))]))
             if self.acc.is_main_process:
-                self._log({"step": start, "event": "memory", "trainable_param_bytes": per_rank})
+                self._log(
+                    {
+                        "step": start,
+                        "event": "memory",
+                        "trainable_param_bytes": [t for t, _ in per_rank],
+                        "base_param_bytes": [b for _, b in per_rank],  # the locked UNet or transformer
+                    }
+                )
         # sharded: every process generates its share of the floor's images (a sharded base needs them all)
         if (self.acc.is_main_process or self.sharded) and do_val and floor_ceiling is None:
             floor_ceiling = self._floor_and_ceiling(start)
