@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import _args
-from train_helpers import tiny_config
+from train_helpers import final_weights, tiny_config
 
 from controlnet.cli import main
 from controlnet.testing.launch import accelerate_launch
 from controlnet.train.checkpoint import list_checkpoints
+from controlnet.train.sharded_export import export_checkpoint
 from controlnet.train.trainer import train
 
 EXPORT_FILES = ("controlnet/diffusion_pytorch_model.safetensors", "controlnet.safetensors")
@@ -133,12 +134,24 @@ def test_a_ddp_checkpoint_exports_its_ema_weights_as_the_trainer_does(fill_data,
     exported = load_file(str(tmp_path / "export" / EXPORT_FILES[0]))
     assert any(not torch.equal(trained[k], exported[k]) for k in trained)
 
+    # a run that continues a ControlNet file (model.controlnet): the net is rebuilt from that file's architecture
+    more = tmp_path / "continued"
+    net = str(run / "final" / "controlnet")
+    train(tiny_config(fill_data, more, model__base=base_dir, model__controlnet=net, train__max_steps=1))
+    code, _, err = export(
+        capsys, list_checkpoints(more)[-1], tmp_path / "export-continued", "--formats", "diffusers"
+    )
+    assert code == 0, err
+    weights = load_file(str(tmp_path / "export-continued" / EXPORT_FILES[0]))
+    assert weights.keys() == final_weights(more).keys()
+    assert all(torch.equal(weights[k], final_weights(more)[k]) for k in weights)
+
 
 def _no_leftovers(folder: Path) -> None:
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], list(folder.iterdir())
 
 
-def test_bad_input_is_one_line_exit_2_and_nothing_written(fill_data, base_dir, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(fill_data, base_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     train(tiny_config(fill_data, run, model__base=base_dir, train__max_steps=1))
     (good,) = list_checkpoints(run)
@@ -176,3 +189,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(fill_data, base_dir, t
     out.mkdir()
     code, _, err = export(capsys, good, out)
     assert code == 2 and "already exists" in err and not any(out.iterdir())
+
+    # a write that fails after the first format (a full disk): no export folder, no hidden leftovers
+    import controlnet.io.api
+
+    save = controlnet.io.api.save_controlnet
+
+    def save_then_fail(net, path, format):
+        if format == "original":
+            raise OSError(28, "No space left on device")
+        return save(net, path, format=format)
+
+    monkeypatch.setattr(controlnet.io.api, "save_controlnet", save_then_fail)
+    target = tmp_path / "out" / "full-disk"
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(good, target)
+    assert not target.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["export"]  # the folder made above, nothing else
