@@ -28,7 +28,7 @@ def _events(run, event: str) -> list[dict]:
     return [x for x in lines if x.get("event") == event]
 
 
-def _same_validation(ddp, fsdp) -> None:
+def _same_validation(ddp, fsdp, size: int = TINY_SIZE) -> None:
     """The floor and ceiling (no trained weights) exactly, the fidelity within a metric's jitter, images nearly."""
     (a,), (b,) = _events(ddp, "floor_ceiling"), _events(fsdp, "floor_ceiling")
     assert (a["floor"], a["ceiling"], a["metric"]) == (b["floor"], b["ceiling"], b["metric"]), (a, b)
@@ -44,7 +44,7 @@ def _same_validation(ddp, fsdp) -> None:
         print(f"{name}: max |ddp - fsdp| {diff.max()}, mean {diff.mean():.4f}")
         assert diff.max() <= 2 and diff.mean() <= 0.05, name
     # the comparison sees the trained net: its images are not the floor's (the base alone: reference.png's last row)
-    floor = np.asarray(Image.open(fsdp / "samples" / "reference.png"), dtype=np.int16)[-TINY_SIZE:]
+    floor = np.asarray(Image.open(fsdp / "samples" / "reference.png"), dtype=np.int16)[-size:]
     trained = np.asarray(Image.open(fsdp / "samples" / "step-0000003.png"), dtype=np.int16)
     assert np.abs(floor - trained).max() >= 8
 
@@ -93,3 +93,81 @@ def test_fsdp_ema_is_sharded_exports_as_ddp_and_resumes_exactly(fill_data, base_
     torch.testing.assert_close(torch.tensor(_losses(resumed)), torch.tensor(_losses(fsdp)), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(final_weights(resumed), final_weights(fsdp), rtol=1e-6, atol=1e-7)
     assert _events(resumed, "validation")[-1]["fidelity"] == _events(fsdp, "validation")[-1]["fidelity"]
+
+
+def test_rank_shares_cover_each_set_once_and_every_rank_makes_the_same_calls():
+    from controlnet.train.sharded_validation import rank_share
+    from controlnet.train.validation import HeldOut
+
+    for n, world in [(5, 2), (3, 8), (8, 8), (1, 2)]:
+        held = HeldOut([f"p{i}" for i in range(n)], list(range(n)), list(range(10, 10 + n)))
+        shares = [rank_share(held, world, r) for r in range(world)]
+        assert {len(s.padded.prompts) for s in shares} == {-(-n // world)}  # the same number of images everywhere
+        kept = [p for s in shares for p in s.padded.prompts[: s.count]]
+        assert kept == held.prompts  # each sample once, in order: rank 0 writes them as one process would
+        for s in shares:  # a share's image k is sample start + k (its seed)
+            assert s.padded.conditions[: s.count] == list(range(s.start, s.start + s.count))
+            assert s.padded.targets[: s.count] == [10 + i for i in range(s.start, s.start + s.count)]
+
+
+def _net_called_first_in_validation(rank: int, port: int) -> None:
+    """One of 2 gloo processes: a sharded tiny ControlNet whose first call is the pipeline's (the hint encoder's
+    group first), as in a validation right after a resume."""
+    import os
+
+    import torch.distributed as dist
+    from diffusers import UNet2DConditionModel
+    from train_tiny import TINY_UNET
+
+    from controlnet.model.controlnet import ControlNet
+    from controlnet.train.sharded_validation import reshard
+    from controlnet.train.sharding import shard_controlnet
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**TINY_UNET)
+        net = ControlNet.from_unet(unet, hint_block_channels=(8, 16), hint_downscale_factor=1)
+        shard_controlnet(net, torch.device("cpu"))
+        reshard(net)  # what the trainer's validation does before generating
+        with torch.no_grad():
+            hint = net.embed_condition(torch.rand(1, 3, 16, 16))  # (1, C_0, 16, 16)
+            out = net(torch.randn(1, 3, 16, 16), 5, torch.randn(1, 8, 16), hint=hint)
+        assert out.mid.shape[0] == 1
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_sharded_net_can_be_validated_before_any_training_step():
+    """FSDP2 makes a root of the first group that runs: without `reshard`'s root set-up the net's call after the
+    pipeline's `embed_condition` fails ('FSDP requires running forward through the root module first')."""
+    import torch.multiprocessing as mp
+
+    from controlnet.testing.live_server import free_port
+
+    mp.spawn(_net_called_first_in_validation, args=(free_port(),), nprocs=2)
+
+
+@pytest.mark.slow
+def test_fsdp_validation_of_a_flux_controlnet_on_a_sharded_base_matches_ddp(tmp_path):
+    """The Flux case sharding is for: the locked base sharded too (train.fsdp_shard_base), so that every denoising
+    step of validation, the floor's included (the net at scale 0), needs every rank."""
+    from test_fsdp_transformer import SIZE, _launch
+    from train_tiny import make_fill_dataset
+
+    from controlnet.testing.tiny_transformer_bases import write_flux_base
+
+    world = {
+        "data": make_fill_dataset(tmp_path / "fill", n=8),
+        "flux": write_flux_base(tmp_path / "flux" / "base"),
+    }
+    validation = (*VALIDATION[:3], "3", *VALIDATION[4:])  # 3 of the 8 samples held out
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    t_ddp = _launch(world, "flux", ddp, *validation)
+    t_fsdp = _launch(world, "flux", fsdp, *validation, *FSDP, "--train.fsdp_shard_base", "true")
+    print(f"2-process Flux runs validating every 2 steps: ddp {t_ddp:.1f} s, fsdp {t_fsdp:.1f} s")
+    torch.testing.assert_close(torch.tensor(_losses(fsdp)), torch.tensor(_losses(ddp)), rtol=1e-4, atol=1e-6)
+    _same_validation(ddp, fsdp, SIZE)

@@ -79,12 +79,19 @@ def gather_scored(
 
 def reshard(net: nn.Module) -> None:
     """Free every FSDP group's unsharded weights in `net` (the root group's stay gathered after a forward with no
-    backward), so that the next call gathers them again from the shards."""
+    backward), so that the next call gathers them again from the shards.
+
+    First each outermost FSDP module of `net` is initialised as an FSDP root (a no-op once it has run a forward): FSDP2
+    makes a root of the first group that runs, and the pipeline runs the hint encoder's group first
+    (`ControlNet.embed_condition`), which would fail the net's own call after it where no training step ran before
+    in this process (a validation right after a resume). torch has no public call for it."""
     from torch.distributed.fsdp import FSDPModule
 
-    for module in net.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    modules = [m for m in net.modules() if isinstance(m, FSDPModule)]
+    for module in modules:  # outer modules first (`modules()` is pre-order): their groups below become non-roots
+        module._get_fsdp_state()._lazy_init()
+    for module in modules:
+        module.reshard()
 
 
 @torch.no_grad()

@@ -632,6 +632,8 @@ class Trainer:
                         pipe, held.prompts, held.conditions, with_control, key if with_control else None, seed
                     )
                     for (key, held), seed in zip(sets.items(), seeds.values(), strict=True)
+                if self.sharded:  # FSDP2 gathers weights keeping their version counters: a CPU pack of them
+                    pipe.optimize(pack_cpu_weights=False)  # (generate/cpu_packing.py) could be a stale one
                 }
         finally:
             if backup is not None:
