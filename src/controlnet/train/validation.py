@@ -15,6 +15,9 @@ A union net (train/union.py) is validated per condition type: each type's held-o
 hold it (`union_held_out`), generated for with that type alone (the net's call with one (condition, type) pair, as
 `controlnet generate --control-type` makes it) and scored with that type's metric (`union_metrics`: auto on a world
 union dataset is the world task of each type); its fidelity is the mean over the types.
+
+A sharded net (`train.distributed=fsdp`) is validated by every process, each generating and scoring its share of the
+held-out samples; the main one gathers the images and scores (train/sharded_validation.py).
 """
 
 from __future__ import annotations
