@@ -627,13 +627,13 @@ class Trainer:
         try:
             with self.acc.autocast():
                 pipe = self._pipeline(with_control)
+                if self.sharded:  # FSDP2 gathers weights keeping their version counters: a CPU pack of them
+                    pipe.optimize(pack_cpu_weights=False)  # (generate/cpu_packing.py) could be a stale one
                 images = {
                     key: self._generate(
                         pipe, held.prompts, held.conditions, with_control, key if with_control else None, seed
                     )
                     for (key, held), seed in zip(sets.items(), seeds.values(), strict=True)
-                if self.sharded:  # FSDP2 gathers weights keeping their version counters: a CPU pack of them
-                    pipe.optimize(pack_cpu_weights=False)  # (generate/cpu_packing.py) could be a stale one
                 }
         finally:
             if backup is not None:
