@@ -39,6 +39,12 @@ def _param_bytes(run) -> list[int]:
     return next(x["trainable_param_bytes"] for x in lines if x.get("event") == "memory")
 
 
+def _base_bytes(run) -> list[int]:
+    """Each process's bytes of the locked base (UNet or transformer) from the run's memory event."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(x["base_param_bytes"] for x in lines if x.get("event") == "memory")
+
+
 def _close_to_ddp(a: dict, b: dict) -> None:
     """As in test_distributed: gradients summed in another order flip AdamW's sign-like step for ~0 gradients."""
     assert a.keys() == b.keys()
@@ -89,6 +95,30 @@ def test_fsdp_matches_ddp_and_resumes_exactly_from_its_sharded_checkpoint(fill_d
     torch.testing.assert_close(torch.tensor(again), torch.tensor(two), rtol=1e-6, atol=1e-7)
     # the weights after step 3's update: the optimizer state (Adam's moments) was resumed too
     torch.testing.assert_close(final_weights(resumed), final_weights(fsdp), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_a_sharded_unet_base_gives_ddps_losses_with_half_its_bytes_per_process(fill_data, base_dir, tmp_path):
+    """train.fsdp_shard_base: the locked UNet's down, middle and up blocks sharded too, with activation checkpointing
+    (each block all-gathered for its forward, its recomputation and its backward)."""
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    t_ddp = _launch(fill_data, base_dir, ddp)
+    options = [
+        "--train.distributed",
+        "fsdp",
+        "--train.fsdp_shard_base",
+        "true",
+        "--model.gradient_checkpointing",
+        "true",
+    ]
+    t_fsdp = _launch(fill_data, base_dir, fsdp, *options)
+    print(f"2-process runs: ddp {t_ddp:.1f} s, fsdp with the base sharded {t_fsdp:.1f} s")
+    torch.testing.assert_close(torch.tensor(_losses(fsdp)), torch.tensor(_losses(ddp)), rtol=1e-4, atol=1e-6)
+    _close_to_ddp(final_weights(ddp), final_weights(fsdp))
+    b_ddp, b_fsdp = _base_bytes(ddp), _base_bytes(fsdp)
+    print(f"locked UNet bytes per rank: ddp {b_ddp}, fsdp {b_fsdp}")
+    assert b_ddp[0] == b_ddp[1]
+    assert all(0.45 * b_ddp[0] <= b <= 0.55 * b_ddp[0] for b in b_fsdp)
 
 
 @pytest.mark.parametrize(

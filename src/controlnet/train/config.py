@@ -340,8 +340,8 @@ class LoopConfig:
     zero_stage: int = 2
     """train.distributed=deepspeed: ZeRO stage 2 (gradients and optimizer state partitioned) or 3 (weights too)"""
     fsdp_shard_base: bool = False
-    """train.distributed=fsdp: shard the locked transformer base too (SD3/SD3.5, Flux; one FSDP group per block), so
-    each process holds 1/N of it and gathers one block at a time; false: every process holds it whole"""
+    """train.distributed=fsdp: shard the locked base's UNet or transformer too (one FSDP group per block), so each
+    process holds 1/N of it and gathers one block at a time; false: every process holds it whole"""
     fsdp_cpu_offload: bool = False
     """train.distributed=fsdp: keep the sharded parameters, their gradients and Adam's state on the CPU (FSDP2's
     CPUOffloadPolicy), copied to the device block by block; the optimizer steps on the CPU (slower, less memory)"""

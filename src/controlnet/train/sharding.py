@@ -12,12 +12,13 @@ middle block; an SD3/Flux ControlNet's joint/double and single transformer block
 the zero layers: what no block holds). Its parameters become DTensors sharded on dim 0 across the ranks, and the
 optimizer is built after sharding, so Adam's moments are sharded too. The locked base is frozen (no gradient, no
 optimizer state) and by default replicated: every process holds it whole in the compute dtype. With
-`train.fsdp_shard_base` a transformer base is sharded the same way (one group per block plus its root), so each rank
-holds 1/N of it and all-gathers one block at a time in the forward and backward passes. `train.fsdp_cpu_offload`
-keeps the sharded parameters, their gradients and Adam's state on the CPU (FSDP2's `CPUOffloadPolicy`): each group
-is copied to the device for its computation and the optimizer steps on the CPU. `model.gradient_checkpointing`
-recomputes each block in backward; diffusers' non-reentrant checkpoint calls the block module again, so the
-recomputation all-gathers its FSDP group as the forward did.
+`train.fsdp_shard_base` the base's UNet or transformer is sharded the same way (a group per down, middle and up block
+of a UNet, per block of a transformer, plus its root), so each rank holds 1/N of it and all-gathers one block at a time
+in the forward and backward passes. `train.fsdp_cpu_offload` keeps the sharded parameters, their gradients and Adam's
+state on the CPU (FSDP2's `CPUOffloadPolicy`): each group is copied to the device for its computation and the
+optimizer steps on the CPU. `model.gradient_checkpointing` recomputes each block in backward; diffusers'
+non-reentrant checkpoint calls the block module again, so the recomputation all-gathers its FSDP group as the forward
+did.
 
 Checkpoints (`checkpoints/step-N/`): `sharded/` is torch.distributed.checkpoint's folder of every rank's shards of the
 weights and optimizer state; rank 0 writes `scheduler.pt` and `state.json` beside it, as a DDP checkpoint does. The
@@ -68,11 +69,6 @@ def check_fsdp(config: TrainConfig, arch: str) -> None:
             f"{name} with model.architecture={c.model.architecture!r}: only the paper's ControlNet "
             "(model.architecture=controlnet) is sharded yet"
         )
-    if c.train.fsdp_shard_base and arch == "unet":
-        raise ValueError(
-            f"{name} with train.fsdp_shard_base=true: only a transformer base (SD3/SD3.5, Flux) is sharded yet; a "
-            "UNet base (SD1.5 1.7 GB, SDXL 5.1 GB in 16 bits) stays replicated: leave it false"
-        )
     refused = {
         "train.reward": c.train.reward,
         "optim.use_8bit_adam": c.optim.use_8bit_adam,
@@ -115,9 +111,12 @@ def shard_blocks(module: nn.Module, device: torch.device, cpu_offload: bool = Fa
 
 def fsdp_blocks(module: nn.Module) -> list[nn.Module]:
     """The FSDP groups below the root: an SD3/Flux transformer's (or its ControlNet's) joint/double blocks and Flux's
-    single blocks, one each; a UNet ControlNet's hint encoder, down blocks and middle block."""
+    single blocks, one each; a UNet's down, middle and up blocks; a UNet ControlNet's hint encoder, down blocks and
+    middle block."""
     if hasattr(module, "transformer_blocks"):
         return [*module.transformer_blocks, *getattr(module, "single_transformer_blocks", ())]
+    if hasattr(module, "up_blocks"):
+        return [*module.down_blocks, module.mid_block, *module.up_blocks]
     return [module.controlnet_cond_embedding, *module.down_blocks, module.mid_block]
 
 

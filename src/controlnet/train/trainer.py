@@ -325,7 +325,8 @@ class Trainer:
             # full-resolution convs on CPU, and tensor cores want it on GPU. Values are unchanged, only strides.
             if not (self.sharded or self.zero):  # FSDP2 and ZeRO shard contiguous parameters only
                 net.to(memory_format=torch.channels_last)
-            base.unet.to(memory_format=torch.channels_last)
+            if not c.train.fsdp_shard_base:  # a sharded base's too
+                base.unet.to(memory_format=torch.channels_last)
         if c.model.gradient_checkpointing:
             net.enable_gradient_checkpointing()
             base.unet.enable_gradient_checkpointing()
@@ -335,6 +336,10 @@ class Trainer:
 
             self.skeleton = shard_controlnet(net, self.device, c.train.fsdp_cpu_offload)
             params = [{"params": list(net.parameters()), "lr": c.optim.lr}]
+            if c.train.fsdp_shard_base:  # the locked UNet's blocks too: each rank holds 1/N of it
+                from controlnet.train.sharding import shard_blocks
+
+                shard_blocks(base.unet, self.device, c.train.fsdp_cpu_offload)
         self.trainable = [p for group in params for p in group["params"]]
         self.optimizer = build_optimizer(c.optim, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
