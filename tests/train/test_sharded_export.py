@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,29 @@ def test_an_fsdp_checkpoint_exports_in_one_process_to_the_runs_gathered_export(f
 
 
 @pytest.mark.slow
+def test_an_fsdp_checkpoint_with_an_ema_exports_the_ema_as_the_trainer_does(fill_data, base_dir, tmp_path, capsys):
+    """The EMA's shards (ema.N entries beside the weights) replace the trained weights, as in the run's final/."""
+    run = tmp_path / "run"
+    start = time.time()
+    launch(fsdp_command(fill_data, base_dir, run, 2, "--optim.ema_decay", "0.5", "--train.max_steps", "2"))
+    with capsys.disabled():
+        print(f"2-process fsdp run with an EMA: {time.time() - start:.1f} s")
+    newest = list_checkpoints(run)[-1]
+    code, _, err = export(capsys, newest, tmp_path / "export")
+    assert code == 0, err
+    assert_same_export(run / "final", tmp_path / "export")
+    # the trained weights themselves (the checkpoint's model entries) are not what was exported
+    import torch.distributed.checkpoint as dcp
+
+    exported = final_weights(run)
+    raw = {"model": {k: torch.empty_like(v) for k, v in exported.items()}}
+    with warnings.catch_warnings():  # no process group: "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(raw, checkpoint_id=str(newest / "sharded"), no_dist=True)
+    assert any(not torch.equal(raw["model"][k], exported[k]) for k in exported)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_deepspeed_checkpoint_exports_in_one_process_to_the_runs_gathered_export(
     fill_data, base_dir, tmp_path, capsys, stage
@@ -117,6 +141,30 @@ def test_a_deepspeed_checkpoint_exports_in_one_process_to_the_runs_gathered_expo
         print(f"export: {time.time() - start:.1f} s")
     assert code == 0, err
     assert "wrote step 3 of the deepspeed checkpoint" in out
+    assert_same_export(run / "final", tmp_path / "export")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_an_fsdp_checkpoint_on_a_transformer_base_exports_to_the_runs_gathered_export(tmp_path, capsys, arch):
+    """SD3 / Flux: the net rebuilt from the transformer's config (2 copied blocks, Flux + 1 single block), written in
+    the diffusers folder and the publisher's one file as the trainer's export."""
+    from test_fsdp_transformer import _args as transformer_args
+    from train_tiny import make_fill_dataset
+
+    from controlnet.testing.tiny_transformer_bases import write_flux_base, write_sd3_base
+
+    write = write_sd3_base if arch == "sd3" else write_flux_base
+    world = {"data": make_fill_dataset(tmp_path / "fill", n=8), arch: write(tmp_path / arch / "base")}
+    run = tmp_path / "run"
+    start = time.time()
+    launch([*accelerate_launch(2), *transformer_args(world, arch, run), "--train.distributed", "fsdp"])
+    with capsys.disabled():
+        print(f"2-process fsdp run on the tiny {arch} base: {time.time() - start:.1f} s")
+    (newest,) = list_checkpoints(run)
+    code, out, err = export(capsys, newest, tmp_path / "export")
+    assert code == 0, err
+    assert "wrote step 3 of the fsdp checkpoint" in out
     assert_same_export(run / "final", tmp_path / "export")
 
 

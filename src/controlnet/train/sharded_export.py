@@ -8,8 +8,8 @@ original-format file, train/preflight.py `export_path`), so a run killed before 
 sampled, evaluated and shared:
 
 1. check the folder (a checkpoint, its engine, the run's `config.json` two folders up) and the destination;
-2. rebuild the ControlNet on the meta device from the run's config (the base's UNet config and VAE factor, read from
-   its files; no base weights are loaded), as the trainer builds it;
+2. rebuild the ControlNet on the meta device from the run's config (the base's UNet config and VAE factor, or its SD3 /
+   Flux transformer's config, read from its files; no base weights are loaded), as the trainer builds it;
 3. read the full weights: FSDP2 through `torch.distributed.checkpoint.load` with `no_dist=True` (every shard of
    each weight, only the weights, not the optimizer state); DeepSpeed through its `zero_to_fp32` utilities (the fp32
    master weights, as the trainer's export writes them; they unpickle DeepSpeed's own files, as resuming does); a
@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -114,20 +115,23 @@ def check_formats(formats: Sequence[str] | None, c: TrainConfig) -> tuple[str, .
     return tuple(dict.fromkeys(formats))
 
 
-def base_unet_skeleton(c: TrainConfig) -> nn.Module:
-    """The run's locked UNet on the meta device (its architecture only), from the base's config files; a single SD
-    checkpoint file's config is told from its tensors' names and shapes (memory-mapped, not read)."""
-    from controlnet.generate.base import base_kind
-    from controlnet.generate.transformer_base import transformer_file_arch
-    from controlnet.io.api import build_unet
+def base_skeleton(c: TrainConfig) -> tuple[str, nn.Module]:
+    """(arch, the run's locked base network on the meta device): "unet" and its UNet, or "sd3" / "flux" and its
+    transformer; its architecture only, from the base's config files. A single checkpoint file's config is told from
+    its tensors' names and shapes (headers, or memory-mapped: not read)."""
+    from controlnet.generate.base import MODEL_INDEX, base_kind
+    from controlnet.generate.transformer_base import transformer_arch, transformer_file_arch
     from controlnet.train.config import BASE_FLAGS
 
     kind, path = base_kind(c.model.base, BASE_FLAGS["base"])
-    if kind == "file" and transformer_file_arch(path) is not None or (path / "transformer").is_dir():
-        raise ValueError(
-            f"model.base={c.model.base}: an SD3/Flux transformer base; the export rebuilds ControlNets of UNet "
-            "bases (SD1.x/2.x, SDXL, the built-in one) only yet: use the run's final/ export"
-        )
+    if kind == "file":
+        arch = transformer_file_arch(path)
+    else:
+        arch = transformer_arch(json.loads((path / MODEL_INDEX).read_text())) if kind == "diffusers" else None
+    if arch is not None:
+        return arch, _transformer_skeleton(c, arch)
+    from controlnet.io.api import build_unet
+
     if kind == "file":
         from controlnet.io.api import load_unet
 
@@ -135,31 +139,49 @@ def base_unet_skeleton(c: TrainConfig) -> nn.Module:
     else:
         config_file = path / "unet" / "config.json"
         if not config_file.is_file():
-            raise ValueError(
-                f"model.base={c.model.base}: no UNet config ({config_file}); the export rebuilds ControlNets of "
-                "UNet bases (SD1.x/2.x, SDXL, the built-in one) only"
-            )
+            raise ValueError(f"model.base={c.model.base}: no UNet config ({config_file}) to rebuild the net on")
         config = json.loads(config_file.read_text())
-    return build_unet(config, device="meta")
+    return "unet", build_unet(config, device="meta")
 
 
-def net_skeleton(c: TrainConfig, unet: nn.Module) -> nn.Module:
-    """The run's trainable ControlNet as the trainer builds it (train/trainer.py `_build_model`) on the meta `unet`
-    (`base_unet_skeleton`): its parameters on the meta device (a continued net: its file's architecture, its
-    tensors memory-mapped)."""
+def _transformer_skeleton(c: TrainConfig, arch: str) -> nn.Module:
+    """An SD3 / Flux base's transformer on the meta device, from the config its files give (train/transformer_step.py
+    `base_geometry`: a folder's transformer/config.json, a single file's derived from its headers)."""
+    import diffusers
+
+    from controlnet.generate.base import check_base
+    from controlnet.train.config import base_options
+    from controlnet.train.transformer_step import base_geometry
+
+    _, config = base_geometry(check_base(c.model.base, **base_options(c.model)))
+    if config is None:
+        raise ValueError(f"model.base={c.model.base}: its files do not tell the transformer's config")
+    cls = diffusers.SD3Transformer2DModel if arch == "sd3" else diffusers.FluxTransformer2DModel
+    with torch.device("meta"):
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def net_skeleton(c: TrainConfig, arch: str, base: nn.Module) -> nn.Module:
+    """The run's trainable ControlNet as the trainer builds it (train/trainer.py `_build_model`, transformer_step.py
+    `build_transformer_controlnet`) on the meta `base` (`base_skeleton`): its parameters on the meta device (a
+    continued net: its file's architecture, its tensors memory-mapped)."""
     from controlnet.generate.sizes import vae_factor_on_disk
 
+    if arch != "unet":
+        from controlnet.train.transformer_step import build_transformer_controlnet
+
+        return build_transformer_controlnet(c, SimpleNamespace(transformer=base, arch=arch))
     if c.model.controlnet:
         from controlnet.generate.base import controlnet_path
         from controlnet.io.api import load_controlnet
 
-        return load_controlnet(controlnet_path(c.model.controlnet), unet=unet)
+        return load_controlnet(controlnet_path(c.model.controlnet), unet=base)
     from controlnet.model.controlnet import ControlNet
 
     factor = vae_factor_on_disk(c.model.base)  # None: no VAE config, a pixel-space base (BaseComponents: 1)
     kwargs = {"hint_block_channels": c.model.hint_channels} if c.model.hint_channels else {}
     return ControlNet.from_unet(
-        unet, cond_channels=c.model.cond_channels, hint_downscale_factor=factor or 1, **kwargs
+        base, cond_channels=c.model.cond_channels, hint_downscale_factor=factor or 1, **kwargs
     )
 
 
@@ -254,6 +276,8 @@ def export_checkpoint(
     `out/controlnet`, an original-format file `out/controlnet.safetensors`, per format). `out` must not exist; it is
     complete or absent afterwards. Returns what `check_checkpoint` found."""
     from controlnet.io.api import save_controlnet
+    from controlnet.io.transformer_layouts import save_transformer_controlnet
+    from controlnet.train.transformer_step import export_layout
 
     out = Path(out)
     checked = check_checkpoint(folder, config)
@@ -262,8 +286,8 @@ def export_checkpoint(
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new destination")
     with phase("rebuilding the ControlNet from the run config"):
-        unet = base_unet_skeleton(c)
-        net = net_skeleton(c, unet)
+        arch, base = base_skeleton(c)
+        net = net_skeleton(c, arch, base)
     decoder = None
     with phase(f"reading the {checked.kind} checkpoint {checked.folder.name}"):
         if checked.kind == "fsdp":
@@ -271,7 +295,7 @@ def export_checkpoint(
         elif checked.kind == "deepspeed":
             weights = read_deepspeed(checked.folder)
         else:
-            weights, decoder = read_full(checked.folder, net, unet)
+            weights, decoder = read_full(checked.folder, net, base)
     try:
         net.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as err:  # names or shapes: the run config describes another net
@@ -282,7 +306,10 @@ def export_checkpoint(
     with phase(f"writing {', '.join(fmts)} to {out}"), atomic_path(out, exists="error") as tmp:
         tmp.mkdir()
         for fmt in fmts:
-            save_controlnet(net, export_path(tmp, fmt), format=fmt)
+            if arch == "unet":
+                save_controlnet(net, export_path(tmp, fmt), format=fmt)
+            else:  # a diffusers folder, or the publisher's one file (transformer_step.export_layout), as the trainer
+                save_transformer_controlnet(net, export_path(tmp, fmt), export_layout(net, fmt))
         if decoder is not None:
             from controlnet.io.safe_load import write_state_dict
 
