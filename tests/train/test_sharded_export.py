@@ -195,6 +195,26 @@ def test_a_ddp_checkpoint_exports_its_ema_weights_as_the_trainer_does(fill_data,
     assert all(torch.equal(weights[k], final_weights(more)[k]) for k in weights)
 
 
+def test_a_one_process_checkpoint_on_a_flux_base_exports_its_ema(tmp_path, capsys):
+    """A transformer net's full checkpoint (one process): the EMA in the trainer's transformer layouts."""
+    from test_transformer_training import flow_config
+    from train_tiny import make_fill_dataset
+
+    from controlnet.testing.tiny_transformer_bases import write_flux_base
+
+    world = {
+        "data": make_fill_dataset(tmp_path / "fill", n=8),
+        "flux": write_flux_base(tmp_path / "flux" / "base"),
+    }
+    run = tmp_path / "run"
+    train(flow_config(world, "flux", run, train__max_steps=2, optim__ema_decay=0.9))
+    (newest,) = list_checkpoints(run)
+    code, out, err = export(capsys, newest, tmp_path / "export")
+    assert code == 0, err
+    assert "wrote step 2 of the ddp checkpoint" in out
+    assert_same_export(run / "final", tmp_path / "export")
+
+
 def _no_leftovers(folder: Path) -> None:
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], list(folder.iterdir())
 
