@@ -11,11 +11,15 @@ sampled, evaluated and shared:
 2. rebuild the ControlNet on the meta device from the run's config (the base's UNet config and VAE factor, or its SD3 /
    Flux transformer's config, read from its files; no base weights are loaded), as the trainer builds it;
 3. read the full weights: FSDP2 through `torch.distributed.checkpoint.load` with `no_dist=True` (every shard of
-   each weight, only the weights, not the optimizer state); DeepSpeed through its `zero_to_fp32` utilities (the fp32
-   master weights, as the trainer's export writes them; they unpickle DeepSpeed's own files, as resuming does); a
-   DDP checkpoint is already full (its EMA weights, when the run kept them, replace the trained ones, as the export
-   does);
+   each weight, only the weights and the EMA's shards, not the optimizer state); DeepSpeed through its `zero_to_fp32`
+   utilities (the fp32 master weights, as the trainer's export writes them; they unpickle DeepSpeed's own files, as
+   resuming does); a DDP checkpoint is already full. When the run kept an EMA, its values replace the trained ones,
+   as the trainer's export does;
 4. write the export formats into a hidden folder renamed into place: the destination is complete or absent.
+
+Memory: the process holds the trainable net's full fp32 weights (with an EMA, its values too: 4 bytes a parameter
+each; 12 GB for a 3B-parameter Flux ControlNet), never the base's weights. An FSDP2 checkpoint's optimizer state is not
+read; DeepSpeed's zero_to_fp32 maps each rank's optimizer file (the fp32 masters live there) and drops Adam's moments.
 
 Resharding for a resume needs none of this: torch.distributed.checkpoint reads the shards into any number of ranks
 (`--checkpoint.reshard true`, train/preflight.py `check_resume_world`).
