@@ -288,3 +288,42 @@ def test_zero_convolutions_keeps_the_unet_runs_and_names_builtin_dit_runs_by_the
         f"dit-fill-zero-connections-{recipe}",
         f"dit-fill-gaussian-connections-{recipe}",
     ]
+
+
+@pytest.mark.slow  # a plain and a reward fine-tune of 2 steps and their evaluation, twice: about 2 minutes on 2 cores
+def test_reward_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
+    """benchmarks/paper/reward.py in fresh work folders: its tables (fidelity, image error, KID, the one-step
+    fidelity by timestep) agree exactly across reruns; the timed s/step are measurements, not compared."""
+    records = []
+    for k in range(2):
+        monkeypatch.setenv("CONTROLNET_PAPER_WORK", str(tmp_path / f"work{k}"))
+        out = tmp_path / f"out{k}"
+        cmd = [sys.executable, str(SCRIPTS / "reward.py"), "--task", "pose", "--n", "3", "--steps", "2"]
+        cmd += [
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--train-steps",
+            "2",
+            "--samples",
+            "64",
+            "--variants",
+            "200:0.5",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        main, onestep = (json.loads((out / f"reward-pose{s}.json").read_text()) for s in ("", "-onestep"))
+        assert (out / "reward-pose.png").stat().st_size > 1000
+        timeless = [{k: v for k, v in r.items() if k != "s / training step"} for r in main["rows"]]
+        records.append((timeless, onestep["rows"]))
+    assert records[0] == records[1]
+    rows, onestep = records[0]
+    assert [r["setting"] for r in rows] == [
+        "base alone (floor)",
+        "builtin:pose (shipped)",
+        "+ 2 steps, plain (Eq. 5)",
+        "+ 2 steps, reward, t <= 200, lambda 0.5",
+        "ground truth (ceiling)",
+    ]
+    assert len(onestep) == 3 and "t=999" in onestep[0]
