@@ -112,6 +112,11 @@ def _matches_ddp(ddp_run: Path, run: Path) -> None:
     )
 
 
+def _optimizer_bytes(run: Path) -> list[int]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(x["optimizer_state_bytes"] for x in lines if x.get("event") == "optimizer_memory")
+
+
 def _halved(reference: list[int], sharded: list[int]) -> bool:
     return reference[0] == reference[1] and all(0.45 * reference[0] <= b <= 0.55 * reference[0] for b in sharded)
 
@@ -127,8 +132,11 @@ def test_fsdp_trains_an_sd3_controlnet_as_ddp_does_and_resumes_exactly(world, dd
     # per-process bytes of trainable weights: DDP holds the whole net on each rank, FSDP about half of it; the locked
     # base stays replicated by default
     b_ddp, b_fsdp = _param_bytes(reference), _param_bytes(fsdp)
-    print(f"sd3 trainable parameter bytes per rank: ddp {b_ddp}, fsdp {b_fsdp}")
-    assert _halved(b_ddp, b_fsdp)
+    o_ddp, o_fsdp = _optimizer_bytes(reference), _optimizer_bytes(fsdp)
+    print(
+        f"sd3 bytes per rank: trainable parameters ddp {b_ddp}, fsdp {b_fsdp}; Adam state ddp {o_ddp}, fsdp {o_fsdp}"
+    )
+    assert _halved(b_ddp, b_fsdp) and _halved(o_ddp, o_fsdp)
     assert _base_bytes(fsdp) == _base_bytes(reference)
 
     # the run stopped after step 2: its folder as it was then (the step-2 sharded checkpoint), rerun

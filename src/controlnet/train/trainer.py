@@ -794,6 +794,9 @@ class Trainer:
                 step_seconds = time.perf_counter() - step_started
                 step += 1
                 window_steps += 1
+                # Adam's state exists from the first step on (DeepSpeed's is inside its engine)
+                if step == start + 1 and self.world > 1 and not self.zero:
+                    self._log_optimizer_bytes(step)
                 streak = streak + 1 if skipped else 0
                 if streak >= c.train.max_nonfinite:
                     raise NonFiniteLossError(
@@ -842,6 +845,18 @@ class Trainer:
                 if stop_now:
                     status = "interrupted"
         return self._finish(status, step, history, floor_ceiling, do_val)
+
+    def _log_optimizer_bytes(self, step: int) -> None:
+        """Every process: its bytes of optimizer state (Adam's moments: 1/world of DDP's under FSDP) as an
+        `optimizer_memory` event of metrics.jsonl."""
+        from accelerate.utils import gather_object
+
+        from controlnet.train.sharding import local_bytes
+
+        state = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        per_rank = list(gather_object([local_bytes(state)]))
+        if self.acc.is_main_process:
+            self._log({"step": step, "event": "optimizer_memory", "optimizer_state_bytes": per_rank})
 
     def _nothing_to_do(self, state: dict) -> RunSummary:
         """The summary of a finished run from its newest checkpoint's state (`preflight.finished_state`)."""
