@@ -1,7 +1,8 @@
-"""One prepared GPU benchmark: generation, training, memory, 8-bit Adam, in under 8 minutes.
+"""One prepared GPU benchmark: generation, training, memory, 8-bit Adam in under 8 minutes; DDP vs FSDP2 on 2+ GPUs.
 
     python benchmarks/gpu.py [--out results.json]   # CUDA: SD1.5 sizes (random weights), fp16 generation, bf16 training
     python benchmarks/gpu.py --dry                  # tiny sizes, float32, 2 steps: seconds (CI runs it on the CPU)
+                                                    # (the fsdp section's 2 launches: minutes on a CPU)
     bash benchmarks/gpu_device.sh fetch             # then, on a lent GPU machine: bash benchmarks/gpu_device.sh
                                                     # (carries diffusers and bitsandbytes there: see that script)
 
@@ -37,10 +38,20 @@ failing section prints one line and the others still run; the exit status is 1 i
    parameters, both built as the trainer builds them (controlnet.train.loop.build_optimizer, optim.use_8bit_adam);
    bytes of the state tensors after one step, and on CUDA the growth of torch.cuda.memory_allocated over that step.
 
+6. fsdp: with N >= 2 GPUs visible, two real `accelerate launch --multi_gpu --num_processes N` runs of our trainer
+   (`Trainer.run`, as `controlnet train` runs it) on the same random SD1.5-sized base, one under `train.distributed
+   ddp` and one under `fsdp` (FSDP2; the locked base replicated), WARMUP_STEPS + the timed steps each, batch
+   --train-batch per GPU: each rank's peak memory (torch.cuda.max_memory_allocated from the first steady step on),
+   its median seconds per step (the trainer's own step time), its trainable and Adam-state bytes (the run's
+   metrics.jsonl), and the ratios FSDP2 / DDP of the same machine and run. With fewer than 2 GPUs it prints one line
+   and is skipped, not failed. Each rank is `gpu.py fsdp-worker SPEC`.
+
 In the dry mode the same code runs on the tests' tiny configs (controlnet.testing.tiny_models) at
 64 px in float32 with 2 steps; torch.compile uses the "eager" backend there (dynamo only: inductor needs minutes
 and a C++ compiler on a CPU); memory on a CPU is the peak of torch's tensor bytes from the profiler
 (benchmarks/training.py's PeakTensorMemory) plus the weights and optimizer state held at the step's start.
+The fsdp section's dry mode launches 2 gloo processes on the CPU (its peak is then each process's peak resident set,
+libraries included: a check of the code path, not a measure of sharding).
 """
 
 from __future__ import annotations
@@ -51,10 +62,12 @@ import copy
 import gc
 import json
 import math
+import os
 import platform
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,8 +119,22 @@ class Sizes:
 
 HARD_LIMIT_FACTOR, HARD_LIMIT_GRACE_S = 1.1, 5.0  # a section is stopped at 1.1x its budget + 5 s
 WARMUP_STEPS = 2  # the first step creates the optimizer state; the second is the first steady one
-GPU_BUDGETS = {"generation": 60, "generation_compile": 150, "training": 75, "finetune": 60, "adam8bit": 30}
-DRY_BUDGETS = {"generation": 40, "generation_compile": 45, "training": 40, "finetune": 30, "adam8bit": 20}
+GPU_BUDGETS = {
+    "generation": 60,
+    "generation_compile": 150,
+    "training": 75,
+    "finetune": 60,
+    "adam8bit": 30,
+    "fsdp": 240,
+}
+DRY_BUDGETS = {
+    "generation": 40,
+    "generation_compile": 45,
+    "training": 40,
+    "finetune": 30,
+    "adam8bit": 20,
+    "fsdp": 400,
+}
 
 
 def gpu_sizes(train_batch: int | None) -> Sizes:
@@ -910,12 +937,180 @@ def section_adam8bit(run: Run, budget: Budget) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 6. fsdp: real multi-process launches, DDP against FSDP2 (docs/scale-out.md)
+FSDP_MIN_GPUS = 2  # sharding needs two or more processes, one per GPU
+DRY_FSDP_PROCESSES = 2  # the dry mode's gloo processes on the CPU
+
+
+def fsdp_overrides(run: Run, data: Path, engine: str, steps: int) -> dict:
+    """`controlnet train`'s settings ("section.field": text) for one launch of `engine` (ddp or fsdp)."""
+    return {
+        "data.path": str(data),
+        "data.resolution": str(run.sizes.resolution),
+        "data.cache_dir": str(run.tmp / "fsdp-cache"),  # the first launch caches, the second reads the cache
+        "train.output_dir": str(run.tmp / f"fsdp-run-{engine}"),
+        "train.batch_size": str(run.sizes.train_batch),  # per process
+        "train.max_steps": str(steps),
+        "train.log_every": "1",
+        "train.mixed_precision": run.sizes.train_precision,
+        "train.distributed": engine,
+        "checkpoint.every": "0",
+        "checkpoint.export_formats": "diffusers",
+    }
+
+
+def fsdp_worker(spec_json: str) -> int:
+    """One process of a launch (`gpu.py fsdp-worker SPEC` under `accelerate launch`): builds the random base as
+    make_base does (same seed on every rank), runs our Trainer, and writes this rank's peak memory after the warm-up
+    steps and its step times to SPEC's folder as rank-R.json."""
+    from controlnet.train.config import resolve_config
+    from controlnet.train.trainer import Trainer
+
+    spec = json.loads(spec_json)
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = spec["cuda"]
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    base = make_base(spec["model"], device, Path(spec["tmp"]) / f"base-rank{rank}")
+    times: list[float] = []
+
+    def on_step(info) -> None:  # the peak counts from the first steady step on (caching and loading excluded)
+        if info.step == WARMUP_STEPS and cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        elif info.step > WARMUP_STEPS:
+            times.append(info.step_seconds)
+
+    Trainer(resolve_config(None, spec["overrides"]), base, callback=on_step).run()
+    if cuda:
+        peak, how = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated after the warm-up"
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        how = "CPU: the process's peak resident set (ru_maxrss: libraries and start-up included)"
+    result = {"rank": rank, "peak_bytes": peak, "peak_how": how, "step_seconds": times}
+    (Path(spec["out"]) / f"rank-{rank}.json").write_text(json.dumps(result))
+    return 0
+
+
+def kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker by id: torch's launcher gives each worker its own session, so the
+    launcher's process group alone would leave them running."""
+    import psutil  # accelerate's dependency
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    proc.kill()
+    proc.wait()
+
+
+def launch_training(run: Run, processes: int, engine: str, data: Path, timeout: float) -> dict:
+    """One `accelerate launch --multi_gpu --num_processes N` of our trainer under `engine`; each rank's numbers."""
+    from controlnet.testing.live_server import free_port
+
+    out = run.tmp / f"fsdp-{engine}"
+    out.mkdir()
+    steps = WARMUP_STEPS + run.sizes.train_steps
+    spec = {
+        "model": run.sizes.model,
+        "cuda": run.cuda,
+        "tmp": str(out),
+        "out": str(out),
+        "overrides": fsdp_overrides(run, data, engine, steps),
+    }
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(Path(__file__).resolve()), "fsdp-worker", json.dumps(spec),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    if not run.cuda:  # gloo processes on the CPU, one thread each
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    started = time.perf_counter()
+    with open(out / "launch.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=max(timeout, 1.0))
+        except BaseException:  # the budget's TimeLimit or the timeout: no worker may outlive the section
+            kill_launch(proc)
+            raise
+    wall = time.perf_counter() - started
+    if rc != 0:
+        lines = [x for x in (out / "launch.log").read_text().splitlines() if x.strip()]
+        raise RuntimeError(f"{engine} launch exited {rc}: {lines[-1] if lines else 'no output'}")
+    ranks = sorted((json.loads(f.read_text()) for f in out.glob("rank-*.json")), key=lambda r: r["rank"])
+    assert len(ranks) == processes, f"{len(ranks)} of {processes} ranks wrote their numbers"
+    events = [json.loads(x) for x in (run.tmp / f"fsdp-run-{engine}" / "metrics.jsonl").read_text().splitlines()]
+    memory = next(e for e in events if e.get("event") == "memory")
+    adam = next(e for e in events if e.get("event") == "optimizer_memory")  # after step 1, on 2+ processes
+    return {
+        "processes": processes,
+        "steps": steps,
+        "wall_s": wall,
+        "peak_gb_per_rank": [r["peak_bytes"] / GiB for r in ranks],
+        "peak_how": ranks[0]["peak_how"],
+        "step_s_per_rank": [statistics.median(r["step_seconds"]) for r in ranks],
+        "trainable_param_bytes": memory["trainable_param_bytes"],
+        "base_param_bytes": memory["base_param_bytes"],
+        "optimizer_state_bytes": adam["optimizer_state_bytes"],
+        "losses": [e["loss"] for e in events if "loss" in e],
+    }
+
+
+def section_fsdp(run: Run, budget: Budget) -> dict:
+    """DDP and FSDP2 (`train.distributed`) launched in turn on every visible GPU (the dry mode on a CPU: 2 gloo
+    processes): each rank's peak memory and seconds per step, and the ratios FSDP2 / DDP of the same run."""
+    from controlnet.world.dataset import write_dataset
+
+    processes = torch.cuda.device_count() if run.cuda else DRY_FSDP_PROCESSES
+    if processes < FSDP_MIN_GPUS:
+        print(f"[fsdp] skipped: needs {FSDP_MIN_GPUS} or more GPUs, {processes} visible", flush=True)
+        return {"skipped": f"needs {FSDP_MIN_GPUS} or more GPUs ({processes} visible)", "processes": processes}
+    # every rank gets distinct samples each step: two global batches, cycled over epochs
+    n = 2 * processes * run.sizes.train_batch
+    data = write_dataset("fill", n, run.sizes.resolution, run.tmp / "fsdp-data", workers=1)
+    out: dict = {"processes": processes, "batch_per_process": run.sizes.train_batch}
+    for engine in ("ddp", "fsdp"):
+        # the first launch may take half of what is left; the second all of it
+        share = budget.left() / 2 if engine == "ddp" else budget.left()
+        out[engine] = run.partial[engine] = launch_training(run, processes, engine, data, share)
+    ddp, fsdp = out["ddp"], out["fsdp"]
+    out["ratio_peak_fsdp_to_ddp"] = max(fsdp["peak_gb_per_rank"]) / max(ddp["peak_gb_per_rank"])
+    out["ratio_step_s_fsdp_to_ddp"] = statistics.median(fsdp["step_s_per_rank"]) / statistics.median(
+        ddp["step_s_per_rank"]
+    )
+    for what in ("trainable_param_bytes", "optimizer_state_bytes"):
+        out[f"ratio_{what}_fsdp_to_ddp"] = max(fsdp[what]) / max(ddp[what])
+    where = f"{processes} GPUs" if run.cuda else f"{processes} gloo processes (CPU dry mode)"
+    print(
+        f"[fsdp] {where}, batch {run.sizes.train_batch} per process, {precision_label(run.sizes)}: peak per rank "
+        f"ddp {max(ddp['peak_gb_per_rank']):.3f} GB, fsdp {max(fsdp['peak_gb_per_rank']):.3f} GB "
+        f"(fsdp/ddp {out['ratio_peak_fsdp_to_ddp']:.3f}; {ddp['peak_how']}) | s/step "
+        f"ddp {statistics.median(ddp['step_s_per_rank']):.3f}, fsdp {statistics.median(fsdp['step_s_per_rank']):.3f} "
+        f"(fsdp/ddp {out['ratio_step_s_fsdp_to_ddp']:.3f}) | trainable bytes per rank ddp "
+        f"{max(ddp['trainable_param_bytes'])}, fsdp {max(fsdp['trainable_param_bytes'])} "
+        f"(fsdp/ddp {out['ratio_trainable_param_bytes_fsdp_to_ddp']:.3f}) | Adam state bytes per rank ddp "
+        f"{max(ddp['optimizer_state_bytes'])}, fsdp {max(fsdp['optimizer_state_bytes'])} "
+        f"(fsdp/ddp {out['ratio_optimizer_state_bytes_fsdp_to_ddp']:.3f})",
+        flush=True,
+    )
+    return out
+
+
 SECTIONS = {
     "generation": section_generation,
     "generation_compile": section_generation_compile,
     "training": section_training,
     "finetune": section_finetune,
     "adam8bit": section_adam8bit,
+    "fsdp": section_fsdp,
 }
 
 
@@ -1013,4 +1208,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["fsdp-worker"]:  # one process of section_fsdp's launches
+        sys.exit(fsdp_worker(sys.argv[2]))
     sys.exit(main())
