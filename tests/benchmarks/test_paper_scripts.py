@@ -313,8 +313,9 @@ def test_reward_rerun_gives_the_same_numbers(tmp_path, monkeypatch):
         ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        main, onestep = (json.loads((out / f"reward-pose{s}.json").read_text()) for s in ("", "-onestep"))
-        assert (out / "reward-pose.png").stat().st_size > 1000
+        # another length than the default 300 steps: its own claim, reward-pose-2steps, beside the default's
+        main, onestep = (json.loads((out / f"reward-pose-2steps{s}.json").read_text()) for s in ("", "-onestep"))
+        assert (out / "reward-pose-2steps.png").stat().st_size > 1000
         timeless = [{k: v for k, v in r.items() if k != "s / training step"} for r in main["rows"]]
         records.append((timeless, onestep["rows"]))
     assert records[0] == records[1]
