@@ -20,6 +20,19 @@ optimizer steps on the CPU. `model.gradient_checkpointing` recomputes each block
 non-reentrant checkpoint calls the block module again, so the recomputation all-gathers its FSDP group as the forward
 did.
 
+Mixed precision (`train.mixed_precision=bf16`): the trainable net's groups get FSDP2's
+`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32, cast_forward_inputs=False)`, as accelerate's FSDP2
+path does on GPUs: the sharded master weights stay fp32 (so do the gradients' reduce-scatter, Adam's state and the
+export), and each group is all-gathered in bf16, half the bytes of an fp32 gather. accelerate's autocast stays on
+around the forward, as under DDP: autocast casts each conv/linear input to bf16 (the weights already are: the same
+rounding of the same fp32 values autocast would do), and the net's inputs are left as the trainer gives them
+(`cast_forward_inputs=False`) so that a flow model's float timesteps reach their fp32 sinusoidal embedding unrounded,
+as under DDP. `output_dtype` is left unset: the residuals come out of the zero convolutions in bf16 under autocast,
+the dtype of the locked base they are added into, as DDP's do. The locked base is already in the compute dtype, so a
+sharded base (`train.fsdp_shard_base`) gets no policy: it is gathered and computed in bf16 as it is stored.
+`train.mixed_precision=fp16` is refused under fsdp: it needs a loss scaler over sharded gradients, which is untested
+here (and fp16 needs a GPU, like DDP's fp16).
+
 Checkpoints (`checkpoints/step-N/`): `sharded/` is torch.distributed.checkpoint's folder of every rank's shards of the
 weights and optimizer state; rank 0 writes `scheduler.pt` and `state.json` beside it, as a DDP checkpoint does. The
 folder is written under a `.partial-` name and renamed into place when complete. The export gathers the full weights on
@@ -72,6 +85,8 @@ def check_fsdp(config: TrainConfig, arch: str) -> None:
     refused = {
         "train.reward": c.train.reward,
         "optim.use_8bit_adam": c.optim.use_8bit_adam,
+        # fp16 needs a loss scaler over the sharded gradients, untested here (and fp16 needs a GPU); bf16 needs none
+        "train.mixed_precision=fp16 (use bf16)": c.train.mixed_precision == "fp16",
     }
     for option, on in refused.items():
         if on:
@@ -86,27 +101,43 @@ def check_world(num_processes: int, distributed: str = "fsdp") -> None:
         )
 
 
-def shard_controlnet(net: nn.Module, device: torch.device, cpu_offload: bool = False) -> nn.Module:
-    """Shard `net` in place across all processes (FSDP2); returns a meta-device skeleton of `net` (same classes and
-    configs, no storage) that `full_net` fills with the gathered weights for the export."""
+def shard_controlnet(
+    net: nn.Module, device: torch.device, cpu_offload: bool = False, compute_dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Shard `net` (fp32) in place across all processes (FSDP2); returns a meta-device skeleton of `net` (same classes
+    and configs, no storage) that `full_net` fills with the gathered weights for the export. `compute_dtype` (the
+    trainer's weight dtype): bfloat16 gathers the fp32 shards in bf16 (`mixed_precision_policy`)."""
     skeleton = meta_skeleton(net)
-    shard_blocks(net, device, cpu_offload)
+    shard_blocks(net, device, cpu_offload, mixed_precision_policy(compute_dtype))
     return skeleton
 
 
-def shard_blocks(module: nn.Module, device: torch.device, cpu_offload: bool = False) -> None:
+def mixed_precision_policy(compute_dtype: torch.dtype):
+    """FSDP2's policy for the trainable fp32 net at `compute_dtype`: bf16 gathers and compute, fp32 gradient reduction
+    (module docstring: how it composes with autocast); fp32: None (gathered as stored)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if compute_dtype == torch.float32:
+        return None
+    assert compute_dtype == torch.bfloat16, compute_dtype  # fp16 is refused by check_fsdp
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard_blocks(module: nn.Module, device: torch.device, cpu_offload: bool = False, mp_policy=None) -> None:
     """FSDP2 in place: each of `module`'s blocks (`fsdp_blocks`) its own group, then the root group (what no block
-    holds); with `cpu_offload` the shards (and so their gradients and optimizer state) live on the CPU."""
+    holds); with `cpu_offload` the shards (and so their gradients and optimizer state) live on the CPU. `mp_policy`: a
+    `MixedPrecisionPolicy` for every group (None: gathered and computed in the dtype the parameters are stored in)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # pinned host memory speeds the copies to a GPU; on the CPU there is nothing to pin
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+    policy = mp_policy or MixedPrecisionPolicy()
     for block in fsdp_blocks(module):
-        fully_shard(block, mesh=mesh, offload_policy=offload)
-    fully_shard(module, mesh=mesh, offload_policy=offload)
+        fully_shard(block, mesh=mesh, offload_policy=offload, mp_policy=policy)
+    fully_shard(module, mesh=mesh, offload_policy=offload, mp_policy=policy)
 
 
 def fsdp_blocks(module: nn.Module) -> list[nn.Module]:

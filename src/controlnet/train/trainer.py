@@ -334,7 +334,7 @@ class Trainer:
         if self.sharded:
             from controlnet.train.sharding import shard_controlnet
 
-            self.skeleton = shard_controlnet(net, self.device, c.train.fsdp_cpu_offload)
+            self.skeleton = shard_controlnet(net, self.device, c.train.fsdp_cpu_offload, self.weight_dtype)
             params = [{"params": list(net.parameters()), "lr": c.optim.lr}]
             if c.train.fsdp_shard_base:  # the locked UNet's blocks too: each rank holds 1/N of it
                 from controlnet.train.sharding import shard_blocks
@@ -389,7 +389,7 @@ class Trainer:
         if self.sharded:
             from controlnet.train.sharding import shard_blocks, shard_controlnet
 
-            self.skeleton = shard_controlnet(net, self.device, c.train.fsdp_cpu_offload)
+            self.skeleton = shard_controlnet(net, self.device, c.train.fsdp_cpu_offload, self.weight_dtype)
             if c.train.fsdp_shard_base:
                 shard_blocks(base.transformer, self.device, c.train.fsdp_cpu_offload)
         self.trainable = list(net.parameters())
