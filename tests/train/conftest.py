@@ -24,3 +24,17 @@ def fill_data(tmp_path_factory):
 def base_dir(tmp_path_factory):
     """The tiny random base saved as a diffusers folder (for CLI and subprocess tests)."""
     return save_tiny_base(tmp_path_factory.mktemp("base") / "tiny-base")
+
+
+@pytest.fixture(scope="session")
+def transformer_world(tmp_path_factory):
+    """8 fill samples at 16 px and tiny random SD3 and Flux diffusers folders (VAE factor 1), built once per session
+    for the transformer-base training tests (they read them, never write them)."""
+    from controlnet.testing.tiny_transformer_bases import write_flux_base, write_sd3_base
+
+    root = tmp_path_factory.mktemp("transformer-world")
+    return {
+        "data": make_fill_dataset(root / "fill", n=8),
+        "sd3": write_sd3_base(root / "sd3" / "base"),
+        "flux": write_flux_base(root / "flux" / "base"),
+    }

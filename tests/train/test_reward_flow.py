@@ -4,47 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_transformer_training import SIZE, flow_config
 from train_helpers import final_weights
-from train_tiny import make_fill_dataset
 
-from controlnet.testing.tiny_transformer_bases import write_flux_base, write_sd3_base
 from controlnet.train import flow_matching as fm
-from controlnet.train.config import resolve_config
 from controlnet.train.trainer import Trainer, train
 from controlnet.train.transformer_step import ControlledTransformer
 
-SIZE = 8  # px; the tiny bases' VAE has factor 1
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reward-flow")
-    return {
-        "data": make_fill_dataset(root / "fill", n=8),
-        "sd3": write_sd3_base(root / "sd3" / "base"),
-        "flux": write_flux_base(root / "flux" / "base"),
-    }
+@pytest.fixture
+def world(transformer_world):
+    return transformer_world  # conftest.py: the tiny SD3 and Flux folders, built once per session
 
 
 def _config(world, arch, out, **overrides):
-    values = {
-        "model.base": str(world[arch]),
-        "model.transformer_layers": "1",
-        "data.path": str(world["data"]),
-        "data.resolution": str(SIZE),
-        "train.output_dir": str(out),
-        "train.max_steps": "2",
-        "train.batch_size": "4",
-        "optim.lr": "1e-3",
-        "checkpoint.every": "0",
-        "train.reward": "true",
-        "train.reward_max_timestep": "1000",
-        "train.reward_detector": "canny",  # soft edges have a gradient on 8 px images (fill's outline region has none)
-    }
-    if arch == "flux":
-        values["model.transformer_single_layers"] = "1"
-    values.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
-    return resolve_config(None, values)
+    """test_transformer_training's run config with the reward on (every timestep; soft Canny edges, which have a
+    gradient on 8 px images where fill's outline region has none)."""
+    reward = dict(train__reward="true", train__reward_max_timestep="1000", train__reward_detector="canny")
+    return flow_config(world, arch, out, **{"train__max_steps": "2", **reward, **overrides})
 
 
 def _built(world, arch, tmp_path, **overrides) -> Trainer:
@@ -84,7 +61,9 @@ def test_flow_reward_reaches_the_controlnet_only_and_is_zero_above_the_threshold
     batch.sigmas = torch.tensor([0.1, 0.5, 0.5001, 0.9])  # s <= 500 / 1000 for the first two only
     batch.timesteps = batch.sigmas * n / divisor
     batch.noisy = fm.interpolate(batch.x0, batch.target + batch.x0, batch.sigmas)
-    pred = model(batch.noisy, batch.timesteps, batch.context, batch.pooled, batch.cond, batch.img_ids, batch.txt_ids)
+    pred = model(
+        batch.noisy, batch.timesteps, batch.context, batch.pooled, batch.cond, batch.img_ids, batch.txt_ids
+    )
     terms = reward.flow_terms(pred, batch)
     assert (terms[:2] > 0).all() and (terms[2:] == 0).all()
     reward.flow_term(pred, batch).backward()

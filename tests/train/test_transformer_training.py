@@ -17,9 +17,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxControlNetModel, SD3ControlNetModel
 from train_helpers import final_weights
-from train_tiny import make_fill_dataset
 
-from controlnet.testing.tiny_transformer_bases import write_flux_base, write_sd3_base
 from controlnet.train import flow_matching as fm
 from controlnet.train.checkpoint import list_checkpoints
 from controlnet.train.config import resolve_config
@@ -30,14 +28,9 @@ SIZE = 8  # px; the tiny bases' VAE has factor 1: an 8x8 latent (SD3 64 tokens, 
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("transformer-train")
-    return {
-        "data": make_fill_dataset(root / "fill", n=8),
-        "sd3": write_sd3_base(root / "sd3" / "base"),
-        "flux": write_flux_base(root / "flux" / "base"),
-    }
+@pytest.fixture
+def world(transformer_world):
+    return transformer_world  # conftest.py: the tiny SD3 and Flux folders, built once per session
 
 
 def flow_config(world: dict, arch: str, out: Path, **overrides):
