@@ -284,7 +284,17 @@ class TransformerBatches(TrainingBatches):
         target = fm.velocity_target(x0, noise)
         cond_unit = condition_to_unit(got.cond).to(self.device)  # (b, 3, H, W)
         return FlowMicroBatch(
-            x0, noisy, target, sigmas, timesteps, text["context"], text["pooled"], cond, img_ids, txt_ids, cond_unit
+            x0,
+            noisy,
+            target,
+            sigmas,
+            timesteps,
+            text["context"],
+            text["pooled"],
+            cond,
+            img_ids,
+            txt_ids,
+            cond_unit,
         )
 
     def _condition(self, got, cond_eps: torch.Tensor) -> torch.Tensor:
