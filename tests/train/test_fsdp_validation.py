@@ -110,45 +110,18 @@ def test_rank_shares_cover_each_set_once_and_every_rank_makes_the_same_calls():
             assert s.padded.targets[: s.count] == [10 + i for i in range(s.start, s.start + s.count)]
 
 
-def _net_called_first_in_validation(rank: int, port: int) -> None:
-    """One of 2 gloo processes: a sharded tiny ControlNet whose first call is the pipeline's (the hint encoder's
-    group first), as in a validation right after a resume."""
-    import os
-
-    import torch.distributed as dist
-    from diffusers import UNet2DConditionModel
-    from train_tiny import TINY_UNET
-
-    from controlnet.model.controlnet import ControlNet
-    from controlnet.train.sharded_validation import reshard
-    from controlnet.train.sharding import shard_controlnet
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**TINY_UNET)
-        net = ControlNet.from_unet(unet, hint_block_channels=(8, 16), hint_downscale_factor=1)
-        shard_controlnet(net, torch.device("cpu"))
-        reshard(net)  # what the trainer's validation does before generating
-        with torch.no_grad():
-            hint = net.embed_condition(torch.rand(1, 3, 16, 16))  # (1, C_0, 16, 16)
-            out = net(torch.randn(1, 3, 16, 16), 5, torch.randn(1, 8, 16), hint=hint)
-        assert out.mid.shape[0] == 1
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_a_sharded_net_can_be_validated_before_any_training_step():
     """FSDP2 makes a root of the first group that runs: without `reshard`'s root set-up the net's call after the
     pipeline's `embed_condition` fails ('FSDP requires running forward through the root module first')."""
     import torch.multiprocessing as mp
+    from fsdp_workers import net_called_first_in_validation
 
     from controlnet.testing.live_server import free_port
 
-    mp.spawn(_net_called_first_in_validation, args=(free_port(),), nprocs=2)
+    # the worker lives in a module the spawned processes can import by name (tests/train is on their
+    # sys.path; this module is not importable as pytest's importlib mode names it)
+    mp.spawn(net_called_first_in_validation, args=(free_port(),), nprocs=2)
 
 
 @pytest.mark.slow
