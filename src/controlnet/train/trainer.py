@@ -13,7 +13,8 @@ s eps; train/flow_matching.py), its data, model and loss in train/transformer_st
 6. export (diffusers + original formats) and report
 
 The step's inputs (data, caches, the per-micro-step random draws that make resume and multi-process runs exact)
-come from `batches.TrainingBatches`; validation scoring from `validation`; checkpoint files from `checkpoint`.
+come from `batches.TrainingBatches`; the validations of a run from `run_validation`; checkpoint files from
+`checkpoint`.
 
 `Trainer.run()` is the whole script. Steps 1-3 and one optimizer step of 5 are public on their own, for callers that
 drive the steps themselves (benchmarks, tests): `trainer.setup()`, `trainer.build_model()`, `trainer.step(n)`.
@@ -53,7 +54,6 @@ from controlnet.train.loop import (
     lr_lambda,
     numpy_state,
     rank_digests,
-    save_grid,
     truncate_metrics,
 )
 from controlnet.train.model import decoder_parameters, decoder_state
@@ -65,6 +65,7 @@ from controlnet.train.preflight import (
     export_path,
     finished_state,
 )
+from controlnet.train.run_validation import RunValidation
 from controlnet.train.transformer_step import (
     ControlledTransformer,
     TransformerBatches,
@@ -77,7 +78,6 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
-SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"  # accelerate trackers (train.log_with) write here, e.g. TensorBoard event files
 
 
@@ -565,150 +565,6 @@ class Trainer:
         return loss
 
     # ------------------------------------------------------------------------------------------------------
-    # validation
-    def _pipeline(self, with_control: bool):
-        from controlnet.generate.pipeline import ControlNetPipeline
-
-        # a transformer base's pipeline runs with a net only: its floor is the net at scale 0 (`_generate`)
-        return ControlNetPipeline.from_components(
-            self.base, [self.controlnet] if with_control or self.flow else []
-        )
-
-    def _generate(
-        self, pipe, prompts, conds, with_control: bool, control_type: str | None = None, seed: int = 0
-    ) -> list:
-        """The validation images of `pipe` (`_pipeline`), a union net's with `control_type` alone; on a transformer
-        base one call per prompt, with the guidance its family takes (validation.transformer_guidance). Image k is
-        drawn from seed `seed` + k (a rank's share of a sharded validation starts at its first sample's)."""
-        v = self.config.validation
-        if not self.flow:
-            return val.generate(
-                pipe, prompts, conds, v.steps, v.guidance_scale, seed=seed, control_type=control_type
-            )
-        guidance = val.transformer_guidance(self.config, dict(self.base.transformer.config), self.base.arch)
-        scale = 1.0 if with_control else 0.0
-        return val.generate_on_transformer(pipe, prompts, conds, v.steps, guidance, seed=seed, control_scale=scale)
-
-    def _held_out(self) -> None:
-        """The validation sets `self.val` and their metrics `self.metrics`, keyed by a union net's types (one set per
-        type: train/validation.py `union_held_out`), else one set keyed None; `self.metric` names them for the log."""
-        c = self.config
-        names = getattr(self.data, "union_names", ())
-        if not names:
-            self.val = {None: val.HeldOut(*self.data.held_out())}
-            self.metrics = {None: val.metric_for(c)}
-            self.metric = self.metrics[None]
-            return
-        self.val = val.union_held_out(self.data.source, self.data.val_indices, names, c.data.resolution)
-        self.metrics = val.union_metrics(c, names)
-        self.metric = "mean over types of " + ", ".join(f"{t} {m}" for t, m in self.metrics.items())
-
-    @staticmethod
-    def _by_type(name: str, scores: dict) -> dict:
-        """{NAME_by_type: {type: value}} for a union net's log line; {} for a plain net's one set (key None)."""
-        return {} if None in scores else {f"{name}_by_type": scores}
-
-    @torch.no_grad()
-    def _validate(self, with_control: bool = True) -> tuple[dict, dict]:
-        """Generate for every validation set and score each with its metric: ({key: mean fidelity}, {key: images})
-        (keys as `self.val`'s; a union net's images with their type alone, the net's one-pair call).
-
-        Sharded (FSDP2): every rank calls it and generates its share of each set with the sharded net, rank 0 gets the
-        whole sets' scores and images, the others ({}, {}) (train/sharded_validation.py)."""
-        sets, seeds = self.val, dict.fromkeys(self.val, 0)
-        if self.sharded:
-            from controlnet.train.sharded_validation import rank_share, reshard
-
-            shares = {key: rank_share(held, self.world, self.rank) for key, held in self.val.items()}
-            sets, seeds = {k: s.padded for k, s in shares.items()}, {k: s.start for k, s in shares.items()}
-            reshard(self.model)  # the shards hold the weights (swapped for the EMA's below)
-        was_training = self.controlnet.training
-        self.controlnet.eval()
-        backup = None
-        if self.ema is not None and with_control:  # validate the EMA weights, as they are exported
-            backup = [p.detach().clone() for p in self.trainable]
-            for p, e in zip(self.trainable, self.ema, strict=True):
-                p.data.copy_(e)
-        try:
-            with self.acc.autocast():
-                pipe = self._pipeline(with_control)
-                if self.sharded:  # FSDP2 gathers weights keeping their version counters: a CPU pack of them
-                    pipe.optimize(pack_cpu_weights=False)  # (generate/cpu_packing.py) could be a stale one
-                images = {
-                    key: self._generate(
-                        pipe, held.prompts, held.conditions, with_control, key if with_control else None, seed
-                    )
-                    for (key, held), seed in zip(sets.items(), seeds.values(), strict=True)
-                }
-        finally:
-            if backup is not None:
-                for p, b in zip(self.trainable, backup, strict=True):
-                    p.data.copy_(b)
-            if self.sharded:  # the root group's gathered weights freed: the next call gathers them from the shards
-                reshard(self.model)
-            self.controlnet.train(was_training)
-        if self.sharded:
-            from controlnet.train.sharded_validation import gather_scored
-
-            return gather_scored(shares, images, self.metrics)
-        scores = {
-            key: float(np.mean(val.score(self.metrics[key], images[key], held.conditions)))
-            for key, held in self.val.items()
-        }
-        return scores, images
-
-    def _record_validation(self, step: int, history: list) -> tuple[float | None, dict | None]:
-        """Validate on the main process: append the fidelity (a union net's: the mean over its types) to `history`,
-        log it (and each type's), save the sample grid (a row per type). (fidelity, {type: fidelity} or None).
-        Sharded: every process generates its share (`_validate`), the main one logs."""
-        if not (self.acc.is_main_process or self.sharded):
-            return None, None
-        count = sum(len(held.prompts) for held in self.val.values())
-        with phase(f"validating at step {step} ({count} images)"):
-            scores, images = self._validate()
-        if not self.acc.is_main_process:
-            return None, None
-        fidelity = float(np.mean(list(scores.values())))
-        history.append((step, fidelity))
-        by_type = self._by_type("fidelity", scores)
-        self._log({"step": step, "event": "validation", "fidelity": fidelity, **by_type, "metric": self.metric})
-        save_grid(
-            self.run_dir / SAMPLES_DIR / f"step-{step:07d}.png",
-            val.pad_rows(list(images.values())),
-            self.config.validation.grid_samples,
-        )
-        return fidelity, by_type.get("fidelity_by_type")
-
-    def _floor_and_ceiling(self, step: int) -> dict | None:
-        """Fidelity of the base alone (floor) and of the held-out targets themselves (ceiling), main process; a union
-        net's: the means over its types, each type's beside them. Sharded: every process generates, the others get
-        None."""
-        count = sum(len(held.prompts) for held in self.val.values())
-        with phase(f"validation floor: the base alone ({count} images)"):
-            floors, floor_images = self._validate(with_control=False)
-        if not self.acc.is_main_process:  # sharded: the other processes generated their shares
-            return None
-        ceilings = {
-            key: float(np.mean(val.score(self.metrics[key], held.targets, held.conditions)))
-            for key, held in self.val.items()
-        }
-        values = {
-            "floor": float(np.mean(list(floors.values()))),
-            "ceiling": float(np.mean(list(ceilings.values()))),
-            **self._by_type("floor", floors),
-            **self._by_type("ceiling", ceilings),
-            "metric": self.metric,
-        }
-        self._log({"step": step, "event": "floor_ceiling", **values})
-        rows = [
-            row for key, held in self.val.items() for row in (held.conditions, held.targets, floor_images[key])
-        ]
-        save_grid(
-            self.run_dir / SAMPLES_DIR / "reference.png", val.pad_rows(rows), self.config.validation.grid_samples
-        )
-        return values
-
-    # ------------------------------------------------------------------------------------------------------
     # logging: metrics.jsonl (always) and the accelerate trackers of train.log_with (TensorBoard, ...)
     def _start_logging(self, start: int) -> None:
         if self.acc.is_main_process:
@@ -721,7 +577,7 @@ class Trainer:
             }
             self.acc.init_trackers(self.run_dir.name or "controlnet", config=flat)
 
-    def _log(self, record: dict) -> None:
+    def log(self, record: dict) -> None:
         """Main process: one metrics.jsonl line (with elapsed_s); numbers also go to the trackers."""
         record = {**record, "elapsed_s": time.time() - self.started}
         append_jsonl(self.run_dir / METRICS_FILE, record)
@@ -761,8 +617,7 @@ class Trainer:
             status = "early_stop"
         self.started = run_started - state.get("elapsed_s", 0.0)  # max_minutes counts set-up too
         do_val = _validates(c)
-        if do_val:
-            self._held_out()
+        validation = RunValidation(self) if do_val else None  # train/run_validation.py
         self._start_logging(start)
         if self.world > 1:  # each process's bytes of trainable weights (1/world of the net's under sharding)
             from accelerate.utils import gather_object
@@ -772,7 +627,7 @@ class Trainer:
             locked = self.base.transformer if self.flow else self.base.unet
             per_rank = list(gather_object([(local_bytes(self.trainable), local_bytes(locked.parameters()))]))
             if self.acc.is_main_process:
-                self._log(
+                self.log(
                     {
                         "step": start,
                         "event": "memory",
@@ -782,7 +637,7 @@ class Trainer:
                 )
         # sharded: every process generates its share of the floor's images (a sharded base needs them all)
         if (self.acc.is_main_process or self.sharded) and do_val and floor_ceiling is None:
-            floor_ceiling = self._floor_and_ceiling(start)
+            floor_ceiling = validation.floor_and_ceiling(start)
         global_batch = c.train.batch_size * self.world * c.optim.grad_accum
         window_t, window_steps = time.time(), 0
         with StopOnSignal() as stop:
@@ -806,7 +661,7 @@ class Trainer:
                     )
                 fidelity = by_type = None
                 if do_val and step % c.validation.every == 0:
-                    fidelity, by_type = self._record_validation(step, history)
+                    fidelity, by_type = validation.record(step, history)
                     history = broadcast_history(self.acc, history)
                 elapsed = time.time() - window_t
                 rate = window_steps * global_batch / elapsed if elapsed > 0 else 0.0
@@ -814,7 +669,7 @@ class Trainer:
                 if self.acc.is_main_process and (
                     step % c.train.log_every == 0 or skipped or step == c.train.max_steps
                 ):
-                    self._log({"step": step, "loss": loss, "lr": lr, "samples_per_s": rate, "skipped": skipped})
+                    self.log({"step": step, "loss": loss, "lr": lr, "samples_per_s": rate, "skipped": skipped})
                 if self.callback:
                     self.callback(
                         StepInfo(step, c.train.max_steps, loss, rate, lr, skipped, fidelity, step_seconds, by_type)
@@ -844,7 +699,7 @@ class Trainer:
                     self._save(state_now)
                 if stop_now:
                     status = "interrupted"
-        return self._finish(status, step, history, floor_ceiling, do_val)
+        return self._finish(status, step, history, floor_ceiling, validation)
 
     def _log_optimizer_bytes(self, step: int) -> None:
         """Every process: its bytes of optimizer state (Adam's moments: 1/world of DDP's under FSDP) as an
@@ -856,7 +711,7 @@ class Trainer:
         state = [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         per_rank = list(gather_object([local_bytes(state)]))
         if self.acc.is_main_process:
-            self._log({"step": step, "event": "optimizer_memory", "optimizer_state_bytes": per_rank})
+            self.log({"step": step, "event": "optimizer_memory", "optimizer_state_bytes": per_rank})
 
     def _nothing_to_do(self, state: dict) -> RunSummary:
         """The summary of a finished run from its newest checkpoint's state (`preflight.finished_state`)."""
@@ -880,19 +735,19 @@ class Trainer:
         return bool(minutes) and any_process(self.acc, (time.time() - self.started) / 60 >= minutes)
 
     def _finish(
-        self, status: str, step: int, history: list, floor_ceiling: dict | None, do_val: bool
+        self, status: str, step: int, history: list, floor_ceiling: dict | None, validation: RunValidation | None
     ) -> RunSummary:
         """Final validation, rank check, export, report."""
         c = self.config
-        if do_val and status != "interrupted" and (not history or history[-1][0] != step):
+        if validation and status != "interrupted" and (not history or history[-1][0] != step):
             # the exported weights get a score of their own: the report's final number is theirs
-            self._record_validation(step, history)
+            validation.record(step, history)
             history = broadcast_history(self.acc, history)
         # sharded: every rank holds other weights by design (the export gathers them)
         sharded = self.sharded or self.zero
         digests = [] if sharded else rank_digests(self.acc, self.trainable)
         if self.acc.is_main_process and self.world > 1 and not sharded:
-            self._log({"step": step, "event": "ranks", "weight_sha256": digests})
+            self.log({"step": step, "event": "ranks", "weight_sha256": digests})
             if len(set(digests)) != 1:
                 raise RuntimeError(f"processes hold different weights after step {step}: {digests}")
         summary = RunSummary(self.run_dir, status, step, validation=history)
