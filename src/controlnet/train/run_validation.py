@@ -165,14 +165,14 @@ class RunValidation:
         if t.ema is None or not with_control:
             yield
             return
+        from controlnet.train.sharded_validation import copy_into  # whole tensors, or each rank's shards
+
         backup = [p.detach().clone() for p in t.trainable]
-        for p, e in zip(t.trainable, t.ema, strict=True):
-            p.data.copy_(e)
+        copy_into(t.trainable, t.ema)
         try:
             yield
         finally:
-            for p, b in zip(t.trainable, backup, strict=True):
-                p.data.copy_(b)
+            copy_into(t.trainable, backup)
 
     def _pipeline(self, with_control: bool):
         from controlnet.generate.pipeline import ControlNetPipeline
