@@ -206,11 +206,12 @@ def pose_loss(images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
     from controlnet.evaluate.common import tolerance_px
 
     sticks, near, box = pose_targets(conditions)
-    foreground = soft_foreground(images.float()) * box  # (B, H, W)
+    soft = soft_foreground(images.float())  # (B, H, W)
+    foreground = soft * box
     radius = int(tolerance_px(images.shape[-1], 1.5))  # 1 at 64 px: the 3x3 square holds every offset <= 1.5 px
     reach = F.max_pool2d(foreground[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0]
     precision = (foreground * near).flatten(1).sum(1) / (foreground.flatten(1).sum(1) + EPS)
     recall = (reach * sticks).flatten(1).sum(1) / (sticks.flatten(1).sum(1) + EPS)
     f1 = 2 * precision * recall / (precision + recall + EPS)
     person = sticks.flatten(1).any(1)
-    return torch.where(person, 1 - f1, soft_foreground(images.float()).flatten(1).mean(1))
+    return torch.where(person, 1 - f1, soft.flatten(1).mean(1))

@@ -36,6 +36,7 @@ import torch
 from controlnet.generate.base import denormalize_latents
 from controlnet.train.detectors import check_detector, detector
 from controlnet.train.flow_matching import unpack_latents
+from controlnet.train.transformer_step import vae_space
 
 # ControlNet++'s reward threshold: timesteps t <= 200 of the 1000 training timesteps (Sec. 3.3)
 PAPER_REWARD_MAX_TIMESTEP = 200
@@ -106,10 +107,8 @@ class Reward:
         image in [-1, 1]); a flow base: (z - shift_factor) * scaling_factor (transformer_step.latent_space)."""
         if self.vae is None:
             return (latents.float() + 1) / 2
-        if self.arch == "unet":
-            z = denormalize_latents(self.vae, latents)
-        else:
-            z = latents / self.vae.config.scaling_factor + (self.vae.config.get("shift_factor") or 0.0)
+        # a UNet base's normalised latents, a flow base's transformer space (transformer_step.latent_space)
+        z = denormalize_latents(self.vae, latents) if self.arch == "unet" else vae_space(self.vae, latents)
         return (self.vae.decode(z.to(self.vae.dtype)).sample.float() + 1) / 2
 
     def per_sample(self, x0: torch.Tensor, under: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ class FlowMicroBatch:
     cond: torch.Tensor  # condition latents shaped as x0, or an XLabs net's image (b, 3, H, W) in [-1, 1]
     img_ids: torch.Tensor | None = None  # Flux: (h/2 * w/2, 3) rotary positions of the image tokens
     txt_ids: torch.Tensor | None = None  # Flux: (L_txt, 3) zeros
-    cond_unit: torch.Tensor | None = None  # the condition image (b, 3, H, W) in [0, 1]: the reward's target
+    cond_unit: torch.Tensor | None = None  # reward runs: the condition image (b, 3, H, W) in [0, 1], the target
 
 
 def default_layers(model: ModelConfig, arch: str, transformer_config: dict) -> tuple[int, int]:
@@ -160,6 +160,11 @@ def latent_space(vae, z: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """VAE latents -> the transformer's space, as SD3/Flux pipelines: (z - shift_factor) * scaling_factor."""
     shift_factor = (vae.config.get("shift_factor") or 0.0) if shift else 0.0
     return (z - shift_factor) * vae.config.scaling_factor
+
+
+def vae_space(vae, x: torch.Tensor) -> torch.Tensor:
+    """The transformer's latents -> VAE latents, the inverse of `latent_space`: x / scaling_factor + shift_factor."""
+    return x / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
 
 
 class TransformerBatches(TrainingBatches):
@@ -282,7 +287,8 @@ class TransformerBatches(TrainingBatches):
             timesteps = timesteps / fm.FLUX_TIMESTEP_DIVISOR  # Flux embeds s
         noisy = fm.interpolate(x0, noise, sigmas)
         target = fm.velocity_target(x0, noise)
-        cond_unit = condition_to_unit(got.cond).to(self.device)  # (b, 3, H, W)
+        # (b, 3, H, W): the condition image the reward's detector compares with; only a reward run needs it
+        cond_unit = condition_to_unit(got.cond).to(self.device) if c.train.reward else None
         return FlowMicroBatch(
             x0,
             noisy,
