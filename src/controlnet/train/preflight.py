@@ -30,6 +30,7 @@ from controlnet.train.report import REPORT_FILE
 
 FINAL_DIR = "final"  # the run folder's export: the trained ControlNet in each of checkpoint.export_formats
 DECODER_FILE = "unet_decoder.safetensors"  # beside it when model.sd_locked is false
+CONFIG_FILE = "config.json"  # the run folder's resolved config: how its net was built
 
 
 def export_path(final: Path, fmt: str) -> Path:

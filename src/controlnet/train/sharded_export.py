@@ -42,17 +42,14 @@ from controlnet.atomic import atomic_path
 from controlnet.progress import phase
 from controlnet.train import checkpoint as ckpt
 from controlnet.train.config import EXPORT_FORMATS, TrainConfig, config_from_dict
-from controlnet.train.preflight import DECODER_FILE, export_formats, export_path
+from controlnet.train.deepspeed_engine import DEEPSPEED_DIR, DEEPSPEED_TAG
+from controlnet.train.preflight import CONFIG_FILE, DECODER_FILE, export_formats, export_path
+from controlnet.train.sharded_validation import EMA_KEY
+from controlnet.train.sharding import MODEL_KEY, SHARDED_DIR
 
 logger = logging.getLogger(__name__)
 
-RUN_CONFIG = "config.json"  # the run folder's config (trainer.py CONFIG_FILE), two folders above a checkpoint
-SHARDED_DIR = "sharded"  # train/sharding.py SHARDED_DIR (its import would import torch.distributed at once)
-# train/deepspeed_engine.py's DEEPSPEED_DIR and DEEPSPEED_TAG (importing it checks whether deepspeed is installed)
-DEEPSPEED_DIR, DEEPSPEED_TAG = "deepspeed", "state"
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards, written last by the save
-MODEL_KEY = "model"  # the weights' entries in a sharded checkpoint (sharding.save_sharded: "model", "optim")
-EMA_KEY = "ema"  # the EMA's entries beside them when the run keeps one (train/sharded_validation.py EMA_KEY)
 
 
 @dataclass
@@ -94,10 +91,10 @@ def check_checkpoint(folder: str | Path, config: str | Path | None = None) -> Ch
         if not installed():
             raise ValueError(f"{folder}: a DeepSpeed checkpoint; reading it needs deepspeed ({INSTALL_HINT})")
     state = json.loads((folder / ckpt.STATE_FILE).read_text())
-    config_path = Path(config) if config else folder.parent.parent / RUN_CONFIG
+    config_path = Path(config) if config else folder.parent.parent / CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(
-            f"run config not found: {config_path} (the run folder's {RUN_CONFIG}, which says how the net was built; "
+            f"run config not found: {config_path} (the run folder's {CONFIG_FILE}, which says how the net was built; "
             "give it with --config)"
         )
     c = config_from_dict(json.loads(config_path.read_text()))

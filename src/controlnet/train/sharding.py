@@ -57,6 +57,7 @@ from controlnet.train.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint's folder inside a checkpoint folder
+MODEL_KEY, OPTIM_KEY = "model", "optim"  # the weights' and the optimizer state's entries in SHARDED_DIR
 SCHEDULER_FILE = "scheduler.pt"
 
 
@@ -214,7 +215,9 @@ def save_sharded(
     dist.barrier()
     model_state, optim_state = get_state_dict(net, optimizer)
     # FileSystemWriter fsyncs its files (sync_files=True)
-    dcp.save({"model": model_state, "optim": optim_state, **(extra or {})}, checkpoint_id=str(tmp / SHARDED_DIR))
+    dcp.save(
+        {MODEL_KEY: model_state, OPTIM_KEY: optim_state, **(extra or {})}, checkpoint_id=str(tmp / SHARDED_DIR)
+    )
     dist.barrier()
     if main:
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
@@ -251,17 +254,17 @@ def load_sharded(folder: Path, net: nn.Module, optimizer, scheduler, extra: dict
     optim_state["state"] = {
         fqn: state
         for fqn, state in optim_state["state"].items()
-        if all(f"optim.state.{fqn}.{key}" in saved for key in state)
+        if all(f"{OPTIM_KEY}.state.{fqn}.{key}" in saved for key in state)
     }
-    states = {"model": model_state, "optim": optim_state, **(extra or {})}
+    states = {MODEL_KEY: model_state, OPTIM_KEY: optim_state, **(extra or {})}
     dcp.load(states, checkpoint_id=str(folder / SHARDED_DIR))
     # strict=False lets those parameters go without state; every other key was read above (dcp.load raises on one
     # missing from the checkpoint)
     set_state_dict(
         net,
         optimizer,
-        model_state_dict=states["model"],
-        optim_state_dict=states["optim"],
+        model_state_dict=states[MODEL_KEY],
+        optim_state_dict=states[OPTIM_KEY],
         options=StateDictOptions(strict=False),
     )
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))

@@ -58,6 +58,7 @@ from controlnet.train.loop import (
 )
 from controlnet.train.model import decoder_parameters, decoder_state
 from controlnet.train.preflight import (
+    CONFIG_FILE,
     DECODER_FILE,
     FINAL_DIR,
     check_run,
@@ -76,7 +77,6 @@ from controlnet.train.transformer_step import (
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 LOGS_DIR = "logs"  # accelerate trackers (train.log_with) write here, e.g. TensorBoard event files
 
