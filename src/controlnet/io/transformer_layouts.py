@@ -405,6 +405,9 @@ def transformer_file_layout(
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     config = {"_class_name": CLASS_NAMES[family], **{k: v for k, v in config.items() if k != "_class_name"}}
+    if "_use_default_values" in config:  # diffusers lists these from a set, in an order that differs between
+        # processes: sorted, two writes of the same net are the same bytes (config.json and the file's metadata)
+        config["_use_default_values"] = sorted(config["_use_default_values"])
     if layout == "diffusers":
         if path.suffix:
             raise ValueError(f"the diffusers layout is a folder; got a file name {path.name}")
