@@ -4,32 +4,17 @@ on the CPU; with fewer than 2 GPUs the section is skipped in one line, not faile
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
-
-
-def load_script():  # as test_gpu_script.py (pytest's importlib mode: test files do not import each other)
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-def positive(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+from gpu_script_helpers import SCRIPT, load_script, positive
 
 
 @pytest.mark.slow  # two 2-process launches: minutes on a loaded CPU; run with -m slow

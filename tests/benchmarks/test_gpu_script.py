@@ -4,31 +4,17 @@ time limits, failure isolation) are pinned in process."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from gpu_script_helpers import SCRIPT, load_script, positive
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
 SECTIONS = ("generation", "generation_compile", "training", "finetune", "adam8bit")  # fsdp: test_gpu_fsdp.py
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-def positive(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @pytest.fixture(scope="module")
